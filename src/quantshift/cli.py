@@ -1,0 +1,189 @@
+"""Command-line interface: list | quantize | eval (more commands register from their modules)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import QuantshiftError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Quantize causal LMs and study how calibration data shapes the result.")
+_STATE = {"debug": False}
+
+
+@app.callback()
+def _root(debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks")] = False) -> None:
+    _STATE["debug"] = debug
+
+
+def _threads() -> None:
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS") is None:
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+
+
+@app.command("list")
+def list_cmd(what: Annotated[str, typer.Argument(help="models | methods | calib | tasks | suites")]) -> None:
+    """List what quantshift knows."""
+    from .data.sources import SOURCES
+    from .methods import METHODS
+    from .models.bundled import BUNDLED
+
+    if what == "models":
+        for name, m in BUNDLED.items():
+            typer.echo(f"{name:16s} {m.description}  [{m.note}]")
+        typer.echo("(also: any Hugging Face hub id or local model directory)")
+    elif what == "methods":
+        for name, cls in METHODS.items():
+            doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+            typer.echo(f"{name:12s} {cls.kind:9s} {doc}")
+    elif what == "calib":
+        for name, s in SOURCES.items():
+            typer.echo(f"{name:12s} {'online ' if s.online else 'offline'} {s.language}  {s.description}")
+        typer.echo("(also: a local .txt / .jsonl file, or hf:<dataset>[:<config>])")
+    else:
+        from .registry import Registry
+
+        extra: dict[str, Registry] = _extra_listings()
+        if what not in extra:
+            raise QuantshiftError(f"cannot list {what!r}; allowed: models, methods, calib, {', '.join(extra)}")
+        for name, item in extra[what].items():
+            typer.echo(f"{name:20s} {getattr(item, 'description', '')}")
+
+
+def _extra_listings() -> dict:
+    out = {}
+    try:
+        from .evaluation.tasks import SUITES, TASKS
+
+        out = {"tasks": TASKS, "suites": SUITES}
+    except ImportError:
+        pass
+    return out
+
+
+@app.command()
+def quantize(
+    model: Annotated[str, typer.Argument(help="bundled alias, local directory or hub id")],
+    out: Annotated[Path, typer.Option("--out", help="output directory")],
+    method: Annotated[Optional[str], typer.Option(help="method name (see `list methods`)")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe (ordered stages)")] = None,
+    wbits: Annotated[Optional[int], typer.Option(help="weight bits 2..8 (16 = keep)")] = None,
+    abits: Annotated[Optional[int], typer.Option(help="activation bits 4..8 (16 = keep)")] = None,
+    group_size: Annotated[Optional[int], typer.Option(help="group size; -1 per channel, 0 per tensor")] = None,
+    sym: Annotated[Optional[bool], typer.Option("--sym/--asym", help="symmetric grid")] = None,
+    calib: Annotated[str, typer.Option(help="calibration source (see `list calib`)")] = "wikipedia",
+    nsamples: Annotated[int, typer.Option(help="calibration windows")] = 128,
+    seqlen: Annotated[int, typer.Option(help="tokens per calibration window")] = 512,
+    seed: Annotated[int, typer.Option(help="calibration sampling seed")] = 42,
+    device: Annotated[str, typer.Option(help="compute device: auto, cpu, cuda, cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16")] = "auto",
+    batch_size: Annotated[int, typer.Option(help="calibration batch size")] = 8,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Quantize a model with a method or a recipe and save it."""
+    from .data.calibset import build_calibset
+    from .errors import ConfigError
+    from .models.load import load_model, resolve_device
+    from .quantize import quantize_model, save
+    from .recipes import load_recipe, recipe_from_cli
+
+    _threads()
+    if (method is None) == (recipe is None):
+        raise ConfigError("give exactly one of --method or --recipe")
+    options = {"wbits": wbits, "abits": abits, "group_size": group_size, "sym": sym}
+    if recipe is not None:
+        if any(v is not None for v in options.values()):
+            raise ConfigError("--wbits/--abits/--group-size/--sym go with --method; put them in the recipe file instead")
+        rec = load_recipe(recipe)
+    else:
+        rec = recipe_from_cli(method or "", **options)
+    dev = resolve_device(device)
+    t0 = time.time()
+    loaded = load_model(model, device="cpu" if dev != "cpu" else dev, dtype=dtype if dtype != "auto" else ("float32" if dev == "cpu" else "float16"))
+    cal = None
+    if rec.needs_calibration:
+        cal = build_calibset(calib, loaded.tokenizer, nsamples, seqlen, seed, add_bos=loaded.needs_bos, tokenizer_name=model)
+    qres = quantize_model(loaded, rec, cal, device=dev, batch_size=batch_size, progress=not quiet)
+    path = save(loaded, qres, out, overwrite=overwrite)
+    typer.echo(f"quantized {model} with {rec.describe()} in {time.time() - t0:.1f}s -> {path}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="quantized directory, bundled alias, local dir or hub id")],
+    ppl: Annotated[Optional[str], typer.Option(help="comma-separated text sources for perplexity")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write metrics JSON here")] = None,
+    seqlen: Annotated[int, typer.Option(help="perplexity window length")] = 512,
+    max_windows: Annotated[int, typer.Option(help="cap on perplexity windows per source (0 = all)")] = 64,
+    batch_size: Annotated[int, typer.Option(help="evaluation batch size")] = 4,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16")] = "auto",
+    quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+) -> None:
+    """Evaluate a model: perplexity on held-out text (task suites: see --tasks/--suite)."""
+    from .errors import ConfigError
+    from .evaluation.perplexity import perplexity
+    from .models.load import load_model
+
+    _threads()
+    if not ppl:
+        raise ConfigError("nothing to evaluate: give --ppl SOURCES")
+    loaded = load_model(model, device=device, dtype=dtype)
+    metrics: dict[str, dict] = {}
+    for src in [s.strip() for s in ppl.split(",") if s.strip()]:
+        r = perplexity(loaded.model, loaded.tokenizer, src, seqlen=seqlen, max_windows=max_windows or None,
+                       add_bos=loaded.needs_bos, batch_size=batch_size, progress=not quiet)
+        metrics[f"ppl:{src}"] = r.to_dict()
+        typer.echo(f"ppl:{src:12s} {r.ppl:10.3f}  ({r.tokens} tokens, {r.windows} x {r.seqlen})")
+    if json_out is not None:
+        from .checkpoint import versions, write_json_atomic
+
+        write_json_atomic(json_out, {"model": model, "path": loaded.path, "metrics": metrics,
+                                     "quantization": loaded.quant_info and {k: loaded.quant_info.get(k) for k in ("recipe", "calibration", "base_model")},
+                                     "versions": versions()})
+
+
+def main() -> None:
+    import torch
+
+    try:
+        app(standalone_mode=False)
+    except QuantshiftError as err:
+        _fail(err)
+    except torch.OutOfMemoryError as err:
+        _fail(err, "out of memory: try --device cpu, a smaller --batch-size or fewer --nsamples")
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except Exception as err:  # click usage errors and friends
+        import click
+
+        if isinstance(err, click.exceptions.Exit):
+            sys.exit(err.exit_code)
+        if isinstance(err, click.ClickException):
+            err.show()
+            sys.exit(2)
+        if isinstance(err, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+def _fail(err: BaseException, message: str | None = None) -> None:
+    if _STATE["debug"]:
+        raise err
+    typer.echo(f"error: {message or err}", err=True)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

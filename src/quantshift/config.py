@@ -1,0 +1,74 @@
+"""Strict typed configs: unknown keys are errors that name the key and the allowed ones."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from .errors import ConfigError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class StrictModel(BaseModel):
+    """Base for every config: unknown keys rejected, values validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+def describe_validation_error(model: type[BaseModel], err: ValidationError, where: str = "") -> str:
+    """Turn pydantic's multi-line error into one line naming the key and what is allowed."""
+    parts = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, e["loc"][:-1])
+            parts.append(f"unknown key {loc!r} (allowed: {', '.join(allowed)})")
+        else:
+            parts.append(f"{loc or 'value'}: {e['msg']}")
+    prefix = f"{where}: " if where else ""
+    return prefix + "; ".join(parts)
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    current: Any = model
+    for part in loc:
+        fields = getattr(current, "model_fields", None)
+        if fields is None or not isinstance(part, str) or part not in fields:
+            return sorted(getattr(model, "model_fields", {}))
+        ann = fields[part].annotation
+        current = _first_model(ann) or current
+    return sorted(getattr(current, "model_fields", {}))
+
+
+def _first_model(ann: Any) -> type[BaseModel] | None:
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return ann
+    for arg in getattr(ann, "__args__", ()) or ():
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def parse(model: type[M], data: Any, where: str = "") -> M:
+    """Validate `data` into `model`, raising ConfigError with a one-line message."""
+    if data is None:
+        data = {}
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(describe_validation_error(model, err, where)) from None
+
+
+def load_yaml(path: str | Path) -> Any:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        return yaml.safe_load(p.read_text())
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None

@@ -1,0 +1,17 @@
+"""User-facing errors: the CLI prints them as one line and exits with code 2."""
+
+
+class QuantshiftError(Exception):
+    """A problem with the user's input or environment, explained in one line."""
+
+
+class ConfigError(QuantshiftError):
+    """A configuration value or key is invalid."""
+
+
+class DataError(QuantshiftError):
+    """A data source is missing, unreadable or too small."""
+
+
+class ModelError(QuantshiftError):
+    """A model cannot be found or loaded."""

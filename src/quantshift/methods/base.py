@@ -1,0 +1,171 @@
+"""The method interface every quantization algorithm implements, and the shared stage options.
+
+A method processes one decoder block at a time through a BlockContext given by the engine. Most
+methods are per-linear solvers (LinearMethod): observe statistics of each linear's inputs, then
+solve its weights. Transform methods (smoothing, rotations) override `process_block` directly.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
+
+import torch
+import torch.nn as nn
+from pydantic import field_validator
+
+from ..config import StrictModel
+from ..quant.primitives import QuantizedWeight, QuantSpec
+from ..registry import Registry
+
+if TYPE_CHECKING:
+    from ..quant.engine import BlockContext
+
+
+class Override(StrictModel):
+    """A per-layer rule: modules whose full name matches `pattern` (regex, search) get these."""
+
+    pattern: str
+    wbits: int | None = None
+    group_size: int | None = None
+    sym: bool | None = None
+    abits: int | None = None
+    skip: bool = False
+
+    @field_validator("pattern")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as err:
+            raise ValueError(f"invalid regex {v!r}: {err}") from None
+        return v
+
+
+class StageConfig(StrictModel):
+    """Options every stage has: the number format, and which linears it applies to."""
+
+    wbits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    abits: int = 16  # 16 = activations stay in floating point
+    act_per_token: bool = True
+    targets: list[str] = [r".*"]  # regexes on full module names (inside decoder blocks)
+    ignore: list[str] = [r"lm_head"]
+    overrides: list[Override] = []
+
+    @field_validator("wbits")
+    @classmethod
+    def _wbits(cls, v: int) -> int:
+        if not (2 <= v <= 8 or v == 16):
+            raise ValueError(f"wbits must be 2..8 (or 16 = keep weights), got {v}")
+        return v
+
+    @field_validator("abits")
+    @classmethod
+    def _abits(cls, v: int) -> int:
+        if not (4 <= v <= 8 or v == 16):
+            raise ValueError(f"abits must be 4..8 (or 16 = no activation quantization), got {v}")
+        return v
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """What a stage does to one linear: weight format (None = keep) and input format."""
+
+    weight: QuantSpec | None
+    act: QuantSpec | None
+    act_per_token: bool = True
+
+
+def plan_for(config: StageConfig, name: str) -> LinearPlan | None:
+    """The resolved plan for module `name`, or None when the stage skips it."""
+    if not any(re.search(p, name) for p in config.targets) or any(re.search(p, name) for p in config.ignore):
+        return None
+    wbits, gs, sym, abits = config.wbits, config.group_size, config.sym, config.abits
+    for rule in config.overrides:
+        if re.search(rule.pattern, name):
+            if rule.skip:
+                return None
+            wbits = rule.wbits if rule.wbits is not None else wbits
+            gs = rule.group_size if rule.group_size is not None else gs
+            sym = rule.sym if rule.sym is not None else sym
+            abits = rule.abits if rule.abits is not None else abits
+    weight = None if wbits == 16 else QuantSpec(bits=wbits, group_size=gs, symmetric=sym)
+    # activations: symmetric grids, as SmoothQuant / ZeroQuant use for dynamic per-token ranges
+    act = None if abits == 16 else QuantSpec(bits=abits, group_size=0, symmetric=True)
+    if weight is None and act is None:
+        return None
+    return LinearPlan(weight, act, config.act_per_token)
+
+
+@dataclass
+class SolveResult:
+    weight: torch.Tensor  # new (fake-quantized) weight, same shape as the linear's
+    qweight: QuantizedWeight | None = None  # codes and qparams, for export
+    info: dict[str, Any] = field(default_factory=dict)  # goes into the per-layer report
+
+
+class Method:
+    """A quantization algorithm. Subclasses set name, Config, and process a block."""
+
+    name: ClassVar[str]
+    Config: ClassVar[type[StageConfig]] = StageConfig
+    kind: ClassVar[Literal["quantize", "transform"]] = "quantize"
+    needs_calibration: ClassVar[bool] = True
+
+    def __init__(self, config: StageConfig) -> None:
+        self.config = config
+
+    def process_block(self, ctx: "BlockContext") -> None:
+        raise NotImplementedError
+
+
+class LinearMethod(Method):
+    """A per-linear solver run over the block's sequential groups.
+
+    For each group: hooks feed every linear's inputs to `add_batch` over all calibration
+    batches (with earlier groups already quantized), then `solve` sets its weights.
+    """
+
+    # one statistics pass for the whole block instead of one per sequential group
+    true_sequential: ClassVar[bool] = True
+
+    def new_stats(self, linear: nn.Linear) -> Any:
+        return None
+
+    def add_batch(self, stats: Any, x: torch.Tensor) -> None:  # x: [tokens, in_features]
+        pass
+
+    def solve(self, name: str, linear: nn.Linear, stats: Any, plan: LinearPlan) -> SolveResult:
+        raise NotImplementedError
+
+    def process_block(self, ctx: "BlockContext") -> None:
+        sequential = getattr(self.config, "true_sequential", self.true_sequential)
+        groups = ctx.groups() if sequential else [[n for g in ctx.groups() for n in g]]
+        for group in groups:
+            plans = {n: p for n in group if (p := ctx.plan(self.config, n)) is not None}
+            if not plans:
+                continue
+            stats: dict[str, Any] = {}
+            if self.needs_calibration and any(p.weight is not None for p in plans.values()):
+                stats = {n: self.new_stats(ctx.linear(n)) for n in plans}
+                ctx.collect_inputs(list(plans), lambda n, x: self.add_batch(stats[n], x))
+            for n, plan in plans.items():
+                if plan.weight is None:
+                    ctx.commit(n, None, plan)
+                else:
+                    ctx.commit(n, self.solve(n, ctx.linear(n), stats.get(n), plan), plan)
+
+
+METHODS: Registry[type[Method]] = Registry("method")
+
+
+def register(name: str):
+    def deco(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        METHODS.add(name, cls)
+        return cls
+
+    return deco

@@ -1,0 +1,159 @@
+"""GPTQ (Frantar et al., arXiv 2210.17323): column-by-column rounding with Hessian error feedback.
+
+H = 2/N sum x x^T over calibration inputs; 1% of mean diag H added as damping; the upper
+Cholesky factor of H^-1 drives the updates; columns are processed in lazy blocks; act-order
+visits columns by descending diag H, with static groups (qparams fixed before any update) as an
+option. The solver is a pure function of (W, H, spec).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+
+from ..quant.primitives import QuantizedWeight, QuantSpec, expand_to_columns, fake_quantize, qparams_from_range, weight_qparams
+from .base import LinearMethod, LinearPlan, SolveResult, StageConfig, register
+
+
+class GPTQConfig(StageConfig):
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+
+
+@dataclass
+class HessianStats:
+    H: torch.Tensor
+    tokens: int = 0
+
+
+def accumulate_hessian(stats: HessianStats, x: torch.Tensor) -> None:
+    """Running mean of 2 x x^T over tokens (x: [tokens, in])."""
+    x = x.float()
+    n = x.shape[0]
+    total = stats.tokens + n
+    stats.H.mul_(stats.tokens / total)
+    stats.H.addmm_(x.t(), x, alpha=2.0 / total)
+    stats.tokens = total
+
+
+def _row_params(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    return qparams_from_range(x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True), spec.bits, spec.symmetric)
+
+
+def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 0.01, block_size: int = 128,
+               act_order: bool = False, static_groups: bool = False) -> tuple[torch.Tensor, QuantizedWeight, float]:
+    """Quantize W [out, in] given H [in, in]. Returns (W_q, codes+qparams, proxy loss)."""
+    W = W.detach().clone().float()
+    H = H.detach().clone().float()
+    out_f, in_f = W.shape
+    gs = spec.group_size if spec.group_size > 0 else 0
+    maxq = spec.maxq
+
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+
+    static: list[tuple[torch.Tensor, torch.Tensor]] = []
+    if gs and static_groups:
+        static = [_row_params(W[:, s:s + gs], spec) for s in range(0, in_f, gs)]
+    if not gs:  # per-channel or per-tensor: one set of params from the whole matrix
+        full_scale, full_zero = weight_qparams(W, spec)
+
+    perm = torch.arange(in_f, device=W.device)
+    if act_order:
+        perm = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, perm], H[perm][:, perm]
+    inv_perm = torch.argsort(perm)
+
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    L = torch.linalg.cholesky(H)
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+    # blocks are whole groups, so group params always see fully updated columns
+    B = block_size if not gs else max(gs, block_size - block_size % gs)
+    Q = torch.zeros_like(W)
+    losses = torch.zeros(out_f, device=W.device)
+    n_groups = 1 if not gs else -(-in_f // gs)
+    scales = torch.zeros(out_f, n_groups, device=W.device)
+    zeros = torch.zeros(out_f, n_groups, device=W.device)
+    g_idx = torch.zeros(in_f, dtype=torch.long, device=W.device)
+    scale = zero = None
+    if not gs:
+        scale, zero = full_scale.expand(out_f, 1), full_zero.expand(out_f, 1)
+        scales, zeros = scale.clone(), zero.clone()
+
+    for i1 in range(0, in_f, B):
+        i2 = min(i1 + B, in_f)
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        E1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if gs:
+                if static_groups:
+                    g = int(perm[col]) // gs
+                    scale, zero = static[g]
+                elif col % gs == 0:
+                    g = col // gs
+                    scale, zero = _row_params(W1[:, i:i + gs], spec)
+                    scales[:, g:g + 1], zeros[:, g:g + 1] = scale, zero
+                g_idx[col] = int(perm[col]) // gs if static_groups else col // gs
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            q = fake_quantize(w.unsqueeze(1), scale, zero, maxq).flatten()
+            Q1[:, i] = q
+            losses += (w - q) ** 2 / d**2 / 2
+            err = (w - q) / d
+            W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
+            E1[:, i] = err
+        Q[:, i1:i2] = Q1
+        W[:, i2:] -= E1 @ Hinv[i1:i2, i2:]
+
+    if gs and static_groups:
+        for g, (s, z) in enumerate(static):
+            scales[:, g:g + 1], zeros[:, g:g + 1] = s, z
+    Q = Q[:, inv_perm]
+    g_idx = g_idx[inv_perm]
+    sequential_groups = not gs or torch.equal(g_idx, torch.arange(in_f, device=W.device) // gs)
+    qw_g_idx = None if sequential_groups else g_idx
+    if gs:
+        col_s, col_z = (scales[:, g_idx], zeros[:, g_idx])
+    else:
+        col_s, col_z = expand_to_columns(scales, in_f, -1), expand_to_columns(zeros, in_f, -1)
+    codes = torch.clamp(torch.round(Q / col_s) + col_z, 0, maxq).to(torch.uint8)
+    qw = QuantizedWeight(codes, scales, zeros, spec, qw_g_idx)
+    return Q, qw, float(losses.sum())
+
+
+def hessian_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
+    """Relative output error tr(dW H dW^T) / tr(W H W^T) on the calibration inputs."""
+    d = (Wq - W).float()
+    num = torch.einsum("oi,ij,oj->", d, H, d)
+    den = torch.einsum("oi,ij,oj->", W.float(), H, W.float())
+    return float(num / den.clamp_min(1e-30))
+
+
+@register("gptq")
+class GPTQ(LinearMethod):
+    Config = GPTQConfig
+    config: GPTQConfig
+
+    def new_stats(self, linear: nn.Linear) -> HessianStats:
+        n = linear.in_features
+        return HessianStats(torch.zeros(n, n, device=linear.weight.device, dtype=torch.float32))
+
+    def add_batch(self, stats: HessianStats, x: torch.Tensor) -> None:
+        accumulate_hessian(stats, x)
+
+    def solve(self, name: str, linear: nn.Linear, stats: HessianStats, plan: LinearPlan) -> SolveResult:
+        assert plan.weight is not None
+        c = self.config
+        W = linear.weight.detach().float()
+        Q, qw, loss = gptq_solve(W, stats.H, plan.weight, c.damp, c.block_size, c.act_order, c.static_groups)
+        return SolveResult(Q, qw, {"out_rel_err": hessian_error(W, Q, stats.H), "gptq_loss": loss})

@@ -1,0 +1,304 @@
+"""The one sequential block engine every method runs on.
+
+1. Capture, for each calibration batch, the hidden states entering the first decoder block and
+   the keyword arguments every block receives (position embeddings, masks, ...), by swapping the
+   blocks for recorders and running the backbone once (no block compute, no lm_head).
+2. For each block: move it to the compute device, let each recipe stage process it (stages see
+   the block as earlier stages left it), then run the *quantized* block over the calibration
+   batches to produce the next block's inputs.
+
+Blocks and cached activations may live on the CPU while one block at a time runs on the GPU.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+from tqdm.auto import tqdm
+
+from ..methods.base import LinearPlan, Method, SolveResult, StageConfig, plan_for
+from ..models.arch import ArchSpec
+from .actquant import InputQuantizer
+from .primitives import QuantizedWeight
+
+
+class _StopForward(Exception):
+    """Raised by a hook once every linear a pass needs has seen its input."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder block during capture: records inputs, returns them unchanged."""
+
+    def __init__(self, inner: nn.Module, index: int, sink: Callable[[int, torch.Tensor, dict], None]) -> None:
+        super().__init__()
+        object.__setattr__(self, "_inner", inner)  # not a submodule: keeps the tree unchanged
+        self._index = index
+        self._sink = sink
+
+    def __getattr__(self, name: str) -> Any:  # model loops may read block attributes
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_inner"), name)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args:
+            raise RuntimeError("decoder blocks called with extra positional arguments are not supported")
+        self._sink(self._index, hidden_states, kwargs)
+        return hidden_states
+
+
+def _to(obj: Any, device: torch.device | str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device)
+    if isinstance(obj, tuple):
+        return tuple(_to(o, device) for o in obj)
+    if isinstance(obj, list):
+        return [_to(o, device) for o in obj]
+    if isinstance(obj, dict):
+        return {k: _to(v, device) for k, v in obj.items()}
+    return obj
+
+
+def _block_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@dataclass
+class QuantizedModule:
+    """What the engine did to one linear, for saving, export and the report."""
+
+    stage: str
+    qweight: QuantizedWeight | None
+    act: dict | None  # InputQuantizer.to_dict()
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EngineResult:
+    modules: dict[str, QuantizedModule]
+    blocks: list[dict[str, Any]]
+    seconds: float
+
+
+class BlockContext:
+    """What a method sees of the block it is processing."""
+
+    def __init__(self, engine: "BlockEngine", index: int, block: nn.Module, stage: str) -> None:
+        self.engine = engine
+        self.index = index
+        self.block = block
+        self.stage = stage
+        self.prefix = f"{engine.arch.blocks_path}.{index}."
+        self._modules = dict(block.named_modules())
+
+    # --- structure -----------------------------------------------------------------
+    def groups(self) -> list[list[str]]:
+        return self.engine.arch.block_groups(self.block)
+
+    def linear(self, name: str) -> nn.Linear:
+        return self._modules[name]  # type: ignore[return-value]
+
+    def module(self, name: str) -> nn.Module:
+        return self._modules[name]
+
+    def full_name(self, name: str) -> str:
+        return self.prefix + name
+
+    def plan(self, config: StageConfig, name: str) -> LinearPlan | None:
+        return plan_for(config, self.full_name(name))
+
+    @property
+    def device(self) -> torch.device:
+        return self.engine.device
+
+    @property
+    def arch(self) -> ArchSpec:
+        return self.engine.arch
+
+    # --- calibration data ----------------------------------------------------------
+    @property
+    def num_batches(self) -> int:
+        return len(self.engine.inputs)
+
+    def batch(self, i: int) -> tuple[torch.Tensor, dict]:
+        """Block input and kwargs of calibration batch i, on the compute device."""
+        return self.engine.inputs[i].to(self.device), self.engine.kwargs_for(self.index, i)
+
+    def run_block(self, i: int, block: nn.Module | None = None) -> torch.Tensor:
+        x, kw = self.batch(i)
+        return _block_output((block or self.block)(x, **kw))
+
+    def collect_inputs(self, names: list[str], fn: Callable[[str, torch.Tensor], None],
+                       modules: dict[str, nn.Module] | None = None) -> None:
+        """Run the block over every calibration batch, calling fn(name, x[tokens, in]) for the
+        input of each named module; the forward stops once all of them have fired."""
+        mods = modules or self._modules
+        seen: set[str] = set()
+
+        def make_hook(name: str):
+            def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+                x = args[0]
+                fn(name, x.reshape(-1, x.shape[-1]))
+                seen.add(name)
+                if len(seen) == len(names):
+                    raise _StopForward
+
+            return hook
+
+        handles = [mods[n].register_forward_pre_hook(make_hook(n)) for n in names]
+        try:
+            with torch.no_grad():
+                for i in range(self.num_batches):
+                    seen.clear()
+                    try:
+                        self.run_block(i)
+                    except _StopForward:
+                        pass
+        finally:
+            for h in handles:
+                h.remove()
+
+    # --- results -------------------------------------------------------------------
+    def commit(self, name: str, result: SolveResult | None, plan: LinearPlan) -> None:
+        """Write a solved weight into the linear and attach its input quantizer if any."""
+        lin = self.linear(name)
+        full = self.full_name(name)
+        prev = self.engine.modules.get(full)
+        if result is not None:
+            with torch.no_grad():
+                lin.weight.copy_(result.weight.to(lin.weight.dtype))
+        act = None
+        if plan.act is not None:
+            q = InputQuantizer(plan.act, plan.act_per_token)
+            self.engine.attach_act(full, lin, q)
+            act = q.to_dict()
+        elif prev is not None:
+            act = prev.act
+        info = dict(result.info) if result is not None else {}
+        if plan.weight is not None:
+            info.setdefault("wbits", plan.weight.bits)
+            info.setdefault("format", plan.weight.describe())
+        if act is not None:
+            info["abits"] = act["spec"]["bits"]
+        self.engine.modules[full] = QuantizedModule(
+            self.stage, result.qweight if result is not None else (prev.qweight if prev else None), act, info)
+
+    def note(self, name: str, **info: Any) -> None:
+        """Record transform information for a module (e.g. smoothing scales) in the report."""
+        full = self.full_name(name)
+        entry = self.engine.modules.get(full)
+        if entry is None:
+            self.engine.transforms.setdefault(full, {}).update(info)
+        else:
+            entry.info.update(info)
+
+
+class BlockEngine:
+    def __init__(self, model: nn.Module, arch: ArchSpec, stages: list[Method], device: str | torch.device,
+                 batch_size: int = 8, progress: bool = True) -> None:
+        self.model = model
+        self.arch = arch
+        self.stages = stages
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.progress = progress
+        self.inputs: list[torch.Tensor] = []  # per calibration batch, on the offload device
+        self._kwargs: list[list[dict]] = []  # [block][batch] kwargs, offload device
+        self.modules: dict[str, QuantizedModule] = {}
+        self.transforms: dict[str, dict] = {}
+        self.act_handles: dict[str, Any] = {}
+
+    def kwargs_for(self, block: int, batch: int) -> dict:
+        return _to(self._kwargs[block][batch], self.device)
+
+    def attach_act(self, full: str, linear: nn.Module, q: InputQuantizer) -> None:
+        if full in self.act_handles:
+            self.act_handles[full].remove()
+        self.act_handles[full] = linear.register_forward_pre_hook(q)
+
+    @torch.no_grad()
+    def capture(self, input_ids: torch.Tensor) -> None:
+        blocks = self.arch.blocks(self.model)
+        n_blocks = len(blocks)
+        self._kwargs = [[] for _ in range(n_blocks)]
+        self.inputs = []
+        offload = torch.device("cpu") if self.device.type != "cpu" else self.device
+
+        def sink(i: int, h: torch.Tensor, kw: dict) -> None:
+            kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
+            if i == 0:
+                self.inputs.append(h.detach().to(offload))
+            self._kwargs[i].append(_to(kw, offload))
+
+        originals = list(blocks)
+        backbone = self.arch.backbone(self.model)
+        moved = self._move_non_block_modules(backbone, blocks, self.device)
+        try:
+            for i in range(n_blocks):
+                blocks[i] = _Recorder(originals[i], i, sink)
+            for start in range(0, input_ids.shape[0], self.batch_size):
+                ids = input_ids[start:start + self.batch_size].to(self.device)
+                backbone(input_ids=ids, use_cache=False)
+        finally:
+            for i in range(n_blocks):
+                blocks[i] = originals[i]
+            self._move_non_block_modules(backbone, blocks, None, moved)
+
+    def _move_non_block_modules(self, backbone: nn.Module, blocks: nn.ModuleList, device, restore=None):
+        """Embeddings, rotary tables, final norm: to the compute device for capture, then back."""
+        block_ids = {id(b) for b in blocks}
+        out = {}
+        for name, child in backbone.named_children():
+            if child is blocks or id(child) in block_ids:
+                continue
+            if restore is not None:
+                child.to(restore[name])
+            else:
+                p = next(child.parameters(), None)
+                p = next(child.buffers(), None) if p is None else p
+                out[name] = p.device if p is not None else torch.device("cpu")
+                child.to(device)
+        return out
+
+    def run(self, input_ids: torch.Tensor | None) -> EngineResult:
+        t0 = time.time()
+        needs_data = any(s.needs_calibration for s in self.stages)
+        if needs_data:
+            if input_ids is None:
+                raise ValueError("this recipe needs calibration data")
+            self.capture(input_ids)
+        blocks = self.arch.blocks(self.model)
+        report: list[dict[str, Any]] = []
+        bar = tqdm(range(len(blocks)), desc="quantizing blocks", disable=not self.progress, unit="block")
+        for i in bar:
+            tb = time.time()
+            block = blocks[i]
+            home = next(block.parameters()).device
+            block.to(self.device)
+            reference = copy.deepcopy(block) if needs_data else None
+            for stage in self.stages:
+                stage.process_block(BlockContext(self, i, block, stage.name))
+            entry: dict[str, Any] = {"block": i}
+            if needs_data:
+                ctx = BlockContext(self, i, block, "propagate")
+                with torch.no_grad():
+                    ref_out = ctx.run_block(0, reference)
+                    outs = [ctx.run_block(b) for b in range(len(self.inputs))]
+                err = (outs[0].float() - ref_out.float()).pow(2).sum() / ref_out.float().pow(2).sum().clamp_min(1e-30)
+                entry["out_rel_err"] = float(err)
+                self.inputs = [o.to(self.inputs[0].device) for o in outs]
+                del reference
+            block.to(home)
+            entry["seconds"] = round(time.time() - tb, 3)
+            report.append(entry)
+            if "out_rel_err" in entry:
+                bar.set_postfix(rel_err=f"{entry['out_rel_err']:.2e}")
+        self.inputs, self._kwargs = [], []
+        return EngineResult(self.modules, report, time.time() - t0)

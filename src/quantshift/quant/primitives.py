@@ -1,0 +1,215 @@
+"""Pure quantization math: number formats, qparams, quantize / dequantize, packing.
+
+Conventions (shared by every method and exporter):
+- integer codes are unsigned in [0, 2**bits - 1] with an integer zero point; a symmetric grid
+  uses zero = 2**(bits-1), so `codes - zero` is the signed code in [-2**(bits-1), 2**(bits-1)-1];
+- the quantization range always contains 0 (as in the reference GPTQ), so zero is exact and
+  padding a partial last group with zeros never changes its parameters;
+- group_size > 0: groups of that many consecutive input columns (the last may be partial);
+  group_size == -1: one group per output row (per-channel); group_size == 0: per-tensor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import field_validator, model_validator
+
+from ..config import StrictModel
+
+FP8_E4M3_MAX = 448.0
+
+
+class QuantSpec(StrictModel):
+    """A number format for weights or activations (what the values may be, not how chosen)."""
+
+    bits: int = 4
+    group_size: int = 128
+    symmetric: bool = False
+    dtype: Literal["int", "fp8"] = "int"
+
+    @field_validator("group_size")
+    @classmethod
+    def _group(cls, v: int) -> int:
+        if v < -1:
+            raise ValueError("group_size must be > 0 (groups), -1 (per channel) or 0 (per tensor)")
+        return v
+
+    @model_validator(mode="after")
+    def _bits(self) -> "QuantSpec":
+        if self.dtype == "int" and not 2 <= self.bits <= 8:
+            raise ValueError(f"bits must be between 2 and 8 for integer grids, got {self.bits}")
+        if self.dtype == "fp8" and self.bits != 8:
+            raise ValueError(f"fp8 has 8 bits, got bits={self.bits}")
+        return self
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def describe(self) -> str:
+        g = {-1: "per-channel", 0: "per-tensor"}.get(self.group_size, f"g{self.group_size}")
+        kind = "fp8-e4m3" if self.dtype == "fp8" else ("sym" if self.symmetric else "asym")
+        return f"{self.bits}bit {kind} {g}"
+
+
+def qparams_from_range(
+    xmin: torch.Tensor, xmax: torch.Tensor, bits: int, symmetric: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and (integer-valued, float-typed) zero point for ranges [xmin, xmax]."""
+    maxq = 2**bits - 1
+    xmin = torch.minimum(xmin, torch.zeros_like(xmin))
+    xmax = torch.maximum(xmax, torch.zeros_like(xmax))
+    if symmetric:
+        amax = torch.maximum(xmin.abs(), xmax)
+        scale = 2 * amax / maxq
+        zero = torch.full_like(scale, float(2 ** (bits - 1)))
+    else:
+        scale = (xmax - xmin) / maxq
+        zero = None
+    # an all-zero group: any positive scale represents it exactly
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    if zero is None:
+        zero = torch.round(-xmin / scale).clamp(0, maxq)
+    return scale, zero
+
+
+def quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes in [0, maxq] (returned in x's float dtype for cheap arithmetic)."""
+    return torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (codes - zero)
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    return dequantize(quantize(x, scale, zero, maxq), scale, zero)
+
+
+def num_groups(in_features: int, group_size: int) -> int:
+    return 1 if group_size <= 0 else math.ceil(in_features / group_size)
+
+
+def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
+    """[out, in] -> [out, ngroups, g], zero-padding a partial last group."""
+    out_f, in_f = w.shape
+    g = group_size if group_size > 0 else in_f
+    pad = (-in_f) % g
+    if pad:
+        w = torch.nn.functional.pad(w, (0, pad))
+    return w.reshape(out_f, -1, g)
+
+
+def weight_qparams(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group scale/zero of a 2-D weight: shapes [out, ngroups] ([1, 1] per-tensor)."""
+    if spec.dtype == "fp8":
+        amax = w.abs().amax() if spec.group_size == 0 else w.abs().amax(dim=1, keepdim=True)
+        scale = (amax / FP8_E4M3_MAX).clamp_min(1e-12).reshape(-1, 1)
+        return scale.float(), torch.zeros_like(scale).float()
+    if spec.group_size == 0:
+        scale, zero = qparams_from_range(w.min().reshape(1, 1), w.max().reshape(1, 1), spec.bits, spec.symmetric)
+        return scale, zero
+    grouped = _grouped(w.float(), spec.group_size)
+    return qparams_from_range(grouped.amin(dim=2), grouped.amax(dim=2), spec.bits, spec.symmetric)
+
+
+def expand_to_columns(p: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """[out, ngroups] per-group parameter -> [out, in] per-element."""
+    if group_size <= 0:
+        return p.expand(-1, in_features)
+    return p.repeat_interleave(group_size, dim=1)[:, :in_features]
+
+
+def fp8_fake_quantize(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Round to the nearest E4M3 value (torch's float8 dtype) after scaling."""
+    y = (x / scale).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn).to(x.dtype)
+    return y * scale
+
+
+@dataclass
+class QuantizedWeight:
+    """Integer codes of a weight with their per-group parameters."""
+
+    codes: torch.Tensor  # [out, in] uint8 (int grids) or float8 (fp8)
+    scale: torch.Tensor  # [out, ngroups]
+    zero: torch.Tensor  # [out, ngroups]
+    spec: QuantSpec
+    g_idx: torch.Tensor | None = None  # [in] group of each column (act-order), None = sequential
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        if self.spec.dtype == "fp8":
+            return (self.codes.to(torch.float32) * self.scale).to(dtype)
+        scale, zero = self.column_params()
+        return dequantize(self.codes.float(), scale, zero).to(dtype)
+
+    def column_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        in_f = self.codes.shape[1]
+        if self.g_idx is not None:
+            return self.scale[:, self.g_idx], self.zero[:, self.g_idx]
+        gs = self.spec.group_size
+        return expand_to_columns(self.scale, in_f, gs), expand_to_columns(self.zero, in_f, gs)
+
+
+def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
+    """Round-to-nearest quantization of a 2-D weight under `spec`."""
+    w = w.float()
+    scale, zero = weight_qparams(w, spec)
+    s = expand_to_columns(scale, w.shape[1], spec.group_size)
+    if spec.dtype == "fp8":
+        codes = (w / s).clamp(-FP8_E4M3_MAX, FP8_E4M3_MAX).to(torch.float8_e4m3fn)
+        return QuantizedWeight(codes, scale, zero, spec)
+    z = expand_to_columns(zero, w.shape[1], spec.group_size)
+    codes = quantize(w, s, z, spec.maxq).to(torch.uint8)
+    return QuantizedWeight(codes, scale, zero, spec)
+
+
+def fake_quantize_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    return quantize_weight(w, spec).dequantize(w.dtype)
+
+
+def fake_quantize_activation(x: torch.Tensor, spec: QuantSpec, per_token: bool = True) -> torch.Tensor:
+    """Dynamic activation fake-quant: one range per token (last dim) or per tensor."""
+    xf = x.float()
+    if spec.dtype == "fp8":
+        amax = xf.abs().amax(dim=-1, keepdim=True) if per_token else xf.abs().amax()
+        return fp8_fake_quantize(xf, (amax / FP8_E4M3_MAX).clamp_min(1e-12)).to(x.dtype)
+    if per_token:
+        xmin, xmax = xf.amin(dim=-1, keepdim=True), xf.amax(dim=-1, keepdim=True)
+    else:
+        xmin, xmax = xf.amin().reshape(1), xf.amax().reshape(1)
+    scale, zero = qparams_from_range(xmin, xmax, spec.bits, spec.symmetric)
+    return fake_quantize(xf, scale, zero, spec.maxq).to(x.dtype)
+
+
+def pack_codes(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
+    """Pack unsigned codes (< 2**bits) into int32 words along `dim`, low bits first.
+
+    Only widths that divide 32 (2, 4, 8) pack without straddling words, which is what the
+    int32-packed checkpoint formats use.
+    """
+    if 32 % bits:
+        raise ValueError(f"packing supports 2, 4 or 8 bits, not {bits}")
+    per = 32 // bits
+    c = codes.to(torch.int64).movedim(dim, -1)
+    pad = (-c.shape[-1]) % per
+    if pad:
+        c = torch.nn.functional.pad(c, (0, pad))
+    c = c.reshape(*c.shape[:-1], -1, per)
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    words = (c << shifts).sum(dim=-1)
+    words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    return words.movedim(-1, dim)
+
+
+def unpack_codes(words: torch.Tensor, bits: int, length: int, dim: int = 1) -> torch.Tensor:
+    """Inverse of pack_codes: the first `length` codes along `dim`, as uint8."""
+    per = 32 // bits
+    w = words.to(torch.int64).movedim(dim, -1) & 0xFFFFFFFF
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    codes = (w.unsqueeze(-1) >> shifts) & (2**bits - 1)
+    codes = codes.reshape(*codes.shape[:-2], -1)[..., :length]
+    return codes.to(torch.uint8).movedim(-1, dim)

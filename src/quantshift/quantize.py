@@ -1,0 +1,53 @@
+"""The quantization entry point: model + recipe + calibration set -> quantized model + report."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import save_quantized
+from .data.calibset import CalibSet
+from .errors import ConfigError
+from .models.load import LoadedModel
+from .quant.engine import BlockEngine, EngineResult
+from .recipes import Recipe
+
+
+@dataclass
+class QuantizationResult:
+    engine: EngineResult
+    recipe: Recipe
+    calibration: dict | None
+
+    def report(self) -> dict[str, Any]:
+        return {
+            "recipe": self.recipe.to_dict(),
+            "calibration": self.calibration,
+            "seconds": round(self.engine.seconds, 3),
+            "blocks": self.engine.blocks,
+            "modules": {k: {"stage": m.stage, **m.info} for k, m in self.engine.modules.items()},
+        }
+
+
+def quantize_model(loaded: LoadedModel, recipe: Recipe, calib: CalibSet | None, device: str | None = None,
+                   batch_size: int = 8, progress: bool = True) -> QuantizationResult:
+    """Quantize `loaded.model` in place, block by block."""
+    if recipe.needs_calibration and calib is None:
+        raise ConfigError(f"recipe {recipe.describe()} needs calibration data (--calib)")
+    model = loaded.model
+    dev = device or str(next(model.parameters()).device)
+    stages = [s.build() for s in recipe.stages]
+    engine = BlockEngine(model, loaded.arch, stages, dev, batch_size=batch_size, progress=progress)
+    with torch.no_grad():
+        result = engine.run(calib.input_ids if (calib is not None and recipe.needs_calibration) else None)
+    return QuantizationResult(result, recipe, calib.manifest.to_dict() if calib is not None and recipe.needs_calibration else None)
+
+
+def save(loaded: LoadedModel, qres: QuantizationResult, out: Path, overwrite: bool = False) -> Path:
+    return save_quantized(
+        loaded.model, loaded.tokenizer, out, base_model=loaded.name, recipe=qres.recipe.to_dict(),
+        calibration=qres.calibration, modules=qres.engine.modules, report=qres.report(), overwrite=overwrite,
+    )

@@ -1,0 +1,50 @@
+"""Strict configs: typos and bad values fail with a message naming the problem."""
+
+import pytest
+
+from quantshift.errors import ConfigError
+from quantshift.methods.base import plan_for
+from quantshift.recipes import recipe_from_cli, recipe_from_dict
+
+
+def test_unknown_key_names_key_and_allowed():
+    with pytest.raises(ConfigError, match=r"unknown key 'wbit' \(allowed: .*wbits"):
+        recipe_from_dict({"stages": [{"gptq": {"wbit": 4}}]})
+
+
+def test_unknown_method_lists_methods():
+    with pytest.raises(ConfigError, match=r"unknown method 'gptqq'; allowed: .*gptq.*rtn"):
+        recipe_from_dict([{"gptqq": {}}])
+
+
+@pytest.mark.parametrize("bits", [1, 9, 17])
+def test_wrong_bit_width(bits):
+    with pytest.raises(ConfigError, match="wbits must be 2..8"):
+        recipe_from_cli("rtn", wbits=bits)
+
+
+def test_bad_regex_and_bad_recipe_shapes():
+    with pytest.raises(ConfigError, match="invalid regex"):
+        recipe_from_dict([{"rtn": {"overrides": [{"pattern": "(["}]}}])
+    with pytest.raises(ConfigError, match="non-empty list"):
+        recipe_from_dict({"stages": []})
+    with pytest.raises(ConfigError, match="unknown key 'stage'"):
+        recipe_from_dict({"stage": [{"rtn": {}}]})
+
+
+def test_plan_resolution_order():
+    rec = recipe_from_dict([{"gptq": {"wbits": 3, "overrides": [{"pattern": "down_proj", "wbits": 8, "group_size": -1}]}}])
+    cfg = rec.stages[0].config
+    assert plan_for(cfg, "model.layers.0.mlp.down_proj").weight.bits == 8
+    assert plan_for(cfg, "model.layers.0.mlp.down_proj").weight.group_size == -1
+    assert plan_for(cfg, "model.layers.0.mlp.up_proj").weight.bits == 3
+    assert plan_for(cfg, "lm_head") is None  # ignored by default
+
+
+def test_callers_config_not_mutated():
+    data = [{"gptq": {"wbits": 3, "overrides": [{"pattern": "x", "wbits": 8}]}}]
+    import copy
+
+    before = copy.deepcopy(data)
+    recipe_from_dict(data)
+    assert data == before
