@@ -153,6 +153,26 @@ def eval_cmd(
                                      "versions": versions()})
 
 
+# Commands owned by other subpackages; each module defines `register(app)`.
+_COMMAND_MODULES = ("quantshift.export.commands", "quantshift.studies.commands", "quantshift.bench.commands")
+
+
+def _register_commands() -> None:
+    import importlib
+
+    for mod in _COMMAND_MODULES:
+        try:
+            module = importlib.import_module(mod)
+        except ModuleNotFoundError as err:
+            if err.name and mod.startswith(err.name):
+                continue  # that part of quantshift is not built yet
+            raise
+        module.register(app)
+
+
+_register_commands()
+
+
 def main() -> None:
     import torch
 
