@@ -114,3 +114,13 @@ def test_refuses_to_overwrite(tmp_path):
     save(lm, res, tmp_path / "q")
     with pytest.raises(ModelError, match="exists"):
         save(lm, res, tmp_path / "q")
+
+
+def test_linears_reading_the_same_input_share_statistics(monkeypatch):
+    from quantshift.methods.gptq import GPTQ
+
+    calls = []
+    original = GPTQ.new_stats
+    monkeypatch.setattr(GPTQ, "new_stats", lambda self, lin: calls.append(lin) or original(self, lin))
+    quantize_model(loaded_tiny("llama"), recipe_from_cli("gptq", wbits=4, group_size=32), random_calib(), progress=False)
+    assert len(calls) == 2 * 4  # per block: one for q/k/v, o, gate/up, down

@@ -139,6 +139,7 @@ class LinearMethod(Method):
         pass
 
     def solve(self, name: str, linear: nn.Linear, stats: Any, plan: LinearPlan) -> SolveResult:
+        """Must not mutate `stats`: linears fed the same input share one statistics object."""
         raise NotImplementedError
 
     def process_block(self, ctx: "BlockContext") -> None:
@@ -150,13 +151,37 @@ class LinearMethod(Method):
                 continue
             stats: dict[str, Any] = {}
             if self.needs_calibration and any(p.weight is not None for p in plans.values()):
-                stats = {n: self.new_stats(ctx.linear(n)) for n in plans}
-                ctx.collect_inputs(list(plans), lambda n, x: self.add_batch(stats[n], x))
+                stats = self._collect_stats(ctx, list(plans))
             for n, plan in plans.items():
                 if plan.weight is None:
                     ctx.commit(n, None, plan)
                 else:
                     ctx.commit(n, self.solve(n, ctx.linear(n), stats.get(n), plan), plan)
+
+
+    def _collect_stats(self, ctx: "BlockContext", names: list[str]) -> dict[str, Any]:
+        """Statistics per linear; linears fed the very same tensor (q/k/v, gate/up) share one."""
+        stats: dict[str, Any] = {}
+        alias: dict[str, str] = {}
+        last_input: dict[str, tuple[int, tuple[int, ...]]] = {}
+
+        def feed(name: str, x: torch.Tensor) -> None:
+            if name in alias:
+                return
+            if name not in stats:  # first sight happens within the first batch
+                key = (x.data_ptr(), tuple(x.shape))
+                twin = next((n for n, k in last_input.items() if k == key and n not in alias), None)
+                if twin is not None:
+                    alias[name] = twin
+                    return
+                stats[name] = self.new_stats(ctx.linear(name))
+            last_input[name] = (x.data_ptr(), tuple(x.shape))
+            self.add_batch(stats[name], x)
+
+        ctx.collect_inputs(names, feed)
+        for name, twin in alias.items():
+            stats[name] = stats[twin]
+        return stats
 
 
 METHODS: Registry[type[Method]] = Registry("method")
