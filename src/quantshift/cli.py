@@ -93,7 +93,7 @@ def quantize(
     """Quantize a model with a method or a recipe and save it."""
     from .data.calibset import build_calibset
     from .errors import ConfigError
-    from .models.load import load_model, resolve_device
+    from .models.load import load_model, resolve_device, resolve_dtype
     from .quantize import quantize_model, save
     from .recipes import load_recipe, recipe_from_cli
 
@@ -109,7 +109,9 @@ def quantize(
         rec = recipe_from_cli(method or "", **options)
     dev = resolve_device(device)
     t0 = time.time()
-    loaded = load_model(model, device="cpu" if dev != "cpu" else dev, dtype=dtype if dtype != "auto" else ("float32" if dev == "cpu" else "float16"))
+    # weights stay on the CPU; the engine moves one block at a time to the compute device
+    torch_dtype = resolve_dtype(dtype, dev)
+    loaded = load_model(model, device="cpu", dtype=str(torch_dtype).replace("torch.", ""))
     cal = None
     if rec.needs_calibration:
         cal = build_calibset(calib, loaded.tokenizer, nsamples, seqlen, seed, add_bos=loaded.needs_bos, tokenizer_name=model)
