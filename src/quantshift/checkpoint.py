@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ModelError
-from .quant.actquant import attach_input_quantizers
+from .quant.actquant import attach_input_quantizers, attach_output_quantizers
 from .quant.primitives import QuantizedWeight, QuantSpec
 
 QUANT_FILE = "quantshift.json"
@@ -79,6 +79,7 @@ def save_quantized(model: nn.Module, tokenizer: Any, out: Path, *, base_model: s
         quantized_weights = set()
         module_table: dict[str, Any] = {}
         act_table: dict[str, Any] = {}
+        out_table: dict[str, Any] = {}
         for name, m in modules.items():
             entry: dict[str, Any] = {"stage": m.stage, "info": m.info}
             qw: QuantizedWeight | None = m.qweight
@@ -89,10 +90,16 @@ def save_quantized(model: nn.Module, tokenizer: Any, out: Path, *, base_model: s
                 qtensors[f"{name}.zeros"] = qw.zero.float().contiguous().cpu()
                 if qw.g_idx is not None:
                     qtensors[f"{name}.g_idx"] = qw.g_idx.to(torch.int32).contiguous().cpu()
+                for extra in ("outlier_idx", "outlier_values"):  # sparse 16-bit outliers (SpQR)
+                    if getattr(qw, extra, None) is not None:
+                        qtensors[f"{name}.{extra}"] = getattr(qw, extra).contiguous().cpu()
                 quantized_weights.add(f"{name}.weight")
             if m.act is not None:
                 entry["act"] = m.act
                 act_table[name] = m.act
+            if getattr(m, "out", None) is not None:
+                entry["out"] = m.out
+                out_table[name] = m.out
             module_table[name] = entry
         state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()
                  if k not in quantized_weights}
@@ -113,6 +120,7 @@ def save_quantized(model: nn.Module, tokenizer: Any, out: Path, *, base_model: s
             "calibration": calibration,
             "modules": module_table,
             "input_quantizers": act_table,
+            "output_quantizers": out_table,
             "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
             "versions": versions(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -166,7 +174,11 @@ def load_quantized(path: Path, dtype: torch.dtype, device: str, verify: bool = T
         g_idx = qt.get(f"{name}.g_idx")
         qw = QuantizedWeight(qt[f"{name}.codes"], qt[f"{name}.scales"], qt[f"{name}.zeros"], spec,
                              g_idx.long() if g_idx is not None else None)
-        state[f"{name}.weight"] = qw.dequantize(torch.float32)
+        w = qw.dequantize(torch.float32)
+        idx = qt.get(f"{name}.outlier_idx")
+        if idx is not None:  # flat indices of weights kept in 16-bit, overriding their codes
+            w.view(-1)[idx.long()] = qt[f"{name}.outlier_values"].float()
+        state[f"{name}.weight"] = w
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = getattr(config, "tie_word_embeddings", False)
@@ -177,4 +189,5 @@ def load_quantized(path: Path, dtype: torch.dtype, device: str, verify: bool = T
         model.tie_weights()
     model.to(dtype=dtype, device=device).eval()
     attach_input_quantizers(model, info.get("input_quantizers", {}))
+    attach_output_quantizers(model, info.get("output_quantizers", {}))
     return model, tok, info

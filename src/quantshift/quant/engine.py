@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from ..methods.base import LinearPlan, Method, SolveResult, StageConfig, plan_for
 from ..models.arch import ArchSpec
-from .actquant import InputQuantizer
+from .actquant import InputQuantizer, OutputQuantizer
 from .primitives import QuantizedWeight
 
 
@@ -78,6 +78,7 @@ class QuantizedModule:
     qweight: QuantizedWeight | None
     act: dict | None  # InputQuantizer.to_dict()
     info: dict[str, Any] = field(default_factory=dict)
+    out: dict | None = None  # OutputQuantizer.to_dict() (e.g. K/V cache quantization)
 
 
 @dataclass
@@ -166,8 +167,10 @@ class BlockContext:
                 h.remove()
 
     # --- results -------------------------------------------------------------------
-    def commit(self, name: str, result: SolveResult | None, plan: LinearPlan) -> None:
-        """Write a solved weight into the linear and attach its input quantizer if any."""
+    def commit(self, name: str, result: SolveResult | None, plan: LinearPlan,
+               act_scale: float | None = None) -> None:
+        """Write a solved weight into the linear and attach its input quantizer if any
+        (`act_scale`: a calibrated static per-tensor input scale instead of dynamic ranges)."""
         lin = self.linear(name)
         full = self.full_name(name)
         prev = self.engine.modules.get(full)
@@ -176,7 +179,7 @@ class BlockContext:
                 lin.weight.copy_(result.weight.to(lin.weight.dtype))
         act = None
         if plan.act is not None:
-            q = InputQuantizer(plan.act, plan.act_per_token)
+            q = InputQuantizer(plan.act, plan.act_per_token, act_scale)
             self.engine.attach_act(full, lin, q)
             act = q.to_dict()
         elif prev is not None:
@@ -188,7 +191,18 @@ class BlockContext:
         if act is not None:
             info["abits"] = act["spec"]["bits"]
         self.engine.modules[full] = QuantizedModule(
-            self.stage, result.qweight if result is not None else (prev.qweight if prev else None), act, info)
+            self.stage, result.qweight if result is not None else (prev.qweight if prev else None), act, info,
+            prev.out if prev is not None else None)
+
+    def quantize_output(self, name: str, q: OutputQuantizer) -> None:
+        """Attach a run-time output quantizer (forward hook) to a module and record it."""
+        full = self.full_name(name)
+        self.engine.attach_out(full, self.module(name), q)
+        entry = self.engine.modules.get(full)
+        if entry is None:
+            entry = self.engine.modules[full] = QuantizedModule(self.stage, None, None, {})
+        entry.out = q.to_dict()
+        entry.info["out_bits"] = q.spec.bits
 
     def note(self, name: str, **info: Any) -> None:
         """Record transform information for a module (e.g. smoothing scales) in the report."""
@@ -214,6 +228,7 @@ class BlockEngine:
         self.modules: dict[str, QuantizedModule] = {}
         self.transforms: dict[str, dict] = {}
         self.act_handles: dict[str, Any] = {}
+        self.out_handles: dict[str, Any] = {}
 
     def kwargs_for(self, block: int, batch: int) -> dict:
         return _to(self._kwargs[block][batch], self.device)
@@ -222,6 +237,11 @@ class BlockEngine:
         if full in self.act_handles:
             self.act_handles[full].remove()
         self.act_handles[full] = linear.register_forward_pre_hook(q)
+
+    def attach_out(self, full: str, module: nn.Module, q: OutputQuantizer) -> None:
+        if full in self.out_handles:
+            self.out_handles[full].remove()
+        self.out_handles[full] = module.register_forward_hook(q)
 
     @torch.no_grad()
     def capture(self, input_ids: torch.Tensor) -> None:
