@@ -1,0 +1,196 @@
+"""What every exporter shares: reading a quantized directory, deciding what may be exported,
+and writing the output directory atomically.
+
+An export never re-quantizes: it re-encodes the integer codes, scales and zero points that the
+quantizer chose (quantized.safetensors) in another engine's layout. Whatever cannot be encoded
+exactly is refused with a one-line ExportError instead of writing a file that looks valid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..checkpoint import QUANT_FILE, file_sha256, read_quant_info
+from ..errors import QuantshiftError
+from ..quant.primitives import QuantizedWeight, QuantSpec
+
+EXPORT_INFO = "quantshift_export.json"
+
+
+class ExportError(QuantshiftError):
+    """The quantized model cannot be written in the requested format (explained in one line)."""
+
+
+# Stages whose result is fully described by per-linear codes/scales/zeros (plus ordinary float
+# weights for transforms folded into neighbouring layers). Methods may also opt in or out by
+# setting a class attribute `exportable = True` or `export_blocker = "reason"`.
+PLAIN_GRID_STAGES = {"rtn", "gptq", "awq", "smoothquant", "zeroquant", "fp8"}
+KNOWN_BLOCKERS = {
+    "spqr": "SpQR keeps fp16 outliers (CSR) and 3-bit quantized group statistics that no serving "
+            "engine format holds",
+    "quip": "QuIP's incoherence rotations must be applied to activations at run time, which no "
+            "export format here encodes",
+    "kvcache": "KV-cache quantization is a run-time setting of the engine (e.g. vLLM --kv-cache-dtype fp8), "
+               "not part of these weight formats",
+}
+
+# vLLM fuses these sibling projections into one matrix: they must share one format
+FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float32": torch.float32, "fp32": torch.float32}
+
+
+@dataclass
+class QuantizedCheckpoint:
+    """A quantized model directory read without instantiating the model."""
+
+    path: Path
+    info: dict
+    config: dict  # config.json
+    dense: dict[str, torch.Tensor]  # model.safetensors: every tensor but the quantized weights
+    weights: dict[str, QuantizedWeight]  # linear name -> codes and qparams
+    acts: dict[str, dict]  # linear name -> input quantizer dict (spec, per_token, static_scale)
+    transform_only: list[str] = field(default_factory=list)  # recorded modules without codes or act
+
+    @property
+    def stages(self) -> list[str]:
+        return [next(iter(s)) for s in self.info.get("recipe", {}).get("stages", [])]
+
+
+def read_checkpoint(path: str | Path, verify: bool = True) -> QuantizedCheckpoint:
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not (path / QUANT_FILE).is_file():
+        raise ExportError(f"{path} is not a quantshift quantized directory (no {QUANT_FILE}); quantize it first")
+    info = read_quant_info(path)
+    for fname, digest in info.get("files", {}).items():
+        f = path / fname
+        if not f.is_file():
+            raise ExportError(f"corrupt quantized model directory {path}: missing {fname}")
+        if verify and file_sha256(f) != digest:
+            raise ExportError(f"corrupt quantized model directory {path}: {fname} does not match its sha256")
+    config = json.loads((path / "config.json").read_text())
+    dense = load_file(str(path / "model.safetensors"))
+    qt = load_file(str(path / "quantized.safetensors"))
+    weights: dict[str, QuantizedWeight] = {}
+    acts: dict[str, dict] = {}
+    transform_only: list[str] = []
+    for name, entry in info["modules"].items():
+        if "weight" in entry:
+            g_idx = qt.get(f"{name}.g_idx")
+            weights[name] = QuantizedWeight(qt[f"{name}.codes"], qt[f"{name}.scales"], qt[f"{name}.zeros"],
+                                            QuantSpec(**entry["weight"]), g_idx.long() if g_idx is not None else None)
+        if "act" in entry:
+            acts[name] = entry["act"]
+        if "weight" not in entry and "act" not in entry and "out" not in entry:
+            transform_only.append(name)
+    return QuantizedCheckpoint(path, info, config, dense, weights, acts, transform_only)
+
+
+def check_methods(ckpt: QuantizedCheckpoint, fmt: str) -> None:
+    """Refuse recipes whose result is more than a plain grid of codes per linear."""
+    from ..methods import METHODS
+
+    for stage in ckpt.stages:
+        cls = METHODS.get(stage) if stage in METHODS.names() else None
+        blocker = getattr(cls, "export_blocker", None) or KNOWN_BLOCKERS.get(stage)
+        if blocker:
+            raise ExportError(f"cannot export method {stage!r} to {fmt}: {blocker}")
+        if stage not in PLAIN_GRID_STAGES and not getattr(cls, "exportable", False):
+            raise ExportError(f"cannot export method {stage!r} to {fmt}: export does not know that its result is a "
+                              "plain per-linear grid (a method declares this with `exportable = True`)")
+    if ckpt.info.get("output_quantizers"):
+        raise ExportError(f"cannot export to {fmt}: the recipe fake-quantizes module outputs "
+                          f"({len(ckpt.info['output_quantizers'])} modules, e.g. the KV cache); serve with the engine's "
+                          "own KV-cache setting (vLLM --kv-cache-dtype fp8) on a weights-only export instead")
+
+
+def check_fused_siblings(names: dict[str, Any], describe: Callable[[str], str], fmt: str) -> None:
+    """vLLM loads q/k/v and gate/up as one fused matrix: their formats must agree."""
+    for group in FUSED_SIBLINGS:
+        for name in names:
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf != group[0]:
+                continue
+            prefix = name[: -len(leaf)]
+            kinds = {describe(prefix + s) for s in group}
+            if len(kinds) > 1:
+                raise ExportError(f"cannot export to {fmt}: {prefix}{{{','.join(group)}}} are fused by vLLM and must "
+                                  f"share one format, got {sorted(kinds)}")
+
+
+def export_dtype(ckpt: QuantizedCheckpoint, dtype: str) -> torch.dtype:
+    """auto: bfloat16 when the base model was bfloat16, else float16 (what the int4 kernels take)."""
+    if dtype == "auto":
+        base = str(ckpt.config.get("torch_dtype") or ckpt.config.get("dtype") or "")
+        return torch.bfloat16 if "bfloat16" in base else torch.float16
+    if dtype not in DTYPES:
+        raise ExportError(f"unknown dtype {dtype!r}; allowed: auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def cast_dense(dense: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in dense.items()}
+
+
+def linear_names_in_blocks(ckpt: QuantizedCheckpoint) -> list[str]:
+    """Every 2-D `<name>.weight` in the dense state or quantized: candidate linears."""
+    names = {k[: -len(".weight")] for k, v in ckpt.dense.items() if k.endswith(".weight") and v.dim() == 2}
+    names |= set(ckpt.weights)
+    return sorted(n for n in names if "embed" not in n)
+
+
+def write_export(out: Path, ckpt: QuantizedCheckpoint, tensors: dict[str, torch.Tensor],
+                 quantization_config: dict | None, extra_files: dict[str, Any], summary: dict,
+                 overwrite: bool = False, config_writer: Callable[[Path], None] | None = None) -> Path:
+    """Write config + tokenizer + model.safetensors into a temp dir, then rename it into place."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise ExportError(f"output directory {out} exists and is not empty (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    try:
+        for f in ckpt.path.iterdir():  # tokenizer and generation files travel unchanged
+            if f.is_file() and f.name not in {"model.safetensors", "quantized.safetensors", QUANT_FILE, "report.json",
+                                               "config.json"}:
+                shutil.copy2(f, tmp / f.name)
+        config = dict(ckpt.config)
+        if quantization_config is not None:
+            config["quantization_config"] = quantization_config
+        config["torch_dtype"] = summary.get("dtype", config.get("torch_dtype"))
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+        if config_writer is not None:
+            config_writer(tmp)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        for fname, data in extra_files.items():
+            (tmp / fname).write_text(json.dumps(data, indent=2, sort_keys=True))
+        summary = {**summary, "source": str(ckpt.path), "recipe": ckpt.info.get("recipe"),
+                   "calibration": ckpt.info.get("calibration"), "base_model": ckpt.info.get("base_model"),
+                   "files": {"model.safetensors": file_sha256(tmp / "model.safetensors")}}
+        (tmp / EXPORT_INFO).write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def regex_escape_name(name: str) -> str:
+    return "re:^" + re.escape(name) + "$"
