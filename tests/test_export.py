@@ -357,3 +357,33 @@ def test_packing_matches_compressed_tensors(bits):
     codes = torch.randint(0, 2**bits, (16, 64), generator=torch.Generator().manual_seed(0)).to(torch.uint8)
     theirs = pack_to_int32((codes.to(torch.int16) - 2 ** (bits - 1)).to(torch.int8), bits)
     assert torch.equal(pack_codes(codes, bits, dim=1), theirs)
+
+
+# --- the registered methods end to end ----------------------------------------------------------
+
+@pytest.mark.parametrize("granularity", ["channel", "tensor"])
+def test_fp8_method_w8a8_loads_in_transformers(tmp_path, granularity):
+    from transformers import AutoModelForCausalLM
+
+    q, ref, _ = _quantized(tmp_path, recipe=recipe_from_dict({"stages": [{"fp8": {"granularity": granularity}}]}))
+    out = export(q, "fp8", tmp_path / "f", dtype="float32")
+    cfg = json.loads((out / "config.json").read_text())["quantization_config"]
+    (group,) = cfg["config_groups"].values()
+    assert cfg["format"] == "float-quantized" and group["input_activations"]["type"] == "float"
+    assert group["weights"]["strategy"] == granularity
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert _rel(logits(model, IDS), ref) < 1e-5
+
+
+def test_smoothquant_w8a8_and_awq_w4_export(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    q, ref, _ = _quantized(tmp_path, recipe=recipe_from_dict({"stages": [{"smoothquant": {"alpha": 0.5}}]}), name="sq")
+    out = export(q, "compressed-tensors", tmp_path / "sq_ct", dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert _rel(logits(model, IDS), ref) < 1e-5
+    q, ref, _ = _quantized(tmp_path, recipe=recipe_from_dict({"stages": [{"awq": {"wbits": 4, "group_size": 32, "grid": 4,
+                                                                                  "clip_grid": 4}}]}), name="awq")
+    out = export(q, "gptq", tmp_path / "awq_g", gptq_version=2)
+    model, _ = gptq_unpack(out)
+    assert _rel(logits(model, IDS), ref) < 5e-3
