@@ -1,0 +1,149 @@
+"""A packed W4A16 linear: int4 codes packed 8 per int32 word plus per-group scales and zero
+points, dequantized on the fly (the weight never exists in float between calls).
+
+Backends (chosen once, when the layer is built):
+- "dequant": unpack + `scale * (code - zero)` + F.linear; any device, bits 2/4/8, act-order
+  g_idx, partial groups. The reference the others are tested against.
+- "int4mm-cpu": torch's int4 "tinygemm" CPU kernel (aten._weight_int4pack_mm_for_cpu).
+- "int4mm-cuda": the same kernel family on CUDA (aten._weight_int4pack_mm, bfloat16), which is
+  what torchao's int4 weight-only tensor-core layout calls; torchao itself is not required.
+Both int4mm kernels take sequential groups of 32/64/128/256 columns and express the zero point
+as a float offset: W = (c - 8) * s + s * (8 - z), algebraically equal to s * (c - z).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Literal
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .primitives import QuantizedWeight, expand_to_columns, pack_codes, unpack_codes
+
+Backend = Literal["auto", "dequant", "int4mm-cpu", "int4mm-cuda"]
+_TINYGEMM_GROUPS = (32, 64, 128, 256)
+
+
+def torchao_version() -> str | None:
+    if importlib.util.find_spec("torchao") is None:
+        return None
+    import torchao
+
+    return getattr(torchao, "__version__", "unknown")
+
+
+def int4mm_supported(qw: QuantizedWeight, device: torch.device) -> str | None:
+    """Why the int4mm kernels cannot run this weight on `device` (None = they can)."""
+    out_f, in_f = qw.codes.shape
+    spec = qw.spec
+    if spec.bits != 4 or spec.dtype != "int":
+        return f"{spec.describe()} is not int4"
+    if qw.g_idx is not None:
+        return "act-order g_idx (scattered groups)"
+    if spec.group_size not in _TINYGEMM_GROUPS or in_f % spec.group_size:
+        return f"group size {spec.group_size} with {in_f} inputs (needs whole groups of {_TINYGEMM_GROUPS})"
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            return "no CUDA device"
+        if out_f % 8 or in_f % 128:  # innerKTiles = 8 -> K a multiple of 8 * 16
+            return f"shape {out_f}x{in_f} (needs out % 8 == 0 and in % 128 == 0)"
+    elif device.type == "cpu":
+        if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            return "this torch has no CPU int4 kernel"
+    else:
+        return f"device {device.type}"
+    return None
+
+
+class PackedLinear(nn.Module):
+    """y = x @ dequant(codes, scales, zeros)^T + bias, from packed codes."""
+
+    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None, backend: Backend = "auto",
+                 device: torch.device | str = "cpu", compute_dtype: torch.dtype | None = None) -> None:
+        super().__init__()
+        device = torch.device(device)
+        out_f, in_f = qw.codes.shape
+        self.in_features, self.out_features = in_f, out_f
+        self.spec = qw.spec
+        if qw.spec.dtype != "int" or 32 % qw.spec.bits:
+            raise ValueError(f"PackedLinear packs 2, 4 or 8-bit integer grids, not {qw.spec.describe()}")
+        if backend == "auto":
+            kind = "int4mm-cuda" if device.type == "cuda" else "int4mm-cpu"
+            backend = kind if int4mm_supported(qw, device) is None else "dequant"
+        elif backend != "dequant":
+            why = int4mm_supported(qw, torch.device("cuda" if backend == "int4mm-cuda" else "cpu"))
+            if why is not None:
+                raise ValueError(f"backend {backend} cannot run this weight: {why}")
+        self.backend = backend
+        self.compute_dtype = compute_dtype or (torch.bfloat16 if backend == "int4mm-cuda" else torch.float32)
+        self.register_buffer("bias", None if bias is None else bias.detach().to(device, self.compute_dtype))
+        scale, zero = qw.scale.float(), qw.zero.float()
+        if backend == "dequant":
+            self.register_buffer("qweight", pack_codes(qw.codes, qw.spec.bits, dim=1).to(device))
+            self.register_buffer("scales", scale.to(device, self.compute_dtype))
+            self.register_buffer("zeros", zero.to(device, self.compute_dtype))
+            self.register_buffer("g_idx", None if qw.g_idx is None else qw.g_idx.to(device))
+        else:
+            gs = qw.spec.group_size
+            # tinygemm: per group [scale, offset] with W = (c - 8) * scale + offset
+            sz = torch.stack([scale, scale * (8 - zero)], dim=-1).transpose(0, 1).contiguous()  # [groups, out, 2]
+            if backend == "int4mm-cpu":
+                packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qw.codes.to(torch.int32), 2)
+            else:
+                c = qw.codes.to(torch.uint8).to(device)
+                packed = torch.ops.aten._convert_weight_to_int4pack((c[:, ::2] << 4) | c[:, 1::2], 8)
+            self.register_buffer("qweight", packed.to(device))
+            self.register_buffer("scales_and_zeros", sz.to(device, self.compute_dtype))
+            self.group_size = gs
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight (for tests and the dequant backend)."""
+        if self.backend != "dequant":
+            raise RuntimeError("dequantized_weight is defined for the dequant backend")
+        codes = unpack_codes(self.qweight, self.spec.bits, self.in_features, dim=1)
+        if self.g_idx is not None:
+            s, z = self.scales[:, self.g_idx], self.zeros[:, self.g_idx]
+        else:
+            gs = self.spec.group_size if self.spec.group_size > 0 else -1
+            s = expand_to_columns(self.scales, self.in_features, gs)
+            z = expand_to_columns(self.zeros, self.in_features, gs)
+        return s * (codes.to(s.dtype) - z)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1]).to(self.compute_dtype)
+        if self.backend == "dequant":
+            y = F.linear(x2, self.dequantized_weight(), self.bias)
+        else:
+            if self.backend == "int4mm-cpu":
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_and_zeros)
+            else:
+                y = torch.ops.aten._weight_int4pack_mm(x2, self.qweight, self.group_size, self.scales_and_zeros)
+            if self.bias is not None:
+                y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def packed_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return f"in={self.in_features}, out={self.out_features}, {self.spec.describe()}, backend={self.backend}"
+
+
+def pack_model(model: nn.Module, weights: dict[str, QuantizedWeight], backend: Backend = "auto",
+               compute_dtype: torch.dtype | None = None) -> dict[str, str]:
+    """Replace each named nn.Linear that has codes by a PackedLinear; returns name -> backend."""
+    modules = dict(model.named_modules())
+    chosen = {}
+    for name, qw in weights.items():
+        lin = modules[name]
+        if not isinstance(lin, nn.Linear):
+            raise TypeError(f"{name} is {type(lin).__name__}, not nn.Linear")
+        dev = lin.weight.device
+        packed = PackedLinear(qw, lin.bias, backend, dev, compute_dtype)
+        parent_name, _, leaf = name.rpartition(".")
+        setattr(modules[parent_name] if parent_name else model, leaf, packed)
+        chosen[name] = packed.backend
+    return chosen
