@@ -45,6 +45,14 @@ def _row_params(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     return qparams_from_range(x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True), spec.bits, spec.symmetric)
 
 
+def inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; its rows drive the updates.
+    Adds the damping to H in place (callers pass their own copy)."""
+    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
+    L = torch.linalg.cholesky(H)
+    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+
+
 def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 0.01, block_size: int = 128,
                act_order: bool = False, static_groups: bool = False) -> tuple[torch.Tensor, QuantizedWeight, float]:
     """Quantize W [out, in] given H [in, in]. Returns (W_q, codes+qparams, proxy loss)."""
@@ -70,9 +78,7 @@ def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 
         W, H = W[:, perm], H[perm][:, perm]
     inv_perm = torch.argsort(perm)
 
-    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    L = torch.linalg.cholesky(H)
-    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    Hinv = inverse_cholesky(H, damp)
 
     # blocks are whole groups, so group params always see fully updated columns
     B = block_size if not gs else max(gs, block_size - block_size % gs)

@@ -1,0 +1,165 @@
+"""QuIP (Chee et al., arXiv 2307.13304): incoherence processing + LDLQ rounding.
+
+Per linear W [out, in] with input Hessian H [in, in]:
+
+    W' = U W V^T,   H' = V H V^T          (U [out, out], V [in, in] random orthogonal)
+    Q' = LDLQ(W', H')                     (= gptq_solve on the rotated pair; QuIP shows the two agree)
+    stored weight = U^T Q' V
+
+so that U^T Q' V x = U^T Q' (V x): the plain linear computes exactly what the rotated quantized
+layer would. The proxy loss tr(dW H dW^T) is invariant under the rotation, and incoherent W', H'
+(no large entries, no dominant directions) make rounding errors spread evenly.
+
+Transforms: as in QuIP#, a randomized Hadamard matrix, H_n diag(+-1) / sqrt(n). Sizes that are not
+powers of two (hidden 576 = 64 x 9, 1536 = 512 x 3) use the Kronecker product of the largest
+power-of-two Hadamard dividing n and a small Haar-random orthogonal matrix of the odd factor:
+(H_{2^k} / sqrt(2^k)) (x) R_m, times random signs. Its rows are still spread flat over all
+coordinates when m is small, and it is orthogonal by construction. Matrices are built densely in
+float64 from a seed derived from `seed` and the module's full name; the seeds are recorded in the
+report, and the stored weight is the dense fake-quant U^T Q' V (its grid lives in the rotated
+basis, so a packed export would need the transforms: the report says so).
+
+Options: `rounding: ldlq` (QuIP) or `nearest` (incoherence processing with plain rounding, the
+paper's ablation). Stacks: QuIP already includes LDLQ, so a later stage that re-quantizes the
+weights (e.g. [quip, gptq]) would round U^T Q' V onto an unrotated grid and throw QuIP's work
+away; such recipes are rejected. Transform stages before QuIP, and activation-only stages
+(wbits 16) after it, are fine.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from typing import TYPE_CHECKING, Literal
+
+import torch
+import torch.nn as nn
+from pydantic import field_validator
+
+from ..errors import ConfigError
+from ..quant.primitives import fake_quantize_weight
+from .base import LinearMethod, LinearPlan, SolveResult, StageConfig, register
+from .gptq import HessianStats, accumulate_hessian, gptq_solve, hessian_error
+
+if TYPE_CHECKING:
+    from ..quant.engine import BlockContext
+
+
+class QuIPConfig(StageConfig):
+    wbits: int = 2
+    group_size: int = -1  # per output row: incoherent rows have no outliers to isolate
+    rounding: Literal["ldlq", "nearest"] = "ldlq"
+    seed: int = 0
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    true_sequential: bool = True
+
+    @field_validator("wbits")
+    @classmethod
+    def _quip_bits(cls, v: int) -> int:
+        if not (2 <= v <= 4 or v == 16):
+            raise ValueError(f"QuIP is a 2-4 bit method (or 16 = keep weights), got wbits={v}")
+        return v
+
+
+# --- pure math -------------------------------------------------------------------------------
+
+def hadamard(n: int) -> torch.Tensor:
+    """Sylvester Hadamard matrix of order n (a power of two), entries +-1, float64."""
+    if n < 1 or n & (n - 1):
+        raise ValueError(f"Sylvester Hadamard needs a power of two, got {n}")
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)], 0)
+    return h
+
+
+def random_orthogonal(n: int, gen: torch.Generator) -> torch.Tensor:
+    """Haar-random orthogonal matrix (QR of a Gaussian with the signs of R's diagonal fixed)."""
+    a = torch.randn(n, n, generator=gen, dtype=torch.float64)
+    q, r = torch.linalg.qr(a)
+    return (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).contiguous()
+
+
+def incoherence_matrix(n: int, seed: int) -> torch.Tensor:
+    """Random orthogonal [n, n] float64: (H_{2^k}/sqrt(2^k) (x) R_m) diag(s), n = 2^k m, m odd."""
+    gen = torch.Generator().manual_seed(seed)
+    p2 = n & -n  # largest power of two dividing n
+    m = n // p2
+    had = hadamard(p2) / math.sqrt(p2)
+    rot = random_orthogonal(m, gen) if m > 1 else torch.ones(1, 1, dtype=torch.float64)
+    signs = torch.randint(0, 2, (n,), generator=gen, dtype=torch.float64) * 2 - 1
+    return torch.kron(had, rot) * signs.unsqueeze(0)
+
+
+def module_seed(seed: int, name: str, side: str) -> int:
+    """A stable per-module, per-side seed (crc32 is the same in every process, unlike hash())."""
+    return (seed * 1_000_003 + zlib.crc32(f"{name}|{side}".encode())) % (2**63)
+
+
+def rotate(W: torch.Tensor, H: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(U W V^T, V H V^T), computed in float64 and symmetrized so Cholesky sees an exact SPD."""
+    Wr = U @ W.double() @ V.t()
+    Hr = V @ H.double() @ V.t()
+    return Wr.float(), ((Hr + Hr.t()) / 2).float()
+
+
+def unrotate(Q: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
+    """U^T Q V: the plain-basis weight whose product with x equals the rotated computation."""
+    return (U.t() @ Q.double() @ V).float()
+
+
+@register("quip")
+class QuIP(LinearMethod):
+    Config = QuIPConfig
+    config: QuIPConfig
+
+    def __init__(self, config: QuIPConfig) -> None:
+        super().__init__(config)
+        self._prefix = ""  # full-name prefix of the block being processed (for per-module seeds)
+
+    def process_block(self, ctx: "BlockContext") -> None:
+        stages = list(getattr(ctx.engine, "stages", []))
+        later = stages[stages.index(self) + 1:] if self in stages else []
+        for st in later:
+            if st.kind == "quantize" and getattr(st.config, "wbits", 16) != 16:
+                raise ConfigError(
+                    f"recipe: stage {st.name!r} after 'quip' would re-quantize QuIP's weights onto an unrotated grid; "
+                    "QuIP already rounds with LDLQ (= GPTQ). Use quip alone (rounding: ldlq or nearest), or put "
+                    "transform / activation-only stages (wbits: 16) after it")
+        self._prefix = ctx.prefix
+        super().process_block(ctx)
+
+    def new_stats(self, linear: nn.Linear) -> HessianStats:
+        n = linear.in_features
+        return HessianStats(torch.zeros(n, n, device=linear.weight.device, dtype=torch.float32))
+
+    def add_batch(self, stats: HessianStats, x: torch.Tensor) -> None:
+        accumulate_hessian(stats, x)
+
+    def solve(self, name: str, linear: nn.Linear, stats: HessianStats, plan: LinearPlan) -> SolveResult:
+        assert plan.weight is not None
+        c = self.config
+        spec = plan.weight
+        if spec.dtype != "int":
+            raise ConfigError(f"quip: {name} needs an integer grid, got {spec.dtype}")
+        W = linear.weight.detach().float()
+        out_f, in_f = W.shape
+        full = self._prefix + name
+        seeds = {"out": module_seed(c.seed, full, "out"), "in": module_seed(c.seed, full, "in")}
+        dev = W.device
+        U = incoherence_matrix(out_f, seeds["out"]).to(dev)
+        V = incoherence_matrix(in_f, seeds["in"]).to(dev)
+        Wr, Hr = rotate(W, stats.H, U, V)
+        if c.rounding == "ldlq":
+            Qr, _, loss = gptq_solve(Wr, Hr, spec, c.damp, c.block_size, c.act_order)
+        else:
+            Qr, loss = fake_quantize_weight(Wr, spec), float("nan")
+        Wq = unrotate(Qr, U, V)
+        info = {"out_rel_err": hessian_error(W, Wq, stats.H), "ldlq_loss": loss, "rounding": c.rounding,
+                "transform": {"kind": "randomized-hadamard(x)orthogonal", "seed_out": seeds["out"],
+                              "seed_in": seeds["in"], "grid_basis": "rotated",
+                              "stored": "dense fake-quant weight U^T Q V; packed export needs the transforms"}}
+        # no codes: the codes live in the rotated basis; the dense weight is what reloads exactly
+        return SolveResult(Wq, None, info)
