@@ -82,3 +82,26 @@ def test_cli_bench_json(tmp_path):
     r = subprocess.run([sys.executable, "-m", "quantshift.cli", "bench", str(q), "--batch-sizes", "1,x"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--batch-sizes" in r.stderr
+
+
+@pytest.mark.slow
+def test_benchmark_scripts_run_small_on_cpu(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent / "benchmarks"
+
+    def load(name):
+        spec = importlib.util.spec_from_file_location(name, root / f"{name}.py")
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+        return mod
+
+    res = load("decode_speed").main(["--small", "--device", "cpu", "--layers", "1", "--steps", "2", "--repeats", "1",
+                                     "--prompt", "4", "--copy-mib", "16"])
+    fp, w4 = res["rows"]
+    assert w4["bytes_per_token"] < fp["bytes_per_token"] and fp["tok_s"] > 0 and w4["packed_linears"] == 7
+    assert load("quantize_speed").main(["--small", "--device", "cpu", "--layers", "1", "--nsamples", "2",
+                                        "--seqlen", "64", "--methods", "rtn,gptq", "--json", str(tmp_path / "q.json")]) == 0
+    rows = json.loads((tmp_path / "q.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["rtn", "gptq"] and all(r["seconds_per_layer"] > 0 for r in rows)

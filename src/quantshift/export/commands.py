@@ -32,5 +32,6 @@ def register(app: typer.Typer) -> None:
                       overwrite=overwrite)
         info = json.loads((path / EXPORT_INFO).read_text())
         typer.echo(f"exported {src} as {fmt} ({info['quantized_linears']} quantized linears, {info['dtype']}) -> {path}")
-        quant = "compressed-tensors" if fmt in ("compressed-tensors", "fp8") else "gptq"
-        typer.echo(f"serve: vllm serve {path} --quantization {quant}")
+        # vLLM reads quantization_config from config.json (gptq is upgraded to gptq_marlin when the
+        # format allows; naming --quantization gptq explicitly would pin the slower kernel)
+        typer.echo(f"serve: vllm serve {path}")

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -190,7 +189,3 @@ def write_export(out: Path, ckpt: QuantizedCheckpoint, tensors: dict[str, torch.
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out
-
-
-def regex_escape_name(name: str) -> str:
-    return "re:^" + re.escape(name) + "$"

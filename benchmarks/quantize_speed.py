@@ -1,0 +1,144 @@
+"""Quantization cost: seconds per decoder layer and peak memory for GPTQ, AWQ and RTN.
+
+Runs quantshift's real pipeline (quantshift.quantize.quantize_model -> BlockEngine) on a
+transformers LlamaForCausalLM built from a config with random weights. Seconds per layer are
+the engine's own per-block timings (statistics, solve, and propagating the calibration batch
+through the quantized block); the one-off capture of first-block inputs is reported apart.
+Each method runs in its own subprocess so that peak memory (CUDA max allocated, or the
+process's peak RSS on CPU) belongs to that method alone.
+
+Default: Llama-2-7B layer shapes (hidden 4096, mlp 11008, 32 heads), 4 layers, 128 x 2048
+calibration tokens, on CUDA. `--small`: hidden 1024, mlp 2752, 8 heads, 2 layers, 16 x 512
+tokens, for a CPU.
+
+    python benchmarks/quantize_speed.py
+    nice -n 10 python benchmarks/quantize_speed.py --small --device cpu
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+
+RECIPES = {
+    "rtn": {"rtn": {"wbits": 4, "group_size": 128}},
+    "gptq": {"gptq": {"wbits": 4, "group_size": 128}},
+    "awq": {"awq": {"wbits": 4, "group_size": 128}},
+}
+
+
+def config(small: bool, layers: int | None):
+    from transformers import LlamaConfig
+
+    if small:
+        cfg = dict(hidden_size=1024, intermediate_size=2752, num_attention_heads=8, num_key_value_heads=8,
+                   num_hidden_layers=2, vocab_size=32000)
+    else:
+        cfg = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
+                   num_hidden_layers=4, vocab_size=32000)
+    if layers:
+        cfg["num_hidden_layers"] = layers
+    return LlamaConfig(**cfg, max_position_embeddings=4096, tie_word_embeddings=False)
+
+
+def run_one(method: str, args) -> dict:
+    from transformers import LlamaForCausalLM
+
+    from quantshift.data.calibset import CalibManifest, CalibSet, ids_sha256
+    from quantshift.methods import METHODS
+    from quantshift.models.arch import arch_for
+    from quantshift.models.load import LoadedModel
+    from quantshift.quantize import quantize_model
+    from quantshift.recipes import recipe_from_dict
+
+    if method not in METHODS:
+        return {"method": method, "skipped": "not registered"}
+    device = torch.device(args.device)
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config(args.small, args.layers)).to(dtype).eval()  # blocks stay on CPU, one at a time on device
+    ids = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
+    calib = CalibSet(ids, CalibManifest("random", "calib", 0, args.nsamples, args.seqlen, ids.numel(), "none", ids_sha256(ids)))
+    loaded = LoadedModel(model, None, "random-llama", "memory", arch_for(model))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    res = quantize_model(loaded, recipe_from_dict({"stages": [RECIPES[method]]}), calib, device=str(device),
+                         batch_size=args.batch_size, progress=False)
+    total = time.perf_counter() - t0
+    per_layer = [b["seconds"] for b in res.engine.blocks]
+    out = {"method": method, "layers": len(per_layer), "seconds_per_layer": sum(per_layer) / len(per_layer),
+           "per_layer": per_layer, "seconds_total": total, "seconds_outside_layers": total - sum(per_layer),
+           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
+    return out
+
+
+def versions(device: str) -> str:
+    import transformers
+
+    dev = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else \
+        f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    return f"device: {dev}; torch {torch.__version__}; transformers {transformers.__version__}; python {platform.python_version()}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--small", action="store_true", help="CPU shapes: hidden 1024 / mlp 2752 / 8 heads, 16 x 512 tokens")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--methods", default="gptq,awq,rtn")
+    ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--nsamples", type=int, default=None, help="calibration sequences (128; 16 with --small)")
+    ap.add_argument("--seqlen", type=int, default=None, help="tokens per sequence (2048; 512 with --small)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--only", default=None, help=argparse.SUPPRESS)  # child process: one method, JSON on stdout
+    args = ap.parse_args(argv)
+    args.nsamples = args.nsamples or (16 if args.small else 128)
+    args.seqlen = args.seqlen or (512 if args.small else 2048)
+
+    if args.only:
+        print("RESULT " + json.dumps(run_one(args.only, args)))
+        return 0
+
+    cfg = config(args.small, args.layers)
+    print(versions(args.device))
+    print(f"model: LlamaForCausalLM random weights, hidden {cfg.hidden_size}, mlp {cfg.intermediate_size}, "
+          f"{cfg.num_attention_heads} heads, {cfg.num_hidden_layers} layers; calibration {args.nsamples} x {args.seqlen} "
+          f"tokens, batch {args.batch_size}; W4 g128 asym")
+    rows = []
+    for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
+        cmd = [sys.executable, __file__, "--only", method, "--device", args.device, "--nsamples", str(args.nsamples),
+               "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size)]
+        cmd += ["--small"] if args.small else []
+        cmd += ["--layers", str(args.layers)] if args.layers else []
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)
+        if r.returncode != 0 or line is None:
+            rows.append({"method": method, "error": (r.stderr.strip().splitlines() or ["?"])[-1]})
+        else:
+            rows.append(json.loads(line[len("RESULT "):]))
+    print(f"{'method':8s} {'s/layer':>9s} {'capture+other s':>15s} {'peak RSS MiB':>12s} {'peak CUDA MiB':>13s}")
+    for r in rows:
+        if "seconds_per_layer" not in r:
+            print(f"{r['method']:8s} {r.get('skipped') or 'error: ' + r.get('error', '')}")
+            continue
+        cuda = f"{r['peak_cuda_bytes'] / 2**20:13.0f}" if "peak_cuda_bytes" in r else f"{'-':>13s}"
+        print(f"{r['method']:8s} {r['seconds_per_layer']:9.2f} {r['seconds_outside_layers']:15.2f} "
+              f"{r['peak_rss_bytes'] / 2**20:12.0f} {cuda}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"versions": versions(args.device), "args": vars(args), "rows": rows}, f, indent=2)
+    return 0 if all("error" not in r for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
