@@ -12,7 +12,7 @@ from quantshift.errors import ConfigError
 from quantshift.methods.base import LinearPlan
 from quantshift.methods.gptq import HessianStats, accumulate_hessian, gptq_solve
 from quantshift.methods.quip import QuIP, QuIPConfig, incoherence_matrix, module_seed, rotate, unrotate
-from quantshift.methods.spqr import SpQR, SpQRConfig, bits_used, model_bits, nominal_bits, quantize_stat
+from quantshift.methods.spqr import SpQR, SpQRConfig, bits_used, nominal_bits, quantize_stat
 from quantshift.quant.primitives import QuantSpec, fake_quantize_weight
 from quantshift.quantize import quantize_model, save
 from quantshift.recipes import recipe_from_cli, recipe_from_dict
@@ -204,11 +204,13 @@ def test_whole_model_beats_rtn_and_reloads_exactly(kind, method, gs, tmp_path):
     assert len(res.engine.modules) == 14
     if method == "spqr":
         assert all(m.info["avg_bits"] <= m.info["budget_bits"] for m in res.engine.modules.values())
-        total = model_bits(res.engine.modules)
-        assert 3.6 < total["avg_bits"] <= 3.625 + 32 * 0.01 + 1e-9 and total["outliers"] > 0
+        total = res.report()["bits_per_param"]  # overall, weighted by each layer's parameters
+        assert total["params"] == sum(m.info["params"] for m in res.engine.modules.values())
+        assert 3.625 < total["avg_bits"] <= 3.625 + 32 * 0.01 + 1e-9 and total["outliers"] > 0
         assert "avg_bits" in res.report()["modules"]["model.layers.0.mlp.down_proj"]
     else:
         assert all("seed_in" in m.info["transform"] for m in res.engine.modules.values())
+        assert res.report()["bits_per_param"] is None
     out = save(lm, res, tmp_path / method)
     model, _, _ = load_quantized(out, torch.float32, "cpu")
     assert torch.equal(logits(model, EVAL_IDS), got)

@@ -29,7 +29,19 @@ class QuantizationResult:
             "seconds": round(self.engine.seconds, 3),
             "blocks": self.engine.blocks,
             "modules": {k: {"stage": m.stage, **m.info} for k, m in self.engine.modules.items()},
+            "bits_per_param": measured_bits(self.engine.modules),
         }
+
+
+def measured_bits(modules: dict) -> dict | None:
+    """Overall bits per parameter over the modules whose method measured its storage
+    (info "bits" and "params", e.g. SpQR); None when no method did."""
+    infos = [m.info for m in modules.values() if "bits" in m.info and "params" in m.info]
+    if not infos:
+        return None
+    bits, params = sum(i["bits"] for i in infos), sum(i["params"] for i in infos)
+    return {"avg_bits": bits / params, "bits": bits, "params": params, "modules": len(infos),
+            "outliers": sum(i.get("outliers", 0) for i in infos)}
 
 
 def quantize_model(loaded: LoadedModel, recipe: Recipe, calib: CalibSet | None, device: str | None = None,

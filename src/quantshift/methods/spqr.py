@@ -376,10 +376,3 @@ class SpQR(LinearMethod):
                 "format": f"{spec.describe()} + {c.qq_bits}bit stats/{c.qq_group_size} + fp16 outliers"}
         return SolveResult(sol.weight, sol.qweight, info)
 
-
-def model_bits(modules: dict) -> dict:
-    """Overall bits per parameter of the SpQR layers in an engine's module table."""
-    bits = sum(m.info["bits"] for m in modules.values() if "bits" in m.info and "avg_bits" in m.info)
-    params = sum(m.info["params"] for m in modules.values() if "bits" in m.info and "avg_bits" in m.info)
-    outliers = sum(m.info.get("outliers", 0) for m in modules.values() if "avg_bits" in m.info)
-    return {"avg_bits": bits / params if params else float("nan"), "params": params, "outliers": outliers}
