@@ -56,7 +56,11 @@ def list_cmd(what: Annotated[str, typer.Argument(help="models | methods | calib 
         if what not in extra:
             raise QuantshiftError(f"cannot list {what!r}; allowed: models, methods, calib, {', '.join(extra)}")
         for name, item in extra[what].items():
-            typer.echo(f"{name:20s} {getattr(item, 'description', '')}")
+            needs = getattr(item, "needs", "")
+            needs = ",".join(needs) if isinstance(needs, (tuple, list)) else needs
+            typer.echo(f"{name:26s} {f'[needs {needs}] ' if needs else ''}{getattr(item, 'description', '')}")
+        if what == "tasks":
+            typer.echo("(also: any lm-eval task name, e.g. arc_easy, hellaswag, mmlu)")
 
 
 def _extra_listings() -> dict:
@@ -124,35 +128,60 @@ def quantize(
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="quantized directory, bundled alias, local dir or hub id")],
     ppl: Annotated[Optional[str], typer.Option(help="comma-separated text sources for perplexity")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="write metrics JSON here")] = None,
+    tasks: Annotated[Optional[str], typer.Option(help="comma-separated tasks: quantshift's (`list tasks`) or lm-eval names")] = None,
+    suite: Annotated[Optional[str], typer.Option(help="a named suite (`list suites`): offline, s1, boss, ceval, cmmlu, instruct, ppl")] = None,
+    shots: Annotated[Optional[str], typer.Option(help="comma-separated few-shot counts (default: the suite's, else 0)")] = None,
+    limit: Annotated[Optional[int], typer.Option(help="items scored per task (default 200 for quantshift tasks, all for lm-eval's; 0 = all)")] = None,
+    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="local datasets for boss/ceval/cmmlu")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="write metrics JSON here (samples beside it)")] = None,
     seqlen: Annotated[int, typer.Option(help="perplexity window length")] = 512,
     max_windows: Annotated[int, typer.Option(help="cap on perplexity windows per source (0 = all)")] = 64,
     batch_size: Annotated[int, typer.Option(help="evaluation batch size")] = 4,
+    seed: Annotated[int, typer.Option(help="few-shot sampling seed")] = 1234,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16")] = "auto",
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
-    """Evaluate a model: perplexity on held-out text (task suites: see --tasks/--suite)."""
+    """Evaluate a model: perplexity on held-out text and lm-eval tasks (multiple choice by log-likelihood)."""
     from .errors import ConfigError
-    from .evaluation.perplexity import perplexity
+    from .evaluation.api import evaluate, preflight
     from .models.load import load_model
 
     _threads()
-    if not ppl:
-        raise ConfigError("nothing to evaluate: give --ppl SOURCES")
-    loaded = load_model(model, device=device, dtype=dtype)
-    metrics: dict[str, dict] = {}
-    for src in [s.strip() for s in ppl.split(",") if s.strip()]:
-        r = perplexity(loaded.model, loaded.tokenizer, src, seqlen=seqlen, max_windows=max_windows or None,
-                       add_bos=loaded.needs_bos, batch_size=batch_size, progress=not quiet)
-        metrics[f"ppl:{src}"] = r.to_dict()
-        typer.echo(f"ppl:{src:12s} {r.ppl:10.3f}  ({r.tokens} tokens, {r.windows} x {r.seqlen})")
-    if json_out is not None:
-        from .checkpoint import versions, write_json_atomic
+    split = lambda v: [x.strip() for x in (v or "").split(",") if x.strip()]  # noqa: E731
+    if not ppl and not tasks and not suite:
+        raise ConfigError("nothing to evaluate: give --ppl SOURCES, --tasks NAMES or --suite NAME")
+    if suite is not None:
+        from .evaluation.tasks import SUITES
 
-        write_json_atomic(json_out, {"model": model, "path": loaded.path, "metrics": metrics,
-                                     "quantization": loaded.quant_info and {k: loaded.quant_info.get(k) for k in ("recipe", "calibration", "base_model")},
-                                     "versions": versions()})
+        suite_def = SUITES.get(suite)  # unknown names fail here, before the model loads
+    try:
+        shot_list = [int(k) for k in split(shots)] if shots else (list(suite_def.shots) if suite else [0])
+    except ValueError:
+        raise ConfigError(f"--shots must be comma-separated integers, got {shots!r}") from None
+    if any(k < 0 for k in shot_list):
+        raise ConfigError("--shots must be >= 0")
+    preflight(tasks=split(tasks), suite=suite, data_dir=data_dir)
+    loaded = load_model(model, device=device, dtype=dtype)
+    res = evaluate(loaded, ppl=split(ppl), tasks=split(tasks), suite=suite, shots=shot_list, limit=limit,
+                   data_dir=data_dir, seqlen=seqlen, max_windows=max_windows or None, batch_size=batch_size,
+                   seed=seed, progress=not quiet)
+    for key, m in res.metrics.items():
+        if key.startswith("ppl:"):
+            typer.echo(f"{key:34s} ppl {m['ppl']:10.3f}  ({m['tokens']} tokens, {m['windows']} x {m['seqlen']})")
+        else:
+            parts = [f"{k} {m[k]:.4f} [{m[k + '_ci'][0]:.3f}, {m[k + '_ci'][1]:.3f}]" for k in ("acc", "acc_norm", "f1", "exact_match")
+                     if isinstance(m.get(k), float) and m.get(k + "_ci")]
+            typer.echo(f"{key:34s} {'  '.join(parts)}  n={m.get('n')}")
+    if json_out is not None:
+        from .checkpoint import versions
+
+        from importlib.metadata import version
+
+        samples = res.write(json_out, {"model": model, "path": loaded.path, "lm_eval": version("lm-eval"),
+                                       "quantization": loaded.quant_info and {k: loaded.quant_info.get(k) for k in ("recipe", "calibration", "base_model")},
+                                       "versions": versions()})
+        typer.echo(f"wrote {json_out} and {samples}")
 
 
 # Commands owned by other subpackages; each module defines `register(app)`.

@@ -217,6 +217,8 @@ def _local_file(path: Path) -> TextSource:
 
 def get_source(name: str) -> TextSource:
     """A registered source, a local .txt/.jsonl file, or `hf:<dataset>[:<config>]` (train/test)."""
+    if name.startswith("task:") and name not in SOURCES:
+        from ..evaluation import tasks  # noqa: F401  (registers `task:<name>` sources; data loads lazily)
     if name in SOURCES:
         return SOURCES.get(name)
     p = Path(name).expanduser()

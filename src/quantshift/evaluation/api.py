@@ -1,0 +1,205 @@
+"""evaluate(): perplexity and lm-eval tasks on a model held in memory, one metrics map out.
+
+metrics keys: "ppl:<source>" -> PerplexityResult.to_dict();
+              "task:<name>@<shots>" -> {"acc", "acc_ci", "acc_norm", "acc_norm_ci", "n", "limit", "category", ...}
+samples keys: the same task keys -> one record per scored item {"id", "acc", "acc_norm", "lls", "pred", "gold"}.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import ConfigError, DataError
+from . import harness
+from .leakage import check_leakage, find_overlaps
+from .tasks import DEFAULT_LIMIT, SUITES, TASKS, TaskData, TaskDef, item_text, materialize, split_items, task_data
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, dict] = field(default_factory=dict)
+    samples: dict[str, list[dict]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"metrics": self.metrics}
+
+    def write(self, json_path: Path, extra: dict | None = None) -> Path:
+        """metrics JSON at json_path, sample-level scores beside it (<stem>.samples.jsonl)."""
+        from ..checkpoint import write_json_atomic
+
+        samples_path = json_path.with_name(json_path.stem + ".samples.jsonl")
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = samples_path.with_suffix(".tmp")
+        with tmp.open("w", encoding="utf-8") as f:
+            for key, rows in self.samples.items():
+                for r in rows:
+                    f.write(json.dumps({"key": key, **r}, ensure_ascii=False) + "\n")
+        tmp.replace(samples_path)
+        write_json_atomic(json_path, {**(extra or {}), "metrics": self.metrics, "samples_file": samples_path.name})
+        return samples_path
+
+
+def task_root() -> Path:
+    from .offline import cache_root
+
+    return cache_root() / "lm-eval-tasks"
+
+
+def _resolve(tasks: Iterable, suite: str | None, shots: Sequence[int], ppl: Iterable[str]):
+    """-> (ppl sources, [(task key name, TaskDef | lm-eval name, shots, category)])."""
+    ppl = list(ppl)
+    names: list = list(tasks)
+    cats: dict[str, str] = {}
+    fixed: dict[str, int] = {}
+    if suite is not None:
+        s = SUITES.get(suite)
+        names = list(s.tasks) + [t for t in names if t not in s.tasks]
+        ppl = list(s.ppl) + [p for p in ppl if p not in s.ppl]
+        cats = {t: s.category_of(t) for t in s.tasks}
+        fixed = dict(s.shots_per_task)
+    runs = []
+    for t in names:
+        tdef = t if isinstance(t, TaskDef) else (TASKS.get(t) if t in TASKS else None)
+        name = tdef.name if tdef else str(t)
+        k_list = [fixed[name]] if name in fixed else ([tdef.default_shots] if tdef and tdef.default_shots is not None else list(shots))
+        for k in k_list:
+            runs.append((name, tdef or name, int(k), cats.get(name) or (tdef.category if tdef else "")))
+    return ppl, runs
+
+
+def preflight(*, tasks: Iterable = (), suite: str | None = None, data_dir: str | Path | None = None) -> None:
+    """Load every quantshift task's data now (before a model loads): missing files fail fast."""
+    _ppl, runs = _resolve(tasks, suite, (0,), ())
+    for name, t, _k, _c in runs:
+        if isinstance(t, TaskDef) and t.name in TASKS:
+            task_data(name, data_dir)
+
+
+def evaluate(loaded, *, ppl: Iterable[str] = (), tasks: Iterable = (), suite: str | None = None,
+             shots: Sequence[int] = (0,), limit: int | None = None, data_dir: str | Path | None = None,
+             seqlen: int = 512, max_windows: int | None = 64, batch_size: int = 4, seed: int = 1234,
+             progress: bool = True) -> EvalResult:
+    """Perplexity on text sources and lm-eval tasks (ours or lm-eval's own names) for one model.
+
+    limit: items scored per task; None = DEFAULT_LIMIT for quantshift's own tasks and all items
+    for lm-eval's tasks; 0 = all items everywhere. Scored items are a fixed, seeded-by-name
+    subset, so two models scored with the same limit see the same items.
+    """
+    from .perplexity import perplexity
+
+    ppl_sources, runs = _resolve(tasks, suite, shots, ppl)
+    if not ppl_sources and not runs:
+        raise ConfigError("nothing to evaluate: give perplexity sources, tasks or a suite")
+    res = EvalResult()
+    for src in ppl_sources:
+        r = perplexity(loaded.model, loaded.tokenizer, src, seqlen=seqlen, max_windows=max_windows or None,
+                       add_bos=loaded.needs_bos, batch_size=batch_size, progress=progress)
+        res.metrics[f"ppl:{src}"] = r.to_dict()
+    if runs:
+        _run_tasks(loaded, runs, res, limit=limit, data_dir=data_dir, batch_size=batch_size, seed=seed, progress=progress)
+    return res
+
+
+def _run_tasks(loaded, runs, res: EvalResult, *, limit, data_dir, batch_size, seed, progress) -> None:
+    local: dict[str, TaskData] = {}
+    for name, t, _k, _c in runs:
+        if isinstance(t, TaskDef) and name not in local:
+            local[name] = split_items(t, t.load_items(Path(data_dir) if data_dir else None)) if t.name not in TASKS \
+                else task_data(name, data_dir)
+    local_limit = DEFAULT_LIMIT if limit is None else (limit or None)
+    for name, data in local.items():
+        _guard_fewshot(data, local_limit)
+    _guard_calibration(loaded, local, local_limit)
+    lm_names, dirs = {}, {}
+    for name, data in local.items():
+        lm_names[name], dirs[name] = materialize(data, task_root())
+    lm = harness.make_lm(loaded, batch_size)
+    # one lm-eval call per (shots, kind of task): limits and offline mode differ between ours and lm-eval's
+    groups: dict[tuple[int, bool], list] = {}
+    for run in runs:
+        groups.setdefault((run[2], run[0] in local), []).append(run)
+    for (k, is_local), group in groups.items():
+        names = [lm_names[n] if is_local else n for n, *_ in group]
+        t0 = time.time()
+        raw = harness.run(lm, names, shots=k, limit=local_limit if is_local else (limit or None),
+                          include_paths=[dirs[n] for n, *_ in group if n in dirs], offline=is_local, seed=seed,
+                          progress=progress, include_defaults=not is_local)
+        took = time.time() - t0
+        samples = raw.get("samples") or {}
+        for name, _t, _k, cat in group:
+            key = lm_names.get(name, name)
+            if key in samples:
+                rows = harness.convert_samples(samples[key])
+                entry = harness.summarize(rows, raw["results"].get(key), seed=seed)
+                res.samples[f"task:{name}@{k}"] = rows
+            else:  # an lm-eval group (mmlu, blimp, ...): pool its leaves' items
+                leaves = _leaves(raw, key)
+                rows = [r for leaf in leaves for r in harness.convert_samples(samples.get(leaf, []))]
+                if not rows and key not in raw["results"]:
+                    raise DataError(f"lm-eval returned no results for task {name!r}")
+                entry = harness.summarize(rows, raw["results"].get(key), seed=seed)
+                for leaf in leaves:
+                    if leaf in samples:
+                        leaf_rows = harness.convert_samples(samples[leaf])
+                        res.metrics[f"task:{leaf}@{k}"] = {**harness.summarize(leaf_rows, raw["results"].get(leaf), seed=seed),
+                                                           "shots": k, "limit": limit or None, "category": cat,
+                                                           "source": "lm-eval", "group": name}
+                        res.samples[f"task:{leaf}@{k}"] = leaf_rows
+            entry.update({"shots": k, "limit": local_limit if is_local else (limit or None), "category": cat,
+                          "seconds": round(took, 1)})
+            if is_local:
+                d = local[name]
+                entry.update({"source": "quantshift", "items_test": len(d.test), "pool": len(d.pool),
+                              "pool_dropped_overlap": d.dropped, "data": d.task.source_note})
+            else:
+                entry["source"] = "lm-eval"
+            res.metrics[f"task:{name}@{k}"] = entry
+
+
+def _leaves(raw: dict, key: str) -> list[str]:
+    out, todo = [], [key]
+    gs = raw.get("group_subtasks") or {}
+    while todo:
+        g = todo.pop()
+        for sub in gs.get(g, []):
+            (todo if sub in gs else out).append(sub)
+    return out
+
+
+def _guard_fewshot(data: TaskData, limit: int | None) -> None:
+    """Few-shot exemplars come from the pool: it must share no id and no 13-gram with scored items."""
+    scored = [(it["id"], item_text(data.task, it, with_answer=False)) for it in data.scored(limit)]
+    check_leakage(scored, [(it["id"], item_text(data.task, it)) for it in data.pool],
+                  f"the few-shot pool of task {data.task.name}")
+
+
+def _guard_calibration(loaded, local: dict[str, TaskData], limit: int | None) -> None:
+    """A quantized model must not have been calibrated on text it is now scored on."""
+    cal = ((getattr(loaded, "quant_info", None) or {}).get("calibration") or {})
+    src_name = cal.get("source")
+    if not src_name or not local:
+        return
+    from ..data.sources import get_source
+
+    try:
+        src = get_source(src_name)
+    except Exception:  # a source this machine cannot resolve: nothing to compare against
+        return
+    if src.online:
+        return  # would need the network; calibration on web text is checked by the study runner
+    docs = src.documents(cal.get("split", "calib"))
+    others = [(f"{src_name}#{i}", d) for i, d in enumerate(docs)]
+    for name, data in local.items():
+        scored = [(it["id"], item_text(data.task, it, with_answer=False)) for it in data.scored(limit)]
+        found = find_overlaps(scored, others)
+        if found:
+            msg = (f"leakage: calibration source {src_name!r} overlaps {len(found)} scored item(s) of task {name}: "
+                   + "; ".join(str(o) for o in found[:3]))
+            if src_name.startswith("task:"):
+                raise DataError(msg)
+            warnings.warn(msg, stacklevel=3)

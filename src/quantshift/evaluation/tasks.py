@@ -1,0 +1,287 @@
+"""Task and suite registries: quantshift's own tasks over local JSON, and named suites.
+
+A *task* here is data quantshift prepares itself (from installed packages, a downloaded
+archive, or files under --data-dir) and hands to lm-evaluation-harness as an ordinary YAML
+task over local JSONL files, so one scoring path serves online and offline users. Any name
+not registered here is passed to lm-eval as one of its own tasks (arc_easy, hellaswag, ...).
+
+Every task's items are split once, deterministically, into a *test* part (scored, in a fixed
+shuffled order so `limit` takes a random-looking but reproducible sample) and a *pool* part
+(few-shot exemplars and calibration text). Pool items sharing an id or a 13-gram with any
+test item are dropped, so neither few-shot prompts nor `task:<name>` calibration ever contain
+scored text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+from ..data.sources import SOURCES, TextSource
+from ..errors import ConfigError, DataError
+from ..registry import Registry
+from .leakage import drop_overlapping
+
+DEFAULT_LIMIT = 200  # items scored per local task unless --limit says otherwise
+
+
+@dataclass(frozen=True)
+class TaskDef:
+    name: str
+    description: str
+    category: str
+    # data_dir -> items: {"id", "query", "choices", "gold"} (multiple choice) or
+    # {"id", "query", "answers"} (generation); optional "group" (split unit), "split" ("train"/"test")
+    load_items: Callable[[Path | None], list[dict]]
+    kind: str = "mc"  # "mc": log-likelihood of each choice; "gen": greedy generation, exact match / F1
+    language: str = "en"
+    needs: str = ""  # "", "download" (fetched once into the cache), "data-dir"
+    preamble: str = ""  # lm-eval `description`: printed once before the few-shot exemplars
+    target_delimiter: str = " "
+    fewshot_delimiter: str = "\n\n"
+    test_frac: float = 0.5  # share of groups scored when the data has no split of its own
+    default_shots: int | None = None  # fixed shot count (BOSS); None: the caller's --shots
+    until: tuple[str, ...] = ("\n",)  # generation stop strings
+    max_gen_toks: int = 32
+    source_note: str = ""
+
+
+TASKS: Registry[TaskDef] = Registry("task")
+
+
+@dataclass(frozen=True)
+class SuiteDef:
+    name: str
+    description: str
+    tasks: tuple[str, ...] = ()
+    ppl: tuple[str, ...] = ()
+    shots: tuple[int, ...] = (0,)
+    categories: dict = field(default_factory=dict)  # category -> [task names]
+    shots_per_task: dict = field(default_factory=dict)
+    needs: tuple[str, ...] = ()  # network, data-dir, download, judge
+    metrics: tuple[str, ...] = ("acc", "acc_norm")
+    notes: str = ""
+    path: str = ""
+
+    def category_of(self, task: str) -> str:
+        for cat, names in self.categories.items():
+            if task in names:
+                return cat
+        return ""
+
+
+SUITES: Registry[SuiteDef] = Registry("suite")
+
+_SUITE_KEYS = {"name", "description", "tasks", "ppl", "shots", "categories", "shots_per_task", "needs", "metrics", "notes"}
+
+
+def _load_suites() -> None:
+    import yaml
+
+    for path in sorted((Path(__file__).parent / "suites").glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        unknown = set(raw) - _SUITE_KEYS
+        if unknown:
+            raise ConfigError(f"{path.name}: unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(_SUITE_KEYS))}")
+        cats = {str(k): list(v) for k, v in (raw.get("categories") or {}).items()}
+        tasks = list(raw.get("tasks") or [])
+        for names in cats.values():  # categories list tasks too; keep their order
+            tasks += [t for t in names if t not in tasks]
+        SUITES.add(raw["name"], SuiteDef(raw["name"], " ".join(str(raw["description"]).split()), tuple(tasks),
+                                         tuple(raw.get("ppl") or ()), tuple(raw.get("shots") or (0,)), cats,
+                                         dict(raw.get("shots_per_task") or {}), tuple(raw.get("needs") or ()),
+                                         tuple(raw.get("metrics") or ("acc", "acc_norm")), str(raw.get("notes") or ""),
+                                         str(path)))
+
+
+# ---------------------------------------------------------------- splitting
+
+
+def _h(*parts: str) -> int:
+    return int(hashlib.sha1("\x1f".join(parts).encode()).hexdigest()[:12], 16)
+
+
+def item_text(task: TaskDef, item: dict, with_answer: bool = True) -> str:
+    """An item as the model reads it: the prompt template, plus the gold answer by default."""
+    q = item["query"]
+    if not with_answer:
+        return q
+    ans = item["choices"][item["gold"]] if task.kind == "mc" else (item.get("answers") or [""])[0]
+    return q + task.target_delimiter + ans
+
+
+@dataclass
+class TaskData:
+    task: TaskDef
+    test: list[dict]  # scored part, in scoring order
+    pool: list[dict]  # few-shot / calibration part, leakage-filtered
+    dropped: int  # pool items removed for sharing an id or 13-gram with a test item
+
+    def scored(self, limit: int | None) -> list[dict]:
+        return self.test[:limit] if limit else self.test
+
+
+def split_items(task: TaskDef, items: list[dict]) -> TaskData:
+    seen: set[str] = set()
+    for it in items:
+        if it["id"] in seen:
+            raise DataError(f"task {task.name}: duplicate item id {it['id']!r}")
+        seen.add(it["id"])
+    if any("split" in it for it in items):
+        test = [it for it in items if it.get("split") == "test"]
+        pool = [it for it in items if it.get("split") != "test"]
+    else:
+        groups = _overlap_groups(task, items)
+        test, pool = [], []
+        for it, g in zip(items, groups):
+            (test if _h(task.name, "split", g) % 10_000 < task.test_frac * 10_000 else pool).append(it)
+    test.sort(key=lambda it: _h(task.name, "order", it["id"]))
+    pool.sort(key=lambda it: _h(task.name, "order", it["id"]))
+    if not test:
+        raise DataError(f"task {task.name}: no items to score")
+    pool, dropped = drop_overlapping(pool, test, lambda d: item_text(task, d))
+    return TaskData(task, test, pool, dropped)
+
+
+def _overlap_groups(task: TaskDef, items: list[dict]) -> list[str]:
+    """Split units: items sharing a (non-template) 13-gram end up on the same side.
+
+    Many datasets reuse a passage across items (one Winograd sentence with several candidate
+    reasons, one premise with several hypotheses); splitting item by item would put the same
+    passage on both sides and the leakage filter would then empty the pool.
+    """
+    from .leakage import ngrams, template_ngrams
+
+    texts = [item_text(task, it) for it in items]
+    common = template_ngrams(texts)
+    parent = list(range(len(items)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict = {}
+    for i, t in enumerate(texts):
+        for g in ngrams(t) - common:
+            j = first.setdefault(g, i)
+            if j != i:
+                parent[find(i)] = find(j)
+    by_group: dict = {}
+    for i, it in enumerate(items):  # an explicit group (BBQ template) joins its members too
+        if "group" in it:
+            j = by_group.setdefault(str(it["group"]), i)
+            parent[find(i)] = find(j)
+    return [str(items[find(i)]["id"]) for i in range(len(items))]
+
+
+@lru_cache(maxsize=None)
+def _task_data_cached(name: str, data_dir: str | None) -> TaskData:
+    task = TASKS.get(name)
+    items = task.load_items(Path(data_dir) if data_dir else None)
+    return split_items(task, items)
+
+
+def task_data(name: str, data_dir: Path | str | None = None) -> TaskData:
+    return _task_data_cached(name, str(data_dir) if data_dir else None)
+
+
+# ---------------------------------------------------------------- lm-eval task files
+
+
+def materialize(data: TaskData, root: Path) -> tuple[str, Path]:
+    """Write the task as lm-eval YAML + JSONL under root; returns (lm-eval task name, its dir).
+
+    The file names carry a content hash: `datasets` caches JSON by path, and a changed file
+    under an old name could otherwise be served stale.
+    """
+    import yaml
+
+    task = data.task
+    body = {"test": data.test, "train": data.pool}
+    digest = hashlib.sha256(json.dumps([task.name, body, task.preamble, task.kind], sort_keys=True).encode()).hexdigest()[:12]
+    lm_name = f"qs_{task.name}"
+    d = root / f"{task.name}-{digest}"
+    files = {sp: d / f"{sp}.jsonl" for sp in body}
+    cfg: dict = {
+        "task": lm_name,
+        "dataset_path": "json",
+        "dataset_kwargs": {"data_files": {sp: str(p) for sp, p in files.items()}},
+        "test_split": "test",
+        "doc_to_text": "{{query}}",
+        "target_delimiter": task.target_delimiter,
+        "fewshot_delimiter": task.fewshot_delimiter,
+        "metadata": {"version": 1, "quantshift_task": task.name},
+    }
+    if data.pool:
+        cfg.update({"training_split": "train", "fewshot_split": "train"})
+        if "shot" in data.pool[0]:  # exemplars drop the "### Input ###" header (BOSS)
+            cfg["fewshot_config"] = {"sampler": "default", "doc_to_text": "{{shot}}"}
+    if task.preamble:
+        cfg["description"] = task.preamble
+    elif any(it.get("preamble") for it in data.test):
+        cfg["description"] = "{{preamble}}"  # per-item (BIG-bench task_prefix)
+    if task.kind == "mc":
+        cfg.update({"output_type": "multiple_choice", "doc_to_choice": "{{choices}}", "doc_to_target": "{{gold}}",
+                    "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")]})
+    else:
+        cfg.update({"output_type": "generate_until", "doc_to_target": "{{answers[0]}}",
+                    "generation_kwargs": {"until": list(task.until), "do_sample": False, "max_gen_toks": task.max_gen_toks},
+                    "process_results": "!function qs_metrics.process_results",
+                    "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("exact_match", "f1")]})
+    if (d / f"{lm_name}.yaml").is_file():
+        return lm_name, d
+    tmp = d.with_name(d.name + f".tmp{__import__('os').getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for sp, rows in body.items():
+        with (tmp / f"{sp}.jsonl").open("w", encoding="utf-8") as f:
+            for r in rows:
+                f.write(json.dumps({k: v for k, v in r.items() if k != "split"}, ensure_ascii=False) + "\n")
+    text = yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False)
+    # lm-eval resolves `!function module.fn` next to the YAML: a two-line shim into our metrics
+    text = text.replace("'!function qs_metrics.process_results'", "!function qs_metrics.process_results")
+    (tmp / f"{lm_name}.yaml").write_text(text, encoding="utf-8")
+    if task.kind != "mc":
+        (tmp / "qs_metrics.py").write_text("from quantshift.evaluation.metrics import process_results  # noqa: F401\n")
+    try:
+        tmp.rename(d)
+    except OSError:  # another process wrote the same content first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return lm_name, d
+
+
+# ---------------------------------------------------------------- calibration sources
+
+
+def _task_source(name: str) -> TextSource:
+    def load(split: str) -> list[str]:
+        data = task_data(name)
+        rows = data.pool if split == "calib" else data.test
+        return [item_text(data.task, it) for it in rows]
+
+    t = TASKS.get(name)
+    return TextSource(f"task:{name}", f"{t.description} (calib: unscored pool with answers; heldout: scored items)",
+                      list, language=t.language, load_split=load)  # type: ignore[arg-type]
+
+
+def _register_sources() -> None:
+    for name, t in TASKS.items():
+        if t.needs != "data-dir" and f"task:{name}" not in SOURCES:
+            SOURCES.add(f"task:{name}", _task_source(name))
+
+
+def _register_all() -> None:
+    from . import localdata, offline  # noqa: F401  (each registers its tasks)
+
+    _load_suites()
+    _register_sources()
+
+
+_register_all()

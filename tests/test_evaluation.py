@@ -1,0 +1,237 @@
+"""Evaluation engine: lm-eval over local task files, CIs, leakage guard, suites, output shape."""
+
+import json
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+
+from conftest import has_real_models, loaded_tiny
+from quantshift.errors import DataError
+from quantshift.evaluation.api import EvalResult, evaluate, preflight
+from quantshift.evaluation.leakage import check_leakage, find_overlaps
+from quantshift.evaluation.metrics import exact_match, f1
+from quantshift.evaluation.stats import bootstrap_ci, paired_bootstrap
+from quantshift.evaluation.tasks import SUITES, TASKS, TaskDef, split_items
+
+
+def _toy_items(_data_dir=None, n=30):
+    return [{"id": f"t{i}", "query": f"Q: what follows {i}?\nA:", "choices": [str(i + 1), str(i + 7)], "gold": 0}
+            for i in range(n)]
+
+
+TOY = TaskDef("toy_follow", "toy successor task", "toy", _toy_items)
+
+
+@pytest.fixture(scope="module")
+def toy_run():
+    return evaluate(loaded_tiny(), tasks=[TOY], shots=(0, 2), limit=6, progress=False)
+
+
+def test_loglikelihood_matches_hand_computation(toy_run):
+    """lm-eval's reported choice log-likelihoods equal the sum of the model's token log-probs."""
+    loaded = loaded_tiny()
+    tok = loaded.tokenizer
+    rows = toy_run.samples["task:toy_follow@0"]
+    items = {it["id"]: it for it in _toy_items()}
+    assert len(rows) == 6
+    for row in rows[:3]:
+        it = items[row["id"]]
+        for k, choice in enumerate(it["choices"]):
+            ctx = tok(it["query"], add_special_tokens=False)["input_ids"]
+            cont = tok(" " + choice, add_special_tokens=False)["input_ids"]
+            ids = torch.tensor([ctx + cont])
+            with torch.no_grad():
+                logp = torch.log_softmax(loaded.model(input_ids=ids).logits[0].float(), -1)
+            by_hand = sum(float(logp[len(ctx) - 1 + j, t]) for j, t in enumerate(cont))
+            assert row["lls"][k] == pytest.approx(by_hand, abs=1e-3)
+        assert row["acc"] == float(row["pred"] == it["gold"])
+
+
+def test_metrics_shape_and_ci(toy_run, tmp_path):
+    m = toy_run.metrics["task:toy_follow@2"]
+    assert m["n"] == 6 and m["limit"] == 6 and m["shots"] == 2 and m["category"] == "toy"
+    assert m["acc_ci"][0] <= m["acc"] <= m["acc_ci"][1]
+    assert m["acc"] == pytest.approx(sum(r["acc"] for r in toy_run.samples["task:toy_follow@2"]) / 6)
+    # the same items are scored at every shot count (paired analysis needs that)
+    assert [r["id"] for r in toy_run.samples["task:toy_follow@0"]] == [r["id"] for r in toy_run.samples["task:toy_follow@2"]]
+    out = tmp_path / "out.json"
+    samples_path = toy_run.write(out, {"model": "tiny"})
+    data = json.loads(out.read_text())
+    assert set(data["metrics"]) == {"task:toy_follow@0", "task:toy_follow@2"} and data["model"] == "tiny"
+    lines = [json.loads(x) for x in samples_path.read_text().splitlines()]
+    assert samples_path.name == "out.samples.jsonl" and len(lines) == 12
+    assert {"key", "id", "acc", "acc_norm", "lls"} <= set(lines[0])
+
+
+def test_generation_task_scores_f1_and_exact_match():
+    items = lambda _d: [{"id": f"g{i}", "query": f"Q: say {i}\nA:", "answers": [str(i)]} for i in range(8)]  # noqa: E731
+    t = TaskDef("toy_gen", "toy generation", "toy", items, kind="gen", max_gen_toks=3)
+    r = evaluate(loaded_tiny(), tasks=[t], shots=(1,), limit=2, progress=False)
+    m = r.metrics["task:toy_gen@1"]
+    assert m["n"] == 2 and 0 <= m["f1"] <= 1 and "exact_match_ci" in m
+    assert all(isinstance(s["pred"], str) for s in r.samples["task:toy_gen@1"])
+    assert f1("the Eiffel tower", ["Eiffel Tower"]) == 1.0 and exact_match("Paris.", ["paris"]) == 1.0
+    assert 0 < f1("big red dog", ["red dog house"]) < 1
+
+
+def test_bootstrap_ci_contains_estimate_and_shrinks():
+    g = torch.Generator().manual_seed(0)
+    small = (torch.rand(40, generator=g) < 0.7).float().tolist()
+    large = (torch.rand(4000, generator=g) < 0.7).float().tolist()
+    for x in (small, large):
+        lo, hi = bootstrap_ci(x, seed=1)
+        assert lo <= sum(x) / len(x) <= hi
+    assert (bootstrap_ci(large)[1] - bootstrap_ci(large)[0]) < 0.3 * (bootstrap_ci(small)[1] - bootstrap_ci(small)[0])
+    assert bootstrap_ci([1.0] * 5) == (1.0, 1.0)
+    assert bootstrap_ci(small, seed=3) == bootstrap_ci(small, seed=3)
+
+
+def test_paired_bootstrap():
+    a = [1.0] * 60 + [0.0] * 40
+    same = paired_bootstrap(a, a)
+    assert same.diff == 0 and same.p_value == 1.0
+    b = [0.0] * 30 + a[30:]  # b loses 30 items a got right
+    r = paired_bootstrap(a, b, seed=0)
+    assert r.diff == pytest.approx(-0.3) and r.ci[1] < 0 and r.p_value < 0.01
+    with pytest.raises(ValueError):
+        paired_bootstrap(a, b[:10])
+
+
+def test_leakage_guard_catches_planted_overlap():
+    scored = [("s1", "the quick brown fox jumps over the lazy dog near the river bank at dawn today"),
+              ("s2", "a completely different sentence about quantization of language models")]
+    clean = [("p1", "nothing in common here at all"), ("p2", "another unrelated exemplar text")]
+    assert check_leakage(scored, clean, "pool") == []
+    planted = clean + [("p9", "prefix words then the quick brown fox jumps over the lazy dog near the river bank at dawn")]
+    with pytest.raises(DataError, match=r"s1 ~ p9 \(13-gram"):
+        check_leakage(scored, planted, "the few-shot pool")
+    with pytest.raises(DataError, match=r"s2 ~ s2 \(id"):
+        check_leakage(scored, clean + [("s2", "x")], "pool")
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        check_leakage(scored, planted, "calibration", strict=False)
+    assert any("s1 ~ p9" in str(x.message) for x in w)
+    assert len(find_overlaps(scored, planted)) == 1
+
+
+def test_split_keeps_shared_passages_on_one_side():
+    passage = "the committee met on tuesday to decide the budget for the new public library in the town"
+    items = [{"id": f"q{i}", "query": f"{passage}. Question {i}: who?\nA:", "choices": ["a", "b"], "gold": 0} for i in range(4)]
+    items += _toy_items(n=40)
+    d = split_items(TaskDef("toy_shared", "x", "toy", lambda _d: items), items)
+    sides = {("test" if it in d.test else "pool") for it in items if it["id"].startswith("q")}
+    assert len(sides) == 1  # the four items sharing a passage are never split across sides
+    assert not {it["id"] for it in d.test} & {it["id"] for it in d.pool}
+
+
+def test_calibration_leakage_is_reported(tmp_path):
+    loaded = loaded_tiny()
+    items = _toy_items()
+    # a calibration text file that contains the scored items verbatim
+    calib = tmp_path / "calib.txt"
+    long_items = [{**it, "query": f"Context: {' '.join(f'w{i}x{j}' for j in range(20))}\nQ: {i}?\nA:"}
+                  for i, it in enumerate(items)]
+    calib.write_text("\n\n".join(it["query"] for it in long_items) * 1)
+    loaded.quant_info = {"calibration": {"source": str(calib), "split": "calib"}}
+    t = TaskDef("toy_leaky", "x", "toy", lambda _d: [dict(x) for x in long_items])
+    with pytest.warns(UserWarning, match=r"leakage: calibration source .*calib.txt.* overlaps"):
+        evaluate(loaded, tasks=[t], limit=2, progress=False)
+
+
+def test_missing_suite_data_names_expected_files(tmp_path):
+    with pytest.raises(DataError, match=r"boss/ExtractiveQA/squad/train.json.*missing|missing: .*boss/ExtractiveQA/squad/train.json"):
+        preflight(suite="boss", data_dir=tmp_path)
+    with pytest.raises(DataError, match=r"--data-dir \(none given\)"):
+        preflight(suite="ceval")
+    (tmp_path / "cmmlu" / "dev").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"cmmlu/dev/anatomy.csv"):
+        preflight(tasks=["cmmlu_stem"], data_dir=tmp_path)
+
+
+def test_boss_local_files_become_tasks(tmp_path):
+    root = tmp_path / "boss" / "SentimentAnalysis"
+    for ds in ("amazon", "dynasent"):
+        (root / ds).mkdir(parents=True)
+        rows = ["text\tlabel"] + [f"review number {i} of {ds} was {'great' if i % 2 else 'awful'}\t{i % 2}" for i in range(12)]
+        for split in ("train", "test"):
+            (root / ds / f"{split}.tsv").write_text("\n".join(rows) + "\n")
+    from quantshift.evaluation.tasks import materialize, task_data
+
+    d = task_data("boss_sa_dynasent", tmp_path)
+    assert len(d.test) == 12 and d.test[0]["query"].startswith("### Input ###\nText: ")
+    assert d.pool and all(it["id"].startswith("amazon/train/") for it in d.pool)  # exemplars from the ID set
+    name, path = materialize(d, tmp_path / "tasks")
+    text = (path / f"{name}.yaml").read_text()
+    assert "### Instruction ###" in text and "{{shot}}" in text
+
+
+def test_suites_and_tasks_registered():
+    assert {"s1", "boss", "ceval", "cmmlu", "instruct", "ppl", "offline"} <= set(SUITES.names())
+    s1 = SUITES.get("s1")
+    assert len(s1.tasks) == 26 and len(s1.categories) == 9 and s1.shots == (0, 5)
+    boss = SUITES.get("boss")
+    assert boss.shots_per_task["boss_eqa_squad"] == 1 and boss.shots_per_task["boss_td_toxigen"] == 2
+    off = SUITES.get("offline")
+    assert sum(t.startswith("bb_") for t in off.tasks) >= 8 and all(t in TASKS for t in off.tasks)
+    assert {SUITES.get(s).category_of(t) for s in ("ceval", "cmmlu") for t in SUITES.get(s).tasks} == \
+        {"STEM", "Social Science", "Humanities", "Other"}
+
+
+@pytest.mark.parametrize("name,min_items", [("mmlu_dev", 250), ("movie_sentiment", 200), ("zh_sentiment", 5000)])
+def test_package_tasks_and_calibration_sources(name, min_items):
+    from quantshift.data.sources import get_source
+    from quantshift.evaluation.tasks import task_data
+
+    d = task_data(name)
+    assert len(d.test) + len(d.pool) + d.dropped >= min_items
+    assert all(0 <= it["gold"] < len(it["choices"]) for it in d.test)
+    src = get_source(f"task:{name}")
+    calib, held = src.documents("calib"), src.documents("heldout")
+    assert len(calib) == len(d.pool) and len(held) == len(d.test) and not set(calib) & set(held)
+    gold_text = d.pool[0]["choices"][d.pool[0]["gold"]]
+    assert calib[0].endswith(gold_text)  # calibration text carries the answers
+
+
+def test_cli_list_and_errors():
+    def qs(*args):
+        return subprocess.run([sys.executable, "-m", "quantshift.cli", *args], capture_output=True, text=True, timeout=300)
+
+    r = qs("list", "suites")
+    assert r.returncode == 0 and "offline" in r.stdout and "boss" in r.stdout
+    r = qs("list", "tasks")
+    assert r.returncode == 0 and "bb_social_iqa" in r.stdout and "lm-eval task name" in r.stdout
+    r = qs("eval", "smollm2-135m", "--suite", "boss", "--data-dir", "/nonexistent")
+    assert r.returncode == 2 and "boss/ExtractiveQA/squad/train.json" in r.stderr and "Traceback" not in r.stderr
+    r = qs("eval", "smollm2-135m", "--suite", "nosuch")
+    assert r.returncode == 2 and "unknown suite 'nosuch'" in r.stderr
+
+
+@pytest.mark.slow
+def test_bigbench_tasks_from_pypi_sdist():
+    """Downloads bigbench==1.0.0 (about 360 MB) once into the cache, then reads task.json files."""
+    from quantshift.evaluation.tasks import task_data
+
+    for name in [t for t in SUITES.get("offline").tasks if t.startswith("bb_")]:
+        d = task_data(name)
+        assert len(d.test) >= 30 and d.pool, name
+        assert all(0 <= it["gold"] < len(it["choices"]) for it in d.test)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not has_real_models(), reason="bundled model package not installed")
+def test_real_model_sentiment_above_chance(tmp_path):
+    out = tmp_path / "e.json"
+    r = subprocess.run([sys.executable, "-m", "quantshift.cli", "eval", "smollm2-135m", "--tasks", "movie_sentiment",
+                        "--limit", "60", "--quiet", "--json", str(out)], capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-2000:]
+    m = json.loads(out.read_text())["metrics"]["task:movie_sentiment@0"]
+    assert m["n"] == 60 and m["acc"] > 0.6, m
+    assert (tmp_path / "e.samples.jsonl").is_file()
+
+
+def test_eval_result_dataclass_defaults():
+    r = EvalResult()
+    assert r.metrics == {} and r.samples == {}
