@@ -32,8 +32,8 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max())
 
 
-def _quantized(tmp_path, method="rtn", calib=None, name="q", recipe=None, **opts):
-    lm = loaded_tiny("llama")
+def _quantized(tmp_path, method="rtn", calib=None, name="q", recipe=None, kind="llama", **opts):
+    lm = loaded_tiny(kind)
     rec = recipe or recipe_from_cli(method, **opts)
     res = quantize_model(lm, rec, calib if calib is not None else (random_calib() if rec.needs_calibration else None),
                          progress=False)
@@ -385,5 +385,19 @@ def test_smoothquant_w8a8_and_awq_w4_export(tmp_path):
     q, ref, _ = _quantized(tmp_path, recipe=recipe_from_dict({"stages": [{"awq": {"wbits": 4, "group_size": 32, "grid": 4,
                                                                                   "clip_grid": 4}}]}), name="awq")
     out = export(q, "gptq", tmp_path / "awq_g", gptq_version=2)
+    model, _ = gptq_unpack(out)
+    assert _rel(logits(model, IDS), ref) < 5e-3
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "gemma3"])
+def test_other_architectures_round_trip(tmp_path, kind):
+    # qwen2: biases on q/k/v and untied lm_head; gemma3: its own norms and head_dim
+    from transformers import AutoModelForCausalLM
+
+    q, ref, _ = _quantized(tmp_path, "gptq", kind=kind, wbits=4, group_size=32, sym=True)
+    out = export(q, "compressed-tensors", tmp_path / "ct", dtype="float32")
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    assert _rel(logits(model, IDS), ref) < 1e-5
+    out = export(q, "gptq", tmp_path / "g")
     model, _ = gptq_unpack(out)
     assert _rel(logits(model, IDS), ref) < 5e-3
