@@ -156,7 +156,7 @@ def test_ct_default_fp16_and_mixed_precision(tmp_path):
     q, ref, _ = _quantized(tmp_path, recipe=rec)
     out = export(q, "compressed-tensors", tmp_path / "ct")
     cfg = json.loads((out / "config.json").read_text())
-    assert cfg["torch_dtype"] == "float16"
+    assert cfg["torch_dtype"] == "float16" and cfg.get("dtype", "float16") == "float16"
     groups = cfg["quantization_config"]["config_groups"]
     assert len(groups) == 2 and groups["group_0"]["targets"] == ["Linear"]
     assert sorted(groups["group_1"]["targets"]) == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]

@@ -170,7 +170,10 @@ def write_export(out: Path, ckpt: QuantizedCheckpoint, tensors: dict[str, torch.
         config = dict(ckpt.config)
         if quantization_config is not None:
             config["quantization_config"] = quantization_config
-        config["torch_dtype"] = summary.get("dtype", config.get("torch_dtype"))
+        if "dtype" in summary:  # transformers 5 writes `dtype`, older readers (and vLLM) `torch_dtype`
+            config["torch_dtype"] = summary["dtype"]
+            if "dtype" in config:
+                config["dtype"] = summary["dtype"]
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if config_writer is not None:
             config_writer(tmp)
