@@ -55,8 +55,11 @@ def test_metrics_shape_and_ci(toy_run, tmp_path):
     assert m["n"] == 6 and m["limit"] == 6 and m["shots"] == 2 and m["category"] == "toy"
     assert m["acc_ci"][0] <= m["acc"] <= m["acc_ci"][1]
     assert m["acc"] == pytest.approx(sum(r["acc"] for r in toy_run.samples["task:toy_follow@2"]) / 6)
-    # the same items are scored at every shot count (paired analysis needs that)
-    assert [r["id"] for r in toy_run.samples["task:toy_follow@0"]] == [r["id"] for r in toy_run.samples["task:toy_follow@2"]]
+    # the same items are scored at every shot count (paired analysis needs that): the first
+    # `limit` of the task's fixed test order
+    ids = [r["id"] for r in toy_run.samples["task:toy_follow@0"]]
+    assert ids == [r["id"] for r in toy_run.samples["task:toy_follow@2"]]
+    assert ids == [it["id"] for it in split_items(TOY, _toy_items()).scored(6)]
     out = tmp_path / "out.json"
     samples_path = toy_run.write(out, {"model": "tiny"})
     data = json.loads(out.read_text())
@@ -115,6 +118,21 @@ def test_leakage_guard_catches_planted_overlap():
         check_leakage(scored, planted, "calibration", strict=False)
     assert any("s1 ~ p9" in str(x.message) for x in w)
     assert len(find_overlaps(scored, planted)) == 1
+
+
+def test_fewshot_guard_names_planted_exemplar():
+    from quantshift.evaluation.api import _guard_fewshot
+    from quantshift.evaluation.tasks import TaskData
+
+    items = _toy_items(n=20)
+    planted = {"id": "p0", "query": "Q: what follows 3?\nA:", "choices": ["4", "10"], "gold": 0}
+    long_q = "Q: in the year when the old bridge over the wide river finally closed for repairs what follows 3?\nA:"
+    test = [{**items[0], "query": long_q}] + items[1:10]
+    data = TaskData(TOY, test, items[10:] + [{**planted, "query": "Note: " + long_q}], 0)
+    with pytest.raises(DataError, match=r"few-shot pool of task toy_follow.*t0 ~ p0"):
+        _guard_fewshot(data, None)
+    with pytest.raises(DataError, match=r"t1 ~ t1 \(id"):
+        _guard_fewshot(TaskData(TOY, items[:10], items[1:2], 0), None)
 
 
 def test_split_keeps_shared_passages_on_one_side():

@@ -174,8 +174,10 @@ def _leaves(raw: dict, key: str) -> list[str]:
 def _guard_fewshot(data: TaskData, limit: int | None) -> None:
     """Few-shot exemplars come from the pool: it must share no id and no 13-gram with scored items."""
     scored = [(it["id"], item_text(data.task, it, with_answer=False)) for it in data.scored(limit)]
+    # template n-grams are judged on the whole task, as when the split was made
+    population = [item_text(data.task, it) for it in data.test + data.pool]
     check_leakage(scored, [(it["id"], item_text(data.task, it)) for it in data.pool],
-                  f"the few-shot pool of task {data.task.name}")
+                  f"the few-shot pool of task {data.task.name}", population=population)
 
 
 def _guard_calibration(loaded, local: dict[str, TaskData], limit: int | None) -> None:

@@ -59,13 +59,14 @@ def template_ngrams(texts: list[str], n: int = NGRAM, frac: float = 0.02, at_lea
 
 
 def find_overlaps(scored: Iterable[tuple[str, str]], others: Iterable[tuple[str, str]], n: int = NGRAM,
-                  max_report: int = 20) -> list[Overlap]:
+                  max_report: int = 20, population: list[str] | None = None) -> list[Overlap]:
     """Pairs (scored item, other item) sharing an id or a word n-gram; inputs are (id, text).
 
-    n-grams common to many scored items (their template) are not counted.
+    n-grams common to many items of `population` (default: the scored texts) are the dataset's
+    template and not counted.
     """
     scored = list(scored)
-    common = template_ngrams([t for _i, t in scored], n)
+    common = template_ngrams(population if population is not None else [t for _i, t in scored], n)
     index: dict[int, str] = {}
     ids: set[str] = set()
     for oid, text in others:
@@ -89,9 +90,9 @@ def find_overlaps(scored: Iterable[tuple[str, str]], others: Iterable[tuple[str,
 
 
 def check_leakage(scored: Iterable[tuple[str, str]], others: Iterable[tuple[str, str]], what: str,
-                  n: int = NGRAM, strict: bool = True) -> list[Overlap]:
+                  n: int = NGRAM, strict: bool = True, population: list[str] | None = None) -> list[Overlap]:
     """Raise DataError (strict) or warn, naming the overlapping items, when scored items leak into `what`."""
-    found = find_overlaps(scored, others, n)
+    found = find_overlaps(scored, others, n, population=population)
     if found:
         msg = (f"leakage: {len(found)}{'+' if len(found) >= 20 else ''} scored item(s) overlap {what}: "
                + "; ".join(str(o) for o in found[:3]))
