@@ -276,6 +276,8 @@ def test_stages_see_each_others_results():
     ({"awq": {"alpha_grid": 3}}, "alpha_grid"),
     ({"awq": {"objective": "blocks"}}, "objective"),
     ({"awq": {"max_shrink": 1.5}}, "max_shrink"),
+    ({"awq": {"quantize": False, "abits": 8}}, "abits"),
+    ({"smoothquant": {"quantize": False, "abits": 8}}, "abits"),
     ({"smoothquant": {"alpha": 1.5}}, "alpha"),
     ({"smoothquant": {"alpah": 0.5}}, "alpah"),
     ({"smoothquant": {"act_static": True, "act_per_token": True}}, "act_per_token"),

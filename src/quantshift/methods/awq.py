@@ -24,7 +24,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from ..quant.primitives import QuantSpec, _grouped, fake_quantize_weight, quantize_weight
 from ..quant.smoothing import (InputStats, ResolvedMapping, collect_input_stats, fold_scale, output_error,
@@ -53,6 +53,13 @@ class AWQConfig(StageConfig):
         if not 0.0 <= v < 1.0:
             raise ValueError("max_shrink must be in [0, 1)")
         return v
+
+    @model_validator(mode="after")
+    def _transform_only(self) -> "AWQConfig":
+        if not self.quantize and self.abits != 16:
+            raise ValueError("abits: a transform-only awq stage (quantize: false) quantizes nothing; "
+                             "set abits on the stage that quantizes")
+        return self
 
 
 def awq_scales(x_mean: torch.Tensor, alpha: float) -> torch.Tensor:

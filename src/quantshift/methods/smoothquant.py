@@ -45,6 +45,9 @@ class SmoothQuantConfig(StageConfig):
     def _static(self) -> "SmoothQuantConfig":
         if self.act_static and self.act_per_token and "act_per_token" in self.model_fields_set:
             raise ValueError("act_static uses one per-tensor scale: act_per_token must be false")
+        if not self.quantize and {"abits", "act_static"} & self.model_fields_set:
+            raise ValueError("abits/act_static: a smoothing-only stage (quantize: false) quantizes nothing; "
+                             "set abits on the stage that quantizes")
         return self
 
 
