@@ -1,0 +1,437 @@
+"""Plan a study into works, run each work through the cache, gather results.
+
+A *work* is one model to produce (fp, or quantized with a recipe on a calibration set) and the
+evaluation units it still owes. Cells that produce the same model (RTN under any calibration
+source, the same recipe listed twice) share one work because they share its cache key. A work is
+plain JSON so an executor can ship it to another process or machine (Ray); it reads and writes
+only the cache, so killing it at any moment loses at most the unit in progress.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cache import Cache
+from .spec import CalibChoice, Cell, EvalUnit, ModelAxis, StudySpec, digest, eval_units, expand
+
+CACHE_SCHEMA = 1  # bump when a cached artifact's meaning changes
+
+
+def code_versions() -> dict[str, str]:
+    """Versions that can change a result; part of every cache key."""
+    import transformers
+
+    from .. import __version__
+
+    out = {"quantshift": __version__, "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
+           "schema": str(CACHE_SCHEMA)}
+    try:
+        import lm_eval
+
+        out["lm_eval"] = getattr(lm_eval, "__version__", "?")
+    except ImportError:
+        pass
+    return out
+
+
+def model_identity(model: ModelAxis) -> dict:
+    """Name and dtype, plus a fingerprint of a local directory's config and weight files."""
+    ident: dict[str, Any] = {"name": model.name, "dtype": model.dtype}
+    p = Path(model.name).expanduser()
+    if p.is_dir():
+        h = hashlib.sha256()
+        for f in sorted(p.iterdir()):
+            if f.is_file() and not f.name.startswith("."):
+                h.update(f.name.encode())
+                h.update(f.read_bytes() if f.stat().st_size < (1 << 24) else str(f.stat().st_size).encode())
+        ident["fingerprint"] = h.hexdigest()[:16]
+    return ident
+
+
+def calib_key(model: ModelAxis, calib: CalibChoice, versions: dict) -> str:
+    return digest({"model": model_identity(model), "calib": calib.to_dict(), "quantshift": versions["quantshift"]})
+
+
+def quant_key(cell: Cell, versions: dict) -> str:
+    ck = calib_key(cell.model, cell.calib, versions) if cell.calib and cell.recipe and cell.recipe.needs_calibration else None
+    return digest({"model": model_identity(cell.model), "recipe": cell.recipe.to_dict() if cell.recipe else None,
+                   "calib": ck, "versions": versions})
+
+
+def unit_settings(spec: StudySpec, unit: EvalUnit) -> dict:
+    ev = spec.evaluation
+    if unit.kind == "ppl":
+        return {"kind": "ppl", "source": unit.name, "seqlen": ev.ppl_seqlen, "windows": ev.ppl_windows}
+    return {"kind": "task", "task": unit.name, "shots": unit.shots, "limit": ev.limit, "seed": 1234}
+
+
+def unit_key(qkey: str, settings: dict, versions: dict) -> str:
+    return digest({"model": qkey, "eval": settings, "versions": versions})
+
+
+@dataclass
+class Plan:
+    spec: StudySpec
+    cells: list[Cell]
+    cell_keys: list[str]  # quant key of each cell
+    works: list[dict]  # unique by quant key, in cell order
+    units: list[EvalUnit]
+    unit_keys: dict[str, dict[str, str]]  # quant key -> unit.key -> result key
+    versions: dict = field(default_factory=dict)
+
+
+def plan_study(spec: StudySpec, data_dir: str | None = None) -> Plan:
+    versions = code_versions()
+    cells = expand(spec, data_dir)
+    units = eval_units(spec)
+    works: dict[str, dict] = {}
+    keys: list[str] = []
+    ukeys: dict[str, dict[str, str]] = {}
+    for cell in cells:
+        qk = quant_key(cell, versions)
+        keys.append(qk)
+        if qk in works:
+            continue
+        ukeys[qk] = {u.key: unit_key(qk, unit_settings(spec, u), versions) for u in units}
+        needs_cal = bool(cell.calib and cell.recipe and cell.recipe.needs_calibration)
+        works[qk] = {
+            "kind": "model", "key": qk, "label": cell.label, "model": cell.model.model_dump(),
+            "recipe": cell.recipe.to_dict() if cell.recipe else None,
+            "calib": cell.calib.to_dict() if needs_cal else None,
+            "calib_key": calib_key(cell.model, cell.calib, versions) if needs_cal else None,
+            "units": [{"kind": u.kind, "name": u.name, "shots": u.shots, "key": ukeys[qk][u.key],
+                       "settings": unit_settings(spec, u)} for u in units],
+        }
+    return Plan(spec, cells, keys, list(works.values()), units, ukeys, versions)
+
+
+def options_of(spec: StudySpec, data_dir: str | None) -> dict:
+    return {"device": spec.device, "batch_size": spec.batch_size, "eval_batch_size": spec.evaluation.batch_size,
+            "keep_models": spec.keep_models, "data_dir": data_dir}
+
+
+def pending_units(work: dict, cache: Cache) -> list[dict]:
+    return [u for u in work["units"] if not cache.has("results", u["key"])]
+
+
+# ---------------------------------------------------------------- executing one work
+
+def execute_work(work: dict, cache_root: str, options: dict, progress: bool = True) -> dict:
+    """Produce the work's model if any unit is missing, evaluate the missing units. Never raises."""
+    cache = Cache(Path(cache_root))
+    t0 = time.time()
+    done: list[str] = []
+    try:
+        if work["kind"] == "diag":
+            from .diagnostics import run_diag_work
+
+            return {"key": work["key"], "label": work["label"], "ok": True, "computed": [],
+                    "diag": run_diag_work(work, cache, options, progress), "seconds": round(time.time() - t0, 2)}
+        else:
+            todo = pending_units(work, cache)
+            if todo:
+                loaded = obtain_model(work, cache, options, progress)
+                for u in todo:
+                    t1 = time.time()
+                    metric, samples = evaluate_unit(loaded, u, options, progress)
+                    cache.put_json("results", u["key"], {
+                        "unit": {k: u[k] for k in ("kind", "name", "shots")}, "settings": u["settings"],
+                        "model_key": work["key"], "metric": metric, "samples": samples,
+                        "seconds": round(time.time() - t1, 2)})
+                    done.append(u["key"])
+        return {"key": work["key"], "label": work["label"], "ok": True, "computed": done,
+                "seconds": round(time.time() - t0, 2)}
+    except Exception as err:  # a failed cell is recorded and the study goes on
+        return {"key": work["key"], "label": work["label"], "ok": False, "computed": done,
+                "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=8),
+                "seconds": round(time.time() - t0, 2)}
+
+
+def obtain_model(work: dict, cache: Cache, options: dict, progress: bool):
+    from ..models.load import load_model, resolve_device
+
+    model = ModelAxis(**work["model"])
+    device = resolve_device(options["device"])
+    dtype = model.dtype if model.dtype != "auto" else ("float32" if device == "cpu" else "float16")
+    if work["recipe"] is None:
+        return load_model(model.name, device=device, dtype=dtype)
+    kept = cache.model_dir(work["key"])
+    if kept.is_dir():
+        return load_model(str(kept), device=device, dtype=dtype)
+    from ..quantize import quantize_model, save
+    from ..recipes import recipe_from_dict
+
+    recipe = recipe_from_dict(work["recipe"])
+    loaded = load_model(model.name, device="cpu" if device != "cpu" else device, dtype=dtype)
+    cal = None
+    if work["calib"] is not None:
+        cal = obtain_calibset(loaded, model, CalibChoice(**work["calib"]), work["calib_key"], cache, options["data_dir"])
+    qres = quantize_model(loaded, recipe, cal, device=device, batch_size=options["batch_size"], progress=progress)
+    loaded.model.to(device)
+    report = qres.report()
+    cache.put_json("quant", work["key"], {"label": work["label"], "recipe": report["recipe"],
+                                          "calibration": report["calibration"], "seconds": report["seconds"],
+                                          "layer_errors": _layer_errors(report)})
+    if options["keep_models"]:
+        save(loaded, qres, kept, overwrite=True)
+    return loaded
+
+
+def _layer_errors(report: dict) -> dict:
+    out = {}
+    for name, m in report.get("modules", {}).items():
+        err = m.get("weight_rel_err", m.get("output_rel_err"))
+        if isinstance(err, (int, float)):
+            out[name] = round(float(err), 6)
+    return out
+
+
+def obtain_calibset(loaded, model: ModelAxis, calib: CalibChoice, key: str, cache: Cache, data_dir: str | None = None):
+    """The calibration set from the cache, or built and stored (tokens mode or examples mode)."""
+    from ..data.calibset import CalibManifest, CalibSet
+
+    got = cache.get_tensors("calib", key)
+    meta = cache.get_json("calib", key)
+    if got is not None and meta is not None:
+        return CalibSet(got["input_ids"], CalibManifest(**meta["manifest"]))
+    cs = build_study_calibset(loaded, model.name, calib, data_dir)
+    cache.put_tensors("calib", key, {"input_ids": cs.input_ids})
+    cache.put_json("calib", key, {"manifest": cs.manifest.to_dict(), "choice": calib.to_dict()})
+    return cs
+
+
+def build_study_calibset(loaded, model_name: str, calib: CalibChoice, data_dir: str | None = None):
+    """build_calibset's token-budget sampling (same windows, same manifest), over any study source;
+    or the examples mode."""
+    from ..data.calibset import CalibManifest, CalibSet, ids_sha256, sample_windows, token_stream
+    from .spec import resolve_source
+
+    source = resolve_source(calib.source, data_dir)
+    bos = loaded.tokenizer.bos_token_id if loaded.needs_bos else None
+    if calib.mode == "tokens":
+        stream = token_stream(source, "calib", loaded.tokenizer)
+        ids = sample_windows(stream, calib.n, calib.seqlen, calib.seed, bos, f"calibration part of {calib.source!r}")
+        mode = "windows"
+    else:
+        ids = pack_examples(source.documents("calib"), loaded.tokenizer, calib)
+        if bos is not None:
+            ids = torch.cat([torch.full((ids.shape[0], 1), bos), ids[:, :-1]], dim=1)
+        mode = f"examples:{calib.n}:{calib.order}"
+    manifest = CalibManifest(source=calib.source, split="calib", seed=calib.seed, n=ids.shape[0], seqlen=ids.shape[1],
+                             tokens=ids.numel(), tokenizer=model_name, sha256=ids_sha256(ids), mode=mode)
+    return CalibSet(ids, manifest)
+
+
+def pack_examples(docs: list[str], tokenizer, calib: CalibChoice) -> torch.Tensor:
+    """n examples (seeded or first n), each cut to seqlen tokens, joined by EOS and packed into
+    windows of seqlen; the engine needs a rectangle, and packing keeps every example's tokens."""
+    from ..errors import DataError
+
+    if len(docs) < calib.n:
+        raise DataError(f"calibration source {calib.source!r} has {len(docs)} examples; asked for {calib.n}")
+    if calib.order == "first":
+        picks = list(range(calib.n))
+    else:
+        g = torch.Generator().manual_seed(calib.seed)
+        picks = sorted(torch.randperm(len(docs), generator=g)[:calib.n].tolist())
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for i in picks:
+        ids = tokenizer(docs[i], add_special_tokens=False)["input_ids"][: calib.seqlen]
+        stream += ids + ([eos] if eos is not None else [])
+    rows = max(1, len(stream) // calib.seqlen)
+    width = min(calib.seqlen, len(stream))
+    return torch.tensor(stream[: rows * width], dtype=torch.int64).reshape(rows, width)
+
+
+def evaluate_unit(loaded, unit: dict, options: dict, progress: bool) -> tuple[dict, list[dict]]:
+    s = unit["settings"]
+    if unit["kind"] == "ppl":
+        return ppl_with_samples(loaded, s["source"], s["seqlen"], s["windows"], options["eval_batch_size"], progress,
+                                options["data_dir"])
+    from ..evaluation.api import evaluate
+
+    res = evaluate(loaded, tasks=(s["task"],), shots=(s["shots"],), limit=s["limit"], data_dir=options["data_dir"],
+                   batch_size=options["eval_batch_size"], seed=s["seed"], progress=progress)
+    key = f"task:{s['task']}@{s['shots']}"
+    metric = res.metrics.get(key) or next(iter(res.metrics.values()))
+    samples = res.samples.get(key) or next(iter(res.samples.values()), [])
+    return _plain(metric), _plain(samples)
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-safe copy (floats stay floats, NaN -> None) so cached results compare equal on reload."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if hasattr(obj, "item") and callable(obj.item):
+        return _plain(obj.item())
+    return obj
+
+
+@torch.no_grad()
+def ppl_with_samples(loaded, source: str, seqlen: int, windows: int, batch_size: int,
+                     progress: bool, data_dir: str | None = None) -> tuple[dict, list[dict]]:
+    """Perplexity by evaluation/perplexity.py's protocol, keeping each window's NLL so calibration
+    choices can be compared with a paired bootstrap over windows."""
+    import torch.nn.functional as F
+    from tqdm.auto import tqdm
+
+    from ..data.calibset import token_stream
+    from .spec import resolve_source
+    from ..evaluation.perplexity import windows_of
+
+    tok = loaded.tokenizer
+    stream = token_stream(resolve_source(source, data_dir), "heldout", tok)
+    win = windows_of(stream, seqlen, tok.bos_token_id if loaded.needs_bos else None, windows or None)
+    device = next(loaded.model.parameters()).device
+    per_window: list[tuple[float, int]] = []
+    for s in tqdm(range(0, win.shape[0], batch_size), desc=f"ppl {source}", disable=not progress, leave=False):
+        ids = win[s:s + batch_size].to(device)
+        logits = loaded.model(input_ids=ids, use_cache=False).logits[:, :-1].float()
+        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").sum(dim=1)
+        per_window += [(float(v), ids.shape[1] - 1) for v in nll]
+    total = sum(v for v, _ in per_window)
+    count = sum(n for _, n in per_window)
+    mean = total / count
+    metric = {"ppl": math.exp(mean), "nll": mean, "tokens": count, "windows": len(per_window), "seqlen": seqlen,
+              "source": source, "split": "heldout"}
+    samples = [{"id": f"w{i}", "nll": v / n} for i, (v, n) in enumerate(per_window)]
+    return metric, samples
+
+
+# ---------------------------------------------------------------- running a study
+
+def needs_work(work: dict, cache: Cache) -> bool:
+    if work["kind"] == "diag":
+        return any(not cache.has("diag", s["key"], ".pt") for s in work["sets"])
+    return bool(pending_units(work, cache))
+
+
+def all_works(plan: Plan) -> list[dict]:
+    from .diagnostics import diag_work
+
+    works = list(plan.works)
+    for model in plan.spec.models:
+        d = diag_work(plan.spec, model, plan.versions)
+        if d is not None:
+            works.append(d)
+    return works
+
+
+def run_study(spec: StudySpec, out_dir: Path, cache_root: Path, *, executor: str = "local", ray_address: str | None = None,
+              gpus_per_cell: float = 0.0, data_dir: str | None = None, progress: bool = True, echo=print) -> dict:
+    """Run every missing piece of the study, then gather results and write the report."""
+    from tqdm.auto import tqdm
+
+    from ..checkpoint import write_json_atomic
+    from .executors import run_local, run_ray
+    from .report import write_report
+
+    t0 = time.time()
+    plan = plan_study(spec, data_dir)
+    works = all_works(plan)
+    cache = Cache(Path(cache_root))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "study.json", {"spec": spec.model_dump(mode="json"), "versions": plan.versions,
+                                               "cache": str(Path(cache_root).resolve()), "data_dir": data_dir,
+                                               "cells": [dict(c.to_dict(), key=k) for c, k in zip(plan.cells, plan.cell_keys)]})
+    todo = [w for w in works if needs_work(w, cache)]
+    echo(f"study {spec.name}: {len(plan.cells)} cells -> {len(plan.works)} distinct models x {len(plan.units)} "
+         f"evaluations; {len(works) - len(todo)} of {len(works)} works already cached, {len(todo)} to run ({executor})")
+    results: dict[str, dict] = {}
+    bar = tqdm(total=len(todo), desc="study", unit="work", disable=not progress or not todo, position=0)
+
+    def on_done(res: dict) -> None:
+        results[res["key"]] = res
+        status = "ok" if res["ok"] else f"FAILED ({res['error']})"
+        bar.update(1)
+        n = len(results)
+        what = f"{len(res['diag'])} diagnostic sets" if "diag" in res else f"{len(res['computed'])} results"
+        tqdm.write(f"  [{n}/{len(todo)}] {res['label']}: {status}, {what} computed in {res['seconds']:.1f}s")
+        write_json_atomic(out_dir / "last-run.json", {"results": results})
+
+    options = options_of(spec, data_dir)
+    if executor == "local":
+        run_local(todo, str(cache_root), options, on_done, progress)
+    elif executor == "ray":
+        run_ray(todo, str(cache_root), options, on_done, address=ray_address, gpus=gpus_per_cell)
+    else:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"unknown executor {executor!r}; allowed: local, ray")
+    bar.close()
+    failures = {k: r for k, r in results.items() if not r["ok"]}
+    collected = collect(plan, works, cache, failures)
+    write_report(out_dir, collected, cache_root)
+    computed = sum(len(r["computed"]) for r in results.values())
+    summary = {"works_run": len(todo), "units_computed": computed, "failed": len(failures),
+               "seconds": round(time.time() - t0, 1)}
+    write_json_atomic(out_dir / "timings.json", summary)
+    echo(f"study {spec.name}: {computed} results computed, {len(failures)} failed, {summary['seconds']}s; report: {out_dir / 'report.md'}")
+    return summary
+
+
+def collect(plan: Plan, works: list[dict], cache: Cache, failures: dict[str, dict] | None = None) -> dict:
+    """Everything the report needs, read back from the cache (so a rerun reproduces it exactly)."""
+    failures = failures or {}
+    cells = []
+    for cell, qk in zip(plan.cells, plan.cell_keys):
+        metrics, samples = {}, {}
+        for u in plan.units:
+            r = cache.get_json("results", plan.unit_keys[qk][u.key])
+            if r is not None:
+                metrics[u.key] = r["metric"]
+                samples[u.key] = r["samples"]
+        q = cache.get_json("quant", qk) if cell.recipe is not None else None
+        evals = [cache.get_json("results", plan.unit_keys[qk][u.key]) for u in plan.units]
+        status = "done" if len(metrics) == len(plan.units) else ("failed" if qk in failures else "pending")
+        cells.append({**cell.to_dict(), "key": qk, "status": status, "metrics": metrics, "samples": samples,
+                      "error": failures.get(qk, {}).get("error"),
+                      "calib_manifest": (q or {}).get("calibration"),
+                      "quant_seconds": (q or {}).get("seconds"),
+                      "eval_seconds": round(sum(e["seconds"] for e in evals if e), 2)})
+    from .diagnostics import all_pairs
+
+    diag, diag_errors = {}, {}
+    for w in works:
+        if w["kind"] == "diag":
+            diag[w["model"]["name"]] = all_pairs(w, cache.root)
+            if w["key"] in failures:
+                diag_errors[w["model"]["name"]] = failures[w["key"]]["error"]
+    return {"spec": plan.spec, "units": plan.units, "cells": cells, "diagnostics": diag, "diag_errors": diag_errors,
+            "versions": plan.versions}
+
+
+def report_only(out_dir: Path, cache_root: Path | None = None, data_dir: str | None = None) -> Path:
+    """Rebuild the report of a run directory from the cache, computing nothing."""
+    import json
+
+    from ..errors import ConfigError
+    from .report import write_report
+    from .spec import study_from_dict
+
+    meta_path = out_dir / "study.json"
+    if not meta_path.is_file():
+        raise ConfigError(f"{out_dir} is not a study run directory (no study.json); run `quantshift run STUDY.yaml` first")
+    meta = json.loads(meta_path.read_text())
+    spec = study_from_dict(meta["spec"], str(meta_path))
+    root = Path(cache_root or meta["cache"])
+    plan = plan_study(spec, data_dir or meta.get("data_dir"))
+    works = all_works(plan)
+    last = out_dir / "last-run.json"
+    failures = {}
+    if last.is_file():
+        failures = {k: r for k, r in json.loads(last.read_text()).get("results", {}).items() if not r["ok"]}
+    return write_report(out_dir, collect(plan, works, Cache(root), failures), root)

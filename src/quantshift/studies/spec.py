@@ -1,0 +1,327 @@
+"""Study specs: a YAML grid (models x recipes x calibration sets x evaluation x seeds) expanded into cells.
+
+    name: offline-cross-domain
+    models: [smollm2-135m]
+    methods:
+      - {method: gptq, wbits: [4, 3], group_size: 64}
+      - {name: sq-gptq, recipe: [{smoothquant: {alpha: 0.8}}, {gptq: {wbits: 4, abits: 8}}]}
+    calibration: {sources: [wikipedia, pydocs], n: 16, seqlen: 256, mode: tokens, seeds: [42]}
+    evaluation: {ppl: [wikipedia, pydocs], ppl_windows: 4, suite: offline, shots: [0], limit: 40}
+
+Every mapping is strict: an unknown key is an error naming the key and the allowed ones.
+A cell is one (model, recipe, calibration set) triple; recipes that need no calibration (RTN,
+the fp reference) get one cell with no calibration set, which the runner's cache shares.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import field_validator, model_validator
+
+from ..config import StrictModel, load_yaml, parse
+from ..errors import ConfigError
+from ..recipes import Recipe, recipe_from_dict
+
+
+class ModelAxis(StrictModel):
+    name: str  # bundled alias, local directory or hub id
+    dtype: str = "auto"
+    label: str | None = None
+
+    @property
+    def display(self) -> str:
+        return self.label or Path(self.name).name or self.name
+
+
+class MethodAxis(StrictModel):
+    """Either a method with a list of weight bit widths, or a full recipe (ordered stages)."""
+
+    method: str | None = None
+    wbits: list[int] = [4]
+    abits: int = 16
+    group_size: int | None = 128  # None: the method's own default (e.g. SpQR's 16)
+    sym: bool = False
+    options: dict[str, Any] = {}  # further method options (e.g. damp for gptq)
+    recipe: list[Any] | None = None  # full stage list, as in a recipe file
+    name: str | None = None  # label in reports (default: method + format)
+
+    @field_validator("wbits", mode="before")
+    @classmethod
+    def _listify(cls, v: Any) -> Any:
+        return [v] if isinstance(v, int) else v
+
+    @model_validator(mode="after")
+    def _one_form(self) -> "MethodAxis":
+        if (self.method is None) == (self.recipe is None):
+            raise ValueError("give exactly one of 'method' (with wbits/abits/group_size) or 'recipe' (a stage list)")
+        if self.recipe is not None and self.name is None:
+            raise ValueError("a 'recipe' entry needs a 'name' for the report")
+        return self
+
+
+class CalibrationAxis(StrictModel):
+    sources: list[str] = ["wikipedia"]
+    n: int = 128
+    seqlen: int = 512
+    # tokens: n windows of seqlen tokens from each source's joined text (same token budget for
+    # every source); examples: n documents/items (each cut to seqlen tokens) packed into windows,
+    # as the paper's protocol (128 samples); the token count then differs by source and is recorded
+    mode: Literal["tokens", "examples"] = "tokens"
+    order: Literal["random", "first"] = "random"  # examples mode: seeded sample or the first n
+    seeds: list[int] = [42]
+
+
+class EvaluationAxis(StrictModel):
+    ppl: list[str] = []
+    ppl_seqlen: int = 512
+    ppl_windows: int = 16
+    suite: str | None = None
+    tasks: list[str] = []
+    shots: list[int] = [0]
+    limit: int | None = None  # items per task (None = all)
+    batch_size: int = 4
+
+
+class DiagnosticsAxis(StrictModel):
+    enabled: bool = True
+    windows: int = 2  # windows per set for the fp-model statistics
+    seqlen: int = 256
+
+
+class StudySpec(StrictModel):
+    name: str
+    description: str = ""
+    paper: str = ""  # how the preset maps to the paper's protocol
+    models: list[ModelAxis]
+    methods: list[MethodAxis]
+    calibration: CalibrationAxis = CalibrationAxis()
+    evaluation: EvaluationAxis = EvaluationAxis()
+    diagnostics: DiagnosticsAxis = DiagnosticsAxis()
+    include_fp: bool = True  # evaluate the unquantized model once per model
+    keep_models: bool = False  # keep quantized model dirs in the cache (~size of the fp model each)
+    device: str = "auto"
+    batch_size: int = 8  # calibration batch size
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models(cls, v: Any) -> Any:
+        return [{"name": m} if isinstance(m, str) else m for m in (v or [])]
+
+
+@dataclass(frozen=True)
+class CalibChoice:
+    source: str
+    n: int
+    seqlen: int
+    seed: int
+    mode: str
+    order: str
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "n": self.n, "seqlen": self.seqlen, "seed": self.seed,
+                "mode": self.mode, "order": self.order}
+
+
+@dataclass(frozen=True)
+class EvalUnit:
+    """One cacheable evaluation: perplexity on a source, or one task at a shot count."""
+
+    kind: str  # "ppl" | "task"
+    name: str
+    shots: int = 0
+
+    @property
+    def key(self) -> str:
+        return f"ppl:{self.name}" if self.kind == "ppl" else f"task:{self.name}@{self.shots}"
+
+
+@dataclass(frozen=True)
+class Cell:
+    model: ModelAxis
+    method: str  # label for reports, e.g. "gptq" or a recipe entry's name
+    wbits: int  # 16 for the fp reference
+    recipe: Recipe | None  # None = the unquantized model
+    calib: CalibChoice | None
+
+    @property
+    def label(self) -> str:
+        c = f"{short_source(self.calib.source)}/s{self.calib.seed}" if self.calib else "-"
+        return f"{self.model.display}/{self.method}-w{self.wbits}/{c}"
+
+    def to_dict(self) -> dict:
+        return {"model": self.model.model_dump(), "method": self.method, "wbits": self.wbits,
+                "recipe": self.recipe.to_dict() if self.recipe else None,
+                "calib": self.calib.to_dict() if self.calib else None, "label": self.label}
+
+
+def short_source(name: str) -> str:
+    """Display name of a source: a local file by its stem, registered names as they are."""
+    if name.endswith((".txt", ".jsonl")) and "/" in name:
+        return Path(name).stem
+    return name
+
+
+def load_study(path: str | Path) -> StudySpec:
+    data = load_yaml(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a study is a mapping with name, models, methods, calibration, evaluation")
+    data.setdefault("name", Path(path).stem)
+    return parse(StudySpec, data, str(path))
+
+
+def study_from_dict(data: dict, where: str = "study") -> StudySpec:
+    return parse(StudySpec, data, where)
+
+
+def method_recipes(axis: MethodAxis, where: str) -> list[tuple[str, int, Recipe]]:
+    """(label, wbits, recipe) for each bit width of a method entry, validated against the registry."""
+    if axis.recipe is not None:
+        rec = recipe_from_dict(axis.recipe, f"{where} recipe")
+        bits = min((s.config.wbits for s in rec.stages), default=16)
+        return [(axis.name or "", bits, rec)]
+    from ..methods import METHODS
+
+    if axis.method not in METHODS:
+        raise ConfigError(f"{where}: method {axis.method!r} is not registered in this quantshift "
+                          f"(available: {', '.join(METHODS.names())})")
+    out = []
+    for b in axis.wbits:
+        opts = {"wbits": b, "abits": axis.abits, "sym": axis.sym, **axis.options}
+        if axis.group_size is not None:
+            opts["group_size"] = axis.group_size
+        stage = {axis.method: opts}
+        out.append((axis.name or axis.method or "", b, recipe_from_dict([stage], f"{where} (wbits {b})")))
+    return out
+
+
+def check_sources(spec: StudySpec, data_dir: str | None = None) -> None:
+    """Every calibration and perplexity source must exist (task:<name> sources come from tasks)."""
+    for name in dict.fromkeys(spec.calibration.sources + spec.evaluation.ppl):
+        try:
+            resolve_source(name, data_dir)
+        except ConfigError as err:
+            raise ConfigError(f"study {spec.name!r}: calibration/ppl source {name!r} is not available ({err})") from None
+
+
+def _register_task_sources() -> None:
+    """Importing the task registry adds its `task:<name>` text sources (when the engine is built)."""
+    try:
+        from ..evaluation import tasks  # noqa: F401
+    except ImportError:
+        pass
+
+
+def resolve_source(name: str, data_dir: str | None = None):
+    """A text source by name, task sources included (works in a fresh worker process too).
+
+    `task:<pattern>` also covers tasks whose data lives under --data-dir (C-Eval, CMMLU, BOSS) and
+    globs (`task:ceval_*` = the union of those tasks' items).
+    """
+    from ..data.sources import SOURCES, get_source
+
+    _register_task_sources()
+    if name.startswith("task:") and name not in SOURCES:
+        return task_calib_source(name[5:], data_dir)
+    return get_source(name)
+
+
+BOSS_CALIB_ITEMS = 300  # the paper carves this many items (seed 42) out of test-only datasets
+BOSS_CALIB_SEED = 42
+
+
+def task_calib_source(pattern: str, data_dir: str | None):
+    """Calibration text from tasks' unscored pools; heldout = their scored items.
+
+    A BOSS out-of-distribution dataset has only a test split (its pool is the ID dataset's
+    training set): as in Liu et al., 300 of its test items, drawn with seed 42, become its
+    calibration part and the rest its held-out part.
+    """
+    import fnmatch
+    import random
+
+    from ..data.sources import TextSource
+    try:
+        from ..evaluation.tasks import TASKS, item_text, task_data
+    except ImportError:
+        raise ConfigError(f"source task:{pattern} needs the task evaluation engine") from None
+    names = [n for n in TASKS.names() if fnmatch.fnmatchcase(n, pattern)]
+    if not names:
+        raise ConfigError(f"source task:{pattern}: no task matches (see `quantshift list tasks`)")
+
+    def load(split: str) -> list[str]:
+        docs: list[str] = []
+        for n in names:
+            data = task_data(n, data_dir)
+            calib, held = data.pool, data.test
+            own = n.rsplit("_", 1)[-1]
+            if n.startswith("boss_") and not any(str(it["id"]).startswith(f"{own}/") for it in calib):
+                rng = random.Random(BOSS_CALIB_SEED)
+                order = sorted(data.test, key=lambda it: str(it["id"]))
+                rng.shuffle(order)
+                calib, held = order[:BOSS_CALIB_ITEMS], order[BOSS_CALIB_ITEMS:]
+            docs += [item_text(data.task, it) for it in (calib if split == "calib" else held)]
+        return docs
+
+    return TextSource(f"task:{pattern}", f"task items of {', '.join(names)}", list, load_split=load)  # type: ignore[arg-type]
+
+
+def task_names(spec: StudySpec) -> list[str]:
+    """The tasks to evaluate: the suite's tasks, then explicit ones (order kept, duplicates dropped)."""
+    names: list[str] = []
+    if spec.evaluation.suite:
+        names += suite_tasks(spec.evaluation.suite)
+    names += spec.evaluation.tasks
+    return list(dict.fromkeys(names))
+
+
+def suite_tasks(suite: str) -> list[str]:
+    try:
+        from ..evaluation.tasks import SUITES
+    except ImportError:
+        raise ConfigError(f"suite {suite!r} needs the task evaluation engine (quantshift.evaluation.tasks), "
+                          "which this build does not have") from None
+    item = SUITES.get(suite)
+    tasks = getattr(item, "tasks", item)
+    return [t if isinstance(t, str) else getattr(t, "name") for t in tasks]
+
+
+def eval_units(spec: StudySpec) -> list[EvalUnit]:
+    units = [EvalUnit("ppl", s) for s in spec.evaluation.ppl]
+    for shots in spec.evaluation.shots:
+        units += [EvalUnit("task", t, shots) for t in task_names(spec)]
+    return units
+
+
+def expand(spec: StudySpec, data_dir: str | None = None) -> list[Cell]:
+    """The grid, in a fixed order: per model, the fp reference, then each method x bits x calib x seed."""
+    check_sources(spec, data_dir)
+    recipes = []
+    for i, axis in enumerate(spec.methods):
+        recipes += method_recipes(axis, f"study {spec.name!r} methods[{i}]")
+    cal = spec.calibration
+    cells: list[Cell] = []
+    for model in spec.models:
+        if spec.include_fp:
+            cells.append(Cell(model, "fp", 16, None, None))
+        for label, bits, rec in recipes:
+            if not rec.needs_calibration:
+                cells.append(Cell(model, label, bits, rec, None))
+                continue
+            for seed in cal.seeds:
+                for src in cal.sources:
+                    cells.append(Cell(model, label, bits, rec, CalibChoice(src, cal.n, cal.seqlen, seed, cal.mode, cal.order)))
+    labels = [c.label for c in cells]
+    dup = next((lab for lab in labels if labels.count(lab) > 1), None)
+    if dup:
+        raise ConfigError(f"study {spec.name!r}: two cells are both {dup!r}; give the method entries distinct 'name's")
+    return cells
+
+
+def digest(obj: Any, n: int = 20) -> str:
+    """Content hash of a JSON-able object (sorted keys): the cache's addressing function."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:n]

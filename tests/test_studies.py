@@ -1,0 +1,221 @@
+"""Study runner: strict specs, cache/resume after SIGKILL, byte-identical reruns, ray == local."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import loaded_tiny
+from quantshift.errors import ConfigError
+from quantshift.studies.report import is_iid, paired_bootstrap
+from quantshift.studies.spec import expand, study_from_dict
+
+TEXTS = {
+    "prose": "The river bends slowly past the old mill, where farmers bring grain each autumn and talk about the weather. ",
+    "digits": "3141 5926 5358 9793 2384 6264 3383 2795 0288 4197 1693 9937 5105 8209 7494 4592 3078 1640 6286 2089 ",
+    "code": "def f(x):\n    return [i * x for i in range(10) if i % 2 == 0]\nclass A: pass\nprint(f(3), A())\n",
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_env(tmp_path_factory) -> dict:
+    root = tmp_path_factory.mktemp("study")
+    loaded = loaded_tiny("llama")
+    model_dir = root / "tiny-llama"
+    loaded.model.save_pretrained(model_dir)
+    loaded.tokenizer.save_pretrained(model_dir)
+    sources = {}
+    for name, unit in TEXTS.items():
+        p = root / f"{name}.txt"
+        # 25 paragraphs: every fifth is held out for perplexity, the rest feed calibration
+        p.write_text("\n\n".join(f"{i} " + unit * 3 for i in range(25)))
+        sources[name] = str(p)
+    return {"root": root, "model": str(model_dir), "sources": sources}
+
+
+def tiny_study(env: dict, name: str = "tiny", **over) -> dict:
+    src = list(env["sources"].values())
+    spec = {
+        "name": name,
+        "models": [env["model"]],
+        "methods": [{"method": "rtn", "wbits": [4], "group_size": 32},
+                    {"method": "gptq", "wbits": [4, 3], "group_size": 32}],
+        "calibration": {"sources": src, "n": 4, "seqlen": 32, "seeds": [42]},
+        "evaluation": {"ppl": src, "ppl_seqlen": 32, "ppl_windows": 3},
+        "diagnostics": {"windows": 2, "seqlen": 32},
+        "device": "cpu",
+    }
+    spec.update(over)
+    return spec
+
+
+def write_study(env: dict, spec: dict) -> Path:
+    p = env["root"] / f"{spec['name']}.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    return p
+
+
+def cli(args: list[str], cwd: Path) -> subprocess.Popen:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "quantshift.cli", *args], cwd=cwd, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def run_cli(args: list[str], cwd: Path) -> str:
+    p = cli(args, cwd)
+    out, _ = p.communicate(timeout=600)
+    assert p.returncode == 0, out
+    return out
+
+
+def strip_times(text: str) -> str:
+    """The report without its last section, the per-cell compute seconds recorded in the cache."""
+    return text.split("## Cells")[0]
+
+
+def result_files(cache: Path) -> dict[str, tuple[float, str]]:
+    d = cache / "results"
+    return {p.name: (p.stat().st_mtime_ns, p.read_text()) for p in sorted(d.glob("*.json"))} if d.is_dir() else {}
+
+
+# ---------------------------------------------------------------- spec validation
+
+def test_unknown_key_is_named(tiny_env):
+    spec = tiny_study(tiny_env)
+    spec["calibration"]["nsamples"] = 8
+    with pytest.raises(ConfigError, match=r"unknown key 'calibration.nsamples'.*allowed: .*mode, n, order"):
+        study_from_dict(spec)
+    spec = tiny_study(tiny_env, colour="red")
+    with pytest.raises(ConfigError, match="unknown key 'colour'"):
+        study_from_dict(spec)
+
+
+def test_unregistered_method_and_source_are_clear(tiny_env):
+    spec = study_from_dict(tiny_study(tiny_env, methods=[{"method": "no-such-method", "wbits": 4}]))
+    with pytest.raises(ConfigError, match="method 'no-such-method' is not registered.*available: .*gptq"):
+        expand(spec)
+    bad = tiny_study(tiny_env)
+    bad["calibration"]["sources"] = ["no-such-source"]
+    with pytest.raises(ConfigError, match="source 'no-such-source' is not available"):
+        expand(study_from_dict(bad))
+
+
+def test_grid_expansion_shares_calibration_free_cells(tiny_env):
+    cells = expand(study_from_dict(tiny_study(tiny_env)))
+    # fp + rtn (one cell, no calibration) + gptq x 2 bits x 3 sources
+    assert len(cells) == 1 + 1 + 6
+    assert [c.method for c in cells[:2]] == ["fp", "rtn"] and cells[1].calib is None
+
+
+def test_iid_and_bootstrap():
+    assert is_iid("wikipedia", "ppl:wikipedia") and not is_iid("news", "ppl:wikipedia")
+    assert is_iid("task:arc_easy", "task:arc_easy@5") and not is_iid("arc_easy", "task:arc_easy@0")
+    a = {str(i): 1.0 for i in range(40)}
+    b = {str(i): float(i % 2) for i in range(40)}
+    delta, p = paired_bootstrap(a, b)
+    assert delta == pytest.approx(0.5) and p < 0.01
+    delta, p = paired_bootstrap(a, a)
+    assert delta == 0 and p == 1.0
+
+
+# ---------------------------------------------------------------- running
+
+def test_kill_resume_and_byte_identical_rerun(tiny_env, tmp_path):
+    spec = tiny_study(tiny_env, name="killme")
+    study = write_study(tiny_env, spec)
+    # the reference: an uninterrupted run in its own directory and cache
+    run_cli(["run", str(study), "--out", str(tmp_path / "ref"), "--cache", str(tmp_path / "ref-cache"), "--quiet"], tmp_path)
+    ref = json.loads((tmp_path / "ref" / "results.json").read_text())
+
+    out, cache = tmp_path / "run", tmp_path / "cache"
+    args = ["run", str(study), "--out", str(out), "--cache", str(cache), "--quiet"]
+    proc = cli(args, tmp_path)
+    deadline = time.time() + 300
+    while len(result_files(cache)) < 4 and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)  # a real kill -9: no handler, no cleanup
+    proc.wait()
+    before = result_files(cache)
+    assert before, "the study produced no result before the kill"
+    log = run_cli(args, tmp_path)
+    after = result_files(cache)
+    for name, (mtime, text) in before.items():  # nothing finished was lost or recomputed
+        assert after[name] == (mtime, text), name
+    n_total = len(after)
+    assert f"{n_total - len(before)} results computed" in log, log
+    got = json.loads((out / "results.json").read_text())
+    assert got["cells"] == ref["cells"] and got["diagnostics"] == ref["diagnostics"]
+    assert all(c["status"] == "done" for c in got["cells"])
+
+    # a finished study: rerun does nothing and rewrites the same bytes
+    files = {p: (out / p).read_bytes() for p in ("report.md", "report.html", "results.json", "figures/sensitivity.png")}
+    log = run_cli(args, tmp_path)
+    assert "0 results computed" in log and "0 to run" in log, log
+    assert result_files(cache) == after
+    for p, data in files.items():
+        assert (out / p).read_bytes() == data, p
+    report = (out / "report.md").read_text()
+    assert "†" in report and "**" in report and "Findings (computed)" in report
+    assert strip_times((tmp_path / "ref" / "report.md").read_text()) == strip_times(report), "interrupted and clean runs differ"
+    # `report` alone rebuilds the same report from the cache
+    (out / "report.md").unlink()
+    run_cli(["report", str(out)], tmp_path)
+    assert (out / "report.md").read_bytes() == files["report.md"]
+
+
+def test_failed_cell_is_recorded_and_others_finish(tiny_env, tmp_path):
+    from quantshift.studies.runner import run_study
+
+    short = tmp_path / "short.txt"
+    short.write_text("too little text\n\nfor a calibration set")
+    spec = tiny_study(tiny_env, name="fails", diagnostics={"enabled": False})
+    spec["methods"] = [{"method": "gptq", "wbits": [4], "group_size": 32}]
+    spec["calibration"]["sources"] = [tiny_env["sources"]["prose"], str(short)]
+    summary = run_study(study_from_dict(spec), tmp_path / "out", tmp_path / "cache", progress=False, echo=lambda *_: None)
+    assert summary["failed"] == 1
+    res = json.loads((tmp_path / "out" / "results.json").read_text())
+    status = {c["label"].split("/", 1)[1]: c["status"] for c in res["cells"]}
+    assert status == {"fp-w16/-": "done", "gptq-w4/prose/s42": "done", "gptq-w4/short/s42": "failed"}
+    failed = next(c for c in res["cells"] if c["status"] == "failed")
+    assert "DataError" in failed["error"] and "short.txt" in failed["error"]
+    assert "failed" in (tmp_path / "out" / "report.md").read_text()
+
+
+@pytest.mark.slow
+def test_ray_executor_matches_local(tiny_env, tmp_path):
+    ray = pytest.importorskip("ray")
+    from quantshift.studies.runner import run_study
+
+    spec = tiny_study(tiny_env, name="rayed")
+    spec["methods"] = [{"method": "gptq", "wbits": [4], "group_size": 32}]
+    study = study_from_dict(spec)
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as Ray's workers (OMP_NUM_THREADS=1): same float summation order
+    try:
+        run_study(study, tmp_path / "local", tmp_path / "c1", progress=False, echo=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    try:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    except Exception as err:  # no /dev/shm, sandboxed sockets, ...
+        pytest.skip(f"ray cannot start here: {err}")
+    try:
+        run_study(study, tmp_path / "ray", tmp_path / "c2", executor="ray", progress=False, echo=lambda *_: None)
+    finally:
+        ray.shutdown()
+    a = json.loads((tmp_path / "local" / "results.json").read_text())
+    b = json.loads((tmp_path / "ray" / "results.json").read_text())
+    assert all(c["status"] == "done" for c in a["cells"])
+    assert a["cells"] == b["cells"] and a["diagnostics"] == b["diagnostics"]
+    assert (tmp_path / "local" / "report.md").read_text().split("## Cells")[0] == \
+        (tmp_path / "ray" / "report.md").read_text().split("## Cells")[0]
