@@ -100,7 +100,8 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=0, help="0 = every held-out window")
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--only", default="", help="comma list of cell-key prefixes to run (e.g. fp,rtn,spqr)")
+    ap.add_argument("--only", default="", help="comma list of cell-key prefixes to run (e.g. fp,rtn,spqr); "
+                    "a prefix matching nothing (e.g. none) just re-renders the Markdown from the JSON")
     ap.add_argument("--no-act", action="store_true", help="skip the W8A8 / W4A8 cells")
     ap.add_argument("--out", default="docs/methods")
     args = ap.parse_args()
@@ -142,10 +143,31 @@ def main() -> None:
                                  "outliers": outliers, "quantize_seconds": round(qsec, 1),
                                  "seconds": round(time.time() - t0, 1)}
         write_json_atomic(res_file, results)
+        out.with_suffix(".md").write_text(render(results, cells))
         print(f"{key:22s} ppl {ppl.ppl:9.3f}  bits {bits if bits is None else round(bits, 3)}  "
               f"quantize {qsec:.0f}s", flush=True)
         del lm
     out.with_suffix(".md").write_text(render(results, cells))
+
+
+NOTES = """
+## How to read the SpQR and QuIP rows
+
+- **SpQR** runs at its own format, not g64: groups of 16 whose scales and zeros are rounded to
+  3 bits in runs of 16 rows (fp16 minimum and step per run), GPTQ error feedback in act-order,
+  and at most 1% of the weights kept as fp16 outliers (those whose sensitivity
+  ((w - q) / [chol H^-1]_jj)^2 exceeds 0.2 x the layer's typical sensitivity). Its bits/weight
+  is measured: about wbits + 0.625 for codes and statistics plus 32 bits per outlier, so
+  compare SpQR W3 with the W3/W4 rows of the other methods by bits, not by the W label.
+- **QuIP** rotates each linear on both sides (randomized Hadamard; Kronecker with a small random
+  orthogonal factor where the size is not a power of two: 576 = 64 x 9, 1536 = 512 x 3,
+  192 = 64 x 3), rounds with LDLQ (= GPTQ on the rotated weight and Hessian) on a g64 grid *in
+  the rotated basis*, and stores the un-rotated fake-quant weight. A packed export would need the
+  transforms (seeds are in the report).
+- `[quip, gptq]` is rejected: QuIP already includes LDLQ, and a later weight quantizer would
+  round the un-rotated weight onto a new grid. `quip` with `rounding: nearest` is the
+  incoherence-only ablation.
+"""
 
 
 def render(results: dict, cells: list[tuple[str, str, dict]]) -> str:
@@ -178,7 +200,7 @@ def render(results: dict, cells: list[tuple[str, str, dict]]) -> str:
     missing = [label for key, label, _ in cells if key not in got]
     if missing:
         lines += ["", "Not run in this budget: " + ", ".join(missing) + "."]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines) + "\n" + NOTES
 
 
 if __name__ == "__main__":
