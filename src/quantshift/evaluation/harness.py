@@ -48,9 +48,8 @@ def run(lm, task_names: list[str], *, shots: int, limit: int | None, include_pat
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
+    # lm-eval's own progress bars stay on (it exposes no switch); progress=False only quiets its logging
     env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"} if offline else {}
-    if not progress:
-        env["TQDM_DISABLE"] = "1"
     with _env(env), _quiet(not progress):
         # indexing lm-eval's own ~10k task files costs seconds: skip it when every task is ours
         tm = TaskManager(include_path=[str(p) for p in include_paths] or None,
