@@ -126,6 +126,29 @@ def test_iid_and_bootstrap():
     assert delta == 0 and p == 1.0
 
 
+def test_examples_mode_packs_whole_examples(tiny_env):
+    from conftest import toy_tokenizer
+    from quantshift.studies.runner import pack_examples
+    from quantshift.studies.spec import CalibChoice
+
+    docs = [f"doc {i} " + "x" * (10 + i) for i in range(20)]
+    tok = toy_tokenizer()
+    first = pack_examples(docs, tok, CalibChoice("d", 4, 16, 42, "examples", "first"))
+    flat = first.flatten().tolist()
+    # the first 4 documents, each cut to 16 tokens, EOS-separated, packed into rows of 16
+    want = sum((tok(d, add_special_tokens=False)["input_ids"][:16] + [tok.eos_token_id] for d in docs[:4]), [])
+    assert first.shape[1] == 16 and flat == want[: len(flat)] and len(want) - len(flat) < 16
+    a = pack_examples(docs, tok, CalibChoice("d", 4, 16, 1, "examples", "random"))
+    b = pack_examples(docs, tok, CalibChoice("d", 4, 16, 2, "examples", "random"))
+    assert a.shape[1] == 16 and not (a.shape == b.shape and bool((a == b).all()))
+    with pytest.raises(Exception, match="has 20 examples; asked for 21"):
+        pack_examples(docs, tok, CalibChoice("d", 21, 16, 1, "examples", "first"))
+
+
+def test_task_glob_is_iid():
+    assert is_iid("task:ceval_*", "task:ceval_stem@5") and not is_iid("task:ceval_*", "task:cmmlu_stem@5")
+
+
 # ---------------------------------------------------------------- running
 
 def test_kill_resume_and_byte_identical_rerun(tiny_env, tmp_path):
