@@ -345,7 +345,9 @@ def all_works(plan: Plan) -> list[dict]:
     for model in plan.spec.models:
         d = diag_work(plan.spec, model, plan.versions)
         if d is not None:
-            works.append(d)
+            # right after the model's fp reference: cheap, and a partial run already has them
+            at = next((i + 1 for i, w in enumerate(works) if w["model"] == d["model"] and w["recipe"] is None), len(works))
+            works.insert(at, d)
     return works
 
 
@@ -370,6 +372,7 @@ def run_study(spec: StudySpec, out_dir: Path, cache_root: Path, *, executor: str
     echo(f"study {spec.name}: {len(plan.cells)} cells -> {len(plan.works)} distinct models x {len(plan.units)} "
          f"evaluations; {len(works) - len(todo)} of {len(works)} works already cached, {len(todo)} to run ({executor})")
     results: dict[str, dict] = {}
+    write_json_atomic(out_dir / "last-run.json", {"results": results})
     bar = tqdm(total=len(todo), desc="study", unit="work", disable=not progress or not todo, position=0)
 
     def on_done(res: dict) -> None:
@@ -427,7 +430,7 @@ def collect(plan: Plan, works: list[dict], cache: Cache, failures: dict[str, dic
         evals = [cache.get_json("results", plan.unit_keys[qk][u.key]) for u in plan.units]
         status = "done" if len(metrics) == len(plan.units) else ("failed" if qk in failures else "pending")
         cells.append({**cell.to_dict(), "key": qk, "status": status, "metrics": metrics, "samples": samples,
-                      "error": failures.get(qk, {}).get("error"),
+                      "error": failures.get(qk, {}).get("error") if status == "failed" else None,
                       "calib_manifest": (q or {}).get("calibration"),
                       "quant_seconds": (q or {}).get("seconds"),
                       "eval_seconds": round(sum(e["seconds"] for e in evals if e), 2)})
