@@ -242,3 +242,37 @@ def test_ray_executor_matches_local(tiny_env, tmp_path):
     assert a["cells"] == b["cells"] and a["diagnostics"] == b["diagnostics"]
     assert (tmp_path / "local" / "report.md").read_text().split("## Cells")[0] == \
         (tmp_path / "ray" / "report.md").read_text().split("## Cells")[0]
+
+
+def test_report_on_task_results_marks_iid_best_and_significance(tmp_path):
+    """The report from synthetic task results: I.I.D. cell marked, best in bold, bootstrap p computed."""
+    from quantshift.studies.report import build_blocks, iid_findings, sensitivity, to_markdown
+    from quantshift.studies.spec import EvalUnit
+
+    spec = study_from_dict({"name": "synthetic", "models": ["m"], "methods": [{"method": "gptq", "wbits": [4]}],
+                            "calibration": {"sources": ["task:a", "wikipedia"]}, "evaluation": {"tasks": ["a", "b"]}})
+    units = [EvalUnit("task", "a", 0), EvalUnit("task", "b", 0)]
+
+    def cell(method, wbits, calib, accs):
+        metrics, samples = {}, {}
+        for u, (acc, cat) in zip(units, accs):
+            scores = [1.0] * int(40 * acc) + [0.0] * (40 - int(40 * acc))
+            metrics[u.key] = {"acc": acc, "acc_ci": [acc - 0.1, acc + 0.1], "n": 40, "category": cat}
+            samples[u.key] = [{"id": str(i), "acc": s} for i, s in enumerate(scores)]
+        return {"model": {"name": "m"}, "method": method, "wbits": wbits, "recipe": None if method == "fp" else {},
+                "calib": None if calib is None else {"source": calib, "seed": 42}, "label": f"{method}/{calib}",
+                "key": method + str(calib), "status": "done", "metrics": metrics, "samples": samples, "error": None,
+                "calib_manifest": None, "quant_seconds": 1.0, "eval_seconds": 1.0}
+
+    cells = [cell("fp", 16, None, [(0.9, "qa"), (0.6, "nli")]),
+             cell("gptq", 4, "task:a", [(0.85, "qa"), (0.5, "nli")]),
+             cell("gptq", 4, "wikipedia", [(0.4, "qa"), (0.55, "nli")])]
+    md = to_markdown(build_blocks({"spec": spec, "units": units, "cells": cells, "diagnostics": {}, "versions": {}},
+                                  tmp_path))
+    assert "| task:a | **85.0±10.0†** | 50.0±10.0 |" in md
+    assert "| wikipedia | 40.0±10.0 | **55.0±10.0** |" in md
+    (row,) = iid_findings(cells, units)
+    assert row["iid"] == "task:a" and row["iid_rank"] == 1 and row["p"] < 0.01
+    sens = {r["test"]: r for r in sensitivity(cells, units)}
+    assert sens["task:a@0"]["drops"][4] == pytest.approx(0.9 - 0.625) and sens["task:a@0"]["category"] == "qa"
+    assert "By category (most to least sensitive): qa" in md

@@ -349,11 +349,11 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
     tasks = sorted({u.name for u in units if u.kind == "task"})
     b.append(("table", ["setting", "value"], [
         ["models", ", ".join(m.name for m in spec.models)],
-        ["calibration", f"{', '.join(cal.sources)}; {cal.n} x {cal.seqlen} "
+        ["calibration", f"{', '.join(map(short_source, cal.sources))}; {cal.n} x {cal.seqlen} "
                         + ("tokens (token budget: same tokens per source)" if cal.mode == "tokens"
                            else f"examples ({cal.order} {cal.n} per source, each cut to {cal.seqlen} tokens, packed)")
                         + f"; seeds {', '.join(map(str, cal.seeds))}"],
-        ["perplexity", f"{', '.join(ev.ppl) or '-'}: held-out text, {ev.ppl_windows} windows x {ev.ppl_seqlen} tokens per source"],
+        ["perplexity", f"{', '.join(map(short_source, ev.ppl)) or '-'}: held-out text, {ev.ppl_windows} windows x {ev.ppl_seqlen} tokens per source"],
         ["tasks", f"{', '.join(tasks) or '-'} (suite {ev.suite or '-'}); shots {', '.join(map(str, ev.shots))}; "
                   f"limit {ev.limit if ev.limit is not None else 'all'} items per task"],
         ["cells", f"{len(cells)} ({sum(c['status'] == 'done' for c in cells)} done, "
@@ -404,8 +404,9 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
                    for r in sens]))
         ranked = sorted(sens, key=lambda r: -_mean(list(r["drops"].values())))
         if len(ranked) > 1:
-            b.append(("p", f"Most sensitive: {', '.join(test_label(r['test']) for r in ranked[:3])}; least sensitive: "
-                           f"{', '.join(test_label(r['test']) for r in ranked[-3:][::-1])} (mean over bit widths)."))
+            k = max(1, min(3, len(ranked) // 2))
+            b.append(("p", f"Most sensitive: {', '.join(test_label(r['test']) for r in ranked[:k])}; least sensitive: "
+                           f"{', '.join(test_label(r['test']) for r in ranked[-k:][::-1])} (mean over bit widths)."))
         cats: dict[str, list[float]] = defaultdict(list)
         for r in sens:
             cats[r["category"]].append(_mean(list(r["drops"].values())))
