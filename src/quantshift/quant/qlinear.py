@@ -77,7 +77,8 @@ class PackedLinear(nn.Module):
             if why is not None:
                 raise ValueError(f"backend {backend} cannot run this weight: {why}")
         self.backend = backend
-        self.compute_dtype = compute_dtype or (torch.bfloat16 if backend == "int4mm-cuda" else torch.float32)
+        # the CUDA int4 kernel takes bfloat16 activations and scales only
+        self.compute_dtype = torch.bfloat16 if backend == "int4mm-cuda" else (compute_dtype or torch.float32)
         self.register_buffer("bias", None if bias is None else bias.detach().to(device, self.compute_dtype))
         scale, zero = qw.scale.float(), qw.zero.float()
         if backend == "dequant":
