@@ -88,8 +88,14 @@ class Plan:
     versions: dict = field(default_factory=dict)
 
 
-def plan_study(spec: StudySpec, data_dir: str | None = None) -> Plan:
+def plan_study(spec: StudySpec, data_dir: str | None = None, on_gpu: bool | None = None) -> Plan:
     versions = code_versions()
+    if on_gpu is None:
+        from ..models.load import resolve_device
+
+        on_gpu = resolve_device(spec.device).startswith("cuda")
+    if on_gpu:  # GPU kernels and fp16 give other numbers than CPU fp32: never share their cache entries
+        versions["device"] = "cuda"
     cells = expand(spec, data_dir)
     units = eval_units(spec)
     works: dict[str, dict] = {}
@@ -361,7 +367,7 @@ def run_study(spec: StudySpec, out_dir: Path, cache_root: Path, *, executor: str
     from .report import write_report
 
     t0, cpu0 = time.time(), _cpu_seconds()
-    plan = plan_study(spec, data_dir)
+    plan = plan_study(spec, data_dir, on_gpu=True if gpus_per_cell > 0 else None)
     works = all_works(plan)
     cache = Cache(Path(cache_root))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -460,7 +466,7 @@ def report_only(out_dir: Path, cache_root: Path | None = None, data_dir: str | N
     meta = json.loads(meta_path.read_text())
     spec = study_from_dict(meta["spec"], str(meta_path))
     root = Path(cache_root or meta["cache"])
-    plan = plan_study(spec, data_dir or meta.get("data_dir"))
+    plan = plan_study(spec, data_dir or meta.get("data_dir"), on_gpu=meta.get("versions", {}).get("device") == "cuda")
     works = all_works(plan)
     last = out_dir / "last-run.json"
     failures = {}
