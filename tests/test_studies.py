@@ -276,3 +276,13 @@ def test_report_on_task_results_marks_iid_best_and_significance(tmp_path):
     sens = {r["test"]: r for r in sensitivity(cells, units)}
     assert sens["task:a@0"]["drops"][4] == pytest.approx(0.9 - 0.625) and sens["task:a@0"]["category"] == "qa"
     assert "By category (most to least sensitive): qa" in md
+
+
+def test_ppl_with_samples_matches_perplexity_protocol(tiny_env, tiny_llama):
+    from quantshift.evaluation.perplexity import perplexity
+    from quantshift.studies.runner import ppl_with_samples
+
+    src = tiny_env["sources"]["prose"]
+    metric, samples = ppl_with_samples(tiny_llama, src, 32, 3, 2, False)
+    ref = perplexity(tiny_llama.model, tiny_llama.tokenizer, src, seqlen=32, max_windows=3, progress=False)
+    assert metric["ppl"] == pytest.approx(ref.ppl, rel=1e-5) and metric["tokens"] == ref.tokens and len(samples) == 3

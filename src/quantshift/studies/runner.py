@@ -145,9 +145,10 @@ def execute_work(work: dict, cache_root: str, options: dict, progress: bool = Tr
             todo = pending_units(work, cache)
             if todo:
                 loaded = obtain_model(work, cache, options, progress)
+                windows = WindowStore(cache, model_identity(ModelAxis(**work["model"])))
                 for batch in unit_batches(todo):
                     t1 = time.time()
-                    outputs = evaluate_units(loaded, batch, options, progress)
+                    outputs = evaluate_units(loaded, batch, options, progress, windows)
                     secs = round((time.time() - t1) / len(batch), 2)
                     for u, (metric, samples) in zip(batch, outputs):
                         cache.put_json("results", u["key"], {
@@ -270,11 +271,39 @@ def unit_batches(units: list[dict]) -> list[list[dict]]:
     return out + list(by_shots.values())
 
 
-def evaluate_units(loaded, batch: list[dict], options: dict, progress: bool) -> list[tuple[dict, list[dict]]]:
+@dataclass(frozen=True)
+class WindowStore:
+    """Perplexity windows per (tokenizer, source, seqlen, count), cached: tokenizing a whole held-out
+    split again for every model of a study costs more than scoring a few windows."""
+
+    cache: Cache
+    model: dict
+
+    def get(self, loaded, source: str, seqlen: int, windows: int, data_dir: str | None) -> torch.Tensor:
+        from ..data.calibset import token_stream
+        from ..evaluation.perplexity import windows_of
+        from .spec import resolve_source
+
+        tok = loaded.tokenizer
+        bos = tok.bos_token_id if loaded.needs_bos else None
+        key = digest({"model": self.model, "source": source, "seqlen": seqlen, "windows": windows, "bos": bos,
+                      "schema": CACHE_SCHEMA})
+        got = self.cache.get_tensors("windows", key)
+        if got is not None:
+            return got["ids"]
+        stream = token_stream(resolve_source(source, data_dir), "heldout", tok)
+        win = windows_of(stream, seqlen, bos, windows or None)
+        self.cache.put_tensors("windows", key, {"ids": win})
+        return win
+
+
+def evaluate_units(loaded, batch: list[dict], options: dict, progress: bool,
+                   windows: WindowStore | None = None) -> list[tuple[dict, list[dict]]]:
     if batch[0]["kind"] == "ppl":
         s = batch[0]["settings"]
+        win = windows.get(loaded, s["source"], s["seqlen"], s["windows"], options["data_dir"]) if windows else None
         return [ppl_with_samples(loaded, s["source"], s["seqlen"], s["windows"], options["eval_batch_size"], progress,
-                                 options["data_dir"])]
+                                 options["data_dir"], win)]
     from ..evaluation.api import evaluate
 
     s = batch[0]["settings"]
@@ -307,7 +336,7 @@ def _plain(obj: Any) -> Any:
 
 @torch.no_grad()
 def ppl_with_samples(loaded, source: str, seqlen: int, windows: int, batch_size: int,
-                     progress: bool, data_dir: str | None = None) -> tuple[dict, list[dict]]:
+                     progress: bool, data_dir: str | None = None, win: torch.Tensor | None = None) -> tuple[dict, list[dict]]:
     """Perplexity by evaluation/perplexity.py's protocol, keeping each window's NLL so calibration
     choices can be compared with a paired bootstrap over windows."""
     import torch.nn.functional as F
@@ -318,8 +347,9 @@ def ppl_with_samples(loaded, source: str, seqlen: int, windows: int, batch_size:
     from ..evaluation.perplexity import windows_of
 
     tok = loaded.tokenizer
-    stream = token_stream(resolve_source(source, data_dir), "heldout", tok)
-    win = windows_of(stream, seqlen, tok.bos_token_id if loaded.needs_bos else None, windows or None)
+    if win is None:
+        stream = token_stream(resolve_source(source, data_dir), "heldout", tok)
+        win = windows_of(stream, seqlen, tok.bos_token_id if loaded.needs_bos else None, windows or None)
     device = next(loaded.model.parameters()).device
     per_window: list[tuple[float, int]] = []
     for s in tqdm(range(0, win.shape[0], batch_size), desc=f"ppl {source}", disable=not progress, leave=False):
