@@ -392,7 +392,7 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
                   [[test_label(r["test"]), f"{r['method']} W{r['wbits']}", str(r["seed"]), short_source(r["best"]),
                     f"{r['iid_rank']}/{r['n_calib']}", short_source(r["vs"]), _fmt_delta(r["delta"], r["test"]), "–" if r["p"] is None else f"{r['p']:.3f}"] for r in iid]))
     else:
-        b.append(("p", "No test set has an I.I.D. calibration source in this study."))
+        b.append(("p", "No finished comparison of an I.I.D. calibration source with another one (none in the study, or those cells are not done yet)."))
     sens = sensitivity(cells, units)
     if sens:
         bits = sorted({x for r in sens for x in r["drops"]}, reverse=True)
