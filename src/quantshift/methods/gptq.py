@@ -145,10 +145,8 @@ def hessian_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
     return float(num / den.clamp_min(1e-30))
 
 
-@register("gptq")
-class GPTQ(LinearMethod):
-    Config = GPTQConfig
-    config: GPTQConfig
+class HessianMethod(LinearMethod):
+    """A per-linear solver whose statistics are the input Hessian 2/N sum x x^T (GPTQ family)."""
 
     def new_stats(self, linear: nn.Linear) -> HessianStats:
         n = linear.in_features
@@ -156,6 +154,12 @@ class GPTQ(LinearMethod):
 
     def add_batch(self, stats: HessianStats, x: torch.Tensor) -> None:
         accumulate_hessian(stats, x)
+
+
+@register("gptq")
+class GPTQ(HessianMethod):
+    Config = GPTQConfig
+    config: GPTQConfig
 
     def solve(self, name: str, linear: nn.Linear, stats: HessianStats, plan: LinearPlan) -> SolveResult:
         assert plan.weight is not None

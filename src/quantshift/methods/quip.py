@@ -38,8 +38,8 @@ from pydantic import field_validator
 
 from ..errors import ConfigError
 from ..quant.primitives import fake_quantize_weight
-from .base import LinearMethod, LinearPlan, SolveResult, StageConfig, register
-from .gptq import HessianStats, accumulate_hessian, gptq_solve, hessian_error
+from .base import LinearPlan, SolveResult, StageConfig, register
+from .gptq import HessianMethod, HessianStats, gptq_solve, hessian_error
 
 if TYPE_CHECKING:
     from ..quant.engine import BlockContext
@@ -111,7 +111,7 @@ def unrotate(Q: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
 
 
 @register("quip")
-class QuIP(LinearMethod):
+class QuIP(HessianMethod):
     Config = QuIPConfig
     config: QuIPConfig
 
@@ -131,12 +131,6 @@ class QuIP(LinearMethod):
         self._prefix = ctx.prefix
         super().process_block(ctx)
 
-    def new_stats(self, linear: nn.Linear) -> HessianStats:
-        n = linear.in_features
-        return HessianStats(torch.zeros(n, n, device=linear.weight.device, dtype=torch.float32))
-
-    def add_batch(self, stats: HessianStats, x: torch.Tensor) -> None:
-        accumulate_hessian(stats, x)
 
     def solve(self, name: str, linear: nn.Linear, stats: HessianStats, plan: LinearPlan) -> SolveResult:
         assert plan.weight is not None

@@ -39,8 +39,8 @@ from pydantic import field_validator, model_validator
 
 from ..errors import ConfigError
 from ..quant.primitives import QuantizedWeight, QuantSpec
-from .base import LinearMethod, LinearPlan, SolveResult, StageConfig, register
-from .gptq import HessianStats, accumulate_hessian, hessian_error, inverse_cholesky
+from .base import LinearPlan, SolveResult, StageConfig, register
+from .gptq import HessianMethod, HessianStats, hessian_error, inverse_cholesky
 
 OUTLIER_BITS = 32  # 16-bit value + 16-bit column index, as the paper counts CSR storage
 SECOND_LEVEL_BITS = 32  # fp16 minimum + fp16 step per second-level run
@@ -326,16 +326,10 @@ def spqr_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, qq_bits: int =
 
 
 @register("spqr")
-class SpQR(LinearMethod):
+class SpQR(HessianMethod):
     Config = SpQRConfig
     config: SpQRConfig
 
-    def new_stats(self, linear: nn.Linear) -> HessianStats:
-        n = linear.in_features
-        return HessianStats(torch.zeros(n, n, device=linear.weight.device, dtype=torch.float32))
-
-    def add_batch(self, stats: HessianStats, x: torch.Tensor) -> None:
-        accumulate_hessian(stats, x)
 
     def outlier_cap(self, out_f: int, in_f: int, spec: QuantSpec) -> int:
         """Most outliers this layer may keep: the fraction, tightened by the bits budget."""

@@ -8,11 +8,10 @@ calibration-free variant, so it needs no calibration data.
 
 from __future__ import annotations
 
-import torch.nn as nn
 from pydantic import model_validator
 
-from ..quant.primitives import quantize_weight
-from .base import LinearMethod, LinearPlan, SolveResult, StageConfig, register
+from .base import StageConfig, register
+from .rtn import RTN
 
 
 class ZeroQuantConfig(StageConfig):
@@ -30,16 +29,8 @@ class ZeroQuantConfig(StageConfig):
 
 
 @register("zeroquant")
-class ZeroQuant(LinearMethod):
+class ZeroQuant(RTN):
     """Group-wise symmetric RTN weights + per-token dynamic activation fake-quant."""
 
-    Config = ZeroQuantConfig
-    needs_calibration = False
+    Config = ZeroQuantConfig  # RTN's solver; the format and the activation quantizer differ
 
-    def solve(self, name: str, linear: nn.Linear, stats: None, plan: LinearPlan) -> SolveResult:
-        assert plan.weight is not None
-        w = linear.weight.detach().float()
-        q = quantize_weight(w, plan.weight)
-        wq = q.dequantize()
-        rel = float((wq - w).pow(2).sum() / w.pow(2).sum().clamp_min(1e-30))
-        return SolveResult(wq, q, {"weight_rel_err": rel})
