@@ -20,6 +20,8 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -62,17 +64,32 @@ def write_json_atomic(path: Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
+@contextmanager
+def staged_directory(out: Path, overwrite: bool, error: type[Exception] = ModelError) -> Iterator[Path]:
+    """A temp dir beside `out`, renamed into place when the block succeeds, so a crash never
+    leaves a half-written `out`; refuses a non-empty `out` unless `overwrite`."""
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise error(f"output directory {out} exists and is not empty (pass --overwrite to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_quantized(model: nn.Module, tokenizer: Any, out: Path, *, base_model: str, recipe: dict,
                    calibration: dict | None, modules: dict, report: dict, overwrite: bool = False) -> Path:
     """Write a quantized model directory atomically (a temp dir renamed into place)."""
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ModelError(f"output directory {out} exists and is not empty (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    try:
+    with staged_directory(out, overwrite) as tmp:
         model.config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         qtensors: dict[str, torch.Tensor] = {}
@@ -128,12 +145,6 @@ def save_quantized(model: nn.Module, tokenizer: Any, out: Path, *, base_model: s
         }
         write_json_atomic(tmp / QUANT_FILE, info)
         write_json_atomic(tmp / REPORT_FILE, report)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -9,9 +9,7 @@ exactly is refused with a one-line ExportError instead of writing a file that lo
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +17,7 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import QUANT_FILE, file_sha256, read_quant_info
+from ..checkpoint import QUANT_FILE, file_sha256, read_quant_info, staged_directory
 from ..errors import QuantshiftError
 from ..quant.primitives import QuantizedWeight, QuantSpec
 
@@ -158,11 +156,7 @@ def write_export(out: Path, ckpt: QuantizedCheckpoint, tensors: dict[str, torch.
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"output directory {out} exists and is not empty (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp"))
-    try:
+    with staged_directory(out, overwrite, ExportError) as tmp:
         for f in ckpt.path.iterdir():  # tokenizer and generation files travel unchanged
             if f.is_file() and f.name not in {"model.safetensors", "quantized.safetensors", QUANT_FILE, "report.json",
                                                "config.json"}:
@@ -185,10 +179,4 @@ def write_export(out: Path, ckpt: QuantizedCheckpoint, tensors: dict[str, torch.
                    "calibration": ckpt.info.get("calibration"), "base_model": ckpt.info.get("base_model"),
                    "files": {"model.safetensors": file_sha256(tmp / "model.safetensors")}}
         (tmp / EXPORT_INFO).write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
