@@ -38,7 +38,7 @@ import torch.nn as nn
 from pydantic import field_validator, model_validator
 
 from ..errors import ConfigError
-from ..quant.primitives import QuantizedWeight, QuantSpec
+from ..quant.primitives import QuantizedWeight, QuantSpec, qparams_from_range
 from .base import LinearPlan, SolveResult, StageConfig, register
 from .gptq import HessianMethod, HessianStats, hessian_error, inverse_cholesky
 
@@ -145,20 +145,8 @@ def quantize_stat(v: torch.Tensor, bits: int, group: int) -> torch.Tensor:
 def masked_minmax_params(w: torch.Tensor, keep: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (scale, zero) from the min/max of the kept weights of w [out, g] (range holds 0;
     zero may be fractional, as second-level quantization leaves it)."""
-    maxq = 2**bits - 1
-    lo = torch.where(keep, w, torch.zeros_like(w)).amin(1).clamp(max=0)
-    hi = torch.where(keep, w, torch.zeros_like(w)).amax(1).clamp(min=0)
-    if sym:
-        amax = torch.maximum(lo.abs(), hi)
-        scale = 2 * amax / maxq
-        zero = torch.full_like(scale, float(2 ** (bits - 1)))
-    else:
-        scale = (hi - lo) / maxq
-        zero = None
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    if zero is None:
-        zero = torch.round(-lo / scale).clamp(0, maxq)
-    return scale, zero
+    kept = torch.where(keep, w, torch.zeros_like(w))
+    return qparams_from_range(kept.amin(1), kept.amax(1), bits, sym)
 
 
 def round_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
