@@ -101,6 +101,8 @@ def test_paired_bootstrap():
     assert r.diff == pytest.approx(-0.3) and r.ci[1] < 0 and r.p_value < 0.01
     with pytest.raises(ValueError):
         paired_bootstrap(a, b[:10])
+    # the sign-flip p-value is exact for small n: 3 of 3 items better -> p = 2 / 2**3
+    assert paired_bootstrap([0.0] * 3, [1.0] * 3).p_value == pytest.approx(0.25)
 
 
 def test_leakage_guard_catches_planted_overlap():
@@ -173,14 +175,25 @@ def test_boss_local_files_become_tasks(tmp_path):
     root = tmp_path / "boss" / "SentimentAnalysis"
     for ds in ("amazon", "dynasent"):
         (root / ds).mkdir(parents=True)
-        rows = ["text\tlabel"] + [f"review number {i} of {ds} was {'great' if i % 2 else 'awful'}\t{i % 2}" for i in range(12)]
+        rows = ["text\tlabel"] + [f"review number {i} of {ds} was {'great' if i % 2 else 'awful'}\t{i % 2}" for i in range(20)]
         for split in ("train", "test"):
             (root / ds / f"{split}.tsv").write_text("\n".join(rows) + "\n")
     from quantshift.evaluation.tasks import materialize, task_data
 
     d = task_data("boss_sa_dynasent", tmp_path)
-    assert len(d.test) == 12 and d.test[0]["query"].startswith("### Input ###\nText: ")
+    assert d.test[0]["query"].startswith("### Input ###\nText: ")
     assert d.pool and all(it["id"].startswith("amazon/train/") for it in d.pool)  # exemplars from the ID set
+    # an OOD set has no train split: its calibration items are carved out of test and not scored
+    # (300 in the paper; at most half of this tiny set)
+    assert len(d.calib) == 10 and len(d.test) == 10
+    assert all(it["id"].startswith("dynasent/test/") for it in d.calib)
+    assert not {it["id"] for it in d.calib} & {it["id"] for it in d.test}
+    from quantshift.studies.spec import task_calib_source
+
+    src = task_calib_source("boss_sa_dynasent", str(tmp_path))
+    calib_text = src.load_split("calib")
+    assert len(calib_text) == 10 and all("dynasent" in t for t in calib_text)
+    assert task_data("boss_sa_amazon", tmp_path).calib == task_data("boss_sa_amazon", tmp_path).pool
     name, path = materialize(d, tmp_path / "tasks")
     text = (path / f"{name}.yaml").read_text()
     assert "### Instruction ###" in text and "{{shot}}" in text

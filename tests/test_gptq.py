@@ -63,3 +63,31 @@ def test_act_order_records_group_index():
     assert sorted(qw.g_idx.bincount().tolist()) == [32, 32, 32]
     _, qw_static, _ = gptq_solve(w, H, QuantSpec(bits=4, group_size=32), act_order=True, static_groups=True)
     assert qw_static.g_idx is None  # static groups keep the sequential layout
+
+
+@pytest.mark.parametrize("gs,act_order", [(32, False), (32, True), (-1, False), (0, False)])
+def test_linears_sharing_an_input_are_solved_as_one_stacked_problem(gs, act_order):
+    """q/k/v (and gate/up) share H; GPTQ solves their stacked rows at once. Rows are independent
+    given H, so each linear gets what solving it alone gives (up to float rounding ties)."""
+    import torch.nn as nn
+
+    from quantshift.methods.base import LinearPlan
+    from quantshift.methods.gptq import GPTQ, GPTQConfig
+
+    w, x = _layer_with_outliers(out_f=40)
+    stats = HessianStats(torch.zeros(w.shape[1], w.shape[1]))
+    accumulate_hessian(stats, x)
+    linears = []
+    for rows in (w[:24], w[24:32], w[32:]):
+        lin = nn.Linear(w.shape[1], rows.shape[0], bias=False)
+        lin.weight.data.copy_(rows)
+        linears.append(lin)
+    plan = LinearPlan(QuantSpec(bits=3, group_size=gs), None)
+    method = GPTQ(GPTQConfig(wbits=3, group_size=gs, act_order=act_order))
+    shared = method.solve_shared(["q", "k", "v"], linears, stats, plan)
+    for name, lin, res in zip("qkv", linears, shared):
+        alone = method.solve(name, lin, stats, plan)
+        assert res.weight.shape == lin.weight.shape
+        assert (res.qweight.codes == alone.qweight.codes).float().mean() > 0.99
+        assert res.info["gptq_loss"] == pytest.approx(alone.info["gptq_loss"], rel=1e-3)
+        assert torch.allclose(res.qweight.dequantize(), res.weight, atol=1e-6)

@@ -15,7 +15,7 @@ import yaml
 
 from conftest import loaded_tiny
 from quantshift.errors import ConfigError
-from quantshift.studies.report import is_iid, paired_bootstrap
+from quantshift.studies.report import is_iid, paired_test
 from quantshift.studies.spec import expand, study_from_dict
 
 TEXTS = {
@@ -120,10 +120,13 @@ def test_iid_and_bootstrap():
     assert is_iid("task:arc_easy", "task:arc_easy@5") and not is_iid("arc_easy", "task:arc_easy@0")
     a = {str(i): 1.0 for i in range(40)}
     b = {str(i): float(i % 2) for i in range(40)}
-    delta, p = paired_bootstrap(a, b)
+    delta, p = paired_test(a, b)
     assert delta == pytest.approx(0.5) and p < 0.01
-    delta, p = paired_bootstrap(a, a)
+    delta, p = paired_test(a, a)
     assert delta == 0 and p == 1.0
+    # two perplexity windows that both favour one calibration set prove nothing
+    delta, p = paired_test({"w0": -2.0, "w1": -2.1}, {"w0": -2.5, "w1": -2.6})
+    assert delta == pytest.approx(0.5) and p == 0.5
 
 
 def test_examples_mode_packs_whole_examples(tiny_env):
@@ -286,3 +289,14 @@ def test_ppl_with_samples_matches_perplexity_protocol(tiny_env, tiny_llama):
     metric, samples = ppl_with_samples(tiny_llama, src, 32, 3, 2, False)
     ref = perplexity(tiny_llama.model, tiny_llama.tokenizer, src, seqlen=32, max_windows=3, progress=False)
     assert metric["ppl"] == pytest.approx(ref.ppl, rel=1e-5) and metric["tokens"] == ref.tokens and len(samples) == 3
+
+
+@pytest.mark.parametrize("preset", sorted(p.name for p in (Path(__file__).parent.parent / "studies").glob("*.yaml")))
+def test_shipped_presets_are_valid_grids(preset):
+    """Every preset in studies/ parses strictly and expands: its methods, calibration sources and
+    tasks all exist (data-dir tasks are resolved by name; their files are read only when run)."""
+    from quantshift.studies.spec import eval_units, expand, load_study
+
+    spec = load_study(Path(__file__).parent.parent / "studies" / preset)
+    cells = expand(spec)
+    assert len(cells) >= 2 and eval_units(spec)

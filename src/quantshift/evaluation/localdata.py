@@ -24,6 +24,10 @@ from pathlib import Path
 from ..errors import DataError
 from .tasks import TASKS, TaskDef
 
+# Liu et al. carve this many items (seed 42) out of a test-only dataset as its calibration
+# split (BOSS OOD sets, CMMLU); they are then not scored
+CARVED_CALIB_ITEMS = 300
+
 # ---------------------------------------------------------------- BOSS
 
 _BOSS_INSTR = {
@@ -136,7 +140,8 @@ def _register_boss() -> None:
                 f"boss_{short}_{ds}", f"BOSS {tdir} on {ds} ({'ID' if ds == idd else 'OOD'}), {shots}-shot from {idd} train",
                 f"boss_{short}", _boss_loader(tdir, ds), kind="gen" if tdir == "ExtractiveQA" else "mc",
                 needs="data-dir", preamble=preamble, fewshot_delimiter="\n", default_shots=shots,
-                until=("\n", " //"), source_note=f"DATA_DIR/boss/{tdir}/{ds}/"))
+                until=("\n", " //"), source_note=f"DATA_DIR/boss/{tdir}/{ds}/",
+                calib_from_test=0 if ds == idd else CARVED_CALIB_ITEMS))
 
 
 # ---------------------------------------------------------------- C-Eval / CMMLU
@@ -222,7 +227,7 @@ def _register_exams() -> None:
             TASKS.add(f"{bench}_{key}", TaskDef(
                 f"{bench}_{key}", f"{'C-Eval (val)' if bench == 'ceval' else 'CMMLU (test)'} {cat} subjects, letter by log-likelihood",
                 cat, _exam_loader(bench, cat), language="zh", needs="data-dir", preamble=_ZH_PREAMBLE,
-                source_note=f"DATA_DIR/{bench}/"))
+                source_note=f"DATA_DIR/{bench}/", calib_from_test=CARVED_CALIB_ITEMS if bench == "cmmlu" else 0))
 
 
 _register_boss()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -48,6 +49,10 @@ class TaskDef:
     until: tuple[str, ...] = ("\n",)  # generation stop strings
     max_gen_toks: int = 32
     source_note: str = ""
+    # items carved (seed 42) out of the scored split to serve as calibration text, for datasets
+    # with no training split of their own (BOSS OOD sets, CMMLU: 300 in Liu et al.); at most half
+    # of a small test split is carved, so something is left to score; 0 = calibrate on the pool
+    calib_from_test: int = 0
 
 
 TASKS: Registry[TaskDef] = Registry("task")
@@ -118,11 +123,15 @@ def item_text(task: TaskDef, item: dict, with_answer: bool = True) -> str:
 class TaskData:
     task: TaskDef
     test: list[dict]  # scored part, in scoring order
-    pool: list[dict]  # few-shot / calibration part, leakage-filtered
+    pool: list[dict]  # few-shot part, leakage-filtered
     dropped: int  # pool items removed for sharing an id or 13-gram with a test item
+    calib: list[dict] = field(default_factory=list)  # calibration text: the pool, or items carved from test
 
     def scored(self, limit: int | None) -> list[dict]:
         return self.test[:limit] if limit else self.test
+
+
+CALIB_CARVE_SEED = 42
 
 
 def split_items(task: TaskDef, items: list[dict]) -> TaskData:
@@ -144,7 +153,14 @@ def split_items(task: TaskDef, items: list[dict]) -> TaskData:
     if not test:
         raise DataError(f"task {task.name}: no items to score")
     pool, dropped = drop_overlapping(pool, test, lambda d: item_text(task, d))
-    return TaskData(task, test, pool, dropped)
+    calib = pool
+    if task.calib_from_test:
+        order = sorted(test, key=lambda it: str(it["id"]))
+        random.Random(CALIB_CARVE_SEED).shuffle(order)
+        calib = order[:min(task.calib_from_test, len(order) // 2)]
+        carved = {it["id"] for it in calib}
+        test = [it for it in test if it["id"] not in carved]
+    return TaskData(task, test, pool, dropped, calib)
 
 
 def _overlap_groups(task: TaskDef, items: list[dict]) -> list[str]:
@@ -263,7 +279,7 @@ def materialize(data: TaskData, root: Path) -> tuple[str, Path]:
 def _task_source(name: str) -> TextSource:
     def load(split: str) -> list[str]:
         data = task_data(name)
-        rows = data.pool if split == "calib" else data.test
+        rows = data.calib if split == "calib" else data.test
         return [item_text(data.task, it) for it in rows]
 
     t = TASKS.get(name)

@@ -152,12 +152,20 @@ class LinearMethod(Method):
             stats: dict[str, Any] = {}
             if self.needs_calibration and any(p.weight is not None for p in plans.values()):
                 stats = self._collect_stats(ctx, list(plans))
-            for n, plan in plans.items():
+            for batch in _shared_batches(plans, stats):
+                plan = plans[batch[0]]
                 if plan.weight is None:
-                    ctx.commit(n, None, plan)
-                else:
-                    ctx.commit(n, self.solve(n, ctx.linear(n), stats.get(n), plan), plan)
+                    ctx.commit(batch[0], None, plan)
+                    continue
+                results = self.solve_shared(batch, [ctx.linear(n) for n in batch], stats.get(batch[0]), plan)
+                for n, result in zip(batch, results):
+                    ctx.commit(n, result, plan)
 
+    def solve_shared(self, names: list[str], linears: list[nn.Linear], stats: Any,
+                     plan: LinearPlan) -> list[SolveResult]:
+        """Solve linears that share one statistics object and one plan (q/k/v, gate/up).
+        Solvers whose rows are independent may override this to solve them as one matrix."""
+        return [self.solve(n, lin, stats, plan) for n, lin in zip(names, linears)]
 
     def _collect_stats(self, ctx: "BlockContext", names: list[str]) -> dict[str, Any]:
         """Statistics per linear; linears fed the very same tensor (q/k/v, gate/up) share one."""
@@ -182,6 +190,20 @@ class LinearMethod(Method):
         for name, twin in alias.items():
             stats[name] = stats[twin]
         return stats
+
+
+def _shared_batches(plans: dict[str, LinearPlan], stats: dict[str, Any]) -> list[list[str]]:
+    """Names grouped by (same statistics object, same plan), in order; unquantized ones alone."""
+    batches: list[list[str]] = []
+    for name, plan in plans.items():
+        st = stats.get(name)
+        mate = next((b for b in batches if plan.weight is not None and st is not None
+                     and stats.get(b[0]) is st and plans[b[0]] == plan), None)
+        if mate is None:
+            batches.append([name])
+        else:
+            mate.append(name)
+    return batches
 
 
 METHODS: Registry[type[Method]] = Registry("method")

@@ -230,19 +230,14 @@ def resolve_source(name: str, data_dir: str | None = None):
     return get_source(name)
 
 
-BOSS_CALIB_ITEMS = 300  # the paper carves this many items (seed 42) out of test-only datasets
-BOSS_CALIB_SEED = 42
-
-
 def task_calib_source(pattern: str, data_dir: str | None):
-    """Calibration text from tasks' unscored pools; heldout = their scored items.
+    """Calibration text from tasks' calibration parts; heldout = their scored items.
 
-    A BOSS out-of-distribution dataset has only a test split (its pool is the ID dataset's
-    training set): as in Liu et al., 300 of its test items, drawn with seed 42, become its
-    calibration part and the rest its held-out part.
+    A task's calibration part is its unscored pool, or, for a dataset with only a test split
+    (BOSS OOD sets, CMMLU), items carved out of that split with seed 42 (300 in Liu et al.),
+    which the task then no longer scores.
     """
     import fnmatch
-    import random
 
     from ..data.sources import TextSource
     try:
@@ -257,14 +252,7 @@ def task_calib_source(pattern: str, data_dir: str | None):
         docs: list[str] = []
         for n in names:
             data = task_data(n, data_dir)
-            calib, held = data.pool, data.test
-            own = n.rsplit("_", 1)[-1]
-            if n.startswith("boss_") and not any(str(it["id"]).startswith(f"{own}/") for it in calib):
-                rng = random.Random(BOSS_CALIB_SEED)
-                order = sorted(data.test, key=lambda it: str(it["id"]))
-                rng.shuffle(order)
-                calib, held = order[:BOSS_CALIB_ITEMS], order[BOSS_CALIB_ITEMS:]
-            docs += [item_text(data.task, it) for it in (calib if split == "calib" else held)]
+            docs += [item_text(data.task, it) for it in (data.calib if split == "calib" else data.test)]
         return docs
 
     return TextSource(f"task:{pattern}", f"task items of {', '.join(names)}", list, load_split=load)  # type: ignore[arg-type]
