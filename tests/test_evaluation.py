@@ -188,9 +188,9 @@ def test_boss_local_files_become_tasks(tmp_path):
     assert len(d.calib) == 10 and len(d.test) == 10
     assert all(it["id"].startswith("dynasent/test/") for it in d.calib)
     assert not {it["id"] for it in d.calib} & {it["id"] for it in d.test}
-    from quantshift.studies.spec import task_calib_source
+    from quantshift.evaluation.tasks import task_source
 
-    src = task_calib_source("boss_sa_dynasent", str(tmp_path))
+    src = task_source("boss_sa_dynasent", str(tmp_path))
     calib_text = src.load_split("calib")
     assert len(calib_text) == 10 and all("dynasent" in t for t in calib_text)
     assert task_data("boss_sa_amazon", tmp_path).calib == task_data("boss_sa_amazon", tmp_path).pool
@@ -262,6 +262,7 @@ def test_real_model_sentiment_above_chance(tmp_path):
     # measured 0.64 [0.52, 0.76] on these 50 items (fp, CPU); chance is 0.5
     assert m["n"] == 50 and m["acc"] > 0.58, m
     assert (tmp_path / "e.samples.jsonl").is_file()
+    assert "Running loglikelihood" not in r.stderr  # --quiet silences lm-eval's progress bars too
 
 
 def test_eval_result_dataclass_defaults():

@@ -47,6 +47,8 @@ def list_cmd(what: Annotated[str, typer.Argument(help="models | methods | calib 
     elif what == "calib":
         for name, s in SOURCES.items():
             typer.echo(f"{name:12s} {'online ' if s.online else 'offline'} {s.language}  {s.description}")
+        typer.echo("task:<task or glob>  text of tasks' calibration parts, e.g. task:movie_sentiment, task:ceval_*"
+                   " (see `list tasks`; data-dir tasks need --data-dir)")
         typer.echo("(also: a local .txt / .jsonl file, or hf:<dataset>[:<config>])")
     else:
         from .registry import Registry
@@ -90,6 +92,7 @@ def quantize(
     device: Annotated[str, typer.Option(help="compute device: auto, cpu, cuda, cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16")] = "auto",
     batch_size: Annotated[int, typer.Option(help="calibration batch size")] = 8,
+    data_dir: Annotated[Optional[str], typer.Option(help="directory with local task data, for --calib task:<name>")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
@@ -117,7 +120,8 @@ def quantize(
     loaded = load_model(model, device="cpu", dtype=str(torch_dtype).replace("torch.", ""))
     cal = None
     if rec.needs_calibration:
-        cal = build_calibset(calib, loaded.tokenizer, nsamples, seqlen, seed, add_bos=loaded.needs_bos, tokenizer_name=model)
+        cal = build_calibset(calib, loaded.tokenizer, nsamples, seqlen, seed, add_bos=loaded.needs_bos,
+                             tokenizer_name=model, data_dir=data_dir)
     qres = quantize_model(loaded, rec, cal, device=dev, batch_size=batch_size, progress=not quiet)
     path = save(loaded, qres, out, overwrite=overwrite)
     typer.echo(f"quantized {model} with {rec.describe()} in {time.time() - t0:.1f}s -> {path}")

@@ -71,10 +71,10 @@ def sample_windows(stream: torch.Tensor, n: int, seqlen: int, seed: int, bos_id:
 
 
 def build_calibset(source_name: str, tokenizer, n: int, seqlen: int, seed: int, add_bos: bool = False,
-                   tokenizer_name: str = "") -> CalibSet:
+                   tokenizer_name: str = "", data_dir: str | None = None) -> CalibSet:
     if n <= 0 or seqlen <= 1:
         raise DataError(f"calibration needs n >= 1 and seqlen >= 2, got n={n}, seqlen={seqlen}")
-    source = get_source(source_name)
+    source = get_source(source_name, data_dir)
     stream = token_stream(source, "calib", tokenizer)
     bos = tokenizer.bos_token_id if add_bos else None
     ids = sample_windows(stream, n, seqlen, seed, bos, f"calibration part of {source_name!r}")

@@ -215,10 +215,15 @@ def _local_file(path: Path) -> TextSource:
     return TextSource(str(path), f"local file {path}", load)
 
 
-def get_source(name: str) -> TextSource:
-    """A registered source, a local .txt/.jsonl file, or `hf:<dataset>[:<config>]` (train/test)."""
-    if name.startswith("task:") and name not in SOURCES:
-        from ..evaluation import tasks  # noqa: F401  (registers `task:<name>` sources; data loads lazily)
+def get_source(name: str, data_dir: str | Path | None = None) -> TextSource:
+    """A registered source, `task:<name or glob>` (task text; data-dir tasks read `data_dir`),
+    a local .txt/.jsonl file, or `hf:<dataset>[:<config>]` (train/test)."""
+    if name.startswith("task:"):
+        try:
+            from ..evaluation.tasks import task_source
+        except ImportError:
+            raise DataError(f"source {name} needs the task evaluation engine") from None
+        return task_source(name[5:], data_dir)
     if name in SOURCES:
         return SOURCES.get(name)
     p = Path(name).expanduser()

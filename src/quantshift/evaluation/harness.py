@@ -48,7 +48,7 @@ def run(lm, task_names: list[str], *, shots: int, limit: int | None, include_pat
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    # lm-eval's own progress bars stay on (it exposes no switch); progress=False only quiets its logging
+    # progress=False quiets lm-eval's logging and its progress bars (tqdm writes to sys.stderr)
     env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"} if offline else {}
     with _env(env), _quiet(not progress):
         # indexing lm-eval's own ~10k task files costs seconds: skip it when every task is ours
@@ -68,7 +68,9 @@ def _quiet(on: bool) -> Iterator[None]:
     old = lg.level
     lg.setLevel(logging.ERROR)
     try:
-        yield
+        # lm-eval has no switch for its tqdm bars; errors still surface as exceptions
+        with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+            yield
     finally:
         lg.setLevel(old)
 

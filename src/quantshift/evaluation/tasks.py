@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from ..data.sources import SOURCES, TextSource
+from ..data.sources import TextSource
 from ..errors import ConfigError, DataError
 from ..registry import Registry
 from .leakage import drop_overlapping
@@ -276,28 +276,35 @@ def materialize(data: TaskData, root: Path) -> tuple[str, Path]:
 # ---------------------------------------------------------------- calibration sources
 
 
-def _task_source(name: str) -> TextSource:
+def task_source(pattern: str, data_dir: Path | str | None = None) -> TextSource:
+    """`task:<pattern>`: calibration text from tasks (a name or a glob such as `ceval_*`).
+
+    "calib" is each task's calibration part: its unscored pool with answers, or, for a dataset
+    with only a test split (BOSS OOD sets, CMMLU), the items carved out of it, which the task then
+    no longer scores; "heldout" is the scored items. Data loads lazily, on first use.
+    """
+    import fnmatch
+
+    names = [n for n in TASKS.names() if fnmatch.fnmatchcase(n, pattern)]
+    if not names:
+        raise ConfigError(f"source task:{pattern}: no task matches (see `quantshift list tasks`)")
+
     def load(split: str) -> list[str]:
-        data = task_data(name)
-        rows = data.calib if split == "calib" else data.test
-        return [item_text(data.task, it) for it in rows]
+        docs: list[str] = []
+        for n in names:
+            data = task_data(n, data_dir)
+            docs += [item_text(data.task, it) for it in (data.calib if split == "calib" else data.test)]
+        return docs
 
-    t = TASKS.get(name)
-    return TextSource(f"task:{name}", f"{t.description} (calib: unscored pool with answers; heldout: scored items)",
-                      list, language=t.language, load_split=load)  # type: ignore[arg-type]
-
-
-def _register_sources() -> None:
-    for name, t in TASKS.items():
-        if t.needs != "data-dir" and f"task:{name}" not in SOURCES:
-            SOURCES.add(f"task:{name}", _task_source(name))
+    first = TASKS.get(names[0])
+    what = first.description if len(names) == 1 else f"items of {', '.join(names)}"
+    return TextSource(f"task:{pattern}", what, list, language=first.language, load_split=load)  # type: ignore[arg-type]
 
 
 def _register_all() -> None:
     from . import localdata, offline  # noqa: F401  (each registers its tasks)
 
     _load_suites()
-    _register_sources()
 
 
 _register_all()

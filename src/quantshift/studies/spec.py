@@ -208,54 +208,11 @@ def check_sources(spec: StudySpec, data_dir: str | None = None) -> None:
             raise ConfigError(f"study {spec.name!r}: calibration/ppl source {name!r} is not available ({err})") from None
 
 
-def _register_task_sources() -> None:
-    """Importing the task registry adds its `task:<name>` text sources (when the engine is built)."""
-    try:
-        from ..evaluation import tasks  # noqa: F401
-    except ImportError:
-        pass
-
-
 def resolve_source(name: str, data_dir: str | None = None):
-    """A text source by name, task sources included (works in a fresh worker process too).
+    """A text source by name; `task:<pattern>` sources read data-dir tasks from `data_dir`."""
+    from ..data.sources import get_source
 
-    `task:<pattern>` also covers tasks whose data lives under --data-dir (C-Eval, CMMLU, BOSS) and
-    globs (`task:ceval_*` = the union of those tasks' items).
-    """
-    from ..data.sources import SOURCES, get_source
-
-    _register_task_sources()
-    if name.startswith("task:") and name not in SOURCES:
-        return task_calib_source(name[5:], data_dir)
-    return get_source(name)
-
-
-def task_calib_source(pattern: str, data_dir: str | None):
-    """Calibration text from tasks' calibration parts; heldout = their scored items.
-
-    A task's calibration part is its unscored pool, or, for a dataset with only a test split
-    (BOSS OOD sets, CMMLU), items carved out of that split with seed 42 (300 in Liu et al.),
-    which the task then no longer scores.
-    """
-    import fnmatch
-
-    from ..data.sources import TextSource
-    try:
-        from ..evaluation.tasks import TASKS, item_text, task_data
-    except ImportError:
-        raise ConfigError(f"source task:{pattern} needs the task evaluation engine") from None
-    names = [n for n in TASKS.names() if fnmatch.fnmatchcase(n, pattern)]
-    if not names:
-        raise ConfigError(f"source task:{pattern}: no task matches (see `quantshift list tasks`)")
-
-    def load(split: str) -> list[str]:
-        docs: list[str] = []
-        for n in names:
-            data = task_data(n, data_dir)
-            docs += [item_text(data.task, it) for it in (data.calib if split == "calib" else data.test)]
-        return docs
-
-    return TextSource(f"task:{pattern}", f"task items of {', '.join(names)}", list, load_split=load)  # type: ignore[arg-type]
+    return get_source(name, data_dir)
 
 
 def task_names(spec: StudySpec) -> list[str]:
