@@ -12,6 +12,12 @@ from quantshift.models.load import LoadedModel
 VOCAB = 128
 
 
+@pytest.fixture(autouse=True)
+def _seeded_torch():
+    """Every test starts from the same global RNG state: results never depend on test order."""
+    torch.manual_seed(1234)
+
+
 def _tiny(kind: str, seed: int = 0) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
 

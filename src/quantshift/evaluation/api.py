@@ -117,7 +117,8 @@ def _run_tasks(loaded, runs, res: EvalResult, *, limit, data_dir, batch_size, se
     _guard_calibration(loaded, local, local_limit)
     lm_names, dirs = {}, {}
     for name, data in local.items():
-        lm_names[name], dirs[name] = materialize(data, task_root())
+        shots_used = [k for n, _t, k, _c in runs if n == name]
+        lm_names[name], dirs[name] = materialize(data, task_root(), with_pool=any(shots_used))
     lm = harness.make_lm(loaded, batch_size)
     # one lm-eval call per (shots, kind of task): limits and offline mode differ between ours and lm-eval's
     groups: dict[tuple[int, bool], list] = {}
@@ -171,8 +172,21 @@ def _leaves(raw: dict, key: str) -> list[str]:
     return out
 
 
+# guards already passed in this process (a study evaluates many models); the values keep the
+# TaskData objects alive so that their ids, part of the keys, are never reused
+_CHECKED: dict[tuple, TaskData] = {}
+
+
 def _guard_fewshot(data: TaskData, limit: int | None) -> None:
     """Few-shot exemplars come from the pool: it must share no id and no 13-gram with scored items."""
+    key = ("fewshot", id(data), limit)
+    if key in _CHECKED:
+        return
+    _check_fewshot(data, limit)
+    _CHECKED[key] = data
+
+
+def _check_fewshot(data: TaskData, limit: int | None) -> None:
     scored = [(it["id"], item_text(data.task, it, with_answer=False)) for it in data.scored(limit)]
     # template n-grams are judged on the whole task, as when the split was made
     population = [item_text(data.task, it) for it in data.test + data.pool]
@@ -194,9 +208,13 @@ def _guard_calibration(loaded, local: dict[str, TaskData], limit: int | None) ->
         return
     if src.online:
         return  # would need the network; calibration on web text is checked by the study runner
-    docs = src.documents(cal.get("split", "calib"))
+    split = cal.get("split", "calib")
+    todo = {name: data for name, data in local.items() if ("calib", src_name, split, id(data), limit) not in _CHECKED}
+    if not todo:
+        return
+    docs = src.documents(split)
     others = [(f"{src_name}#{i}", d) for i, d in enumerate(docs)]
-    for name, data in local.items():
+    for name, data in todo.items():
         scored = [(it["id"], item_text(data.task, it, with_answer=False)) for it in data.scored(limit)]
         found = find_overlaps(scored, others)
         if found:
@@ -205,3 +223,4 @@ def _guard_calibration(loaded, local: dict[str, TaskData], limit: int | None) ->
             if src_name.startswith("task:"):
                 raise DataError(msg)
             warnings.warn(msg, stacklevel=3)
+        _CHECKED[("calib", src_name, split, id(data), limit)] = data

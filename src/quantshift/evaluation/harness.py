@@ -68,11 +68,30 @@ def _quiet(on: bool) -> Iterator[None]:
     old = lg.level
     lg.setLevel(logging.ERROR)
     try:
-        # lm-eval has no switch for its tqdm bars; errors still surface as exceptions
-        with open(os.devnull, "w") as sink, contextlib.redirect_stderr(sink):
+        with _no_progress_bars():
             yield
     finally:
         lg.setLevel(old)
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Every tqdm bar created inside is disabled: lm-eval (and `datasets`) have no switch for
+    theirs. Patching tqdm's constructor, not redirecting stderr, keeps warnings and the logging
+    handlers that lm-eval creates meanwhile pointing at the real stderr."""
+    import tqdm.std
+
+    original = tqdm.std.tqdm.__dict__["__init__"]
+
+    def init(self, *args, **kwargs):
+        kwargs["disable"] = True
+        return original.__get__(self, type(self))(*args, **kwargs)
+
+    tqdm.std.tqdm.__init__ = init  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        tqdm.std.tqdm.__init__ = original  # type: ignore[method-assign]
 
 
 def convert_samples(raw: list[dict]) -> list[dict]:

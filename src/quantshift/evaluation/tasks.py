@@ -210,8 +210,9 @@ def task_data(name: str, data_dir: Path | str | None = None) -> TaskData:
 # ---------------------------------------------------------------- lm-eval task files
 
 
-def materialize(data: TaskData, root: Path) -> tuple[str, Path]:
+def materialize(data: TaskData, root: Path, with_pool: bool = True) -> tuple[str, Path]:
     """Write the task as lm-eval YAML + JSONL under root; returns (lm-eval task name, its dir).
+    `with_pool=False` (0-shot only) leaves the few-shot pool out: lm-eval would read it for nothing.
 
     The file names carry a content hash: `datasets` caches JSON by path, and a changed file
     under an old name could otherwise be served stale.
@@ -219,7 +220,7 @@ def materialize(data: TaskData, root: Path) -> tuple[str, Path]:
     import yaml
 
     task = data.task
-    body = {"test": data.test, "train": data.pool}
+    body = {"test": data.test, **({"train": data.pool} if with_pool and data.pool else {})}
     digest = hashlib.sha256(json.dumps([task.name, body, task.preamble, task.kind], sort_keys=True).encode()).hexdigest()[:12]
     lm_name = f"qs_{task.name}"
     d = root / f"{task.name}-{digest}"
@@ -234,7 +235,7 @@ def materialize(data: TaskData, root: Path) -> tuple[str, Path]:
         "fewshot_delimiter": task.fewshot_delimiter,
         "metadata": {"version": 1, "quantshift_task": task.name},
     }
-    if data.pool:
+    if "train" in body:
         cfg.update({"training_split": "train", "fewshot_split": "train"})
         if "shot" in data.pool[0]:  # exemplars drop the "### Input ###" header (BOSS)
             cfg["fewshot_config"] = {"sampler": "default", "doc_to_text": "{{shot}}"}

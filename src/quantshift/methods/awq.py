@@ -26,7 +26,7 @@ from typing import Literal
 import torch
 from pydantic import field_validator, model_validator
 
-from ..quant.primitives import QuantSpec, _grouped, fake_quantize_weight, quantize_weight
+from ..quant.primitives import QuantSpec, _grouped, fake_quantize_weight, qparams_from_range, quantize_weight
 from ..quant.smoothing import (InputStats, ResolvedMapping, collect_input_stats, fold_scale, output_error,
                                representatives, resolve_mappings)
 from .base import LinearPlan, Method, SolveResult, StageConfig, register
@@ -78,11 +78,20 @@ def scaled_fake_quant(W: torch.Tensor, s: torch.Tensor, spec: QuantSpec) -> torc
 def search_scale_layer(weights: list[torch.Tensor], specs: list[QuantSpec], x_mean: torch.Tensor,
                        H: torch.Tensor, grid: int) -> tuple[torch.Tensor, float, list[float]]:
     """Best s over the alpha grid by the mapping's output error (exact, through H)."""
+    # linears of one format are stacked by rows: one error GEMM per format and alpha
+    stacks: list[tuple[QuantSpec, list[torch.Tensor]]] = []
+    for W, sp in zip(weights, specs):
+        same = next((ws for s0, ws in stacks if s0 == sp), None)
+        if same is None:
+            stacks.append((sp, [W.float()]))
+        else:
+            same.append(W.float())
+    stacked = [(torch.cat(ws), sp) for sp, ws in stacks]
     errs = []
     best = (float("inf"), 0.0, torch.ones_like(x_mean))
     for alpha in torch.linspace(0, 1, grid).tolist():
         s = awq_scales(x_mean, alpha)
-        err = sum(float(output_error(W, scaled_fake_quant(W, s, sp), H)) for W, sp in zip(weights, specs))
+        err = sum(float(output_error(W, scaled_fake_quant(W, s, sp), H)) for W, sp in stacked)
         errs.append(err)
         if err < best[0]:
             best = (err, alpha, s)
@@ -107,11 +116,16 @@ def clip_search(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, grid: int = 2
     lo, hi = Wg.amin(dim=2, keepdim=True), Wg.amax(dim=2, keepdim=True)
     best_err = torch.full((out_f, ng), float("inf"), device=W.device)
     best_r = torch.ones(out_f, ng, device=W.device)
+    maxq = spec.maxq
     for r in torch.linspace(1.0, 1.0 - max_shrink, grid).tolist():
-        Wc = torch.minimum(torch.maximum(Wg, lo * r), hi * r)
-        Q = fake_quantize_weight(Wc.reshape(out_f, -1)[:, :in_f], spec)
-        D = Wg - _grouped(Q, gs)
-        err = torch.einsum("ogi,gij,ogj->og", D, Hb, D)
+        # the clamped group's range is exactly [lo r, hi r] (ranges always contain 0), so its
+        # qparams come straight from it and the group is quantized in place, no regrouping
+        lo_r, hi_r = lo * r, hi * r
+        scale, zero = qparams_from_range(lo_r, hi_r, spec.bits, spec.symmetric)
+        Wc = torch.minimum(torch.maximum(Wg, lo_r), hi_r)
+        D = Wg - (torch.clamp(torch.round(Wc / scale) + zero, 0, maxq) - zero) * scale
+        Dg = D.transpose(0, 1)  # [ng, out, gs]: one batched matmul per group
+        err = (torch.bmm(Dg, Hb) * Dg).sum(dim=2).t()
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_r = torch.where(better, torch.full_like(best_r, r), best_r)

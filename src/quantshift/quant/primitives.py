@@ -168,7 +168,16 @@ def quantize_weight(w: torch.Tensor, spec: QuantSpec) -> QuantizedWeight:
 
 
 def fake_quantize_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    return quantize_weight(w, spec).dequantize(w.dtype)
+    """quantize_weight(w, spec).dequantize(), computed group by group in place for integer grids
+    (searches call this in their inner loops; per-column parameter copies would dominate)."""
+    if spec.dtype == "fp8" or spec.group_size == 0:
+        return quantize_weight(w, spec).dequantize(w.dtype)
+    out_f, in_f = w.shape
+    g = _grouped(w.float(), spec.group_size)  # [out, ngroups, gs]; per-channel: one group per row
+    scale, zero = qparams_from_range(g.amin(dim=2, keepdim=True), g.amax(dim=2, keepdim=True), spec.bits,
+                                     spec.symmetric)
+    q = (torch.clamp(torch.round(g / scale) + zero, 0, spec.maxq) - zero) * scale
+    return q.reshape(out_f, -1)[:, :in_f].to(w.dtype)
 
 
 def fake_quantize_activation(x: torch.Tensor, spec: QuantSpec, per_token: bool = True) -> torch.Tensor:
