@@ -21,7 +21,7 @@ from quantshift.checkpoint import versions, write_json_atomic
 from quantshift.data.calibset import build_calibset
 from quantshift.evaluation.perplexity import perplexity
 from quantshift.models.load import load_model
-from quantshift.quantize import quantize_model
+from quantshift.quantize import quantize_model, save
 from quantshift.recipes import recipe_from_cli
 
 
@@ -37,6 +37,8 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=0, help="0 = every held-out window")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out", default="docs/results/rtn-vs-gptq")
+    ap.add_argument("--save-models", default="", help="also save each quantized model under this directory "
+                                                       "(e.g. to run `quantshift eval DIR --suite offline` on it)")
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -65,7 +67,11 @@ def main() -> None:
             rec = recipe_from_cli(method, wbits=bits, group_size=args.group_size)
             cal = None if calib == "-" else build_calibset(calib, lm.tokenizer, args.nsamples, args.seqlen, args.seed,
                                                            add_bos=lm.needs_bos, tokenizer_name=args.model)
-            qtime = quantize_model(lm, rec, cal, progress=False).engine.seconds
+            qres = quantize_model(lm, rec, cal, progress=False)
+            qtime = qres.engine.seconds
+            if args.save_models:
+                save(lm, qres, Path(args.save_models) / f"{method}-w{bits}-{calib if calib != '-' else 'none'}",
+                     overwrite=True)
         results["cells"][key] = {"method": method, "wbits": bits, "calib": calib, "ppl": score(lm),
                                  "quantize_seconds": round(qtime, 1), "seconds": round(time.time() - t0, 1)}
         write_json_atomic(res_file, results)

@@ -49,8 +49,12 @@ def inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
     """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; its rows drive the updates.
     Adds the damping to H in place (callers pass their own copy)."""
     H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    L = torch.linalg.cholesky(H)
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+    # With J the exchange matrix and J H J = R R^T (R lower), H = V V^T for the upper V = J R J,
+    # so H^-1 = U^T U with U = V^-1 = J R^-1 J: one Cholesky and one triangular inverse instead
+    # of Cholesky, full inverse and a second Cholesky (the factor is unique, so it is the same U)
+    R = torch.linalg.cholesky(H.flip(0, 1))
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    return torch.linalg.solve_triangular(R, eye, upper=False).flip(0, 1)
 
 
 def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 0.01, block_size: int = 128,
