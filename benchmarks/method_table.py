@@ -8,7 +8,7 @@ Cells (those whose methods are registered when the script runs):
 - weight-only W4/W3/W2 at --group-size (default 64): rtn, gptq, awq, quip; spqr at its own
   format (groups of 16 with 3-bit statistics + 1% fp16 outliers), its measured bits/weight shown;
 - stacks: AWQ -> GPTQ (awq as a transform, quantize: false); SmoothQuant -> GPTQ at W8A8 and W4A8;
-- activations: W8A8 and W4A8 with smoothquant, zeroquant; fp8 W8A8.
+- activations: naive per-tensor W8A8 (the baseline); W8A8 and W4A8 with smoothquant, zeroquant; fp8 W8A8.
 
     nice -n 10 python benchmarks/method_table.py --nsamples 32 --seqlen 512 --max-windows 32 --bits 3,2
 """
@@ -47,6 +47,10 @@ def cells_for(bits: list[int], gs: int, act_formats: bool) -> list[tuple[str, st
             out.append((f"awq>gptq|w{b}", f"awq -> gptq {fmt}", {"stages": [
                 {"awq": {"wbits": b, "group_size": gs, "quantize": False}}, {"gptq": {"wbits": b, "group_size": gs}}]}))
     if act_formats:
+        # the baseline SmoothQuant is measured against: one scale per tensor for the weights and
+        # for each token-batch of activations, no smoothing
+        out.append(("rtn|w8a8-naive", "naive W8A8 (per-tensor W, per-tensor dynamic A)", {"stages": [
+            {"rtn": {"wbits": 8, "group_size": 0, "sym": True, "abits": 8, "act_per_token": False}}]}))
         if "smoothquant" in have:
             out.append(("smoothquant|w8a8", "smoothquant W8A8 (per-channel W, per-token A)", {"stages": ["smoothquant"]}))
             out.append(("smoothquant|w4a8", f"smoothquant W4A8 g{gs}", {"stages": [

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from conftest import has_real_models, loaded_tiny
-from quantshift.errors import DataError
+from quantshift.errors import ConfigError, DataError
 from quantshift.evaluation.api import EvalResult, evaluate, preflight
 from quantshift.evaluation.leakage import check_leakage, find_overlaps
 from quantshift.evaluation.metrics import exact_match, f1
@@ -268,3 +268,61 @@ def test_real_model_sentiment_above_chance(tmp_path):
 def test_eval_result_dataclass_defaults():
     r = EvalResult()
     assert r.metrics == {} and r.samples == {}
+
+
+# ---------------------------------------------------------------- MT-Bench-style judged dialogue
+
+def _questions(tmp_path, rows):
+    p = tmp_path / "question.jsonl"
+    p.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return p
+
+
+def test_judge_ratings_are_parsed_strictly():
+    from quantshift.evaluation.judge import parse_rating
+
+    assert parse_rating("Clear and correct. Rating: [[8]]") == 8.0
+    assert parse_rating("first [[3]] then, on reflection, [[ 7.5 ]]") == 7.5
+    assert parse_rating("I would give it 9/10") is None  # no [[N]]: unparsed, never guessed
+    assert parse_rating("[[0]] or [[11]]") is None  # outside 1..10
+
+
+def test_mt_bench_answers_every_turn_and_grades_it(tmp_path):
+    from quantshift.evaluation.judge import judge_prompt, load_questions, mt_bench
+
+    path = _questions(tmp_path, [
+        {"question_id": 1, "category": "writing", "turns": ["Write a haiku.", "Now make it sad."]},
+        {"question_id": 2, "category": "math", "turns": ["What is 2+2?", "And 3+3?"], "reference": ["4", "6"]},
+    ])
+    questions = load_questions(path)
+    seen: list[str] = []
+
+    def judge(prompt: str) -> str:  # a stand-in judge: rates first turns, fails to rate second turns
+        seen.append(prompt)
+        return "Good. [[7]]" if prompt.count("User: ") == 1 else "no rating given"
+
+    metric, samples = mt_bench(loaded_tiny(), questions, judge, "stub", max_new_tokens=4, progress=False)
+    assert [s["id"] for s in samples] == ["1#t1", "1#t2", "2#t1", "2#t2"]
+    assert metric["score"] == 7.0 and metric["score_turn1"] == 7.0 and metric["score_turn2"] is None
+    assert metric["rated"] == 2 and metric["unparsed"] == 2 and metric["n"] == 2
+    # the judge sees the conversation so far with the model's own replies, and the reference if any
+    assert "User: Now make it sad." in seen[1] and f"Assistant: {samples[0]['answer']}" in seen[1]
+    assert "reference answer" in seen[3] and "\n6\n" in seen[3] and "reference" not in seen[0]
+    assert judge_prompt(questions[1], ["4", "6"], 0).count("User: ") == 1
+
+
+def test_mt_bench_bad_input_is_one_clear_error(tmp_path):
+    from quantshift.evaluation.judge import check_judge_spec, load_questions
+
+    with pytest.raises(DataError, match="does not exist"):
+        load_questions(tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"question_id": 1, "turns": ["ok"]}\n{"question_id": 2}\n')
+    with pytest.raises(DataError, match=r"bad.jsonl:2"):
+        load_questions(bad)
+    with pytest.raises(ConfigError, match="hf:<hub id"):
+        check_judge_spec("gpt4")
+    check_judge_spec("openai:gpt-4o@https://api.example.com/v1")
+    r = subprocess.run([sys.executable, "-m", "quantshift.cli", "eval", "smollm2-135m", "--mt-bench",
+                        str(tmp_path / "missing.jsonl"), "--judge", "hf:x"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr

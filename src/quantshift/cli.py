@@ -144,16 +144,28 @@ def eval_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16")] = "auto",
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    mt_bench: Annotated[Optional[Path], typer.Option("--mt-bench", help="MT-Bench-layout questions JSONL: answer, then grade with --judge")] = None,
+    judge: Annotated[Optional[str], typer.Option(help="MT-Bench judge: hf:<hub id or dir> or openai:<model>@<base url>")] = None,
+    max_new_tokens: Annotated[int, typer.Option(help="MT-Bench answer length cap")] = 256,
 ) -> None:
-    """Evaluate a model: perplexity on held-out text and lm-eval tasks (multiple choice by log-likelihood)."""
+    """Evaluate a model: perplexity on held-out text, lm-eval tasks (multiple choice by log-likelihood),
+    MT-Bench-style judged dialogue."""
     from .errors import ConfigError
     from .evaluation.api import evaluate, preflight
     from .models.load import load_model
 
     _threads()
     split = lambda v: [x.strip() for x in (v or "").split(",") if x.strip()]  # noqa: E731
-    if not ppl and not tasks and not suite:
-        raise ConfigError("nothing to evaluate: give --ppl SOURCES, --tasks NAMES or --suite NAME")
+    if not ppl and not tasks and not suite and mt_bench is None:
+        raise ConfigError("nothing to evaluate: give --ppl SOURCES, --tasks NAMES, --suite NAME or --mt-bench FILE")
+    from .evaluation import judge as mtb
+
+    questions = None
+    if mt_bench is not None or judge is not None:
+        if mt_bench is None or judge is None:
+            raise ConfigError("--mt-bench QUESTIONS.jsonl and --judge SPEC go together")
+        mtb.check_judge_spec(judge)
+        questions = mtb.load_questions(mt_bench, limit or None)
     if suite is not None:
         from .evaluation.tasks import SUITES
 
@@ -169,11 +181,16 @@ def eval_cmd(
     res = evaluate(loaded, ppl=split(ppl), tasks=split(tasks), suite=suite, shots=shot_list, limit=limit,
                    data_dir=data_dir, seqlen=seqlen, max_windows=max_windows or None, batch_size=batch_size,
                    seed=seed, progress=not quiet)
+    if questions is not None and judge is not None:
+        metric, rows = mtb.mt_bench(loaded, questions, mtb.make_judge(judge, device), judge, max_new_tokens,
+                                    progress=not quiet, seed=seed)
+        metric["questions"] = str(mt_bench)
+        res.metrics[mtb.METRIC_KEY], res.samples[mtb.METRIC_KEY] = metric, rows
     for key, m in res.metrics.items():
         if key.startswith("ppl:"):
             typer.echo(f"{key:34s} ppl {m['ppl']:10.3f}  ({m['tokens']} tokens, {m['windows']} x {m['seqlen']})")
         else:
-            parts = [f"{k} {m[k]:.4f} [{m[k + '_ci'][0]:.3f}, {m[k + '_ci'][1]:.3f}]" for k in ("acc", "acc_norm", "f1", "exact_match")
+            parts = [f"{k} {m[k]:.4f} [{m[k + '_ci'][0]:.3f}, {m[k + '_ci'][1]:.3f}]" for k in ("acc", "acc_norm", "f1", "exact_match", "score")
                      if isinstance(m.get(k), float) and m.get(k + "_ci")]
             typer.echo(f"{key:34s} {'  '.join(parts)}  n={m.get('n')}")
     if json_out is not None:
