@@ -223,6 +223,9 @@ def test_every_method_saves_and_reloads_exactly(kind, name, tmp_path):
     assert [next(iter(s)) for s in info["recipe"]["stages"]] == [next(iter(s)) for s in stages]
     if any("kvcache" in s for s in stages):
         assert len(info["output_quantizers"]) == 4  # k and v of two blocks, after any later stage too
+    if name == "sq_gptq_kv":  # what the transform-only stage did is in the report too
+        smoothed = res.report()["transforms"]["model.layers.0.self_attn.q_proj"]
+        assert smoothed["smooth_scale_max"] >= smoothed["smooth_scale_min"] > 0
     if name.startswith("fp8"):
         from safetensors import safe_open
 

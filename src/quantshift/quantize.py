@@ -29,6 +29,7 @@ class QuantizationResult:
             "seconds": round(self.engine.seconds, 3),
             "blocks": self.engine.blocks,
             "modules": {k: {"stage": m.stage, **m.info} for k, m in self.engine.modules.items()},
+            "transforms": self.engine.transforms,
             "bits_per_param": measured_bits(self.engine.modules),
         }
 

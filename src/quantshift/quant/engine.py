@@ -86,6 +86,8 @@ class EngineResult:
     modules: dict[str, QuantizedModule]
     blocks: list[dict[str, Any]]
     seconds: float
+    # what transform-only stages did to modules no later stage quantized (e.g. smoothing scales)
+    transforms: dict[str, dict] = field(default_factory=dict)
 
 
 class BlockContext:
@@ -321,4 +323,4 @@ class BlockEngine:
             if "out_rel_err" in entry:
                 bar.set_postfix(rel_err=f"{entry['out_rel_err']:.2e}")
         self.inputs, self._kwargs = [], []
-        return EngineResult(self.modules, report, time.time() - t0)
+        return EngineResult(self.modules, report, time.time() - t0, self.transforms)
