@@ -16,6 +16,8 @@ def qs(*args, timeout=600):
 @pytest.mark.parametrize("args,needle", [
     (["quantize", "smollm2-135m", "--method", "gptqq", "--out", "x"], "unknown method 'gptqq'"),
     (["quantize", "smollm2-135m", "--method", "rtn", "--wbits", "9", "--out", "x"], "wbits must be 2..8"),
+    (["quantize", "smollm2-135m", "--method", "gptq", "--stats-cache", "st", "--out", "x"], "--stats-cache needs --propagate fp"),
+    (["quantize", "smollm2-135m", "--method", "gptq", "--propagate", "float", "--out", "x"], "--propagate must be"),
     (["quantize", "no-such-model", "--method", "rtn", "--out", "x"], "unknown model 'no-such-model'"),
     (["quantize", "./missing/dir", "--method", "rtn", "--out", "x"], "does not exist"),
     (["eval", "smollm2-135m"], "nothing to evaluate"),

@@ -124,3 +124,120 @@ def test_linears_reading_the_same_input_share_statistics(monkeypatch):
     monkeypatch.setattr(GPTQ, "new_stats", lambda self, lin: calls.append(lin) or original(self, lin))
     quantize_model(loaded_tiny("llama"), recipe_from_cli("gptq", wbits=4, group_size=32), random_calib(), progress=False)
     assert len(calls) == 2 * 4  # per block: one for q/k/v, o, gate/up, down
+
+
+# ---------------------------------------------------------------- fp propagation and the statistics cache
+
+def _gptq(bits: int):
+    return recipe_from_dict([{"gptq": {"wbits": bits, "group_size": 32}}])
+
+
+def _no_forward(monkeypatch):
+    """Any calibration forward pass from here on fails the test."""
+    from quantshift.quant.engine import BlockEngine
+
+    def refuse(self, *a, **k):
+        raise AssertionError("a calibration forward pass ran")
+
+    monkeypatch.setattr(BlockEngine, "capture", refuse)
+
+
+def test_cached_hessians_give_a_new_bit_width_without_any_forward_pass(tmp_path, monkeypatch):
+    from quantshift.quant.statstore import StatsStore
+
+    calib = random_calib(n=4, seqlen=32)
+    store = StatsStore(tmp_path / "stats", "tiny-llama")
+    quantize_model(loaded_tiny(), _gptq(4), calib, propagate="fp", stats_store=store, progress=False)
+    assert len(list((tmp_path / "stats").rglob("block-*.safetensors"))) == 2
+    fresh = loaded_tiny()
+    quantize_model(fresh, _gptq(3), calib, propagate="fp", progress=False)  # computes its own Hessians
+    _no_forward(monkeypatch)
+    cached = loaded_tiny()
+    res = quantize_model(cached, _gptq(3), calib, propagate="fp", stats_store=store, progress=False)
+    assert all(b.get("statistics") == "cached" for b in res.engine.blocks)
+    for a, b in zip(fresh.model.parameters(), cached.model.parameters()):
+        assert torch.equal(a, b)  # the same Hessians, so the very same weights
+    assert res.report()["propagate"] == "fp"
+
+
+def test_a_union_of_calibration_sets_reuses_its_parts_statistics(tmp_path, monkeypatch):
+    """H is a mean over tokens, so the union's H is the token-weighted mean of its parts' H."""
+    from quantshift.data.calibset import union_calibset
+    from quantshift.quant.statstore import CalibIdentity, StatsStore
+
+    a, b = random_calib(n=4, seqlen=32, seed=1), random_calib(n=2, seqlen=32, seed=2)
+    both = union_calibset([a, b])
+    assert both.manifest.n == 6 and [p["sha256"] for p in both.manifest.parts] == [a.manifest.sha256, b.manifest.sha256]
+    direct = StatsStore(tmp_path / "direct", "m")
+    quantize_model(loaded_tiny(), _gptq(4), both, propagate="fp", stats_store=direct, progress=False)
+    store = StatsStore(tmp_path / "parts", "m")
+    for part in (a, b):
+        quantize_model(loaded_tiny(), _gptq(4), part, propagate="fp", stats_store=store, progress=False)
+    _no_forward(monkeypatch)
+    quantize_model(loaded_tiny(), _gptq(3), both, propagate="fp", stats_store=store, progress=False)
+    ident = CalibIdentity.of(both.manifest)
+    for block in (0, 1):
+        mixed, ref = store.load_block(ident, block), direct.load_block(ident, block)
+        assert set(mixed) == set(ref)
+        for name in ref:
+            assert mixed[name][1] == ref[name][1] == 6 * 32
+            assert torch.allclose(mixed[name][0], ref[name][0], rtol=1e-4, atol=1e-6)
+
+
+def test_fp_propagation_calibrates_on_unquantized_activations():
+    """Block 1's statistics under fp propagation equal those of an fp model (block 0 quantized or not)."""
+    calib = random_calib(n=4, seqlen=32)
+    seen: dict[str, torch.Tensor] = {}
+
+    from quantshift.methods.gptq import GPTQ
+
+    original = GPTQ.solve_shared
+
+    def spy(self, names, linears, stats, plan):
+        seen.setdefault(f"{self.config.wbits}:{names[0]}:{id(linears[0])}", stats.H.clone())
+        return original(self, names, linears, stats, plan)
+
+    GPTQ.solve_shared = spy
+    try:
+        m2, m4 = loaded_tiny(), loaded_tiny()
+        quantize_model(m2, _gptq(2), calib, propagate="fp", progress=False)
+        quantize_model(m4, _gptq(4), calib, propagate="fp", progress=False)
+    finally:
+        GPTQ.solve_shared = original
+    h2 = [h for k, h in seen.items() if k.startswith("2:")]
+    h4 = [h for k, h in seen.items() if k.startswith("4:")]
+    assert len(h2) == len(h4) == 8  # 2 blocks x (qkv, o, gate/up, down)
+    for x, y in zip(h2, h4):
+        assert torch.equal(x, y)  # W2 and W4 saw the same inputs in every block
+
+
+def test_a_statistics_cache_needs_fp_propagation(tmp_path):
+    from quantshift.errors import ConfigError
+    from quantshift.quant.statstore import StatsStore
+
+    with pytest.raises(ConfigError, match="fp propagation"):
+        quantize_model(loaded_tiny(), _gptq(4), random_calib(), stats_store=StatsStore(tmp_path, "m"), progress=False)
+
+
+@pytest.mark.parametrize("propagate", ["quantized", "fp"])
+def test_one_pass_statistics_share_only_truly_shared_inputs(propagate):
+    """Observing every linear of a block in one pass (true_sequential off, or fp propagation):
+    q/k/v share one Hessian and gate/up another, even when gate/up's input reuses the memory of
+    q/k/v's freed input."""
+    from quantshift.methods.gptq import GPTQ
+
+    batches: list[list[str]] = []
+    original = GPTQ.solve_shared
+
+    def spy(self, names, linears, stats, plan):
+        batches.append([n.split(".")[-1] for n in names])
+        return original(self, names, linears, stats, plan)
+
+    GPTQ.solve_shared = spy
+    try:
+        rec = recipe_from_dict([{"gptq": {"wbits": 4, "group_size": 32, "true_sequential": False}}])
+        quantize_model(loaded_tiny(), rec, random_calib(n=4, seqlen=32), propagate=propagate, progress=False)
+    finally:
+        GPTQ.solve_shared = original
+    assert sorted(map(tuple, batches[:4])) == [("down_proj",), ("gate_proj", "up_proj"), ("o_proj",),
+                                               ("q_proj", "k_proj", "v_proj")]

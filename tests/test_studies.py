@@ -300,3 +300,26 @@ def test_shipped_presets_are_valid_grids(preset):
     spec = load_study(Path(__file__).parent.parent / "studies" / preset)
     cells = expand(spec)
     assert len(cells) >= 2 and eval_units(spec)
+
+
+def test_fp_propagation_study_reuses_hessians_across_bits_and_unions(tiny_env, tmp_path, monkeypatch):
+    """With calibration.propagate fp, each source's Hessians are computed once (at the first bit
+    width) and reused by the other bit width and by the union source a+b: two forward passes."""
+    from quantshift.quant.engine import BlockEngine
+    from quantshift.studies.runner import run_study
+
+    a, b = list(tiny_env["sources"].values())[:2]
+    spec = tiny_study(tiny_env, name="fp-stats",
+                      methods=[{"method": "gptq", "wbits": [4, 3], "group_size": 32}],
+                      calibration={"sources": [a, b, f"{a}+{b}"], "n": 4, "seqlen": 32, "seeds": [42],
+                                   "propagate": "fp"},
+                      evaluation={"ppl": [a], "ppl_seqlen": 32, "ppl_windows": 2}, include_fp=False,
+                      diagnostics={"enabled": False})
+    calls = []
+    original = BlockEngine.capture
+    monkeypatch.setattr(BlockEngine, "capture", lambda self, ids: (calls.append(ids.shape), original(self, ids))[1])
+    run_study(study_from_dict(spec), tmp_path / "out", tmp_path / "cache", progress=False, echo=lambda *_: None)
+    assert calls == [(4, 32), (4, 32)]  # a and b at W4; W3 and both a+b cells read the cache
+    assert len(list((tmp_path / "cache" / "stats").rglob("block-*.safetensors"))) == 4
+    results = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "results").glob("*.json")]
+    assert len(results) == 6 and all(r["metric"]["ppl"] > 1 for r in results)

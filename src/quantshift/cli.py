@@ -85,7 +85,7 @@ def quantize(
     abits: Annotated[Optional[int], typer.Option(help="activation bits 4..8 (16 = keep)")] = None,
     group_size: Annotated[Optional[int], typer.Option(help="group size; -1 per channel, 0 per tensor")] = None,
     sym: Annotated[Optional[bool], typer.Option("--sym/--asym", help="symmetric grid")] = None,
-    calib: Annotated[str, typer.Option(help="calibration source (see `list calib`)")] = "wikipedia",
+    calib: Annotated[str, typer.Option(help="calibration source (see `list calib`); a+b = n windows from each")] = "wikipedia",
     nsamples: Annotated[int, typer.Option(help="calibration windows")] = 128,
     seqlen: Annotated[int, typer.Option(help="tokens per calibration window")] = 512,
     seed: Annotated[int, typer.Option(help="calibration sampling seed")] = 42,
@@ -93,6 +93,10 @@ def quantize(
     dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16")] = "auto",
     batch_size: Annotated[int, typer.Option(help="calibration batch size")] = 8,
     data_dir: Annotated[Optional[str], typer.Option(help="directory with local task data, for --calib task:<name>")] = None,
+    propagate: Annotated[str, typer.Option(help="calibrate each block on the quantized model's activations "
+                                                "(quantized, GPTQ's way) or the fp model's (fp: cacheable)")] = "quantized",
+    stats_cache: Annotated[Optional[Path], typer.Option(help="with --propagate fp: keep GPTQ-family Hessians here "
+                                                              "per calibration set and reuse them")] = None,
     overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
@@ -106,6 +110,11 @@ def quantize(
     _threads()
     if (method is None) == (recipe is None):
         raise ConfigError("give exactly one of --method or --recipe")
+    if propagate not in ("quantized", "fp"):
+        raise ConfigError(f"--propagate must be 'quantized' or 'fp', got {propagate!r}")
+    if stats_cache is not None and propagate != "fp":
+        raise ConfigError("--stats-cache needs --propagate fp: with quantized propagation each block's inputs "
+                          "depend on the bit width and method, so its statistics cannot be reused")
     options = {"wbits": wbits, "abits": abits, "group_size": group_size, "sym": sym}
     if recipe is not None:
         if any(v is not None for v in options.values()):
@@ -122,7 +131,14 @@ def quantize(
     if rec.needs_calibration:
         cal = build_calibset(calib, loaded.tokenizer, nsamples, seqlen, seed, add_bos=loaded.needs_bos,
                              tokenizer_name=model, data_dir=data_dir)
-    qres = quantize_model(loaded, rec, cal, device=dev, batch_size=batch_size, progress=not quiet)
+    store = None
+    if stats_cache is not None:
+        from .quant.statstore import StatsStore
+        from .studies.spec import digest
+
+        store = StatsStore(stats_cache, digest({"model": model, "dtype": str(torch_dtype)}))
+    qres = quantize_model(loaded, rec, cal, device=dev, batch_size=batch_size, progress=not quiet,
+                          propagate=propagate, stats_store=store)
     path = save(loaded, qres, out, overwrite=overwrite)
     typer.echo(f"quantized {model} with {rec.describe()} in {time.time() - t0:.1f}s -> {path}")
 

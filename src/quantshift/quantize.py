@@ -13,6 +13,7 @@ from .data.calibset import CalibSet
 from .errors import ConfigError
 from .models.load import LoadedModel
 from .quant.engine import BlockEngine, EngineResult
+from .quant.statstore import CalibIdentity, StatsStore
 from .recipes import Recipe
 
 
@@ -21,12 +22,14 @@ class QuantizationResult:
     engine: EngineResult
     recipe: Recipe
     calibration: dict | None
+    propagate: str = "quantized"
 
     def report(self) -> dict[str, Any]:
         return {
             "recipe": self.recipe.to_dict(),
             "calibration": self.calibration,
             "seconds": round(self.engine.seconds, 3),
+            "propagate": self.propagate,
             "blocks": self.engine.blocks,
             "modules": {k: {"stage": m.stage, **m.info} for k, m in self.engine.modules.items()},
             "transforms": self.engine.transforms,
@@ -46,17 +49,27 @@ def measured_bits(modules: dict) -> dict | None:
 
 
 def quantize_model(loaded: LoadedModel, recipe: Recipe, calib: CalibSet | None, device: str | None = None,
-                   batch_size: int = 8, progress: bool = True) -> QuantizationResult:
-    """Quantize `loaded.model` in place, block by block."""
+                   batch_size: int = 8, progress: bool = True, propagate: str = "quantized",
+                   stats_store: StatsStore | None = None) -> QuantizationResult:
+    """Quantize `loaded.model` in place, block by block.
+
+    propagate "fp" calibrates every block on the unquantized model's activations; only then can
+    `stats_store` keep GPTQ-family Hessians per calibration set for later runs."""
     if recipe.needs_calibration and calib is None:
         raise ConfigError(f"recipe {recipe.describe()} needs calibration data (--calib)")
+    if stats_store is not None and propagate != "fp":
+        raise ConfigError("a statistics cache needs fp propagation: with quantized propagation each block's "
+                          "inputs depend on the bit width and method, so its statistics cannot be reused")
     model = loaded.model
     dev = device or str(next(model.parameters()).device)
     stages = [s.build() for s in recipe.stages]
-    engine = BlockEngine(model, loaded.arch, stages, dev, batch_size=batch_size, progress=progress)
+    calib_id = CalibIdentity.of(calib.manifest) if calib is not None else None
+    engine = BlockEngine(model, loaded.arch, stages, dev, batch_size=batch_size, progress=progress,
+                         propagate=propagate, stats_store=stats_store, calib=calib_id)
     with torch.no_grad():
         result = engine.run(calib.input_ids if (calib is not None and recipe.needs_calibration) else None)
-    return QuantizationResult(result, recipe, calib.manifest.to_dict() if calib is not None and recipe.needs_calibration else None)
+    return QuantizationResult(result, recipe, calib.manifest.to_dict() if calib is not None and recipe.needs_calibration else None,
+                              propagate)
 
 
 def save(loaded: LoadedModel, qres: QuantizationResult, out: Path, overwrite: bool = False) -> Path:

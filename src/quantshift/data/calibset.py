@@ -22,9 +22,15 @@ class CalibManifest:
     tokenizer: str
     sha256: str  # of the int64 token ids, row-major
     mode: str = "windows"  # non-overlapping windows of a joined token stream
+    # a union of calibration sets ("wikipedia+news"): each part's manifest, in order
+    parts: tuple[dict, ...] = ()
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["parts"] = list(self.parts)
+        if not self.parts:
+            del d["parts"]  # single sets keep their old manifest (and cache keys)
+        return d
 
 
 @dataclass
@@ -70,10 +76,37 @@ def sample_windows(stream: torch.Tensor, n: int, seqlen: int, seed: int, bos_id:
     return rows
 
 
+def union_calibset(parts: list[CalibSet]) -> CalibSet:
+    """The windows of several calibration sets together, e.g. a 50/50 mixture of two sources
+    (each part n x seqlen). Its manifest lists the parts, so per-part statistics can be reused."""
+    if len({p.input_ids.shape[1] for p in parts}) != 1:
+        raise DataError("a calibration union needs parts of one seqlen")
+    ids = torch.cat([p.input_ids for p in parts])
+    m0 = parts[0].manifest
+    manifest = CalibManifest(
+        source="+".join(p.manifest.source for p in parts), split=m0.split, seed=m0.seed, n=ids.shape[0],
+        seqlen=ids.shape[1], tokens=ids.numel(), tokenizer=m0.tokenizer, sha256=ids_sha256(ids), mode=m0.mode,
+        parts=tuple(p.manifest.to_dict() for p in parts))
+    return CalibSet(ids, manifest)
+
+
+def split_union(source_name: str) -> list[str]:
+    """"wikipedia+news" -> ["wikipedia", "news"]; a single name -> [name]."""
+    parts = [p.strip() for p in source_name.split("+")]
+    if any(not p for p in parts):
+        raise DataError(f"calibration source {source_name!r}: empty part in a '+' union")
+    return parts
+
+
 def build_calibset(source_name: str, tokenizer, n: int, seqlen: int, seed: int, add_bos: bool = False,
                    tokenizer_name: str = "", data_dir: str | None = None) -> CalibSet:
+    """n windows of seqlen tokens from a source; "a+b" = n windows from each source, together."""
     if n <= 0 or seqlen <= 1:
         raise DataError(f"calibration needs n >= 1 and seqlen >= 2, got n={n}, seqlen={seqlen}")
+    names = split_union(source_name)
+    if len(names) > 1:
+        return union_calibset([build_calibset(p, tokenizer, n, seqlen, seed, add_bos, tokenizer_name, data_dir)
+                               for p in names])
     source = get_source(source_name, data_dir)
     stream = token_stream(source, "calib", tokenizer)
     bos = tokenizer.bos_token_id if add_bos else None

@@ -142,16 +142,28 @@ class LinearMethod(Method):
         """Must not mutate `stats`: linears fed the same input share one statistics object."""
         raise NotImplementedError
 
+    # statistics that depend only on the block's inputs and can be cached per calibration set
+    # (stats_to_cache / stats_from_cache convert them), used with fp propagation
+    stats_cacheable: ClassVar[bool] = False
+
+    def stats_to_cache(self, stats: Any) -> tuple[torch.Tensor, int]:
+        raise NotImplementedError
+
+    def stats_from_cache(self, tensor: torch.Tensor, tokens: int, device: torch.device) -> Any:
+        raise NotImplementedError
+
     def process_block(self, ctx: "BlockContext") -> None:
         sequential = getattr(self.config, "true_sequential", self.true_sequential)
-        groups = ctx.groups() if sequential else [[n for g in ctx.groups() for n in g]]
+        fp_inputs = ctx.engine.propagate == "fp"
+        # with fp inputs every linear is observed on the unquantized block, in one pass
+        groups = ctx.groups() if sequential and not fp_inputs else [[n for g in ctx.groups() for n in g]]
         for group in groups:
             plans = {n: p for n in group if (p := ctx.plan(self.config, n)) is not None}
             if not plans:
                 continue
             stats: dict[str, Any] = {}
             if self.needs_calibration and any(p.weight is not None for p in plans.values()):
-                stats = self._collect_stats(ctx, list(plans))
+                stats = self._fp_stats(ctx, list(plans)) if fp_inputs else self._collect_stats(ctx, list(plans))
             for batch in _shared_batches(plans, stats):
                 plan = plans[batch[0]]
                 if plan.weight is None:
@@ -167,23 +179,45 @@ class LinearMethod(Method):
         Solvers whose rows are independent may override this to solve them as one matrix."""
         return [self.solve(n, lin, stats, plan) for n, lin in zip(names, linears)]
 
+    def _fp_stats(self, ctx: "BlockContext", names: list[str]) -> dict[str, Any]:
+        """Statistics on fp inputs, through the engine's statistics store when this stage may use
+        it (the recipe's only stage, so no earlier stage changed the block)."""
+        engine = ctx.engine
+        store, calib = engine.stats_store, engine.calib
+        cacheable = (self.stats_cacheable and store is not None and calib is not None
+                     and len(engine.stages) == 1 and engine.stages[0] is self)
+        if cacheable:
+            got = store.load_block(calib, ctx.index)  # type: ignore[union-attr]
+            if got is not None and all(n in got for n in names):
+                shared: dict[int, Any] = {}
+                return {n: shared.setdefault(id(got[n][0]), self.stats_from_cache(got[n][0], got[n][1], ctx.device))
+                        for n in names}
+        stats = self._collect_stats(ctx, names)
+        if cacheable:
+            store.save_block(calib, ctx.index, {n: self.stats_to_cache(s) for n, s in stats.items()})  # type: ignore[union-attr]
+        return stats
+
     def _collect_stats(self, ctx: "BlockContext", names: list[str]) -> dict[str, Any]:
         """Statistics per linear; linears fed the very same tensor (q/k/v, gate/up) share one."""
         stats: dict[str, Any] = {}
         alias: dict[str, str] = {}
-        last_input: dict[str, tuple[int, tuple[int, ...]]] = {}
+        # the input each linear saw last, kept alive: a freed tensor's memory can be reused by
+        # the next one (gate/up's input at q/k/v's old address), which must not count as shared
+        last_input: dict[str, torch.Tensor] = {}
+
+        def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+            return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
         def feed(name: str, x: torch.Tensor) -> None:
             if name in alias:
                 return
             if name not in stats:  # first sight happens within the first batch
-                key = (x.data_ptr(), tuple(x.shape))
-                twin = next((n for n, k in last_input.items() if k == key and n not in alias), None)
+                twin = next((n for n, t in last_input.items() if same(t, x) and n not in alias), None)
                 if twin is not None:
                     alias[name] = twin
                     return
                 stats[name] = self.new_stats(ctx.linear(name))
-            last_input[name] = (x.data_ptr(), tuple(x.shape))
+            last_input[name] = x
             self.add_batch(stats[name], x)
 
         ctx.collect_inputs(names, feed)

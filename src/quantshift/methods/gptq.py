@@ -164,6 +164,14 @@ def hessian_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
 class HessianMethod(LinearMethod):
     """A per-linear solver whose statistics are the input Hessian 2/N sum x x^T (GPTQ family)."""
 
+    stats_cacheable = True
+
+    def stats_to_cache(self, stats: HessianStats) -> tuple[torch.Tensor, int]:
+        return stats.H, stats.tokens
+
+    def stats_from_cache(self, tensor: torch.Tensor, tokens: int, device: torch.device) -> HessianStats:
+        return HessianStats(tensor.to(device=device, dtype=torch.float32), tokens)
+
     def new_stats(self, linear: nn.Linear) -> HessianStats:
         n = linear.in_features
         return HessianStats(torch.zeros(n, n, device=linear.weight.device, dtype=torch.float32))

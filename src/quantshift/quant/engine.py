@@ -26,6 +26,7 @@ from ..methods.base import LinearPlan, Method, SolveResult, StageConfig, plan_fo
 from ..models.arch import ArchSpec
 from .actquant import InputQuantizer, OutputQuantizer
 from .primitives import QuantizedWeight
+from .statstore import CalibIdentity, StatsStore
 
 
 class _StopForward(Exception):
@@ -142,6 +143,8 @@ class BlockContext:
                        modules: dict[str, nn.Module] | None = None) -> None:
         """Run the block over every calibration batch, calling fn(name, x[tokens, in]) for the
         input of each named module; the forward stops once all of them have fired."""
+        if self.engine.from_store_only:
+            raise RuntimeError("no calibration activations: this run takes every statistic from the cache")
         mods = modules or self._modules
         seen: set[str] = set()
 
@@ -218,7 +221,17 @@ class BlockContext:
 
 class BlockEngine:
     def __init__(self, model: nn.Module, arch: ArchSpec, stages: list[Method], device: str | torch.device,
-                 batch_size: int = 8, progress: bool = True) -> None:
+                 batch_size: int = 8, progress: bool = True, propagate: str = "quantized",
+                 stats_store: StatsStore | None = None, calib: CalibIdentity | None = None) -> None:
+        if propagate not in ("quantized", "fp"):
+            raise ValueError(f"propagate must be 'quantized' or 'fp', got {propagate!r}")
+        # quantized: each block is calibrated on the outputs of the already quantized blocks
+        # (GPTQ's default); fp: on the unquantized model's activations, so per-block statistics
+        # do not depend on the recipe and can be cached in stats_store by calibration set
+        self.propagate = propagate
+        self.stats_store = stats_store
+        self.calib = calib
+        self.from_store_only = False  # every statistic comes from the store: no forward pass at all
         self.model = model
         self.arch = arch
         self.stages = stages
@@ -231,6 +244,12 @@ class BlockEngine:
         self.transforms: dict[str, dict] = {}
         self.act_handles: dict[str, Any] = {}
         self.out_handles: dict[str, Any] = {}
+
+    def _store_has_everything(self, n_blocks: int) -> bool:
+        """True when the only stage takes cacheable statistics and the store holds all blocks'."""
+        return (self.propagate == "fp" and self.stats_store is not None and self.calib is not None
+                and len(self.stages) == 1 and getattr(self.stages[0], "stats_cacheable", False)
+                and self.stats_store.complete(self.calib, n_blocks))
 
     def kwargs_for(self, block: int, batch: int) -> dict:
         return _to(self._kwargs[block][batch], self.device)
@@ -292,11 +311,13 @@ class BlockEngine:
     def run(self, input_ids: torch.Tensor | None) -> EngineResult:
         t0 = time.time()
         needs_data = any(s.needs_calibration for s in self.stages)
-        if needs_data:
+        blocks = self.arch.blocks(self.model)
+        self.from_store_only = needs_data and self._store_has_everything(len(blocks))
+        run_forward = needs_data and not self.from_store_only
+        if run_forward:
             if input_ids is None:
                 raise ValueError("this recipe needs calibration data")
             self.capture(input_ids)
-        blocks = self.arch.blocks(self.model)
         report: list[dict[str, Any]] = []
         bar = tqdm(range(len(blocks)), desc="quantizing blocks", disable=not self.progress, unit="block")
         for i in bar:
@@ -304,19 +325,26 @@ class BlockEngine:
             block = blocks[i]
             home = next(block.parameters()).device
             block.to(self.device)
-            reference = copy.deepcopy(block) if needs_data else None
+            reference = copy.deepcopy(block) if run_forward else None
             for stage in self.stages:
                 stage.process_block(BlockContext(self, i, block, stage.name))
             entry: dict[str, Any] = {"block": i}
-            if needs_data:
+            if run_forward:
                 ctx = BlockContext(self, i, block, "propagate")
                 with torch.no_grad():
                     ref_out = ctx.run_block(0, reference)
-                    outs = [ctx.run_block(b) for b in range(len(self.inputs))]
-                err = (outs[0].float() - ref_out.float()).pow(2).sum() / ref_out.float().pow(2).sum().clamp_min(1e-30)
+                    if self.propagate == "fp":
+                        q_out = ctx.run_block(0)
+                        outs = [ref_out] + [ctx.run_block(b, reference) for b in range(1, len(self.inputs))]
+                    else:
+                        outs = [ctx.run_block(b) for b in range(len(self.inputs))]
+                        q_out = outs[0]
+                err = (q_out.float() - ref_out.float()).pow(2).sum() / ref_out.float().pow(2).sum().clamp_min(1e-30)
                 entry["out_rel_err"] = float(err)
                 self.inputs = [o.to(self.inputs[0].device) for o in outs]
                 del reference
+            elif self.from_store_only:
+                entry["statistics"] = "cached"
             block.to(home)
             entry["seconds"] = round(time.time() - tb, 3)
             report.append(entry)

@@ -13,7 +13,7 @@ import hashlib
 import math
 import time
 import traceback
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +57,19 @@ def model_identity(model: ModelAxis) -> dict:
 
 
 def calib_key(model: ModelAxis, calib: CalibChoice, versions: dict) -> str:
-    return digest({"model": model_identity(model), "calib": calib.to_dict(), "quantshift": versions["quantshift"]})
+    """The calibration token ids' key: how blocks are then propagated does not change them."""
+    choice = {k: v for k, v in calib.to_dict().items() if k != "propagate"}
+    return digest({"model": model_identity(model), "calib": choice, "quantshift": versions["quantshift"]})
 
 
 def quant_key(cell: Cell, versions: dict) -> str:
-    ck = calib_key(cell.model, cell.calib, versions) if cell.calib and cell.recipe and cell.recipe.needs_calibration else None
-    return digest({"model": model_identity(cell.model), "recipe": cell.recipe.to_dict() if cell.recipe else None,
-                   "calib": ck, "versions": versions})
+    uses_calib = bool(cell.calib and cell.recipe and cell.recipe.needs_calibration)
+    ck = calib_key(cell.model, cell.calib, versions) if uses_calib else None  # type: ignore[arg-type]
+    key = {"model": model_identity(cell.model), "recipe": cell.recipe.to_dict() if cell.recipe else None,
+           "calib": ck, "versions": versions}
+    if uses_calib and cell.calib.propagate != "quantized":  # type: ignore[union-attr]
+        key["propagate"] = cell.calib.propagate  # type: ignore[union-attr]
+    return digest(key)
 
 
 def unit_settings(spec: StudySpec, unit: EvalUnit) -> dict:
@@ -182,7 +188,16 @@ def obtain_model(work: dict, cache: Cache, options: dict, progress: bool):
     cal = None
     if work["calib"] is not None:
         cal = obtain_calibset(loaded, model, CalibChoice(**work["calib"]), work["calib_key"], cache, options["data_dir"])
-    qres = quantize_model(loaded, recipe, cal, device=device, batch_size=options["batch_size"], progress=progress)
+    calib = CalibChoice(**work["calib"]) if work["calib"] is not None else None
+    propagate = calib.propagate if calib is not None else "quantized"
+    store = None
+    if propagate == "fp":
+        from ..quant.statstore import StatsStore
+
+        store = StatsStore(cache.root / "stats", digest({"model": model_identity(model), "dtype": dtype,
+                                                        "schema": CACHE_SCHEMA}))
+    qres = quantize_model(loaded, recipe, cal, device=device, batch_size=options["batch_size"], progress=progress,
+                          propagate=propagate, stats_store=store)
     loaded.model.to(device)
     report = qres.report()
     cache.put_json("quant", work["key"], {"label": work["label"], "recipe": report["recipe"],
@@ -222,6 +237,12 @@ def build_study_calibset(loaded, model_name: str, calib: CalibChoice, data_dir: 
     from ..data.calibset import CalibManifest, CalibSet, ids_sha256, sample_windows, token_stream
     from .spec import resolve_source
 
+    from ..data.calibset import split_union, union_calibset
+
+    names = split_union(calib.source)
+    if len(names) > 1:  # a union: each part exactly as it would be alone (same cache-free sampling)
+        return union_calibset([build_study_calibset(loaded, model_name, replace(calib, source=p), data_dir)
+                               for p in names])
     source = resolve_source(calib.source, data_dir)
     bos = loaded.tokenizer.bos_token_id if loaded.needs_bos else None
     if calib.mode == "tokens":

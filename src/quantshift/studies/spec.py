@@ -74,6 +74,10 @@ class CalibrationAxis(StrictModel):
     mode: Literal["tokens", "examples"] = "tokens"
     order: Literal["random", "first"] = "random"  # examples mode: seeded sample or the first n
     seeds: list[int] = [42]
+    # quantized: calibrate each block on the quantized model's activations (GPTQ's way); fp: on
+    # the fp model's, so GPTQ-family Hessians are cached per calibration set in the study cache
+    # and reused by every bit width / option and by unions of sources ("a+b")
+    propagate: Literal["quantized", "fp"] = "quantized"
 
 
 class EvaluationAxis(StrictModel):
@@ -121,10 +125,14 @@ class CalibChoice:
     seed: int
     mode: str
     order: str
+    propagate: str = "quantized"
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "n": self.n, "seqlen": self.seqlen, "seed": self.seed,
-                "mode": self.mode, "order": self.order}
+        d = {"source": self.source, "n": self.n, "seqlen": self.seqlen, "seed": self.seed,
+             "mode": self.mode, "order": self.order}
+        if self.propagate != "quantized":  # the default stays out: existing cache keys stay valid
+            d["propagate"] = self.propagate
+        return d
 
 
 @dataclass(frozen=True)
@@ -160,7 +168,10 @@ class Cell:
 
 
 def short_source(name: str) -> str:
-    """Display name of a source: a local file by its stem, registered names as they are."""
+    """Display name of a source: a local file by its stem, registered names as they are,
+    a union part by part."""
+    if "+" in name:
+        return "+".join(short_source(p) for p in name.split("+"))
     if name.endswith((".txt", ".jsonl")) and "/" in name:
         return Path(name).stem
     return name
@@ -201,7 +212,10 @@ def method_recipes(axis: MethodAxis, where: str) -> list[tuple[str, int, Recipe]
 
 def check_sources(spec: StudySpec, data_dir: str | None = None) -> None:
     """Every calibration and perplexity source must exist (task:<name> sources come from tasks)."""
-    for name in dict.fromkeys(spec.calibration.sources + spec.evaluation.ppl):
+    from ..data.calibset import split_union
+
+    parts = [p for name in spec.calibration.sources for p in split_union(name)]
+    for name in dict.fromkeys(parts + spec.evaluation.ppl):
         try:
             resolve_source(name, data_dir)
         except ConfigError as err:
@@ -259,7 +273,8 @@ def expand(spec: StudySpec, data_dir: str | None = None) -> list[Cell]:
                 continue
             for seed in cal.seeds:
                 for src in cal.sources:
-                    cells.append(Cell(model, label, bits, rec, CalibChoice(src, cal.n, cal.seqlen, seed, cal.mode, cal.order)))
+                    cells.append(Cell(model, label, bits, rec, CalibChoice(src, cal.n, cal.seqlen, seed, cal.mode, cal.order,
+                                                                           cal.propagate)))
     labels = [c.label for c in cells]
     dup = next((lab for lab in labels if labels.count(lab) > 1), None)
     if dup:
