@@ -68,3 +68,13 @@ def test_local_text_files(tmp_path):
         get_source(str(bad)).documents("calib")
     with pytest.raises(DataError, match="does not exist"):
         get_source(str(tmp_path / "missing.txt"))
+
+
+def test_task_source_with_and_without_answers():
+    """Task text for calibration: the prompt template plus the gold answer, or the prompt alone."""
+    from quantshift.evaluation.tasks import task_source
+
+    full = task_source("movie_sentiment").documents("calib")[:20]
+    prompts = task_source("movie_sentiment", answers=False).documents("calib")[:20]
+    assert all(f.startswith(p) and f[len(p):].strip() in ("positive", "negative") for f, p in zip(full, prompts))
+    assert all(p.rstrip().endswith("Sentiment:") for p in prompts)

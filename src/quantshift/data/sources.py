@@ -215,15 +215,15 @@ def _local_file(path: Path) -> TextSource:
     return TextSource(str(path), f"local file {path}", load)
 
 
-def get_source(name: str, data_dir: str | Path | None = None) -> TextSource:
-    """A registered source, `task:<name or glob>` (task text; data-dir tasks read `data_dir`),
-    a local .txt/.jsonl file, or `hf:<dataset>[:<config>]` (train/test)."""
+def get_source(name: str, data_dir: str | Path | None = None, answers: bool = True) -> TextSource:
+    """A registered source, `task:<name or glob>` (task text, with or without the answers;
+    data-dir tasks read `data_dir`), a local .txt/.jsonl file, or `hf:<dataset>[:<config>]`."""
     if name.startswith("task:"):
         try:
             from ..evaluation.tasks import task_source
         except ImportError:
             raise DataError(f"source {name} needs the task evaluation engine") from None
-        return task_source(name[5:], data_dir)
+        return task_source(name[5:], data_dir, answers)
     if name in SOURCES:
         return SOURCES.get(name)
     p = Path(name).expanduser()

@@ -277,10 +277,11 @@ def materialize(data: TaskData, root: Path, with_pool: bool = True) -> tuple[str
 # ---------------------------------------------------------------- calibration sources
 
 
-def task_source(pattern: str, data_dir: Path | str | None = None) -> TextSource:
+def task_source(pattern: str, data_dir: Path | str | None = None, answers: bool = True) -> TextSource:
     """`task:<pattern>`: calibration text from tasks (a name or a glob such as `ceval_*`).
 
-    "calib" is each task's calibration part: its unscored pool with answers, or, for a dataset
+    "calib" is each task's calibration part, formatted with the task's prompt template, with the
+    answer (`answers=False`: the prompt only): its unscored pool, or, for a dataset
     with only a test split (BOSS OOD sets, CMMLU), the items carved out of it, which the task then
     no longer scores; "heldout" is the scored items. Data loads lazily, on first use.
     """
@@ -294,7 +295,8 @@ def task_source(pattern: str, data_dir: Path | str | None = None) -> TextSource:
         docs: list[str] = []
         for n in names:
             data = task_data(n, data_dir)
-            docs += [item_text(data.task, it) for it in (data.calib if split == "calib" else data.test)]
+            docs += [item_text(data.task, it, with_answer=answers)
+                     for it in (data.calib if split == "calib" else data.test)]
         return docs
 
     first = TASKS.get(names[0])

@@ -243,7 +243,7 @@ def build_study_calibset(loaded, model_name: str, calib: CalibChoice, data_dir: 
     if len(names) > 1:  # a union: each part exactly as it would be alone (same cache-free sampling)
         return union_calibset([build_study_calibset(loaded, model_name, replace(calib, source=p), data_dir)
                                for p in names])
-    source = resolve_source(calib.source, data_dir)
+    source = resolve_source(calib.source, data_dir, calib.answers)
     bos = loaded.tokenizer.bos_token_id if loaded.needs_bos else None
     if calib.mode == "tokens":
         stream = token_stream(source, "calib", loaded.tokenizer)

@@ -78,6 +78,9 @@ class CalibrationAxis(StrictModel):
     # the fp model's, so GPTQ-family Hessians are cached per calibration set in the study cache
     # and reused by every bit width / option and by unions of sources ("a+b")
     propagate: Literal["quantized", "fp"] = "quantized"
+    # task sources (task:<name>): each item in the task's prompt template with its answer, or
+    # the prompt alone (answers: false)
+    answers: bool = True
 
 
 class EvaluationAxis(StrictModel):
@@ -126,12 +129,16 @@ class CalibChoice:
     mode: str
     order: str
     propagate: str = "quantized"
+    answers: bool = True
 
     def to_dict(self) -> dict:
-        d = {"source": self.source, "n": self.n, "seqlen": self.seqlen, "seed": self.seed,
-             "mode": self.mode, "order": self.order}
-        if self.propagate != "quantized":  # the default stays out: existing cache keys stay valid
+        d: dict = {"source": self.source, "n": self.n, "seqlen": self.seqlen, "seed": self.seed,
+                   "mode": self.mode, "order": self.order}
+        # non-default options only: existing cache keys stay valid
+        if self.propagate != "quantized":
             d["propagate"] = self.propagate
+        if not self.answers:
+            d["answers"] = False
         return d
 
 
@@ -222,11 +229,11 @@ def check_sources(spec: StudySpec, data_dir: str | None = None) -> None:
             raise ConfigError(f"study {spec.name!r}: calibration/ppl source {name!r} is not available ({err})") from None
 
 
-def resolve_source(name: str, data_dir: str | None = None):
+def resolve_source(name: str, data_dir: str | None = None, answers: bool = True):
     """A text source by name; `task:<pattern>` sources read data-dir tasks from `data_dir`."""
     from ..data.sources import get_source
 
-    return get_source(name, data_dir)
+    return get_source(name, data_dir, answers)
 
 
 def task_names(spec: StudySpec) -> list[str]:
@@ -274,7 +281,7 @@ def expand(spec: StudySpec, data_dir: str | None = None) -> list[Cell]:
             for seed in cal.seeds:
                 for src in cal.sources:
                     cells.append(Cell(model, label, bits, rec, CalibChoice(src, cal.n, cal.seqlen, seed, cal.mode, cal.order,
-                                                                           cal.propagate)))
+                                                                           cal.propagate, cal.answers)))
     labels = [c.label for c in cells]
     dup = next((lab for lab in labels if labels.count(lab) > 1), None)
     if dup:
