@@ -134,9 +134,12 @@ def quantize(
     store = None
     if stats_cache is not None:
         from .quant.statstore import StatsStore
-        from .studies.spec import digest
+        from .studies.runner import model_identity
+        from .studies.spec import ModelAxis, digest
 
-        store = StatsStore(stats_cache, digest({"model": model, "dtype": str(torch_dtype)}))
+        # keyed like a study's cache: a local model directory by a fingerprint of its files
+        store = StatsStore(stats_cache, digest({"model": model_identity(ModelAxis(name=model)),
+                                                "dtype": str(torch_dtype)}))
     qres = quantize_model(loaded, rec, cal, device=dev, batch_size=batch_size, progress=not quiet,
                           propagate=propagate, stats_store=store)
     path = save(loaded, qres, out, overwrite=overwrite)
