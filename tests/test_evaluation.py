@@ -326,3 +326,32 @@ def test_mt_bench_bad_input_is_one_clear_error(tmp_path):
     r = subprocess.run([sys.executable, "-m", "quantshift.cli", "eval", "smollm2-135m", "--mt-bench",
                         str(tmp_path / "missing.jsonl"), "--judge", "hf:x"], capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_task_split_is_the_same_in_every_process():
+    """Items sharing a passage form one split unit; which unit lands on which side must not depend
+    on Python's per-process string hashing (a resumed study, or the fp model evaluated in another
+    process than the quantized ones, would score different items)."""
+    script = r'''
+from quantshift.evaluation.tasks import TaskDef, split_items
+words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
+items = []
+for p in range(60):  # per unit: passage A, passage B, and an item quoting both (it joins A and B)
+    a = " ".join(words[(p + k) % len(words)] + f"a{p}" for k in range(16))
+    b = " ".join(words[(p + k) % len(words)] + f"b{p}" for k in range(16))
+    items += [{"id": f"u{p}-a", "query": a + " ?", "choices": ["x", "y"], "gold": 0},
+              {"id": f"u{p}-b", "query": b + " ?", "choices": ["x", "y"], "gold": 0},
+              {"id": f"u{p}-c", "query": b + " and " + a + " ?", "choices": ["x", "y"], "gold": 0}]
+task = TaskDef("toy_split", "toy", "x", lambda d: items)
+print(",".join(sorted(it["id"] for it in split_items(task, items).test)))
+'''
+    outs = set()
+    for seed in ("1", "2", "3"):
+        env = dict(__import__("os").environ, PYTHONHASHSEED=seed)
+        r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 0, r.stderr[-2000:]
+        outs.add(r.stdout.strip())
+    assert len(outs) == 1
+    test_ids = next(iter(outs)).split(",")
+    # a unit's three items go to one side together
+    assert all({i.split("-")[0] + s for s in ("-a", "-b", "-c")} <= set(test_ids) for i in test_ids)

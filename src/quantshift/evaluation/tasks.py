@@ -193,7 +193,13 @@ def _overlap_groups(task: TaskDef, items: list[dict]) -> list[str]:
         if "group" in it:
             j = by_group.setdefault(str(it["group"]), i)
             parent[find(i)] = find(j)
-    return [str(items[find(i)]["id"]) for i in range(len(items))]
+    # name each group by its first item: the union-find root depends on the order of unions,
+    # which follows set iteration order and so Python's per-process string hashing; the split
+    # must be the same in every process (a resumed study, the fp and quantized evaluations)
+    first_of: dict[int, int] = {}
+    for i in range(len(items)):
+        first_of.setdefault(find(i), i)
+    return [str(items[first_of[find(i)]]["id"]) for i in range(len(items))]
 
 
 @lru_cache(maxsize=None)

@@ -22,7 +22,7 @@ import torch
 from .cache import Cache
 from .spec import CalibChoice, Cell, EvalUnit, ModelAxis, StudySpec, digest, eval_units, expand
 
-CACHE_SCHEMA = 1  # bump when a cached artifact's meaning changes
+CACHE_SCHEMA = 2  # bump when a cached artifact's meaning changes (2: task splits made process-independent)
 
 
 def code_versions() -> dict[str, str]:
