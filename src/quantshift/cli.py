@@ -197,9 +197,13 @@ def eval_cmd(
         raise ConfigError("--shots must be >= 0")
     preflight(tasks=split(tasks), suite=suite, data_dir=data_dir)
     loaded = load_model(model, device=device, dtype=dtype)
-    res = evaluate(loaded, ppl=split(ppl), tasks=split(tasks), suite=suite, shots=shot_list, limit=limit,
-                   data_dir=data_dir, seqlen=seqlen, max_windows=max_windows or None, batch_size=batch_size,
-                   seed=seed, progress=not quiet)
+    from .evaluation.api import EvalResult
+
+    res = EvalResult()
+    if ppl or tasks or suite:  # MT-Bench alone is fine too
+        res = evaluate(loaded, ppl=split(ppl), tasks=split(tasks), suite=suite, shots=shot_list, limit=limit,
+                       data_dir=data_dir, seqlen=seqlen, max_windows=max_windows or None, batch_size=batch_size,
+                       seed=seed, progress=not quiet)
     if questions is not None and judge is not None:
         metric, rows = mtb.mt_bench(loaded, questions, mtb.make_judge(judge, device), judge, max_new_tokens,
                                     progress=not quiet, seed=seed)
