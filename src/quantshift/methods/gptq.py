@@ -108,7 +108,8 @@ def gptq_solve_rows(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: flo
         scales, zeros = full_scale.expand(out_f, 1).clone(), full_zero.expand(out_f, 1).clone()
     scale, lo, hi = scales[:, 0].clone(), -zeros[:, 0], maxq - zeros[:, 0]
     visit_groups = g_idx.tolist()
-    lows, highs = (-zeros).t().contiguous(), (maxq - zeros).t().contiguous()  # per-group clamp bounds of round(w / scale)
+    if gs and static_groups:  # per-group clamp bounds of round(w / scale), fixed up front
+        lows, highs = (-zeros).t().contiguous(), (maxq - zeros).t().contiguous()
 
     # The column loop is the hot path (one iteration per input column). It works on W^T so a
     # column is a contiguous row and the rank-1 update touches contiguous memory (~3x faster).
