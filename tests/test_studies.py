@@ -215,6 +215,51 @@ def test_failed_cell_is_recorded_and_others_finish(tiny_env, tmp_path):
     assert "failed" in (tmp_path / "out" / "report.md").read_text()
 
 
+def test_local_worker_processes_match_in_process_run(tiny_env, tmp_path, monkeypatch):
+    """--jobs 2 runs works in two spawned processes; with one thread everywhere (same float
+    summation order) every result and the report equal the in-process run's."""
+    from quantshift.studies.runner import run_study
+
+    study = study_from_dict(tiny_study(tiny_env, name="jobs"))
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_study(study, tmp_path / "one", tmp_path / "c1", progress=False, echo=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    from quantshift.studies import executors
+
+    calls = []
+    real = executors.run_local
+
+    def one_thread_each(*args, **kw):  # whatever this machine's core count
+        calls.append(kw["jobs"])
+        return real(*args, **kw, threads=1)
+
+    monkeypatch.setattr(executors, "run_local", one_thread_each)
+    summary = run_study(study, tmp_path / "two", tmp_path / "c2", progress=False, echo=lambda *_: None, jobs=2)
+    assert calls == [2] and summary["failed"] == 0
+    a = json.loads((tmp_path / "one" / "results.json").read_text())
+    b = json.loads((tmp_path / "two" / "results.json").read_text())
+    assert all(c["status"] == "done" for c in a["cells"]) and len(a["cells"]) == len(b["cells"])
+    assert a["cells"] == b["cells"] and a["diagnostics"] == b["diagnostics"]
+    assert (tmp_path / "one" / "report.md").read_text().split("## Cells")[0] == \
+        (tmp_path / "two" / "report.md").read_text().split("## Cells")[0]
+
+
+def test_jobs_must_be_positive_and_local(tiny_env, tmp_path):
+    from quantshift.errors import ConfigError
+    from quantshift.studies.runner import run_study
+
+    study = study_from_dict(tiny_study(tiny_env, name="badjobs"))
+    with pytest.raises(ConfigError, match="jobs must be 1 or more"):
+        run_study(study, tmp_path / "o", tmp_path / "c", progress=False, echo=lambda *_: None, jobs=0)
+    with pytest.raises(ConfigError, match="local executor"):
+        run_study(study, tmp_path / "o", tmp_path / "c", executor="ray", progress=False, echo=lambda *_: None, jobs=2)
+
+
 @pytest.mark.slow
 def test_ray_executor_matches_local(tiny_env, tmp_path):
     ray = pytest.importorskip("ray")

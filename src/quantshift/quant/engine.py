@@ -180,8 +180,10 @@ class BlockContext:
         full = self.full_name(name)
         prev = self.engine.modules.get(full)
         if result is not None:
-            with torch.no_grad():
-                lin.weight.copy_(result.weight.to(lin.weight.dtype))
+            # swap in the solved tensor instead of copying into the old one: a freshly loaded
+            # checkpoint is memory-mapped, and writing into it page by page (copy on write)
+            # costs more than solving a small model's linear
+            lin.weight.data = result.weight.detach().to(lin.weight.dtype).contiguous()
         act = None
         if plan.act is not None:
             q = InputQuantizer(plan.act, plan.act_per_token, act_scale)

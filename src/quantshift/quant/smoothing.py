@@ -117,16 +117,18 @@ def norm_weight_offset(norm: nn.Module) -> float:
 def fold_scale(prev: nn.Module, into: list[nn.Linear], s: torch.Tensor) -> None:
     """Divide prev's output channels by s, multiply the into-linears' input columns by s."""
     s = s.float()
+    # new tensors are swapped in rather than copied into the old ones (see BlockContext.commit:
+    # writing into a memory-mapped checkpoint is slow)
     if isinstance(prev, nn.Linear):
-        prev.weight.copy_((prev.weight.float() / s[:, None]).to(prev.weight.dtype))
+        prev.weight.data = (prev.weight.float() / s[:, None]).to(prev.weight.dtype)
     else:
         off = norm_weight_offset(prev)
-        prev.weight.copy_(((prev.weight.float() + off) / s - off).to(prev.weight.dtype))
+        prev.weight.data = ((prev.weight.float() + off) / s - off).to(prev.weight.dtype)
     bias = getattr(prev, "bias", None)
     if isinstance(bias, torch.Tensor):
-        bias.copy_((bias.float() / s).to(bias.dtype))
+        bias.data = (bias.float() / s).to(bias.dtype)
     for lin in into:
-        lin.weight.copy_((lin.weight.float() * s[None, :]).to(lin.weight.dtype))
+        lin.weight.data = (lin.weight.float() * s[None, :]).to(lin.weight.dtype)
 
 
 def output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> torch.Tensor:

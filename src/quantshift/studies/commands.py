@@ -18,6 +18,7 @@ def run_cmd(
     out: Annotated[Optional[Path], typer.Option(help="run directory (default runs/<study name>)")] = None,
     cache: Annotated[Optional[Path], typer.Option(help="content-addressed cache (default <run dir>/../.cache)")] = None,
     executor: Annotated[str, typer.Option(help="local | ray")] = "local",
+    jobs: Annotated[int, typer.Option(help="local executor: works run at once, in worker processes sharing the CPU threads")] = 1,
     ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address ('auto' = running cluster; none = start a local one)")] = None,
     gpus_per_cell: Annotated[float, typer.Option(help="GPUs each Ray task asks for")] = 0.0,
     data_dir: Annotated[Optional[Path], typer.Option(help="directory with offline task data (e.g. BOSS)")] = None,
@@ -36,7 +37,7 @@ def run_cmd(
     run_dir = out or Path("runs") / spec.name
     summary = run_study(spec, run_dir, cache or run_dir.parent / ".cache", executor=executor, ray_address=ray_address,
                         gpus_per_cell=gpus_per_cell, data_dir=str(data_dir) if data_dir else None, progress=not quiet,
-                        echo=typer.echo)
+                        echo=typer.echo, jobs=jobs)
     if summary["failed"]:
         raise typer.Exit(1)
 

@@ -1,6 +1,9 @@
 """Executors run works and call `on_done(result)` as each finishes, in completion order.
 
-local: one after another in this process (default).
+local: one after another in this process (default); with jobs > 1, that many worker processes
+       on this machine, each with its share of the CPU threads. On a small CPU box this overlaps
+       one work's Python-bound parts (GPTQ's column loop, the harness's bookkeeping) with another's
+       matrix products.
 ray:   each work is a Ray task on an existing cluster (`address="auto"`) or a local instance
        (`address=None`), asking for `gpus` GPUs per task; workers read and write the same cache
        directory, so it must be on a filesystem every node sees.
@@ -16,9 +19,40 @@ from .runner import execute_work
 OnDone = Callable[[dict], None]
 
 
-def run_local(works: list[dict], cache_root: str, options: dict, on_done: OnDone, progress: bool = True) -> None:
-    for w in works:
-        on_done(execute_work(w, cache_root, options, progress))
+def run_local(works: list[dict], cache_root: str, options: dict, on_done: OnDone, progress: bool = True,
+              jobs: int = 1, threads: int | None = None) -> None:
+    if jobs <= 1:
+        for w in works:
+            on_done(execute_work(w, cache_root, options, progress))
+        return
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    import os
+
+    threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    # spawn, not fork: a forked copy of a process whose OpenMP pool already ran can hang
+    pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                                  initializer=_worker_init, initargs=(threads,))
+    try:
+        # per-work progress bars off: several would interleave; the study bar and lines remain
+        futures = {pool.submit(execute_work, w, cache_root, options, False): w for w in works}
+        for fut in cf.as_completed(futures):
+            w = futures[fut]
+            try:
+                result = fut.result()
+            except Exception as err:  # a worker died (killed, out of memory): record it and go on
+                result = {"key": w["key"], "label": w["label"], "ok": False, "computed": [],
+                          "error": f"worker process failed: {type(err).__name__}: {str(err)[:300]}"}
+            on_done(result)
+    finally:
+        # on Ctrl-C do not wait for queued works; running ones stop with the process group
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _worker_init(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def run_ray(works: list[dict], cache_root: str, options: dict, on_done: OnDone, *, address: str | None = None,

@@ -409,14 +409,22 @@ def all_works(plan: Plan) -> list[dict]:
 
 
 def run_study(spec: StudySpec, out_dir: Path, cache_root: Path, *, executor: str = "local", ray_address: str | None = None,
-              gpus_per_cell: float = 0.0, data_dir: str | None = None, progress: bool = True, echo=print) -> dict:
-    """Run every missing piece of the study, then gather results and write the report."""
+              gpus_per_cell: float = 0.0, data_dir: str | None = None, progress: bool = True, echo=print,
+              jobs: int = 1) -> dict:
+    """Run every missing piece of the study, then gather results and write the report.
+    `jobs`: worker processes of the local executor (1: in this process)."""
     from tqdm.auto import tqdm
 
     from ..checkpoint import write_json_atomic
     from .executors import run_local, run_ray
     from .report import write_report
 
+    from ..errors import ConfigError
+
+    if jobs < 1:
+        raise ConfigError(f"jobs must be 1 or more, got {jobs}")
+    if jobs > 1 and executor != "local":
+        raise ConfigError(f"jobs applies to the local executor; the {executor} executor schedules works itself")
     t0, cpu0 = time.time(), _cpu_seconds()
     plan = plan_study(spec, data_dir, on_gpu=True if gpus_per_cell > 0 else None)
     works = all_works(plan)
@@ -427,7 +435,8 @@ def run_study(spec: StudySpec, out_dir: Path, cache_root: Path, *, executor: str
                                                "cells": [dict(c.to_dict(), key=k) for c, k in zip(plan.cells, plan.cell_keys)]})
     todo = [w for w in works if needs_work(w, cache)]
     echo(f"study {spec.name}: {len(plan.cells)} cells -> {len(plan.works)} distinct models x {len(plan.units)} "
-         f"evaluations; {len(works) - len(todo)} of {len(works)} works already cached, {len(todo)} to run ({executor})")
+         f"evaluations; {len(works) - len(todo)} of {len(works)} works already cached, {len(todo)} to run "
+         f"({executor}{f', {jobs} jobs' if jobs > 1 else ''})")
     results: dict[str, dict] = {}
     write_json_atomic(out_dir / "last-run.json", {"results": results})
     bar = tqdm(total=len(todo), desc="study", unit="work", disable=not progress or not todo, position=0)
@@ -443,12 +452,10 @@ def run_study(spec: StudySpec, out_dir: Path, cache_root: Path, *, executor: str
 
     options = options_of(spec, data_dir)
     if executor == "local":
-        run_local(todo, str(cache_root), options, on_done, progress)
+        run_local(todo, str(cache_root), options, on_done, progress, jobs=jobs)
     elif executor == "ray":
         run_ray(todo, str(cache_root), options, on_done, address=ray_address, gpus=gpus_per_cell)
     else:
-        from ..errors import ConfigError
-
         raise ConfigError(f"unknown executor {executor!r}; allowed: local, ray")
     bar.close()
     failures = {k: r for k, r in results.items() if not r["ok"]}
