@@ -249,6 +249,31 @@ def test_local_worker_processes_match_in_process_run(tiny_env, tmp_path, monkeyp
         (tmp_path / "two" / "report.md").read_text().split("## Cells")[0]
 
 
+def _dies_on_crash_label(work, cache_root, options, flight):
+    """Stands in for the worker function: marks itself in flight, then dies hard on 'crash'."""
+    (Path(flight) / work["key"]).touch()
+    if work["label"] == "crash":
+        os._exit(9)  # as the OOM killer would: no exception, no cleanup
+    (Path(flight) / work["key"]).unlink()
+    return {"key": work["key"], "label": work["label"], "ok": True, "computed": [], "seconds": 0.0}
+
+
+def test_dead_worker_fails_only_the_work_it_was_running(tmp_path):
+    """A worker killed mid-work breaks its process pool; that work is recorded as failed and the
+    works not yet started run in a new pool."""
+    from quantshift.studies import executors
+
+    works = [{"key": k, "label": label} for k, label in (("a", "first"), ("b", "crash"), ("c", "third"), ("d", "fourth"))]
+    done: list[dict] = []
+    todo, rounds = works, 0
+    while todo:  # as run_local does; one worker, so the order is fixed
+        todo = executors._run_pool(todo, str(tmp_path), {}, done.append, 1, 1, str(tmp_path), run=_dies_on_crash_label)
+        rounds += 1
+    status = {d["label"]: d["ok"] for d in done}
+    assert status == {"first": True, "crash": False, "third": True, "fourth": True} and rounds == 2
+    assert "died" in next(d["error"] for d in done if not d["ok"])
+
+
 def test_jobs_must_be_positive_and_local(tiny_env, tmp_path):
     from quantshift.errors import ConfigError
     from quantshift.studies.runner import run_study

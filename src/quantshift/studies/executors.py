@@ -25,34 +25,76 @@ def run_local(works: list[dict], cache_root: str, options: dict, on_done: OnDone
         for w in works:
             on_done(execute_work(w, cache_root, options, progress))
         return
-    import concurrent.futures as cf
-    import multiprocessing as mp
     import os
+    import shutil
+    import tempfile
 
     threads = threads or max(1, (os.cpu_count() or 1) // jobs)
+    flight = tempfile.mkdtemp(prefix="quantshift-inflight-")
+    try:
+        todo = list(works)
+        while todo:
+            todo = _run_pool(todo, cache_root, options, on_done, jobs, threads, flight)
+    finally:
+        shutil.rmtree(flight, ignore_errors=True)
+
+
+def _run_pool(works: list[dict], cache_root: str, options: dict, on_done: OnDone, jobs: int, threads: int,
+              flight: str, run: Callable | None = None) -> list[dict]:
+    """Run works in one process pool. A worker that dies (killed, out of memory) breaks the whole
+    pool: the works it was running then are recorded as failed, and the ones that had not started
+    are returned to run in a new pool."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    from concurrent.futures.process import BrokenProcessPool
+    from pathlib import Path
+
     # spawn, not fork: a forked copy of a process whose OpenMP pool already ran can hang
     pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                                   initializer=_worker_init, initargs=(threads,))
+    finished: set[str] = set()
     try:
         # per-work progress bars off: several would interleave; the study bar and lines remain
-        futures = {pool.submit(execute_work, w, cache_root, options, False): w for w in works}
+        futures = {pool.submit(run or _worker_run, w, cache_root, options, flight): w for w in works}
         for fut in cf.as_completed(futures):
-            w = futures[fut]
             try:
                 result = fut.result()
-            except Exception as err:  # a worker died (killed, out of memory): record it and go on
-                result = {"key": w["key"], "label": w["label"], "ok": False, "computed": [],
-                          "error": f"worker process failed: {type(err).__name__}: {str(err)[:300]}"}
+            except BrokenProcessPool:
+                continue
+            except Exception as err:  # e.g. a result that cannot be sent back
+                w = futures[fut]
+                result = {"key": w["key"], "label": w["label"], "ok": False, "computed": [], "seconds": 0.0,
+                          "error": f"{type(err).__name__}: {str(err)[:300]}"}
+            finished.add(result["key"])
             on_done(result)
     finally:
         # on Ctrl-C do not wait for queued works; running ones stop with the process group
         pool.shutdown(wait=True, cancel_futures=True)
+    left = [w for w in works if w["key"] not in finished]
+    in_flight = [w for w in left if (Path(flight) / w["key"]).exists()]
+    if left and not in_flight:  # the pool broke before any work began: do not loop forever
+        in_flight = left
+    for w in in_flight:
+        (Path(flight) / w["key"]).unlink(missing_ok=True)
+        on_done({"key": w["key"], "label": w["label"], "ok": False, "computed": [],
+                 "seconds": 0.0, "error": "its worker process died (killed or out of memory) while running it"})
+    return [w for w in left if w not in in_flight]
 
 
 def _worker_init(threads: int) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def _worker_run(work: dict, cache_root: str, options: dict, flight: str) -> dict:
+    from pathlib import Path
+
+    marker = Path(flight) / work["key"]
+    marker.touch()  # lets the parent tell which works a dead worker was running
+    result = execute_work(work, cache_root, options, False)
+    marker.unlink(missing_ok=True)
+    return result
 
 
 def run_ray(works: list[dict], cache_root: str, options: dict, on_done: OnDone, *, address: str | None = None,
@@ -75,7 +117,7 @@ def run_ray(works: list[dict], cache_root: str, options: dict, on_done: OnDone, 
             try:
                 result = ray.get(ref)
             except Exception as err:  # the worker died (OOM, node lost): record and go on
-                result = {"key": w["key"], "label": w["label"], "ok": False, "computed": [],
+                result = {"key": w["key"], "label": w["label"], "ok": False, "computed": [], "seconds": 0.0,
                           "error": f"ray task failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"}
             on_done(result)
     finally:
