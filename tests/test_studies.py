@@ -239,7 +239,8 @@ def test_local_worker_processes_match_in_process_run(tiny_env, tmp_path, monkeyp
         return real(*args, **kw, threads=1)
 
     monkeypatch.setattr(executors, "run_local", one_thread_each)
-    summary = run_study(study, tmp_path / "two", tmp_path / "c2", progress=False, echo=lambda *_: None, jobs=2)
+    # progress on: the workers' bars are pinned to their own terminal lines (must not break anything)
+    summary = run_study(study, tmp_path / "two", tmp_path / "c2", progress=True, echo=lambda *_: None, jobs=2)
     assert calls == [2] and summary["failed"] == 0
     a = json.loads((tmp_path / "one" / "results.json").read_text())
     b = json.loads((tmp_path / "two" / "results.json").read_text())
@@ -249,7 +250,7 @@ def test_local_worker_processes_match_in_process_run(tiny_env, tmp_path, monkeyp
         (tmp_path / "two" / "report.md").read_text().split("## Cells")[0]
 
 
-def _dies_on_crash_label(work, cache_root, options, flight):
+def _dies_on_crash_label(work, cache_root, options, flight, progress=False):
     """Stands in for the worker function: marks itself in flight, then dies hard on 'crash'."""
     (Path(flight) / work["key"]).touch()
     if work["label"] == "crash":

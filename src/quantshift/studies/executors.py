@@ -34,13 +34,13 @@ def run_local(works: list[dict], cache_root: str, options: dict, on_done: OnDone
     try:
         todo = list(works)
         while todo:
-            todo = _run_pool(todo, cache_root, options, on_done, jobs, threads, flight)
+            todo = _run_pool(todo, cache_root, options, on_done, jobs, threads, flight, progress=progress)
     finally:
         shutil.rmtree(flight, ignore_errors=True)
 
 
 def _run_pool(works: list[dict], cache_root: str, options: dict, on_done: OnDone, jobs: int, threads: int,
-              flight: str, run: Callable | None = None) -> list[dict]:
+              flight: str, run: Callable | None = None, progress: bool = False) -> list[dict]:
     """Run works in one process pool. A worker that dies (killed, out of memory) breaks the whole
     pool: the works it was running then are recorded as failed, and the ones that had not started
     are returned to run in a new pool."""
@@ -50,12 +50,20 @@ def _run_pool(works: list[dict], cache_root: str, options: dict, on_done: OnDone
     from pathlib import Path
 
     # spawn, not fork: a forked copy of a process whose OpenMP pool already ran can hang
-    pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
-                                  initializer=_worker_init, initargs=(threads,))
+    ctx = mp.get_context("spawn")
+    slots, lock = None, None
+    if progress:  # each worker draws its bars on a line of its own, below the study bar
+        from tqdm import tqdm
+
+        slots, lock = ctx.Queue(), ctx.RLock()
+        for i in range(jobs):
+            slots.put(i + 1)
+        tqdm.set_lock(lock)  # one lock for every process writing to the terminal
+    pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
+                                  initargs=(threads, slots, lock))
     finished: set[str] = set()
     try:
-        # per-work progress bars off: several would interleave; the study bar and lines remain
-        futures = {pool.submit(run or _worker_run, w, cache_root, options, flight): w for w in works}
+        futures = {pool.submit(run or _worker_run, w, cache_root, options, flight, progress): w for w in works}
         for fut in cf.as_completed(futures):
             try:
                 result = fut.result()
@@ -81,18 +89,44 @@ def _run_pool(works: list[dict], cache_root: str, options: dict, on_done: OnDone
     return [w for w in left if w not in in_flight]
 
 
-def _worker_init(threads: int) -> None:
+_BAR_LABEL = [""]  # the work a worker process is running, shown in front of its bars
+
+
+def _worker_init(threads: int, slots=None, lock=None) -> None:
     import torch
 
     torch.set_num_threads(threads)
+    if slots is not None:
+        _pin_bars(slots.get(), lock)
 
 
-def _worker_run(work: dict, cache_root: str, options: dict, flight: str) -> dict:
+def _pin_bars(line: int, lock) -> None:
+    """Every tqdm bar this process creates (ours, lm-eval's, transformers') is drawn on terminal
+    line `line`, named after the current work, and cleared when done, so the bars of parallel
+    works neither overwrite each other nor pile up."""
+    import tqdm.std
+
+    tqdm.std.tqdm.set_lock(lock)
+    original = tqdm.std.tqdm.__dict__["__init__"]
+
+    def init(self, *args, **kwargs):
+        kwargs["position"], kwargs["leave"] = line, False
+        if len(args) > 1:  # tqdm(iterable, desc, ...)
+            args = (args[0], f"{_BAR_LABEL[0]} {args[1] or ''}".strip(), *args[2:])
+        else:
+            kwargs["desc"] = f"{_BAR_LABEL[0]} {kwargs.get('desc') or ''}".strip()
+        return original.__get__(self, type(self))(*args, **kwargs)  # may be a partialmethod
+
+    tqdm.std.tqdm.__init__ = init  # type: ignore[method-assign]
+
+
+def _worker_run(work: dict, cache_root: str, options: dict, flight: str, progress: bool = False) -> dict:
     from pathlib import Path
 
     marker = Path(flight) / work["key"]
     marker.touch()  # lets the parent tell which works a dead worker was running
-    result = execute_work(work, cache_root, options, False)
+    _BAR_LABEL[0] = work["label"].split("/", 1)[-1]  # without the model name: short enough for one line
+    result = execute_work(work, cache_root, options, progress)
     marker.unlink(missing_ok=True)
     return result
 
