@@ -275,6 +275,45 @@ def test_dead_worker_fails_only_the_work_it_was_running(tmp_path):
     assert "died" in next(d["error"] for d in done if not d["ok"])
 
 
+def _sleeps(work, cache_root, options, flight, progress=False):
+    """Stands in for the worker function: a work that takes a minute."""
+    (Path(flight) / work["key"]).touch()
+    (Path(cache_root) / f"pid-{os.getpid()}").write_text("")
+    time.sleep(60)
+    return {"key": work["key"], "label": work["label"], "ok": True, "computed": [], "seconds": 60.0}
+
+
+def test_interrupt_stops_worker_processes_at_once(tmp_path):
+    """Ctrl-C (SIGINT to the study process only) kills its workers instead of waiting for their works."""
+    script = tmp_path / "pool.py"
+    script.write_text(
+        "import sys\n"
+        f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
+        "from test_studies import _sleeps\n"
+        "from quantshift.studies import executors\n"
+        "if __name__ == '__main__':\n"
+        f"    executors._run_pool([{{'key': k, 'label': k}} for k in 'abcd'], {str(tmp_path)!r}, {{}}, print, 2, 1,\n"
+        f"                        {str(tmp_path)!r}, run=_sleeps)\n")
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 120
+        while len(list(tmp_path.glob("pid-*"))) < 2:  # both workers inside a work
+            assert time.time() < deadline and proc.poll() is None
+            time.sleep(0.2)
+        t0 = time.time()
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=30)
+        assert time.time() - t0 < 15
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    pids = [int(p.name[4:]) for p in tmp_path.glob("pid-*")]
+    time.sleep(0.5)
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
 def test_jobs_must_be_positive_and_local(tiny_env, tmp_path):
     from quantshift.errors import ConfigError
     from quantshift.studies.runner import run_study

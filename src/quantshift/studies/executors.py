@@ -75,8 +75,11 @@ def _run_pool(works: list[dict], cache_root: str, options: dict, on_done: OnDone
                           "error": f"{type(err).__name__}: {str(err)[:300]}"}
             finished.add(result["key"])
             on_done(result)
+    except BaseException:  # Ctrl-C, SIGTERM: stop the workers now, not after their current work
+        for proc in list((getattr(pool, "_processes", None) or {}).values()):
+            proc.kill()
+        raise
     finally:
-        # on Ctrl-C do not wait for queued works; running ones stop with the process group
         pool.shutdown(wait=True, cancel_futures=True)
     left = [w for w in works if w["key"] not in finished]
     in_flight = [w for w in left if (Path(flight) / w["key"]).exists()]
