@@ -42,8 +42,9 @@ def run_local(works: list[dict], cache_root: str, options: dict, on_done: OnDone
 def _run_pool(works: list[dict], cache_root: str, options: dict, on_done: OnDone, jobs: int, threads: int,
               flight: str, run: Callable | None = None, progress: bool = False) -> list[dict]:
     """Run works in one process pool. A worker that dies (killed, out of memory) breaks the whole
-    pool: the works it was running then are recorded as failed, and the ones that had not started
-    are returned to run in a new pool."""
+    pool, which stops the other workers too: the works in flight at that moment are recorded as
+    failed (their finished units stay cached), and the ones not yet started are returned to run in
+    a new pool."""
     import concurrent.futures as cf
     import multiprocessing as mp
     from concurrent.futures.process import BrokenProcessPool
