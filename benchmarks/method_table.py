@@ -107,7 +107,7 @@ def main() -> None:
     ap.add_argument("--only", default="", help="comma list of cell-key prefixes to run (e.g. fp,rtn,spqr); "
                     "a prefix matching nothing (e.g. none) just re-renders the Markdown from the JSON")
     ap.add_argument("--no-act", action="store_true", help="skip the W8A8 / W4A8 cells")
-    ap.add_argument("--out", default="docs/methods")
+    ap.add_argument("--out", default="docs/results/methods")
     args = ap.parse_args()
 
     out = Path(args.out)
