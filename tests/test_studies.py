@@ -287,7 +287,10 @@ def test_interrupt_stops_worker_processes_at_once(tmp_path):
     """Ctrl-C (SIGINT to the study process only) kills its workers instead of waiting for their works."""
     script = tmp_path / "pool.py"
     script.write_text(
-        "import sys\n"
+        "import signal, sys\n"
+        # a process started in the background by a non-interactive shell inherits SIGINT ignored,
+        # and Python then installs no KeyboardInterrupt handler: restore it, as a terminal has it
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"
         f"sys.path.insert(0, {str(Path(__file__).parent)!r})\n"
         "from test_studies import _sleeps\n"
         "from quantshift.studies import executors\n"
