@@ -71,9 +71,7 @@ def _run_pool(works: list[dict], cache_root: str, options: dict, on_done: OnDone
             except BrokenProcessPool:
                 continue
             except Exception as err:  # e.g. a result that cannot be sent back
-                w = futures[fut]
-                result = {"key": w["key"], "label": w["label"], "ok": False, "computed": [], "seconds": 0.0,
-                          "error": f"{type(err).__name__}: {str(err)[:300]}"}
+                result = _failed(futures[fut], f"{type(err).__name__}: {str(err)[:300]}")
             finished.add(result["key"])
             on_done(result)
     except BaseException:  # Ctrl-C, SIGTERM: stop the workers now, not after their current work
@@ -88,9 +86,13 @@ def _run_pool(works: list[dict], cache_root: str, options: dict, on_done: OnDone
         in_flight = left
     for w in in_flight:
         (Path(flight) / w["key"]).unlink(missing_ok=True)
-        on_done({"key": w["key"], "label": w["label"], "ok": False, "computed": [],
-                 "seconds": 0.0, "error": "its worker process died (killed or out of memory) while running it"})
+        on_done(_failed(w, "its worker process died (killed or out of memory) while running it"))
     return [w for w in left if w not in in_flight]
+
+
+def _failed(work: dict, error: str) -> dict:
+    """The result of a work that never reported back (its process or node died)."""
+    return {"key": work["key"], "label": work["label"], "ok": False, "computed": [], "seconds": 0.0, "error": error}
 
 
 _BAR_LABEL = [""]  # the work a worker process is running, shown in front of its bars
@@ -155,8 +157,7 @@ def run_ray(works: list[dict], cache_root: str, options: dict, on_done: OnDone, 
             try:
                 result = ray.get(ref)
             except Exception as err:  # the worker died (OOM, node lost): record and go on
-                result = {"key": w["key"], "label": w["label"], "ok": False, "computed": [], "seconds": 0.0,
-                          "error": f"ray task failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"}
+                result = _failed(w, f"ray task failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
             on_done(result)
     finally:
         if started_here:

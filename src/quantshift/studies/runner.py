@@ -416,10 +416,9 @@ def run_study(spec: StudySpec, out_dir: Path, cache_root: Path, *, executor: str
     from tqdm.auto import tqdm
 
     from ..checkpoint import write_json_atomic
+    from ..errors import ConfigError
     from .executors import run_local, run_ray
     from .report import write_report
-
-    from ..errors import ConfigError
 
     if jobs < 1:
         raise ConfigError(f"jobs must be 1 or more, got {jobs}")
