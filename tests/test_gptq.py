@@ -102,3 +102,24 @@ def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse():
     damped = H + 0.01 * H.diag().mean() * torch.eye(70)
     assert torch.equal(U, U.triu()) and (U.diag() > 0).all()
     assert torch.allclose(U.t() @ U @ damped, torch.eye(70), atol=1e-3)
+
+
+def test_fast_solver_equals_the_papers_algorithm_written_plainly():
+    # benchmarks/quantize_speed.py times our solver against Algorithm 1 written plainly (the
+    # baseline for "same per-layer error"); the speed-ups (transposed loop, one triangular
+    # inverse, stacked rows) must not change the result
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "quantize_speed.py"
+    spec = importlib.util.spec_from_file_location("quantize_speed", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(2048, 320, generator=g) * torch.linspace(0.1, 4, 320)
+    H = 2 * X.t() @ X / X.shape[0]
+    W = torch.randn(48, 320, generator=g)
+    for bits, gs in [(4, 128), (3, 64), (2, 32)]:
+        ours, _, _ = gptq_solve(W, H, QuantSpec(bits=bits, group_size=gs))
+        plain = mod.gptq_textbook_solve(W, H, bits, gs)
+        assert torch.allclose(ours, plain, atol=1e-4, rtol=0), (bits, gs, (ours - plain).abs().max())
