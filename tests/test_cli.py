@@ -18,6 +18,8 @@ def qs(*args, timeout=600):
     (["quantize", "smollm2-135m", "--method", "rtn", "--wbits", "9", "--out", "x"], "wbits must be 2..8"),
     (["quantize", "smollm2-135m", "--method", "gptq", "--stats-cache", "st", "--out", "x"], "--stats-cache needs --propagate fp"),
     (["quantize", "smollm2-135m", "--method", "gptq", "--propagate", "float", "--out", "x"], "--propagate must be"),
+    (["quantize", "smollm2-135m", "--method", "gptq", "--activations", "gpu", "--out", "x"],
+     "--activations must be auto, device or offload"),
     (["quantize", "no-such-model", "--method", "rtn", "--out", "x"], "unknown model 'no-such-model'"),
     (["quantize", "./missing/dir", "--method", "rtn", "--out", "x"], "does not exist"),
     (["eval", "smollm2-135m"], "nothing to evaluate"),

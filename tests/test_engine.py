@@ -241,3 +241,36 @@ def test_one_pass_statistics_share_only_truly_shared_inputs(propagate):
         GPTQ.solve_shared = original
     assert sorted(map(tuple, batches[:4])) == [("down_proj",), ("gate_proj", "up_proj"), ("o_proj",),
                                                ("q_proj", "k_proj", "v_proj")]
+
+
+def test_activations_stay_on_the_gpu_only_when_they_fit_easily():
+    from quantshift.quant.engine import activation_home
+
+    gpu, cpu = torch.device("cuda"), torch.device("cpu")
+    gib = 2**30
+    assert activation_home("auto", gpu, 4 * gib, 70 * gib) == gpu  # a 7B layer's 128 x 2048 tokens on an H100
+    assert activation_home("auto", gpu, 4 * gib, 12 * gib) == cpu  # more than a quarter of what is free
+    assert activation_home("device", gpu, 4 * gib, 1 * gib) == gpu  # the user's choice wins
+    assert activation_home("offload", gpu, 1, 70 * gib) == cpu
+    assert activation_home("auto", cpu, 1, None) == cpu
+    with pytest.raises(ValueError, match="activations must be one of auto, device, offload"):
+        activation_home("gpu", gpu, 1, 1)
+    with pytest.raises(ValueError, match="activations must be one of"):
+        quantize_model(loaded_tiny("llama"), recipe_from_cli("rtn", wbits=4), None, activations="gpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+def test_gpu_engine_matches_cpu_wherever_activations_live(kind):
+    # blocks go to the GPU one at a time; activations stay there or go to pinned CPU memory
+    cpu = loaded_tiny(kind)
+    quantize_model(cpu, recipe_from_cli("gptq", wbits=4, group_size=32), random_calib(), progress=False)
+    ref = logits(cpu.model, EVAL_IDS)
+    for mode in ("device", "offload", "auto"):
+        lm = loaded_tiny(kind)
+        res = quantize_model(lm, recipe_from_cli("gptq", wbits=4, group_size=32), random_calib(), device="cuda",
+                             progress=False, activations=mode)
+        assert next(lm.model.parameters()).device.type == "cpu"  # blocks went back home
+        assert all(b["out_rel_err"] < 0.1 for b in res.engine.blocks)
+        assert _rel_logit_err(logits(lm.model, EVAL_IDS), ref) < 1e-3, mode

@@ -123,3 +123,26 @@ def test_fast_solver_equals_the_papers_algorithm_written_plainly():
         ours, _, _ = gptq_solve(W, H, QuantSpec(bits=bits, group_size=gs))
         plain = mod.gptq_textbook_solve(W, H, bits, gs)
         assert torch.allclose(ours, plain, atol=1e-4, rtol=0), (bits, gs, (ours - plain).abs().max())
+
+
+def test_half_gram_call_is_well_formed():
+    # the CUDA fast path of accumulate_hessian (16-bit activations, float32 Gram matrix); meta
+    # tensors check the call's signature and result type on a machine without a GPU
+    from quantshift.methods.gptq import half_gram
+
+    x = torch.empty(64, 24, device="meta", dtype=torch.float16)
+    got = half_gram(x)
+    assert got.shape == (24, 24) and got.dtype == torch.float32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_hessian_from_half_activations_on_cuda_matches_float64():
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(4096, 256, generator=g) * torch.linspace(0.01, 30, 256)).half()
+    ref = 2 * x.double().t() @ x.double() / x.shape[0]
+    stats = HessianStats(torch.zeros(256, 256, device="cuda"))
+    for chunk in x.cuda().split(1000):
+        accumulate_hessian(stats, chunk)
+    assert stats.tokens == 4096
+    assert torch.allclose(stats.H.double().cpu(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))

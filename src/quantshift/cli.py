@@ -97,6 +97,8 @@ def quantize(
                                                 "(quantized, GPTQ's way) or the fp model's (fp: cacheable)")] = "quantized",
     stats_cache: Annotated[Optional[Path], typer.Option(help="with --propagate fp: keep GPTQ-family Hessians here "
                                                               "per calibration set and reuse them")] = None,
+    activations: Annotated[str, typer.Option(help="where calibration activations live on a GPU: auto (on it when "
+                                                  "they fit in a quarter of its free memory), device, offload (CPU)")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
@@ -112,6 +114,8 @@ def quantize(
         raise ConfigError("give exactly one of --method or --recipe")
     if propagate not in ("quantized", "fp"):
         raise ConfigError(f"--propagate must be 'quantized' or 'fp', got {propagate!r}")
+    if activations not in ("auto", "device", "offload"):
+        raise ConfigError(f"--activations must be auto, device or offload, got {activations!r}")
     if stats_cache is not None and propagate != "fp":
         raise ConfigError("--stats-cache needs --propagate fp: with quantized propagation each block's inputs "
                           "depend on the bit width and method, so its statistics cannot be reused")
@@ -141,7 +145,7 @@ def quantize(
         store = StatsStore(stats_cache, digest({"model": model_identity(ModelAxis(name=model)),
                                                 "dtype": str(torch_dtype)}))
     qres = quantize_model(loaded, rec, cal, device=dev, batch_size=batch_size, progress=not quiet,
-                          propagate=propagate, stats_store=store)
+                          propagate=propagate, stats_store=store, activations=activations)
     path = save(loaded, qres, out, overwrite=overwrite)
     typer.echo(f"quantized {model} with {rec.describe()} in {time.time() - t0:.1f}s -> {path}")
 

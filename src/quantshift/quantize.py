@@ -50,11 +50,12 @@ def measured_bits(modules: dict) -> dict | None:
 
 def quantize_model(loaded: LoadedModel, recipe: Recipe, calib: CalibSet | None, device: str | None = None,
                    batch_size: int = 8, progress: bool = True, propagate: str = "quantized",
-                   stats_store: StatsStore | None = None) -> QuantizationResult:
+                   stats_store: StatsStore | None = None, activations: str = "auto") -> QuantizationResult:
     """Quantize `loaded.model` in place, block by block.
 
     propagate "fp" calibrates every block on the unquantized model's activations; only then can
-    `stats_store` keep GPTQ-family Hessians per calibration set for later runs."""
+    `stats_store` keep GPTQ-family Hessians per calibration set for later runs. `activations`:
+    where calibration activations live on a GPU (quant.engine.activation_home)."""
     if recipe.needs_calibration and calib is None:
         raise ConfigError(f"recipe {recipe.describe()} needs calibration data (--calib)")
     if stats_store is not None and propagate != "fp":
@@ -65,7 +66,7 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, calib: CalibSet | None, 
     stages = [s.build() for s in recipe.stages]
     calib_id = CalibIdentity.of(calib.manifest) if calib is not None else None
     engine = BlockEngine(model, loaded.arch, stages, dev, batch_size=batch_size, progress=progress,
-                         propagate=propagate, stats_store=stats_store, calib=calib_id)
+                         propagate=propagate, stats_store=stats_store, calib=calib_id, activations=activations)
     with torch.no_grad():
         result = engine.run(calib.input_ids if (calib is not None and recipe.needs_calibration) else None)
     return QuantizationResult(result, recipe, calib.manifest.to_dict() if calib is not None and recipe.needs_calibration else None,

@@ -7,7 +7,8 @@
    the block as earlier stages left it), then run the *quantized* block over the calibration
    batches to produce the next block's inputs.
 
-Blocks and cached activations may live on the CPU while one block at a time runs on the GPU.
+Blocks may live on the CPU while one block at a time runs on the GPU. The calibration
+activations stay on the GPU when they fit easily (see `activation_home`), else on the CPU.
 """
 
 from __future__ import annotations
@@ -55,9 +56,34 @@ class _Recorder(nn.Module):
         return hidden_states
 
 
+ACTIVATION_MODES = ("auto", "device", "offload")
+
+
+def activation_home(mode: str, compute: torch.device, need_bytes: int, free_bytes: int | None) -> torch.device:
+    """Where calibration activations live between passes. Every block runs several passes over
+    them (one per sequential group, one to propagate), so on a GPU keeping them there saves
+    copying all of them across the bus each pass; "auto" does so when a block's inputs and
+    outputs together take at most a quarter of the free memory, and otherwise offloads them to
+    the CPU, so that a model bigger than the GPU still quantizes."""
+    if mode not in ACTIVATION_MODES:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATION_MODES)}, got {mode!r}")
+    if compute.type == "cpu" or mode == "offload":
+        return torch.device("cpu")
+    if mode == "device" or (free_bytes is not None and need_bytes <= free_bytes // 4):
+        return compute
+    return torch.device("cpu")
+
+
+def _to_home(t: torch.Tensor, home: torch.device) -> torch.Tensor:
+    """A copy on `home`; offloaded from a GPU into pinned memory, so copies back can overlap."""
+    if home.type == "cpu" and t.is_cuda:
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+    return t.to(home)
+
+
 def _to(obj: Any, device: torch.device | str) -> Any:
     if isinstance(obj, torch.Tensor):
-        return obj.to(device)
+        return obj.to(device, non_blocking=True)
     if isinstance(obj, tuple):
         return tuple(_to(o, device) for o in obj)
     if isinstance(obj, list):
@@ -133,7 +159,7 @@ class BlockContext:
 
     def batch(self, i: int) -> tuple[torch.Tensor, dict]:
         """Block input and kwargs of calibration batch i, on the compute device."""
-        return self.engine.inputs[i].to(self.device), self.engine.kwargs_for(self.index, i)
+        return self.engine.inputs[i].to(self.device, non_blocking=True), self.engine.kwargs_for(self.index, i)
 
     def run_block(self, i: int, block: nn.Module | None = None) -> torch.Tensor:
         x, kw = self.batch(i)
@@ -224,9 +250,13 @@ class BlockContext:
 class BlockEngine:
     def __init__(self, model: nn.Module, arch: ArchSpec, stages: list[Method], device: str | torch.device,
                  batch_size: int = 8, progress: bool = True, propagate: str = "quantized",
-                 stats_store: StatsStore | None = None, calib: CalibIdentity | None = None) -> None:
+                 stats_store: StatsStore | None = None, calib: CalibIdentity | None = None,
+                 activations: str = "auto") -> None:
         if propagate not in ("quantized", "fp"):
             raise ValueError(f"propagate must be 'quantized' or 'fp', got {propagate!r}")
+        if activations not in ACTIVATION_MODES:
+            raise ValueError(f"activations must be one of {', '.join(ACTIVATION_MODES)}, got {activations!r}")
+        self.activations = activations
         # quantized: each block is calibrated on the outputs of the already quantized blocks
         # (GPTQ's default); fp: on the unquantized model's activations, so per-block statistics
         # do not depend on the recipe and can be cached in stats_store by calibration set
@@ -240,8 +270,9 @@ class BlockEngine:
         self.device = torch.device(device)
         self.batch_size = batch_size
         self.progress = progress
-        self.inputs: list[torch.Tensor] = []  # per calibration batch, on the offload device
-        self._kwargs: list[list[dict]] = []  # [block][batch] kwargs, offload device
+        self.inputs: list[torch.Tensor] = []  # per calibration batch, on self.home
+        self._kwargs: list[list[dict]] = []  # [block][batch] kwargs, on self.home
+        self.home = torch.device("cpu")  # where activations live; set by capture
         self.modules: dict[str, QuantizedModule] = {}
         self.transforms: dict[str, dict] = {}
         self.act_handles: dict[str, Any] = {}
@@ -272,13 +303,32 @@ class BlockEngine:
         n_blocks = len(blocks)
         self._kwargs = [[] for _ in range(n_blocks)]
         self.inputs = []
-        offload = torch.device("cpu") if self.device.type != "cpu" else self.device
+        home: list[torch.device] = []
+        # blocks get the same kwarg tensors (position embeddings, masks) in one forward: one copy each
+        copies: dict[tuple, torch.Tensor] = {}
+
+        def keep(t: Any) -> Any:
+            if isinstance(t, torch.Tensor):
+                key = (t.data_ptr(), t.shape, t.stride(), t.dtype)
+                if key not in copies:
+                    copies[key] = _to_home(t.detach(), home[0])
+                return copies[key]
+            if isinstance(t, (tuple, list)):
+                return type(t)(keep(o) for o in t)
+            if isinstance(t, dict):
+                return {k: keep(v) for k, v in t.items()}
+            return t
 
         def sink(i: int, h: torch.Tensor, kw: dict) -> None:
+            if not home:  # a block's inputs and outputs, all batches
+                need = 2 * input_ids.numel() * h.shape[-1] * h.element_size()
+                free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+                home.append(activation_home(self.activations, self.device, need, free))
             kw = {k: v for k, v in kw.items() if k not in ("past_key_values", "past_key_value", "use_cache")}
             if i == 0:
-                self.inputs.append(h.detach().to(offload))
-            self._kwargs[i].append(_to(kw, offload))
+                copies.clear()  # a new batch: its tensors may reuse freed addresses
+                self.inputs.append(_to_home(h.detach(), home[0]))
+            self._kwargs[i].append(keep(kw))
 
         originals = list(blocks)
         backbone = self.arch.backbone(self.model)
@@ -293,6 +343,8 @@ class BlockEngine:
             for i in range(n_blocks):
                 blocks[i] = originals[i]
             self._move_non_block_modules(backbone, blocks, None, moved)
+        if home:
+            self.home = home[0]
 
     def _move_non_block_modules(self, backbone: nn.Module, blocks: nn.ModuleList, device, restore=None):
         """Embeddings, rotary tables, final norm: to the compute device for capture, then back."""
@@ -343,7 +395,7 @@ class BlockEngine:
                         q_out = outs[0]
                 err = (q_out.float() - ref_out.float()).pow(2).sum() / ref_out.float().pow(2).sum().clamp_min(1e-30)
                 entry["out_rel_err"] = float(err)
-                self.inputs = [o.to(self.inputs[0].device) for o in outs]
+                self.inputs = [o if o.device == self.home else _to_home(o, self.home) for o in outs]
                 del reference
             elif self.from_store_only:
                 entry["statistics"] = "cached"
