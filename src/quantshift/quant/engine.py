@@ -313,8 +313,10 @@ class BlockEngine:
                 if key not in copies:
                     copies[key] = _to_home(t.detach(), home[0])
                 return copies[key]
-            if isinstance(t, (tuple, list)):
-                return type(t)(keep(o) for o in t)
+            if isinstance(t, tuple):
+                return tuple(keep(o) for o in t)
+            if isinstance(t, list):
+                return [keep(o) for o in t]
             if isinstance(t, dict):
                 return {k: keep(v) for k, v in t.items()}
             return t
