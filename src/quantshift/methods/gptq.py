@@ -127,16 +127,16 @@ def gptq_solve_rows(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: flo
         g_idx = torch.arange(in_f, device=W.device) // max(gs, 1) if gs else torch.zeros_like(perm)
     if not gs:
         scales, zeros = full_scale.expand(out_f, 1).clone(), full_zero.expand(out_f, 1).clone()
-    scale, zero = scales[:, 0].clone(), zeros[:, 0].to(torch.int32)
+    scale, zero = scales[:, 0].clone(), zeros[:, 0].clone()
     visit_groups = g_idx.tolist()
     if gs and static_groups:  # per-group params, fixed up front, one contiguous row per group
-        scales_t, zeros_t = scales.t().contiguous(), zeros.t().to(torch.int32).contiguous()
+        scales_t, zeros_t = scales.t().contiguous(), zeros.t().contiguous()
 
-    # The column loop is the hot path: one iteration per input column, three kernels each
+    # The column loop is the hot path: one iteration per input column, three ops each
     # (fake-quant, residual, rank-1 update), which on a GPU are launch-bound. It works on W^T so
     # a column is a contiguous row and the update touches contiguous memory (~3x faster on a
     # CPU), and it carries unscaled residuals w - q with the rows of Hinv pre-divided by their
-    # diagonal, which is the paper's (w - q) / d update with one kernel less per column.
+    # diagonal, which is the paper's (w - q) / d update with one op less per column.
     Wt = W.t().contiguous()
     Qt = torch.empty_like(Wt)
     for i1 in range(0, in_f, B):
@@ -157,8 +157,10 @@ def gptq_solve_rows(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: flo
                     g = col // gs
                     sc, z = _row_params(W1[i:i + gs].t(), spec)
                     scales[:, g:g + 1], zeros[:, g:g + 1] = sc, z
-                    scale, zero = sc.flatten(), z.flatten().to(torch.int32)
-            # q = scale * (clamp(round(w / scale) + zero, 0, maxq) - zero), in one kernel
+                    scale, zero = sc.flatten(), z.flatten()
+            # q = scale * (clamp(round(w / scale) + zero, 0, maxq) - zero) in one op; a float
+            # zero point (integer-valued) because with int32 ones torch range-checks them on
+            # every call, a device-to-host sync per column on a GPU
             w, r = W1[i], R1[i]
             q = torch.fake_quantize_per_channel_affine(w, scale, zero, 0, 0, maxq)
             torch.sub(w, q, out=r)
