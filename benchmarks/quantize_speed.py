@@ -8,7 +8,7 @@ Each method runs in its own subprocess so that peak memory (CUDA max allocated, 
 process's peak RSS on CPU) belongs to that method alone.
 
 `gptq-textbook` is the baseline our GPTQ is compared with in the same run: the paper's
-Algorithm 1 written plainly, the way the widely used tools run it (one Hessian and one column
+Algorithm 1 written plainly, the way the widely used tools run it (one float32 Hessian and one column
 loop per linear, the inverse by Cholesky -> inverse -> Cholesky, columns of W updated in place).
 Our `gptq` gets the same result (tests/test_gptq.py checks this) with one Hessian and one column
 loop per group of linears sharing an input, a single triangular inverse, and a loop over rows of
@@ -77,16 +77,19 @@ def gptq_textbook_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size:
 
 
 def register_textbook() -> None:
-    """Register `gptq-textbook` (in this process only): its own Hessian per linear, no stacking."""
+    """Register `gptq-textbook` (in this process only): its own float32 Hessian per linear, no stacking."""
     from quantshift.methods import METHODS
     from quantshift.methods.base import SolveResult, register
-    from quantshift.methods.gptq import GPTQ, hessian_error
+    from quantshift.methods.gptq import GPTQ, accumulate_hessian, hessian_error
 
     if "gptq-textbook" in METHODS:
         return
 
     @register("gptq-textbook")
     class GPTQTextbook(GPTQ):
+        def add_batch(self, stats, x):  # upcast first, a float32 GEMM, as those tools do
+            accumulate_hessian(stats, x.float())
+
         def _collect_stats(self, ctx, names):
             stats = {n: self.new_stats(ctx.linear(n)) for n in names}
             ctx.collect_inputs(names, lambda name, x: self.add_batch(stats[name], x))
