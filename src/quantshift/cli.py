@@ -106,6 +106,7 @@ def quantize(
     from .data.calibset import build_calibset
     from .errors import ConfigError
     from .models.load import load_model, resolve_device, resolve_dtype
+    from .quant.engine import ACTIVATION_MODES
     from .quantize import quantize_model, save
     from .recipes import load_recipe, recipe_from_cli
 
@@ -114,8 +115,9 @@ def quantize(
         raise ConfigError("give exactly one of --method or --recipe")
     if propagate not in ("quantized", "fp"):
         raise ConfigError(f"--propagate must be 'quantized' or 'fp', got {propagate!r}")
-    if activations not in ("auto", "device", "offload"):
-        raise ConfigError(f"--activations must be auto, device or offload, got {activations!r}")
+    if activations not in ACTIVATION_MODES:
+        raise ConfigError(f"--activations must be {', '.join(ACTIVATION_MODES[:-1])} or {ACTIVATION_MODES[-1]}, "
+                          f"got {activations!r}")
     if stats_cache is not None and propagate != "fp":
         raise ConfigError("--stats-cache needs --propagate fp: with quantized propagation each block's inputs "
                           "depend on the bit width and method, so its statistics cannot be reused")

@@ -59,14 +59,18 @@ class _Recorder(nn.Module):
 ACTIVATION_MODES = ("auto", "device", "offload")
 
 
+def check_activation_mode(mode: str) -> None:
+    if mode not in ACTIVATION_MODES:
+        raise ValueError(f"activations must be one of {', '.join(ACTIVATION_MODES)}, got {mode!r}")
+
+
 def activation_home(mode: str, compute: torch.device, need_bytes: int, free_bytes: int | None) -> torch.device:
     """Where calibration activations live between passes. Every block runs several passes over
     them (one per sequential group, one to propagate), so on a GPU keeping them there saves
     copying all of them across the bus each pass; "auto" does so when a block's inputs and
     outputs together take at most a quarter of the free memory, and otherwise offloads them to
     the CPU, so that a model bigger than the GPU still quantizes."""
-    if mode not in ACTIVATION_MODES:
-        raise ValueError(f"activations must be one of {', '.join(ACTIVATION_MODES)}, got {mode!r}")
+    check_activation_mode(mode)
     if compute.type == "cpu" or mode == "offload":
         return torch.device("cpu")
     if mode == "device" or (free_bytes is not None and need_bytes <= free_bytes // 4):
@@ -254,8 +258,7 @@ class BlockEngine:
                  activations: str = "auto") -> None:
         if propagate not in ("quantized", "fp"):
             raise ValueError(f"propagate must be 'quantized' or 'fp', got {propagate!r}")
-        if activations not in ACTIVATION_MODES:
-            raise ValueError(f"activations must be one of {', '.join(ACTIVATION_MODES)}, got {activations!r}")
+        check_activation_mode(activations)  # before any work, not at capture
         self.activations = activations
         # quantized: each block is calibrated on the outputs of the already quantized blocks
         # (GPTQ's default); fp: on the unquantized model's activations, so per-block statistics
