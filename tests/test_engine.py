@@ -274,3 +274,29 @@ def test_gpu_engine_matches_cpu_wherever_activations_live(kind):
         assert next(lm.model.parameters()).device.type == "cpu"  # blocks went back home
         assert all(b["out_rel_err"] < 0.1 for b in res.engine.blocks)
         assert _rel_logit_err(logits(lm.model, EVAL_IDS), ref) < 1e-3, mode
+
+
+@pytest.mark.parametrize("kind", ["llama", "gemma3"])
+@pytest.mark.parametrize("recipe", [{"gptq": {"wbits": 3, "group_size": 16}},
+                                    {"gptq": {"wbits": 4, "group_size": 16, "abits": 8}},
+                                    [{"smoothquant": {"alpha": 0.5, "quantize": False}}, {"gptq": {"wbits": 3}}]])
+def test_replaying_finished_sub_modules_changes_nothing_and_skips_attention(kind, recipe):
+    # FrozenOutputs: once q/k/v/o are solved, the MLP passes and the propagation pass replay the
+    # attention output; the result must be bit-identical to recomputing it, with fewer forwards
+    from quantshift.quant.engine import BlockEngine
+
+    stages = recipe if isinstance(recipe, list) else [recipe]
+    rec = recipe_from_dict({"stages": stages})
+    results, calls = {}, {}
+    for reuse in (False, True):
+        lm = loaded_tiny(kind)
+        n = [0]
+        for blk in lm.arch.blocks(lm.model):
+            blk.self_attn.register_forward_hook(lambda *_: n.__setitem__(0, n[0] + 1))
+        eng = BlockEngine(lm.model, lm.arch, [s.build() for s in rec.stages], "cpu", batch_size=2, progress=False,
+                          reuse_outputs=reuse)
+        eng.run(random_calib(6, 24).input_ids)
+        results[reuse] = {k: v.clone() for k, v in lm.model.state_dict().items()}
+        calls[reuse] = n[0]
+    assert all(torch.equal(results[False][k], results[True][k]) for k in results[False])
+    assert calls[True] < calls[False]

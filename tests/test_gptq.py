@@ -128,11 +128,31 @@ def test_fast_solver_equals_the_papers_algorithm_written_plainly():
 def test_half_gram_call_is_well_formed():
     # the CUDA fast path of accumulate_hessian (16-bit activations, float32 Gram matrix); meta
     # tensors check the call's signature and result type on a machine without a GPU
-    from quantshift.methods.gptq import half_gram
+    from quantshift.quant.primitives import half_gram
 
     x = torch.empty(64, 24, device="meta", dtype=torch.float16)
     got = half_gram(x)
     assert got.shape == (24, 24) and got.dtype == torch.float32
+
+
+def test_hessian_from_bf16_activations_on_cpu_is_float32_and_positive_definite():
+    # bf16 inputs (what a linear multiplies under autocast) with a massive channel and a strong
+    # common mode, as LLM activations have: a bf16-output GEMM would round the Gram matrix into an
+    # indefinite one; ours stays float32-accurate, so the damped matrix factors
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4096, 256, generator=g) * torch.linspace(0.01, 1, 256) + 3 * torch.randn(4096, 1, generator=g)
+    x[:, 7] *= 300
+    x = x.bfloat16()
+    ref = 2 * x.double().t() @ x.double() / x.shape[0]
+    stats = HessianStats(torch.zeros(256, 256))
+    for chunk in x.split(1024):
+        accumulate_hessian(stats, chunk)
+    assert stats.H.dtype == torch.float32 and stats.tokens == 4096
+    d = ref.diagonal().sqrt()
+    assert float(((stats.H.double() - ref).abs() / (d[:, None] * d[None, :])).max()) < 1e-5
+    H = stats.H.clone()
+    H.diagonal().add_(0.01 * H.diagonal().mean())
+    torch.linalg.cholesky(H)
 
 
 @pytest.mark.gpu

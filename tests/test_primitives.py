@@ -98,3 +98,12 @@ def test_per_token_activation_quant():
 def test_bad_specs_name_the_problem(bad, msg):
     with pytest.raises(ConfigError, match=msg):
         parse(QuantSpec, bad)
+
+
+def test_symmetric_gram_equals_the_full_product():
+    from quantshift.quant.primitives import symmetric_gram
+
+    x = torch.randn(300, 700, generator=torch.Generator().manual_seed(1))
+    G = symmetric_gram(x, block=256)  # 3 uneven column blocks
+    assert torch.equal(G, G.t())
+    assert torch.allclose(G, x.t() @ x, rtol=1e-5, atol=1e-3)

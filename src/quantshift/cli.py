@@ -105,7 +105,7 @@ def quantize(
     """Quantize a model with a method or a recipe and save it."""
     from .data.calibset import build_calibset
     from .errors import ConfigError
-    from .models.load import load_model, resolve_device, resolve_dtype
+    from .models.load import load_model, resolve_device
     from .quant.engine import ACTIVATION_MODES
     from .quantize import quantize_model, save
     from .recipes import load_recipe, recipe_from_cli
@@ -131,8 +131,7 @@ def quantize(
     dev = resolve_device(device)
     t0 = time.time()
     # weights stay on the CPU; the engine moves one block at a time to the compute device
-    torch_dtype = resolve_dtype(dtype, dev)
-    loaded = load_model(model, device="cpu", dtype=str(torch_dtype).replace("torch.", ""))
+    loaded = load_model(model, device="cpu", dtype=dtype, compute_device=dev)
     cal = None
     if rec.needs_calibration:
         cal = build_calibset(calib, loaded.tokenizer, nsamples, seqlen, seed, add_bos=loaded.needs_bos,
@@ -145,11 +144,11 @@ def quantize(
 
         # keyed like a study's cache: a local model directory by a fingerprint of its files
         store = StatsStore(stats_cache, digest({"model": model_identity(ModelAxis(name=model)),
-                                                "dtype": str(torch_dtype)}))
+                                                "dtype": loaded.precision.name}))
     qres = quantize_model(loaded, rec, cal, device=dev, batch_size=batch_size, progress=not quiet,
                           propagate=propagate, stats_store=store, activations=activations)
     path = save(loaded, qres, out, overwrite=overwrite)
-    typer.echo(f"quantized {model} with {rec.describe()} in {time.time() - t0:.1f}s -> {path}")
+    typer.echo(f"quantized {model} with {rec.describe()} ({loaded.precision.name}) in {time.time() - t0:.1f}s -> {path}")
 
 
 @app.command("eval")

@@ -23,6 +23,7 @@ class QuantizationResult:
     recipe: Recipe
     calibration: dict | None
     propagate: str = "quantized"
+    precision: str = "float32"  # models.precision.Precision.name the calibration forwards ran in
 
     def report(self) -> dict[str, Any]:
         return {
@@ -30,6 +31,7 @@ class QuantizationResult:
             "calibration": self.calibration,
             "seconds": round(self.engine.seconds, 3),
             "propagate": self.propagate,
+            "precision": self.precision,
             "blocks": self.engine.blocks,
             "modules": {k: {"stage": m.stage, **m.info} for k, m in self.engine.modules.items()},
             "transforms": self.engine.transforms,
@@ -66,11 +68,12 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, calib: CalibSet | None, 
     stages = [s.build() for s in recipe.stages]
     calib_id = CalibIdentity.of(calib.manifest) if calib is not None else None
     engine = BlockEngine(model, loaded.arch, stages, dev, batch_size=batch_size, progress=progress,
-                         propagate=propagate, stats_store=stats_store, calib=calib_id, activations=activations)
+                         propagate=propagate, stats_store=stats_store, calib=calib_id, activations=activations,
+                         autocast=loaded.precision.autocast)
     with torch.no_grad():
         result = engine.run(calib.input_ids if (calib is not None and recipe.needs_calibration) else None)
     return QuantizationResult(result, recipe, calib.manifest.to_dict() if calib is not None and recipe.needs_calibration else None,
-                              propagate)
+                              propagate, loaded.precision.name)
 
 
 def save(loaded: LoadedModel, qres: QuantizationResult, out: Path, overwrite: bool = False) -> Path:

@@ -7,6 +7,7 @@ samples keys: the same task keys -> one record per scored item {"id", "acc", "ac
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 import warnings
@@ -98,10 +99,14 @@ def evaluate(loaded, *, ppl: Iterable[str] = (), tasks: Iterable = (), suite: st
     res = EvalResult()
     for src in ppl_sources:
         r = perplexity(loaded.model, loaded.tokenizer, src, seqlen=seqlen, max_windows=max_windows or None,
-                       add_bos=loaded.needs_bos, batch_size=batch_size, progress=progress)
+                       add_bos=loaded.needs_bos, batch_size=batch_size, progress=progress,
+                       compute=getattr(loaded, "compute", None))
         res.metrics[f"ppl:{src}"] = r.to_dict()
     if runs:
-        _run_tasks(loaded, runs, res, limit=limit, data_dir=data_dir, batch_size=batch_size, seed=seed, progress=progress)
+        compute = loaded.compute() if hasattr(loaded, "compute") else contextlib.nullcontext()
+        with compute:
+            _run_tasks(loaded, runs, res, limit=limit, data_dir=data_dir, batch_size=batch_size, seed=seed,
+                       progress=progress)
     return res
 
 

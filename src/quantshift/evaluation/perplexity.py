@@ -8,7 +8,10 @@ and the BOS position is never scored.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 
 import torch
@@ -48,28 +51,40 @@ def windows_of(stream: torch.Tensor, seqlen: int, bos_id: int | None, max_window
 
 
 @torch.no_grad()
-def window_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 4,
-               progress: bool = True, desc: str = "perplexity") -> tuple[float, int]:
-    """Sum of token NLLs over the windows and the number of predicted tokens."""
+def window_nlls(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8, progress: bool = True,
+                desc: str = "perplexity", compute: Callable[[], AbstractContextManager] | None = None) -> torch.Tensor:
+    """Each window's NLL summed over its predicted tokens (float64 [windows]); `compute` makes
+    the context forwards run in (e.g. LoadedModel.compute: bf16 autocast). Logits are scored
+    in float32 whatever the forward's precision."""
     device = next(model.parameters()).device
-    total, count = 0.0, 0
-    for s in tqdm(range(0, windows.shape[0], batch_size), desc=desc, disable=not progress, unit="batch"):
-        ids = windows[s:s + batch_size].to(device)
-        logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        target = ids[:, 1:]
-        nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
-        total += float(nll)
-        count += target.numel()
-    return total, count
+    out = []
+    with tqdm(total=windows.numel(), desc=desc, disable=not progress, unit="tok", unit_scale=True, leave=False) as bar:
+        for s in range(0, windows.shape[0], batch_size):
+            ids = windows[s:s + batch_size].to(device)
+            with compute() if compute is not None else contextlib.nullcontext():
+                logits = model(input_ids=ids, use_cache=False).logits
+            logits = logits[:, :-1].float()
+            nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").sum(dim=1)
+            out.append(nll.double().cpu())
+            bar.update(ids.numel())
+    return torch.cat(out)
+
+
+def window_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8, progress: bool = True,
+               desc: str = "perplexity", compute: Callable[[], AbstractContextManager] | None = None) -> tuple[float, int]:
+    """Sum of token NLLs over the windows and the number of predicted tokens."""
+    nlls = window_nlls(model, windows, batch_size, progress, desc, compute)
+    return float(nlls.sum()), windows.shape[0] * (windows.shape[1] - 1)
 
 
 def perplexity(model: torch.nn.Module, tokenizer, source_name: str, seqlen: int = 512, max_windows: int | None = None,
-               add_bos: bool = False, batch_size: int = 4, split: str = "heldout", progress: bool = True) -> PerplexityResult:
+               add_bos: bool = False, batch_size: int = 8, split: str = "heldout", progress: bool = True,
+               compute: Callable[[], AbstractContextManager] | None = None) -> PerplexityResult:
     source = get_source(source_name)
     cap = source.protocol.get("max_windows") if max_windows is None else max_windows
     stream = token_stream(source, split, tokenizer)
     bos = tokenizer.bos_token_id if add_bos else None
     win = windows_of(stream, seqlen, bos, cap)
-    total, count = window_nll(model, win, batch_size, progress=progress, desc=f"ppl {source_name}")
+    total, count = window_nll(model, win, batch_size, progress=progress, desc=f"ppl {source_name}", compute=compute)
     nll = total / count
     return PerplexityResult(math.exp(nll), nll, count, win.shape[0], seqlen, source_name, split)

@@ -157,7 +157,11 @@ class LinearMethod(Method):
         fp_inputs = ctx.engine.propagate == "fp"
         # with fp inputs every linear is observed on the unquantized block, in one pass
         groups = ctx.groups() if sequential and not fp_inputs else [[n for g in ctx.groups() for n in g]]
+        solved: set[str] = set()
         for group in groups:
+            if not fp_inputs and solved:
+                ctx.freeze_solved(solved)
+            solved.update(group)
             plans = {n: p for n in group if (p := ctx.plan(self.config, n)) is not None}
             if not plans:
                 continue
@@ -218,7 +222,7 @@ class LinearMethod(Method):
                     return
                 stats[name] = self.new_stats(ctx.linear(name))
             last_input[name] = x
-            self.add_batch(stats[name], x)
+            self.add_batch(stats[name], ctx.matmul_input(x))
 
         ctx.collect_inputs(names, feed)
         for name, twin in alias.items():

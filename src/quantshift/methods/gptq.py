@@ -8,13 +8,13 @@ option. The solver is a pure function of (W, H, spec).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
-from ..quant.primitives import QuantizedWeight, QuantSpec, expand_to_columns, qparams_from_range, weight_qparams
+from ..quant.primitives import (QuantizedWeight, QuantSpec, expand_to_columns, gram, qparams_from_range,
+                                weight_qparams)
 from .base import LinearMethod, LinearPlan, SolveResult, StageConfig, register
 
 
@@ -37,29 +37,8 @@ def accumulate_hessian(stats: HessianStats, x: torch.Tensor) -> None:
     n = x.shape[0]
     total = stats.tokens + n
     stats.H.mul_(stats.tokens / total)
-    if x.is_cuda and x.dtype in (torch.float16, torch.bfloat16) and _HALF_GRAM["ok"]:
-        stats.H.add_(half_gram(x), alpha=2.0 / total)
-    else:
-        x = x.float()
-        stats.H.addmm_(x.t(), x, alpha=2.0 / total)
+    stats.H.add_(gram(x), alpha=2.0 / total)
     stats.tokens = total
-
-
-_HALF_GRAM = {"ok": True}
-
-
-def half_gram(x: torch.Tensor) -> torch.Tensor:
-    """x^T x in float32 from 16-bit x on the tensor cores (torch.mm with out_dtype, PyTorch 2.8+).
-    Products of 16-bit floats are exact in float32 and cuBLAS accumulates in float32, so this is
-    upcasting first up to summation order, at several times the speed of a float32 GEMM (the
-    down_proj Hessian of a 7B layer is ~60 TFLOP at 128 x 2048 tokens)."""
-    try:
-        return torch.mm(x.t(), x, out_dtype=torch.float32)
-    except (RuntimeError, TypeError) as err:  # a torch or GPU without the fp32-output GEMM
-        warnings.warn(f"float32-output half GEMM unavailable ({err}); Hessians use float32 GEMMs", stacklevel=2)
-        _HALF_GRAM["ok"] = False
-        x = x.float()
-        return x.t() @ x
 
 
 def _row_params(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:

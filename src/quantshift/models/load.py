@@ -11,6 +11,7 @@ import torch.nn as nn
 from ..errors import ModelError
 from .arch import ArchSpec, arch_for
 from .bundled import BUNDLED, bundled_checkpoint
+from .precision import Precision, resolve_precision
 
 
 @dataclass
@@ -21,6 +22,12 @@ class LoadedModel:
     path: str  # where the weights came from
     arch: ArchSpec
     quant_info: dict | None = None  # quantshift.json of a quantized dir
+    precision: Precision = Precision(torch.float32)
+
+    def compute(self, device: torch.device | str | None = None):
+        """Context for forward passes in this model's compute precision (bf16 autocast on CPUs
+        with bf16 matrix units under --dtype auto)."""
+        return self.precision.context(device or next(self.model.parameters()).device)
 
     @property
     def needs_bos(self) -> bool:
@@ -28,13 +35,8 @@ class LoadedModel:
 
 
 def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    if dtype == "auto":
-        return torch.float32 if device == "cpu" else torch.bfloat16
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-             "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in table:
-        raise ModelError(f"unknown dtype {dtype!r}; allowed: auto, {', '.join(table)}")
-    return table[dtype]
+    """The storage dtype of the weights (see models.precision for the compute precision)."""
+    return resolve_precision(dtype, device).weights
 
 
 def resolve_device(device: str) -> str:
@@ -61,17 +63,20 @@ def model_path(name: str) -> Path | str:
     return name
 
 
-def load_model(name: str, device: str = "cpu", dtype: str = "auto") -> LoadedModel:
+def load_model(name: str, device: str = "cpu", dtype: str = "auto", compute_device: str | None = None) -> LoadedModel:
+    """`compute_device`: where forwards will run when that is not where the weights load (the
+    quantizer loads on the CPU and moves one block at a time); it decides what "auto" means."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..checkpoint import is_quantized_dir, load_quantized
 
     device = resolve_device(device)
     path = model_path(name)
-    torch_dtype = resolve_dtype(dtype, device)
+    precision = resolve_precision(dtype, resolve_device(compute_device) if compute_device else device)
+    torch_dtype = precision.weights
     if isinstance(path, Path) and is_quantized_dir(path):
         model, tok, info = load_quantized(path, torch_dtype, device)
-        return LoadedModel(model, tok, name, str(path), arch_for(model), info)
+        return LoadedModel(model, tok, name, str(path), arch_for(model), info, precision)
     try:
         tok = AutoTokenizer.from_pretrained(path)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype)
@@ -80,4 +85,4 @@ def load_model(name: str, device: str = "cpu", dtype: str = "auto") -> LoadedMod
     except (ValueError, KeyError) as err:
         raise ModelError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from None
     model.eval().to(device)
-    return LoadedModel(model, tok, name, str(path), arch_for(model))
+    return LoadedModel(model, tok, name, str(path), arch_for(model), precision=precision)

@@ -13,6 +13,7 @@ activations stay on the GPU when they fit easily (see `activation_home`), else o
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable
@@ -54,6 +55,76 @@ class _Recorder(nn.Module):
             raise RuntimeError("decoder blocks called with extra positional arguments are not supported")
         self._sink(self._index, hidden_states, kwargs)
         return hidden_states
+
+
+class _Replay(nn.Module):
+    """Stands in for a block child whose output on the current batch is already known."""
+
+    def __init__(self, inner: nn.Module, output: Any) -> None:
+        super().__init__()
+        object.__setattr__(self, "_inner", inner)
+        object.__setattr__(self, "_output", output)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(object.__getattribute__(self, "_inner"), name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._output
+
+
+class FrozenOutputs:
+    """Outputs of a block's children whose weights are final for the current stage.
+
+    A sequential method reruns the block once per group of linears; once, say, q/k/v and o are
+    solved, the attention sub-module's output no longer changes, so the passes for the MLP
+    groups and the propagation pass can replay it instead of recomputing attention (on a CPU
+    the most expensive part of a 512-token block). The first pass after a child is frozen
+    records its output per batch; later passes replay it. Recomputing would give the very same
+    tensors (same inputs, weights and kernels), so results do not change."""
+
+    def __init__(self, num_batches: int, home: torch.device) -> None:
+        self.num_batches = num_batches
+        self.home = home
+        self.outputs: dict[str, list[Any]] = {}
+
+    def freeze(self, block: nn.Module, solved: set[str]) -> None:
+        """Freeze every direct child of `block` whose linears are all in `solved`."""
+        for name, child in block.named_children():
+            linears = [f"{name}.{n}" if n else name for n, m in child.named_modules() if isinstance(m, nn.Linear)]
+            if linears and name not in self.outputs and all(n in solved for n in linears):
+                self.outputs[name] = []
+
+    @contextlib.contextmanager
+    def applied(self, block: nn.Module, batch: int, device: torch.device):
+        swapped: dict[str, nn.Module] = {}
+        handles = []
+        for name, outs in self.outputs.items():
+            child = getattr(block, name)
+            if len(outs) == self.num_batches:
+                swapped[name] = child
+                setattr(block, name, _Replay(child, _to(outs[batch], device)))
+            elif len(outs) == batch:  # recording, in batch order
+                def keep(_m, _a, out, outs=outs):
+                    outs.append(_to_home_any(out, self.home))
+                handles.append(child.register_forward_hook(keep))
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
+            for name, child in swapped.items():
+                setattr(block, name, child)
+
+
+def _to_home_any(obj: Any, home: torch.device) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return _to_home(obj.detach(), home)
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(_to_home_any(o, home) for o in obj)
+    return obj
 
 
 ACTIVATION_MODES = ("auto", "device", "offload")
@@ -166,8 +237,23 @@ class BlockContext:
         return self.engine.inputs[i].to(self.device, non_blocking=True), self.engine.kwargs_for(self.index, i)
 
     def run_block(self, i: int, block: nn.Module | None = None) -> torch.Tensor:
+        """The block's output on calibration batch i, in the engine's compute precision (frozen
+        children of the block being quantized replayed, see FrozenOutputs)."""
         x, kw = self.batch(i)
-        return _block_output((block or self.block)(x, **kw))
+        frozen = self.engine.frozen if block is None else None
+        with self.engine.compute(), (frozen.applied(self.block, i, self.device) if frozen else contextlib.nullcontext()):
+            return _block_output((block or self.block)(x, **kw))
+
+    def freeze_solved(self, solved: set[str]) -> None:
+        """Tell the engine these linears (block-relative names) are final for this stage."""
+        if self.engine.frozen is not None:
+            self.engine.frozen.freeze(self.block, solved)
+
+    def matmul_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x as the linear it feeds multiplies it: cast to the autocast dtype when one is set, so
+        statistics (Hessians) describe the products the model really computes."""
+        dt = self.engine.autocast
+        return x if dt is None or x.dtype == dt else x.to(dt)
 
     def collect_inputs(self, names: list[str], fn: Callable[[str, torch.Tensor], None],
                        modules: dict[str, nn.Module] | None = None) -> None:
@@ -181,7 +267,8 @@ class BlockContext:
         def make_hook(name: str):
             def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
                 x = args[0]
-                fn(name, x.reshape(-1, x.shape[-1]))
+                with torch.autocast(x.device.type, enabled=False):  # statistics stay in float32
+                    fn(name, x.reshape(-1, x.shape[-1]))
                 seen.add(name)
                 if len(seen) == len(names):
                     raise _StopForward
@@ -255,11 +342,17 @@ class BlockEngine:
     def __init__(self, model: nn.Module, arch: ArchSpec, stages: list[Method], device: str | torch.device,
                  batch_size: int = 8, progress: bool = True, propagate: str = "quantized",
                  stats_store: StatsStore | None = None, calib: CalibIdentity | None = None,
-                 activations: str = "auto") -> None:
+                 activations: str = "auto", autocast: torch.dtype | None = None,
+                 reuse_outputs: bool = True) -> None:
         if propagate not in ("quantized", "fp"):
             raise ValueError(f"propagate must be 'quantized' or 'fp', got {propagate!r}")
         check_activation_mode(activations)  # before any work, not at capture
         self.activations = activations
+        # forwards (capture, statistics passes, propagation) run under autocast to this dtype;
+        # solvers, Hessians and weights stay float32 (see models.precision)
+        self.autocast = autocast
+        self.reuse_outputs = reuse_outputs  # replay outputs of finished sub-modules (FrozenOutputs)
+        self.frozen: FrozenOutputs | None = None
         # quantized: each block is calibrated on the outputs of the already quantized blocks
         # (GPTQ's default); fp: on the unquantized model's activations, so per-block statistics
         # do not depend on the recipe and can be cached in stats_store by calibration set
@@ -286,6 +379,11 @@ class BlockEngine:
         return (self.propagate == "fp" and self.stats_store is not None and self.calib is not None
                 and len(self.stages) == 1 and getattr(self.stages[0], "stats_cacheable", False)
                 and self.stats_store.complete(self.calib, n_blocks))
+
+    def compute(self):
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.autocast)
 
     def kwargs_for(self, block: int, batch: int) -> dict:
         return _to(self._kwargs[block][batch], self.device)
@@ -343,7 +441,8 @@ class BlockEngine:
                 blocks[i] = _Recorder(originals[i], i, sink)
             for start in range(0, input_ids.shape[0], self.batch_size):
                 ids = input_ids[start:start + self.batch_size].to(self.device)
-                backbone(input_ids=ids, use_cache=False)
+                with self.compute():
+                    backbone(input_ids=ids, use_cache=False)
         finally:
             for i in range(n_blocks):
                 blocks[i] = originals[i]
@@ -386,6 +485,8 @@ class BlockEngine:
             block.to(self.device)
             reference = copy.deepcopy(block) if run_forward else None
             for stage in self.stages:
+                # outputs frozen by an earlier stage are stale once this one changes weights
+                self.frozen = FrozenOutputs(len(self.inputs), self.home) if run_forward and self.reuse_outputs else None
                 stage.process_block(BlockContext(self, i, block, stage.name))
             entry: dict[str, Any] = {"block": i}
             if run_forward:
@@ -404,6 +505,7 @@ class BlockEngine:
                 del reference
             elif self.from_store_only:
                 entry["statistics"] = "cached"
+            self.frozen = None
             block.to(home)
             entry["seconds"] = round(time.time() - tb, 3)
             report.append(entry)

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from ..models.arch import SmoothMapping
+from .primitives import gram
 
 if TYPE_CHECKING:
     from .engine import BlockContext
@@ -39,14 +40,16 @@ class InputStats:
         H = torch.zeros(n, n, device=device, dtype=torch.float32) if with_h else None
         return cls(z.clone(), z.clone(), H)
 
-    def add(self, x: torch.Tensor) -> None:
-        x = x.float()
-        self.absmax = torch.maximum(self.absmax, x.abs().amax(dim=0))
-        self.abssum += x.abs().sum(dim=0)
+    def add(self, x: torch.Tensor, x_mm: torch.Tensor | None = None) -> None:
+        """x: the linear's input; x_mm: the same as the linear multiplies it (e.g. bf16 under
+        autocast), for H."""
         n = x.shape[0]
         if self.H is not None:
             total = self.tokens + n
-            self.H.mul_(self.tokens / total).addmm_(x.t(), x, alpha=1.0 / total)
+            self.H.mul_(self.tokens / total).add_(gram(x if x_mm is None else x_mm), alpha=1.0 / total)
+        x = x.float()
+        self.absmax = torch.maximum(self.absmax, x.abs().amax(dim=0))
+        self.abssum += x.abs().sum(dim=0)
         self.tokens += n
 
     @property
@@ -141,7 +144,7 @@ def collect_input_stats(ctx: "BlockContext", names: list[str], with_h: bool) -> 
     """One pass over the calibration batches gathering InputStats of each named linear's input."""
     stats = {n: InputStats.empty(ctx.linear(n).in_features, ctx.device, with_h) for n in names}
     if names:
-        ctx.collect_inputs(names, lambda n, x: stats[n].add(x))
+        ctx.collect_inputs(names, lambda n, x: stats[n].add(x, ctx.matmul_input(x)))
     return stats
 
 

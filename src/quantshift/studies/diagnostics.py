@@ -52,13 +52,13 @@ def run_diag_work(work: dict, cache: Cache, options: dict, progress: bool) -> li
         return []
     model = ModelAxis(**work["model"])
     device = resolve_device(options["device"])
-    loaded = load_model(model.name, device=device, dtype=model.dtype if model.dtype != "auto" else
-                        ("float32" if device == "cpu" else "float16"))
+    loaded = load_model(model.name, device=device, dtype=model.dtype)
     done = []
     for s in todo:
         try:
             ids = set_tokens(loaded, model, s, work["settings"], cache, options["data_dir"])
-            stats = set_stats(loaded.model, ids)
+            with loaded.compute():
+                stats = set_stats(loaded.model, ids)
         except Exception as err:  # e.g. a task without a text source: no diagnostics for it
             stats = {"unavailable": f"{type(err).__name__}: {err}"}
         cache.put_tensors("diag", s["key"], stats)

@@ -16,6 +16,7 @@ from collections import defaultdict
 from pathlib import Path
 from ..checkpoint import write_json_atomic
 from ..evaluation.stats import sign_flip_p
+from ..evaluation.variance import clear_best, decompose, pairwise, source_findings
 from .diagnostics import kendall_tau, spearman
 from .spec import short_source
 
@@ -126,6 +127,113 @@ def matrix_table(group: dict[str, dict], refs: list[dict], cols: list[str]) -> t
     return ["calibration \\ test"] + [test_label(c) for c in cols], rows
 
 
+# ---------------------------------------------------------------- several seeds: source vs seed
+
+def seed_groups(cells: list[dict]) -> dict[tuple, dict[str, dict[int, dict]]]:
+    """(model, method, wbits) -> calibration source -> seed -> cell, for calibrated cells."""
+    out: dict[tuple, dict[str, dict[int, dict]]] = defaultdict(lambda: defaultdict(dict))
+    for c in cells:
+        if c["calib"] is not None:
+            out[(c["model"]["name"], c["method"], c["wbits"])][c["calib"]["source"]][c["calib"]["seed"]] = c
+    return {k: dict(v) for k, v in out.items()}
+
+
+def multi_seed(collected: dict) -> bool:
+    """A study with several calibration seeds: findings must then be tested against the seed spread."""
+    seeds = {c["calib"]["seed"] for c in collected["cells"] if c["calib"] is not None}
+    return len(seeds) > 1 or len(set(collected["spec"].calibration.seeds)) > 1
+
+
+def seed_values(by_seed: dict[int, dict], col: str) -> list[float]:
+    """The column's value for each seed (in seed order); accuracy in points, perplexity as is."""
+    vs = [value(by_seed[s]["metrics"].get(col), col) for s in sorted(by_seed)]
+    return [v if col.startswith("ppl:") else 100 * v for v in vs if v is not None]
+
+
+def display_names(sources: list[str]) -> dict[str, str]:
+    """Short names when they are unique (they are what the findings' sentences use)."""
+    short = {s: short_source(s) for s in sources}
+    return short if len(set(short.values())) == len(short) else {s: s for s in sources}
+
+
+def source_analysis(cells: list[dict], units: list, alpha: float = ALPHA) -> list[dict]:
+    """For every (model, method, bits, test) column: the seeds per source, the source/seed
+    decomposition (log ppl, accuracy points), the pairwise tests and the supported findings."""
+    out = []
+    for (model, method, wbits), by_src in seed_groups(cells).items():
+        if len(by_src) < 2:
+            continue
+        names = display_names(list(by_src))
+        for u in units:
+            col = u.key
+            y = {names[s]: seed_values(by_seed, col) for s, by_seed in by_src.items()}
+            if not any(y.values()):
+                continue
+            ppl = col.startswith("ppl:")
+            iid = next((names[s] for s in by_src if is_iid(s, col)), None)
+            present = {s: v for s, v in y.items() if v}
+            means = {s: _mean([math.log(x) for x in v]) if ppl else _mean(v) for s, v in present.items()}
+            out.append({"model": model, "method": method, "wbits": wbits, "test": col, "y": y, "names": names,
+                        "iid": iid, "decomposition": decompose(y, alpha, log=ppl), "pairs": pairwise(y, alpha, log=ppl),
+                        "best": (min if ppl else max)(means, key=lambda s: means[s]) if means else None,
+                        "clear_best": clear_best(y, ppl, alpha, log=ppl),
+                        "findings": source_findings(y, iid, ppl, alpha, log=ppl, test=test_label(col),
+                                                        unit="" if ppl else " pts")})
+    return out
+
+
+def tied_with_best(a: dict, source: str) -> bool:
+    """True when `source` is not shown significantly different from the column's best: the
+    figure must hatch it, the table must not bold it."""
+    dec = a["decomposition"]
+    if not (dec.testable and dec.significant):
+        return True
+    if source == a["best"]:
+        return a["clear_best"] is None
+    pair = next(p for p in a["pairs"] if {p.a, p.b} == {source, a["best"]})
+    return not pair.significant
+
+
+def fmt_seeds(vals: list[float], test_key: str) -> str:
+    """mean ± SD over seeds (perplexity: geometric mean, as the analysis is on log ppl)."""
+    if not vals:
+        return "–"
+    ppl = test_key.startswith("ppl:")
+    m = math.exp(_mean([math.log(v) for v in vals])) if ppl else _mean(vals)
+    digits = 2 if ppl else 1
+    if len(vals) < 2:
+        return f"{m:.{digits}f} (n=1)"
+    sd = math.sqrt(sum((v - _mean(vals)) ** 2 for v in vals) / (len(vals) - 1))
+    return f"{m:.{digits}f} ±{sd:.{digits}f}"
+
+
+def seed_matrix_table(by_src: dict[str, dict[int, dict]], refs: list[dict], cols: list[str],
+                      analyses: dict[str, dict]) -> tuple[list[str], list[list[str]], list[str]]:
+    """Calibration x test table of mean ± SD over seeds; the best mean is bold only when the
+    seed spread supports it (F test and Holm pairs), otherwise marked "(best, n.s.)". Also
+    returns the notes the marks need."""
+    rows, notes = [], set()
+    for ref in refs:
+        name = ref["method"] if ref["recipe"] is None else f"{ref['method']} W{ref['wbits']}"
+        rows.append([f"*{name} (no calibration)*"] + [fmt_value(ref["metrics"].get(col), col) for col in cols])
+    names = display_names(list(by_src))
+    for src, by_seed in by_src.items():
+        row = [short_source(src)]
+        for col in cols:
+            s = fmt_seeds(seed_values(by_seed, col), col) + (IID_MARK if is_iid(src, col) else "")
+            a = analyses.get(col)
+            if a is not None and a["best"] == names[src] and len(by_src) > 1:
+                if a["clear_best"] == names[src]:
+                    s = f"**{s}**"
+                else:
+                    tag = "n.s." if a["decomposition"].testable else "untested"
+                    s += f" (best, {tag})"
+                    notes.add(tag)
+            row.append(s)
+        rows.append(row)
+    return ["calibration \\ test"] + [test_label(c) for c in cols], rows, sorted(notes)
+
+
 # ---------------------------------------------------------------- findings
 
 def iid_findings(cells: list[dict], units: list) -> list[dict]:
@@ -152,7 +260,8 @@ def iid_findings(cells: list[dict], units: list) -> list[dict]:
 
 
 def sensitivity(cells: list[dict], units: list) -> list[dict]:
-    """Per test set and bit width: fp value and the mean drop over every quantized cell of that width."""
+    """Per test set and bit width: fp value (with its CI for tasks) and the mean drop over every
+    quantized cell of that width, with the min-max of those cells' drops."""
     task_units = [u for u in units if u.kind == "task"] or [u for u in units if u.kind == "ppl"]
     out = []
     for model in dict.fromkeys(c["model"]["name"] for c in cells):
@@ -164,14 +273,20 @@ def sensitivity(cells: list[dict], units: list) -> list[dict]:
             f = value(fp["metrics"].get(u.key), u.key)
             if f is None:
                 continue
+            ci = fp["metrics"][u.key].get("acc_ci") if u.kind == "task" else None
             row = {"model": model, "test": u.key, "shots": u.shots, "kind": u.kind, "fp": f,
-                   "category": (fp["metrics"][u.key].get("category") or "-") if u.kind == "task" else "text", "drops": {}}
+                   "fp_ci": tuple(ci) if ci and None not in ci else None,
+                   "category": (fp["metrics"][u.key].get("category") or "-") if u.kind == "task" else "text",
+                   "drops": {}, "range": {}, "n": {}}
             for b in bits:
                 vs = [v for c in cells if c["model"]["name"] == model and c["recipe"] is not None and c["wbits"] == b
                       and (v := value(c["metrics"].get(u.key), u.key)) is not None]
                 if vs:
+                    drops = [(f - v) if u.kind == "task" else (v / f - 1) for v in vs]
                     mean = sum(vs) / len(vs)
                     row["drops"][b] = (f - mean) if u.kind == "task" else (mean / f - 1)
+                    # the spread behind the mean: every method, calibration set and seed of that width
+                    row["range"][b], row["n"][b] = (min(drops), max(drops)), len(drops)
             out.append(row)
     return out
 
@@ -251,79 +366,205 @@ def diag_correlations(rows: list[dict]) -> list[dict]:
 
 # ---------------------------------------------------------------- figures
 
-def _fig_sensitivity(sens: list[dict], path: Path) -> bool:
+def _pyplot():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def _save(fig, path: Path, caption: str) -> None:
+    """Caption under the plot (what the whiskers/hatching mean), fixed metadata: same bytes on rerun."""
+    fig.text(0.01, 0.005, caption, fontsize=7, ha="left", va="bottom", wrap=True)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=90, metadata={"Software": None})
+    fig.clf()
+    _pyplot().close(fig)
+
+
+def _fig_sensitivity(sens: list[dict], path: Path) -> bool:
+    """Bars per test set: fp (with its 95% CI for tasks) and each bit width's mean over its cells,
+    whiskers from the min to the max of those cells (methods x calibration sets x seeds)."""
+    plt = _pyplot()
     if not sens:
         return False
     shots = sorted({r["shots"] for r in sens})
-    fig, axes = plt.subplots(len(shots), 1, figsize=(max(6, 0.9 * len(sens) / len(shots) + 3), 3.2 * len(shots)), squeeze=False)
+    fig, axes = plt.subplots(len(shots), 1, figsize=(max(6, 0.9 * len(sens) / len(shots) + 3), 3.4 * len(shots) + 0.4), squeeze=False)
     for ax, s in zip(axes[:, 0], shots):
         rs = sorted([r for r in sens if r["shots"] == s], key=lambda r: (r["category"], r["test"]))
         bits = sorted({b for r in rs for b in r["drops"]}, reverse=True)
         kind = rs[0]["kind"]
-        width = 0.8 / (len(bits) + 1)
-        xs = range(len(rs))
-        fpv = [100 * r["fp"] if kind == "task" else 0.0 for r in rs]
-        ax.bar([x - 0.4 + width / 2 for x in xs], fpv, width, label="fp")
-        for k, b in enumerate(bits):
-            vals = [(100 * (r["fp"] - r["drops"][b]) if kind == "task" else 100 * r["drops"][b]) if b in r["drops"] else 0
-                    for r in rs]
-            ax.bar([x - 0.4 + width * (k + 1.5) for x in xs], vals, width, label=f"W{b}")
-        ax.set_xticks(list(xs))
+        series = [("fp", *_fp_bars(rs))] if kind == "task" else []  # ppl: fp is the 0 line itself
+        series += [(f"W{b}", *_bit_bars(rs, b, kind)) for b in bits]
+        if not series:  # perplexity with no finished quantized cell
+            ax.text(0.5, 0.5, "no quantized result yet", ha="center", va="center", transform=ax.transAxes, fontsize=8)
+        width = 0.8 / max(1, len(series))
+        for k, (label, vals, err) in enumerate(series):
+            ax.bar([x - 0.4 + width * (k + 0.5) for x in range(len(rs))], vals, width, yerr=err, capsize=2,
+                   error_kw={"elinewidth": 0.8}, label=label)
+        ax.set_xticks(list(range(len(rs))))
         ax.set_xticklabels([f"{test_label(r['test'])}\n[{r['category']}]" for r in rs], fontsize=7, rotation=30, ha="right")
         ax.set_ylabel("accuracy %" if kind == "task" else "ppl increase vs fp %")
         ax.set_title(f"{s}-shot" if kind == "task" else "perplexity", fontsize=9)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90, metadata={"Software": None})
-    plt.close(fig)
+    fp_note = "; fp whiskers: 95% CI" if any(r["kind"] == "task" for r in sens) else ""
+    _save(fig, path, "Bars: mean over methods, calibration sets and seeds of each bit width; whiskers: min to max of those "
+                     f"cells (the spread, not a CI){fp_note}. No significance test is made on these bars.")
     return True
 
 
-def _fig_heatmaps(cells: list[dict], units: list, path: Path) -> bool:
-    import matplotlib
+def _fp_bars(rs: list[dict]) -> tuple[list[float], list[list[float]]]:
+    vals = [100 * r["fp"] for r in rs]
+    lo = [100 * (r["fp"] - r["fp_ci"][0]) if r["fp_ci"] else 0.0 for r in rs]
+    hi = [100 * (r["fp_ci"][1] - r["fp"]) if r["fp_ci"] else 0.0 for r in rs]
+    return vals, [[max(0.0, x) for x in lo], [max(0.0, x) for x in hi]]
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    groups = [(k, g) for k, g in group_cells(cells).items() if len(g) > 1]
-    seeds = sorted({k[3] for k, _ in groups})
-    groups = [(k, g) for k, g in groups if k[3] == (seeds[0] if seeds else None)]
+def _bit_bars(rs: list[dict], b: int, kind: str) -> tuple[list[float], list[list[float]]]:
+    """Height and whiskers (min..max of the cells) of one bit width, in the plotted unit."""
+    vals, lo, hi = [], [], []
+    for r in rs:
+        if b not in r["drops"]:
+            vals.append(float("nan"))
+            lo.append(0.0)
+            hi.append(0.0)
+            continue
+        d, (dmin, dmax) = r["drops"][b], r["range"][b]
+        v, vmin, vmax = (100 * (r["fp"] - d), 100 * (r["fp"] - dmax), 100 * (r["fp"] - dmin)) if kind == "task" \
+            else (100 * d, 100 * dmin, 100 * dmax)
+        vals.append(v)
+        lo.append(max(0.0, v - vmin))
+        hi.append(max(0.0, vmax - v))
+    return vals, [lo, hi]
+
+
+def _heat_panel(a_by_col: dict[str, dict], srcs: list[str], cols: list[str], multi: bool):
+    """Colour (distance from the column's best mean), text and hatching of one heatmap panel."""
+    grid, text, hatch = [], [], []
+    for s in srcs:
+        grow, trow, hrow = [], [], []
+        for col in cols:
+            a = a_by_col.get(col)
+            vals = a["y"].get(s) if a else None
+            if not vals:
+                grow.append(float("nan"))
+                trow.append("–")
+                hrow.append(False)
+                continue
+            ppl = col.startswith("ppl:")
+            means = {x: _mean([math.log(v) for v in vs]) if ppl else _mean(vs) for x, vs in a["y"].items() if vs}
+            m, best = means[s], means[a["best"]]
+            grow.append(100 * (math.exp(m - best) - 1) if ppl else best - m)
+            trow.append(fmt_seeds(vals, col).replace(" ±", "\n±").replace(" (n=1)", "") + (IID_MARK if is_iid_name(a, s, col) else ""))
+            hrow.append(multi and tied_with_best(a, s))
+        grid.append(grow)
+        text.append(trow)
+        hatch.append(hrow)
+    return grid, text, hatch
+
+
+def is_iid_name(a: dict, display: str, col: str) -> bool:
+    return any(is_iid(src, col) for src, name in a["names"].items() if name == display)
+
+
+def _fig_heatmaps(analyses: list[dict], path: Path, multi: bool) -> bool:
+    """Per (model, method, bits): calibration x test values annotated in each cell, coloured by
+    the distance from the column's best calibration (a colour bar per panel, one scale per kind
+    of test across methods). Several seeds: cells
+    not significantly different from the column's best are hatched (and n.s. columns labelled);
+    one seed: the title says the differences were not tested against seed noise."""
+    plt = _pyplot()
+    from matplotlib.patches import Rectangle
+
+    groups: dict[tuple, dict[str, dict]] = defaultdict(dict)
+    for a in analyses:
+        groups[(a["model"], a["method"], a["wbits"])][a["test"]] = a
     if not groups:
         return False
-    cols = [u.key for u in units]
-    n = len(groups)
-    fig, axes = plt.subplots(1, n, figsize=(3 + 0.5 * len(cols) * n, 0.5 * max(len(g) for _, g in groups) + 2), squeeze=False)
-    for ax, ((model, method, wbits, seed), g) in zip(axes[0], groups):
-        srcs = list(g)
-        grid = []
-        for s in srcs:
-            row = []
-            for col in cols:
-                vs = [value(g[x]["metrics"].get(col), col) for x in srcs]
-                vs = [v for v in vs if v is not None]
-                v = value(g[s]["metrics"].get(col), col)
-                # rank within the column, 0 = best calibration for that test set
-                row.append(float("nan") if v is None else sorted((goodness(x, col) for x in vs), reverse=True).index(goodness(v, col)))
-            grid.append(row)
-        ax.imshow(grid, cmap="viridis_r", aspect="auto")
+    kinds = [k for k in ("ppl", "task") if any(t.startswith(k + ":") for g in groups.values() for t in g)]
+    n_src = max(len(a["y"]) for a in analyses)
+    n_col = max(sum(t.startswith(k + ":") for t in g) for g in groups.values() for k in kinds)
+    fig, axes = plt.subplots(len(kinds), len(groups), squeeze=False,
+                             figsize=(len(groups) * (1.1 * n_col + 2.8), len(kinds) * (0.55 * n_src + 2.2) + 0.5))
+    panels = {}
+    for j, ((model, method, wbits), by_col) in enumerate(groups.items()):
+        srcs = list(next(iter(by_col.values()))["y"])
+        for i, kind in enumerate(kinds):
+            cols = [t for t in by_col if t.startswith(kind + ":")]
+            if cols:
+                panels[(i, j)] = (model, method, wbits, by_col, srcs, cols, *_heat_panel(by_col, srcs, cols, multi))
+            else:
+                axes[i][j].axis("off")
+    # one colour scale per kind across methods: a small n.s. spread does not look like a large effect
+    top = {i: max([v for (pi, _), pn in panels.items() if pi == i for r in pn[6] for v in r if not math.isnan(v)] + [1e-9])
+           for i in range(len(kinds))}
+    for (i, j), (model, method, wbits, by_col, srcs, cols, grid, text, hatch) in panels.items():
+        ax, kind = axes[i][j], kinds[i]
+        im = ax.imshow(grid, cmap="YlOrRd", aspect="auto", vmin=0, vmax=top[i])
+        bar = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.03)
+        bar.set_label("% ppl above the column's best" if kind == "ppl" else "accuracy points below the column's best", fontsize=7)
+        bar.ax.tick_params(labelsize=6)
+        for r, row in enumerate(text):
+            for c, t in enumerate(row):
+                dark = not math.isnan(grid[r][c]) and grid[r][c] > 0.6 * top[i]
+                ax.text(c, r, t, ha="center", va="center", fontsize=6, color="white" if dark else "black")
+                if hatch[r][c]:
+                    ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, hatch="///", edgecolor="grey", lw=0))
         ax.set_xticks(range(len(cols)))
-        ax.set_xticklabels([test_label(c) for c in cols], rotation=60, ha="right", fontsize=7)
+        ax.set_xticklabels([test_label(c) + _col_tag(by_col[c], multi) for c in cols], rotation=45, ha="right", fontsize=7)
         ax.set_yticks(range(len(srcs)))
-        ax.set_yticklabels([short_source(s) for s in srcs], fontsize=7)
-        for i, s in enumerate(srcs):
-            for j, col in enumerate(cols):
-                if is_iid(s, col):
-                    ax.text(j, i, IID_MARK, ha="center", va="center", color="red", fontsize=9)
-        ax.set_title(f"{method} W{wbits}: rank of calibration (0 = best)", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90, metadata={"Software": None})
-    plt.close(fig)
+        ax.set_yticklabels(srcs, fontsize=7)
+        seeds = "mean over seeds" if multi else "single seed: not tested against seed noise"
+        ax.set_title(f"{Path(model).name} · {method} W{wbits} ({seeds})", fontsize=8)
+    caption = (f"{IID_MARK} = I.I.D. Hatched: not significantly different from the column's best (F test of the source "
+               "effect or Holm pairwise test n.s.): colour differences there are within the seed spread."
+               if multi else f"{IID_MARK} = I.I.D. One calibration seed: colour differences are not tested against seed noise.")
+    _save(fig, path, caption)
     return True
+
+
+def _col_tag(a: dict, multi: bool) -> str:
+    dec = a["decomposition"]
+    if not multi:
+        return ""
+    return " (untested)" if not dec.testable else ("" if dec.significant else " (n.s.)")
+
+
+def _fig_source_seed(analyses: list[dict], path: Path) -> bool:
+    """Source SD and seed SD of every testable column, with their 95% CIs; columns whose source
+    effect is not significant are drawn hollow and labelled n.s."""
+    plt = _pyplot()
+    rows = [a for a in analyses if a["decomposition"].testable]
+    kinds = [k for k in ("ppl", "task") if any(a["test"].startswith(k + ":") for a in rows)]
+    if not rows:
+        return False
+    models = len({a["model"] for a in rows})
+    fig, axes = plt.subplots(1, len(kinds), squeeze=False, figsize=(6 * len(kinds), 0.35 * len(rows) + 1.8))
+    for ax, kind in zip(axes[0], kinds):
+        rs = [a for a in rows if a["test"].startswith(kind + ":")]
+        for i, a in enumerate(rs):
+            d = a["decomposition"]
+            for off, (sd, ci, colour, label) in zip((-0.15, 0.15), ((d.source_sd, d.source_sd_ci, "C0", "source SD"),
+                                                                     (d.seed_sd, d.seed_sd_ci, "C1", "seed SD"))):
+                x, lo, hi = (_sd_unit(v, d.log) for v in (sd, *ci))
+                ax.errorbar([x], [i + off], xerr=[[x - lo], [hi - x]], fmt="o", color=colour, capsize=2, ms=4,
+                            mfc=colour if d.significant else "white", label=label if i == 0 else None)
+        ax.set_yticks(range(len(rs)))
+        ax.set_yticklabels([(f"{Path(a['model']).name} · " if models > 1 else "") + f"{a['method']} W{a['wbits']} · "
+                            f"{test_label(a['test'])}" + ("" if a["decomposition"].significant else " (n.s.)") for a in rs], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("SD, % of perplexity (from log ppl)" if kind == "ppl" else "SD, accuracy points", fontsize=8)
+        ax.legend(fontsize=7)
+    _save(fig, path, "Points: estimated SDs; whiskers: 95% CIs. Hollow source SD and (n.s.): the source effect is not "
+                     "significant against the seed spread (F test, p >= 0.05). Columns with no replication are not drawn.")
+    return True
+
+
+def _sd_unit(sd: float, log: bool) -> float:
+    """SD on the analysed scale in the unit shown: % of ppl for log ppl, points for accuracy."""
+    return 100 * (math.exp(sd) - 1) if log else sd
 
 
 # ---------------------------------------------------------------- the document
@@ -351,47 +592,46 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
                   f"{sum(c['status'] == 'failed' for c in cells)} failed, {sum(c['status'] == 'pending' for c in cells)} pending)"],
         ["versions", ", ".join(f"{k} {v}" for k, v in sorted(collected["versions"].items()))],
     ]))
-    b.append(("p", f"Tables: rows are calibration sets, columns test sets; {IID_MARK} = I.I.D. (calibration and test "
-                   "from the same source/task); **bold** = best calibration for that test set; perplexity lower is "
-                   "better, accuracy (%) higher is better, ± = half width of the 95% CI."))
-    b.append(("h2", "Calibration x test matrices"))
-    for (model, method, wbits, seed), group in group_cells(cells).items():
-        refs = references(cells, model, wbits)
-        for shots in [None] + list(ev.shots):
-            cols = test_columns(units, shots)
-            if not cols:
-                continue
-            what = "perplexity" if shots is None else f"accuracy, {shots}-shot"
-            b.append(("h3", f"{Path(model).name} · {method} W{wbits} · seed {seed} · {what}"))
-            headers, rows = matrix_table(group, refs, cols)
-            b.append(("table", headers, rows))
+    multi = multi_seed(collected)
+    analyses = source_analysis(cells, units)
+    if multi:
+        b += _seed_matrices(cells, units, ev.shots, analyses, cal.seeds)
+    else:
+        b.append(("p", f"Tables: rows are calibration sets, columns test sets; {IID_MARK} = I.I.D. (calibration and test "
+                       "from the same source/task); **bold** = best calibration for that test set (single seed: not tested "
+                       "against seed noise); perplexity lower is better, accuracy (%) higher is better, ± = half width of "
+                       "the 95% CI."))
+        b.append(("h2", "Calibration x test matrices"))
+        for (model, method, wbits, seed), group in group_cells(cells).items():
+            refs = references(cells, model, wbits)
+            for shots in [None] + list(ev.shots):
+                cols = test_columns(units, shots)
+                if not cols:
+                    continue
+                what = "perplexity" if shots is None else f"accuracy, {shots}-shot"
+                b.append(("h3", f"{Path(model).name} · {method} W{wbits} · seed {seed} · {what}"))
+                headers, rows = matrix_table(group, refs, cols)
+                b.append(("table", headers, rows))
     if not group_cells(cells):
         cols = [u.key for u in units]
         b.append(("table", ["cell"] + [test_label(c) for c in cols],
                   [[c["label"]] + [fmt_value(c["metrics"].get(col), col) for col in cols] for c in cells]))
 
     b.append(("h2", "Findings (computed)"))
-    iid = iid_findings(cells, units)
-    if iid:
-        n_best = sum(r["iid_rank"] == 1 for r in iid)
-        sig_better = sum(r["iid_rank"] == 1 and r["p"] is not None and r["p"] < ALPHA for r in iid)
-        sig_worse = sum(r["iid_rank"] > 1 and r["p"] is not None and r["p"] < ALPHA for r in iid)
-        b.append(("p", f"I.I.D. calibration is the best calibration in {n_best} of {len(iid)} (test set x method x bits x seed) "
-                       f"comparisons; significantly better than the best other source in {sig_better}, significantly worse "
-                       f"than the best source in {sig_worse} (paired sign-flip test over items/windows, p < {ALPHA}; with fewer than 6 items or windows no difference can reach it)."))
-        b.append(("table", ["test", "method", "seed", "best calibration", "I.I.D. rank", "Δ vs", "Δ (I.I.D. − other)", "p"],
-                  [[test_label(r["test"]), f"{r['method']} W{r['wbits']}", str(r["seed"]), short_source(r["best"]),
-                    f"{r['iid_rank']}/{r['n_calib']}", short_source(r["vs"]), _fmt_delta(r["delta"], r["test"]), "–" if r["p"] is None else f"{r['p']:.3f}"] for r in iid]))
+    if multi:
+        b += _source_seed_blocks(analyses, cal.seeds, fig_dir)
     else:
-        b.append(("p", "No finished comparison of an I.I.D. calibration source with another one (none in the study, or those cells are not done yet)."))
+        b += _single_seed_blocks(cells, units)
     sens = sensitivity(cells, units)
     if sens:
         bits = sorted({x for r in sens for x in r["drops"]}, reverse=True)
         kind = sens[0]["kind"]
         unit = "accuracy points lost vs fp" if kind == "task" else "relative ppl increase vs fp"
-        b.append(("h3", f"Sensitivity ({unit}, mean over methods and calibration sets)"))
+        b.append(("h3", f"Sensitivity ({unit}, mean over methods, calibration sets and seeds)"))
+        b.append(("p", "Each W column: the mean drop and, in brackets, the min…max over the cells behind it "
+                       "(methods x calibration sets x seeds); a spread, not a significance test."))
         b.append(("table", ["test", "category", "fp"] + [f"W{x}" for x in bits],
-                  [[test_label(r["test"]), r["category"], _fmt_abs(r["fp"], kind)] + [_fmt_drop(r["drops"].get(x), kind) for x in bits]
+                  [[test_label(r["test"]), r["category"], _fmt_abs(r["fp"], kind)] + [_fmt_drop_range(r, x, kind) for x in bits]
                    for r in sens]))
         ranked = sorted(sens, key=lambda r: -_mean(list(r["drops"].values())))
         if len(ranked) > 1:
@@ -406,8 +646,10 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
             b.append(("p", "By category (most to least sensitive): " + ", ".join(f"{k} ({_fmt_drop(_mean(cats[k]), kind)})" for k in order) + "."))
         if _fig_sensitivity(sens, fig_dir / "sensitivity.png"):
             b.append(("img", "figures/sensitivity.png", "sensitivity per test set: fp vs each bit width"))
-    if _fig_heatmaps(cells, units, fig_dir / "calibration-ranks.png"):
-        b.append(("img", "figures/calibration-ranks.png", "rank of each calibration set per test set"))
+    if _fig_heatmaps(analyses, fig_dir / "calibration-matrix.png", multi):
+        b.append(("img", "figures/calibration-matrix.png", "calibration x test values, coloured by the distance from each "
+                  "column's best calibration" + ("; hatched = not significantly different from the best" if multi
+                                                 else " (single seed: not tested against seed noise)")))
     seeds = seed_stability(cells, units)
     b.append(("h3", "Seeds"))
     if seeds:
@@ -451,6 +693,134 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
                 (c["error"] or "")[:200]] for c in cells]))
     b.append(("p", "Quantize/evaluate seconds are those recorded when each result was computed (the cache keeps them)."))
     return b
+
+
+def _seed_matrices(cells: list[dict], units: list, shots_list: list[int], analyses: list[dict], seeds: list[int]) -> list[Block]:
+    """Calibration x test tables of several seeds: mean ± SD over seeds, bold only when supported."""
+    b: list[Block] = [("p", f"Tables: rows are calibration sets, columns test sets; {IID_MARK} = I.I.D. (calibration and test "
+                            f"from the same source/task). Each cell: mean ± SD over the calibration seeds ({', '.join(map(str, seeds))}; "
+                            "n=1 marked); perplexity (geometric mean, lower is better), accuracy % (higher is better). "
+                            "**Bold** = best calibration for that test set and significantly better than every other source "
+                            f"against the seed spread (F test of the source effect, then Holm-corrected pairwise t tests, p < {ALPHA}); "
+                            "(best, n.s.) = best mean but not significantly better than every other source: its lead is within "
+                            "the seed spread; (best, untested) = some source has fewer than 2 seeds. Reference rows "
+                            "(no calibration) are single values."),
+                      ("h2", "Calibration x test matrices")]
+    for (model, method, wbits), by_src in seed_groups(cells).items():
+        refs = references(cells, model, wbits)
+        amap = {a["test"]: a for a in analyses if (a["model"], a["method"], a["wbits"]) == (model, method, wbits)}
+        seen = sorted({s for by_seed in by_src.values() for s in by_seed})
+        for shots in [None] + list(shots_list):
+            cols = test_columns(units, shots)
+            if not cols:
+                continue
+            what = "perplexity" if shots is None else f"accuracy, {shots}-shot"
+            b.append(("h3", f"{Path(model).name} · {method} W{wbits} · seeds {', '.join(map(str, seen))} · {what}"))
+            headers, rows, notes = seed_matrix_table(by_src, refs, cols, amap)
+            b.append(("table", headers, rows))
+            if notes:
+                b.append(("p", "Note: " + "; ".join(_MARK_NOTES[n] for n in notes) + "."))
+    return b
+
+
+_MARK_NOTES = {"n.s.": "(best, n.s.) = best mean, but the seed spread does not support calling it better than every other source",
+               "untested": "(best, untested) = best mean; some source has fewer than 2 seeds, so nothing was tested"}
+
+
+def _verdict(dec) -> str:
+    if not dec.testable:
+        return f"not testable: {dec.reason}"
+    if dec.significant:
+        return f"source effect (p < {dec.alpha:g})"
+    return "within seed spread"
+
+
+def _fmt_sd(sd: float, ci: tuple[float, float], log: bool) -> str:
+    if math.isnan(sd):
+        return "–"
+    if log:
+        return f"{_sd_unit(sd, True):.2f}% ({_sd_unit(ci[0], True):.2f}–{_sd_unit(ci[1], True):.2f}%)"
+    return f"{sd:.2f} ({ci[0]:.2f}–{ci[1]:.2f})"
+
+
+def _source_seed_blocks(analyses: list[dict], seeds: list[int], fig_dir: Path) -> list[Block]:
+    """The source-vs-seed table, its figure and the findings the seed spread supports."""
+    b: list[Block] = [("h3", "Calibration source vs seed")]
+    if not analyses:
+        return b + [("p", "No column with two or more calibration sources has results yet.")]
+    b.append(("p", f"Per column (model, method, bits, test set): a one-way layout with calibration sources as groups and "
+                   f"seeds ({', '.join(map(str, seeds))}) as replicates, on log(ppl) for perplexity (SDs shown as % of ppl) and "
+                   "on accuracy points for tasks. Seed SD = √MSW, 95% chi-square CI; source SD = √max(0, (MSB − MSW)/n₀), "
+                   "its CI from the exact F-distribution interval of σ²source/σ²seed times MSW; source share = "
+                   "σ²source/(σ²source + σ²seed) with the same ratio interval (exact when every source has the same number "
+                   f"of seeds, approximate with the effective n₀ otherwise). F p: test of \"no source effect\" (p < {ALPHA} = "
+                   "source effect)."))
+    models = len({a["model"] for a in analyses})
+    rows = []
+    for a in analyses:
+        d = a["decomposition"]
+        share = "–" if not d.testable else f"{100 * d.source_share:.0f}% ({100 * d.source_share_ci[0]:.0f}–{100 * d.source_share_ci[1]:.0f}%)" \
+            + ("" if d.exact_ci else " approx.")
+        rows.append([(f"{Path(a['model']).name} · " if models > 1 else "") + f"{a['method']} W{a['wbits']}", test_label(a["test"]),
+                     " ".join(str(d.counts[s]) for s in d.counts), _fmt_sd(d.source_sd, d.source_sd_ci, d.log),
+                     _fmt_sd(d.seed_sd, d.seed_sd_ci, d.log), share, "–" if not d.testable else f"{d.p:.3g}", _verdict(d)])
+    b.append(("table", ["method", "test set", "seeds per source", "source SD (95% CI)", "seed SD (95% CI)",
+                        "source share of variance (95% CI)", "F p", "verdict"], rows))
+    if _fig_source_seed(analyses, fig_dir / "source-vs-seed.png"):
+        b.append(("img", "figures/source-vs-seed.png", "source SD vs seed SD per column with 95% CIs; n.s. = source effect within the seed spread"))
+    b.append(("h3", "Source findings (only where the source effect beats the seed spread)"))
+    found = [(a, f) for a in analyses for f in a["findings"] if f["finding"]]
+    if found:
+        b.append(("p", "A finding is stated only when the F test finds a source effect and the Holm-corrected pairwise t tests "
+                       f"(pooled seed variance) support it at p < {ALPHA}. Perplexity effects are ratios of (geometric mean) "
+                       "perplexities; accuracy effects are differences in points; CIs are unadjusted 95% t intervals."))
+        b.append(("table", ["method", "test", "finding"],
+                  [[(f"{Path(a['model']).name} · " if models > 1 else "") + f"{a['method']} W{a['wbits']}", test_label(a["test"]),
+                    f["text"]] for a, f in found]))
+    else:
+        b.append(("p", "No finding: no column has a calibration-source effect larger than the seed spread."))
+    none = defaultdict(list)
+    for a in analyses:
+        if not any(f["finding"] for f in a["findings"]):
+            none[a["findings"][0]["kind"]].append(f"{a['method']} W{a['wbits']} {test_label(a['test'])}")
+    why = {"within_seed_spread": "source effect within the seed spread",
+           "no_pair": "F test significant but no pair of sources differs after Holm correction",
+           "untestable": "not testable (fewer than 2 seeds for a source, or seeds that change nothing)"}
+    for kind in ("within_seed_spread", "no_pair", "untestable"):
+        if none[kind]:
+            b.append(("p", f"No finding ({why[kind]}): {', '.join(none[kind])}."))
+    return b
+
+
+def _single_seed_blocks(cells: list[dict], units: list) -> list[Block]:
+    """One seed per cell: I.I.D. vs the best other source, paired over items/windows only."""
+    b: list[Block] = [("h3", "I.I.D. vs other calibration sources (single seed: not tested against seed noise)")]
+    iid = iid_findings(cells, units)
+    if iid:
+        n_best = sum(r["iid_rank"] == 1 for r in iid)
+        sig_better = sum(r["iid_rank"] == 1 and r["p"] is not None and r["p"] < ALPHA for r in iid)
+        sig_worse = sum(r["iid_rank"] > 1 and r["p"] is not None and r["p"] < ALPHA for r in iid)
+        b.append(("p", f"Single seed: not tested against seed noise. I.I.D. calibration is the best calibration in {n_best} of "
+                       f"{len(iid)} (test set x method x bits x seed) comparisons; significantly better than the best other "
+                       f"source in {sig_better}, significantly worse than the best source in {sig_worse} (paired sign-flip "
+                       f"test over items/windows, p < {ALPHA}; with fewer than 6 items or windows no difference can reach it). "
+                       "These p-values measure test-set sampling only: a different calibration seed can change the ranking "
+                       "(run several seeds to test that)."))
+        b.append(("table", ["test", "method", "seed", "best calibration", "I.I.D. rank", "Δ vs", "Δ (I.I.D. − other)", "p"],
+                  [[test_label(r["test"]), f"{r['method']} W{r['wbits']}", str(r["seed"]), short_source(r["best"]),
+                    f"{r['iid_rank']}/{r['n_calib']}", short_source(r["vs"]), _fmt_delta(r["delta"], r["test"]),
+                    "–" if r["p"] is None else f"{r['p']:.3f}"] for r in iid]))
+    else:
+        b.append(("p", "No finished comparison of an I.I.D. calibration source with another one (none in the study, or those cells are not done yet)."))
+    return b
+
+
+def _fmt_drop_range(r: dict, b: int, kind: str) -> str:
+    s = _fmt_drop(r["drops"].get(b), kind)
+    if r["n"].get(b, 0) > 1:
+        lo, hi = r["range"][b]
+        s += f" [{_fmt_drop(lo, kind)}…{_fmt_drop(hi, kind)}]"
+    return s
 
 
 def _mean(xs: list) -> float:

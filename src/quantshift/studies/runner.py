@@ -22,7 +22,7 @@ import torch
 from .cache import Cache
 from .spec import CalibChoice, Cell, EvalUnit, ModelAxis, StudySpec, digest, eval_units, expand
 
-CACHE_SCHEMA = 2  # bump when a cached artifact's meaning changes (2: task splits made process-independent)
+CACHE_SCHEMA = 3  # bump when a cached artifact's meaning changes (3: --dtype auto means bf16 autocast on bf16 CPUs)
 
 
 def code_versions() -> dict[str, str]:
@@ -94,7 +94,12 @@ class Plan:
     versions: dict = field(default_factory=dict)
 
 
-def plan_study(spec: StudySpec, data_dir: str | None = None, on_gpu: bool | None = None) -> Plan:
+def plan_study(spec: StudySpec, data_dir: str | None = None, on_gpu: bool | None = None,
+               precision_auto: str | None = None) -> Plan:
+    """precision_auto: what --dtype auto resolved to when the study ran (report_only passes the
+    recorded one; by default it is resolved on this machine)."""
+    from ..models.precision import resolve_precision
+
     versions = code_versions()
     if on_gpu is None:
         from ..models.load import resolve_device
@@ -102,6 +107,9 @@ def plan_study(spec: StudySpec, data_dir: str | None = None, on_gpu: bool | None
         on_gpu = resolve_device(spec.device).startswith("cuda")
     if on_gpu:  # GPU kernels and fp16 give other numbers than CPU fp32: never share their cache entries
         versions["device"] = "cuda"
+    # "auto" is bf16 autocast on a CPU with bf16 units and float32 on one without: every key
+    # carries what it resolved to, so the two never share results
+    versions["precision_auto"] = precision_auto or resolve_precision("auto", "cuda" if on_gpu else "cpu").name
     cells = expand(spec, data_dir)
     units = eval_units(spec)
     works: dict[str, dict] = {}
@@ -116,6 +124,7 @@ def plan_study(spec: StudySpec, data_dir: str | None = None, on_gpu: bool | None
         needs_cal = bool(cell.calib and cell.recipe and cell.recipe.needs_calibration)
         works[qk] = {
             "kind": "model", "key": qk, "label": cell.label, "model": cell.model.model_dump(),
+            "precision": precision_of(cell.model, versions),
             "recipe": cell.recipe.to_dict() if cell.recipe else None,
             "calib": cell.calib.to_dict() if needs_cal else None,
             "calib_key": calib_key(cell.model, cell.calib, versions) if needs_cal else None,
@@ -123,6 +132,15 @@ def plan_study(spec: StudySpec, data_dir: str | None = None, on_gpu: bool | None
                        "settings": unit_settings(spec, u)} for u in units],
         }
     return Plan(spec, cells, keys, list(works.values()), units, ukeys, versions)
+
+
+def precision_of(model: ModelAxis, versions: dict) -> str:
+    """The name of the precision a model axis computes in under this plan."""
+    from ..models.precision import resolve_precision
+
+    if model.dtype == "auto":
+        return versions["precision_auto"]
+    return resolve_precision(model.dtype, "cuda" if versions.get("device") == "cuda" else "cpu").name
 
 
 def options_of(spec: StudySpec, data_dir: str | None) -> dict:
@@ -159,7 +177,8 @@ def execute_work(work: dict, cache_root: str, options: dict, progress: bool = Tr
                     for u, (metric, samples) in zip(batch, outputs):
                         cache.put_json("results", u["key"], {
                             "unit": {k: u[k] for k in ("kind", "name", "shots")}, "settings": u["settings"],
-                            "model_key": work["key"], "metric": metric, "samples": samples, "seconds": secs})
+                            "model_key": work["key"], "metric": metric, "samples": samples, "seconds": secs,
+                            "precision": loaded.precision.name})
                         done.append(u["key"])
         return {"key": work["key"], "label": work["label"], "ok": True, "computed": done,
                 "seconds": round(time.time() - t0, 2)}
@@ -174,7 +193,7 @@ def obtain_model(work: dict, cache: Cache, options: dict, progress: bool):
 
     model = ModelAxis(**work["model"])
     device = resolve_device(options["device"])
-    dtype = model.dtype if model.dtype != "auto" else ("float32" if device == "cpu" else "float16")
+    dtype = model.dtype
     if work["recipe"] is None:
         return load_model(model.name, device=device, dtype=dtype)
     kept = cache.model_dir(work["key"])
@@ -184,7 +203,7 @@ def obtain_model(work: dict, cache: Cache, options: dict, progress: bool):
     from ..recipes import recipe_from_dict
 
     recipe = recipe_from_dict(work["recipe"])
-    loaded = load_model(model.name, device="cpu" if device != "cpu" else device, dtype=dtype)
+    loaded = load_model(model.name, device="cpu", dtype=dtype, compute_device=device)
     cal = None
     if work["calib"] is not None:
         cal = obtain_calibset(loaded, model, CalibChoice(**work["calib"]), work["calib_key"], cache, options["data_dir"])
@@ -194,13 +213,14 @@ def obtain_model(work: dict, cache: Cache, options: dict, progress: bool):
     if propagate == "fp":
         from ..quant.statstore import StatsStore
 
-        store = StatsStore(cache.root / "stats", digest({"model": model_identity(model), "dtype": dtype,
+        store = StatsStore(cache.root / "stats", digest({"model": model_identity(model), "dtype": loaded.precision.name,
                                                         "schema": CACHE_SCHEMA}))
     qres = quantize_model(loaded, recipe, cal, device=device, batch_size=options["batch_size"], progress=progress,
                           propagate=propagate, stats_store=store)
     loaded.model.to(device)
     report = qres.report()
     cache.put_json("quant", work["key"], {"label": work["label"], "recipe": report["recipe"],
+                                          "precision": report["precision"],
                                           "calibration": report["calibration"], "seconds": report["seconds"],
                                           "layer_errors": _layer_errors(report)})
     if options["keep_models"]:
@@ -355,29 +375,20 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-@torch.no_grad()
 def ppl_with_samples(loaded, source: str, seqlen: int, windows: int, batch_size: int,
                      progress: bool, data_dir: str | None = None, win: torch.Tensor | None = None) -> tuple[dict, list[dict]]:
     """Perplexity by evaluation/perplexity.py's protocol, keeping each window's NLL so calibration
     choices can be compared with a paired bootstrap over windows."""
-    import torch.nn.functional as F
-    from tqdm.auto import tqdm
-
     from ..data.calibset import token_stream
+    from ..evaluation.perplexity import window_nlls, windows_of
     from .spec import resolve_source
-    from ..evaluation.perplexity import windows_of
 
     tok = loaded.tokenizer
     if win is None:
         stream = token_stream(resolve_source(source, data_dir), "heldout", tok)
         win = windows_of(stream, seqlen, tok.bos_token_id if loaded.needs_bos else None, windows or None)
-    device = next(loaded.model.parameters()).device
-    per_window: list[tuple[float, int]] = []
-    for s in tqdm(range(0, win.shape[0], batch_size), desc=f"ppl {source}", disable=not progress, leave=False):
-        ids = win[s:s + batch_size].to(device)
-        logits = loaded.model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-        nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").sum(dim=1)
-        per_window += [(float(v), ids.shape[1] - 1) for v in nll]
+    nlls = window_nlls(loaded.model, win, batch_size, progress, f"ppl {source}", loaded.compute)
+    per_window = [(float(v), win.shape[1] - 1) for v in nlls]
     total = sum(v for v, _ in per_window)
     count = sum(n for _, n in per_window)
     mean = total / count
@@ -523,7 +534,9 @@ def report_only(out_dir: Path, cache_root: Path | None = None, data_dir: str | N
     meta = json.loads(meta_path.read_text())
     spec = study_from_dict(meta["spec"], str(meta_path))
     root = Path(cache_root or meta["cache"])
-    plan = plan_study(spec, data_dir or meta.get("data_dir"), on_gpu=meta.get("versions", {}).get("device") == "cuda")
+    recorded = meta.get("versions", {})
+    plan = plan_study(spec, data_dir or meta.get("data_dir"), on_gpu=recorded.get("device") == "cuda",
+                      precision_auto=recorded.get("precision_auto"))
     works = all_works(plan)
     last = out_dir / "last-run.json"
     failures = {}
