@@ -170,7 +170,7 @@ def test_ct_default_fp16_and_mixed_precision(tmp_path):
 @pytest.mark.parametrize("sym,version,act_order", [(True, 1, False), (False, 1, False), (False, 2, True), (True, 1, True)])
 def test_gptq_round_trip(tmp_path, sym, version, act_order):
     q, ref, res = _quantized(tmp_path, recipe=recipe_from_dict(
-        {"stages": [{"gptq": {"wbits": 4, "group_size": 32, "sym": sym, "act_order": act_order}}]}))
+        {"stages": [{"gptq": {"wbits": 4, "group_size": 32, "sym": sym, "act_order": act_order, "static_groups": False}}]}))
     out = export(q, "gptq", tmp_path / "g", gptq_version=version)
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qcfg["desc_act"] is act_order and qcfg["sym"] is sym
@@ -274,9 +274,25 @@ def test_unservable_bits_written_when_asked(tmp_path):
 
 
 def test_act_order_g_idx_refused_by_compressed_tensors(tmp_path):
-    q, _, _ = _quantized(tmp_path, recipe=recipe_from_dict({"stages": [{"gptq": {"wbits": 4, "group_size": 32, "act_order": True}}]}))
+    q, _, _ = _quantized(tmp_path, recipe=recipe_from_dict(
+        {"stages": [{"gptq": {"wbits": 4, "group_size": 32, "act_order": True, "static_groups": False}}]}))
     with pytest.raises(ExportError, match="static_groups"):
         export(q, "compressed-tensors", tmp_path / "ct")
+
+
+def test_default_gptq_is_act_order_with_static_groups_and_exports_to_both_formats(tmp_path):
+    # the default visits columns out of order, but every group is a run of consecutive columns:
+    # a plain g32 model for vLLM's compressed-tensors and GPTQ loaders
+    q, ref, res = _quantized(tmp_path, recipe=recipe_from_dict({"stages": [{"gptq": {"wbits": 4, "group_size": 32}}]}))
+    stage = json.loads((q / "quantshift.json").read_text())["recipe"]["stages"][0]["gptq"]
+    assert stage["act_order"] is True and stage["static_groups"] is True
+    assert all(m.qweight.g_idx is None for m in res.engine.modules.values())
+    model, _ = ct_decompress(export(q, "compressed-tensors", tmp_path / "ct", dtype="float32"))
+    assert _rel(logits(model, IDS), ref) < 1e-5
+    out = export(q, "gptq", tmp_path / "g", gptq_version=2)
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["desc_act"] is False
+    model, _ = gptq_unpack(out)
+    assert _rel(logits(model, IDS), ref) < 5e-3
 
 
 @pytest.mark.parametrize("stage,needle", [("spqr", "outliers"), ("quip", "rotations"), ("mystery", "exportable = True")])

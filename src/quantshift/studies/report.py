@@ -590,6 +590,7 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
                   f"limit {ev.limit if ev.limit is not None else 'all'} items per task"],
         ["cells", f"{len(cells)} ({sum(c['status'] == 'done' for c in cells)} done, "
                   f"{sum(c['status'] == 'failed' for c in cells)} failed, {sum(c['status'] == 'pending' for c in cells)} pending)"],
+        ["precision", _precisions(spec, collected["versions"])],
         ["versions", ", ".join(f"{k} {v}" for k, v in sorted(collected["versions"].items()))],
     ]))
     multi = multi_seed(collected)
@@ -893,6 +894,16 @@ def to_html(blocks: list[Block], root: Path, title: str) -> str:
             parts.append(f"<p><img alt='{html.escape(blk[2])}' src='data:image/png;base64,{data}'></p>")
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"
+
+
+def _precisions(spec, versions: dict) -> str:
+    """What every model computed in (part of each result's cache key)."""
+    from .runner import precision_of
+
+    names = {m.display: precision_of(m, versions) for m in spec.models}
+    what = "; ".join(f"{m}: {p}" for m, p in names.items())
+    return what + " (float32 weights, Hessians and solvers; bf16 autocast = matrix products on the CPU's bf16 units)" \
+        if any("autocast" in p for p in names.values()) else what
 
 
 def results_json(collected: dict) -> dict:
