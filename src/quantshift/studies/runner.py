@@ -138,9 +138,10 @@ def precision_of(model: ModelAxis, versions: dict) -> str:
     """The name of the precision a model axis computes in under this plan."""
     from ..models.precision import resolve_precision
 
-    if model.dtype == "auto":
-        return versions["precision_auto"]
-    return resolve_precision(model.dtype, "cuda" if versions.get("device") == "cuda" else "cpu").name
+    device = "cuda" if versions.get("device") == "cuda" else "cpu"
+    if model.dtype == "auto":  # a plan records what auto meant; older plans did not
+        return versions.get("precision_auto") or resolve_precision("auto", device).name
+    return resolve_precision(model.dtype, device).name
 
 
 def options_of(spec: StudySpec, data_dir: str | None) -> dict:
