@@ -23,10 +23,11 @@ from quantshift.recipes import recipe_from_dict
 
 VARIANTS = {
     "rtn": ("rtn", {}),
-    "gptq": ("gptq", {}),
+    # the paper's column order, which the ablations below vary (the default is act-order)
+    "gptq": ("gptq", {"act_order": False, "static_groups": False}),
     "gptq act_order+static_groups": ("gptq", {"act_order": True, "static_groups": True}),
-    "gptq damp 0.1": ("gptq", {"damp": 0.1}),
-    "gptq sym": ("gptq", {"sym": True}),
+    "gptq damp 0.1": ("gptq", {"damp": 0.1, "act_order": False, "static_groups": False}),
+    "gptq sym": ("gptq", {"sym": True, "act_order": False, "static_groups": False}),
     "rtn sym": ("rtn", {"sym": True}),
 }
 
