@@ -7,7 +7,6 @@ samples keys: the same task keys -> one record per scored item {"id", "acc", "ac
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 import warnings
@@ -100,11 +99,10 @@ def evaluate(loaded, *, ppl: Iterable[str] = (), tasks: Iterable = (), suite: st
     for src in ppl_sources:
         r = perplexity(loaded.model, loaded.tokenizer, src, seqlen=seqlen, max_windows=max_windows or None,
                        add_bos=loaded.needs_bos, batch_size=batch_size, progress=progress,
-                       compute=getattr(loaded, "compute", None))
+                       compute=loaded.compute)
         res.metrics[f"ppl:{src}"] = r.to_dict()
     if runs:
-        compute = loaded.compute() if hasattr(loaded, "compute") else contextlib.nullcontext()
-        with compute:
+        with loaded.compute():
             _run_tasks(loaded, runs, res, limit=limit, data_dir=data_dir, batch_size=batch_size, seed=seed,
                        progress=progress)
     return res

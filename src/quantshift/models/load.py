@@ -34,11 +34,6 @@ class LoadedModel:
         return self.arch.needs_bos
 
 
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """The storage dtype of the weights (see models.precision for the compute precision)."""
-    return resolve_precision(dtype, device).weights
-
-
 def resolve_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

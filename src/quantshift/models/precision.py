@@ -37,9 +37,14 @@ class Precision:
 
     def context(self, device: torch.device | str) -> contextlib.AbstractContextManager:
         """Forward passes run inside this: autocast when set, else nothing changes."""
-        if self.autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(torch.device(device).type, dtype=self.autocast)
+        return compute_context(device, self.autocast)
+
+
+def compute_context(device: torch.device | str, autocast: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Autocast to `autocast` on the device's type, or nothing when it is None."""
+    if autocast is None:
+        return contextlib.nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=autocast)
 
 
 def cpu_flags(path: str = "/proc/cpuinfo") -> set[str]:

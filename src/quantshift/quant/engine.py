@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from ..methods.base import LinearPlan, Method, SolveResult, StageConfig, plan_for
 from ..models.arch import ArchSpec
+from ..models.precision import compute_context
 from .actquant import InputQuantizer, OutputQuantizer
 from .primitives import QuantizedWeight
 from .statstore import CalibIdentity, StatsStore
@@ -35,20 +36,28 @@ class _StopForward(Exception):
     """Raised by a hook once every linear a pass needs has seen its input."""
 
 
-class _Recorder(nn.Module):
-    """Stands in for a decoder block during capture: records inputs, returns them unchanged."""
+class _StandIn(nn.Module):
+    """Temporarily takes a module's place; attribute reads fall through to it (model code may read
+    a block's attributes), and it is not a submodule, so the module tree stays unchanged."""
 
-    def __init__(self, inner: nn.Module, index: int, sink: Callable[[int, torch.Tensor, dict], None]) -> None:
+    def __init__(self, inner: nn.Module) -> None:
         super().__init__()
-        object.__setattr__(self, "_inner", inner)  # not a submodule: keeps the tree unchanged
-        self._index = index
-        self._sink = sink
+        object.__setattr__(self, "_inner", inner)
 
-    def __getattr__(self, name: str) -> Any:  # model loops may read block attributes
+    def __getattr__(self, name: str) -> Any:
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(object.__getattribute__(self, "_inner"), name)
+
+
+class _Recorder(_StandIn):
+    """Stands in for a decoder block during capture: records inputs, returns them unchanged."""
+
+    def __init__(self, inner: nn.Module, index: int, sink: Callable[[int, torch.Tensor, dict], None]) -> None:
+        super().__init__(inner)
+        self._index = index
+        self._sink = sink
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args:
@@ -57,19 +66,12 @@ class _Recorder(nn.Module):
         return hidden_states
 
 
-class _Replay(nn.Module):
+class _Replay(_StandIn):
     """Stands in for a block child whose output on the current batch is already known."""
 
     def __init__(self, inner: nn.Module, output: Any) -> None:
-        super().__init__()
-        object.__setattr__(self, "_inner", inner)
+        super().__init__(inner)
         object.__setattr__(self, "_output", output)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(object.__getattribute__(self, "_inner"), name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self._output
@@ -108,7 +110,7 @@ class FrozenOutputs:
                 setattr(block, name, _Replay(child, _to(outs[batch], device)))
             elif len(outs) == batch:  # recording, in batch order
                 def keep(_m, _a, out, outs=outs):
-                    outs.append(_to_home_any(out, self.home))
+                    outs.append(_map_tensors(out, lambda t: _to_home(t.detach(), self.home)))
                 handles.append(child.register_forward_hook(keep))
         try:
             yield
@@ -117,14 +119,6 @@ class FrozenOutputs:
                 h.remove()
             for name, child in swapped.items():
                 setattr(block, name, child)
-
-
-def _to_home_any(obj: Any, home: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return _to_home(obj.detach(), home)
-    if isinstance(obj, (tuple, list)):
-        return type(obj)(_to_home_any(o, home) for o in obj)
-    return obj
 
 
 ACTIVATION_MODES = ("auto", "device", "offload")
@@ -156,16 +150,21 @@ def _to_home(t: torch.Tensor, home: torch.device) -> torch.Tensor:
     return t.to(home)
 
 
-def _to(obj: Any, device: torch.device | str) -> Any:
+def _map_tensors(obj: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
+    """fn applied to every tensor in nested tuples, lists and dicts (rebuilt as plain ones)."""
     if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
+        return fn(obj)
     if isinstance(obj, tuple):
-        return tuple(_to(o, device) for o in obj)
+        return tuple(_map_tensors(o, fn) for o in obj)
     if isinstance(obj, list):
-        return [_to(o, device) for o in obj]
+        return [_map_tensors(o, fn) for o in obj]
     if isinstance(obj, dict):
-        return {k: _to(v, device) for k, v in obj.items()}
+        return {k: _map_tensors(v, fn) for k, v in obj.items()}
     return obj
+
+
+def _to(obj: Any, device: torch.device | str) -> Any:
+    return _map_tensors(obj, lambda t: t.to(device, non_blocking=True))
 
 
 def _block_output(out: Any) -> torch.Tensor:
@@ -380,10 +379,8 @@ class BlockEngine:
                 and len(self.stages) == 1 and getattr(self.stages[0], "stats_cacheable", False)
                 and self.stats_store.complete(self.calib, n_blocks))
 
-    def compute(self):
-        if self.autocast is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast)
+    def compute(self) -> contextlib.AbstractContextManager:
+        return compute_context(self.device, self.autocast)
 
     def kwargs_for(self, block: int, batch: int) -> dict:
         return _to(self._kwargs[block][batch], self.device)
@@ -408,19 +405,11 @@ class BlockEngine:
         # blocks get the same kwarg tensors (position embeddings, masks) in one forward: one copy each
         copies: dict[tuple, torch.Tensor] = {}
 
-        def keep(t: Any) -> Any:
-            if isinstance(t, torch.Tensor):
-                key = (t.data_ptr(), t.shape, t.stride(), t.dtype)
-                if key not in copies:
-                    copies[key] = _to_home(t.detach(), home[0])
-                return copies[key]
-            if isinstance(t, tuple):
-                return tuple(keep(o) for o in t)
-            if isinstance(t, list):
-                return [keep(o) for o in t]
-            if isinstance(t, dict):
-                return {k: keep(v) for k, v in t.items()}
-            return t
+        def keep_one(t: torch.Tensor) -> torch.Tensor:
+            key = (t.data_ptr(), t.shape, t.stride(), t.dtype)
+            if key not in copies:
+                copies[key] = _to_home(t.detach(), home[0])
+            return copies[key]
 
         def sink(i: int, h: torch.Tensor, kw: dict) -> None:
             if not home:  # a block's inputs and outputs, all batches
@@ -431,7 +420,7 @@ class BlockEngine:
             if i == 0:
                 copies.clear()  # a new batch: its tensors may reuse freed addresses
                 self.inputs.append(_to_home(h.detach(), home[0]))
-            self._kwargs[i].append(keep(kw))
+            self._kwargs[i].append(_map_tensors(kw, keep_one))
 
         originals = list(blocks)
         backbone = self.arch.backbone(self.model)

@@ -18,7 +18,7 @@ from ..checkpoint import write_json_atomic
 from ..evaluation.stats import sign_flip_p
 from ..evaluation.variance import clear_best, decompose, pairwise, source_findings
 from .diagnostics import kendall_tau, spearman
-from .spec import short_source
+from .spec import precision_of, short_source
 
 Block = tuple  # ("h1"|"h2"|"h3"|"p", text) | ("table", headers, rows) | ("img", path, alt)
 IID_MARK = "†"
@@ -898,8 +898,6 @@ def to_html(blocks: list[Block], root: Path, title: str) -> str:
 
 def _precisions(spec, versions: dict) -> str:
     """What every model computed in (part of each result's cache key)."""
-    from .runner import precision_of
-
     names = {m.display: precision_of(m, versions) for m in spec.models}
     what = "; ".join(f"{m}: {p}" for m, p in names.items())
     return what + " (float32 weights, Hessians and solvers; bf16 autocast = matrix products on the CPU's bf16 units)" \

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from .cache import Cache
-from .spec import CalibChoice, Cell, EvalUnit, ModelAxis, StudySpec, digest, eval_units, expand
+from .spec import CalibChoice, Cell, EvalUnit, ModelAxis, StudySpec, digest, eval_units, expand, precision_of
 
 CACHE_SCHEMA = 3  # bump when a cached artifact's meaning changes (3: --dtype auto means bf16 autocast on bf16 CPUs)
 
@@ -132,16 +132,6 @@ def plan_study(spec: StudySpec, data_dir: str | None = None, on_gpu: bool | None
                        "settings": unit_settings(spec, u)} for u in units],
         }
     return Plan(spec, cells, keys, list(works.values()), units, ukeys, versions)
-
-
-def precision_of(model: ModelAxis, versions: dict) -> str:
-    """The name of the precision a model axis computes in under this plan."""
-    from ..models.precision import resolve_precision
-
-    device = "cuda" if versions.get("device") == "cuda" else "cpu"
-    if model.dtype == "auto":  # a plan records what auto meant; older plans did not
-        return versions.get("precision_auto") or resolve_precision("auto", device).name
-    return resolve_precision(model.dtype, device).name
 
 
 def options_of(spec: StudySpec, data_dir: str | None) -> dict:

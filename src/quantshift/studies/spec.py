@@ -38,6 +38,16 @@ class ModelAxis(StrictModel):
         return self.label or Path(self.name).name or self.name
 
 
+def precision_of(model: ModelAxis, versions: dict) -> str:
+    """The name of the precision a model axis computes in under this plan."""
+    from ..models.precision import resolve_precision
+
+    device = "cuda" if versions.get("device") == "cuda" else "cpu"
+    if model.dtype == "auto":  # a plan records what auto meant; older plans did not
+        return versions.get("precision_auto") or resolve_precision("auto", device).name
+    return resolve_precision(model.dtype, device).name
+
+
 class MethodAxis(StrictModel):
     """Either a method with a list of weight bit widths, or a full recipe (ordered stages)."""
 
