@@ -6,8 +6,8 @@ import sys
 
 import pytest
 import torch
-
 from conftest import loaded_tiny
+
 from quantshift.bench.measure import packed_weight_bytes, prefill_and_decode, run_bench
 from quantshift.checkpoint import load_quantized
 from quantshift.quantize import quantize_model, save

@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
+from conftest import loaded_tiny, logits, random_calib
 
-from conftest import logits, loaded_tiny, random_calib
 from quantshift.checkpoint import load_quantized
 from quantshift.errors import ModelError
 from quantshift.quantize import quantize_model, save
@@ -292,7 +292,7 @@ def test_replaying_finished_sub_modules_changes_nothing_and_skips_attention(kind
         lm = loaded_tiny(kind)
         n = [0]
         for blk in lm.arch.blocks(lm.model):
-            blk.self_attn.register_forward_hook(lambda *_: n.__setitem__(0, n[0] + 1))
+            blk.self_attn.register_forward_hook(lambda *_, n=n: n.__setitem__(0, n[0] + 1))
         eng = BlockEngine(lm.model, lm.arch, [s.build() for s in rec.stages], "cpu", batch_size=2, progress=False,
                           reuse_outputs=reuse)
         eng.run(random_calib(6, 24).input_ids)

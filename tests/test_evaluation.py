@@ -7,8 +7,8 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import has_real_models, loaded_tiny
+
 from quantshift.errors import ConfigError, DataError
 from quantshift.evaluation.api import EvalResult, evaluate, preflight
 from quantshift.evaluation.leakage import check_leakage, find_overlaps

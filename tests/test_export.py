@@ -14,10 +14,10 @@ import sys
 
 import pytest
 import torch
+from conftest import loaded_tiny, logits, random_calib
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from conftest import logits, loaded_tiny, random_calib
 from quantshift.checkpoint import save_quantized, write_json_atomic
 from quantshift.export import ExportError, export
 from quantshift.quant.engine import QuantizedModule
@@ -65,7 +65,7 @@ def ct_decompress(export_dir):
 
     qcfg = QuantizationConfig.model_validate(json.loads((export_dir / "config.json").read_text())["quantization_config"])
     state = load_file(str(export_dir / "model.safetensors"))
-    modules = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith((".weight_scale"))})
+    modules = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".weight_scale")})
     for mod in modules:
         # a module's own name outranks a class target (compressed-tensors and vLLM both match so)
         named = [s for s in qcfg.config_groups.values() if mod in s.targets]

@@ -6,14 +6,19 @@ import json
 
 import pytest
 import torch
+from conftest import loaded_tiny, logits, random_calib
 
-from conftest import logits, loaded_tiny, random_calib
 from quantshift.checkpoint import load_quantized
 from quantshift.errors import ConfigError
 from quantshift.methods.awq import clip_search, scaled_fake_quant, search_scale_layer
 from quantshift.methods.smoothquant import smoothing_scales
 from quantshift.quant.engine import BlockEngine
-from quantshift.quant.primitives import QuantSpec, fake_quantize_activation, fake_quantize_weight, quantize_weight
+from quantshift.quant.primitives import (
+    QuantSpec,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    quantize_weight,
+)
 from quantshift.quant.smoothing import output_error
 from quantshift.quantize import quantize_model, save
 from quantshift.recipes import recipe_from_dict

@@ -5,8 +5,8 @@ import math
 
 import pytest
 import torch
+from conftest import loaded_tiny, logits, random_calib
 
-from conftest import logits, loaded_tiny, random_calib
 from quantshift.checkpoint import load_quantized
 from quantshift.errors import ConfigError
 from quantshift.methods.base import LinearPlan

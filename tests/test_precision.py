@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from conftest import loaded_tiny, logits, random_calib
 
-from conftest import logits, loaded_tiny, random_calib
 from quantshift.errors import ModelError
 from quantshift.models.precision import Precision, cpu_flags, native_bf16_cpu, resolve_precision
 from quantshift.quantize import quantize_model

@@ -3,11 +3,20 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from quantshift.errors import ConfigError
 from quantshift.config import parse
+from quantshift.errors import ConfigError
 from quantshift.quant.primitives import (
-    QuantSpec, dequantize, expand_to_columns, fake_quantize_activation, fake_quantize_weight, pack_codes,
-    qparams_from_range, quantize, quantize_weight, unpack_codes, weight_qparams,
+    QuantSpec,
+    dequantize,
+    expand_to_columns,
+    fake_quantize_activation,
+    fake_quantize_weight,
+    pack_codes,
+    qparams_from_range,
+    quantize,
+    quantize_weight,
+    unpack_codes,
+    weight_qparams,
 )
 
 

@@ -2,8 +2,8 @@
 
 import pytest
 import torch
+from conftest import loaded_tiny, logits, random_calib
 
-from conftest import logits, loaded_tiny, random_calib
 from quantshift.quant.primitives import QuantizedWeight, QuantSpec, quantize_weight
 from quantshift.quant.qlinear import PackedLinear, int4mm_supported, pack_model
 from quantshift.quantize import quantize_model

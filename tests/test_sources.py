@@ -2,8 +2,8 @@
 
 import pytest
 import torch
-
 from conftest import toy_tokenizer
+
 from quantshift.data.calibset import build_calibset, sample_windows
 from quantshift.data.sources import SOURCES, get_source, offline_sources
 from quantshift.errors import ConfigError, DataError

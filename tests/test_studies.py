@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import loaded_tiny
+
 from quantshift.errors import ConfigError
 from quantshift.studies.report import is_iid, paired_test
 from quantshift.studies.spec import expand, study_from_dict
@@ -131,6 +131,7 @@ def test_iid_and_bootstrap():
 
 def test_examples_mode_packs_whole_examples(tiny_env):
     from conftest import toy_tokenizer
+
     from quantshift.studies.runner import pack_examples
     from quantshift.studies.spec import CalibChoice
 

@@ -6,7 +6,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -79,12 +79,12 @@ def _extra_listings() -> dict:
 def quantize(
     model: Annotated[str, typer.Argument(help="bundled alias, local directory or hub id")],
     out: Annotated[Path, typer.Option("--out", help="output directory")],
-    method: Annotated[Optional[str], typer.Option(help="method name (see `list methods`)")] = None,
-    recipe: Annotated[Optional[Path], typer.Option(help="YAML recipe (ordered stages)")] = None,
-    wbits: Annotated[Optional[int], typer.Option(help="weight bits 2..8 (16 = keep)")] = None,
-    abits: Annotated[Optional[int], typer.Option(help="activation bits 4..8 (16 = keep)")] = None,
-    group_size: Annotated[Optional[int], typer.Option(help="group size; -1 per channel, 0 per tensor")] = None,
-    sym: Annotated[Optional[bool], typer.Option("--sym/--asym", help="symmetric grid")] = None,
+    method: Annotated[str | None, typer.Option(help="method name (see `list methods`)")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="YAML recipe (ordered stages)")] = None,
+    wbits: Annotated[int | None, typer.Option(help="weight bits 2..8 (16 = keep)")] = None,
+    abits: Annotated[int | None, typer.Option(help="activation bits 4..8 (16 = keep)")] = None,
+    group_size: Annotated[int | None, typer.Option(help="group size; -1 per channel, 0 per tensor")] = None,
+    sym: Annotated[bool | None, typer.Option("--sym/--asym", help="symmetric grid")] = None,
     calib: Annotated[str, typer.Option(help="calibration source (see `list calib`); a+b = n windows from each")] = "wikipedia",
     nsamples: Annotated[int, typer.Option(help="calibration windows")] = 128,
     seqlen: Annotated[int, typer.Option(help="tokens per calibration window")] = 512,
@@ -92,10 +92,10 @@ def quantize(
     device: Annotated[str, typer.Option(help="compute device: auto, cpu, cuda, cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16")] = "auto",
     batch_size: Annotated[int, typer.Option(help="calibration batch size")] = 8,
-    data_dir: Annotated[Optional[str], typer.Option(help="directory with local task data, for --calib task:<name>")] = None,
+    data_dir: Annotated[str | None, typer.Option(help="directory with local task data, for --calib task:<name>")] = None,
     propagate: Annotated[str, typer.Option(help="calibrate each block on the quantized model's activations "
                                                 "(quantized, GPTQ's way) or the fp model's (fp: cacheable)")] = "quantized",
-    stats_cache: Annotated[Optional[Path], typer.Option(help="with --propagate fp: keep GPTQ-family Hessians here "
+    stats_cache: Annotated[Path | None, typer.Option(help="with --propagate fp: keep GPTQ-family Hessians here "
                                                               "per calibration set and reuse them")] = None,
     activations: Annotated[str, typer.Option(help="where calibration activations live on a GPU: auto (on it when "
                                                   "they fit in a quarter of its free memory), device, offload (CPU)")] = "auto",
@@ -154,13 +154,13 @@ def quantize(
 @app.command("eval")
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="quantized directory, bundled alias, local dir or hub id")],
-    ppl: Annotated[Optional[str], typer.Option(help="comma-separated text sources for perplexity")] = None,
-    tasks: Annotated[Optional[str], typer.Option(help="comma-separated tasks: quantshift's (`list tasks`) or lm-eval names")] = None,
-    suite: Annotated[Optional[str], typer.Option(help="a named suite (`list suites`): offline, s1, boss, ceval, cmmlu, instruct, ppl")] = None,
-    shots: Annotated[Optional[str], typer.Option(help="comma-separated few-shot counts (default: the suite's, else 0)")] = None,
-    limit: Annotated[Optional[int], typer.Option(help="items scored per task (default 200 for quantshift tasks, all for lm-eval's; 0 = all)")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option("--data-dir", help="local datasets for boss/ceval/cmmlu")] = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="write metrics JSON here (samples beside it)")] = None,
+    ppl: Annotated[str | None, typer.Option(help="comma-separated text sources for perplexity")] = None,
+    tasks: Annotated[str | None, typer.Option(help="comma-separated tasks: quantshift's (`list tasks`) or lm-eval names")] = None,
+    suite: Annotated[str | None, typer.Option(help="a named suite (`list suites`): offline, s1, boss, ceval, cmmlu, instruct, ppl")] = None,
+    shots: Annotated[str | None, typer.Option(help="comma-separated few-shot counts (default: the suite's, else 0)")] = None,
+    limit: Annotated[int | None, typer.Option(help="items scored per task (default 200 for quantshift tasks, all for lm-eval's; 0 = all)")] = None,
+    data_dir: Annotated[Path | None, typer.Option("--data-dir", help="local datasets for boss/ceval/cmmlu")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="write metrics JSON here (samples beside it)")] = None,
     seqlen: Annotated[int, typer.Option(help="perplexity window length")] = 512,
     max_windows: Annotated[int, typer.Option(help="cap on perplexity windows per source (0 = all)")] = 64,
     batch_size: Annotated[int, typer.Option(help="evaluation batch size")] = 4,
@@ -168,8 +168,8 @@ def eval_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16")] = "auto",
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
-    mt_bench: Annotated[Optional[Path], typer.Option("--mt-bench", help="MT-Bench-layout questions JSONL: answer, then grade with --judge")] = None,
-    judge: Annotated[Optional[str], typer.Option(help="MT-Bench judge: hf:<hub id or dir> or openai:<model>@<base url>")] = None,
+    mt_bench: Annotated[Path | None, typer.Option("--mt-bench", help="MT-Bench-layout questions JSONL: answer, then grade with --judge")] = None,
+    judge: Annotated[str | None, typer.Option(help="MT-Bench judge: hf:<hub id or dir> or openai:<model>@<base url>")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="MT-Bench answer length cap")] = 256,
 ) -> None:
     """Evaluate a model: perplexity on held-out text, lm-eval tasks (multiple choice by log-likelihood),
@@ -222,9 +222,9 @@ def eval_cmd(
                      if isinstance(m.get(k), float) and m.get(k + "_ci")]
             typer.echo(f"{key:34s} {'  '.join(parts)}  n={m.get('n')}")
     if json_out is not None:
-        from .checkpoint import versions
-
         from importlib.metadata import version
+
+        from .checkpoint import versions
 
         samples = res.write(json_out, {"model": model, "path": loaded.path, "lm_eval": version("lm-eval"),
                                        "quantization": loaded.quant_info and {k: loaded.quant_info.get(k) for k in ("recipe", "calibration", "base_model")},

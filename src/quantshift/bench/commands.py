@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -30,7 +30,7 @@ def register(app: typer.Typer) -> None:
         repeats: Annotated[int, typer.Option(help="runs per batch size; the fastest is kept")] = 1,
         device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
         dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16")] = "auto",
-        json_out: Annotated[Optional[Path], typer.Option("--json", help="write metrics JSON here")] = None,
+        json_out: Annotated[Path | None, typer.Option("--json", help="write metrics JSON here")] = None,
     ) -> None:
         """Measure size on disk, packed weight bytes, peak memory, prefill and decode tokens/s."""
         from ..checkpoint import versions, write_json_atomic

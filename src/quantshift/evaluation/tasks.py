@@ -19,7 +19,7 @@ import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 from ..data.sources import TextSource
@@ -202,7 +202,7 @@ def _overlap_groups(task: TaskDef, items: list[dict]) -> list[str]:
     return [str(items[first_of[find(i)]]["id"]) for i in range(len(items))]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _task_data_cached(name: str, data_dir: str | None) -> TaskData:
     task = TASKS.get(name)
     items = task.load_items(Path(data_dir) if data_dir else None)

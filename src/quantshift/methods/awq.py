@@ -27,8 +27,15 @@ import torch
 from pydantic import field_validator, model_validator
 
 from ..quant.primitives import QuantSpec, _grouped, fake_quantize_weight, qparams_from_range, quantize_weight
-from ..quant.smoothing import (InputStats, ResolvedMapping, collect_input_stats, fold_scale, output_error,
-                               representatives, resolve_mappings)
+from ..quant.smoothing import (
+    InputStats,
+    ResolvedMapping,
+    collect_input_stats,
+    fold_scale,
+    output_error,
+    representatives,
+    resolve_mappings,
+)
 from .base import LinearPlan, Method, SolveResult, StageConfig, register
 
 
@@ -55,7 +62,7 @@ class AWQConfig(StageConfig):
         return v
 
     @model_validator(mode="after")
-    def _transform_only(self) -> "AWQConfig":
+    def _transform_only(self) -> AWQConfig:
         if not self.quantize and self.abits != 16:
             raise ValueError("abits: a transform-only awq stage (quantize: false) quantizes nothing; "
                              "set abits on the stage that quantizes")

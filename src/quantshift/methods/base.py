@@ -118,7 +118,7 @@ class Method:
     def __init__(self, config: StageConfig) -> None:
         self.config = config
 
-    def process_block(self, ctx: "BlockContext") -> None:
+    def process_block(self, ctx: BlockContext) -> None:
         raise NotImplementedError
 
 
@@ -152,7 +152,7 @@ class LinearMethod(Method):
     def stats_from_cache(self, tensor: torch.Tensor, tokens: int, device: torch.device) -> Any:
         raise NotImplementedError
 
-    def process_block(self, ctx: "BlockContext") -> None:
+    def process_block(self, ctx: BlockContext) -> None:
         sequential = getattr(self.config, "true_sequential", self.true_sequential)
         fp_inputs = ctx.engine.propagate == "fp"
         # with fp inputs every linear is observed on the unquantized block, in one pass
@@ -183,7 +183,7 @@ class LinearMethod(Method):
         Solvers whose rows are independent may override this to solve them as one matrix."""
         return [self.solve(n, lin, stats, plan) for n, lin in zip(names, linears)]
 
-    def _fp_stats(self, ctx: "BlockContext", names: list[str]) -> dict[str, Any]:
+    def _fp_stats(self, ctx: BlockContext, names: list[str]) -> dict[str, Any]:
         """Statistics on fp inputs, through the engine's statistics store when this stage may use
         it (the recipe's only stage, so no earlier stage changed the block)."""
         engine = ctx.engine
@@ -201,7 +201,7 @@ class LinearMethod(Method):
             store.save_block(calib, ctx.index, {n: self.stats_to_cache(s) for n, s in stats.items()})  # type: ignore[union-attr]
         return stats
 
-    def _collect_stats(self, ctx: "BlockContext", names: list[str]) -> dict[str, Any]:
+    def _collect_stats(self, ctx: BlockContext, names: list[str]) -> dict[str, Any]:
         """Statistics per linear; linears fed the very same tensor (q/k/v, gate/up) share one."""
         stats: dict[str, Any] = {}
         alias: dict[str, str] = {}

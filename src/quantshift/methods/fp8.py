@@ -30,7 +30,7 @@ class FP8Config(StageConfig):
         return v
 
     @model_validator(mode="after")
-    def _no_int_options(self) -> "FP8Config":
+    def _no_int_options(self) -> FP8Config:
         for key in _INT_ONLY:
             if key in self.model_fields_set:
                 raise ValueError(f"{key} does not apply to fp8 (use granularity: tensor | channel)")

@@ -13,8 +13,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 
-from ..quant.primitives import (QuantizedWeight, QuantSpec, expand_to_columns, gram, qparams_from_range,
-                                weight_qparams)
+from ..quant.primitives import (
+    QuantizedWeight,
+    QuantSpec,
+    expand_to_columns,
+    gram,
+    qparams_from_range,
+    weight_qparams,
+)
 from .base import LinearMethod, LinearPlan, SolveResult, StageConfig, register
 
 

@@ -37,7 +37,7 @@ class KVCacheConfig(StageConfig):
         return v
 
     @model_validator(mode="after")
-    def _only_cache_options(self) -> "KVCacheConfig":
+    def _only_cache_options(self) -> KVCacheConfig:
         for key in _NOT_USED:
             if key in self.model_fields_set:
                 raise ValueError(f"{key} does not apply to kvcache (options: bits, granularity, kv_sym, targets, ignore)")

@@ -119,7 +119,7 @@ class QuIP(HessianMethod):
         super().__init__(config)
         self._prefix = ""  # full-name prefix of the block being processed (for per-module seeds)
 
-    def process_block(self, ctx: "BlockContext") -> None:
+    def process_block(self, ctx: BlockContext) -> None:
         stages = list(getattr(ctx.engine, "stages", []))
         later = stages[stages.index(self) + 1:] if self in stages else []
         for st in later:

@@ -42,7 +42,7 @@ class SmoothQuantConfig(StageConfig):
         return v
 
     @model_validator(mode="after")
-    def _static(self) -> "SmoothQuantConfig":
+    def _static(self) -> SmoothQuantConfig:
         if self.act_static and self.act_per_token and "act_per_token" in self.model_fields_set:
             raise ValueError("act_static uses one per-tensor scale: act_per_token must be false")
         if not self.quantize and {"abits", "act_static"} & self.model_fields_set:

@@ -95,7 +95,7 @@ class SpQRConfig(StageConfig):
         return v
 
     @model_validator(mode="after")
-    def _budget(self) -> "SpQRConfig":
+    def _budget(self) -> SpQRConfig:
         if self.max_bits_per_param is not None and self.wbits != 16:
             base = nominal_bits(self.wbits, self.group_size, self.qq_bits, self.qq_group_size, self.sym)
             if self.max_bits_per_param < base:
@@ -185,7 +185,7 @@ def _share(remaining: int, cols: int, cols_left: int) -> int:
 @dataclass
 class SpQRSolution:
     weight: torch.Tensor  # final fake-quant weight [out, in] (codes on the grid, outliers exact)
-    qweight: "SparseQuantizedWeight"
+    qweight: SparseQuantizedWeight
     loss: float
     n_outliers: int
     threshold: float  # absolute sensitivity threshold used

@@ -22,7 +22,7 @@ class ZeroQuantConfig(StageConfig):
     act_per_token: bool = True
 
     @model_validator(mode="after")
-    def _token_wise(self) -> "ZeroQuantConfig":
+    def _token_wise(self) -> ZeroQuantConfig:
         if not self.act_per_token:
             raise ValueError("act_per_token: ZeroQuant quantizes activations token-wise; use rtn for per-tensor")
         return self

@@ -194,7 +194,7 @@ class EngineResult:
 class BlockContext:
     """What a method sees of the block it is processing."""
 
-    def __init__(self, engine: "BlockEngine", index: int, block: nn.Module, stage: str) -> None:
+    def __init__(self, engine: BlockEngine, index: int, block: nn.Module, stage: str) -> None:
         self.engine = engine
         self.index = index
         self.block = block

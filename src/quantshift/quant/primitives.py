@@ -40,7 +40,7 @@ class QuantSpec(StrictModel):
         return v
 
     @model_validator(mode="after")
-    def _bits(self) -> "QuantSpec":
+    def _bits(self) -> QuantSpec:
         if self.dtype == "int" and not 2 <= self.bits <= 8:
             raise ValueError(f"bits must be between 2 and 8 for integer grids, got {self.bits}")
         if self.dtype == "fp8" and self.bits != 8:

@@ -35,7 +35,7 @@ class InputStats:
     tokens: int = 0
 
     @classmethod
-    def empty(cls, n: int, device: torch.device, with_h: bool) -> "InputStats":
+    def empty(cls, n: int, device: torch.device, with_h: bool) -> InputStats:
         z = torch.zeros(n, device=device, dtype=torch.float32)
         H = torch.zeros(n, n, device=device, dtype=torch.float32) if with_h else None
         return cls(z.clone(), z.clone(), H)
@@ -140,7 +140,7 @@ def output_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> torch.Te
     return ((D @ H) * D).sum()
 
 
-def collect_input_stats(ctx: "BlockContext", names: list[str], with_h: bool) -> dict[str, InputStats]:
+def collect_input_stats(ctx: BlockContext, names: list[str], with_h: bool) -> dict[str, InputStats]:
     """One pass over the calibration batches gathering InputStats of each named linear's input."""
     stats = {n: InputStats.empty(ctx.linear(n).in_features, ctx.device, with_h) for n in names}
     if names:

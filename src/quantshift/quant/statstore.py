@@ -30,7 +30,7 @@ class CalibIdentity:
     parts: tuple[str, ...] = ()
 
     @classmethod
-    def of(cls, manifest: Any) -> "CalibIdentity":
+    def of(cls, manifest: Any) -> CalibIdentity:
         return cls(manifest.sha256, tuple(p["sha256"] for p in getattr(manifest, "parts", ()) or ()))
 
 

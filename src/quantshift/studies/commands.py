@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -15,14 +15,14 @@ def register(app: typer.Typer) -> None:
 
 def run_cmd(
     study: Annotated[Path, typer.Argument(help="study YAML (see studies/)")],
-    out: Annotated[Optional[Path], typer.Option(help="run directory (default runs/<study name>)")] = None,
-    cache: Annotated[Optional[Path], typer.Option(help="content-addressed cache (default <run dir>/../.cache)")] = None,
+    out: Annotated[Path | None, typer.Option(help="run directory (default runs/<study name>)")] = None,
+    cache: Annotated[Path | None, typer.Option(help="content-addressed cache (default <run dir>/../.cache)")] = None,
     executor: Annotated[str, typer.Option(help="local | ray")] = "local",
     jobs: Annotated[int, typer.Option(help="local executor: works run at once, in worker processes sharing the CPU threads")] = 1,
-    ray_address: Annotated[Optional[str], typer.Option(help="Ray cluster address ('auto' = running cluster; none = start a local one)")] = None,
+    ray_address: Annotated[str | None, typer.Option(help="Ray cluster address ('auto' = running cluster; none = start a local one)")] = None,
     gpus_per_cell: Annotated[float, typer.Option(help="GPUs each Ray task asks for")] = 0.0,
-    data_dir: Annotated[Optional[Path], typer.Option(help="directory with offline task data (e.g. BOSS)")] = None,
-    device: Annotated[Optional[str], typer.Option(help="override the study's device: auto, cpu, cuda")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="directory with offline task data (e.g. BOSS)")] = None,
+    device: Annotated[str | None, typer.Option(help="override the study's device: auto, cpu, cuda")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Run a study (grid of models x recipes x calibration sets x evaluations); resumes where it stopped."""
@@ -44,8 +44,8 @@ def run_cmd(
 
 def report_cmd(
     run_dir: Annotated[Path, typer.Argument(help="a study run directory (runs/<name>)")],
-    cache: Annotated[Optional[Path], typer.Option(help="cache directory (default: the one the run used)")] = None,
-    data_dir: Annotated[Optional[Path], typer.Option(help="offline task data (default: the run's)")] = None,
+    cache: Annotated[Path | None, typer.Option(help="cache directory (default: the one the run used)")] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="offline task data (default: the run's)")] = None,
 ) -> None:
     """Rewrite a study's report (Markdown, HTML, figures) from cached results; computes nothing."""
     from .runner import report_only

@@ -68,9 +68,9 @@ def run_diag_work(work: dict, cache: Cache, options: dict, progress: bool) -> li
 
 def set_tokens(loaded, model: ModelAxis, s: dict, settings: dict, cache: Cache, data_dir: str | None = None) -> torch.Tensor:
     from ..data.calibset import token_stream
-    from .spec import resolve_source
     from ..evaluation.perplexity import windows_of
     from .runner import obtain_calibset
+    from .spec import resolve_source
 
     w, L = settings["windows"], settings["seqlen"]
     if s["kind"] == "calib":

@@ -14,6 +14,7 @@ import math
 import re
 from collections import defaultdict
 from pathlib import Path
+
 from ..checkpoint import write_json_atomic
 from ..evaluation.stats import sign_flip_p
 from ..evaluation.variance import clear_best, decompose, pairwise, source_findings

@@ -245,10 +245,16 @@ def obtain_calibset(loaded, model: ModelAxis, calib: CalibChoice, key: str, cach
 def build_study_calibset(loaded, model_name: str, calib: CalibChoice, data_dir: str | None = None):
     """build_calibset's token-budget sampling (same windows, same manifest), over any study source;
     or the examples mode."""
-    from ..data.calibset import CalibManifest, CalibSet, ids_sha256, sample_windows, token_stream
+    from ..data.calibset import (
+        CalibManifest,
+        CalibSet,
+        ids_sha256,
+        sample_windows,
+        split_union,
+        token_stream,
+        union_calibset,
+    )
     from .spec import resolve_source
-
-    from ..data.calibset import split_union, union_calibset
 
     names = split_union(calib.source)
     if len(names) > 1:  # a union: each part exactly as it would be alone (same cache-free sampling)

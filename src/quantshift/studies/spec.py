@@ -66,7 +66,7 @@ class MethodAxis(StrictModel):
         return [v] if isinstance(v, int) else v
 
     @model_validator(mode="after")
-    def _one_form(self) -> "MethodAxis":
+    def _one_form(self) -> MethodAxis:
         if (self.method is None) == (self.recipe is None):
             raise ValueError("give exactly one of 'method' (with wbits/abits/group_size) or 'recipe' (a stage list)")
         if self.recipe is not None and self.name is None:
@@ -263,7 +263,7 @@ def suite_tasks(suite: str) -> list[str]:
                           "which this build does not have") from None
     item = SUITES.get(suite)
     tasks = getattr(item, "tasks", item)
-    return [t if isinstance(t, str) else getattr(t, "name") for t in tasks]
+    return [t if isinstance(t, str) else t.name for t in tasks]
 
 
 def eval_units(spec: StudySpec) -> list[EvalUnit]:
