@@ -87,11 +87,11 @@ def _no_progress_bars() -> Iterator[None]:
         kwargs["disable"] = True
         return original.__get__(self, type(self))(*args, **kwargs)
 
-    tqdm.std.tqdm.__init__ = init  # type: ignore[method-assign]
+    tqdm.std.tqdm.__init__ = init
     try:
         yield
     finally:
-        tqdm.std.tqdm.__init__ = original  # type: ignore[method-assign]
+        tqdm.std.tqdm.__init__ = original
 
 
 def convert_samples(raw: list[dict]) -> list[dict]:

@@ -82,9 +82,9 @@ def find_overlaps(scored: Iterable[tuple[str, str]], others: Iterable[tuple[str,
         else:
             t = _tokens(text)
             for i in range(len(t) - n + 1):
-                oid = index.get(hash(tuple(t[i:i + n])))
-                if oid is not None:
-                    found.append(Overlap(sid, oid, f"{n}-gram", " ".join(t[i:i + n])))
+                hit = index.get(hash(tuple(t[i:i + n])))
+                if hit is not None:
+                    found.append(Overlap(sid, hit, f"{n}-gram", " ".join(t[i:i + n])))
                     break
         if len(found) >= max_report:
             break

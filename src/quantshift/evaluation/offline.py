@@ -17,8 +17,10 @@ import os
 import re
 import tarfile
 import tempfile
+from collections.abc import Callable
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from ..errors import DataError
 from .tasks import TASKS, TaskDef
@@ -111,11 +113,11 @@ def bigbench_tasks_json() -> dict[str, dict]:
     cached = cache_root() / "bigbench" / f"tasks-{BIGBENCH_VERSION}.json"
     wanted = sorted({p for paths, _c, _n in BIGBENCH_TASKS.values() for p in paths})
     if cached.is_file():
-        data = json.loads(cached.read_text(encoding="utf-8"))
+        data: dict[str, dict] = json.loads(cached.read_text(encoding="utf-8"))
         if all(p in data for p in wanted):
             return data
     prefix = f"bigbench-{BIGBENCH_VERSION}/bigbench/benchmark_tasks/"
-    data: dict[str, dict] = {}
+    data = {}
     with tarfile.open(bigbench_archive(), "r:gz") as tar:
         for member in tar:  # one sequential pass over the gzip stream
             if member.name.startswith(prefix) and member.name.endswith("/task.json"):
@@ -161,11 +163,15 @@ def _bb_items(name: str, paths: list[str]) -> list[dict]:
     return items
 
 
+def _bb_loader(name: str, paths: list[str]) -> Callable[[Any], list[dict]]:
+    return lambda _data_dir: _bb_items(name, paths)
+
+
 def _register_bigbench() -> None:
     for name, (paths, category, note) in BIGBENCH_TASKS.items():
         TASKS.add(f"bb_{name}", TaskDef(
             f"bb_{name}", f"BIG-bench {name}: {note}", category,
-            lambda _dd, name=name, paths=paths: _bb_items(name, paths),
+            _bb_loader(name, paths),
             needs="download", target_delimiter="", source_note=f"bigbench=={BIGBENCH_VERSION} sdist (PyPI)"))
 
 

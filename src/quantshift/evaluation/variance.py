@@ -226,7 +226,7 @@ def source_findings(y: dict[str, list[float]], iid_source: str | None, lower_is_
     best = clear_best(y, lower_is_better, alpha, log=log)
     if iid_source is not None and best == iid_source:
         vs = [oriented(p, best) for p in pairs if best in (p.a, p.b)]
-        closest = max(vs, key=lambda p: p.p_holm)
+        closest = max(vs, key=lambda p: p.p_holm if p.p_holm is not None else -1.0)
         return [{"finding": True, "kind": "iid_best", "source": best, "p": dec.p, "closest": closest.b,
                  "p_holm_max": closest.p_holm,
                  "text": f"I.I.D. calibration ({best}) is best for {test}: it beats every other source "
@@ -260,5 +260,6 @@ def _beats(p: Pair, lower_is_better: bool) -> bool:
 def _effect(p: Pair, alpha: float, unit: str = "") -> str:
     level = f"{100 * (1 - alpha):g}% CI"
     if p.log:
+        assert p.ratio_ci is not None  # a log-scale pair always carries its ratio interval
         return f"ratio {p.ratio:.3f} ({level} {p.ratio_ci[0]:.3f}–{p.ratio_ci[1]:.3f})"
     return f"difference {p.diff:+.3g}{unit} ({level} {p.ci[0]:+.3g} to {p.ci[1]:+.3g}{unit})"

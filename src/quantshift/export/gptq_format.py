@@ -107,7 +107,7 @@ def export_gptq(ckpt: QuantizedCheckpoint, out: Path, *, dtype: str = "auto", ve
 
     # linears inside blocks that were not quantized: GPTQModel/vLLM's `dynamic` negative rules
     skipped = [n for n in linear_names_in_blocks(ckpt) if n not in ckpt.weights and ".layers." in n]
-    dynamic = {f"-:^{n.replace('.', '[.]')}$": {} for n in skipped}
+    dynamic: dict[str, dict] = {f"-:^{n.replace('.', '[.]')}$": {} for n in skipped}
     checkpoint_format = "gptq" if version == 1 else "gptq_v2"
     qcfg = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
             "checkpoint_format": checkpoint_format, "lm_head": False, "true_sequential": True,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch.nn as nn
 
 from ..quant.primitives import quantize_weight
@@ -14,7 +16,7 @@ class RTNConfig(StageConfig):
 
 @register("rtn")
 class RTN(LinearMethod):
-    Config = RTNConfig
+    Config: ClassVar[type[StageConfig]] = RTNConfig
     needs_calibration = False
 
     def solve(self, name: str, linear: nn.Linear, stats: None, plan: LinearPlan) -> SolveResult:

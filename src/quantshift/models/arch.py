@@ -8,6 +8,7 @@ finds the block list and treats every linear of a block as one group.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import cast
 
 import torch.nn as nn
 
@@ -33,7 +34,7 @@ class ArchSpec:
     needs_bos: bool = False  # every evaluation window must start with BOS
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
-        return _get(model, self.blocks_path)
+        return cast(nn.ModuleList, _get(model, self.blocks_path))
 
     def backbone(self, model: nn.Module) -> nn.Module:
         return _get(model, self.backbone_path)

@@ -12,7 +12,7 @@ input of the scaled linears is x / s, so statistics are updated analytically (no
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 import torch.nn as nn
@@ -106,7 +106,7 @@ def norm_weight_offset(norm: nn.Module) -> float:
     """1.0 for norms computing x_hat * (1 + w) (Gemma), 0.0 for x_hat * w (Llama, Qwen)."""
     if isinstance(norm, nn.LayerNorm):
         return 0.0
-    w = norm.weight
+    w = cast(torch.Tensor, norm.weight)
     saved = w.detach().clone()
     try:
         w.zero_()
@@ -126,7 +126,8 @@ def fold_scale(prev: nn.Module, into: list[nn.Linear], s: torch.Tensor) -> None:
         prev.weight.data = (prev.weight.float() / s[:, None]).to(prev.weight.dtype)
     else:
         off = norm_weight_offset(prev)
-        prev.weight.data = ((prev.weight.float() + off) / s - off).to(prev.weight.dtype)
+        w = cast(torch.Tensor, prev.weight)
+        w.data = ((w.float() + off) / s - off).to(w.dtype)
     bias = getattr(prev, "bias", None)
     if isinstance(bias, torch.Tensor):
         bias.data = (bias.float() / s).to(bias.dtype)
