@@ -104,8 +104,10 @@ def test_recipe_forms_agree(tmp_path):
     yaml_path.write_text("stages:\n  - rtn: {wbits: 3, group_size: 32, sym: true}\n")
     forms = [("rtn", {"wbits": 3, "group_size": 32, "sym": True}), ({"stages": [stage]}, {}), ([stage], {}),
              (str(yaml_path), {}), (yaml_path, {}), (Recipe((make_stage("rtn", stage["rtn"]),)), {})]
+    before = repr(forms)
     results = [quantize(_tiny("llama"), r, tokenizer=toy_tokenizer(), progress=False, device="cpu", **o)
                for r, o in forms]
+    assert repr(forms) == before  # callers' recipes are never changed
     first = results[0]
     assert first.recipe.describe() == "rtn(w3g32)"
     for res in results[1:]:
@@ -150,11 +152,13 @@ def test_in_memory_model_is_quantized_in_place_in_the_resolved_precision():
     model = _tiny("llama").to(torch.bfloat16)
     res = quantize(model, "rtn", tokenizer=toy_tokenizer(), wbits=4, group_size=32, device="cpu", progress=False)
     auto = resolve_precision("auto", "cpu")
-    assert res.model is model and res.precision == res.report["precision"] == auto.name
+    assert res.model is model and res.precision == res.report["precision"] == auto.name and res.device == "cpu"
     assert next(model.parameters()).dtype == auto.weights  # converted as the CLI would load it
     res = quantize(_tiny("llama"), "rtn", tokenizer=toy_tokenizer(), dtype="bfloat16", device="cpu", progress=False)
     assert res.precision == "bfloat16" and next(res.model.parameters()).dtype == torch.bfloat16
     assert "rtn(w4g128)" in repr(res) and "bfloat16" in repr(res)
+    res.evaluate(ppl="news", seqlen=32, max_windows=1, dtype="float32", device="cpu", progress=False)
+    assert res.precision == "float32" and next(res.model.parameters()).dtype == torch.float32  # kept in step
 
 
 def test_tokenizer_goes_only_with_an_in_memory_model(tmp_path):

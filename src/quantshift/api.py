@@ -45,8 +45,9 @@ class QuantizationResult:
 
     model: the Hugging Face model, fake-quantized in place (the caller's object when one was
     given); report: the engine's per-layer report (errors, timings, formats); precision: the
-    resolved precision the model holds and computes in, e.g. "float32" or "bfloat16";
-    path: the quantized directory it was saved to or loaded from, if any."""
+    resolved precision the model holds and computes in, e.g. "float32" or "bfloat16" (with
+    device, part of a result's identity); path: the quantized directory it was saved to or
+    loaded from, if any."""
 
     model: nn.Module
     tokenizer: Any
@@ -55,13 +56,14 @@ class QuantizationResult:
     calibration: dict | None
     precision: str
     path: Path | None = None
+    device: str = "cpu"  # where it computed (quantize) or was loaded to (load)
     loaded: LoadedModel = field(repr=False, default=None)  # type: ignore[assignment]
     run: EngineRun | None = field(repr=False, default=None)  # None when loaded from a directory
 
     def __repr__(self) -> str:  # the model and report are too big to print
         cal = self.calibration
         where = f"{cal['source']} {cal['n']}x{cal['seqlen']}" if cal else None
-        return (f"QuantizationResult({self.recipe.describe()}, precision={self.precision!r}, "
+        return (f"QuantizationResult({self.recipe.describe()}, precision={self.precision!r}, device={self.device!r}, "
                 f"calibration={where!r}, modules={len(self.report.get('modules', {}))}, path={self.path!r})")
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -82,9 +84,10 @@ def _model_device(model: nn.Module) -> torch.device:
 
 
 def _compute_device(model: ModelLike, device: str | None) -> str:
-    """None: an in-memory model already on an accelerator stays there; otherwise "auto"."""
-    if device is None and isinstance(model, nn.Module) and _model_device(model).type != "cpu":
-        return str(_model_device(model))
+    """None: a model held in memory and already on an accelerator stays there; otherwise "auto"."""
+    module = model.model if isinstance(model, (QuantizationResult, LoadedModel)) else model
+    if device is None and isinstance(module, nn.Module) and _model_device(module).type != "cpu":
+        return str(_model_device(module))
     return resolve_device(device or "auto")
 
 
@@ -294,7 +297,7 @@ def quantize(model: ModelLike, recipe: Recipe | dict | list | str | Path, calib:
     # what a saved directory's quantshift.json would tell evaluation (its calibration leakage guard)
     loaded.quant_info = {"recipe": rec.to_dict(), "calibration": run.calibration, "base_model": loaded.name}
     return QuantizationResult(loaded.model, loaded.tokenizer, rec, run.report(), run.calibration, run.precision,
-                              loaded=loaded, run=run)
+                              device=dev, loaded=loaded, run=run)
 
 
 def evaluate(model: ModelLike, ppl: str | Iterable[str] = (), tasks: str | Iterable = (), *,
@@ -336,6 +339,8 @@ def evaluate(model: ModelLike, ppl: str | Iterable[str] = (), tasks: str | Itera
         raise ConfigError("--shots must be >= 0")
     ev.preflight(tasks=task_list, suite=suite, data_dir=data_dir)
     loaded = _as_loaded(model, tokenizer, device, dtype, place=True)
+    if isinstance(model, QuantizationResult):  # its model may now be in another precision or place
+        model.loaded, model.precision, model.device = loaded, loaded.precision.name, str(_model_device(loaded.model))
     res = ev.EvalResult()
     if ppl_list or task_list or suite:  # MT-Bench alone is fine too
         res = ev.evaluate(loaded, ppl=ppl_list, tasks=task_list, suite=suite, shots=shot_list, limit=limit,
@@ -406,14 +411,16 @@ def load(path: str | Path, *, device: str | None = None, dtype: str = "auto") ->
 
     from .checkpoint import REPORT_FILE
 
-    loaded = load_model(str(path), device=resolve_device(device or "auto"), dtype=dtype)
+    dev = resolve_device(device or "auto")
+    loaded = load_model(str(path), device=dev, dtype=dtype)
     info = loaded.quant_info
     if info is None:
         return loaded.model, loaded.tokenizer
     report_path = Path(loaded.path) / REPORT_FILE
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
     return QuantizationResult(loaded.model, loaded.tokenizer, recipe_from_dict(info["recipe"], f"{path}: recipe"),
-                              report, info.get("calibration"), loaded.precision.name, Path(loaded.path), loaded=loaded)
+                              report, info.get("calibration"), loaded.precision.name, Path(loaded.path), device=dev,
+                              loaded=loaded)
 
 
 def export(source: QuantizationResult | str | Path, path: str | Path, format: str = "compressed-tensors", *,
