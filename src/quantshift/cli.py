@@ -103,52 +103,22 @@ def quantize(
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Quantize a model with a method or a recipe and save it."""
-    from .data.calibset import build_calibset
+    from . import api
     from .errors import ConfigError
-    from .models.load import load_model, resolve_device
-    from .quant.engine import ACTIVATION_MODES
-    from .quantize import quantize_model, save
-    from .recipes import load_recipe, recipe_from_cli
 
     _threads()
     if (method is None) == (recipe is None):
         raise ConfigError("give exactly one of --method or --recipe")
-    if propagate not in ("quantized", "fp"):
-        raise ConfigError(f"--propagate must be 'quantized' or 'fp', got {propagate!r}")
-    if activations not in ACTIVATION_MODES:
-        raise ConfigError(f"--activations must be {', '.join(ACTIVATION_MODES[:-1])} or {ACTIVATION_MODES[-1]}, "
-                          f"got {activations!r}")
-    if stats_cache is not None and propagate != "fp":
-        raise ConfigError("--stats-cache needs --propagate fp: with quantized propagation each block's inputs "
-                          "depend on the bit width and method, so its statistics cannot be reused")
     options = {"wbits": wbits, "abits": abits, "group_size": group_size, "sym": sym}
-    if recipe is not None:
-        if any(v is not None for v in options.values()):
-            raise ConfigError("--wbits/--abits/--group-size/--sym go with --method; put them in the recipe file instead")
-        rec = load_recipe(recipe)
-    else:
-        rec = recipe_from_cli(method or "", **options)
-    dev = resolve_device(device)
+    if recipe is not None and any(v is not None for v in options.values()):
+        raise ConfigError("--wbits/--abits/--group-size/--sym go with --method; put them in the recipe file instead")
     t0 = time.time()
-    # weights stay on the CPU; the engine moves one block at a time to the compute device
-    loaded = load_model(model, device="cpu", dtype=dtype, compute_device=dev)
-    cal = None
-    if rec.needs_calibration:
-        cal = build_calibset(calib, loaded.tokenizer, nsamples, seqlen, seed, add_bos=loaded.needs_bos,
-                             tokenizer_name=model, data_dir=data_dir)
-    store = None
-    if stats_cache is not None:
-        from .quant.statstore import StatsStore
-        from .studies.runner import model_identity
-        from .studies.spec import ModelAxis, digest
-
-        # keyed like a study's cache: a local model directory by a fingerprint of its files
-        store = StatsStore(stats_cache, digest({"model": model_identity(ModelAxis(name=model)),
-                                                "dtype": loaded.precision.name}))
-    qres = quantize_model(loaded, rec, cal, device=dev, batch_size=batch_size, progress=not quiet,
-                          propagate=propagate, stats_store=store, activations=activations)
-    path = save(loaded, qres, out, overwrite=overwrite)
-    typer.echo(f"quantized {model} with {rec.describe()} ({loaded.precision.name}) in {time.time() - t0:.1f}s -> {path}")
+    res = api.quantize(model, recipe if recipe is not None else method or "", calib, nsamples=nsamples, seqlen=seqlen,
+                       seed=seed, device=device, dtype=dtype, batch_size=batch_size, data_dir=data_dir,
+                       propagate=propagate, stats_cache=stats_cache, activations=activations, progress=not quiet,
+                       **(options if recipe is None else {}))
+    path = api.save(res, out, overwrite=overwrite)
+    typer.echo(f"quantized {model} with {res.recipe.describe()} ({res.precision}) in {time.time() - t0:.1f}s -> {path}")
 
 
 @app.command("eval")
@@ -174,47 +144,20 @@ def eval_cmd(
 ) -> None:
     """Evaluate a model: perplexity on held-out text, lm-eval tasks (multiple choice by log-likelihood),
     MT-Bench-style judged dialogue."""
+    from . import api
     from .errors import ConfigError
-    from .evaluation.api import evaluate, preflight
-    from .models.load import load_model
+    from .evaluation.api import samples_file
 
     _threads()
-    split = lambda v: [x.strip() for x in (v or "").split(",") if x.strip()]  # noqa: E731
-    if not ppl and not tasks and not suite and mt_bench is None:
-        raise ConfigError("nothing to evaluate: give --ppl SOURCES, --tasks NAMES, --suite NAME or --mt-bench FILE")
-    from .evaluation import judge as mtb
-
-    questions = None
-    if mt_bench is not None or judge is not None:
-        if mt_bench is None or judge is None:
-            raise ConfigError("--mt-bench QUESTIONS.jsonl and --judge SPEC go together")
-        mtb.check_judge_spec(judge)
-        questions = mtb.load_questions(mt_bench, limit or None)
-    if suite is not None:
-        from .evaluation.tasks import SUITES
-
-        suite_def = SUITES.get(suite)  # unknown names fail here, before the model loads
     try:
-        shot_list = [int(k) for k in split(shots)] if shots else (list(suite_def.shots) if suite else [0])
+        shot_list = [int(k) for k in shots.split(",") if k.strip()] if shots else None
     except ValueError:
         raise ConfigError(f"--shots must be comma-separated integers, got {shots!r}") from None
-    if any(k < 0 for k in shot_list):
-        raise ConfigError("--shots must be >= 0")
-    preflight(tasks=split(tasks), suite=suite, data_dir=data_dir)
-    loaded = load_model(model, device=device, dtype=dtype)
-    from .evaluation.api import EvalResult
-
-    res = EvalResult()
-    if ppl or tasks or suite:  # MT-Bench alone is fine too
-        res = evaluate(loaded, ppl=split(ppl), tasks=split(tasks), suite=suite, shots=shot_list, limit=limit,
-                       data_dir=data_dir, seqlen=seqlen, max_windows=max_windows or None, batch_size=batch_size,
-                       seed=seed, progress=not quiet)
-    if questions is not None and judge is not None:
-        metric, rows = mtb.mt_bench(loaded, questions, mtb.make_judge(judge, device), judge, max_new_tokens,
-                                    progress=not quiet, seed=seed)
-        metric["questions"] = str(mt_bench)
-        res.metrics[mtb.METRIC_KEY], res.samples[mtb.METRIC_KEY] = metric, rows
-    for key, m in res.metrics.items():
+    metrics = api.evaluate(model, ppl or (), tasks or (), suite=suite, shots=shot_list, limit=limit, data_dir=data_dir,
+                           seqlen=seqlen, max_windows=max_windows, batch_size=batch_size, seed=seed, device=device,
+                           dtype=dtype, progress=not quiet, mt_bench=mt_bench, judge=judge,
+                           max_new_tokens=max_new_tokens, json_out=json_out)
+    for key, m in metrics.items():
         if key.startswith("ppl:"):
             typer.echo(f"{key:34s} ppl {m['ppl']:10.3f}  ({m['tokens']} tokens, {m['windows']} x {m['seqlen']})")
         else:
@@ -222,14 +165,7 @@ def eval_cmd(
                      if isinstance(m.get(k), float) and m.get(k + "_ci")]
             typer.echo(f"{key:34s} {'  '.join(parts)}  n={m.get('n')}")
     if json_out is not None:
-        from importlib.metadata import version
-
-        from .checkpoint import versions
-
-        samples = res.write(json_out, {"model": model, "path": loaded.path, "lm_eval": version("lm-eval"),
-                                       "quantization": loaded.quant_info and {k: loaded.quant_info.get(k) for k in ("recipe", "calibration", "base_model")},
-                                       "versions": versions()})
-        typer.echo(f"wrote {json_out} and {samples}")
+        typer.echo(f"wrote {json_out} and {samples_file(json_out)}")
 
 
 # Commands owned by other subpackages; each module defines `register(app)`.

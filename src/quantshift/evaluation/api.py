@@ -42,7 +42,7 @@ class EvalResult:
         """metrics JSON at json_path, sample-level scores beside it (<stem>.samples.jsonl)."""
         from ..checkpoint import write_json_atomic
 
-        samples_path = json_path.with_name(json_path.stem + ".samples.jsonl")
+        samples_path = samples_file(json_path)
         json_path.parent.mkdir(parents=True, exist_ok=True)
         tmp = samples_path.with_suffix(".tmp")
         with tmp.open("w", encoding="utf-8") as f:
@@ -52,6 +52,11 @@ class EvalResult:
         tmp.replace(samples_path)
         write_json_atomic(json_path, {**(extra or {}), "metrics": self.metrics, "samples_file": samples_path.name})
         return samples_path
+
+
+def samples_file(json_path: Path) -> Path:
+    """Where EvalResult.write puts the sample-level scores of a metrics JSON."""
+    return json_path.with_name(json_path.stem + ".samples.jsonl")
 
 
 def task_root() -> Path:

@@ -25,10 +25,10 @@ def register(app: typer.Typer) -> None:
         """Export a quantized model (compressed-tensors / GPTQ / FP8) for vLLM and transformers."""
         import json
 
-        from . import export
+        from ..api import export
         from .common import EXPORT_INFO
 
-        path = export(src, fmt, out, dtype=dtype, gptq_version=gptq_version, allow_unservable=allow_unservable,
+        path = export(src, out, fmt, dtype=dtype, gptq_version=gptq_version, allow_unservable=allow_unservable,
                       overwrite=overwrite)
         info = json.loads((path / EXPORT_INFO).read_text())
         typer.echo(f"exported {src} as {fmt} ({info['quantized_linears']} quantized linears, {info['dtype']}) -> {path}")

@@ -33,6 +33,20 @@ class LoadedModel:
     def needs_bos(self) -> bool:
         return self.arch.needs_bos
 
+    @classmethod
+    def from_hf(cls, model: nn.Module, tokenizer: object, *, name: str | None = None,
+                precision: Precision | None = None) -> LoadedModel:
+        """Wrap a Hugging Face causal LM held in memory: the engine then works on this very object.
+        `precision` defaults to the dtype the model's weights are in, without autocast."""
+        try:
+            arch = arch_for(model)
+        except ValueError as err:
+            raise ModelError(str(err)) from None
+        config = getattr(model, "config", None)
+        label = name or getattr(config, "_name_or_path", "") or type(model).__name__
+        weights = next(model.parameters()).dtype
+        return cls(model, tokenizer, label, "memory", arch, precision=precision or Precision(weights))
+
 
 def resolve_device(device: str) -> str:
     if device == "auto":

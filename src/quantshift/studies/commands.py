@@ -26,18 +26,12 @@ def run_cmd(
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Run a study (grid of models x recipes x calibration sets x evaluations); resumes where it stopped."""
+    from ..api import run_study
     from ..cli import _threads
-    from .runner import run_study
-    from .spec import load_study
 
     _threads()
-    spec = load_study(study)
-    if device:
-        spec.device = device
-    run_dir = out or Path("runs") / spec.name
-    summary = run_study(spec, run_dir, cache or run_dir.parent / ".cache", executor=executor, ray_address=ray_address,
-                        gpus_per_cell=gpus_per_cell, data_dir=str(data_dir) if data_dir else None, progress=not quiet,
-                        echo=typer.echo, jobs=jobs)
+    summary = run_study(study, out, cache=cache, device=device, executor=executor, ray_address=ray_address,
+                        gpus_per_cell=gpus_per_cell, data_dir=data_dir, progress=not quiet, echo=typer.echo, jobs=jobs)
     if summary["failed"]:
         raise typer.Exit(1)
 

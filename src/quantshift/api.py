@@ -1,0 +1,477 @@
+"""The public Python API: one verb per job, as short as the CLI, which is a thin shell over it.
+
+    result = quantize(model, "gptq", calib=texts, tokenizer=tok, wbits=4, group_size=128)
+    metrics = result.evaluate(ppl=["wikipedia"])        # == evaluate(result, ppl=[...])
+    result.export("out/ct", format="compressed-tensors")
+    summary = run_study("studies/offline-cross-domain.yaml")
+
+`model` is a Hugging Face causal LM held in memory (quantized in place; pass its `tokenizer=`),
+or a name: a bundled alias ("smollm2-135m"), a local directory or a hub id. Options are checked
+here, before any model loads, so a typo costs nothing. dtype and device "auto" mean what they
+mean on the command line (models.precision.resolve_precision).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .data.calibset import CalibManifest, CalibSet, build_calibset, ids_sha256, sample_windows
+from .errors import ConfigError, DataError, ModelError
+from .models.load import LoadedModel, load_model, resolve_device
+from .models.precision import resolve_precision
+from .quantize import QuantizationResult as EngineRun
+from .recipes import Recipe, load_recipe, make_stage, recipe_from_dict
+
+__all__ = ["QuantizationResult", "evaluate", "export", "load", "quantize", "run_study", "save"]
+
+CALIB_NSAMPLES = 128  # windows drawn from a source, a text list or a token stream by default
+CALIB_SEQLEN = 512
+PROPAGATE_MODES = ("quantized", "fp")
+
+ModelLike = Any  # nn.Module (a Hugging Face PreTrainedModel), str/Path name, LoadedModel or QuantizationResult
+
+
+@dataclass
+class QuantizationResult:
+    """A quantized model and how it was made.
+
+    model: the Hugging Face model, fake-quantized in place (the caller's object when one was
+    given); report: the engine's per-layer report (errors, timings, formats); precision: the
+    resolved precision the model holds and computes in, e.g. "float32" or "bfloat16" (with
+    device, part of a result's identity); path: the quantized directory it was saved to or
+    loaded from, if any."""
+
+    model: nn.Module
+    tokenizer: Any
+    recipe: Recipe
+    report: dict
+    calibration: dict | None
+    precision: str
+    path: Path | None = None
+    device: str = "cpu"  # where it computed (quantize) or was loaded to (load)
+    loaded: LoadedModel = field(repr=False, default=None)  # type: ignore[assignment]
+    run: EngineRun | None = field(repr=False, default=None)  # None when loaded from a directory
+
+    def __repr__(self) -> str:  # the model and report are too big to print
+        cal = self.calibration
+        where = f"{cal['source']} {cal['n']}x{cal['seqlen']}" if cal else None
+        return (f"QuantizationResult({self.recipe.describe()}, precision={self.precision!r}, device={self.device!r}, "
+                f"calibration={where!r}, modules={len(self.report.get('modules', {}))}, path={self.path!r})")
+
+    def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
+        return save(self, path, overwrite=overwrite)
+
+    def export(self, path: str | Path, format: str = "compressed-tensors", **options: Any) -> Path:
+        return export(self, path, format, **options)
+
+    def evaluate(self, ppl: str | Iterable[str] = (), tasks: str | Iterable = (), **options: Any) -> dict[str, dict]:
+        return evaluate(self, ppl, tasks, **options)
+
+
+# ---- models --------------------------------------------------------------------------------
+
+def _model_device(model: nn.Module) -> torch.device:
+    p = next(model.parameters(), None)
+    return p.device if p is not None else torch.device("cpu")
+
+
+def _compute_device(model: ModelLike, device: str | None) -> str:
+    """None: a model held in memory and already on an accelerator stays there; otherwise "auto"."""
+    module = model.model if isinstance(model, (QuantizationResult, LoadedModel)) else model
+    if device is None and isinstance(module, nn.Module) and _model_device(module).type != "cpu":
+        return str(_model_device(module))
+    return resolve_device(device or "auto")
+
+
+def _wrap(model: nn.Module, tokenizer: Any, dtype: str, compute_device: str, place: bool) -> LoadedModel:
+    """An in-memory model in the precision `dtype` resolves to on `compute_device` (as load_model
+    would load it); with `place`, moved there too (evaluation runs where the weights are)."""
+    precision = resolve_precision(dtype, compute_device)
+    if next(model.parameters()).dtype != precision.weights:
+        model.to(dtype=precision.weights)
+    if place and _model_device(model) != torch.device(compute_device):
+        model.to(compute_device)
+    return LoadedModel.from_hf(model.eval(), tokenizer, precision=precision)
+
+
+def _rewrap(loaded: LoadedModel, dtype: str, compute_device: str, place: bool) -> LoadedModel:
+    fresh = _wrap(loaded.model, loaded.tokenizer, dtype, compute_device, place)
+    return replace(loaded, precision=fresh.precision)  # keeps name, path and quant_info
+
+
+def _as_loaded(model: ModelLike, tokenizer: Any, device: str | None, dtype: str, *, place: bool,
+               weights_device: str | None = None) -> LoadedModel:
+    """Any accepted model form -> LoadedModel. Names load as the CLI loads them: onto
+    `weights_device` (default: the compute device) in the precision "auto" means there."""
+    dev = _compute_device(model, device)
+    if isinstance(model, QuantizationResult):
+        model = model.loaded
+    if isinstance(model, LoadedModel):
+        _no_tokenizer(tokenizer, "an already loaded model")
+        return _rewrap(model, dtype, dev, place)
+    if isinstance(model, (str, Path)):
+        _no_tokenizer(tokenizer, "a model name, which loads its own tokenizer")
+        return load_model(str(model), device=weights_device or dev, dtype=dtype, compute_device=dev)
+    if isinstance(model, nn.Module):
+        return _wrap(model, tokenizer, dtype, dev, place)
+    raise ConfigError(f"model must be a Hugging Face model, a name or path, or a QuantizationResult; "
+                      f"got {type(model).__name__}")
+
+
+def _no_tokenizer(tokenizer: Any, what: str) -> None:
+    if tokenizer is not None:
+        raise ConfigError(f"tokenizer= goes with an in-memory Hugging Face model, not with {what}")
+
+
+def _need_tokenizer(tokenizer: Any, why: str) -> None:
+    if tokenizer is None:
+        raise ConfigError(f"{why} needs the model's tokenizer: pass tokenizer= with an in-memory model")
+
+
+# ---- recipes and calibration ----------------------------------------------------------------
+
+def as_recipe(recipe: Recipe | dict | list | str | Path, options: dict[str, Any] | None = None) -> Recipe:
+    """A Recipe, its dict/list form, a YAML path, or method name(s) with options.
+
+    Options go with a method name: each goes to the stages of a "smoothquant,gptq" list whose
+    config has it; one that no stage has is an error naming it and the allowed keys."""
+    opts = {k: v for k, v in (options or {}).items() if v is not None}
+    if isinstance(recipe, str) and not _looks_like_file(recipe):
+        return _method_recipe(recipe, opts)
+    if opts:
+        raise ConfigError(f"method options ({', '.join(sorted(opts))}) go with a method name; "
+                          "put them in the recipe instead")
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, (dict, list)):
+        return recipe_from_dict(recipe)
+    if isinstance(recipe, (str, Path)):
+        return load_recipe(recipe)
+    raise ConfigError(f"recipe must be a Recipe, a dict, a YAML path or a method name; got {type(recipe).__name__}")
+
+
+def _looks_like_file(text: str) -> bool:
+    return text.endswith((".yaml", ".yml")) or Path(text).expanduser().is_file()
+
+
+def _method_recipe(spec: str, opts: dict[str, Any]) -> Recipe:
+    from .methods import METHODS
+
+    names = [m.strip() for m in spec.split(",") if m.strip()]
+    if not names:
+        raise ConfigError(f"recipe {spec!r} names no method")
+    classes = [METHODS.get(n) for n in names]  # an unknown name fails here with the allowed ones
+    known = {k for c in classes for k in c.Config.model_fields}
+    stages = []
+    for i, (name, cls) in enumerate(zip(names, classes, strict=True)):
+        # a key no stage knows goes to the first one, whose strict config names it
+        mine = {k: v for k, v in opts.items() if k in cls.Config.model_fields or (i == 0 and k not in known)}
+        stages.append(make_stage(name, mine))
+    return Recipe(tuple(stages))
+
+
+def _texts_calibset(texts: list[str], loaded: LoadedModel, n: int, seqlen: int, seed: int) -> CalibSet:
+    """A user's texts, joined and cut into n seeded windows like a named source's calibration part."""
+    if not all(isinstance(t, str) for t in texts):
+        raise ConfigError("calib as a list must hold strings (texts to calibrate on)")
+    tok: Any = loaded.tokenizer
+    _need_tokenizer(tok, "calibration on texts")
+    ids = tok("\n\n".join(texts), add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    stream = torch.tensor(ids, dtype=torch.int64)
+    bos = tok.bos_token_id if loaded.needs_bos else None
+    rows = sample_windows(stream, n, seqlen, seed, bos, f"calib (a list of {len(texts)} texts)")
+    return CalibSet(rows, _manifest(f"texts[{len(texts)}]", seed, rows, loaded))
+
+
+def _manifest(source: str, seed: int, ids: torch.Tensor, loaded: LoadedModel, split: str = "given") -> CalibManifest:
+    n, seqlen = ids.shape
+    return CalibManifest(source=source, split=split, seed=seed, n=n, seqlen=seqlen, tokens=ids.numel(),
+                         tokenizer=getattr(loaded.tokenizer, "name_or_path", "") or loaded.name,
+                         sha256=ids_sha256(ids))
+
+
+def _calibset(calib: Any, loaded: LoadedModel, nsamples: int | None, seqlen: int | None, seed: int,
+              data_dir: str | Path | None) -> CalibSet:
+    n, sl = nsamples or CALIB_NSAMPLES, seqlen or CALIB_SEQLEN
+    if n <= 0 or sl <= 1:
+        raise DataError(f"calibration needs nsamples >= 1 and seqlen >= 2, got nsamples={n}, seqlen={sl}")
+    if isinstance(calib, CalibSet):
+        _check_shape(calib.input_ids, nsamples, seqlen)
+        return calib
+    if isinstance(calib, torch.Tensor):
+        ids = calib.detach().to("cpu", torch.int64)
+        if ids.dim() == 1:  # a token stream: windows are drawn from it like from a text source
+            bos = getattr(loaded.tokenizer, "bos_token_id", None) if loaded.needs_bos else None
+            rows = sample_windows(ids, n, sl, seed, bos, f"calib (a stream of {ids.numel()} tokens)")
+            return CalibSet(rows, _manifest("tokens", seed, rows, loaded))
+        if ids.dim() != 2:
+            raise ConfigError(f"calib token ids must be [n, seqlen] windows or a 1-D stream, got shape {tuple(ids.shape)}")
+        _check_shape(ids, nsamples, seqlen)
+        return CalibSet(ids, _manifest("tokens", seed, ids, loaded))
+    if isinstance(calib, (list, tuple)):
+        return _texts_calibset(list(calib), loaded, n, sl, seed)
+    if isinstance(calib, (str, Path)):
+        _need_tokenizer(loaded.tokenizer, f"calibration source {str(calib)!r}")
+        return build_calibset(str(calib), loaded.tokenizer, n, sl, seed, add_bos=loaded.needs_bos,
+                              tokenizer_name=loaded.name, data_dir=str(data_dir) if data_dir else None)
+    raise ConfigError(f"calib must be a source name, a list of texts, token ids or a CalibSet; got {type(calib).__name__}")
+
+
+def _check_shape(ids: torch.Tensor, nsamples: int | None, seqlen: int | None) -> None:
+    """Given windows are used as they are: a differing nsamples/seqlen would be silently ignored."""
+    n, sl = ids.shape
+    if (nsamples is not None and nsamples != n) or (seqlen is not None and seqlen != sl):
+        raise ConfigError(f"calib holds {n} x {sl} token windows; nsamples={nsamples}, seqlen={seqlen} disagree "
+                          "(leave them out for given windows)")
+
+
+def _check_quantize_options(propagate: str, activations: str, stats_cache: Any) -> None:
+    from .quant.engine import ACTIVATION_MODES
+
+    # worded as the CLI flags: the CLI passes these through unchanged
+    if propagate not in PROPAGATE_MODES:
+        raise ConfigError(f"--propagate must be 'quantized' or 'fp', got {propagate!r}")
+    if activations not in ACTIVATION_MODES:
+        raise ConfigError(f"--activations must be {', '.join(ACTIVATION_MODES[:-1])} or {ACTIVATION_MODES[-1]}, "
+                          f"got {activations!r}")
+    if stats_cache is not None and propagate != "fp":
+        raise ConfigError("--stats-cache needs --propagate fp: with quantized propagation each block's inputs "
+                          "depend on the bit width and method, so its statistics cannot be reused")
+
+
+def _stats_store(model: ModelLike, loaded: LoadedModel, stats_cache: str | Path):
+    from .quant.statstore import StatsStore
+    from .studies.runner import model_identity
+    from .studies.spec import ModelAxis, digest
+
+    if not isinstance(model, (str, Path)):
+        raise ConfigError("stats_cache needs the model by name or path: its statistics are keyed by the model's identity")
+    # keyed like a study's cache: a local model directory by a fingerprint of its files
+    return StatsStore(Path(stats_cache), digest({"model": model_identity(ModelAxis(name=str(model))),
+                                                 "dtype": loaded.precision.name}))
+
+
+# ---- the verbs ------------------------------------------------------------------------------
+
+def quantize(model: ModelLike, recipe: Recipe | dict | list | str | Path, calib: Any = None, *,
+             tokenizer: Any = None, nsamples: int | None = None, seqlen: int | None = None, seed: int = 42,
+             device: str | None = None, dtype: str = "auto", batch_size: int = 8,
+             data_dir: str | Path | None = None, propagate: str = "quantized", stats_cache: str | Path | None = None,
+             activations: str = "auto", progress: bool = True, **method_options: Any) -> QuantizationResult:
+    """Quantize `model` with `recipe`, calibrating on `calib` when the recipe needs it.
+
+    recipe: a Recipe, a dict ({"stages": [{"gptq": {"wbits": 4}}]}), a YAML path, or a method name
+    ("gptq", or "smoothquant,gptq") whose options follow as keywords (wbits=4, group_size=128).
+    calib: a source name ("wikipedia", "news+pydocs", a .txt/.jsonl path, "task:<name>"), a list
+    of texts, token ids ([n, seqlen] windows or a 1-D stream) or a CalibSet; sources, texts and
+    streams give `nsamples` windows of `seqlen` tokens (default 128 x 512) drawn with `seed`.
+    device: where blocks compute ("auto": a GPU if there is one; None also keeps an in-memory
+    model's accelerator). A named model's weights load on the CPU and move a block at a time.
+    dtype: "auto" resolves per machine as on the CLI; an in-memory model is converted to it.
+    propagate, stats_cache, activations, batch_size: as `quantshift quantize --help` says.
+    """
+    from .quantize import quantize_model
+
+    _check_quantize_options(propagate, activations, stats_cache)
+    rec = as_recipe(recipe, method_options)
+    if rec.needs_calibration and calib is None:
+        raise ConfigError(f"recipe {rec.describe()} needs calibration data: pass calib= (a source name such as "
+                          "'wikipedia', a list of texts, token ids or a CalibSet)")
+    if isinstance(model, QuantizationResult):
+        raise ConfigError("this model is already quantized; to stack methods, quantize the original with a recipe of stages")
+    dev = _compute_device(model, device)
+    # like the CLI: a named model's weights stay on the CPU, the engine moves one block at a time
+    loaded = _as_loaded(model, tokenizer, dev, dtype, place=False, weights_device="cpu")
+    cal = _calibset(calib, loaded, nsamples, seqlen, seed, data_dir) if rec.needs_calibration else None
+    store = _stats_store(model, loaded, stats_cache) if stats_cache is not None else None
+    run = quantize_model(loaded, rec, cal, device=dev, batch_size=batch_size, progress=progress,
+                         propagate=propagate, stats_store=store, activations=activations)
+    # what a saved directory's quantshift.json would tell evaluation (its calibration leakage guard)
+    loaded.quant_info = {"recipe": rec.to_dict(), "calibration": run.calibration, "base_model": loaded.name}
+    return QuantizationResult(loaded.model, loaded.tokenizer, rec, run.report(), run.calibration, run.precision,
+                              device=dev, loaded=loaded, run=run)
+
+
+def evaluate(model: ModelLike, ppl: str | Iterable[str] = (), tasks: str | Iterable = (), *,
+             suite: str | None = None, shots: int | Sequence[int] | None = None, limit: int | None = None,
+             tokenizer: Any = None, data_dir: str | Path | None = None, seqlen: int = 512,
+             max_windows: int | None = 64, batch_size: int = 4, seed: int = 1234, device: str | None = None,
+             dtype: str = "auto", progress: bool = True, mt_bench: str | Path | None = None,
+             judge: str | None = None, max_new_tokens: int = 256,
+             json_out: str | Path | None = None) -> dict[str, dict]:
+    """Perplexity on text sources, tasks (quantshift's or lm-eval's names, multiple choice by
+    log-likelihood) and MT-Bench-style judged dialogue -> the `metrics` map `quantshift eval
+    --json` writes: {"ppl:<source>": {"ppl", "tokens", "windows", "seqlen", ...},
+    "task:<name>@<shots>": {"acc", "acc_ci", ..., "n"}, ...}.
+
+    ppl / tasks: names or comma-separated strings; shots: an int or a list (default: the
+    suite's, else 0); limit: items per task (None: 200 for quantshift's tasks, all for lm-eval's;
+    0: all); max_windows: perplexity windows per source (None or 0: all). json_out: also write
+    the CLI's JSON there, item-level samples beside it (<stem>.samples.jsonl)."""
+    from .evaluation import api as ev
+    from .evaluation import judge as mtb
+
+    ppl_list, task_list = _names(ppl), _names(tasks)
+    if not ppl_list and not task_list and not suite and mt_bench is None:
+        raise ConfigError("nothing to evaluate: give perplexity sources (--ppl), tasks (--tasks), a suite (--suite) "
+                          "or MT-Bench questions (--mt-bench)")
+    questions = None
+    if mt_bench is not None or judge is not None:
+        if mt_bench is None or judge is None:
+            raise ConfigError("--mt-bench QUESTIONS.jsonl and --judge SPEC go together")
+        mtb.check_judge_spec(judge)
+        questions = mtb.load_questions(mt_bench, limit or None)
+    suite_shots = None
+    if suite is not None:
+        from .evaluation.tasks import SUITES
+
+        suite_shots = list(SUITES.get(suite).shots)  # unknown names fail here, before the model loads
+    shot_list = [shots] if isinstance(shots, int) else list(shots) if shots is not None else (suite_shots or [0])
+    if any(k < 0 for k in shot_list):
+        raise ConfigError("--shots must be >= 0")
+    ev.preflight(tasks=task_list, suite=suite, data_dir=data_dir)
+    loaded = _as_loaded(model, tokenizer, device, dtype, place=True)
+    if isinstance(model, QuantizationResult):  # its model may now be in another precision or place
+        model.loaded, model.precision, model.device = loaded, loaded.precision.name, str(_model_device(loaded.model))
+    res = ev.EvalResult()
+    if ppl_list or task_list or suite:  # MT-Bench alone is fine too
+        res = ev.evaluate(loaded, ppl=ppl_list, tasks=task_list, suite=suite, shots=shot_list, limit=limit,
+                          data_dir=data_dir, seqlen=seqlen, max_windows=max_windows or None,
+                          batch_size=batch_size, seed=seed, progress=progress)
+    if questions is not None and judge is not None:
+        metric, rows = mtb.mt_bench(loaded, questions, mtb.make_judge(judge, device or "auto"), judge, max_new_tokens,
+                                    progress=progress, seed=seed)
+        metric["questions"] = str(mt_bench)
+        res.metrics[mtb.METRIC_KEY], res.samples[mtb.METRIC_KEY] = metric, rows
+    if json_out is not None:
+        _write_eval_json(res, Path(json_out), model, loaded)
+    return res.metrics
+
+
+def _names(value: str | Iterable) -> list:
+    """"a,b" or ["a", "b"] -> ["a", "b"]; task definitions pass through."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    return [x.strip() if isinstance(x, str) else x for x in items if not isinstance(x, str) or x.strip()]
+
+
+def _write_eval_json(res: Any, path: Path, model: ModelLike, loaded: LoadedModel) -> Path:
+    from importlib.metadata import version
+
+    from .checkpoint import versions
+
+    info = loaded.quant_info
+    return res.write(path, {"model": str(model) if isinstance(model, (str, Path)) else loaded.name,
+                            "path": loaded.path, "lm_eval": version("lm-eval"),
+                            "quantization": info and {k: info.get(k) for k in ("recipe", "calibration", "base_model")},
+                            "versions": versions()})
+
+
+def save(obj: QuantizationResult | nn.Module, path: str | Path, *, tokenizer: Any = None,
+         overwrite: bool = False) -> Path:
+    """A quantized model directory (what `quantshift quantize --out` writes; `load`, `evaluate`
+    and `export` read it), or a plain Hugging Face checkpoint for an unquantized model."""
+    from .checkpoint import staged_directory
+
+    out = Path(path)
+    if isinstance(obj, QuantizationResult):
+        _no_tokenizer(tokenizer, "a QuantizationResult, which holds its own")
+        _need_tokenizer(obj.tokenizer, "saving")
+        if obj.run is None:  # loaded from a directory: copy that directory
+            if obj.path is None:
+                raise ModelError("this result has neither its quantization run nor a directory to copy")
+            with staged_directory(out, overwrite) as tmp:
+                shutil.copytree(obj.path, tmp, dirs_exist_ok=True)
+        else:
+            from .quantize import save as save_run
+
+            save_run(obj.loaded, obj.run, out, overwrite=overwrite)
+        obj.path = out
+        return out
+    if isinstance(obj, nn.Module):
+        with staged_directory(out, overwrite) as tmp:
+            obj.save_pretrained(tmp)  # type: ignore[operator]
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+        return out
+    raise ConfigError(f"save takes a QuantizationResult or a Hugging Face model; got {type(obj).__name__}")
+
+
+def load(path: str | Path, *, device: str | None = None, dtype: str = "auto") -> QuantizationResult | tuple[Any, Any]:
+    """A quantized directory -> QuantizationResult (recipe, report and calibration from its files);
+    any other model (name or path) -> (model, tokenizer). Loaded as `quantshift eval` loads it."""
+    import json
+
+    from .checkpoint import REPORT_FILE
+
+    dev = resolve_device(device or "auto")
+    loaded = load_model(str(path), device=dev, dtype=dtype)
+    info = loaded.quant_info
+    if info is None:
+        return loaded.model, loaded.tokenizer
+    report_path = Path(loaded.path) / REPORT_FILE
+    report = json.loads(report_path.read_text()) if report_path.is_file() else {}
+    return QuantizationResult(loaded.model, loaded.tokenizer, recipe_from_dict(info["recipe"], f"{path}: recipe"),
+                              report, info.get("calibration"), loaded.precision.name, Path(loaded.path), device=dev,
+                              loaded=loaded)
+
+
+def export(source: QuantizationResult | str | Path, path: str | Path, format: str = "compressed-tensors", *,
+           dtype: str = "auto", gptq_version: int = 1, allow_unservable: bool = False,
+           overwrite: bool = False) -> Path:
+    """Write a quantized model in a serving format: "compressed-tensors", "gptq" or "fp8".
+    `source`: a QuantizationResult (saved first to a temporary directory if it never was) or a
+    quantized directory. dtype: of scales and float tensors ("auto": bf16 if the base model was)."""
+    from .export import export as export_dir
+    from .export.common import ExportError
+
+    def from_dir(src: str | Path) -> Path:
+        return export_dir(src, format, path, dtype=dtype, gptq_version=gptq_version,
+                          allow_unservable=allow_unservable, overwrite=overwrite)
+
+    if isinstance(source, QuantizationResult):
+        if source.path is not None and source.path.is_dir():
+            return from_dir(source.path)
+        with tempfile.TemporaryDirectory(prefix=".quantshift-export-") as tmp:
+            save(source, Path(tmp) / "q")
+            source.path = None  # the temporary directory is gone afterwards
+            return from_dir(Path(tmp) / "q")
+    if isinstance(source, (str, Path)):
+        return from_dir(source)
+    raise ExportError(f"export needs a quantized model (a QuantizationResult or a quantized directory); "
+                      f"got {type(source).__name__}: quantize it first")
+
+
+def run_study(spec: Any, out_dir: str | Path | None = None, *, cache: str | Path | None = None, jobs: int = 1,
+              executor: str = "local", ray_address: str | None = None, gpus_per_cell: float = 0.0,
+              data_dir: str | Path | None = None, device: str | None = None, progress: bool = True,
+              echo: Callable[[str], Any] = print) -> dict:
+    """Run a study (a StudySpec, its dict form or a YAML path): every cell its cache lacks, then the
+    report. out_dir defaults to runs/<study name>, cache to <out_dir>/../.cache; `device`
+    overrides the study's. Returns the summary (works run, results computed, failures, seconds)
+    with `out_dir` and `report` (the Markdown report's path)."""
+    from .studies.runner import run_study as run
+    from .studies.spec import StudySpec, load_study, study_from_dict
+
+    if isinstance(spec, StudySpec):
+        study = spec.model_copy(deep=True)  # the caller's spec is never changed
+    elif isinstance(spec, dict):
+        study = study_from_dict(spec)
+    elif isinstance(spec, (str, Path)):
+        study = load_study(spec)
+    else:
+        raise ConfigError(f"a study is a StudySpec, a dict or a YAML path; got {type(spec).__name__}")
+    if device:
+        study.device = device
+    run_dir = Path(out_dir) if out_dir is not None else Path("runs") / study.name
+    summary = run(study, run_dir, Path(cache) if cache is not None else run_dir.parent / ".cache", executor=executor,
+                  ray_address=ray_address, gpus_per_cell=gpus_per_cell, data_dir=str(data_dir) if data_dir else None,
+                  progress=progress, echo=echo, jobs=jobs)
+    return {**summary, "out_dir": str(run_dir), "report": str(run_dir / "report.md")}
