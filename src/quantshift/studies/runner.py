@@ -213,7 +213,8 @@ def obtain_model(work: dict, cache: Cache, options: dict, progress: bool):
     cache.put_json("quant", work["key"], {"label": work["label"], "recipe": report["recipe"],
                                           "precision": report["precision"],
                                           "calibration": report["calibration"], "seconds": report["seconds"],
-                                          "layer_errors": _layer_errors(report)})
+                                          "layer_errors": _layer_errors(report),
+                                          "numerics": report.get("numerics")})
     if options["keep_models"]:
         save(loaded, qres, kept, overwrite=True)
     return loaded
