@@ -913,7 +913,7 @@ def _precisions(spec, versions: dict) -> str:
 def results_json(collected: dict) -> dict:
     return {"study": collected["spec"].name, "versions": collected["versions"],
             "cells": [{k: c[k] for k in ("label", "model", "method", "wbits", "recipe", "calib", "key", "status", "metrics",
-                                         "calib_manifest", "error")} for c in collected["cells"]],
+                                         "calib_manifest", "numerics", "error")} for c in collected["cells"]],
             "diagnostics": {m: [{"calib": k[0], "seed": k[1], "test": k[2], **v} for k, v in sorted(pairs.items())]
                             for m, pairs in sorted(collected["diagnostics"].items())}}
 
