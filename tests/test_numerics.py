@@ -14,7 +14,13 @@ from conftest import loaded_tiny, random_calib
 from quantshift.errors import DependencyError, NumericalError, QuantshiftError
 from quantshift.methods.base import plan_for
 from quantshift.methods.gptq import GPTQ, GPTQConfig, HessianStats, accumulate_hessian, gptq_solve_rows
-from quantshift.quant.primitives import DAMP_CAP, QuantSpec, damp_schedule, damped_inverse_cholesky, quantize_weight
+from quantshift.quant.primitives import (
+    DAMP_CAP,
+    QuantSpec,
+    damp_schedule,
+    damped_inverse_cholesky,
+    quantize_weight,
+)
 from quantshift.quantize import numerics_line, quantize_model
 from quantshift.recipes import recipe_from_cli
 
@@ -209,7 +215,8 @@ def test_engine_records_damping_and_rtn_fallback_and_prints_one_line(monkeypatch
     lin = torch.nn.Linear(original.shape[1], original.shape[0], bias=False)
     with torch.no_grad():
         lin.weight.copy_(original)
-    rtn = RTN(RTNConfig(wbits=4, group_size=32)).solve("mlp.down_proj", lin, None, plan_for(RTNConfig(wbits=4, group_size=32), "x"))
+    rcfg = RTNConfig(wbits=4, group_size=32)
+    rtn = RTN(rcfg).solve("mlp.down_proj", lin, None, plan_for(rcfg, "model.layers.1.mlp.down_proj"))
     assert torch.equal(lm.model.model.layers[1].mlp.down_proj.weight, rtn.weight)
     assert torch.equal(res.engine.modules["model.layers.1.mlp.down_proj"].qweight.codes,
                        quantize_weight(original, spec).codes)
@@ -226,7 +233,8 @@ def test_numerics_line_is_quiet_when_nothing_happened_and_short_when_much_did():
     assert numerics_line(None) is None
     assert numerics_line({"linears": 3, "damp_raised": {}, "fallback_rtn": []}) is None
     many = {"linears": 9, "damp_raised": {}, "fallback_rtn": [f"l{i}" for i in range(8)]}
-    assert numerics_line(many) == "0 of 9 linears needed more damping; 8 fell back to RTN: l0, l1, l2, l3, l4 and 3 more"
+    assert numerics_line(many) == ("0 of 9 linears needed more damping; "
+                                   "8 fell back to RTN: l0, l1, l2, l3, l4 and 3 more")
 
 
 def test_study_keeps_the_numerics_in_the_quant_record_and_the_report(monkeypatch, tmp_path):
@@ -272,7 +280,8 @@ def test_nonfinite_solved_weights_name_the_linear():
     lm = loaded_tiny("llama")
     with torch.no_grad():
         lm.model.model.layers[0].self_attn.o_proj.weight[0, 0] = float("inf")
-    with pytest.raises(NumericalError, match=r"stage gptq solved NaN/inf weights for model\.layers\.0\.self_attn\.o_proj"):
+    what = r"stage gptq solved NaN/inf weights for model\.layers\.0\.self_attn\.o_proj \(block 0\)"
+    with pytest.raises(NumericalError, match=what):
         quantize_model(lm, recipe_from_cli("gptq", wbits=4, group_size=32), random_calib(n=2), progress=False)
 
 
@@ -307,12 +316,15 @@ def test_missing_optional_extra_says_what_to_install(monkeypatch):
     from quantshift.studies.executors import run_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` -> ModuleNotFoundError(name="ray")
-    with pytest.raises(DependencyError, match=r"the ray executor needs the 'ray' package: pip install 'quantshift\[ray\]'"):
+    what = r"the ray executor needs the 'ray' package: pip install 'quantshift\[ray\]'"
+    with pytest.raises(DependencyError, match=what):
         run_ray([], "/nonexistent", {}, lambda *_: None)
 
 
-@pytest.mark.parametrize("body,own", [("import grpc_not_here_xyz\n", "No module named 'grpc_not_here_xyz'"),
-                                      ("raise ImportError('libray.so: undefined symbol: foo')\n", "undefined symbol: foo")])
+@pytest.mark.parametrize("body,own", [
+    ("import grpc_not_here_xyz\n", "No module named 'grpc_not_here_xyz'"),  # a dependency of ray missing
+    ("raise ImportError('libray.so: undefined symbol: foo')\n", "undefined symbol: foo"),  # a bad build
+])
 def test_broken_optional_extra_is_not_reported_as_missing(tmp_path, monkeypatch, body, own):
     from quantshift.studies.executors import run_ray
 

@@ -75,7 +75,7 @@ def _drop_seen_paragraphs(heldout: list[str], calib: list[str], min_chars: int =
 def _pkg_dir(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"text source needs the package {module!r} installed")
+        raise DataError(f"text source needs {module!r}, a quantshift dependency that is not installed: reinstall quantshift")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
