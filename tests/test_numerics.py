@@ -30,7 +30,9 @@ from quantshift.recipes import recipe_from_cli
 def test_damp_schedule_raises_tenfold_up_to_the_cap():
     assert damp_schedule(0.01) == pytest.approx([0.01, 0.1, 1.0])
     assert damp_schedule(0.0) == pytest.approx([0.0, 0.01, 0.1, 1.0])  # undamped: retry from GPTQ's 1%
-    assert damp_schedule(0.5) == [0.5]  # x10 would pass the cap
+    assert damp_schedule(0.5) == [0.5, 1.0]  # the last step stops at the cap
+    assert damp_schedule(0.03) == pytest.approx([0.03, 0.3, 1.0])
+    assert damp_schedule(1.0) == [1.0]
     assert damp_schedule(2.0) == [2.0]  # a configured damping above the cap is still tried
 
 

@@ -276,13 +276,11 @@ DAMP_CAP = 1.0  # the largest relative damping tried: H + mean(diag H) * I
 
 
 def damp_schedule(damp: float, cap: float = DAMP_CAP, step: float = DAMP_STEP) -> list[float]:
-    """Relative dampings to try, in order: the configured one, then x `step` while <= cap (an
-    undamped start retries from cap / step^2, GPTQ's usual 1%)."""
+    """Relative dampings to try, in order: the configured one, then x `step` at a time up to and
+    including the cap (an undamped start retries from cap / step^2, GPTQ's usual 1%)."""
     out = [damp]
-    d = damp * step if damp > 0 else cap / step**2
-    while d <= cap * (1 + 1e-9):
-        out.append(d)
-        d *= step
+    while out[-1] < cap * (1 - 1e-9):
+        out.append(min(out[-1] * step if out[-1] > 0 else cap / step**2, cap))
     return out
 
 
