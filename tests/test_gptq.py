@@ -94,11 +94,13 @@ def test_linears_sharing_an_input_are_solved_as_one_stacked_problem(gs, act_orde
 
 
 def test_inverse_cholesky_is_the_upper_factor_of_the_damped_inverse():
-    from quantshift.methods.gptq import inverse_cholesky
+    from quantshift.quant.primitives import damped_inverse_cholesky
 
     w, x = _layer_with_outliers(in_f=70)
     H = 2 * x.t() @ x / x.shape[0]
-    U = inverse_cholesky(H.clone(), 0.01)
+    fac = damped_inverse_cholesky(H.clone(), 0.01)
+    assert fac.ok and fac.damp == 0.01 and fac.steps == 0
+    U = fac.factor
     damped = H + 0.01 * H.diag().mean() * torch.eye(70)
     assert torch.equal(U, U.triu()) and (U.diag() > 0).all()
     assert torch.allclose(U.t() @ U @ damped, torch.eye(70), atol=1e-3)

@@ -65,14 +65,9 @@ def list_cmd(what: Annotated[str, typer.Argument(help="models | methods | calib 
 
 
 def _extra_listings() -> dict:
-    out = {}
-    try:
-        from .evaluation.tasks import SUITES, TASKS
+    from .evaluation.tasks import SUITES, TASKS
 
-        out = {"tasks": TASKS, "suites": SUITES}
-    except ImportError:
-        pass
-    return out
+    return {"tasks": TASKS, "suites": SUITES}
 
 
 @app.command()
@@ -175,14 +170,8 @@ _COMMAND_MODULES = ("quantshift.export.commands", "quantshift.studies.commands",
 def _register_commands() -> None:
     import importlib
 
-    for mod in _COMMAND_MODULES:
-        try:
-            module = importlib.import_module(mod)
-        except ModuleNotFoundError as err:
-            if err.name and mod.startswith(err.name):
-                continue  # that part of quantshift is not built yet
-            raise
-        module.register(app)
+    for mod in _COMMAND_MODULES:  # all part of quantshift: a failing import is a broken install
+        importlib.import_module(mod).register(app)
 
 
 _register_commands()

@@ -15,3 +15,11 @@ class DataError(QuantshiftError):
 
 class ModelError(QuantshiftError):
     """A model cannot be found or loaded."""
+
+
+class NumericalError(QuantshiftError):
+    """A computation met NaN/inf (calibration activations, solved weights) and cannot go on."""
+
+
+class DependencyError(QuantshiftError):
+    """A package a feature needs is missing, or installed but failing to import."""

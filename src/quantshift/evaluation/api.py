@@ -14,7 +14,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, QuantshiftError
 from . import harness
 from .leakage import check_leakage, find_overlaps
 from .tasks import (
@@ -222,7 +222,7 @@ def _guard_calibration(loaded, local: dict[str, TaskData], limit: int | None) ->
 
     try:
         src = get_source(src_name)
-    except Exception:  # a source this machine cannot resolve: nothing to compare against
+    except QuantshiftError:  # a source this machine cannot resolve: nothing to compare against
         return
     if src.online:
         return  # would need the network; calibration on web text is checked by the study runner

@@ -38,7 +38,7 @@ def cache_root() -> Path:
 def _pkg_dir(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"this task needs the package {module!r} installed")
+        raise DataError(f"this task needs {module!r}, a quantshift dependency that is not installed: reinstall quantshift")
     return Path(next(iter(spec.submodule_search_locations)))
 
 

@@ -176,6 +176,7 @@ class AWQ(Method):
                         info[n]["awq_skipped"] = r.skipped
                 continue
             st = stats[r.into[0]]
+            assert st.H is not None  # collected with_h
             lins = [ctx.linear(n) for n in r.into]
             specs = [self._search_spec(plans.get(n)) for n in r.into]
             q = [(lin.weight.detach().float(), sp) for lin, sp in zip(lins, specs) if sp is not None]
@@ -194,6 +195,7 @@ class AWQ(Method):
             lin = ctx.linear(n)
             W = lin.weight.detach().float()
             H = stats[rep[n]].H
+            assert H is not None  # collected with_h
             if plan.weight is None:  # only activations to quantize (e.g. wbits 16, abits 8)
                 if c.quantize:
                     ctx.commit(n, None, plan)

@@ -12,16 +12,26 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
+from pydantic import field_validator
 
 from ..quant.primitives import (
     QuantizedWeight,
     QuantSpec,
+    damped_inverse_cholesky,
     expand_to_columns,
     gram,
     qparams_from_range,
+    quantize_weight,
     weight_qparams,
 )
 from .base import LinearMethod, LinearPlan, SolveResult, StageConfig, register
+
+
+def non_negative_damp(v: float) -> float:
+    """Validator for the GPTQ family's `damp` (relative to the mean Hessian diagonal)."""
+    if not v >= 0:
+        raise ValueError(f"damp must be >= 0 (a fraction of the mean Hessian diagonal), got {v}")
+    return v
 
 
 class GPTQConfig(StageConfig):
@@ -34,6 +44,8 @@ class GPTQConfig(StageConfig):
     act_order: bool = True
     static_groups: bool = True
     true_sequential: bool = True
+
+    check_damp = field_validator("damp")(non_negative_damp)
 
 
 @dataclass
@@ -55,29 +67,40 @@ def _row_params(x: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.T
     return qparams_from_range(x.amin(dim=1, keepdim=True), x.amax(dim=1, keepdim=True), spec.bits, spec.symmetric)
 
 
-def inverse_cholesky(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1; its rows drive the updates.
-    Adds the damping to H in place (callers pass their own copy)."""
-    H.diagonal().add_(damp * torch.mean(torch.diag(H)))
-    # With J the exchange matrix and J H J = R R^T (R lower), H = V V^T for the upper V = J R J,
-    # so H^-1 = U^T U with U = V^-1 = J R^-1 J: one Cholesky and one triangular inverse instead
-    # of Cholesky, full inverse and a second Cholesky (the factor is unique, so it is the same U)
-    R = torch.linalg.cholesky(H.flip(0, 1))
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
-    return torch.linalg.solve_triangular(R, eye, upper=False).flip(0, 1)
+@dataclass
+class GPTQSolution:
+    weight: torch.Tensor  # fake-quantized W [out, in]
+    qweight: QuantizedWeight
+    row_losses: torch.Tensor  # proxy loss of each output row (NaN after the RTN fallback)
+    damp: float  # relative damping the Hessian needed (the largest tried when it fell back)
+    damp_steps: int = 0  # how many times the configured damping was raised
+    fallback: str | None = None  # "rtn": no damping up to the cap made H positive definite
+
+    def numerics(self) -> dict:
+        """What the factorization needed, for the per-layer report."""
+        return {"damp": self.damp, "damp_steps": self.damp_steps, "fallback": self.fallback}
 
 
 def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 0.01, block_size: int = 128,
                act_order: bool = False, static_groups: bool = False) -> tuple[torch.Tensor, QuantizedWeight, float]:
-    """Quantize W [out, in] given H [in, in]. Returns (W_q, codes+qparams, proxy loss)."""
-    Q, qw, row_losses = gptq_solve_rows(W, H, spec, damp, block_size, act_order, static_groups)
-    return Q, qw, float(row_losses.sum())
+    """Quantize W [out, in] given H [in, in]. Returns (W_q, codes+qparams, proxy loss); the loss
+    is NaN when H could not be factored and W was rounded to nearest (see gptq_solve_rows)."""
+    sol = gptq_solve_rows(W, H, spec, damp, block_size, act_order, static_groups)
+    return sol.weight, sol.qweight, float(sol.row_losses.sum())
+
+
+def rtn_fallback(W: torch.Tensor, spec: QuantSpec, damp: float, steps: int) -> GPTQSolution:
+    """Round to nearest on the same grid: what a linear gets when its Hessian cannot be factored."""
+    qw = quantize_weight(W.detach().float(), spec)
+    nan = torch.full((W.shape[0],), float("nan"), device=W.device)
+    return GPTQSolution(qw.dequantize(), qw, nan, damp, steps, "rtn")
 
 
 def gptq_solve_rows(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 0.01, block_size: int = 128,
-                    act_order: bool = False,
-                    static_groups: bool = False) -> tuple[torch.Tensor, QuantizedWeight, torch.Tensor]:
-    """gptq_solve with the proxy loss of each output row (rows are solved independently)."""
+                    act_order: bool = False, static_groups: bool = False) -> GPTQSolution:
+    """GPTQ with the proxy loss of each output row (rows are solved independently). When no
+    damping up to primitives.DAMP_CAP makes H positive definite, W is rounded to nearest."""
+    W_in = W
     W = W.detach().clone().float()
     H = H.detach().clone().float()
     out_f, in_f = W.shape
@@ -100,7 +123,10 @@ def gptq_solve_rows(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: flo
         W, H = W[:, perm], H[perm][:, perm]
     inv_perm = torch.argsort(perm)
 
-    Hinv = inverse_cholesky(H, damp)
+    fac = damped_inverse_cholesky(H, damp)
+    if fac.factor is None:
+        return rtn_fallback(W_in, spec, fac.damp, fac.steps)
+    Hinv = fac.factor
 
     # blocks are whole groups, so group params always see fully updated columns
     B = block_size if not gs else max(gs, block_size - block_size % gs)
@@ -170,7 +196,7 @@ def gptq_solve_rows(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: flo
         col_s, col_z = expand_to_columns(scales, in_f, -1), expand_to_columns(zeros, in_f, -1)
     codes = torch.clamp(torch.round(Q / col_s) + col_z, 0, maxq).to(torch.uint8)
     qw = QuantizedWeight(codes, scales, zeros, spec, qw_g_idx)
-    return Q, qw, losses
+    return GPTQSolution(Q, qw, losses, fac.damp, fac.steps)
 
 
 def hessian_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
@@ -209,8 +235,8 @@ class GPTQ(HessianMethod):
         assert plan.weight is not None
         c = self.config
         W = linear.weight.detach().float()
-        Q, qw, loss = gptq_solve(W, stats.H, plan.weight, c.damp, c.block_size, c.act_order, c.static_groups)
-        return SolveResult(Q, qw, {"out_rel_err": hessian_error(W, Q, stats.H), "gptq_loss": loss})
+        sol = gptq_solve_rows(W, stats.H, plan.weight, c.damp, c.block_size, c.act_order, c.static_groups)
+        return SolveResult(sol.weight, sol.qweight, _info(W, sol, sol.row_losses, stats.H))
 
     def solve_shared(self, names: list[str], linears: list[nn.Linear], stats: HessianStats,
                      plan: LinearPlan) -> list[SolveResult]:
@@ -222,8 +248,9 @@ class GPTQ(HessianMethod):
             return super().solve_shared(names, linears, stats, plan)
         c = self.config
         weights = [lin.weight.detach().float() for lin in linears]
-        Q, qw, row_losses = gptq_solve_rows(torch.cat(weights), stats.H, plan.weight, c.damp, c.block_size,
-                                            c.act_order, c.static_groups)
+        sol = gptq_solve_rows(torch.cat(weights), stats.H, plan.weight, c.damp, c.block_size, c.act_order,
+                              c.static_groups)
+        Q, qw = sol.weight, sol.qweight
         results, r0 = [], 0
         for W in weights:
             rows = slice(r0, r0 + W.shape[0])
@@ -231,6 +258,15 @@ class GPTQ(HessianMethod):
             # clones: saved tensors must not share storage
             part = QuantizedWeight(qw.codes[rows].clone(), qw.scale[rows].clone(), qw.zero[rows].clone(), qw.spec,
                                    qw.g_idx)
-            results.append(SolveResult(Q[rows].clone(), part, {"out_rel_err": hessian_error(W, Q[rows], stats.H),
-                                                       "gptq_loss": float(row_losses[rows].sum())}))
+            results.append(SolveResult(Q[rows].clone(), part, _info(W, sol, sol.row_losses[rows], stats.H, Q[rows])))
         return results
+
+
+def _info(W: torch.Tensor, sol: GPTQSolution, row_losses: torch.Tensor, H: torch.Tensor,
+          Q: torch.Tensor | None = None) -> dict:
+    """The per-layer report of one GPTQ-solved linear (Q: its rows of a stacked solution)."""
+    Q = sol.weight if Q is None else Q
+    info = {"out_rel_err": hessian_error(W, Q, H), **sol.numerics()}
+    if sol.fallback is None:  # after the RTN fallback there is no GPTQ proxy loss
+        info["gptq_loss"] = float(row_losses.sum())
+    return info

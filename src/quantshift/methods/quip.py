@@ -39,7 +39,7 @@ from pydantic import field_validator
 from ..errors import ConfigError
 from ..quant.primitives import fake_quantize_weight
 from .base import LinearPlan, SolveResult, StageConfig, register
-from .gptq import HessianMethod, HessianStats, gptq_solve, hessian_error
+from .gptq import HessianMethod, HessianStats, gptq_solve_rows, hessian_error, non_negative_damp
 
 if TYPE_CHECKING:
     from ..quant.engine import BlockContext
@@ -54,6 +54,8 @@ class QuIPConfig(StageConfig):
     block_size: int = 128
     act_order: bool = False
     true_sequential: bool = True
+
+    check_damp = field_validator("damp")(non_negative_damp)
 
     @field_validator("wbits")
     @classmethod
@@ -146,12 +148,16 @@ class QuIP(HessianMethod):
         U = incoherence_matrix(out_f, seeds["out"]).to(dev)
         V = incoherence_matrix(in_f, seeds["in"]).to(dev)
         Wr, Hr = rotate(W, stats.H, U, V)
+        numerics: dict = {}
         if c.rounding == "ldlq":
-            Qr, _, loss = gptq_solve(Wr, Hr, spec, c.damp, c.block_size, c.act_order)
+            # when H' cannot be factored at any damping this is nearest rounding in the rotated
+            # basis (the `nearest` option), recorded as fallback "rtn"
+            sol = gptq_solve_rows(Wr, Hr, spec, c.damp, c.block_size, c.act_order)
+            Qr, loss, numerics = sol.weight, float(sol.row_losses.sum()), sol.numerics()
         else:
             Qr, loss = fake_quantize_weight(Wr, spec), float("nan")
         Wq = unrotate(Qr, U, V)
-        info = {"out_rel_err": hessian_error(W, Wq, stats.H), "ldlq_loss": loss, "rounding": c.rounding,
+        info = {"out_rel_err": hessian_error(W, Wq, stats.H), "ldlq_loss": loss, "rounding": c.rounding, **numerics,
                 "transform": {"kind": "randomized-hadamard(x)orthogonal", "seed_out": seeds["out"],
                               "seed_in": seeds["in"], "grid_basis": "rotated",
                               "stored": "dense fake-quant weight U^T Q V; packed export needs the transforms"}}

@@ -31,16 +31,16 @@ value + 16-bit index). With w3, g16, qq3, qq16 that is 3.625 bits before outlier
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn as nn
 from pydantic import field_validator, model_validator
 
 from ..errors import ConfigError
-from ..quant.primitives import QuantizedWeight, QuantSpec, qparams_from_range
+from ..quant.primitives import QuantizedWeight, QuantSpec, damped_inverse_cholesky, qparams_from_range
 from .base import LinearPlan, SolveResult, StageConfig, register
-from .gptq import HessianMethod, HessianStats, hessian_error, inverse_cholesky
+from .gptq import HessianMethod, HessianStats, hessian_error, non_negative_damp
 
 OUTLIER_BITS = 32  # 16-bit value + 16-bit column index, as the paper counts CSR storage
 SECOND_LEVEL_BITS = 32  # fp16 minimum + fp16 step per second-level run
@@ -58,6 +58,8 @@ class SpQRConfig(StageConfig):
     block_size: int = 128
     act_order: bool = True
     true_sequential: bool = True
+
+    check_damp = field_validator("damp")(non_negative_damp)
 
     @field_validator("group_size")
     @classmethod
@@ -189,6 +191,12 @@ class SpQRSolution:
     loss: float
     n_outliers: int
     threshold: float  # absolute sensitivity threshold used
+    damp: float = 0.0  # relative damping the Hessian needed (the largest tried when it fell back)
+    damp_steps: int = 0  # how many times the configured damping was raised
+    fallback: str | None = None  # "rtn": H could not be factored; rounded to nearest on SpQR's grid
+
+    def numerics(self) -> dict:
+        return {"damp": self.damp, "damp_steps": self.damp_steps, "fallback": self.fallback}
 
 
 @dataclass
@@ -200,7 +208,7 @@ class SparseQuantizedWeight(QuantizedWeight):
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         w = super().dequantize(torch.float32)
-        if self.outlier_idx is not None and self.outlier_idx.numel():
+        if self.outlier_idx is not None and self.outlier_values is not None and self.outlier_idx.numel():
             w.view(-1)[self.outlier_idx.long()] = self.outlier_values.float()
         return w.to(dtype)
 
@@ -211,6 +219,7 @@ def spqr_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, qq_bits: int =
     """Quantize W [out, in] given H [in, in] the SpQR way (see the module docstring)."""
     if spec.group_size <= 0:
         raise ConfigError(f"SpQR needs group_size > 0, got {spec.group_size}")
+    W_in = W
     W = W.detach().clone().float()
     H = H.detach().clone().float()
     out_f, in_f = W.shape
@@ -222,7 +231,14 @@ def spqr_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, qq_bits: int =
     W[:, dead] = 0
     perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
-    Hinv = inverse_cholesky(H, damp)
+    fac = damped_inverse_cholesky(H, damp)
+    if fac.factor is None:
+        # no damping made H positive definite: with H = I there is no error feedback and no
+        # sensitivity weighting, so this is round-to-nearest onto SpQR's grid (no outliers)
+        eye = torch.eye(in_f, device=W.device)
+        sol = spqr_solve(W_in, eye, spec, qq_bits, qq_group_size, math.inf, 0, 0.0, block_size, act_order=False)
+        return replace(sol, damp=fac.damp, damp_steps=fac.steps, fallback="rtn")
+    Hinv = fac.factor
     dHinv = torch.diag(Hinv)
 
     # the layer's typical sensitivity: a weight replaced by its column mean
@@ -239,7 +255,7 @@ def spqr_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, qq_bits: int =
     losses = torch.zeros(out_f, device=W.device)
     remaining = budget
     B = max(gs, block_size - block_size % gs)  # blocks hold whole groups
-    scale = zero = None
+    scale, zero = scales[:, 0], zeros[:, 0]  # set at every group's first column
     for i1 in range(0, in_f, B):
         i2 = min(i1 + B, in_f)
         W1 = W[:, i1:i2].clone()
@@ -310,7 +326,7 @@ def spqr_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, qq_bits: int =
     flat = torch.nonzero(is_out.flatten()).flatten()
     qw = SparseQuantizedWeight(codes.to(torch.uint8), scales, zeros, spec, g_idx,
                                flat.to(torch.int32), out_val.flatten()[flat].half())
-    return SpQRSolution(qw.dequantize(), qw, float(losses.sum()), int(flat.numel()), thr)
+    return SpQRSolution(qw.dequantize(), qw, float(losses.sum()), int(flat.numel()), thr, fac.damp, fac.steps)
 
 
 @register("spqr")
@@ -355,6 +371,9 @@ class SpQR(HessianMethod):
                 "outliers": sol.n_outliers, "outlier_fraction": sol.n_outliers / (out_f * in_f),
                 "avg_bits": used["avg_bits"], "bits": used["bits"], "params": used["params"],
                 "budget_bits": self.budget_bits(out_f, in_f, spec),
-                "format": f"{spec.describe()} + {c.qq_bits}bit stats/{c.qq_group_size} + fp16 outliers"}
+                "format": f"{spec.describe()} + {c.qq_bits}bit stats/{c.qq_group_size} + fp16 outliers",
+                **sol.numerics()}
+        if sol.fallback is not None:  # no Hessian-weighted loss after the RTN fallback
+            del info["gptq_loss"]
         return SolveResult(sol.weight, sol.qweight, info)
 

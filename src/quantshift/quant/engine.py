@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
+from ..errors import NumericalError
 from ..methods.base import LinearPlan, Method, SolveResult, StageConfig, plan_for
 from ..models.arch import ArchSpec
 from ..models.precision import compute_context
@@ -167,6 +168,13 @@ def _to(obj: Any, device: torch.device | str) -> Any:
     return _map_tensors(obj, lambda t: t.to(device, non_blocking=True))
 
 
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """True when no tensor holds NaN/inf; one device-to-host read for the whole list."""
+    if not tensors:
+        return True
+    return bool(torch.stack([torch.isfinite(t).all().to(tensors[0].device) for t in tensors]).all())
+
+
 def _block_output(out: Any) -> torch.Tensor:
     return out[0] if isinstance(out, (tuple, list)) else out
 
@@ -262,10 +270,14 @@ class BlockContext:
             raise RuntimeError("no calibration activations: this run takes every statistic from the cache")
         mods = modules or self._modules
         seen: set[str] = set()
+        # per module: did any batch hold NaN/inf; a device flag, read once after all batches
+        nonfinite: dict[str, torch.Tensor] = {}
 
         def make_hook(name: str):
             def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
                 x = args[0]
+                bad = ~torch.isfinite(x).all()
+                nonfinite[name] = bad if name not in nonfinite else nonfinite[name] | bad
                 with torch.autocast(x.device.type, enabled=False):  # statistics stay in float32
                     fn(name, x.reshape(-1, x.shape[-1]))
                 seen.add(name)
@@ -286,6 +298,10 @@ class BlockContext:
         finally:
             for h in handles:
                 h.remove()
+        for name in names:
+            if name in nonfinite and bool(nonfinite[name]):
+                raise NumericalError(f"calibration inputs of {self.full_name(name)} (block {self.index}, stage "
+                                     f"{self.stage}) contain NaN/inf{self.engine.nonfinite_hint()}")
 
     # --- results -------------------------------------------------------------------
     def commit(self, name: str, result: SolveResult | None, plan: LinearPlan,
@@ -295,6 +311,9 @@ class BlockContext:
         lin = self.linear(name)
         full = self.full_name(name)
         prev = self.engine.modules.get(full)
+        if result is not None and not bool(torch.isfinite(result.weight).all()):
+            raise NumericalError(f"stage {self.stage} solved NaN/inf weights for {full} (block {self.index})"
+                                 f"{self.engine.nonfinite_hint()}")
         if result is not None:
             # swap in the solved tensor instead of copying into the old one: a freshly loaded
             # checkpoint is memory-mapped, and writing into it page by page (copy on write)
@@ -382,6 +401,12 @@ class BlockEngine:
     def compute(self) -> contextlib.AbstractContextManager:
         return compute_context(self.device, self.autocast)
 
+    def nonfinite_hint(self) -> str:
+        """What to try when activations or weights turn NaN/inf (appended to the error)."""
+        if self.autocast == torch.float16:
+            return "; float16 activations overflow easily: quantize in bfloat16 or float32"
+        return "; check the model in full precision, or an earlier stage of the recipe"
+
     def kwargs_for(self, block: int, batch: int) -> dict:
         return _to(self._kwargs[block][batch], self.device)
 
@@ -465,6 +490,9 @@ class BlockEngine:
             if input_ids is None:
                 raise ValueError("this recipe needs calibration data")
             self.capture(input_ids)
+            if not _all_finite(self.inputs):
+                raise NumericalError(f"the calibration inputs of block 0 ({self.arch.blocks_path}.0) contain NaN/inf: "
+                                     f"the embeddings produced them{self.nonfinite_hint()}")
         report: list[dict[str, Any]] = []
         bar = tqdm(range(len(blocks)), desc="quantizing blocks", disable=not self.progress, unit="block")
         for i in bar:
@@ -488,6 +516,9 @@ class BlockEngine:
                     else:
                         outs = [ctx.run_block(b) for b in range(len(self.inputs))]
                         q_out = outs[0]
+                if not _all_finite(outs):  # the next block's calibration inputs
+                    raise NumericalError(f"block {i} ({self.arch.blocks_path}.{i}) outputs NaN/inf on the calibration "
+                                         f"data after quantization{self.nonfinite_hint()}")
                 err = (q_out.float() - ref_out.float()).pow(2).sum() / ref_out.float().pow(2).sum().clamp_min(1e-30)
                 entry["out_rel_err"] = float(err)
                 self.inputs = [o if o.device == self.home else _to_home(o, self.home) for o in outs]

@@ -267,3 +267,61 @@ def symmetric_gram(x: torch.Tensor, block: int = 256) -> torch.Tensor:
             if j0 != i0:
                 G[j0:j1, i0:i1] = blk.t()
     return G
+
+
+# --- damped Hessian factorization (GPTQ family) ---------------------------------------------
+
+DAMP_STEP = 10.0  # each retry multiplies the relative damping by this
+DAMP_CAP = 1.0  # the largest relative damping tried: H + mean(diag H) * I
+
+
+def damp_schedule(damp: float, cap: float = DAMP_CAP, step: float = DAMP_STEP) -> list[float]:
+    """Relative dampings to try, in order: the configured one, then x `step` at a time up to and
+    including the cap (an undamped start retries from cap / step^2, GPTQ's usual 1%)."""
+    out = [damp]
+    while out[-1] < cap * (1 - 1e-9):
+        out.append(min(out[-1] * step if out[-1] > 0 else cap / step**2, cap))
+    return out
+
+
+@dataclass(frozen=True)
+class DampedFactor:
+    """What factoring a damped Hessian gave: the factor, or None when no damping up to the cap
+    made it positive definite (the caller then rounds to nearest instead)."""
+
+    factor: torch.Tensor | None  # upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1 = U^T U
+    damp: float  # relative damping of the factor (the last one tried when factor is None)
+    steps: int  # how many times the damping was raised
+
+    @property
+    def ok(self) -> bool:
+        return self.factor is not None
+
+
+def damped_inverse_cholesky(H: torch.Tensor, damp: float, cap: float = DAMP_CAP,
+                            step: float = DAMP_STEP) -> DampedFactor:
+    """Upper Cholesky factor of (H + d * mean(diag H) * I)^-1 for the first d of
+    damp_schedule(damp, cap, step) that makes the damped H positive definite.
+
+    Dead or duplicated input channels, few calibration tokens and 16-bit activations leave H
+    singular or slightly indefinite; GPTQ tools retry with more damping rather than stop the
+    run. H gets the damping added in place (callers pass their own copy)."""
+    schedule = damp_schedule(damp, cap, step)
+    if not bool(torch.isfinite(H).all()):
+        return DampedFactor(None, schedule[-1], len(schedule) - 1)
+    mean_diag = torch.mean(torch.diagonal(H))
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    added = 0.0
+    for k, d in enumerate(schedule):
+        H.diagonal().add_((d - added) * mean_diag)
+        added = d
+        # With J the exchange matrix and J H J = R R^T (R lower), H = V V^T for the upper
+        # V = J R J, so H^-1 = U^T U with U = V^-1 = J R^-1 J: one Cholesky and one triangular
+        # inverse instead of Cholesky, full inverse and a second Cholesky (U is unique)
+        R, info = torch.linalg.cholesky_ex(H.flip(0, 1))
+        if int(info) != 0:
+            continue
+        U = torch.linalg.solve_triangular(R, eye, upper=False).flip(0, 1)
+        if bool(torch.isfinite(U).all()):
+            return DampedFactor(U, d, k)
+    return DampedFactor(None, schedule[-1], len(schedule) - 1)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ..errors import QuantshiftError
 from .runner import execute_work
 
 OnDone = Callable[[dict], None]
@@ -139,10 +138,9 @@ def _worker_run(work: dict, cache_root: str, options: dict, flight: str, progres
 
 def run_ray(works: list[dict], cache_root: str, options: dict, on_done: OnDone, *, address: str | None = None,
             gpus: float = 0.0, cpus: float = 1.0, local_cpus: int | None = None) -> None:
-    try:
-        import ray
-    except ImportError:
-        raise QuantshiftError("the ray executor needs ray: pip install 'quantshift[ray]'") from None
+    from ..deps import import_optional
+
+    ray = import_optional("ray", "pip install 'quantshift[ray]'", "the ray executor")
     started_here = not ray.is_initialized()
     if started_here:
         kwargs = {"address": address} if address else {"num_cpus": local_cpus, "include_dashboard": False}

@@ -694,6 +694,11 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
                 "–" if c["quant_seconds"] is None else f"{c['quant_seconds']:.1f}", f"{c['eval_seconds']:.1f}",
                 (c["error"] or "")[:200]] for c in cells]))
     b.append(("p", "Quantize/evaluate seconds are those recorded when each result was computed (the cache keeps them)."))
+    from ..quantize import numerics_line
+
+    for c in cells:  # GPTQ-family Hessians that needed more damping, or fell back to RTN
+        if (line := numerics_line(c.get("numerics"))) is not None:
+            b.append(("p", f"{c['label']}: {line}."))
     return b
 
 
@@ -908,7 +913,7 @@ def _precisions(spec, versions: dict) -> str:
 def results_json(collected: dict) -> dict:
     return {"study": collected["spec"].name, "versions": collected["versions"],
             "cells": [{k: c[k] for k in ("label", "model", "method", "wbits", "recipe", "calib", "key", "status", "metrics",
-                                         "calib_manifest", "error")} for c in collected["cells"]],
+                                         "calib_manifest", "numerics", "error")} for c in collected["cells"]],
             "diagnostics": {m: [{"calib": k[0], "seed": k[1], "test": k[2], **v} for k, v in sorted(pairs.items())]
                             for m, pairs in sorted(collected["diagnostics"].items())}}
 

@@ -27,19 +27,13 @@ CACHE_SCHEMA = 3  # bump when a cached artifact's meaning changes (3: --dtype au
 
 def code_versions() -> dict[str, str]:
     """Versions that can change a result; part of every cache key."""
+    import lm_eval  # a dependency: a broken install must fail here, not drop out of the cache keys
     import transformers
 
     from .. import __version__
 
-    out = {"quantshift": __version__, "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
-           "schema": str(CACHE_SCHEMA)}
-    try:
-        import lm_eval
-
-        out["lm_eval"] = getattr(lm_eval, "__version__", "?")
-    except ImportError:
-        pass
-    return out
+    return {"quantshift": __version__, "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
+            "schema": str(CACHE_SCHEMA), "lm_eval": getattr(lm_eval, "__version__", "?")}
 
 
 def model_identity(model: ModelAxis) -> dict:
@@ -213,7 +207,8 @@ def obtain_model(work: dict, cache: Cache, options: dict, progress: bool):
     cache.put_json("quant", work["key"], {"label": work["label"], "recipe": report["recipe"],
                                           "precision": report["precision"],
                                           "calibration": report["calibration"], "seconds": report["seconds"],
-                                          "layer_errors": _layer_errors(report)})
+                                          "layer_errors": _layer_errors(report),
+                                          "numerics": report.get("numerics")})
     if options["keep_models"]:
         save(loaded, qres, kept, overwrite=True)
     return loaded
@@ -503,7 +498,7 @@ def collect(plan: Plan, works: list[dict], cache: Cache, failures: dict[str, dic
         cells.append({**cell.to_dict(), "key": qk, "status": status, "metrics": metrics, "samples": samples,
                       "error": failures.get(qk, {}).get("error") if status == "failed" else None,
                       "calib_manifest": (q or {}).get("calibration"),
-                      "quant_seconds": (q or {}).get("seconds"),
+                      "quant_seconds": (q or {}).get("seconds"), "numerics": (q or {}).get("numerics"),
                       "eval_seconds": round(sum(e["seconds"] for e in evals if e), 2)})
     from .diagnostics import all_pairs
 

@@ -256,11 +256,8 @@ def task_names(spec: StudySpec) -> list[str]:
 
 
 def suite_tasks(suite: str) -> list[str]:
-    try:
-        from ..evaluation.tasks import SUITES
-    except ImportError:
-        raise ConfigError(f"suite {suite!r} needs the task evaluation engine (quantshift.evaluation.tasks), "
-                          "which this build does not have") from None
+    from ..evaluation.tasks import SUITES
+
     item = SUITES.get(suite)
     tasks = getattr(item, "tasks", item)
     return [t if isinstance(t, str) else t.name for t in tasks]
