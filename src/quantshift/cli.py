@@ -139,7 +139,7 @@ def quantize(
     store = None
     if stats_cache is not None:
         from .quant.statstore import StatsStore
-        from .studies.runner import model_identity
+        from .studies.keys import model_identity
         from .studies.spec import ModelAxis, digest
 
         # keyed like a study's cache: a local model directory by a fingerprint of its files

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from .cache import Cache
+from .calib import obtain_calibset
+from .keys import calib_key, model_identity
 from .spec import CalibChoice, ModelAxis, StudySpec, digest, task_names
 
 
 def diag_work(spec: StudySpec, model: ModelAxis, versions: dict) -> dict | None:
-    from .runner import calib_key, model_identity
-
     if not spec.diagnostics.enabled:
         return None
     d = spec.diagnostics
@@ -69,7 +69,6 @@ def run_diag_work(work: dict, cache: Cache, options: dict, progress: bool) -> li
 def set_tokens(loaded, model: ModelAxis, s: dict, settings: dict, cache: Cache, data_dir: str | None = None) -> torch.Tensor:
     from ..data.calibset import token_stream
     from ..evaluation.perplexity import windows_of
-    from .runner import obtain_calibset
     from .spec import resolve_source
 
     w, L = settings["windows"], settings["seqlen"]

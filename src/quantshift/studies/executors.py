@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from ..errors import QuantshiftError
-from .runner import execute_work
+from .work import execute_work
 
 OnDone = Callable[[dict], None]
 
