@@ -15,6 +15,7 @@ from pathlib import Path
 from .cache import Cache
 from .diagnostics import all_pairs, diag_work
 from .keys import calib_key, code_versions, quant_key, unit_key, unit_settings
+from .records import ModelWork, Work, WorkResult
 from .spec import Cell, EvalUnit, StudySpec, eval_units, expand, precision_of
 from .work import pending_units
 
@@ -24,7 +25,7 @@ class Plan:
     spec: StudySpec
     cells: list[Cell]
     cell_keys: list[str]  # quant key of each cell
-    works: list[dict]  # unique by quant key, in cell order
+    works: list[ModelWork]  # unique by quant key, in cell order
     units: list[EvalUnit]
     unit_keys: dict[str, dict[str, str]]  # quant key -> unit.key -> result key
     versions: dict = field(default_factory=dict)
@@ -48,7 +49,7 @@ def plan_study(spec: StudySpec, data_dir: str | None = None, on_gpu: bool | None
     versions["precision_auto"] = precision_auto or resolve_precision("auto", "cuda" if on_gpu else "cpu").name
     cells = expand(spec, data_dir)
     units = eval_units(spec)
-    works: dict[str, dict] = {}
+    works: dict[str, ModelWork] = {}
     keys: list[str] = []
     ukeys: dict[str, dict[str, str]] = {}
     for cell in cells:
@@ -57,13 +58,13 @@ def plan_study(spec: StudySpec, data_dir: str | None = None, on_gpu: bool | None
         if qk in works:
             continue
         ukeys[qk] = {u.key: unit_key(qk, unit_settings(spec, u), versions) for u in units}
-        needs_cal = bool(cell.calib and cell.recipe and cell.recipe.needs_calibration)
+        calib = cell.calib if cell.recipe and cell.recipe.needs_calibration else None
         works[qk] = {
             "kind": "model", "key": qk, "label": cell.label, "model": cell.model.model_dump(),
             "precision": precision_of(cell.model, versions),
             "recipe": cell.recipe.to_dict() if cell.recipe else None,
-            "calib": cell.calib.to_dict() if needs_cal else None,
-            "calib_key": calib_key(cell.model, cell.calib, versions) if needs_cal else None,
+            "calib": calib.to_dict() if calib else None,
+            "calib_key": calib_key(cell.model, calib, versions) if calib else None,
             "units": [{"kind": u.kind, "name": u.name, "shots": u.shots, "key": ukeys[qk][u.key],
                        "settings": unit_settings(spec, u)} for u in units],
         }
@@ -76,19 +77,19 @@ def options_of(spec: StudySpec, data_dir: str | None) -> dict:
 
 # ---------------------------------------------------------------- running a study
 
-def needs_work(work: dict, cache: Cache) -> bool:
+def needs_work(work: Work, cache: Cache) -> bool:
     if work["kind"] == "diag":
         return any(not cache.has("diag", s["key"], ".pt") for s in work["sets"])
     return bool(pending_units(work, cache))
 
 
-def all_works(plan: Plan) -> list[dict]:
-    works = list(plan.works)
+def all_works(plan: Plan) -> list[Work]:
+    works: list[Work] = list(plan.works)
     for model in plan.spec.models:
         d = diag_work(plan.spec, model, plan.versions)
         if d is not None:
             # right after the model's fp reference: cheap, and a partial run already has them
-            at = next((i + 1 for i, w in enumerate(works) if w["model"] == d["model"] and w["recipe"] is None), len(works))
+            at = next((i + 1 for i, w in enumerate(works) if w["kind"] == "model" and w["model"] == d["model"] and w["recipe"] is None), len(works))
             works.insert(at, d)
     return works
 
@@ -121,11 +122,11 @@ def run_study(spec: StudySpec, out_dir: Path, cache_root: Path, *, executor: str
     echo(f"study {spec.name}: {len(plan.cells)} cells -> {len(plan.works)} distinct models x {len(plan.units)} "
          f"evaluations; {len(works) - len(todo)} of {len(works)} works already cached, {len(todo)} to run "
          f"({executor}{f', {jobs} jobs' if jobs > 1 else ''})")
-    results: dict[str, dict] = {}
+    results: dict[str, WorkResult] = {}
     write_json_atomic(out_dir / "last-run.json", {"results": results})
     bar = tqdm(total=len(todo), desc="study", unit="work", disable=not progress or not todo, position=0)
 
-    def on_done(res: dict) -> None:
+    def on_done(res: WorkResult) -> None:
         results[res["key"]] = res
         status = "ok" if res["ok"] else f"FAILED ({res['error']})"
         bar.update(1)
@@ -163,7 +164,7 @@ def _cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def collect(plan: Plan, works: list[dict], cache: Cache, failures: dict[str, dict] | None = None) -> dict:
+def collect(plan: Plan, works: list[Work], cache: Cache, failures: dict[str, WorkResult] | None = None) -> dict:
     """Everything the report needs, read back from the cache (so a rerun reproduces it exactly)."""
     failures = failures or {}
     cells = []

@@ -20,14 +20,15 @@ from .cache import Cache
 from .calib import obtain_calibset
 from .diagnostics import run_diag_work
 from .keys import CACHE_SCHEMA, model_identity
+from .records import ModelWork, UnitRecord, Work, WorkResult
 from .spec import CalibChoice, ModelAxis, digest
 
 
-def pending_units(work: dict, cache: Cache) -> list[dict]:
+def pending_units(work: ModelWork, cache: Cache) -> list[UnitRecord]:
     return [u for u in work["units"] if not cache.has("results", u["key"])]
 
 
-def execute_work(work: dict, cache_root: str, options: dict, progress: bool = True) -> dict:
+def execute_work(work: Work, cache_root: str, options: dict, progress: bool = True) -> WorkResult:
     """Produce the work's model if any unit is missing, evaluate the missing units. Never raises."""
     cache = Cache(Path(cache_root))
     t0 = time.time()
@@ -59,7 +60,7 @@ def execute_work(work: dict, cache_root: str, options: dict, progress: bool = Tr
                 "seconds": round(time.time() - t0, 2)}
 
 
-def obtain_model(work: dict, cache: Cache, options: dict, progress: bool):
+def obtain_model(work: ModelWork, cache: Cache, options: dict, progress: bool):
     from ..models.load import load_model, resolve_device
 
     model = ModelAxis(**work["model"])
@@ -75,10 +76,11 @@ def obtain_model(work: dict, cache: Cache, options: dict, progress: bool):
 
     recipe = recipe_from_dict(work["recipe"])
     loaded = load_model(model.name, device="cpu", dtype=dtype, compute_device=device)
-    cal = None
-    if work["calib"] is not None:
-        cal = obtain_calibset(loaded, model, CalibChoice(**work["calib"]), work["calib_key"], cache, options["data_dir"])
     calib = CalibChoice(**work["calib"]) if work["calib"] is not None else None
+    cal = None
+    if calib is not None:
+        assert work["calib_key"] is not None  # planned together with calib
+        cal = obtain_calibset(loaded, model, calib, work["calib_key"], cache, options["data_dir"])
     propagate = calib.propagate if calib is not None else "quantized"
     store = None
     if propagate == "fp":
@@ -92,27 +94,17 @@ def obtain_model(work: dict, cache: Cache, options: dict, progress: bool):
     report = qres.report()
     cache.put_json("quant", work["key"], {"label": work["label"], "recipe": report["recipe"],
                                           "precision": report["precision"],
-                                          "calibration": report["calibration"], "seconds": report["seconds"],
-                                          "layer_errors": _layer_errors(report)})
+                                          "calibration": report["calibration"], "seconds": report["seconds"]})
     if options["keep_models"]:
         save(loaded, qres, kept, overwrite=True)
     return loaded
 
 
-def _layer_errors(report: dict) -> dict:
-    out = {}
-    for name, m in report.get("modules", {}).items():
-        err = m.get("weight_rel_err", m.get("output_rel_err"))
-        if isinstance(err, (int, float)):
-            out[name] = round(float(err), 6)
-    return out
-
-
-def unit_batches(units: list[dict]) -> list[list[dict]]:
+def unit_batches(units: list[UnitRecord]) -> list[list[UnitRecord]]:
     """Perplexity units one by one; task units with the same shots together, as one harness call
     costs a fixed setup (model wrapper, task files) that should not be paid per task."""
-    out: list[list[dict]] = [[u] for u in units if u["kind"] == "ppl"]
-    by_shots: dict[int, list[dict]] = {}
+    out: list[list[UnitRecord]] = [[u] for u in units if u["kind"] == "ppl"]
+    by_shots: dict[int, list[UnitRecord]] = {}
     for u in units:
         if u["kind"] == "task":
             by_shots.setdefault(u["shots"], []).append(u)
@@ -145,7 +137,7 @@ class WindowStore:
         return win
 
 
-def evaluate_units(loaded, batch: list[dict], options: dict, progress: bool,
+def evaluate_units(loaded, batch: list[UnitRecord], options: dict, progress: bool,
                    windows: WindowStore | None = None) -> list[tuple[dict, list[dict]]]:
     if batch[0]["kind"] == "ppl":
         s = batch[0]["settings"]
