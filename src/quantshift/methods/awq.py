@@ -36,7 +36,7 @@ from ..quant.smoothing import (
     representatives,
     resolve_mappings,
 )
-from .base import LinearPlan, Method, SolveResult, StageConfig, register
+from .base import BlockContext, LinearPlan, Method, SolveResult, StageConfig, register
 
 
 class AWQConfig(StageConfig):
@@ -150,7 +150,7 @@ class AWQ(Method):
     def _search_spec(self, plan: LinearPlan | None) -> QuantSpec | None:
         return plan.weight if plan is not None else None
 
-    def process_block(self, ctx) -> None:
+    def process_block(self, ctx: BlockContext) -> None:
         c = self.config
         names = [n for g in ctx.groups() for n in g]
         plans = {n: p for n in names if (p := ctx.plan(c, n)) is not None}
@@ -176,6 +176,7 @@ class AWQ(Method):
                         info[n]["awq_skipped"] = r.skipped
                 continue
             st = stats[r.into[0]]
+            assert st.H is not None  # collected with_h
             lins = [ctx.linear(n) for n in r.into]
             specs = [self._search_spec(plans.get(n)) for n in r.into]
             q = [(lin.weight.detach().float(), sp) for lin, sp in zip(lins, specs) if sp is not None]
@@ -194,6 +195,7 @@ class AWQ(Method):
             lin = ctx.linear(n)
             W = lin.weight.detach().float()
             H = stats[rep[n]].H
+            assert H is not None  # collected with_h
             if plan.weight is None:  # only activations to quantize (e.g. wbits 16, abits 8)
                 if c.quantize:
                     ctx.commit(n, None, plan)

@@ -1,15 +1,17 @@
 """The method interface every quantization algorithm implements, and the shared stage options.
 
-A method processes one decoder block at a time through a BlockContext given by the engine. Most
-methods are per-linear solvers (LinearMethod): observe statistics of each linear's inputs, then
-solve its weights. Transform methods (smoothing, rotations) override `process_block` directly.
+A method processes one decoder block at a time through a BlockContext given by the engine
+(quant.engine implements it; methods never see the engine itself). Most methods are per-linear
+solvers (LinearMethod): observe statistics of each linear's inputs, then solve its weights.
+Transform methods (smoothing, rotations) override `process_block` directly.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import torch
 import torch.nn as nn
@@ -20,7 +22,8 @@ from ..quant.primitives import QuantizedWeight, QuantSpec
 from ..registry import Registry
 
 if TYPE_CHECKING:
-    from ..quant.engine import BlockContext
+    from ..models.arch import ArchSpec
+    from ..quant.actquant import OutputQuantizer
 
 
 class Override(StrictModel):
@@ -107,6 +110,54 @@ class SolveResult:
     info: dict[str, Any] = field(default_factory=dict)  # goes into the per-layer report
 
 
+class BlockContext(Protocol):
+    """What a method sees of the decoder block it is processing (names are block-relative, e.g.
+    "self_attn.q_proj"). The engine gives one per stage and block."""
+
+    index: int  # the block's position in the model
+    block: nn.Module
+    prefix: str  # full-name prefix of the block's modules, e.g. "model.layers.3."
+
+    # --- structure
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def arch(self) -> ArchSpec: ...
+    @property
+    def model_config(self) -> Any: ...  # the model's Hugging Face config
+    @property
+    def later_stages(self) -> list[Method]: ...  # the recipe's stages after this one
+    def groups(self) -> list[list[str]]: ...  # the block's sequential groups of linears
+    def linear(self, name: str) -> nn.Linear: ...
+    def module(self, name: str) -> nn.Module: ...
+    def full_name(self, name: str) -> str: ...
+    def plan(self, config: StageConfig, name: str) -> LinearPlan | None: ...
+
+    # --- calibration data
+    @property
+    def num_batches(self) -> int: ...
+    @property
+    def fp_inputs(self) -> bool: ...  # inputs come from the unquantized model (propagate "fp")
+    def run_block(self, i: int, block: nn.Module | None = None) -> torch.Tensor: ...
+    def freeze_solved(self, solved: set[str]) -> None: ...
+    def matmul_input(self, x: torch.Tensor) -> torch.Tensor: ...
+    def collect_inputs(self, names: list[str], fn: Callable[[str, torch.Tensor], None],
+                       modules: dict[str, nn.Module] | None = None) -> None: ...
+
+    # --- the statistics cache: on only where the engine decided this stage's statistics are
+    # reusable (stats_cacheable, fp propagation, a store, the recipe's only stage)
+    @property
+    def caches_stats(self) -> bool: ...
+    def load_stats(self) -> dict[str, tuple[torch.Tensor, int]] | None: ...
+    def save_stats(self, stats: dict[str, tuple[torch.Tensor, int]]) -> None: ...
+
+    # --- results
+    def commit(self, name: str, result: SolveResult | None, plan: LinearPlan,
+               act_scale: float | None = None) -> None: ...
+    def quantize_output(self, name: str, q: OutputQuantizer) -> None: ...
+    def note(self, name: str, **info: Any) -> None: ...
+
+
 class Method:
     """A quantization algorithm. Subclasses set name, Config, and process a block."""
 
@@ -154,7 +205,7 @@ class LinearMethod(Method):
 
     def process_block(self, ctx: BlockContext) -> None:
         sequential = getattr(self.config, "true_sequential", self.true_sequential)
-        fp_inputs = ctx.engine.propagate == "fp"
+        fp_inputs = ctx.fp_inputs
         # with fp inputs every linear is observed on the unquantized block, in one pass
         groups = ctx.groups() if sequential and not fp_inputs else [[n for g in ctx.groups() for n in g]]
         solved: set[str] = set()
@@ -184,21 +235,17 @@ class LinearMethod(Method):
         return [self.solve(n, lin, stats, plan) for n, lin in zip(names, linears)]
 
     def _fp_stats(self, ctx: BlockContext, names: list[str]) -> dict[str, Any]:
-        """Statistics on fp inputs, through the engine's statistics store when this stage may use
-        it (the recipe's only stage, so no earlier stage changed the block)."""
-        engine = ctx.engine
-        store, calib = engine.stats_store, engine.calib
-        cacheable = (self.stats_cacheable and store is not None and calib is not None
-                     and len(engine.stages) == 1 and engine.stages[0] is self)
-        if cacheable:
-            got = store.load_block(calib, ctx.index)  # type: ignore[union-attr]
+        """Statistics on fp inputs, through the engine's statistics cache when it keeps this
+        stage's (see BlockContext.caches_stats)."""
+        if ctx.caches_stats:
+            got = ctx.load_stats()
             if got is not None and all(n in got for n in names):
                 shared: dict[int, Any] = {}
                 return {n: shared.setdefault(id(got[n][0]), self.stats_from_cache(got[n][0], got[n][1], ctx.device))
                         for n in names}
         stats = self._collect_stats(ctx, names)
-        if cacheable:
-            store.save_block(calib, ctx.index, {n: self.stats_to_cache(s) for n, s in stats.items()})  # type: ignore[union-attr]
+        if ctx.caches_stats:
+            ctx.save_stats({n: self.stats_to_cache(s) for n, s in stats.items()})
         return stats
 
     def _collect_stats(self, ctx: BlockContext, names: list[str]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from typing import Literal
 from pydantic import field_validator, model_validator
 
 from ..quant.primitives import QuantSpec, quantize_weight
-from .base import LinearPlan, Method, SolveResult, StageConfig, register
+from .base import BlockContext, LinearPlan, Method, SolveResult, StageConfig, register
 
 _INT_ONLY = ("group_size", "sym")
 
@@ -58,7 +58,7 @@ class FP8(Method):
     config: FP8Config
     needs_calibration = False
 
-    def process_block(self, ctx) -> None:
+    def process_block(self, ctx: BlockContext) -> None:
         for n in (n for g in ctx.groups() for n in g):
             base = ctx.plan(self.config, n)
             if base is None:
