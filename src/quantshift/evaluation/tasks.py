@@ -283,7 +283,7 @@ def task_source(pattern: str, data_dir: Path | str | None = None, answers: bool 
 
     first = TASKS.get(names[0])
     what = first.description if len(names) == 1 else f"items of {', '.join(names)}"
-    return TextSource(f"task:{pattern}", what, list, language=first.language, load_split=load)  # type: ignore[arg-type]
+    return TextSource(f"task:{pattern}", what, list, language=first.language, load_split=load)
 
 
 def _register_all() -> None:
