@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 from pydantic import field_validator, model_validator
 
+from ..config import KEEP_BITS
 from ..quant.primitives import QuantSpec, _grouped, fake_quantize_weight, qparams_from_range, quantize_weight
 from ..quant.smoothing import (
     InputStats,
@@ -63,7 +64,7 @@ class AWQConfig(StageConfig):
 
     @model_validator(mode="after")
     def _transform_only(self) -> AWQConfig:
-        if not self.quantize and self.abits != 16:
+        if not self.quantize and self.abits != KEEP_BITS:
             raise ValueError("abits: a transform-only awq stage (quantize: false) quantizes nothing; "
                              "set abits on the stage that quantizes")
         return self

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from pydantic import field_validator
 
-from ..config import StrictModel
+from ..config import KEEP_BITS, PER_TENSOR, StrictModel
 from ..quant.primitives import QuantizedWeight, QuantSpec
 from ..registry import Registry
 
@@ -52,7 +52,7 @@ class StageConfig(StrictModel):
     wbits: int = 4
     group_size: int = 128
     sym: bool = False
-    abits: int = 16  # 16 = activations stay in floating point
+    abits: int = KEEP_BITS  # activations stay in floating point
     act_per_token: bool = True
     targets: list[str] = [r".*"]  # regexes on full module names (inside decoder blocks)
     ignore: list[str] = [r"lm_head"]
@@ -61,15 +61,15 @@ class StageConfig(StrictModel):
     @field_validator("wbits")
     @classmethod
     def _wbits(cls, v: int) -> int:
-        if not (2 <= v <= 8 or v == 16):
-            raise ValueError(f"wbits must be 2..8 (or 16 = keep weights), got {v}")
+        if not (2 <= v <= 8 or v == KEEP_BITS):
+            raise ValueError(f"wbits must be 2..8 (or {KEEP_BITS} = keep weights), got {v}")
         return v
 
     @field_validator("abits")
     @classmethod
     def _abits(cls, v: int) -> int:
-        if not (4 <= v <= 8 or v == 16):
-            raise ValueError(f"abits must be 4..8 (or 16 = no activation quantization), got {v}")
+        if not (4 <= v <= 8 or v == KEEP_BITS):
+            raise ValueError(f"abits must be 4..8 (or {KEEP_BITS} = no activation quantization), got {v}")
         return v
 
 
@@ -95,9 +95,9 @@ def plan_for(config: StageConfig, name: str) -> LinearPlan | None:
             gs = rule.group_size if rule.group_size is not None else gs
             sym = rule.sym if rule.sym is not None else sym
             abits = rule.abits if rule.abits is not None else abits
-    weight = None if wbits == 16 else QuantSpec(bits=wbits, group_size=gs, symmetric=sym)
+    weight = None if wbits == KEEP_BITS else QuantSpec(bits=wbits, group_size=gs, symmetric=sym)
     # activations: symmetric grids, as SmoothQuant / ZeroQuant use for dynamic per-token ranges
-    act = None if abits == 16 else QuantSpec(bits=abits, group_size=0, symmetric=True)
+    act = None if abits == KEEP_BITS else QuantSpec(bits=abits, group_size=PER_TENSOR, symmetric=True)
     if weight is None and act is None:
         return None
     return LinearPlan(weight, act, config.act_per_token)

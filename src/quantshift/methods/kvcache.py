@@ -16,6 +16,7 @@ from typing import Literal
 
 from pydantic import field_validator, model_validator
 
+from ..config import PER_TENSOR
 from ..quant.actquant import OutputQuantizer
 from ..quant.primitives import QuantSpec
 from .base import BlockContext, Method, StageConfig, register
@@ -59,7 +60,7 @@ class KVCache(Method):
 
     def process_block(self, ctx: BlockContext) -> None:
         c = self.config
-        spec = QuantSpec(bits=c.bits, group_size=0, symmetric=c.kv_sym)
+        spec = QuantSpec(bits=c.bits, group_size=PER_TENSOR, symmetric=c.kv_sym)
         head_dim = _head_dim(ctx.model_config) if c.granularity == "head" else None
         for n in (n for g in ctx.groups() for n in g):
             full = ctx.full_name(n)
