@@ -48,3 +48,24 @@ def test_callers_config_not_mutated():
     before = copy.deepcopy(data)
     recipe_from_dict(data)
     assert data == before
+
+
+def test_granularity_labels_name_the_group_size_sentinels():
+    from quantshift.config import PER_CHANNEL, PER_TENSOR, granularity, grouped
+    from quantshift.quant.primitives import QuantSpec
+
+    assert [granularity(g) for g in (PER_CHANNEL, PER_TENSOR, 128)] == ["per-channel", "per-tensor", "g128"]
+    assert (PER_CHANNEL, PER_TENSOR) == (-1, 0) and grouped(64) and not grouped(PER_CHANNEL) and not grouped(PER_TENSOR)
+    assert QuantSpec(bits=4, group_size=-1).describe() == "4bit asym per-channel"
+    assert QuantSpec(bits=8, group_size=0, symmetric=True).describe() == "8bit sym per-tensor"
+    assert QuantSpec(bits=3, group_size=64).describe() == "3bit asym g64"
+
+
+def test_recipe_labels_keep_their_format():
+    """Unquantized activations (abits 16) and ungrouped weights print nothing; groups print gN."""
+    rec = recipe_from_dict([{"rtn": {"wbits": 4, "group_size": 128}}, {"smoothquant": {"wbits": 8, "abits": 8,
+                                                                                         "group_size": -1}}])
+    assert rec.describe() == "rtn(w4g128) -> smoothquant(w8a8)"
+    assert recipe_from_dict([{"rtn": {"wbits": 4, "group_size": 0}}]).describe() == "rtn(w4)"
+    plan = plan_for(recipe_from_dict([{"rtn": {"wbits": 16, "abits": 8}}]).stages[0].config, "model.layers.0.mlp.up_proj")
+    assert plan is not None and plan.weight is None and plan.act is not None and plan.act.group_size == 0

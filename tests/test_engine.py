@@ -300,3 +300,22 @@ def test_replaying_finished_sub_modules_changes_nothing_and_skips_attention(kind
         calls[reuse] = n[0]
     assert all(torch.equal(results[False][k], results[True][k]) for k in results[False])
     assert calls[True] < calls[False]
+
+
+def test_methods_see_the_engine_only_through_the_block_context():
+    """Methods get a BlockContext (methods.base), which the engine's EngineContext implements; no
+    method reaches around it into the engine."""
+    import inspect
+
+    from quantshift.methods import METHODS
+    from quantshift.methods.base import BlockContext
+    from quantshift.quant.engine import EngineContext
+
+    members = {n for n in vars(BlockContext) if not n.startswith("_")} | set(BlockContext.__annotations__)
+    assert "engine" not in members and {"caches_stats", "fp_inputs", "later_stages", "commit"} <= members
+    attributes = {"index", "block", "prefix"}  # set per instance by EngineContext.__init__
+    assert all(hasattr(EngineContext, m) for m in members - attributes)
+    import quantshift.methods.base as base
+
+    for module in {base, *(inspect.getmodule(cls) for _, cls in METHODS.items())}:
+        assert "ctx.engine" not in inspect.getsource(module), module.__name__

@@ -14,7 +14,8 @@ from quantshift.evaluation.api import EvalResult, evaluate, preflight
 from quantshift.evaluation.leakage import check_leakage, find_overlaps
 from quantshift.evaluation.metrics import exact_match, f1
 from quantshift.evaluation.stats import bootstrap_ci, paired_bootstrap
-from quantshift.evaluation.tasks import SUITES, TASKS, TaskDef, split_items
+from quantshift.evaluation.taskdef import TaskDef
+from quantshift.evaluation.tasks import SUITES, TASKS, split_items
 
 
 def _toy_items(_data_dir=None, n=30):
@@ -333,7 +334,8 @@ def test_task_split_is_the_same_in_every_process():
     on Python's per-process string hashing (a resumed study, or the fp model evaluated in another
     process than the quantized ones, would score different items)."""
     script = r'''
-from quantshift.evaluation.tasks import TaskDef, split_items
+from quantshift.evaluation.taskdef import TaskDef
+from quantshift.evaluation.tasks import split_items
 words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
 items = []
 for p in range(60):  # per unit: passage A, passage B, and an item quoting both (it joins A and B)

@@ -340,7 +340,7 @@ def test_broken_optional_extra_is_not_reported_as_missing(tmp_path, monkeypatch,
 
 def test_broken_required_dependency_is_raised_with_its_own_message(monkeypatch):
     from quantshift.data import sources
-    from quantshift.studies.runner import code_versions
+    from quantshift.studies.keys import code_versions
 
     monkeypatch.setitem(sys.modules, "lm_eval", None)
     with pytest.raises(ImportError, match="lm_eval"):

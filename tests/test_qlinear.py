@@ -5,7 +5,7 @@ import torch
 from conftest import loaded_tiny, logits, random_calib
 
 from quantshift.quant.primitives import QuantizedWeight, QuantSpec, quantize_weight
-from quantshift.quant.qlinear import PackedLinear, int4mm_supported, pack_model
+from quantshift.quant.qlinear import PackedLinear, int4mm_unsupported_reason, pack_model
 from quantshift.quantize import quantize_model
 from quantshift.recipes import recipe_from_dict
 
@@ -44,7 +44,7 @@ def test_dequant_backend_handles_act_order_g_idx():
     g_idx = (torch.arange(256) // 64)[perm]  # scattered groups, as act-order GPTQ writes them
     codes = torch.clamp(torch.round(w / qw.scale[:, g_idx]) + qw.zero[:, g_idx], 0, 15).to(torch.uint8)
     qg = QuantizedWeight(codes, qw.scale, qw.zero, qw.spec, g_idx)
-    assert int4mm_supported(qg, torch.device("cpu")) is not None
+    assert int4mm_unsupported_reason(qg, torch.device("cpu")) is not None
     packed = PackedLinear(qg, None)  # auto falls back to dequant
     assert packed.backend == "dequant"
     assert _rel(packed(X), _fake(qg, None)(X)) < 1e-6

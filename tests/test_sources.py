@@ -78,3 +78,42 @@ def test_task_source_with_and_without_answers():
     prompts = task_source("movie_sentiment", answers=False).documents("calib")[:20]
     assert all(f.startswith(p) and f[len(p):].strip() in ("positive", "negative") for f, p in zip(full, prompts))
     assert all(p.rstrip().endswith("Sentiment:") for p in prompts)
+
+
+def test_task_sources_resolve_when_only_the_sources_module_was_imported():
+    """data.sources never imports the evaluation package; `task:` still resolves on first use
+    (its resolver's home is imported by name), in a fresh interpreter that imported nothing else."""
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from quantshift.data.sources import get_source\n"
+        "assert 'quantshift.evaluation.tasks' not in sys.modules\n"
+        "src = get_source('task:movie_sentiment', answers=False)\n"
+        "docs = src.documents('calib')\n"
+        "assert 'quantshift.evaluation.tasks' in sys.modules\n"
+        "print(src.name, len(docs), docs[0].rstrip().endswith('Sentiment:'))\n"
+    )
+    r = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    name, n, prompt_only = r.stdout.split()
+    assert name == "task:movie_sentiment" and int(n) > 0 and prompt_only == "True"
+
+
+def test_registered_source_resolver_serves_its_prefix(monkeypatch):
+    from quantshift.data import sources
+    from quantshift.registry import Registry
+
+    monkeypatch.setattr(sources, "RESOLVERS", Registry("source prefix"))  # the registry is process-wide
+    seen = []
+
+    def resolve(rest, data_dir, answers):
+        seen.append((rest, data_dir, answers))
+        return sources.TextSource(f"toy:{rest}", "toy", lambda: ["one doc"] * 10)
+
+    sources.register_source_resolver("toy-prefix:", resolve)
+    src = get_source("toy-prefix:abc", "/data", answers=False)
+    assert src.name == "toy:abc" and seen == [("abc", "/data", False)]
+    with pytest.raises(ValueError, match="registered twice"):
+        sources.register_source_resolver("toy-prefix:", resolve)

@@ -132,7 +132,7 @@ def test_iid_and_bootstrap():
 def test_examples_mode_packs_whole_examples(tiny_env):
     from conftest import toy_tokenizer
 
-    from quantshift.studies.runner import pack_examples
+    from quantshift.data.calibset import pack_examples
     from quantshift.studies.spec import CalibChoice
 
     docs = [f"doc {i} " + "x" * (10 + i) for i in range(20)]
@@ -397,7 +397,7 @@ def test_report_on_task_results_marks_iid_best_and_significance(tmp_path):
 
 def test_ppl_with_samples_matches_perplexity_protocol(tiny_env, tiny_llama):
     from quantshift.evaluation.perplexity import perplexity
-    from quantshift.studies.runner import ppl_with_samples
+    from quantshift.studies.work import ppl_with_samples
 
     src = tiny_env["sources"]["prose"]
     metric, samples = ppl_with_samples(tiny_llama, src, 32, 3, 2, False)

@@ -249,7 +249,7 @@ def _check_quantize_options(propagate: str, activations: str, stats_cache: Any) 
 
 def _stats_store(model: ModelLike, loaded: LoadedModel, stats_cache: str | Path):
     from .quant.statstore import StatsStore
-    from .studies.runner import model_identity
+    from .studies.keys import model_identity
     from .studies.spec import ModelAxis, digest
 
     if not isinstance(model, (str, Path)):

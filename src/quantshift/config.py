@@ -72,3 +72,26 @@ def load_yaml(path: str | Path) -> Any:
         return yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
         raise ConfigError(f"{p}: not valid YAML ({str(err).splitlines()[0]})") from None
+
+
+# ---------------------------------------------------------------- number-format sentinels
+# The special values stage configs and QuantSpec accept, named once for the code that tests or
+# prints them (the accepted YAML values stay the plain numbers).
+
+KEEP_BITS = 16  # wbits / abits 16: that tensor is not quantized, it stays in floating point
+PER_CHANNEL = -1  # group_size -1: one scale (and zero point) per output row
+PER_TENSOR = 0  # group_size 0: one scale for the whole tensor
+
+
+def grouped(group_size: int) -> bool:
+    """True for groups of `group_size` consecutive input columns (not per-channel / per-tensor)."""
+    return group_size > 0
+
+
+def granularity(group_size: int) -> str:
+    """A group size as labels print it: "per-channel" (-1), "per-tensor" (0), "g128" (groups)."""
+    if group_size == PER_CHANNEL:
+        return "per-channel"
+    if group_size == PER_TENSOR:
+        return "per-tensor"
+    return f"g{group_size}"

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .config import load_yaml, parse
+from .config import KEEP_BITS, granularity, grouped, load_yaml, parse
 from .errors import ConfigError
 from .methods import METHODS, Method, StageConfig
 
@@ -50,7 +50,8 @@ class Recipe:
         parts = []
         for s in self.stages:
             c = s.config
-            fmt = f"w{c.wbits}" + (f"a{c.abits}" if c.abits != 16 else "") + (f"g{c.group_size}" if c.group_size > 0 else "")
+            fmt = (f"w{c.wbits}" + (f"a{c.abits}" if c.abits != KEEP_BITS else "")
+                   + (granularity(c.group_size) if grouped(c.group_size) else ""))
             parts.append(f"{s.method}({fmt})")
         return " -> ".join(parts)
 

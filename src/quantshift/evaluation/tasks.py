@@ -17,42 +17,18 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
 
-from ..data.sources import TextSource
+from ..data.sources import TextSource, register_source_resolver
 from ..errors import ConfigError, DataError
 from ..registry import Registry
+from . import localdata, offline
 from .leakage import drop_overlapping
+from .taskdef import TaskDef
 
 DEFAULT_LIMIT = 200  # items scored per local task unless --limit says otherwise
-
-
-@dataclass(frozen=True)
-class TaskDef:
-    name: str
-    description: str
-    category: str
-    # data_dir -> items: {"id", "query", "choices", "gold"} (multiple choice) or
-    # {"id", "query", "answers"} (generation); optional "group" (split unit), "split" ("train"/"test")
-    load_items: Callable[[Path | None], list[dict]]
-    kind: str = "mc"  # "mc": log-likelihood of each choice; "gen": greedy generation, exact match / F1
-    language: str = "en"
-    needs: str = ""  # "", "download" (fetched once into the cache), "data-dir"
-    preamble: str = ""  # lm-eval `description`: printed once before the few-shot exemplars
-    target_delimiter: str = " "
-    fewshot_delimiter: str = "\n\n"
-    test_frac: float = 0.5  # share of groups scored when the data has no split of its own
-    default_shots: int | None = None  # fixed shot count (BOSS); None: the caller's --shots
-    until: tuple[str, ...] = ("\n",)  # generation stop strings
-    max_gen_toks: int = 32
-    source_note: str = ""
-    # items carved (seed 42) out of the scored split to serve as calibration text, for datasets
-    # with no training split of their own (BOSS OOD sets, CMMLU: 300 in Liu et al.); at most half
-    # of a small test split is carved, so something is left to score; 0 = calibrate on the pool
-    calib_from_test: int = 0
 
 
 TASKS: Registry[TaskDef] = Registry("task")
@@ -307,13 +283,14 @@ def task_source(pattern: str, data_dir: Path | str | None = None, answers: bool 
 
     first = TASKS.get(names[0])
     what = first.description if len(names) == 1 else f"items of {', '.join(names)}"
-    return TextSource(f"task:{pattern}", what, list, language=first.language, load_split=load)  # type: ignore[arg-type]
+    return TextSource(f"task:{pattern}", what, list, language=first.language, load_split=load)
 
 
 def _register_all() -> None:
-    from . import localdata, offline  # noqa: F401  (each registers its tasks)
-
+    for task in localdata.task_defs() + offline.task_defs():
+        TASKS.add(task.name, task)
     _load_suites()
+    register_source_resolver("task:", task_source)
 
 
 _register_all()

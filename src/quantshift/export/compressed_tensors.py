@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..config import PER_CHANNEL, PER_TENSOR, grouped
 from ..quant.primitives import QuantizedWeight, expand_to_columns
 from .common import (
     ExportError,
@@ -46,7 +47,7 @@ def _weight_args(spec, fmt: str):
     from compressed_tensors.quantization import QuantizationArgs
 
     if spec.dtype == "fp8":
-        strategy = "tensor" if spec.group_size == 0 else "channel"
+        strategy = "tensor" if spec.group_size == PER_TENSOR else "channel"
         if spec.group_size > 0:
             raise ExportError(f"cannot export to {fmt}: group-wise fp8 weights (g{spec.group_size}) are not a "
                               "compressed-tensors fp8 layout (per-tensor or per-channel)")
@@ -109,14 +110,14 @@ def _compress_module(qw: QuantizedWeight, scheme, dtype: torch.dtype, name: str)
     scale = qw.scale.float().expand(out_f, -1) if qw.scale.shape[0] == 1 else qw.scale.float()
     scale = scale.to(dtype)  # the stored scale; the weight below is built from exactly it
     if spec.dtype == "fp8":
-        if spec.group_size == 0:
+        if spec.group_size == PER_TENSOR:
             scale = scale[:1, :1].reshape(1)
         w = qw.codes.float() * (scale.float().reshape(-1, 1) if scale.dim() == 2 else scale.float())
         sd: dict[str, torch.Tensor] = {"weight": w, "weight_scale": scale.float()}
         expected = qw.codes
     else:
         zero = qw.zero.float().expand(out_f, -1) if qw.zero.shape[0] == 1 else qw.zero.float()
-        gs = spec.group_size if spec.group_size > 0 else -1
+        gs = spec.group_size if grouped(spec.group_size) else PER_CHANNEL
         w = expand_to_columns(scale.float(), in_f, gs) * (qw.codes.float() - expand_to_columns(zero, in_f, gs))
         offset = 2 ** (spec.bits - 1)
         sd = {"weight": w, "weight_scale": scale.float()}

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from ..config import PER_CHANNEL, grouped
 from ..quant.primitives import QuantizedWeight, pack_codes
 from .common import (
     ExportError,
@@ -76,7 +77,7 @@ def export_gptq(ckpt: QuantizedCheckpoint, out: Path, *, dtype: str = "auto", ve
     if ckpt.acts:
         raise ExportError(f"cannot export to gptq: the recipe quantizes the inputs of {len(ckpt.acts)} linears; GPTQ "
                           "checkpoints are weight-only (W{b}A16); use --format compressed-tensors for W8A8")
-    specs = {(q.spec.bits, q.spec.group_size if q.spec.group_size > 0 else -1, q.spec.symmetric, q.spec.dtype)
+    specs = {(q.spec.bits, q.spec.group_size if grouped(q.spec.group_size) else PER_CHANNEL, q.spec.symmetric, q.spec.dtype)
              for q in ckpt.weights.values()}
     if len(specs) > 1:
         raise ExportError(f"cannot export to gptq: linears use {len(specs)} different formats {sorted(specs)}; the GPTQ "

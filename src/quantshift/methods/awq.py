@@ -26,6 +26,7 @@ from typing import Literal
 import torch
 from pydantic import field_validator, model_validator
 
+from ..config import KEEP_BITS
 from ..quant.primitives import QuantSpec, _grouped, fake_quantize_weight, qparams_from_range, quantize_weight
 from ..quant.smoothing import (
     InputStats,
@@ -36,7 +37,7 @@ from ..quant.smoothing import (
     representatives,
     resolve_mappings,
 )
-from .base import LinearPlan, Method, SolveResult, StageConfig, register
+from .base import BlockContext, LinearPlan, Method, SolveResult, StageConfig, register
 
 
 class AWQConfig(StageConfig):
@@ -63,7 +64,7 @@ class AWQConfig(StageConfig):
 
     @model_validator(mode="after")
     def _transform_only(self) -> AWQConfig:
-        if not self.quantize and self.abits != 16:
+        if not self.quantize and self.abits != KEEP_BITS:
             raise ValueError("abits: a transform-only awq stage (quantize: false) quantizes nothing; "
                              "set abits on the stage that quantizes")
         return self
@@ -150,7 +151,7 @@ class AWQ(Method):
     def _search_spec(self, plan: LinearPlan | None) -> QuantSpec | None:
         return plan.weight if plan is not None else None
 
-    def process_block(self, ctx) -> None:
+    def process_block(self, ctx: BlockContext) -> None:
         c = self.config
         names = [n for g in ctx.groups() for n in g]
         plans = {n: p for n in names if (p := ctx.plan(c, n)) is not None}

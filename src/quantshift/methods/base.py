@@ -1,26 +1,29 @@
 """The method interface every quantization algorithm implements, and the shared stage options.
 
-A method processes one decoder block at a time through a BlockContext given by the engine. Most
-methods are per-linear solvers (LinearMethod): observe statistics of each linear's inputs, then
-solve its weights. Transform methods (smoothing, rotations) override `process_block` directly.
+A method processes one decoder block at a time through a BlockContext given by the engine
+(quant.engine implements it; methods never see the engine itself). Most methods are per-linear
+solvers (LinearMethod): observe statistics of each linear's inputs, then solve its weights.
+Transform methods (smoothing, rotations) override `process_block` directly.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
 
 import torch
 import torch.nn as nn
 from pydantic import field_validator
 
-from ..config import StrictModel
+from ..config import KEEP_BITS, PER_TENSOR, StrictModel
 from ..quant.primitives import QuantizedWeight, QuantSpec
 from ..registry import Registry
 
 if TYPE_CHECKING:
-    from ..quant.engine import BlockContext
+    from ..models.arch import ArchSpec
+    from ..quant.actquant import OutputQuantizer
 
 
 class Override(StrictModel):
@@ -49,7 +52,7 @@ class StageConfig(StrictModel):
     wbits: int = 4
     group_size: int = 128
     sym: bool = False
-    abits: int = 16  # 16 = activations stay in floating point
+    abits: int = KEEP_BITS  # activations stay in floating point
     act_per_token: bool = True
     targets: list[str] = [r".*"]  # regexes on full module names (inside decoder blocks)
     ignore: list[str] = [r"lm_head"]
@@ -58,15 +61,15 @@ class StageConfig(StrictModel):
     @field_validator("wbits")
     @classmethod
     def _wbits(cls, v: int) -> int:
-        if not (2 <= v <= 8 or v == 16):
-            raise ValueError(f"wbits must be 2..8 (or 16 = keep weights), got {v}")
+        if not (2 <= v <= 8 or v == KEEP_BITS):
+            raise ValueError(f"wbits must be 2..8 (or {KEEP_BITS} = keep weights), got {v}")
         return v
 
     @field_validator("abits")
     @classmethod
     def _abits(cls, v: int) -> int:
-        if not (4 <= v <= 8 or v == 16):
-            raise ValueError(f"abits must be 4..8 (or 16 = no activation quantization), got {v}")
+        if not (4 <= v <= 8 or v == KEEP_BITS):
+            raise ValueError(f"abits must be 4..8 (or {KEEP_BITS} = no activation quantization), got {v}")
         return v
 
 
@@ -92,9 +95,9 @@ def plan_for(config: StageConfig, name: str) -> LinearPlan | None:
             gs = rule.group_size if rule.group_size is not None else gs
             sym = rule.sym if rule.sym is not None else sym
             abits = rule.abits if rule.abits is not None else abits
-    weight = None if wbits == 16 else QuantSpec(bits=wbits, group_size=gs, symmetric=sym)
+    weight = None if wbits == KEEP_BITS else QuantSpec(bits=wbits, group_size=gs, symmetric=sym)
     # activations: symmetric grids, as SmoothQuant / ZeroQuant use for dynamic per-token ranges
-    act = None if abits == 16 else QuantSpec(bits=abits, group_size=0, symmetric=True)
+    act = None if abits == KEEP_BITS else QuantSpec(bits=abits, group_size=PER_TENSOR, symmetric=True)
     if weight is None and act is None:
         return None
     return LinearPlan(weight, act, config.act_per_token)
@@ -105,6 +108,54 @@ class SolveResult:
     weight: torch.Tensor  # new (fake-quantized) weight, same shape as the linear's
     qweight: QuantizedWeight | None = None  # codes and qparams, for export
     info: dict[str, Any] = field(default_factory=dict)  # goes into the per-layer report
+
+
+class BlockContext(Protocol):
+    """What a method sees of the decoder block it is processing (names are block-relative, e.g.
+    "self_attn.q_proj"). The engine gives one per stage and block."""
+
+    index: int  # the block's position in the model
+    block: nn.Module
+    prefix: str  # full-name prefix of the block's modules, e.g. "model.layers.3."
+
+    # --- structure
+    @property
+    def device(self) -> torch.device: ...
+    @property
+    def arch(self) -> ArchSpec: ...
+    @property
+    def model_config(self) -> Any: ...  # the model's Hugging Face config
+    @property
+    def later_stages(self) -> list[Method]: ...  # the recipe's stages after this one
+    def groups(self) -> list[list[str]]: ...  # the block's sequential groups of linears
+    def linear(self, name: str) -> nn.Linear: ...
+    def module(self, name: str) -> nn.Module: ...
+    def full_name(self, name: str) -> str: ...
+    def plan(self, config: StageConfig, name: str) -> LinearPlan | None: ...
+
+    # --- calibration data
+    @property
+    def num_batches(self) -> int: ...
+    @property
+    def fp_inputs(self) -> bool: ...  # inputs come from the unquantized model (propagate "fp")
+    def run_block(self, i: int, block: nn.Module | None = None) -> torch.Tensor: ...
+    def freeze_solved(self, solved: set[str]) -> None: ...
+    def matmul_input(self, x: torch.Tensor) -> torch.Tensor: ...
+    def collect_inputs(self, names: list[str], fn: Callable[[str, torch.Tensor], None],
+                       modules: dict[str, nn.Module] | None = None) -> None: ...
+
+    # --- the statistics cache: on only where the engine decided this stage's statistics are
+    # reusable (stats_cacheable, fp propagation, a store, the recipe's only stage)
+    @property
+    def caches_stats(self) -> bool: ...
+    def load_stats(self) -> dict[str, tuple[torch.Tensor, int]] | None: ...
+    def save_stats(self, stats: dict[str, tuple[torch.Tensor, int]]) -> None: ...
+
+    # --- results
+    def commit(self, name: str, result: SolveResult | None, plan: LinearPlan,
+               act_scale: float | None = None) -> None: ...
+    def quantize_output(self, name: str, q: OutputQuantizer) -> None: ...
+    def note(self, name: str, **info: Any) -> None: ...
 
 
 class Method:
@@ -154,7 +205,7 @@ class LinearMethod(Method):
 
     def process_block(self, ctx: BlockContext) -> None:
         sequential = getattr(self.config, "true_sequential", self.true_sequential)
-        fp_inputs = ctx.engine.propagate == "fp"
+        fp_inputs = ctx.fp_inputs
         # with fp inputs every linear is observed on the unquantized block, in one pass
         groups = ctx.groups() if sequential and not fp_inputs else [[n for g in ctx.groups() for n in g]]
         solved: set[str] = set()
@@ -184,21 +235,17 @@ class LinearMethod(Method):
         return [self.solve(n, lin, stats, plan) for n, lin in zip(names, linears)]
 
     def _fp_stats(self, ctx: BlockContext, names: list[str]) -> dict[str, Any]:
-        """Statistics on fp inputs, through the engine's statistics store when this stage may use
-        it (the recipe's only stage, so no earlier stage changed the block)."""
-        engine = ctx.engine
-        store, calib = engine.stats_store, engine.calib
-        cacheable = (self.stats_cacheable and store is not None and calib is not None
-                     and len(engine.stages) == 1 and engine.stages[0] is self)
-        if cacheable:
-            got = store.load_block(calib, ctx.index)  # type: ignore[union-attr]
+        """Statistics on fp inputs, through the engine's statistics cache when it keeps this
+        stage's (see BlockContext.caches_stats)."""
+        if ctx.caches_stats:
+            got = ctx.load_stats()
             if got is not None and all(n in got for n in names):
                 shared: dict[int, Any] = {}
                 return {n: shared.setdefault(id(got[n][0]), self.stats_from_cache(got[n][0], got[n][1], ctx.device))
                         for n in names}
         stats = self._collect_stats(ctx, names)
-        if cacheable:
-            store.save_block(calib, ctx.index, {n: self.stats_to_cache(s) for n, s in stats.items()})  # type: ignore[union-attr]
+        if ctx.caches_stats:
+            ctx.save_stats({n: self.stats_to_cache(s) for n, s in stats.items()})
         return stats
 
     def _collect_stats(self, ctx: BlockContext, names: list[str]) -> dict[str, Any]:

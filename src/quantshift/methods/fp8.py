@@ -11,8 +11,9 @@ from typing import Literal
 
 from pydantic import field_validator, model_validator
 
+from ..config import KEEP_BITS, PER_CHANNEL, PER_TENSOR
 from ..quant.primitives import QuantSpec, quantize_weight
-from .base import LinearPlan, Method, SolveResult, StageConfig, register
+from .base import BlockContext, LinearPlan, Method, SolveResult, StageConfig, register
 
 _INT_ONLY = ("group_size", "sym")
 
@@ -35,7 +36,7 @@ class FP8Config(StageConfig):
             if key in self.model_fields_set:
                 raise ValueError(f"{key} does not apply to fp8 (use granularity: tensor | channel)")
         for rule in self.overrides:
-            if rule.wbits not in (None, 8, 16) or rule.abits not in (None, 8, 16):
+            if rule.wbits not in (None, 8, KEEP_BITS) or rule.abits not in (None, 8, KEEP_BITS):
                 raise ValueError("overrides: fp8 bits must be 8 or 16")
             if rule.group_size is not None or rule.sym is not None:
                 raise ValueError("overrides: group_size / sym do not apply to fp8")
@@ -44,9 +45,9 @@ class FP8Config(StageConfig):
 
 def fp8_plan(plan: LinearPlan, granularity: str) -> LinearPlan:
     """The int plan from the shared targeting rules, turned into fp8 formats."""
-    gs = 0 if granularity == "tensor" else -1
+    gs = PER_TENSOR if granularity == "tensor" else PER_CHANNEL
     weight = QuantSpec(bits=8, group_size=gs, symmetric=True, dtype="fp8") if plan.weight is not None else None
-    act = QuantSpec(bits=8, group_size=0, symmetric=True, dtype="fp8") if plan.act is not None else None
+    act = QuantSpec(bits=8, group_size=PER_TENSOR, symmetric=True, dtype="fp8") if plan.act is not None else None
     return LinearPlan(weight, act, plan.act_per_token)
 
 
@@ -58,7 +59,7 @@ class FP8(Method):
     config: FP8Config
     needs_calibration = False
 
-    def process_block(self, ctx) -> None:
+    def process_block(self, ctx: BlockContext) -> None:
         for n in (n for g in ctx.groups() for n in g):
             base = ctx.plan(self.config, n)
             if base is None:

@@ -16,9 +16,10 @@ from typing import Literal
 
 from pydantic import field_validator, model_validator
 
+from ..config import PER_TENSOR
 from ..quant.actquant import OutputQuantizer
 from ..quant.primitives import QuantSpec
-from .base import Method, StageConfig, register
+from .base import BlockContext, Method, StageConfig, register
 
 _NOT_USED = ("wbits", "abits", "group_size", "sym", "act_per_token", "overrides")
 
@@ -57,10 +58,10 @@ class KVCache(Method):
     config: KVCacheConfig
     needs_calibration = False
 
-    def process_block(self, ctx) -> None:
+    def process_block(self, ctx: BlockContext) -> None:
         c = self.config
-        spec = QuantSpec(bits=c.bits, group_size=0, symmetric=c.kv_sym)
-        head_dim = _head_dim(ctx.engine.model.config) if c.granularity == "head" else None
+        spec = QuantSpec(bits=c.bits, group_size=PER_TENSOR, symmetric=c.kv_sym)
+        head_dim = _head_dim(ctx.model_config) if c.granularity == "head" else None
         for n in (n for g in ctx.groups() for n in g):
             full = ctx.full_name(n)
             if not any(re.search(p, full) for p in c.targets) or any(re.search(p, full) for p in c.ignore):

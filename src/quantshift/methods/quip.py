@@ -42,7 +42,7 @@ from .base import LinearPlan, SolveResult, StageConfig, register
 from .gptq import HessianMethod, HessianStats, gptq_solve_rows, hessian_error, non_negative_damp
 
 if TYPE_CHECKING:
-    from ..quant.engine import BlockContext
+    from .base import BlockContext
 
 
 class QuIPConfig(StageConfig):
@@ -122,9 +122,7 @@ class QuIP(HessianMethod):
         self._prefix = ""  # full-name prefix of the block being processed (for per-module seeds)
 
     def process_block(self, ctx: BlockContext) -> None:
-        stages = list(getattr(ctx.engine, "stages", []))
-        later = stages[stages.index(self) + 1:] if self in stages else []
-        for st in later:
+        for st in ctx.later_stages:
             if st.kind == "quantize" and getattr(st.config, "wbits", 16) != 16:
                 raise ConfigError(
                     f"recipe: stage {st.name!r} after 'quip' would re-quantize QuIP's weights onto an unrotated grid; "

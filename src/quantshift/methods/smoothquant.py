@@ -21,7 +21,7 @@ from pydantic import field_validator, model_validator
 
 from ..quant.primitives import qparams_from_range, quantize_weight
 from ..quant.smoothing import collect_input_stats, fold_scale, representatives, resolve_mappings
-from .base import Method, SolveResult, StageConfig, register
+from .base import BlockContext, Method, SolveResult, StageConfig, register
 
 
 class SmoothQuantConfig(StageConfig):
@@ -75,7 +75,7 @@ class SmoothQuant(Method):
     Config = SmoothQuantConfig
     config: SmoothQuantConfig
 
-    def process_block(self, ctx) -> None:
+    def process_block(self, ctx: BlockContext) -> None:
         c = self.config
         names = [n for g in ctx.groups() for n in g]
         plans = {n: p for n in names if (p := ctx.plan(c, n)) is not None}

@@ -199,14 +199,17 @@ class EngineResult:
     transforms: dict[str, dict] = field(default_factory=dict)
 
 
-class BlockContext:
-    """What a method sees of the block it is processing."""
+class EngineContext:
+    """The engine's methods.base.BlockContext: one block, as one stage (`method`) processes it;
+    `stage` names what made the changes in the report ("propagate" for the engine's own passes)."""
 
-    def __init__(self, engine: BlockEngine, index: int, block: nn.Module, stage: str) -> None:
+    def __init__(self, engine: BlockEngine, index: int, block: nn.Module, stage: str,
+                 method: Method | None = None) -> None:
         self.engine = engine
         self.index = index
         self.block = block
         self.stage = stage
+        self.method = method
         self.prefix = f"{engine.arch.blocks_path}.{index}."
         self._modules = dict(block.named_modules())
 
@@ -215,7 +218,7 @@ class BlockContext:
         return self.engine.arch.block_groups(self.block)
 
     def linear(self, name: str) -> nn.Linear:
-        return self._modules[name]  # type: ignore[return-value]
+        return self._modules[name]
 
     def module(self, name: str) -> nn.Module:
         return self._modules[name]
@@ -234,10 +237,39 @@ class BlockContext:
     def arch(self) -> ArchSpec:
         return self.engine.arch
 
+    @property
+    def model_config(self) -> Any:
+        return self.engine.model.config
+
+    @property
+    def later_stages(self) -> list[Method]:
+        stages = self.engine.stages
+        at = next((i for i, s in enumerate(stages) if s is self.method), None)
+        return stages[at + 1:] if at is not None else []
+
     # --- calibration data ----------------------------------------------------------
     @property
     def num_batches(self) -> int:
         return len(self.engine.inputs)
+
+    @property
+    def fp_inputs(self) -> bool:
+        return self.engine.propagate == "fp"
+
+    @property
+    def caches_stats(self) -> bool:
+        return self.method is not None and self.method is self.engine.cached_stage
+
+    def load_stats(self) -> dict[str, tuple[torch.Tensor, int]] | None:
+        store, calib = self.engine.stats_store, self.engine.calib
+        if not self.caches_stats or store is None or calib is None:
+            return None
+        return store.load_block(calib, self.index)
+
+    def save_stats(self, stats: dict[str, tuple[torch.Tensor, int]]) -> None:
+        store, calib = self.engine.stats_store, self.engine.calib
+        if self.caches_stats and store is not None and calib is not None:
+            store.save_block(calib, self.index, stats)
 
     def batch(self, i: int) -> tuple[torch.Tensor, dict]:
         """Block input and kwargs of calibration batch i, on the compute device."""
@@ -377,6 +409,12 @@ class BlockEngine:
         self.propagate = propagate
         self.stats_store = stats_store
         self.calib = calib
+        # the one stage whose statistics go through stats_store, decided here once: with fp
+        # propagation a block's inputs do not depend on the recipe, and only a recipe's single
+        # stage sees the block unchanged by an earlier stage
+        only = stages[0] if len(stages) == 1 else None
+        cacheable = propagate == "fp" and stats_store is not None and calib is not None
+        self.cached_stage = only if cacheable and getattr(only, "stats_cacheable", False) else None
         self.from_store_only = False  # every statistic comes from the store: no forward pass at all
         self.model = model
         self.arch = arch
@@ -394,8 +432,7 @@ class BlockEngine:
 
     def _store_has_everything(self, n_blocks: int) -> bool:
         """True when the only stage takes cacheable statistics and the store holds all blocks'."""
-        return (self.propagate == "fp" and self.stats_store is not None and self.calib is not None
-                and len(self.stages) == 1 and getattr(self.stages[0], "stats_cacheable", False)
+        return (self.cached_stage is not None and self.stats_store is not None and self.calib is not None
                 and self.stats_store.complete(self.calib, n_blocks))
 
     def compute(self) -> contextlib.AbstractContextManager:
@@ -474,7 +511,7 @@ class BlockEngine:
             if restore is not None:
                 child.to(restore[name])
             else:
-                p = next(child.parameters(), None)
+                p: torch.Tensor | None = next(child.parameters(), None)
                 p = next(child.buffers(), None) if p is None else p
                 out[name] = p.device if p is not None else torch.device("cpu")
                 child.to(device)
@@ -504,10 +541,10 @@ class BlockEngine:
             for stage in self.stages:
                 # outputs frozen by an earlier stage are stale once this one changes weights
                 self.frozen = FrozenOutputs(len(self.inputs), self.home) if run_forward and self.reuse_outputs else None
-                stage.process_block(BlockContext(self, i, block, stage.name))
+                stage.process_block(EngineContext(self, i, block, stage.name, stage))
             entry: dict[str, Any] = {"block": i}
             if run_forward:
-                ctx = BlockContext(self, i, block, "propagate")
+                ctx = EngineContext(self, i, block, "propagate")
                 with torch.no_grad():
                     ref_out = ctx.run_block(0, reference)
                     if self.propagate == "fp":

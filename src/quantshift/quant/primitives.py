@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from pydantic import field_validator, model_validator
 
-from ..config import StrictModel
+from ..config import StrictModel, granularity
 
 FP8_E4M3_MAX = 448.0
 
@@ -52,9 +52,8 @@ class QuantSpec(StrictModel):
         return 2**self.bits - 1
 
     def describe(self) -> str:
-        g = {-1: "per-channel", 0: "per-tensor"}.get(self.group_size, f"g{self.group_size}")
         kind = "fp8-e4m3" if self.dtype == "fp8" else ("sym" if self.symmetric else "asym")
-        return f"{self.bits}bit {kind} {g}"
+        return f"{self.bits}bit {kind} {granularity(self.group_size)}"
 
 
 def qparams_from_range(

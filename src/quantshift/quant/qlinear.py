@@ -34,7 +34,7 @@ def torchao_version() -> str | None:
     return getattr(torchao, "__version__", "unknown")
 
 
-def int4mm_supported(qw: QuantizedWeight, device: torch.device) -> str | None:
+def int4mm_unsupported_reason(qw: QuantizedWeight, device: torch.device) -> str | None:
     """Why the int4mm kernels cannot run this weight on `device` (None = they can)."""
     out_f, in_f = qw.codes.shape
     spec = qw.spec
@@ -71,9 +71,9 @@ class PackedLinear(nn.Module):
             raise ValueError(f"PackedLinear packs 2, 4 or 8-bit integer grids, not {qw.spec.describe()}")
         if backend == "auto":
             kind = "int4mm-cuda" if device.type == "cuda" else "int4mm-cpu"
-            backend = kind if int4mm_supported(qw, device) is None else "dequant"
+            backend = kind if int4mm_unsupported_reason(qw, device) is None else "dequant"
         elif backend != "dequant":
-            why = int4mm_supported(qw, torch.device("cuda" if backend == "int4mm-cuda" else "cpu"))
+            why = int4mm_unsupported_reason(qw, torch.device("cuda" if backend == "int4mm-cuda" else "cpu"))
             if why is not None:
                 raise ValueError(f"backend {backend} cannot run this weight: {why}")
         self.backend = backend

@@ -21,7 +21,7 @@ from ..models.arch import SmoothMapping
 from .primitives import gram
 
 if TYPE_CHECKING:
-    from .engine import BlockContext
+    from ..methods.base import BlockContext
 
 
 @dataclass
@@ -120,7 +120,7 @@ def norm_weight_offset(norm: nn.Module) -> float:
 def fold_scale(prev: nn.Module, into: list[nn.Linear], s: torch.Tensor) -> None:
     """Divide prev's output channels by s, multiply the into-linears' input columns by s."""
     s = s.float()
-    # new tensors are swapped in rather than copied into the old ones (see BlockContext.commit:
+    # new tensors are swapped in rather than copied into the old ones (see EngineContext.commit:
     # writing into a memory-mapped checkpoint is slow)
     if isinstance(prev, nn.Linear):
         prev.weight.data = (prev.weight.float() / s[:, None]).to(prev.weight.dtype)

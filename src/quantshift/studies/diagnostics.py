@@ -17,12 +17,13 @@ from pathlib import Path
 import torch
 
 from .cache import Cache
+from .calib import obtain_calibset
+from .keys import calib_key, model_identity
+from .records import DiagWork
 from .spec import CalibChoice, ModelAxis, StudySpec, digest, task_names
 
 
-def diag_work(spec: StudySpec, model: ModelAxis, versions: dict) -> dict | None:
-    from .runner import calib_key, model_identity
-
+def diag_work(spec: StudySpec, model: ModelAxis, versions: dict) -> DiagWork | None:
     if not spec.diagnostics.enabled:
         return None
     d = spec.diagnostics
@@ -44,7 +45,7 @@ def diag_work(spec: StudySpec, model: ModelAxis, versions: dict) -> dict | None:
             "model": model.model_dump(), "sets": sets, "settings": settings}
 
 
-def run_diag_work(work: dict, cache: Cache, options: dict, progress: bool) -> list[str]:
+def run_diag_work(work: DiagWork, cache: Cache, options: dict, progress: bool) -> list[str]:
     from ..models.load import load_model, resolve_device
 
     todo = [s for s in work["sets"] if not cache.has("diag", s["key"], ".pt")]
@@ -69,7 +70,6 @@ def run_diag_work(work: dict, cache: Cache, options: dict, progress: bool) -> li
 def set_tokens(loaded, model: ModelAxis, s: dict, settings: dict, cache: Cache, data_dir: str | None = None) -> torch.Tensor:
     from ..data.calibset import token_stream
     from ..evaluation.perplexity import windows_of
-    from .runner import obtain_calibset
     from .spec import resolve_source
 
     w, L = settings["windows"], settings["seqlen"]
@@ -133,7 +133,7 @@ def pair_metrics(calib: dict, test: dict) -> dict | None:
             "range_cover": round(range_cover(calib, test), 6)}
 
 
-def all_pairs(work: dict, cache_root: Path) -> dict[tuple[str, int, str], dict]:
+def all_pairs(work: DiagWork, cache_root: Path) -> dict[tuple[str, int, str], dict]:
     """(calibration source, seed, test key) -> pair metrics, for every available pair."""
     cache = Cache(Path(cache_root))
     stats = {s["key"]: cache.get_tensors("diag", s["key"]) for s in work["sets"]}

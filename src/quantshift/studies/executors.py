@@ -13,12 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .runner import execute_work
+from .records import Work, WorkResult
+from .work import execute_work
 
-OnDone = Callable[[dict], None]
+OnDone = Callable[[WorkResult], None]
 
 
-def run_local(works: list[dict], cache_root: str, options: dict, on_done: OnDone, progress: bool = True,
+def run_local(works: list[Work], cache_root: str, options: dict, on_done: OnDone, progress: bool = True,
               jobs: int = 1, threads: int | None = None) -> None:
     if jobs <= 1:
         for w in works:
@@ -38,8 +39,8 @@ def run_local(works: list[dict], cache_root: str, options: dict, on_done: OnDone
         shutil.rmtree(flight, ignore_errors=True)
 
 
-def _run_pool(works: list[dict], cache_root: str, options: dict, on_done: OnDone, jobs: int, threads: int,
-              flight: str, run: Callable | None = None, progress: bool = False) -> list[dict]:
+def _run_pool(works: list[Work], cache_root: str, options: dict, on_done: OnDone, jobs: int, threads: int,
+              flight: str, run: Callable | None = None, progress: bool = False) -> list[Work]:
     """Run works in one process pool. A worker that dies (killed, out of memory) breaks the whole
     pool, which stops the other workers too: the works in flight at that moment are recorded as
     failed (their finished units stay cached), and the ones not yet started are returned to run in
@@ -89,7 +90,7 @@ def _run_pool(works: list[dict], cache_root: str, options: dict, on_done: OnDone
     return [w for w in left if w not in in_flight]
 
 
-def _failed(work: dict, error: str) -> dict:
+def _failed(work: Work, error: str) -> WorkResult:
     """The result of a work that never reported back (its process or node died)."""
     return {"key": work["key"], "label": work["label"], "ok": False, "computed": [], "seconds": 0.0, "error": error}
 
@@ -122,10 +123,10 @@ def _pin_bars(line: int, lock) -> None:
             kwargs["desc"] = f"{_BAR_LABEL[0]} {kwargs.get('desc') or ''}".strip()
         return original.__get__(self, type(self))(*args, **kwargs)  # may be a partialmethod
 
-    tqdm.std.tqdm.__init__ = init  # type: ignore[method-assign]
+    tqdm.std.tqdm.__init__ = init
 
 
-def _worker_run(work: dict, cache_root: str, options: dict, flight: str, progress: bool = False) -> dict:
+def _worker_run(work: Work, cache_root: str, options: dict, flight: str, progress: bool = False) -> WorkResult:
     from pathlib import Path
 
     marker = Path(flight) / work["key"]
@@ -136,7 +137,7 @@ def _worker_run(work: dict, cache_root: str, options: dict, flight: str, progres
     return result
 
 
-def run_ray(works: list[dict], cache_root: str, options: dict, on_done: OnDone, *, address: str | None = None,
+def run_ray(works: list[Work], cache_root: str, options: dict, on_done: OnDone, *, address: str | None = None,
             gpus: float = 0.0, cpus: float = 1.0, local_cpus: int | None = None) -> None:
     from ..deps import import_optional
 

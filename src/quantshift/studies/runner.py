@@ -2,79 +2,22 @@
 
 A *work* is one model to produce (fp, or quantized with a recipe on a calibration set) and the
 evaluation units it still owes. Cells that produce the same model (RTN under any calibration
-source, the same recipe listed twice) share one work because they share its cache key. A work is
-plain JSON so an executor can ship it to another process or machine (Ray); it reads and writes
-only the cache, so killing it at any moment loses at most the unit in progress.
+source, the same recipe listed twice) share one work because they share its cache key. Executing
+a work is work.py's job; the executors (executors.py) decide where works run.
 """
 
 from __future__ import annotations
 
-import hashlib
-import math
 import time
-import traceback
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
 
 from .cache import Cache
-from .spec import CalibChoice, Cell, EvalUnit, ModelAxis, StudySpec, digest, eval_units, expand, precision_of
-
-CACHE_SCHEMA = 3  # bump when a cached artifact's meaning changes (3: --dtype auto means bf16 autocast on bf16 CPUs)
-
-
-def code_versions() -> dict[str, str]:
-    """Versions that can change a result; part of every cache key."""
-    import lm_eval  # a dependency: a broken install must fail here, not drop out of the cache keys
-    import transformers
-
-    from .. import __version__
-
-    return {"quantshift": __version__, "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
-            "schema": str(CACHE_SCHEMA), "lm_eval": getattr(lm_eval, "__version__", "?")}
-
-
-def model_identity(model: ModelAxis) -> dict:
-    """Name and dtype, plus a fingerprint of a local directory's config and weight files."""
-    ident: dict[str, Any] = {"name": model.name, "dtype": model.dtype}
-    p = Path(model.name).expanduser()
-    if p.is_dir():
-        h = hashlib.sha256()
-        for f in sorted(p.iterdir()):
-            if f.is_file() and not f.name.startswith("."):
-                h.update(f.name.encode())
-                h.update(f.read_bytes() if f.stat().st_size < (1 << 24) else str(f.stat().st_size).encode())
-        ident["fingerprint"] = h.hexdigest()[:16]
-    return ident
-
-
-def calib_key(model: ModelAxis, calib: CalibChoice, versions: dict) -> str:
-    """The calibration token ids' key: how blocks are then propagated does not change them."""
-    choice = {k: v for k, v in calib.to_dict().items() if k != "propagate"}
-    return digest({"model": model_identity(model), "calib": choice, "quantshift": versions["quantshift"]})
-
-
-def quant_key(cell: Cell, versions: dict) -> str:
-    uses_calib = bool(cell.calib and cell.recipe and cell.recipe.needs_calibration)
-    ck = calib_key(cell.model, cell.calib, versions) if uses_calib else None  # type: ignore[arg-type]
-    key = {"model": model_identity(cell.model), "recipe": cell.recipe.to_dict() if cell.recipe else None,
-           "calib": ck, "versions": versions}
-    if uses_calib and cell.calib.propagate != "quantized":  # type: ignore[union-attr]
-        key["propagate"] = cell.calib.propagate  # type: ignore[union-attr]
-    return digest(key)
-
-
-def unit_settings(spec: StudySpec, unit: EvalUnit) -> dict:
-    ev = spec.evaluation
-    if unit.kind == "ppl":
-        return {"kind": "ppl", "source": unit.name, "seqlen": ev.ppl_seqlen, "windows": ev.ppl_windows}
-    return {"kind": "task", "task": unit.name, "shots": unit.shots, "limit": ev.limit, "seed": 1234}
-
-
-def unit_key(qkey: str, settings: dict, versions: dict) -> str:
-    return digest({"model": qkey, "eval": settings, "versions": versions})
+from .diagnostics import all_pairs, diag_work
+from .keys import calib_key, code_versions, quant_key, unit_key, unit_settings
+from .records import ModelWork, Work, WorkResult
+from .spec import Cell, EvalUnit, StudySpec, eval_units, expand, precision_of
+from .work import pending_units
 
 
 @dataclass
@@ -82,7 +25,7 @@ class Plan:
     spec: StudySpec
     cells: list[Cell]
     cell_keys: list[str]  # quant key of each cell
-    works: list[dict]  # unique by quant key, in cell order
+    works: list[ModelWork]  # unique by quant key, in cell order
     units: list[EvalUnit]
     unit_keys: dict[str, dict[str, str]]  # quant key -> unit.key -> result key
     versions: dict = field(default_factory=dict)
@@ -106,7 +49,7 @@ def plan_study(spec: StudySpec, data_dir: str | None = None, on_gpu: bool | None
     versions["precision_auto"] = precision_auto or resolve_precision("auto", "cuda" if on_gpu else "cpu").name
     cells = expand(spec, data_dir)
     units = eval_units(spec)
-    works: dict[str, dict] = {}
+    works: dict[str, ModelWork] = {}
     keys: list[str] = []
     ukeys: dict[str, dict[str, str]] = {}
     for cell in cells:
@@ -115,13 +58,13 @@ def plan_study(spec: StudySpec, data_dir: str | None = None, on_gpu: bool | None
         if qk in works:
             continue
         ukeys[qk] = {u.key: unit_key(qk, unit_settings(spec, u), versions) for u in units}
-        needs_cal = bool(cell.calib and cell.recipe and cell.recipe.needs_calibration)
+        calib = cell.calib if cell.recipe and cell.recipe.needs_calibration else None
         works[qk] = {
             "kind": "model", "key": qk, "label": cell.label, "model": cell.model.model_dump(),
             "precision": precision_of(cell.model, versions),
             "recipe": cell.recipe.to_dict() if cell.recipe else None,
-            "calib": cell.calib.to_dict() if needs_cal else None,
-            "calib_key": calib_key(cell.model, cell.calib, versions) if needs_cal else None,
+            "calib": calib.to_dict() if calib else None,
+            "calib_key": calib_key(cell.model, calib, versions) if calib else None,
             "units": [{"kind": u.kind, "name": u.name, "shots": u.shots, "key": ukeys[qk][u.key],
                        "settings": unit_settings(spec, u)} for u in units],
         }
@@ -132,281 +75,21 @@ def options_of(spec: StudySpec, data_dir: str | None) -> dict:
     return {"device": spec.device, "batch_size": spec.batch_size, "eval_batch_size": spec.evaluation.batch_size,
             "keep_models": spec.keep_models, "data_dir": data_dir}
 
-
-def pending_units(work: dict, cache: Cache) -> list[dict]:
-    return [u for u in work["units"] if not cache.has("results", u["key"])]
-
-
-# ---------------------------------------------------------------- executing one work
-
-def execute_work(work: dict, cache_root: str, options: dict, progress: bool = True) -> dict:
-    """Produce the work's model if any unit is missing, evaluate the missing units. Never raises."""
-    cache = Cache(Path(cache_root))
-    t0 = time.time()
-    done: list[str] = []
-    try:
-        if work["kind"] == "diag":
-            from .diagnostics import run_diag_work
-
-            return {"key": work["key"], "label": work["label"], "ok": True, "computed": [],
-                    "diag": run_diag_work(work, cache, options, progress), "seconds": round(time.time() - t0, 2)}
-        else:
-            todo = pending_units(work, cache)
-            if todo:
-                loaded = obtain_model(work, cache, options, progress)
-                windows = WindowStore(cache, model_identity(ModelAxis(**work["model"])))
-                for batch in unit_batches(todo):
-                    t1 = time.time()
-                    outputs = evaluate_units(loaded, batch, options, progress, windows)
-                    secs = round((time.time() - t1) / len(batch), 2)
-                    for u, (metric, samples) in zip(batch, outputs):
-                        cache.put_json("results", u["key"], {
-                            "unit": {k: u[k] for k in ("kind", "name", "shots")}, "settings": u["settings"],
-                            "model_key": work["key"], "metric": metric, "samples": samples, "seconds": secs,
-                            "precision": loaded.precision.name})
-                        done.append(u["key"])
-        return {"key": work["key"], "label": work["label"], "ok": True, "computed": done,
-                "seconds": round(time.time() - t0, 2)}
-    except Exception as err:  # a failed cell is recorded and the study goes on
-        return {"key": work["key"], "label": work["label"], "ok": False, "computed": done,
-                "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=8),
-                "seconds": round(time.time() - t0, 2)}
-
-
-def obtain_model(work: dict, cache: Cache, options: dict, progress: bool):
-    from ..models.load import load_model, resolve_device
-
-    model = ModelAxis(**work["model"])
-    device = resolve_device(options["device"])
-    dtype = model.dtype
-    if work["recipe"] is None:
-        return load_model(model.name, device=device, dtype=dtype)
-    kept = cache.model_dir(work["key"])
-    if kept.is_dir():
-        return load_model(str(kept), device=device, dtype=dtype)
-    from ..quantize import quantize_model, save
-    from ..recipes import recipe_from_dict
-
-    recipe = recipe_from_dict(work["recipe"])
-    loaded = load_model(model.name, device="cpu", dtype=dtype, compute_device=device)
-    cal = None
-    if work["calib"] is not None:
-        cal = obtain_calibset(loaded, model, CalibChoice(**work["calib"]), work["calib_key"], cache, options["data_dir"])
-    calib = CalibChoice(**work["calib"]) if work["calib"] is not None else None
-    propagate = calib.propagate if calib is not None else "quantized"
-    store = None
-    if propagate == "fp":
-        from ..quant.statstore import StatsStore
-
-        store = StatsStore(cache.root / "stats", digest({"model": model_identity(model), "dtype": loaded.precision.name,
-                                                        "schema": CACHE_SCHEMA}))
-    qres = quantize_model(loaded, recipe, cal, device=device, batch_size=options["batch_size"], progress=progress,
-                          propagate=propagate, stats_store=store)
-    loaded.model.to(device)
-    report = qres.report()
-    cache.put_json("quant", work["key"], {"label": work["label"], "recipe": report["recipe"],
-                                          "precision": report["precision"],
-                                          "calibration": report["calibration"], "seconds": report["seconds"],
-                                          "layer_errors": _layer_errors(report),
-                                          "numerics": report.get("numerics")})
-    if options["keep_models"]:
-        save(loaded, qres, kept, overwrite=True)
-    return loaded
-
-
-def _layer_errors(report: dict) -> dict:
-    out = {}
-    for name, m in report.get("modules", {}).items():
-        err = m.get("weight_rel_err", m.get("output_rel_err"))
-        if isinstance(err, (int, float)):
-            out[name] = round(float(err), 6)
-    return out
-
-
-def obtain_calibset(loaded, model: ModelAxis, calib: CalibChoice, key: str, cache: Cache, data_dir: str | None = None):
-    """The calibration set from the cache, or built and stored (tokens mode or examples mode)."""
-    from ..data.calibset import CalibManifest, CalibSet
-
-    got = cache.get_tensors("calib", key)
-    meta = cache.get_json("calib", key)
-    if got is not None and meta is not None:
-        return CalibSet(got["input_ids"], CalibManifest(**meta["manifest"]))
-    cs = build_study_calibset(loaded, model.name, calib, data_dir)
-    cache.put_tensors("calib", key, {"input_ids": cs.input_ids})
-    cache.put_json("calib", key, {"manifest": cs.manifest.to_dict(), "choice": calib.to_dict()})
-    return cs
-
-
-def build_study_calibset(loaded, model_name: str, calib: CalibChoice, data_dir: str | None = None):
-    """build_calibset's token-budget sampling (same windows, same manifest), over any study source;
-    or the examples mode."""
-    from ..data.calibset import (
-        CalibManifest,
-        CalibSet,
-        ids_sha256,
-        sample_windows,
-        split_union,
-        token_stream,
-        union_calibset,
-    )
-    from .spec import resolve_source
-
-    names = split_union(calib.source)
-    if len(names) > 1:  # a union: each part exactly as it would be alone (same cache-free sampling)
-        return union_calibset([build_study_calibset(loaded, model_name, replace(calib, source=p), data_dir)
-                               for p in names])
-    source = resolve_source(calib.source, data_dir, calib.answers)
-    bos = loaded.tokenizer.bos_token_id if loaded.needs_bos else None
-    if calib.mode == "tokens":
-        stream = token_stream(source, "calib", loaded.tokenizer)
-        ids = sample_windows(stream, calib.n, calib.seqlen, calib.seed, bos, f"calibration part of {calib.source!r}")
-        mode = "windows"
-    else:
-        ids = pack_examples(source.documents("calib"), loaded.tokenizer, calib)
-        if bos is not None:
-            ids = torch.cat([torch.full((ids.shape[0], 1), bos), ids[:, :-1]], dim=1)
-        mode = f"examples:{calib.n}:{calib.order}"
-    manifest = CalibManifest(source=calib.source, split="calib", seed=calib.seed, n=ids.shape[0], seqlen=ids.shape[1],
-                             tokens=ids.numel(), tokenizer=model_name, sha256=ids_sha256(ids), mode=mode)
-    return CalibSet(ids, manifest)
-
-
-def pack_examples(docs: list[str], tokenizer, calib: CalibChoice) -> torch.Tensor:
-    """n examples (seeded or first n), each cut to seqlen tokens, joined by EOS and packed into
-    windows of seqlen; the engine needs a rectangle, and packing keeps every example's tokens."""
-    from ..errors import DataError
-
-    if len(docs) < calib.n:
-        raise DataError(f"calibration source {calib.source!r} has {len(docs)} examples; asked for {calib.n}")
-    if calib.order == "first":
-        picks = list(range(calib.n))
-    else:
-        g = torch.Generator().manual_seed(calib.seed)
-        picks = sorted(torch.randperm(len(docs), generator=g)[:calib.n].tolist())
-    eos = tokenizer.eos_token_id
-    stream: list[int] = []
-    for i in picks:
-        ids = tokenizer(docs[i], add_special_tokens=False)["input_ids"][: calib.seqlen]
-        stream += ids + ([eos] if eos is not None else [])
-    rows = max(1, len(stream) // calib.seqlen)
-    width = min(calib.seqlen, len(stream))
-    return torch.tensor(stream[: rows * width], dtype=torch.int64).reshape(rows, width)
-
-
-def unit_batches(units: list[dict]) -> list[list[dict]]:
-    """Perplexity units one by one; task units with the same shots together, as one harness call
-    costs a fixed setup (model wrapper, task files) that should not be paid per task."""
-    out: list[list[dict]] = [[u] for u in units if u["kind"] == "ppl"]
-    by_shots: dict[int, list[dict]] = {}
-    for u in units:
-        if u["kind"] == "task":
-            by_shots.setdefault(u["shots"], []).append(u)
-    return out + list(by_shots.values())
-
-
-@dataclass(frozen=True)
-class WindowStore:
-    """Perplexity windows per (tokenizer, source, seqlen, count), cached: tokenizing a whole held-out
-    split again for every model of a study costs more than scoring a few windows."""
-
-    cache: Cache
-    model: dict
-
-    def get(self, loaded, source: str, seqlen: int, windows: int, data_dir: str | None) -> torch.Tensor:
-        from ..data.calibset import token_stream
-        from ..evaluation.perplexity import windows_of
-        from .spec import resolve_source
-
-        tok = loaded.tokenizer
-        bos = tok.bos_token_id if loaded.needs_bos else None
-        key = digest({"model": self.model, "source": source, "seqlen": seqlen, "windows": windows, "bos": bos,
-                      "schema": CACHE_SCHEMA})
-        got = self.cache.get_tensors("windows", key)
-        if got is not None:
-            return got["ids"]
-        stream = token_stream(resolve_source(source, data_dir), "heldout", tok)
-        win = windows_of(stream, seqlen, bos, windows or None)
-        self.cache.put_tensors("windows", key, {"ids": win})
-        return win
-
-
-def evaluate_units(loaded, batch: list[dict], options: dict, progress: bool,
-                   windows: WindowStore | None = None) -> list[tuple[dict, list[dict]]]:
-    if batch[0]["kind"] == "ppl":
-        s = batch[0]["settings"]
-        win = windows.get(loaded, s["source"], s["seqlen"], s["windows"], options["data_dir"]) if windows else None
-        return [ppl_with_samples(loaded, s["source"], s["seqlen"], s["windows"], options["eval_batch_size"], progress,
-                                 options["data_dir"], win)]
-    from ..evaluation.api import evaluate
-
-    s = batch[0]["settings"]
-    res = evaluate(loaded, tasks=tuple(u["settings"]["task"] for u in batch), shots=(s["shots"],), limit=s["limit"],
-                   data_dir=options["data_dir"], batch_size=options["eval_batch_size"], seed=s["seed"], progress=progress)
-    out = []
-    for u in batch:
-        name = u["settings"]["task"]
-        # tasks with fixed shot counts (BOSS) report under their own shots
-        key = next((k for k in res.metrics if k == f"task:{name}@{s['shots']}"),
-                   next((k for k in res.metrics if k.startswith(f"task:{name}@")), None))
-        if key is None:
-            raise RuntimeError(f"the evaluation returned no result for task {name!r}")
-        out.append((_plain(res.metrics[key]), _plain(res.samples.get(key, []))))
-    return out
-
-
-def _plain(obj: Any) -> Any:
-    """JSON-safe copy (floats stay floats, NaN -> None) so cached results compare equal on reload."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if hasattr(obj, "item") and callable(obj.item):
-        return _plain(obj.item())
-    return obj
-
-
-def ppl_with_samples(loaded, source: str, seqlen: int, windows: int, batch_size: int,
-                     progress: bool, data_dir: str | None = None, win: torch.Tensor | None = None) -> tuple[dict, list[dict]]:
-    """Perplexity by evaluation/perplexity.py's protocol, keeping each window's NLL so calibration
-    choices can be compared with a paired bootstrap over windows."""
-    from ..data.calibset import token_stream
-    from ..evaluation.perplexity import window_nlls, windows_of
-    from .spec import resolve_source
-
-    tok = loaded.tokenizer
-    if win is None:
-        stream = token_stream(resolve_source(source, data_dir), "heldout", tok)
-        win = windows_of(stream, seqlen, tok.bos_token_id if loaded.needs_bos else None, windows or None)
-    nlls = window_nlls(loaded.model, win, batch_size, progress, f"ppl {source}", loaded.compute)
-    per_window = [(float(v), win.shape[1] - 1) for v in nlls]
-    total = sum(v for v, _ in per_window)
-    count = sum(n for _, n in per_window)
-    mean = total / count
-    metric = {"ppl": math.exp(mean), "nll": mean, "tokens": count, "windows": len(per_window), "seqlen": seqlen,
-              "source": source, "split": "heldout"}
-    samples = [{"id": f"w{i}", "nll": v / n} for i, (v, n) in enumerate(per_window)]
-    return metric, samples
-
-
 # ---------------------------------------------------------------- running a study
 
-def needs_work(work: dict, cache: Cache) -> bool:
+def needs_work(work: Work, cache: Cache) -> bool:
     if work["kind"] == "diag":
         return any(not cache.has("diag", s["key"], ".pt") for s in work["sets"])
     return bool(pending_units(work, cache))
 
 
-def all_works(plan: Plan) -> list[dict]:
-    from .diagnostics import diag_work
-
-    works = list(plan.works)
+def all_works(plan: Plan) -> list[Work]:
+    works: list[Work] = list(plan.works)
     for model in plan.spec.models:
         d = diag_work(plan.spec, model, plan.versions)
         if d is not None:
             # right after the model's fp reference: cheap, and a partial run already has them
-            at = next((i + 1 for i, w in enumerate(works) if w["model"] == d["model"] and w["recipe"] is None), len(works))
+            at = next((i + 1 for i, w in enumerate(works) if w["kind"] == "model" and w["model"] == d["model"] and w["recipe"] is None), len(works))
             works.insert(at, d)
     return works
 
@@ -439,11 +122,11 @@ def run_study(spec: StudySpec, out_dir: Path, cache_root: Path, *, executor: str
     echo(f"study {spec.name}: {len(plan.cells)} cells -> {len(plan.works)} distinct models x {len(plan.units)} "
          f"evaluations; {len(works) - len(todo)} of {len(works)} works already cached, {len(todo)} to run "
          f"({executor}{f', {jobs} jobs' if jobs > 1 else ''})")
-    results: dict[str, dict] = {}
+    results: dict[str, WorkResult] = {}
     write_json_atomic(out_dir / "last-run.json", {"results": results})
     bar = tqdm(total=len(todo), desc="study", unit="work", disable=not progress or not todo, position=0)
 
-    def on_done(res: dict) -> None:
+    def on_done(res: WorkResult) -> None:
         results[res["key"]] = res
         status = "ok" if res["ok"] else f"FAILED ({res['error']})"
         bar.update(1)
@@ -481,7 +164,7 @@ def _cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def collect(plan: Plan, works: list[dict], cache: Cache, failures: dict[str, dict] | None = None) -> dict:
+def collect(plan: Plan, works: list[Work], cache: Cache, failures: dict[str, WorkResult] | None = None) -> dict:
     """Everything the report needs, read back from the cache (so a rerun reproduces it exactly)."""
     failures = failures or {}
     cells = []
@@ -500,8 +183,6 @@ def collect(plan: Plan, works: list[dict], cache: Cache, failures: dict[str, dic
                       "calib_manifest": (q or {}).get("calibration"),
                       "quant_seconds": (q or {}).get("seconds"), "numerics": (q or {}).get("numerics"),
                       "eval_seconds": round(sum(e["seconds"] for e in evals if e), 2)})
-    from .diagnostics import all_pairs
-
     diag, diag_errors = {}, {}
     for w in works:
         if w["kind"] == "diag":

@@ -23,7 +23,7 @@ from typing import Any, Literal
 
 from pydantic import field_validator, model_validator
 
-from ..config import StrictModel, load_yaml, parse
+from ..config import KEEP_BITS, StrictModel, load_yaml, parse
 from ..errors import ConfigError
 from ..recipes import Recipe, recipe_from_dict
 
@@ -53,7 +53,7 @@ class MethodAxis(StrictModel):
 
     method: str | None = None
     wbits: list[int] = [4]
-    abits: int = 16
+    abits: int = KEEP_BITS
     group_size: int | None = 128  # None: the method's own default (e.g. SpQR's 16)
     sym: bool = False
     options: dict[str, Any] = {}  # further method options (e.g. damp for gptq)
@@ -169,7 +169,7 @@ class EvalUnit:
 class Cell:
     model: ModelAxis
     method: str  # label for reports, e.g. "gptq" or a recipe entry's name
-    wbits: int  # 16 for the fp reference
+    wbits: int  # KEEP_BITS (16) for the fp reference
     recipe: Recipe | None  # None = the unquantized model
     calib: CalibChoice | None
 
@@ -210,7 +210,7 @@ def method_recipes(axis: MethodAxis, where: str) -> list[tuple[str, int, Recipe]
     """(label, wbits, recipe) for each bit width of a method entry, validated against the registry."""
     if axis.recipe is not None:
         rec = recipe_from_dict(axis.recipe, f"{where} recipe")
-        bits = min((s.config.wbits for s in rec.stages), default=16)
+        bits = min((s.config.wbits for s in rec.stages), default=KEEP_BITS)
         return [(axis.name or "", bits, rec)]
     from ..methods import METHODS
 

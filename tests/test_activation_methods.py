@@ -1,4 +1,5 @@
-"""AWQ, SmoothQuant, ZeroQuant, FP8, KV-cache quantization and their composition (tiny, CPU)."""
+"""Activation-aware and activation-quantizing methods: AWQ, SmoothQuant, ZeroQuant, FP8 (W8A8) and
+KV-cache quantization, alone and stacked, saved and reloaded (tiny, CPU)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,6 @@ from quantshift.checkpoint import load_quantized
 from quantshift.errors import ConfigError
 from quantshift.methods.awq import clip_search, scaled_fake_quant, search_scale_layer
 from quantshift.methods.smoothquant import smoothing_scales
-from quantshift.quant.engine import BlockEngine
 from quantshift.quant.primitives import (
     QuantSpec,
     fake_quantize_activation,
@@ -241,43 +241,6 @@ def test_every_method_saves_and_reloads_exactly(kind, name, tmp_path):
         assert all(e["static_scale"] > 0 for e in table.values())
 
 
-# --- composition: a transform stage changes what the next stage sees ---------------------
-
-def _block_weights(model, i: int = 0) -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in model.model.layers[i].state_dict().items()}
-
-
-@pytest.mark.parametrize("transform", [
-    {"smoothquant": {"alpha": 0.8, "quantize": False}},
-    {"awq": {"wbits": 4, "group_size": 32, "quantize": False}},
-])
-def test_transform_then_gptq_equals_gptq_on_transformed_model(transform):
-    gptq = {"gptq": {"wbits": 4, "group_size": 32, "abits": 8}}
-    calib = random_calib()
-    stacked, _ = _run("llama", [transform, gptq], calib)
-
-    # transform a copy over the whole model first, then run GPTQ alone on it
-    two_pass = loaded_tiny("llama")
-    quantize_model(two_pass, recipe_from_dict({"stages": [transform]}), calib, progress=False)
-    quantize_model(two_pass, recipe_from_dict({"stages": [gptq]}), calib, progress=False)
-    plain, _ = _run("llama", [gptq], calib)
-
-    a, b, c = _block_weights(stacked.model), _block_weights(two_pass.model), _block_weights(plain.model)
-    for k in a:
-        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), k
-    assert any(not torch.allclose(a[k], c[k], atol=1e-3) for k in a)  # the transform mattered
-    # later blocks differ only because the stack smooths block 1 on the *quantized* block 0's
-    # outputs (sequential quantization), while the two-pass copy smoothed it on fp outputs
-
-
-def test_stages_see_each_others_results():
-    # GPTQ after smoothing collects its Hessian on smoothed inputs: a different solution
-    calib = random_calib()
-    lm, res = _run("llama", [{"smoothquant": {"quantize": False}}, {"gptq": {"wbits": 4, "group_size": 32}}], calib)
-    entry = res.engine.modules["model.layers.0.self_attn.q_proj"]
-    assert entry.stage == "gptq" and entry.qweight is not None and entry.act is None
-
-
 # --- bad options --------------------------------------------------------------------------
 
 @pytest.mark.parametrize("stage,key", [
@@ -309,11 +272,3 @@ def test_gqa_v_to_o_mapping_is_skipped_and_recorded():
     o = res.engine.modules["model.layers.0.self_attn.o_proj"].info
     assert "awq_skipped" in o and "awq_alpha" not in o
     assert "awq_alpha" in res.engine.modules["model.layers.0.mlp.down_proj"].info
-
-
-def test_engine_alone_applies_stages_in_order():
-    lm = loaded_tiny("llama")
-    stages = recipe_from_dict({"stages": [{"smoothquant": {"quantize": False}}, {"zeroquant": {}}]})
-    eng = BlockEngine(lm.model, lm.arch, [s.build() for s in stages.stages], "cpu", progress=False)
-    res = eng.run(random_calib().input_ids)
-    assert {m.stage for m in res.modules.values()} == {"zeroquant"}

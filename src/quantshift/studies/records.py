@@ -1,0 +1,58 @@
+"""The plain-JSON records a study passes around: works (what to run), their evaluation units, and
+what a work reports back. TypedDicts, not classes: executors ship works to other processes and Ray
+workers as they are, and cache keys are digests of the same plain values."""
+
+from __future__ import annotations
+
+from typing import Literal, TypedDict
+
+
+class UnitRecord(TypedDict):
+    """One evaluation a model work owes: perplexity on a source, or one task at a shot count."""
+
+    kind: str  # "ppl" | "task"
+    name: str
+    shots: int
+    key: str  # its result's cache key
+    settings: dict  # keys.unit_settings: what the evaluation is run with
+
+
+class ModelWork(TypedDict):
+    """One model to produce (fp when recipe is None) and the units it owes."""
+
+    kind: Literal["model"]
+    key: str  # keys.quant_key
+    label: str
+    model: dict  # ModelAxis.model_dump()
+    precision: str
+    recipe: dict | None
+    calib: dict | None  # CalibChoice.to_dict(); None when the recipe needs no calibration
+    calib_key: str | None
+    units: list[UnitRecord]
+
+
+class DiagWork(TypedDict):
+    """The fp model's statistics on every calibration and test set (diagnostics.py)."""
+
+    kind: Literal["diag"]
+    key: str
+    label: str
+    model: dict
+    sets: list[dict]
+    settings: dict
+
+
+Work = ModelWork | DiagWork
+
+
+class WorkResult(TypedDict, total=False):
+    """What executing a work reports (execute_work, or an executor for a work that never reported)."""
+
+    key: str
+    label: str
+    ok: bool
+    computed: list[str]  # result keys written by this run
+    seconds: float
+    error: str
+    traceback: str
+    diag: list[str]  # diagnostic sets computed (diag works)

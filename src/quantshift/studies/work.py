@@ -1,0 +1,200 @@
+"""Execute one work: produce its model (load, or quantize through the cache) and evaluate the units
+it still owes, writing each result to the cache as soon as it exists.
+
+A work is plain JSON so an executor can ship it to another process or machine (Ray); it reads and
+writes only the cache, so killing it at any moment loses at most the unit in progress.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .cache import Cache
+from .calib import obtain_calibset
+from .diagnostics import run_diag_work
+from .keys import CACHE_SCHEMA, model_identity
+from .records import ModelWork, UnitRecord, Work, WorkResult
+from .spec import CalibChoice, ModelAxis, digest
+
+
+def pending_units(work: ModelWork, cache: Cache) -> list[UnitRecord]:
+    return [u for u in work["units"] if not cache.has("results", u["key"])]
+
+
+def execute_work(work: Work, cache_root: str, options: dict, progress: bool = True) -> WorkResult:
+    """Produce the work's model if any unit is missing, evaluate the missing units. Never raises."""
+    cache = Cache(Path(cache_root))
+    t0 = time.time()
+    done: list[str] = []
+    try:
+        if work["kind"] == "diag":
+            return {"key": work["key"], "label": work["label"], "ok": True, "computed": [],
+                    "diag": run_diag_work(work, cache, options, progress), "seconds": round(time.time() - t0, 2)}
+        else:
+            todo = pending_units(work, cache)
+            if todo:
+                loaded = obtain_model(work, cache, options, progress)
+                windows = WindowStore(cache, model_identity(ModelAxis(**work["model"])))
+                for batch in unit_batches(todo):
+                    t1 = time.time()
+                    outputs = evaluate_units(loaded, batch, options, progress, windows)
+                    secs = round((time.time() - t1) / len(batch), 2)
+                    for u, (metric, samples) in zip(batch, outputs):
+                        cache.put_json("results", u["key"], {
+                            "unit": {k: u[k] for k in ("kind", "name", "shots")}, "settings": u["settings"],
+                            "model_key": work["key"], "metric": metric, "samples": samples, "seconds": secs,
+                            "precision": loaded.precision.name})
+                        done.append(u["key"])
+        return {"key": work["key"], "label": work["label"], "ok": True, "computed": done,
+                "seconds": round(time.time() - t0, 2)}
+    except Exception as err:  # a failed cell is recorded and the study goes on
+        return {"key": work["key"], "label": work["label"], "ok": False, "computed": done,
+                "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=8),
+                "seconds": round(time.time() - t0, 2)}
+
+
+def obtain_model(work: ModelWork, cache: Cache, options: dict, progress: bool):
+    from ..models.load import load_model, resolve_device
+
+    model = ModelAxis(**work["model"])
+    device = resolve_device(options["device"])
+    dtype = model.dtype
+    if work["recipe"] is None:
+        return load_model(model.name, device=device, dtype=dtype)
+    kept = cache.model_dir(work["key"])
+    if kept.is_dir():
+        return load_model(str(kept), device=device, dtype=dtype)
+    from ..quantize import quantize_model, save
+    from ..recipes import recipe_from_dict
+
+    recipe = recipe_from_dict(work["recipe"])
+    loaded = load_model(model.name, device="cpu", dtype=dtype, compute_device=device)
+    calib = CalibChoice(**work["calib"]) if work["calib"] is not None else None
+    cal = None
+    if calib is not None:
+        assert work["calib_key"] is not None  # planned together with calib
+        cal = obtain_calibset(loaded, model, calib, work["calib_key"], cache, options["data_dir"])
+    propagate = calib.propagate if calib is not None else "quantized"
+    store = None
+    if propagate == "fp":
+        from ..quant.statstore import StatsStore
+
+        store = StatsStore(cache.root / "stats", digest({"model": model_identity(model), "dtype": loaded.precision.name,
+                                                        "schema": CACHE_SCHEMA}))
+    qres = quantize_model(loaded, recipe, cal, device=device, batch_size=options["batch_size"], progress=progress,
+                          propagate=propagate, stats_store=store)
+    loaded.model.to(device)
+    report = qres.report()
+    cache.put_json("quant", work["key"], {"label": work["label"], "recipe": report["recipe"],
+                                          "precision": report["precision"],
+                                          "calibration": report["calibration"], "seconds": report["seconds"],
+                                          "numerics": report.get("numerics")})
+    if options["keep_models"]:
+        save(loaded, qres, kept, overwrite=True)
+    return loaded
+
+
+def unit_batches(units: list[UnitRecord]) -> list[list[UnitRecord]]:
+    """Perplexity units one by one; task units with the same shots together, as one harness call
+    costs a fixed setup (model wrapper, task files) that should not be paid per task."""
+    out: list[list[UnitRecord]] = [[u] for u in units if u["kind"] == "ppl"]
+    by_shots: dict[int, list[UnitRecord]] = {}
+    for u in units:
+        if u["kind"] == "task":
+            by_shots.setdefault(u["shots"], []).append(u)
+    return out + list(by_shots.values())
+
+
+@dataclass(frozen=True)
+class WindowStore:
+    """Perplexity windows per (tokenizer, source, seqlen, count), cached: tokenizing a whole held-out
+    split again for every model of a study costs more than scoring a few windows."""
+
+    cache: Cache
+    model: dict
+
+    def get(self, loaded, source: str, seqlen: int, windows: int, data_dir: str | None) -> torch.Tensor:
+        from ..data.calibset import token_stream
+        from ..evaluation.perplexity import windows_of
+        from .spec import resolve_source
+
+        tok = loaded.tokenizer
+        bos = tok.bos_token_id if loaded.needs_bos else None
+        key = digest({"model": self.model, "source": source, "seqlen": seqlen, "windows": windows, "bos": bos,
+                      "schema": CACHE_SCHEMA})
+        got = self.cache.get_tensors("windows", key)
+        if got is not None:
+            return got["ids"]
+        stream = token_stream(resolve_source(source, data_dir), "heldout", tok)
+        win = windows_of(stream, seqlen, bos, windows or None)
+        self.cache.put_tensors("windows", key, {"ids": win})
+        return win
+
+
+def evaluate_units(loaded, batch: list[UnitRecord], options: dict, progress: bool,
+                   windows: WindowStore | None = None) -> list[tuple[dict, list[dict]]]:
+    if batch[0]["kind"] == "ppl":
+        s = batch[0]["settings"]
+        win = windows.get(loaded, s["source"], s["seqlen"], s["windows"], options["data_dir"]) if windows else None
+        return [ppl_with_samples(loaded, s["source"], s["seqlen"], s["windows"], options["eval_batch_size"], progress,
+                                 options["data_dir"], win)]
+    from ..evaluation.api import evaluate
+
+    s = batch[0]["settings"]
+    res = evaluate(loaded, tasks=tuple(u["settings"]["task"] for u in batch), shots=(s["shots"],), limit=s["limit"],
+                   data_dir=options["data_dir"], batch_size=options["eval_batch_size"], seed=s["seed"], progress=progress)
+    out = []
+    for u in batch:
+        name = u["settings"]["task"]
+        # tasks with fixed shot counts (BOSS) report under their own shots
+        key = next((k for k in res.metrics if k == f"task:{name}@{s['shots']}"),
+                   next((k for k in res.metrics if k.startswith(f"task:{name}@")), None))
+        if key is None:
+            raise RuntimeError(f"the evaluation returned no result for task {name!r}")
+        out.append((_plain(res.metrics[key]), _plain(res.samples.get(key, []))))
+    return out
+
+
+def _plain(obj: Any) -> Any:
+    """JSON-safe copy (floats stay floats, NaN -> None) so cached results compare equal on reload."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if hasattr(obj, "item") and callable(obj.item):
+        return _plain(obj.item())
+    return obj
+
+
+def ppl_with_samples(loaded, source: str, seqlen: int, windows: int, batch_size: int,
+                     progress: bool, data_dir: str | None = None, win: torch.Tensor | None = None) -> tuple[dict, list[dict]]:
+    """Perplexity by evaluation/perplexity.py's protocol, keeping each window's NLL so calibration
+    choices can be compared with a paired bootstrap over windows."""
+    from ..data.calibset import token_stream
+    from ..evaluation.perplexity import window_nlls, windows_of
+    from .spec import resolve_source
+
+    tok = loaded.tokenizer
+    if win is None:
+        stream = token_stream(resolve_source(source, data_dir), "heldout", tok)
+        win = windows_of(stream, seqlen, tok.bos_token_id if loaded.needs_bos else None, windows or None)
+    nlls = window_nlls(loaded.model, win, batch_size, progress, f"ppl {source}", loaded.compute)
+    per_window = [(float(v), win.shape[1] - 1) for v in nlls]
+    total = sum(v for v, _ in per_window)
+    count = sum(n for _, n in per_window)
+    mean = total / count
+    metric = {"ppl": math.exp(mean), "nll": mean, "tokens": count, "windows": len(per_window), "seqlen": seqlen,
+              "source": source, "split": "heldout"}
+    samples = [{"id": f"w{i}", "nll": v / n} for i, (v, n) in enumerate(per_window)]
+    return metric, samples
+
+
