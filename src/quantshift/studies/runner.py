@@ -155,7 +155,8 @@ def execute_work(work: dict, cache_root: str, options: dict, progress: bool = Tr
             from .diagnostics import run_diag_work
 
             return {"key": work["key"], "label": work["label"], "ok": True, "computed": [],
-                    "diag": run_diag_work(work, cache, options, progress), "seconds": round(time.time() - t0, 2)}
+                    "diag": run_diag_work(work, cache, options, progress), "seconds": round(time.time() - t0, 2),
+                    "wrote": cache.written}
         else:
             todo = pending_units(work, cache)
             if todo:
@@ -172,11 +173,11 @@ def execute_work(work: dict, cache_root: str, options: dict, progress: bool = Tr
                             "precision": loaded.precision.name})
                         done.append(u["key"])
         return {"key": work["key"], "label": work["label"], "ok": True, "computed": done,
-                "seconds": round(time.time() - t0, 2)}
+                "seconds": round(time.time() - t0, 2), "wrote": cache.written}
     except Exception as err:  # a failed cell is recorded and the study goes on
         return {"key": work["key"], "label": work["label"], "ok": False, "computed": done,
                 "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=8),
-                "seconds": round(time.time() - t0, 2)}
+                "seconds": round(time.time() - t0, 2), "wrote": cache.written}
 
 
 def obtain_model(work: dict, cache: Cache, options: dict, progress: bool):
@@ -189,7 +190,12 @@ def obtain_model(work: dict, cache: Cache, options: dict, progress: bool):
         return load_model(model.name, device=device, dtype=dtype)
     kept = cache.model_dir(work["key"])
     if kept.is_dir():
-        return load_model(str(kept), device=device, dtype=dtype)
+        from ..errors import ModelError
+
+        try:
+            return load_model(str(kept), device=device, dtype=dtype)
+        except ModelError as err:  # a damaged kept model: set it aside and quantize again
+            cache.quarantine(kept, str(err))
     from ..quantize import quantize_model, save
     from ..recipes import recipe_from_dict
 
@@ -232,14 +238,15 @@ def obtain_calibset(loaded, model: ModelAxis, calib: CalibChoice, key: str, cach
     """The calibration set from the cache, or built and stored (tokens mode or examples mode)."""
     from ..data.calibset import CalibManifest, CalibSet
 
-    got = cache.get_tensors("calib", key)
-    meta = cache.get_json("calib", key)
-    if got is not None and meta is not None:
-        return CalibSet(got["input_ids"], CalibManifest(**meta["manifest"]))
-    cs = build_study_calibset(loaded, model.name, calib, data_dir)
-    cache.put_tensors("calib", key, {"input_ids": cs.input_ids})
-    cache.put_json("calib", key, {"manifest": cs.manifest.to_dict(), "choice": calib.to_dict()})
-    return cs
+    with cache.claim("calib", key):  # works sharing a calibration set build it once
+        got = cache.get_tensors("calib", key)
+        meta = cache.get_json("calib", key)
+        if got is not None and meta is not None:
+            return CalibSet(got["input_ids"], CalibManifest(**meta["manifest"]))
+        cs = build_study_calibset(loaded, model.name, calib, data_dir)
+        cache.put_tensors("calib", key, {"input_ids": cs.input_ids})
+        cache.put_json("calib", key, {"manifest": cs.manifest.to_dict(), "choice": calib.to_dict()})
+        return cs
 
 
 def build_study_calibset(loaded, model_name: str, calib: CalibChoice, data_dir: str | None = None):
@@ -326,13 +333,14 @@ class WindowStore:
         bos = tok.bos_token_id if loaded.needs_bos else None
         key = digest({"model": self.model, "source": source, "seqlen": seqlen, "windows": windows, "bos": bos,
                       "schema": CACHE_SCHEMA})
-        got = self.cache.get_tensors("windows", key)
-        if got is not None:
-            return got["ids"]
-        stream = token_stream(resolve_source(source, data_dir), "heldout", tok)
-        win = windows_of(stream, seqlen, bos, windows or None)
-        self.cache.put_tensors("windows", key, {"ids": win})
-        return win
+        with self.cache.claim("windows", key):  # every work of a model shares them: tokenize once
+            got = self.cache.get_tensors("windows", key)
+            if got is not None:
+                return got["ids"]
+            stream = token_stream(resolve_source(source, data_dir), "heldout", tok)
+            win = windows_of(stream, seqlen, bos, windows or None)
+            self.cache.put_tensors("windows", key, {"ids": win})
+            return win
 
 
 def evaluate_units(loaded, batch: list[dict], options: dict, progress: bool,
@@ -454,7 +462,8 @@ def run_study(spec: StudySpec, out_dir: Path, cache_root: Path, *, executor: str
         bar.update(1)
         n = len(results)
         what = f"{len(res['diag'])} diagnostic sets" if "diag" in res else f"{len(res['computed'])} results"
-        tqdm.write(f"  [{n}/{len(todo)}] {res['label']}: {status}, {what} computed in {res['seconds']:.1f}s")
+        elsewhere = ", already done by another process" if res["ok"] and not res.get("wrote", True) else ""
+        tqdm.write(f"  [{n}/{len(todo)}] {res['label']}: {status}, {what} computed in {res['seconds']:.1f}s{elsewhere}")
         write_json_atomic(out_dir / "last-run.json", {"results": results})
 
     options = options_of(spec, data_dir)
@@ -469,10 +478,14 @@ def run_study(spec: StudySpec, out_dir: Path, cache_root: Path, *, executor: str
     collected = collect(plan, works, cache, failures)
     write_report(out_dir, collected, cache_root)
     computed = sum(len(r["computed"]) for r in results.values())
-    summary = {"works_run": len(todo), "units_computed": computed, "failed": len(failures),
+    unreadable = sum(c["status"] == "failed" and c["key"] not in failures for c in collected["cells"])
+    summary = {"works_run": len(todo), "units_computed": computed, "failed": len(failures) + unreadable,
+               "entries_written": sum(len(r.get("wrote", [])) for r in results.values()),
+               "works_done_elsewhere": sum(r["ok"] and not r.get("wrote", True) for r in results.values()),
+               "quarantined": [name for name, _ in cache.quarantined],
                "seconds": round(time.time() - t0, 1), "cpu_seconds": round(_cpu_seconds() - cpu0, 1)}
     write_json_atomic(out_dir / "timings.json", summary)
-    echo(f"study {spec.name}: {computed} results computed, {len(failures)} failed, {summary['seconds']}s "
+    echo(f"study {spec.name}: {computed} results computed, {summary['failed']} failed, {summary['seconds']}s "
          f"({summary['cpu_seconds']} CPU s); report: {out_dir / 'report.md'}")
     return summary
 
@@ -492,16 +505,21 @@ def collect(plan: Plan, works: list[dict], cache: Cache, failures: dict[str, dic
     cells = []
     for cell, qk in zip(plan.cells, plan.cell_keys):
         metrics, samples = {}, {}
-        for u in plan.units:
-            r = cache.get_json("results", plan.unit_keys[qk][u.key])
+        evals = [cache.get_json("results", plan.unit_keys[qk][u.key]) for u in plan.units]
+        for u, r in zip(plan.units, evals):
             if r is not None:
                 metrics[u.key] = r["metric"]
                 samples[u.key] = r["samples"]
         q = cache.get_json("quant", qk) if cell.recipe is not None else None
-        evals = [cache.get_json("results", plan.unit_keys[qk][u.key]) for u in plan.units]
         status = "done" if len(metrics) == len(plan.units) else ("failed" if qk in failures else "pending")
+        error = failures.get(qk, {}).get("error") if status == "failed" else None
+        corrupt = dict(cache.quarantined)  # a cached but unreadable result is a failure to report, not "pending"
+        bad = [n for n in (f"results/{plan.unit_keys[qk][u.key]}.json" for u in plan.units) if n in corrupt]
+        if status != "done" and bad:
+            status, error = "failed", (f"cache entry {bad[0]} is corrupt ({corrupt[bad[0]]}); moved to the "
+                                       "cache's quarantine, run the study again to recompute it")
         cells.append({**cell.to_dict(), "key": qk, "status": status, "metrics": metrics, "samples": samples,
-                      "error": failures.get(qk, {}).get("error") if status == "failed" else None,
+                      "error": error,
                       "calib_manifest": (q or {}).get("calibration"),
                       "quant_seconds": (q or {}).get("seconds"),
                       "eval_seconds": round(sum(e["seconds"] for e in evals if e), 2)})
