@@ -81,6 +81,22 @@ def test_checksum_depends_on_name_and_content():
     assert checksum("diag/a.pt", a) != checksum("diag/a.pt", {"x": torch.ones(3), "y": [1, 2, "z"]})
 
 
+def test_kept_model_with_a_damaged_file_is_moved_aside(tmp_path):
+    from quantshift.checkpoint import QUANT_FILE, file_sha256
+
+    cache = Cache(tmp_path / "c", warn=False)
+    d = cache.model_dir("m1")
+    d.mkdir(parents=True)
+    (d / "model.safetensors").write_bytes(b"weights")
+    (d / QUANT_FILE).write_text(json.dumps({"files": {"model.safetensors": file_sha256(d / "model.safetensors")}}))
+    assert cache.check_model_dir("m1") == ("ok", "")
+    (d / "model.safetensors").write_bytes(b"weightz")
+    status, why = cache.check_model_dir("m1")
+    assert status == "corrupt" and "model.safetensors" in why and not d.exists()
+    assert (tmp_path / "c" / "quarantine" / "models" / "m1" / "model.safetensors").read_bytes() == b"weightz"
+    assert cache.check_model_dir("m1") == ("missing", "")
+
+
 # ---------------------------------------------------------------- atomic writes
 
 class _DiskFull:

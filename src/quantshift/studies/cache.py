@@ -159,6 +159,24 @@ class Cache:
     def model_dir(self, key: str) -> Path:
         return self.root / "models" / key
 
+    def check_model_dir(self, key: str) -> tuple[str, str]:
+        """A kept quantized model against the sha256 of each file its quantshift.json lists; a
+        damaged one is moved aside like any entry (the work then quantizes again)."""
+        from ..checkpoint import file_sha256, read_quant_info
+        from ..errors import ModelError
+
+        d = self.model_dir(key)
+        if not d.is_dir():
+            return "missing", ""
+        try:
+            for fname, want in read_quant_info(d).get("files", {}).items():
+                if not (d / fname).is_file() or file_sha256(d / fname) != want:
+                    raise ModelError(f"{fname} is missing or does not match its sha256")
+        except ModelError as err:
+            self.quarantine(d, str(err))
+            return "corrupt", str(err)
+        return "ok", ""
+
 
 def entry_name(kind: str, key: str, suffix: str) -> str:
     return f"{kind}/{key}{suffix}"
@@ -311,7 +329,22 @@ def verify(cache: Cache, works: list[dict], others: bool = True) -> Verification
                 out.missing += 1
             else:
                 out.corrupt.append(f"{name}: {why}")
+    for key in sorted({w["key"] for w in works if w.get("recipe")}):  # kept models, where the study keeps them
+        seen.add(f"models/{key}")
+        status, why = cache.check_model_dir(key)
+        if status == "ok":
+            out.ok += 1
+        elif status == "corrupt":
+            out.corrupt.append(f"models/{key}: {why}")
     if others:
+        models = cache.root / "models"
+        for d in sorted(models.iterdir()) if models.is_dir() else []:
+            if f"models/{d.name}" not in seen and not d.name.startswith("."):
+                status, why = cache.check_model_dir(d.name)
+                if status == "ok":
+                    out.others_ok += 1
+                elif status == "corrupt":
+                    out.others_corrupt.append(f"models/{d.name}: {why}")
         for kind, key, suffix in _all_entries(cache):
             if entry_name(kind, key, suffix) in seen:
                 continue
