@@ -244,6 +244,29 @@ def test_damaged_entries_are_recomputed_exactly_and_the_report_is_unchanged(fini
     assert strip_times((finished["out"] / "report.md").read_text()) == strip_times((tmp_path / "out" / "report.md").read_text())
 
 
+def test_lost_quantization_record_is_made_again_without_evaluating_again(finished, tmp_path):
+    """The report's calibration manifest and quantize seconds live in the quant record: a garbled one
+    means quantizing that model again, but its cached results stand."""
+    from quantshift.studies.runner import run_study
+    from quantshift.studies.spec import study_from_dict
+
+    cache = _copy_cache(finished, tmp_path)
+    victim = sorted((cache / "quant").glob("*.json"))[0]
+    victim.write_bytes(victim.read_bytes()[:-30])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        summary = run_study(study_from_dict(finished["spec"]), tmp_path / "out", cache, progress=False,
+                            echo=lambda *_: None)
+    finally:
+        torch.set_num_threads(threads)
+    assert summary["quarantined"] == [f"quant/{victim.name}"] and summary["units_computed"] == 0
+    assert _written(tmp_path / "out") == [f"quant/{victim.name}"]
+    a = json.loads((finished["out"] / "results.json").read_text())
+    b = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert a["cells"] == b["cells"]
+
+
 def test_report_names_an_unreadable_result_instead_of_pending(finished, tmp_path, capsys):
     """`quantshift report` on a cache that lost a result: the cell is failed with the reason, not
     silently pending."""

@@ -143,6 +143,11 @@ def pending_units(work: dict, cache: Cache) -> list[dict]:
     return [u for u in work["units"] if not cache.has("results", u["key"])]
 
 
+def has_quant_record(work: dict, cache: Cache) -> bool:
+    """The report's calibration manifest and quantize seconds: a lost record means quantizing again."""
+    return work["recipe"] is None or cache.has("quant", work["key"])
+
+
 # ---------------------------------------------------------------- executing one work
 
 def execute_work(work: dict, cache_root: str, options: dict, progress: bool = True) -> dict:
@@ -159,7 +164,7 @@ def execute_work(work: dict, cache_root: str, options: dict, progress: bool = Tr
                     "wrote": cache.written}
         else:
             todo = pending_units(work, cache)
-            if todo:
+            if todo or not has_quant_record(work, cache):
                 loaded = obtain_model(work, cache, options, progress)
                 windows = WindowStore(cache, model_identity(ModelAxis(**work["model"])))
                 for batch in unit_batches(todo):
@@ -189,7 +194,7 @@ def obtain_model(work: dict, cache: Cache, options: dict, progress: bool):
     if work["recipe"] is None:
         return load_model(model.name, device=device, dtype=dtype)
     kept = cache.model_dir(work["key"])
-    if kept.is_dir():
+    if kept.is_dir() and cache.has("quant", work["key"]):  # without its record, quantize again to make one
         from ..errors import ModelError
 
         try:
@@ -408,7 +413,7 @@ def ppl_with_samples(loaded, source: str, seqlen: int, windows: int, batch_size:
 def needs_work(work: dict, cache: Cache) -> bool:
     if work["kind"] == "diag":
         return any(not cache.has("diag", s["key"], ".pt") for s in work["sets"])
-    return bool(pending_units(work, cache))
+    return bool(pending_units(work, cache)) or not has_quant_record(work, cache)
 
 
 def all_works(plan: Plan) -> list[dict]:
