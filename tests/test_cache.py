@@ -79,6 +79,10 @@ def test_checksum_depends_on_name_and_content():
     assert checksum("diag/a.pt", a) != checksum("diag/b.pt", a)
     assert checksum("diag/a.pt", a) != checksum("diag/a.pt", {"x": torch.ones(3).double(), "y": [1, 2.0, "z"]})
     assert checksum("diag/a.pt", a) != checksum("diag/a.pt", {"x": torch.ones(3), "y": [1, 2, "z"]})
+    j = {"metric": {"ppl": 1.5, "n": 3}, "samples": [{"id": "w0"}]}
+    assert checksum("results/a.json", j) == checksum("results/a.json", {"samples": [{"id": "w0"}], "metric": {"n": 3, "ppl": 1.5}})
+    assert checksum("results/a.json", j) != checksum("results/b.json", j)
+    assert checksum("results/a.json", j) != checksum("results/a.json", {**j, "metric": {"ppl": 1.5, "n": 4}})
 
 
 def test_kept_model_with_a_damaged_file_is_moved_aside(tmp_path):
