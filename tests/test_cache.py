@@ -290,27 +290,37 @@ def test_report_names_an_unreadable_result_instead_of_pending(finished, tmp_path
     assert f"results/{name.name}" in capsys.readouterr().err
 
 
-def test_verify_passes_a_clean_cache_and_names_a_garbled_entry(finished, tmp_path, monkeypatch):
-    from typer.testing import CliRunner
+def _quantshift(args: list[str], capsys, monkeypatch) -> tuple[int, str]:
+    """The CLI's own entry point (its exit code as a shell sees it), in this process."""
+    from quantshift.cli import main
 
-    from quantshift.cli import app
+    monkeypatch.setattr("sys.argv", ["quantshift", *args])
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    return code, capsys.readouterr().out
 
+
+def test_verify_passes_a_clean_cache_and_names_a_garbled_entry(finished, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # run_cmd would otherwise widen this process's torch threads
     cache = _copy_cache(finished, tmp_path)
     study = write_study({"root": tmp_path}, finished["spec"])
     args = ["run", str(study), "--cache", str(cache), "--out", str(tmp_path / "out"), "--verify"]
-    res = CliRunner().invoke(app, args)
-    assert res.exit_code == 0, res.output
-    assert "0 corrupt" in res.output and "0 missing" in res.output and not (tmp_path / "out").exists()  # ran nothing
+    code, out = _quantshift(args, capsys, monkeypatch)
+    assert code == 0, out
+    assert "0 corrupt" in out and "0 missing" in out and not (tmp_path / "out").exists()  # ran nothing
     victim = sorted((cache / "calib").glob("*.pt"))[0]
     victim.write_bytes(random.Random(3).randbytes(victim.stat().st_size))
     (cache / "quant" / "orphan.json").write_text('{"trunc')  # an entry no plan references
-    res = CliRunner().invoke(app, args)
-    assert res.exit_code == 1, res.output
-    assert f"calib/{victim.name}" in res.output and "quant/orphan.json" in res.output
+    code, out = _quantshift(args, capsys, monkeypatch)
+    assert code == 1, out
+    assert f"calib/{victim.name}" in out and "quant/orphan.json" in out
     assert (cache / "quarantine" / "calib" / victim.name).is_file() and not victim.exists()
-    res = CliRunner().invoke(app, args)  # moved aside: now it is only missing
-    assert res.exit_code == 0 and "1 missing" in res.output, res.output
+    code, out = _quantshift(args, capsys, monkeypatch)  # moved aside: now it is only missing
+    assert code == 0 and "1 missing" in out, out
 
 
 # ---------------------------------------------------------------- two processes, one cache
