@@ -65,6 +65,22 @@ def test_corrupt_entry_is_missing_quarantined_and_reported_once(tmp_path, capsys
     assert cache.get_json("results", "k2") is not None  # the others are untouched
 
 
+def test_corrupt_entry_in_a_read_only_cache_is_missing_and_reported_once(tmp_path, capsys, monkeypatch):
+    cache, p = _entry(tmp_path)
+    cache = Cache(cache.root)
+    p.write_bytes(p.read_bytes()[:20])
+
+    def read_only(a, b):
+        raise PermissionError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(os, "replace", read_only)
+    capsys.readouterr()
+    assert cache.get_json("results", "k1") is None and not cache.has("results", "k1")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "results/k1.json" in err[0] and "Read-only" in err[0] and "left in place" in err[0]
+    assert p.is_file()
+
+
 def test_entry_written_before_checksums_is_accepted(tmp_path):
     cache = Cache(tmp_path / "c", warn=False)
     p = cache.path("results", "old")

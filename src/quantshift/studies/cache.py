@@ -21,6 +21,7 @@ moment leaves either the old state or the complete new file under the final name
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -81,8 +82,12 @@ class Cache:
                 raw = f.read()
         except FileNotFoundError:
             return None
-        except OSError as err:  # a directory under a file's name, an unreadable block
-            return self._corrupt(p, None, f"unreadable: {err.strerror or err}", kind, key, suffix, retry)
+        except (IsADirectoryError, NotADirectoryError) as err:  # something else under the entry's name
+            return self._corrupt(p, None, f"not a file: {err.strerror}", kind, key, suffix, retry)
+        except OSError as err:
+            if err.errno != errno.EIO:  # e.g. permissions: not the entry's fault, and moving it would fail too
+                raise
+            return self._corrupt(p, None, f"unreadable: {err.strerror}", kind, key, suffix, retry)
         try:
             return verified(raw, entry_name(kind, key, suffix))
         except CorruptEntry as err:
@@ -90,6 +95,8 @@ class Cache:
 
     def _corrupt(self, p: Path, seen: os.stat_result | None, why: str, kind: str, key: str, suffix: str,
                  retry: bool) -> dict | None:
+        if entry_name(kind, key, suffix) in dict(self.quarantined):  # found before and left in place
+            return None
         if seen is not None and not _same_file(p, seen):
             # another process replaced it since we read it (with a fresh, complete entry): read that one
             return self._read(kind, key, suffix, retry=False) if retry else None
@@ -115,25 +122,32 @@ class Cache:
 
     def quarantine(self, p: Path, why: str) -> Path | None:
         """Move a bad entry (file or directory) aside, log why, and warn once; None if it is gone
-        already (another process moved it)."""
+        already (another process moved it) or cannot be moved (a read-only cache: it is then only
+        treated as missing)."""
         rel = p.relative_to(self.root)
+        try:
+            dest: Path | None = self._move_aside(p, rel, why)
+        except FileNotFoundError:
+            return None
+        except OSError as err:
+            dest, why = None, f"{why}; cannot move it aside: {err.strerror or err}"
+        self.quarantined.append((str(rel), why))
+        if self.warn:
+            where = f"moved to {dest}" if dest else "left in place"
+            print(f"warning: cache entry {rel} is corrupt ({why}); {where}, it will be recomputed",
+                  file=sys.stderr, flush=True)
+        return dest
+
+    def _move_aside(self, p: Path, rel: Path, why: str) -> Path:
         dest = self.root / "quarantine" / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
         n = 1
         while dest.exists():  # keep every bad copy: each may tell a different story
             dest = dest.with_name(f"{rel.name}.{n}")
             n += 1
-        try:
-            os.replace(p, dest)
-        except FileNotFoundError:
-            return None
-        line = f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\t{rel}\t{why}\n"
+        os.replace(p, dest)
         with open(self.root / "quarantine" / "log.txt", "a") as log:
-            log.write(line)
-        self.quarantined.append((str(rel), why))
-        if self.warn:
-            print(f"warning: cache entry {rel} is corrupt ({why}); moved to {dest}, it will be recomputed",
-                  file=sys.stderr, flush=True)
+            log.write(f"{time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}\t{rel}\t{why}\n")
         return dest
 
     @contextmanager
