@@ -233,9 +233,18 @@ def test_damaged_entries_are_recomputed_exactly_and_the_report_is_unchanged(fini
     from quantshift.studies.spec import study_from_dict
 
     cache = _copy_cache(finished, tmp_path)
-    entries = sorted(f"{p.parent.name}/{p.name}" for d in ("results", "diag") for p in (cache / d).iterdir())
-    assert len(entries) == 8 + 4
-    truncated, deleted, garbled = random.Random(15).sample(entries, 3)
+    from quantshift.studies.runner import all_works, plan_study
+
+    results = sorted(f"results/{p.name}" for p in (cache / "results").iterdir())
+    (dw,) = [w for w in all_works(plan_study(study_from_dict(finished["spec"]))) if w["kind"] == "diag"]
+    diag = [f"diag/{s['key']}.pt" for s in dw["sets"]]  # in the order the work checks them
+    assert len(results) == 8 and len(diag) == 4 and all((cache / d).is_file() for d in diag)
+    # a JSON result truncated; two sets of the one diagnostics work, the first deleted and a later one
+    # garbled (a check that stops at the first missing set would never see the garbled one)
+    rng = random.Random(15)
+    truncated = rng.choice(results)
+    i, j = sorted(rng.sample(range(len(diag)), 2))
+    deleted, garbled = diag[i], diag[j]
     owners = {json.loads((cache / e).read_text())["model_key"] if e.startswith("results/") else "diag"
               for e in (truncated, deleted, garbled)}
     p = cache / truncated
@@ -337,6 +346,21 @@ def test_verify_passes_a_clean_cache_and_names_a_garbled_entry(finished, tmp_pat
     assert (cache / "quarantine" / "calib" / victim.name).is_file() and not victim.exists()
     code, out = _quantshift(args, capsys, monkeypatch)  # moved aside: now it is only missing
     assert code == 0 and "1 missing" in out, out
+
+
+def test_run_with_a_failed_cell_exits_non_zero(tiny_env, tmp_path, monkeypatch, capsys):
+    """`run` raises typer.Exit(1) on failures; through main() that must reach the shell (it exited 0)."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    short = tmp_path / "short.txt"
+    short.write_text("too little text\n\nfor a calibration set")
+    spec = small_study(tiny_env, "fails")
+    spec.update(methods=[{"method": "gptq", "wbits": [4], "group_size": 32}], include_fp=False,
+                diagnostics={"enabled": False})
+    spec["calibration"]["sources"] = [str(short)]
+    study = write_study({"root": tmp_path}, spec)
+    code, out = _quantshift(["run", str(study), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--quiet"],
+                            capsys, monkeypatch)
+    assert code == 1 and "1 failed" in out, out
 
 
 # ---------------------------------------------------------------- two processes, one cache

@@ -411,9 +411,11 @@ def ppl_with_samples(loaded, source: str, seqlen: int, windows: int, batch_size:
 # ---------------------------------------------------------------- running a study
 
 def needs_work(work: dict, cache: Cache) -> bool:
+    """Checks every entry, no short cut: planning is where a corrupt one is found and moved aside."""
     if work["kind"] == "diag":
-        return any(not cache.has("diag", s["key"], ".pt") for s in work["sets"])
-    return bool(pending_units(work, cache)) or not has_quant_record(work, cache)
+        return not all([cache.has("diag", s["key"], ".pt") for s in work["sets"]])
+    pending, recorded = pending_units(work, cache), has_quant_record(work, cache)
+    return bool(pending) or not recorded
 
 
 def all_works(plan: Plan) -> list[dict]:
