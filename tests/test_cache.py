@@ -340,10 +340,15 @@ def test_verify_passes_a_clean_cache_and_names_a_garbled_entry(finished, tmp_pat
     victim = sorted((cache / "calib").glob("*.pt"))[0]
     victim.write_bytes(random.Random(3).randbytes(victim.stat().st_size))
     (cache / "quant" / "orphan.json").write_text('{"trunc')  # an entry no plan references
+    for age, name in ((7200, ".old.json.x1.tmp"), (0, ".new.json.x2.tmp")):  # writes a kill interrupted, or running
+        (cache / "results" / name).write_text('{"half')
+        os.utime(cache / "results" / name, (os.path.getmtime(victim) - age,) * 2)
     code, out = _quantshift(args, capsys, monkeypatch)
     assert code == 1, out
     assert f"calib/{victim.name}" in out and "quant/orphan.json" in out
     assert (cache / "quarantine" / "calib" / victim.name).is_file() and not victim.exists()
+    assert "1 temp files of interrupted writes removed" in out
+    assert not (cache / "results" / ".old.json.x1.tmp").exists() and (cache / "results" / ".new.json.x2.tmp").exists()
     code, out = _quantshift(args, capsys, monkeypatch)  # moved aside: now it is only missing
     assert code == 0 and "1 missing" in out, out
 

@@ -326,6 +326,7 @@ class Verification:
     corrupt: list[str] = field(default_factory=list)  # "name: why", each moved to the quarantine
     others_ok: int = 0  # entries of the cache that this study does not reference
     others_corrupt: list[str] = field(default_factory=list)
+    stale_temp: int = 0  # temp files of writes a kill interrupted, removed
 
 
 def verify(cache: Cache, works: list[dict], others: bool = True) -> Verification:
@@ -362,6 +363,7 @@ def verify(cache: Cache, works: list[dict], others: bool = True) -> Verification
                     out.others_ok += 1
                 elif status == "corrupt":
                     out.others_corrupt.append(f"models/{d.name}: {why}")
+        out.stale_temp = remove_stale_temp(cache)
         for kind, key, suffix in _all_entries(cache):
             if entry_name(kind, key, suffix) in seen:
                 continue
@@ -384,3 +386,18 @@ def _all_entries(cache: Cache) -> list[tuple[str, str, str]]:
                 out.append((kind, p.name[: -len(p.suffix)], p.suffix))
     return out
 
+
+def remove_stale_temp(cache: Cache, older_than_s: float = 3600.0) -> int:
+    """Delete the temp files of writes that a kill interrupted (never read, only taking space); an
+    hour old at least, so a write still in progress in another process is left alone."""
+    n = 0
+    for kind in (*KINDS, "models"):
+        d = cache.root / kind
+        for p in d.glob(".*.tmp") if d.is_dir() else []:
+            try:
+                if p.is_file() and time.time() - p.stat().st_mtime > older_than_s:
+                    p.unlink()
+                    n += 1
+            except FileNotFoundError:
+                pass
+    return n

@@ -74,7 +74,8 @@ def verify_cache(spec: StudySpec, cache_root: Path, data_dir: str | None, on_gpu
     bad = found.corrupt + found.others_corrupt
     typer.echo(f"verify {spec.name}: cache {cache_root}: {found.ok} ok, {len(found.corrupt)} corrupt (moved aside), "
                f"{found.missing} missing (not computed yet) of the study's entries; other entries in the cache: "
-               f"{found.others_ok} ok, {len(found.others_corrupt)} corrupt (moved aside)")
+               f"{found.others_ok} ok, {len(found.others_corrupt)} corrupt (moved aside)"
+               + (f"; {found.stale_temp} temp files of interrupted writes removed" if found.stale_temp else ""))
     for line in bad:
         typer.echo(f"  corrupt: {line}")
     if bad:
