@@ -181,7 +181,7 @@ def main() -> None:
     import torch
 
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as n here, not raised
     except QuantshiftError as err:
         _fail(err)
     except torch.OutOfMemoryError as err:
@@ -200,6 +200,8 @@ def main() -> None:
         if isinstance(err, click.exceptions.Abort):
             sys.exit(130)
         raise
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 def _fail(err: BaseException, message: str | None = None) -> None:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
+
+if TYPE_CHECKING:
+    from .spec import StudySpec
 
 
 def register(app: typer.Typer) -> None:
@@ -24,12 +27,25 @@ def run_cmd(
     data_dir: Annotated[Path | None, typer.Option(help="directory with offline task data (e.g. BOSS)")] = None,
     device: Annotated[str | None, typer.Option(help="override the study's device: auto, cpu, cuda")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
+    verify: Annotated[bool, typer.Option(help="check the cache instead of running: read and verify every entry the study "
+                                              "uses (and the cache's other entries), move corrupt ones to <cache>/quarantine "
+                                              "and print ok / corrupt / missing counts; computes nothing, exits 1 if any "
+                                              "entry was corrupt (the next run recomputes it)")] = False,
 ) -> None:
     """Run a study (grid of models x recipes x calibration sets x evaluations); resumes where it stopped."""
     from ..api import run_study
     from ..cli import _threads
 
     _threads()
+    if verify:  # a read-only check (bar moving bad entries aside): safe to run beside a running study
+        from .spec import load_study
+
+        spec = load_study(study)
+        if device:
+            spec.device = device
+        run_dir = out or Path("runs") / spec.name
+        raise typer.Exit(verify_cache(spec, cache or run_dir.parent / ".cache", str(data_dir) if data_dir else None,
+                                      gpus_per_cell > 0))
     summary = run_study(study, out, cache=cache, device=device, executor=executor, ray_address=ray_address,
                         gpus_per_cell=gpus_per_cell, data_dir=data_dir, progress=not quiet, echo=typer.echo, jobs=jobs)
     if summary["failed"]:
@@ -46,3 +62,22 @@ def report_cmd(
 
     path = report_only(run_dir, cache, str(data_dir) if data_dir else None)
     typer.echo(f"report: {path} and {path.with_suffix('.html')}")
+
+
+def verify_cache(spec: StudySpec, cache_root: Path, data_dir: str | None, on_gpu: bool) -> int:
+    """Verify the cache entries of `spec`'s plan; print counts and each corrupt entry; 1 if any was corrupt."""
+    from .cache import Cache, verify
+    from .runner import all_works, plan_study
+
+    plan = plan_study(spec, data_dir, on_gpu=True if on_gpu else None)
+    found = verify(Cache(cache_root, warn=False), all_works(plan))  # each corrupt entry is listed below
+    bad = found.corrupt + found.others_corrupt
+    typer.echo(f"verify {spec.name}: cache {cache_root}: {found.ok} ok, {len(found.corrupt)} corrupt (moved aside), "
+               f"{found.missing} missing (not computed yet) of the study's entries; other entries in the cache: "
+               f"{found.others_ok} ok, {len(found.others_corrupt)} corrupt (moved aside)"
+               + (f"; {found.stale_temp} temp files of interrupted writes removed" if found.stale_temp else ""))
+    for line in bad:
+        typer.echo(f"  corrupt: {line}")
+    if bad:
+        typer.echo(f"  moved to {cache_root / 'quarantine'}; `quantshift run` recomputes what the study needs")
+    return 1 if bad else 0

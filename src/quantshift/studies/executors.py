@@ -7,23 +7,50 @@ local: one after another in this process (default); with jobs > 1, that many wor
 ray:   each work is a Ray task on an existing cluster (`address="auto"`) or a local instance
        (`address=None`), asking for `gpus` GPUs per task; workers read and write the same cache
        directory, so it must be on a filesystem every node sees.
+
+Every executor runs a work holding its lock in the cache (`run_claimed`): several processes (two
+`quantshift run`s, Ray nodes) may share one cache, and a work one of them is computing is never
+computed again by another, which waits for the lock and then finds the work's entries done. The
+in-process local executor first runs the works nobody holds and comes back to the held ones last.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
+from .cache import Cache
 from .records import Work, WorkResult
 from .work import execute_work
 
 OnDone = Callable[[WorkResult], None]
 
 
+def run_claimed(work: Work, cache_root: str, options: dict, progress: bool = True,
+                wait: bool = True) -> WorkResult | None:
+    """execute_work holding the work's lock; None (nothing run) if another process holds it and
+    `wait` is False."""
+    with Cache(Path(cache_root)).claim("work", work["key"], wait) as mine:
+        return execute_work(work, cache_root, options, progress) if mine else None
+
+
+def run_waiting(work: Work, cache_root: str, options: dict, progress: bool = True) -> WorkResult:
+    """run_claimed, waiting for the lock as long as another process holds it."""
+    return run_claimed(work, cache_root, options, progress) or _failed(work, "could not take its lock")
+
+
 def run_local(works: list[Work], cache_root: str, options: dict, on_done: OnDone, progress: bool = True,
               jobs: int = 1, threads: int | None = None) -> None:
     if jobs <= 1:
+        held: list[Work] = []
         for w in works:
-            on_done(execute_work(w, cache_root, options, progress))
+            res = run_claimed(w, cache_root, options, progress, wait=False)
+            if res is None:  # another process is computing it: do the others first
+                held.append(w)
+            else:
+                on_done(res)
+        for w in held:
+            on_done(run_waiting(w, cache_root, options, progress))
         return
     import os
     import shutil
@@ -48,7 +75,6 @@ def _run_pool(works: list[Work], cache_root: str, options: dict, on_done: OnDone
     import concurrent.futures as cf
     import multiprocessing as mp
     from concurrent.futures.process import BrokenProcessPool
-    from pathlib import Path
 
     # spawn, not fork: a forked copy of a process whose OpenMP pool already ran can hang
     ctx = mp.get_context("spawn")
@@ -127,12 +153,10 @@ def _pin_bars(line: int, lock) -> None:
 
 
 def _worker_run(work: Work, cache_root: str, options: dict, flight: str, progress: bool = False) -> WorkResult:
-    from pathlib import Path
-
     marker = Path(flight) / work["key"]
     marker.touch()  # lets the parent tell which works a dead worker was running
     _BAR_LABEL[0] = work["label"].split("/", 1)[-1]  # without the model name: short enough for one line
-    result = execute_work(work, cache_root, options, progress)
+    result = run_waiting(work, cache_root, options, progress)
     marker.unlink(missing_ok=True)
     return result
 
@@ -147,7 +171,7 @@ def run_ray(works: list[Work], cache_root: str, options: dict, on_done: OnDone, 
         kwargs = {"address": address} if address else {"num_cpus": local_cpus, "include_dashboard": False}
         ray.init(log_to_driver=False, **kwargs)
     try:
-        task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(execute_work)
+        task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(run_waiting)
         pending = {task.remote(w, cache_root, options, False): w for w in works}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)

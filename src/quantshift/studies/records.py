@@ -56,3 +56,4 @@ class WorkResult(TypedDict, total=False):
     error: str
     traceback: str
     diag: list[str]  # diagnostic sets computed (diag works)
+    wrote: list[str]  # cache entries this process wrote (none: another process had done the work)

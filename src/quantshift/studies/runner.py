@@ -17,7 +17,7 @@ from .diagnostics import all_pairs, diag_work
 from .keys import calib_key, code_versions, quant_key, unit_key, unit_settings
 from .records import ModelWork, Work, WorkResult
 from .spec import Cell, EvalUnit, StudySpec, eval_units, expand, precision_of
-from .work import pending_units
+from .work import has_quant_record, pending_units
 
 
 @dataclass
@@ -78,9 +78,11 @@ def options_of(spec: StudySpec, data_dir: str | None) -> dict:
 # ---------------------------------------------------------------- running a study
 
 def needs_work(work: Work, cache: Cache) -> bool:
+    """Checks every entry, no short cut: planning is where a corrupt one is found and moved aside."""
     if work["kind"] == "diag":
-        return any(not cache.has("diag", s["key"], ".pt") for s in work["sets"])
-    return bool(pending_units(work, cache))
+        return not all([cache.has("diag", s["key"], ".pt") for s in work["sets"]])
+    pending, recorded = pending_units(work, cache), has_quant_record(work, cache)
+    return bool(pending) or not recorded
 
 
 def all_works(plan: Plan) -> list[Work]:
@@ -132,7 +134,8 @@ def run_study(spec: StudySpec, out_dir: Path, cache_root: Path, *, executor: str
         bar.update(1)
         n = len(results)
         what = f"{len(res['diag'])} diagnostic sets" if "diag" in res else f"{len(res['computed'])} results"
-        tqdm.write(f"  [{n}/{len(todo)}] {res['label']}: {status}, {what} computed in {res['seconds']:.1f}s")
+        elsewhere = ", already done by another process" if res["ok"] and not res.get("wrote", True) else ""
+        tqdm.write(f"  [{n}/{len(todo)}] {res['label']}: {status}, {what} computed in {res['seconds']:.1f}s{elsewhere}")
         write_json_atomic(out_dir / "last-run.json", {"results": results})
 
     options = options_of(spec, data_dir)
@@ -147,10 +150,14 @@ def run_study(spec: StudySpec, out_dir: Path, cache_root: Path, *, executor: str
     collected = collect(plan, works, cache, failures)
     write_report(out_dir, collected, cache_root)
     computed = sum(len(r["computed"]) for r in results.values())
-    summary = {"works_run": len(todo), "units_computed": computed, "failed": len(failures),
+    unreadable = sum(c["status"] == "failed" and c["key"] not in failures for c in collected["cells"])
+    summary = {"works_run": len(todo), "units_computed": computed, "failed": len(failures) + unreadable,
+               "entries_written": sum(len(r.get("wrote", [])) for r in results.values()),
+               "works_done_elsewhere": sum(r["ok"] and not r.get("wrote", True) for r in results.values()),
+               "quarantined": [name for name, _ in cache.quarantined],
                "seconds": round(time.time() - t0, 1), "cpu_seconds": round(_cpu_seconds() - cpu0, 1)}
     write_json_atomic(out_dir / "timings.json", summary)
-    echo(f"study {spec.name}: {computed} results computed, {len(failures)} failed, {summary['seconds']}s "
+    echo(f"study {spec.name}: {computed} results computed, {summary['failed']} failed, {summary['seconds']}s "
          f"({summary['cpu_seconds']} CPU s); report: {out_dir / 'report.md'}")
     return summary
 
@@ -170,16 +177,21 @@ def collect(plan: Plan, works: list[Work], cache: Cache, failures: dict[str, Wor
     cells = []
     for cell, qk in zip(plan.cells, plan.cell_keys):
         metrics, samples = {}, {}
-        for u in plan.units:
-            r = cache.get_json("results", plan.unit_keys[qk][u.key])
+        evals = [cache.get_json("results", plan.unit_keys[qk][u.key]) for u in plan.units]
+        for u, r in zip(plan.units, evals):
             if r is not None:
                 metrics[u.key] = r["metric"]
                 samples[u.key] = r["samples"]
         q = cache.get_json("quant", qk) if cell.recipe is not None else None
-        evals = [cache.get_json("results", plan.unit_keys[qk][u.key]) for u in plan.units]
         status = "done" if len(metrics) == len(plan.units) else ("failed" if qk in failures else "pending")
+        error = failures.get(qk, {}).get("error") if status == "failed" else None
+        corrupt = dict(cache.quarantined)  # a cached but unreadable result is a failure to report, not "pending"
+        bad = [n for n in (f"results/{plan.unit_keys[qk][u.key]}.json" for u in plan.units) if n in corrupt]
+        if status != "done" and bad:
+            status, error = "failed", (f"cache entry {bad[0]} is corrupt ({corrupt[bad[0]]}); moved to the "
+                                       "cache's quarantine, run the study again to recompute it")
         cells.append({**cell.to_dict(), "key": qk, "status": status, "metrics": metrics, "samples": samples,
-                      "error": failures.get(qk, {}).get("error") if status == "failed" else None,
+                      "error": error,
                       "calib_manifest": (q or {}).get("calibration"),
                       "quant_seconds": (q or {}).get("seconds"), "numerics": (q or {}).get("numerics"),
                       "eval_seconds": round(sum(e["seconds"] for e in evals if e), 2)})

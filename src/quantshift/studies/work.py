@@ -28,6 +28,11 @@ def pending_units(work: ModelWork, cache: Cache) -> list[UnitRecord]:
     return [u for u in work["units"] if not cache.has("results", u["key"])]
 
 
+def has_quant_record(work: ModelWork, cache: Cache) -> bool:
+    """The report's calibration manifest and quantize seconds: a lost record means quantizing again."""
+    return work["recipe"] is None or cache.has("quant", work["key"])
+
+
 def execute_work(work: Work, cache_root: str, options: dict, progress: bool = True) -> WorkResult:
     """Produce the work's model if any unit is missing, evaluate the missing units. Never raises."""
     cache = Cache(Path(cache_root))
@@ -36,10 +41,11 @@ def execute_work(work: Work, cache_root: str, options: dict, progress: bool = Tr
     try:
         if work["kind"] == "diag":
             return {"key": work["key"], "label": work["label"], "ok": True, "computed": [],
-                    "diag": run_diag_work(work, cache, options, progress), "seconds": round(time.time() - t0, 2)}
+                    "diag": run_diag_work(work, cache, options, progress), "seconds": round(time.time() - t0, 2),
+                    "wrote": cache.written}
         else:
             todo = pending_units(work, cache)
-            if todo:
+            if todo or not has_quant_record(work, cache):
                 loaded = obtain_model(work, cache, options, progress)
                 windows = WindowStore(cache, model_identity(ModelAxis(**work["model"])))
                 for batch in unit_batches(todo):
@@ -53,11 +59,11 @@ def execute_work(work: Work, cache_root: str, options: dict, progress: bool = Tr
                             "precision": loaded.precision.name})
                         done.append(u["key"])
         return {"key": work["key"], "label": work["label"], "ok": True, "computed": done,
-                "seconds": round(time.time() - t0, 2)}
+                "seconds": round(time.time() - t0, 2), "wrote": cache.written}
     except Exception as err:  # a failed cell is recorded and the study goes on
         return {"key": work["key"], "label": work["label"], "ok": False, "computed": done,
                 "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=8),
-                "seconds": round(time.time() - t0, 2)}
+                "seconds": round(time.time() - t0, 2), "wrote": cache.written}
 
 
 def obtain_model(work: ModelWork, cache: Cache, options: dict, progress: bool):
@@ -69,8 +75,13 @@ def obtain_model(work: ModelWork, cache: Cache, options: dict, progress: bool):
     if work["recipe"] is None:
         return load_model(model.name, device=device, dtype=dtype)
     kept = cache.model_dir(work["key"])
-    if kept.is_dir():
-        return load_model(str(kept), device=device, dtype=dtype)
+    if kept.is_dir() and cache.has("quant", work["key"]):  # without its record, quantize again to make one
+        from ..errors import ModelError
+
+        try:
+            return load_model(str(kept), device=device, dtype=dtype)
+        except ModelError as err:  # a damaged kept model: set it aside and quantize again
+            cache.quarantine(kept, str(err))
     from ..quantize import quantize_model, save
     from ..recipes import recipe_from_dict
 
@@ -129,13 +140,14 @@ class WindowStore:
         bos = tok.bos_token_id if loaded.needs_bos else None
         key = digest({"model": self.model, "source": source, "seqlen": seqlen, "windows": windows, "bos": bos,
                       "schema": CACHE_SCHEMA})
-        got = self.cache.get_tensors("windows", key)
-        if got is not None:
-            return got["ids"]
-        stream = token_stream(resolve_source(source, data_dir), "heldout", tok)
-        win = windows_of(stream, seqlen, bos, windows or None)
-        self.cache.put_tensors("windows", key, {"ids": win})
-        return win
+        with self.cache.claim("windows", key):  # every work of a model shares them: tokenize once
+            got = self.cache.get_tensors("windows", key)
+            if got is not None:
+                return got["ids"]
+            stream = token_stream(resolve_source(source, data_dir), "heldout", tok)
+            win = windows_of(stream, seqlen, bos, windows or None)
+            self.cache.put_tensors("windows", key, {"ids": win})
+            return win
 
 
 def evaluate_units(loaded, batch: list[UnitRecord], options: dict, progress: bool,
