@@ -90,7 +90,7 @@ def save_quantized(model: nn.Module, tokenizer: Any, out: Path, *, base_model: s
 
     out = Path(out)
     with staged_directory(out, overwrite) as tmp:
-        model.config.save_pretrained(tmp)
+        model.config.save_pretrained(tmp)  # type: ignore[union-attr,operator]  # a transformers PretrainedConfig
         tokenizer.save_pretrained(tmp)
         qtensors: dict[str, torch.Tensor] = {}
         quantized_weights = set()

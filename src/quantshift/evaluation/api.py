@@ -181,7 +181,8 @@ def _run_tasks(loaded, runs, res: EvalResult, *, limit, data_dir, batch_size, se
 
 
 def _leaves(raw: dict, key: str) -> list[str]:
-    out, todo = [], [key]
+    out: list[str] = []
+    todo = [key]
     gs = raw.get("group_subtasks") or {}
     while todo:
         g = todo.pop()

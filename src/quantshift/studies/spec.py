@@ -259,7 +259,7 @@ def suite_tasks(suite: str) -> list[str]:
     from ..evaluation.tasks import SUITES
 
     item = SUITES.get(suite)
-    tasks = getattr(item, "tasks", item)
+    tasks: list = getattr(item, "tasks", item)  # type: ignore[arg-type]  # a SuiteDef or a plain list
     return [t if isinstance(t, str) else t.name for t in tasks]
 
 
