@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from . import validate
 from .errors import QuantshiftError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -103,6 +104,7 @@ def quantize(
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Quantize a model with a method or a recipe and save it."""
+    validate.command("quantize", locals())  # every option checked before the model loads
     from .data.calibset import build_calibset
     from .errors import ConfigError
     from .models.load import load_model, resolve_device
@@ -174,6 +176,7 @@ def eval_cmd(
 ) -> None:
     """Evaluate a model: perplexity on held-out text, lm-eval tasks (multiple choice by log-likelihood),
     MT-Bench-style judged dialogue."""
+    validate.command("eval", locals())  # every option checked before the model loads
     from .errors import ConfigError
     from .evaluation.api import evaluate, preflight
     from .models.load import load_model
@@ -233,7 +236,8 @@ def eval_cmd(
 
 
 # Commands owned by other subpackages; each module defines `register(app)`.
-_COMMAND_MODULES = ("quantshift.export.commands", "quantshift.studies.commands", "quantshift.bench.commands")
+_COMMAND_MODULES = ("quantshift.export.commands", "quantshift.studies.commands", "quantshift.bench.commands",
+                    "quantshift.check")
 
 
 def _register_commands() -> None:

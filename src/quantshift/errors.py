@@ -15,3 +15,11 @@ class DataError(QuantshiftError):
 
 class ModelError(QuantshiftError):
     """A model cannot be found or loaded."""
+
+
+class InvalidInput(ConfigError):
+    """An option, recipe or study value rejected before any model loads or file is written."""
+
+    def __init__(self, message: str) -> None:
+        # one line, whatever the user typed: newlines in echoed values would split it
+        super().__init__(" ".join(str(message).splitlines()))

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from .. import validate
+
 
 def register(app: typer.Typer) -> None:
     app.command("run")(run_cmd)
@@ -26,6 +28,7 @@ def run_cmd(
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Run a study (grid of models x recipes x calibration sets x evaluations); resumes where it stopped."""
+    validate.command("run", locals())  # every option checked before anything runs
     from ..cli import _threads
     from .runner import run_study
     from .spec import load_study
