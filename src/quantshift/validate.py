@@ -32,6 +32,9 @@ MAX_BATCH = 1 << 16
 MAX_SHOTS = 1000
 MAX_SEED = (1 << 63) - 1  # torch.Generator.manual_seed's range (non-negative part)
 MAX_GROUP = 1 << 20
+# a source with this many bytes of text per needed token has room to spare in any tokenizer
+# seen here (English ~4 bytes per token, Chinese ~2-3); only closer calls are tokenized exactly
+AMPLE_BYTES_PER_TOKEN = 8
 DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
 # Hugging Face repo ids: org/name, letters digits - _ . (no '--' or '..', no leading/trailing - .)
@@ -48,10 +51,10 @@ def closest(word: str, options: Iterable[str]) -> str:
     return f" (did you mean {match[0]!r}?)" if match else ""
 
 
-def unknown(what: str, name: Any, options: Iterable[str], hint: str = "") -> NoReturn:
+def unknown(what: str, name: Any, options: Iterable[str], hint: str = "", where: str = "") -> NoReturn:
     opts = sorted(set(options))
     listed = ", ".join(opts) if len(opts) <= 40 else ", ".join(opts[:40]) + f", ... ({len(opts)} in all)"
-    fail(f"unknown {what} {name!r}{closest(name, opts)}; allowed: {listed}{hint}")
+    fail(f"{where + ': ' if where else ''}unknown {what} {name!r}{closest(name, opts)}; allowed: {listed}{hint}")
 
 
 # ---------------------------------------------------------------- scalar options
@@ -79,7 +82,7 @@ def check_device(option: str, value: Any) -> None:
 
 def check_dtype(option: str, value: Any) -> None:
     if value not in DTYPES:
-        unknown(f"{option} value", value, DTYPES)
+        unknown("dtype", value, DTYPES, where=option)
 
 
 def check_choice(option: str, value: Any, allowed: Iterable[str]) -> None:
@@ -207,8 +210,8 @@ def check_source(option: str, name: Any, data_dir: Any = None, union: bool = Tru
             pattern = part[5:]
             names = [n for n in tasks.names() if fnmatch.fnmatchcase(n, pattern)] if tasks is not None else []
             if not names:
-                unknown(f"task in {option} source", pattern, tasks.names() if tasks is not None else [],
-                        " (task:<name or glob>, see `quantshift list tasks`)")
+                unknown("task", pattern, tasks.names() if tasks is not None else [],
+                        " (task:<name or glob>, see `quantshift list tasks`)", where=f"{option} {part!r}")
             if _needs_data_dir(names) and not data_dir:
                 fail(f"{option} {part!r} reads data-dir tasks: give --data-dir (or data_dir) too")
         elif part in SOURCES:
@@ -220,8 +223,8 @@ def check_source(option: str, name: Any, data_dir: Any = None, union: bool = Tru
             if not part[3:].split(":")[0].strip():
                 fail(f"{option} {part!r}: give a dataset, hf:<dataset>[:<config>]")
         else:
-            unknown(f"{option} source", part, SOURCES.names(),
-                    " (or task:<name>, a .txt/.jsonl file, hf:<dataset>[:<config>])")
+            unknown("source", part, SOURCES.names(), " (or task:<name>, a .txt/.jsonl file, hf:<dataset>[:<config>])",
+                    where=option)
     return parts
 
 
@@ -263,16 +266,19 @@ def check_calib_budget(option: str, source: str, n: int, seqlen: int, model: str
     sound bound (a token is at least one byte of text) that only rejects what surely fails."""
     notes = []
     for part in check_source(option, source):
-        local = local_model_dir(model) if (model and exact) else None
-        tokens = _calib_tokens(part, str(local)) if local is not None else None
         body = seqlen - 1  # with a BOS token a window holds seqlen - 1 text tokens
+        nbytes = _calib_text_bytes(part)
+        if nbytes is not None and nbytes // body >= AMPLE_BYTES_PER_TOKEN * n:
+            notes.append(f"{part}: {nbytes} bytes, ample for {n} x {seqlen} tokens")
+            continue  # far more text than needed: not worth tokenizing twice
+        local = local_model_dir(model) if (model and exact and nbytes is not None) else None
+        tokens = _calib_tokens(part, str(local)) if local is not None else None
         if tokens is not None:
             if tokens // body < n:
                 fail(f"{option} {part!r} has {tokens} calibration tokens = {tokens // body} windows of {seqlen}; "
                      f"asked for {n} (use a smaller --nsamples/n or --seqlen)")
             notes.append(f"{part}: {tokens} tokens")
             continue
-        nbytes = _calib_text_bytes(part)
         if nbytes is None:
             notes.append(f"{part}: size not checked (needs a download or the task data)")
         elif nbytes // body < n:
@@ -344,7 +350,7 @@ def check_suite(option: str, name: Any, data_dir: Any = None) -> None:
     if suites is None:
         fail(f"{option} needs the task evaluation engine, which this build does not have")
     if name not in suites:
-        unknown("suite", name, suites.names())
+        unknown("suite", name, suites.names(), where=option)
     if "data-dir" in suites.get(name).needs and not data_dir:
         fail(f"{option} {name!r} reads local data: give --data-dir (or data_dir)")
 
@@ -409,7 +415,7 @@ def _methods():
 
 def check_method_name(where: str, name: Any) -> None:
     if not isinstance(name, str) or name not in _methods():
-        unknown(f"method in {where}" if where else "method", name, _methods().names())
+        unknown("method", name, _methods().names(), where=where)
 
 
 def check_recipe_data(data: Any, where: str = "recipe"):
@@ -709,10 +715,10 @@ def check_export(o: dict) -> None:
     if not (src / QUANT_FILE).is_file():
         fail(f"SRC {str(o['src'])!r} is not a quantshift quantized directory (no {QUANT_FILE}); quantize it first")
     if o.get("fmt") not in FORMATS:
-        unknown("export format", o.get("fmt"), FORMATS)
+        unknown("export format", o.get("fmt"), FORMATS, where="--format")
     dtype = o.get("dtype", "auto")
     if dtype != "auto" and dtype not in EXPORT_DTYPES:
-        unknown("--dtype value", dtype, ["auto", *EXPORT_DTYPES])
+        unknown("dtype", dtype, ["auto", *EXPORT_DTYPES], where="--dtype")
     if o.get("gptq_version", 1) not in (1, 2):
         fail(f"--gptq-version must be 1 (gptq) or 2 (gptq_v2), got {o.get('gptq_version')!r}")
     check_out_dir("--out", o["out"], bool(o.get("overwrite")))
