@@ -259,8 +259,9 @@ _register_commands()
 def main() -> None:
     import torch
 
+    exit_kinds, usage_kinds, abort_kinds = _click_kinds()
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)
     except QuantshiftError as err:
         _fail(err)
     except torch.OutOfMemoryError as err:
@@ -268,17 +269,36 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    except Exception as err:  # click usage errors and friends
-        import click
-
-        if isinstance(err, click.exceptions.Exit):
-            sys.exit(err.exit_code)
-        if isinstance(err, click.ClickException):
-            err.show()
+    except exit_kinds as err:
+        sys.exit(err.exit_code)
+    except usage_kinds as err:  # unknown option or command, a value of the wrong type: one line, exit 2
+        if type(err).__name__ == "NoArgsIsHelpError":  # bare `quantshift`: the help, not an error line
+            if err.format_message().strip():
+                typer.echo(err.format_message().rstrip(), err=True)
             sys.exit(2)
-        if isinstance(err, click.exceptions.Abort):
-            sys.exit(130)
-        raise
+        ctx = getattr(err, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        _fail(err, " ".join(err.format_message().split()) + hint)
+    except abort_kinds:
+        sys.exit(130)
+    if isinstance(code, int) and code:  # typer.Exit(n) inside a command returns n without standalone mode
+        sys.exit(code)
+
+
+def _click_kinds() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+    """(exit, usage error, abort) exception classes of click and of the copy newer typers vendor."""
+    import click
+
+    mods = [click.exceptions]
+    try:
+        import typer._click.exceptions as vendored  # typer >= 0.20 ships its own click
+
+        mods.append(vendored)
+    except ImportError:
+        pass
+    exits = {click.exceptions.Exit, typer.Exit, *(getattr(m, "Exit", click.exceptions.Exit) for m in mods)}
+    aborts = {click.exceptions.Abort, typer.Abort, *(getattr(m, "Abort", click.exceptions.Abort) for m in mods)}
+    return tuple(exits), tuple(m.ClickException for m in mods), tuple(aborts)
 
 
 def _fail(err: BaseException, message: str | None = None) -> None:
