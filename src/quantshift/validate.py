@@ -521,7 +521,6 @@ def check_recipe_file(path: Any, option: str = "--recipe"):
 
 def check_study_data(data: Any, where: str, data_dir: Any = None, stem: str = "study"):
     """Raw study data -> StudySpec, every axis checked (names, ranges, sources, their size)."""
-    from .config import parse
     from .studies.spec import StudySpec, method_recipes
 
     if not isinstance(data, dict):
@@ -529,14 +528,19 @@ def check_study_data(data: Any, where: str, data_dir: Any = None, stem: str = "s
     data = dict(data)
     data.setdefault("name", stem)
     check_keys(StudySpec, data, where)
-    for i, m in enumerate(data.get("methods") or []):
+    methods = data.get("methods")
+    for i, m in enumerate(methods if isinstance(methods, list) else []):
         if isinstance(m, dict) and isinstance(m.get("method"), str):
             check_method_name(f"{where} methods[{i}]", m["method"])
             if isinstance(m.get("options"), dict):
                 check_keys(_methods().get(m["method"]).Config, m["options"], f"{where} methods[{i}] options")
         if isinstance(m, dict) and isinstance(m.get("recipe"), list):
             check_recipe_data(m["recipe"], f"{where} methods[{i}] recipe")
-    spec = parse(StudySpec, data, where)
+    for key in ("models", "methods"):
+        if key in data and not isinstance(data[key], list):
+            fail(f"{where}: {key} must be a list like [{'smollm2-135m' if key == 'models' else '{method: gptq}'}], "
+                 f"got {_short(data[key])}")
+    spec = _parse(StudySpec, data, where)
     name = spec.name
     if not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
         fail(f"{where}: name {name!r} must be a plain directory name (the run goes to runs/<name>)")
@@ -595,6 +599,17 @@ def check_study_data(data: Any, where: str, data_dir: Any = None, stem: str = "s
 
     expand(spec, str(data_dir) if data_dir else None)  # duplicate cells, sources as the runner sees them
     return spec
+
+
+def _parse(model: Any, data: Any, where: str) -> Any:
+    """config.parse, with the errors a `mode="before"` validator lets through (it sees raw
+    values of any type) turned into one line too."""
+    from .config import parse
+
+    try:
+        return parse(model, data, where)
+    except (TypeError, AttributeError, KeyError) as err:
+        fail(f"{where}: a value has the wrong type ({type(err).__name__}: {err})")
 
 
 def check_study_file(path: Any, data_dir: Any = None, option: str = "STUDY"):
@@ -722,7 +737,7 @@ def check_export(o: dict) -> None:
     if o.get("gptq_version", 1) not in (1, 2):
         fail(f"--gptq-version must be 1 (gptq) or 2 (gptq_v2), got {o.get('gptq_version')!r}")
     check_out_dir("--out", o["out"], bool(o.get("overwrite")))
-    if Path(str(o["out"])).expanduser().resolve() == src.resolve():
+    if Path(str(o["out"])).expanduser().absolute() == src.absolute():
         fail("--out must differ from SRC: the export would replace its own input")
 
 
