@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import quantshift.cli as cli_mod
@@ -81,6 +81,7 @@ def invoke(args: list[str]) -> tuple[int | None, str, bool]:
 
 def assert_clean(args: list[str], ok_codes: tuple[int, ...] = ()) -> None:
     code, err, reached = invoke(args)
+    event("passed validation" if reached or code in ok_codes else "rejected")  # --hypothesis-show-statistics
     if reached or code in ok_codes:
         return
     assert code == 2, f"{args}: exit {code}\n{err}"
@@ -92,6 +93,8 @@ def assert_clean(args: list[str], ok_codes: tuple[int, ...] = ()) -> None:
 
 NO_NUL = st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",))  # argv cannot hold NUL
 TEXT = st.text(NO_NUL, max_size=12)
+BAD_NAMES = st.sampled_from(["smoothquant+gptq", "./nope", "a/b/c", "ünïcode", "", "missing.txt", "task:boss_*",
+                             "task:", "+", "org//x", "--", "-1"])
 
 
 @st.composite
@@ -113,27 +116,36 @@ def typo(draw, word: str) -> str:
 
 
 def name_like(valid: list[str]) -> st.SearchStrategy[str]:
-    """Valid names, their typos, and anything else."""
-    return st.one_of(st.sampled_from(valid), st.sampled_from(valid).flatmap(typo), TEXT)
+    """Mostly valid names, else their typos or anything else."""
+    good = st.sampled_from(valid)
+    return st.one_of(*[good] * 6, good.flatmap(typo), TEXT, BAD_NAMES)
 
 
 NUMBER = st.one_of(st.sampled_from([0, -1, 1, 2, 3, 4, 8, 16, 64, 128, 513, 2**31, 2**63, -2**63, 10**30]),
                    st.integers(-10**6, 10**6)).map(str)
 NUMBER_OR_JUNK = st.one_of(NUMBER, TEXT, st.sampled_from(["", " ", "1e3", "4.5", "nan", "٣", "0x10"]))
-METHODS = ["rtn", "gptq", "awq", "smoothquant", "spqr", "zeroquant", "quip", "fp8", "kvcache", "gptq,rtn",
-           "smoothquant+gptq"]
-SOURCES = ["wikipedia", "news", "pydocs", "zh-news", "c4", "wikipedia+news", "task:movie_sentiment",
-           "hf:some/dataset", "missing.txt", "task:boss_*"]
-MODELS = ["smollm2-135m", "gemma3-270m", "org/name", "./nope", "a/b/c", "ünïcode", ""]
+
+
+
+def value(good: list) -> st.SearchStrategy[str]:
+    """Mostly a good value of the option, else any number or junk."""
+    g = st.sampled_from([str(v) for v in good])
+    return st.one_of(*[g] * 6, NUMBER_OR_JUNK)
+
+
+METHODS = ["rtn", "gptq", "awq", "smoothquant", "spqr", "zeroquant", "quip", "fp8", "kvcache", "gptq,rtn"]
+SOURCES = ["wikipedia", "pydocs", "zh-news", "wikipedia+pydocs", "hf:some/dataset", "news", "c4",
+           "task:movie_sentiment"]
+MODELS = ["smollm2-135m", "gemma3-270m", "org/name"]
 
 
 @st.composite
 def options(draw, spec: dict[str, st.SearchStrategy[str]], flags: tuple[str, ...] = ()) -> list[str]:
-    """A random subset of options with random values; some option names misspelt."""
+    """A random subset of options with random values; now and then an option name misspelt."""
     chosen = draw(st.lists(st.sampled_from(sorted(spec)), max_size=5, unique=True))
     args: list[str] = []
     for opt in chosen:
-        name = draw(typo(opt)) if draw(st.integers(0, 9)) == 0 else opt
+        name = draw(typo(opt)) if draw(st.integers(0, 19)) == 0 else opt
         args += [name, draw(spec[opt])]
     for flag in flags:
         if draw(st.booleans()):
@@ -144,29 +156,29 @@ def options(draw, spec: dict[str, st.SearchStrategy[str]], flags: tuple[str, ...
 # ---------------------------------------------------------------- CLI options
 
 QUANTIZE = {
-    "--method": name_like(METHODS), "--wbits": NUMBER_OR_JUNK, "--abits": NUMBER_OR_JUNK,
-    "--group-size": NUMBER_OR_JUNK, "--calib": name_like(SOURCES), "--nsamples": NUMBER_OR_JUNK,
-    "--seqlen": NUMBER_OR_JUNK, "--seed": NUMBER_OR_JUNK, "--device": name_like(["auto", "cpu", "cuda", "cuda:0"]),
-    "--dtype": name_like(["auto", "float32", "bfloat16"]), "--batch-size": NUMBER_OR_JUNK,
-    "--propagate": name_like(["quantized", "fp"]), "--activations": name_like(["auto", "device", "offload"]),
-    "--data-dir": TEXT, "--stats-cache": TEXT, "--recipe": TEXT,
+    "--wbits": value([2, 3, 4, 8, 16]), "--abits": value([4, 8, 16]), "--group-size": value([-1, 0, 32, 64, 128]),
+    "--calib": name_like(SOURCES), "--nsamples": value([1, 4, 16]), "--seqlen": value([16, 128, 512]),
+    "--seed": value([0, 42]), "--device": name_like(["auto", "cpu"]), "--dtype": name_like(["auto", "float32", "bfloat16"]),
+    "--batch-size": value([1, 8]), "--propagate": name_like(["quantized", "fp"]),
+    "--activations": name_like(["auto", "device", "offload"]), "--data-dir": name_like(["."]),
+    "--stats-cache": name_like(["stats"]),
 }
 
 
 @FUZZ
-@given(model=name_like(MODELS), opts=options(QUANTIZE, ("--sym", "--overwrite", "--quiet")))
-def test_fuzz_quantize_options(model, opts):
-    assert_clean(["quantize", model, "--out", "out", *opts])
+@given(model=name_like(MODELS), method=name_like(METHODS), opts=options(QUANTIZE, ("--sym", "--overwrite", "--quiet")))
+def test_fuzz_quantize_options(model, method, opts):
+    assert_clean(["quantize", model, "--method", method, "--out", "out", *opts])
 
 
 EVAL = {
-    "--ppl": name_like(["wikipedia", "news", "pydocs,news"]), "--tasks": name_like(["movie_sentiment", "arc_easy",
-                                                                                    "hellaswag", "mmlu_dev"]),
-    "--suite": name_like(["offline", "ppl", "boss"]), "--shots": NUMBER_OR_JUNK, "--limit": NUMBER_OR_JUNK,
-    "--seqlen": NUMBER_OR_JUNK, "--max-windows": NUMBER_OR_JUNK, "--batch-size": NUMBER_OR_JUNK,
-    "--seed": NUMBER_OR_JUNK, "--device": name_like(["auto", "cpu"]), "--dtype": name_like(["auto", "float32"]),
-    "--json": TEXT, "--mt-bench": TEXT, "--judge": name_like(["hf:org/judge", "openai:gpt@http://x"]),
-    "--max-new-tokens": NUMBER_OR_JUNK, "--data-dir": TEXT,
+    "--ppl": name_like(["wikipedia", "news", "pydocs,news"]),
+    "--tasks": name_like(["movie_sentiment", "arc_easy", "hellaswag,mmlu_dev"]),
+    "--suite": name_like(["offline", "ppl", "boss"]), "--shots": value(["0", "0,5"]), "--limit": value([0, 10]),
+    "--seqlen": value([128, 512]), "--max-windows": value([0, 4]), "--batch-size": value([1, 4]),
+    "--seed": value([0, 1234]), "--device": name_like(["auto", "cpu"]), "--dtype": name_like(["auto", "float32"]),
+    "--json": name_like(["m.json"]), "--mt-bench": TEXT, "--judge": name_like(["hf:org/judge", "openai:gpt@http://x"]),
+    "--max-new-tokens": value([16, 256]), "--data-dir": name_like(["."]),
 }
 
 
@@ -176,11 +188,10 @@ def test_fuzz_eval_options(model, opts):
     assert_clean(["eval", model, *opts])
 
 
-BENCH = {"--batch-sizes": st.one_of(NUMBER_OR_JUNK, st.just("1,8,32"), st.just("1,,0")),
-         "--prompt-len": NUMBER_OR_JUNK, "--gen-len": NUMBER_OR_JUNK, "--repeats": NUMBER_OR_JUNK,
-         "--device": name_like(["auto", "cpu"]), "--dtype": name_like(["auto", "float16"]), "--json": TEXT}
-EXPORT = {"--format": name_like(["compressed-tensors", "gptq", "fp8"]), "--dtype": name_like(["auto", "bfloat16"]),
-          "--gptq-version": NUMBER_OR_JUNK}
+BENCH = {"--batch-sizes": value(["1,8,32", "4", "1,,2"]), "--prompt-len": value([1, 128]), "--gen-len": value([2, 32]),
+         "--repeats": value([1, 3]), "--device": name_like(["auto", "cpu"]), "--dtype": name_like(["auto", "float16"]),
+         "--json": name_like(["b.json"])}
+EXPORT = {"--dtype": name_like(["auto", "bfloat16"]), "--gptq-version": value([1, 2])}
 
 
 @FUZZ
@@ -199,7 +210,7 @@ def quantized_dir(tmp_path_factory) -> Path:
 
 
 @FUZZ
-@given(src=st.one_of(st.just("QDIR"), TEXT), opts=options(EXPORT, ("--overwrite", "--allow-unservable")),
+@given(src=st.one_of(st.just("QDIR"), st.just("QDIR"), TEXT), opts=options(EXPORT, ("--overwrite", "--allow-unservable")),
        fmt=name_like(["compressed-tensors", "gptq", "fp8"]))
 def test_fuzz_export_options(quantized_dir, src, opts, fmt):
     assert_clean(["export", str(quantized_dir) if src == "QDIR" else src, "--format", fmt, "--out", "out", *opts])
@@ -253,7 +264,7 @@ def mutated(draw, base) -> object:
     import copy
 
     data = copy.deepcopy(base)
-    for _ in range(draw(st.integers(1, 3))):
+    for _ in range(draw(st.integers(0, 2))):
         paths = _paths(data)
         path = draw(st.sampled_from(paths))
         if not path:
