@@ -181,7 +181,7 @@ def test_binary_recipe_file_is_one_line(tmp_path):
     (["--method", "rtn", "--calib", "wikipedia+"], "empty source name in a '+' union"),
     (["--method", "rtn", "--calib", "missing.txt"], "text file 'missing.txt' does not exist"),
     (["--method", "rtn", "--calib", "task:no_such_*"], "unknown task 'no_such_*'"),
-    (["--method", "rtn", "--data-dir", "nowhere"], "--data-dir 'nowhere': no such directory"),
+    (["--method", "rtn", "--data-dir", "nowhere"], "--data-dir 'nowhere' does not exist"),
     (["--method", "gptq", "--calib", "news", "--nsamples", "100000"], "calibration"),
 ])
 def test_quantize_options(cli, args, needle, tmp_path):
@@ -216,7 +216,7 @@ def test_valid_quantize_reaches_the_loader(cli, tmp_path):
     (["eval", "org/name with space", "--ppl", "news"], "hub id like org/name"),
     (["bench", "smollm2-135m", "--batch-sizes", "0"], "--batch-sizes must be an integer 1.."),
     (["bench", "smollm2-135m", "--gen-len", "1"], "--gen-len must be an integer 2.."),
-    (["export", "nowhere", "--format", "gptq", "--out", "o"], "no such directory"),
+    (["export", "nowhere", "--format", "gptq", "--out", "o"], "SRC 'nowhere': no such directory"),
 ])
 def test_other_command_options(cli, args, needle):
     code, _, err = cli(*args)

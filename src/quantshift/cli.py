@@ -270,22 +270,23 @@ def main() -> None:
         typer.echo("interrupted", err=True)
         sys.exit(130)
     except exit_kinds as err:
-        sys.exit(err.exit_code)
+        sys.exit(getattr(err, "exit_code", 0))
     except usage_kinds as err:  # unknown option or command, a value of the wrong type: one line, exit 2
+        message: str = getattr(err, "format_message", lambda: str(err))()
         if type(err).__name__ == "NoArgsIsHelpError":  # bare `quantshift`: the help, not an error line
-            if err.format_message().strip():
-                typer.echo(err.format_message().rstrip(), err=True)
+            if message.strip():
+                typer.echo(message.rstrip(), err=True)
             sys.exit(2)
         ctx = getattr(err, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        _fail(err, " ".join(err.format_message().split()) + hint)
+        _fail(err, " ".join(message.split()) + hint)
     except abort_kinds:
         sys.exit(130)
     if isinstance(code, int) and code:  # typer.Exit(n) inside a command returns n without standalone mode
         sys.exit(code)
 
 
-def _click_kinds() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:
+def _click_kinds() -> tuple[tuple[type[Exception], ...], tuple[type[Exception], ...], tuple[type[Exception], ...]]:
     """(exit, usage error, abort) exception classes of click and of the copy newer typers vendor."""
     import click
 

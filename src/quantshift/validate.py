@@ -112,14 +112,14 @@ def int_list(option: str, text: str, lo: int, hi: int) -> list[int]:
 def check_existing_file(option: str, path: Any) -> Path:
     p = Path(str(path)).expanduser()
     if not p.is_file():
-        fail(f"{option} {str(path)!r}: no such file")
+        fail(f"{option} {str(path)!r} does not exist (or is not a file)")
     return p
 
 
 def check_existing_dir(option: str, path: Any) -> Path:
     p = Path(str(path)).expanduser()
     if not p.is_dir():
-        fail(f"{option} {str(path)!r}: no such directory")
+        fail(f"{option} {str(path)!r} does not exist (or is not a directory)")
     return p
 
 
