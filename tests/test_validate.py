@@ -284,6 +284,36 @@ def test_study_calibration_too_short(tmp_path):
     validate.check_study_file(write(tmp_path, text.replace("seqlen: 999999", "seqlen: 64")))
 
 
+def test_study_with_nothing_to_evaluate(tmp_path):
+    text = STUDY.replace("evaluation: {ppl: [news], ppl_windows: 2}", "evaluation: {ppl_windows: 2}")
+    with pytest.raises(InvalidInput, match="nothing to evaluate"):
+        validate.check_study_file(write(tmp_path, text))
+
+
+def test_study_examples_mode_needs_enough_documents(tmp_path):
+    docs = tmp_path / "few.txt"
+    docs.write_text("\n\n".join(f"document {i} " * 20 for i in range(10)))  # 8 calibration documents
+    text = STUDY.replace("method: rtn", "method: gptq").replace(
+        "sources: [wikipedia], n: 2, seqlen: 64", f"sources: [{docs}], n: 9, seqlen: 64, mode: examples")
+    with pytest.raises(InvalidInput, match="has 8 calibration examples; asked for n = 9"):
+        validate.check_study_file(write(tmp_path, text))
+    validate.check_study_file(write(tmp_path, text.replace("n: 9", "n: 8")))
+
+
+def test_windows_longer_than_the_model_context(cli, tmp_path):
+    model = tmp_path / "m"
+    model.mkdir()
+    (model / "config.json").write_text('{"max_position_embeddings": 256, "num_hidden_layers": 2, "hidden_size": 64}')
+    code, _, err = cli("quantize", str(model), "--method", "rtn", "--seqlen", "512", "--out", str(tmp_path / "o"))
+    assert code == 2 and "--seqlen 512 is longer than" in one_line_error(err) and "context of 256" in err
+    code, _, err = cli("eval", str(model), "--ppl", "news", "--seqlen", "300")
+    assert code == 2 and "context of 256" in one_line_error(err)
+    code, _, err = cli("bench", str(model), "--prompt-len", "250", "--gen-len", "10")
+    assert code == 2 and "context of 256" in one_line_error(err)
+    with pytest.raises(ModelLoaded):  # within the context: reaches the loader
+        cli("quantize", str(model), "--method", "rtn", "--seqlen", "256", "--out", str(tmp_path / "o"))
+
+
 def test_study_that_is_not_a_mapping(tmp_path):
     with pytest.raises(InvalidInput, match="a study is a mapping"):
         validate.check_study_file(write(tmp_path, "- a\n- b\n"))

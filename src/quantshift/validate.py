@@ -181,6 +181,28 @@ def local_model_dir(name: str) -> Path | None:
     return p if (p / "config.json").is_file() else None
 
 
+def model_config(name: str) -> dict | None:
+    """A model's config.json when it is already on disk (the text part of a multimodal one)."""
+    import json
+
+    local = local_model_dir(name)
+    if local is None:
+        return None
+    try:
+        cfg = json.loads((local / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return cfg.get("text_config", cfg) if isinstance(cfg, dict) else None
+
+
+def check_context(option: str, tokens: int, model: str) -> None:
+    """Windows longer than the model's context fail (or silently degrade) only after it loads."""
+    cfg = model_config(model)
+    ctx = cfg.get("max_position_embeddings") if cfg else None
+    if isinstance(ctx, int) and ctx > 0 and tokens > ctx:
+        fail(f"{option} {tokens} is longer than {model}'s context of {ctx} tokens (max_position_embeddings)")
+
+
 # ---------------------------------------------------------------- text sources and tasks
 
 def _task_registry():
@@ -240,6 +262,27 @@ def _calib_text_bytes(name: str) -> int | None:
         return len(get_source(name).text("calib").encode("utf-8"))
     except QuantshiftError:
         return None  # unreadable now: the build reports it with its own one-line error
+
+
+@cache
+def _calib_documents(name: str) -> int | None:
+    """How many calibration documents a source has, when that is known without a download."""
+    from .data.sources import SOURCES, get_source
+
+    if name.startswith(("task:", "hf:")) or (name in SOURCES and SOURCES.get(name).online):
+        return None
+    try:
+        return len(get_source(name).documents("calib"))
+    except QuantshiftError:
+        return None
+
+
+def check_calib_examples(option: str, source: str, n: int) -> None:
+    """Examples mode takes n documents from each source: fewer fails after the model loads."""
+    for part in check_source(option, source):
+        docs = _calib_documents(part)
+        if docs is not None and docs < n:
+            fail(f"{option} {part!r} has {docs} calibration examples; asked for n = {n}")
 
 
 @cache
@@ -590,11 +633,19 @@ def check_study_data(data: Any, where: str, data_dir: Any = None, stem: str = "s
     int_in(f"{where} diagnostics seqlen", diag.seqlen, 2, MAX_SEQLEN)
     check_device(f"{where} device", spec.device)
     int_in(f"{where} batch_size", spec.batch_size, 1, MAX_BATCH)
+    if not ev.ppl and not ev.tasks and not ev.suite:
+        fail(f"{where} evaluation: nothing to evaluate; give ppl sources, tasks or a suite")
+    for m in spec.models:
+        check_context(f"{where} calibration seqlen", cal.seqlen, m.name)
+        check_context(f"{where} evaluation ppl_seqlen", ev.ppl_seqlen, m.name)
+        check_context(f"{where} diagnostics seqlen", diag.seqlen, m.name)
     needs_cal = any(r.needs_calibration for a in spec.methods for _, _, r in method_recipes(a, where))
-    if needs_cal and cal.mode == "tokens":
-        for src in cal.sources:
-            for m in spec.models:
-                check_calib_budget(f"{where} calibration source", src, cal.n, cal.seqlen, m.name)
+    for src in cal.sources if needs_cal else []:
+        if cal.mode == "examples":
+            check_calib_examples(f"{where} calibration source", src, cal.n)
+            continue
+        for m in spec.models:
+            check_calib_budget(f"{where} calibration source", src, cal.n, cal.seqlen, m.name)
     from .studies.spec import expand
 
     expand(spec, str(data_dir) if data_dir else None)  # duplicate cells, sources as the runner sees them
@@ -657,6 +708,7 @@ def check_quantize(o: dict) -> None:
     calib = o.get("calib", "wikipedia")
     check_source("--calib", calib, o.get("data_dir"))
     check_out_dir("--out", o["out"], bool(o.get("overwrite")))
+    check_context("--seqlen", o.get("seqlen", 512), str(o["model"]))
     if rec.needs_calibration:
         check_calib_budget("--calib", calib, o.get("nsamples", 128), o.get("seqlen", 512), str(o["model"]))
 
@@ -702,6 +754,8 @@ def check_eval(o: dict) -> None:
     if o.get("limit") is not None:
         int_in("--limit", o["limit"], 0, MAX_COUNT, " (0 = all)")
     int_in("--seqlen", o.get("seqlen", 512), 2, MAX_SEQLEN)
+    if ppl or suite:
+        check_context("--seqlen", o.get("seqlen", 512), str(o["model"]))
     int_in("--max-windows", o.get("max_windows", 64), 0, MAX_COUNT, " (0 = all)")
     int_in("--batch-size", o.get("batch_size", 4), 1, MAX_BATCH)
     check_seed("--seed", o.get("seed", 1234))
@@ -747,6 +801,7 @@ def check_bench(o: dict) -> None:
     int_in("--prompt-len", o.get("prompt_len", 128), 1, MAX_SEQLEN)
     int_in("--gen-len", o.get("gen_len", 32), 2, MAX_SEQLEN)
     int_in("--repeats", o.get("repeats", 1), 1, MAX_COUNT)
+    check_context("--prompt-len + --gen-len", o.get("prompt_len", 128) + o.get("gen_len", 32), str(o["model"]))
     check_device("--device", o.get("device", "auto"))
     check_dtype("--dtype", o.get("dtype", "auto"))
     if o.get("json_out") is not None:
