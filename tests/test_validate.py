@@ -278,10 +278,10 @@ def test_study_values(old, new, needle, tmp_path):
 
 
 def test_study_calibration_too_short(tmp_path):
-    text = STUDY.replace("method: rtn", "method: gptq").replace("[wikipedia], n: 2, seqlen: 64", "[news], n: 2, seqlen: 999999")
-    with pytest.raises(InvalidInput, match="'news' has [0-9]+ (bytes of )?calibration (tokens|text).*999999"):
+    text = STUDY.replace("method: rtn", "method: gptq").replace("[wikipedia], n: 2, seqlen: 64", "[news], n: 200, seqlen: 4096")
+    with pytest.raises(InvalidInput, match="'news' has [0-9]+ (bytes of )?calibration (tokens|text).*200"):
         validate.check_study_file(write(tmp_path, text))
-    validate.check_study_file(write(tmp_path, text.replace("seqlen: 999999", "seqlen: 64")))
+    validate.check_study_file(write(tmp_path, text.replace("seqlen: 4096", "seqlen: 64")))
 
 
 def test_study_with_nothing_to_evaluate(tmp_path):

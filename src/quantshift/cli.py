@@ -272,7 +272,8 @@ def main() -> None:
     except exit_kinds as err:
         sys.exit(getattr(err, "exit_code", 0))
     except usage_kinds as err:  # unknown option or command, a value of the wrong type: one line, exit 2
-        message: str = getattr(err, "format_message", lambda: str(err))()
+        fmt = getattr(err, "format_message", None)
+        message = str(fmt() if callable(fmt) else err)
         if type(err).__name__ == "NoArgsIsHelpError":  # bare `quantshift`: the help, not an error line
             if message.strip():
                 typer.echo(message.rstrip(), err=True)
