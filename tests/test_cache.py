@@ -356,16 +356,18 @@ def test_verify_passes_a_clean_cache_and_names_a_garbled_entry(finished, tmp_pat
 def test_run_with_a_failed_cell_exits_non_zero(tiny_env, tmp_path, monkeypatch, capsys):
     """`run` raises typer.Exit(1) on failures; through main() that must reach the shell (it exited 0)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    short = tmp_path / "short.txt"
-    short.write_text("too little text\n\nfor a calibration set")
     spec = small_study(tiny_env, "fails")
     spec.update(methods=[{"method": "gptq", "wbits": [4], "group_size": 32}], include_fp=False,
                 diagnostics={"enabled": False})
-    spec["calibration"]["sources"] = [str(short)]
+
+    def broken(*_a, **_k):  # a fault validation cannot see: the cell fails while running
+        raise RuntimeError("out of disk")
+
+    monkeypatch.setattr("quantshift.studies.work.obtain_model", broken)
     study = write_study({"root": tmp_path}, spec)
     code, out = _quantshift(["run", str(study), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--quiet"],
                             capsys, monkeypatch)
-    assert code == 1 and "1 failed" in out, out
+    assert code == 1 and "2 failed" in out, out
 
 
 # ---------------------------------------------------------------- two processes, one cache

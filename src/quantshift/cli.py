@@ -10,6 +10,7 @@ from typing import Annotated
 
 import typer
 
+from . import validate
 from .errors import QuantshiftError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -98,6 +99,7 @@ def quantize(
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Quantize a model with a method or a recipe and save it."""
+    validate.command("quantize", locals())  # every option checked before the model loads
     from . import api
     from .errors import ConfigError
 
@@ -139,6 +141,7 @@ def eval_cmd(
 ) -> None:
     """Evaluate a model: perplexity on held-out text, lm-eval tasks (multiple choice by log-likelihood),
     MT-Bench-style judged dialogue."""
+    validate.command("eval", locals())  # every option checked before the model loads
     from . import api
     from .errors import ConfigError
     from .evaluation.api import samples_file
@@ -164,7 +167,8 @@ def eval_cmd(
 
 
 # Commands owned by other subpackages; each module defines `register(app)`.
-_COMMAND_MODULES = ("quantshift.export.commands", "quantshift.studies.commands", "quantshift.bench.commands")
+_COMMAND_MODULES = ("quantshift.export.commands", "quantshift.studies.commands", "quantshift.bench.commands",
+                    "quantshift.check")
 
 
 def _register_commands() -> None:
@@ -180,8 +184,9 @@ _register_commands()
 def main() -> None:
     import torch
 
+    exit_kinds, usage_kinds, abort_kinds = _click_kinds()
     try:
-        code = app(standalone_mode=False)  # a command's typer.Exit(n) comes back as n here, not raised
+        code = app(standalone_mode=False)
     except QuantshiftError as err:
         _fail(err)
     except torch.OutOfMemoryError as err:
@@ -189,19 +194,38 @@ def main() -> None:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         sys.exit(130)
-    except Exception as err:  # click usage errors and friends
-        import click
-
-        if isinstance(err, click.exceptions.Exit):
-            sys.exit(err.exit_code)
-        if isinstance(err, click.ClickException):
-            err.show()
+    except exit_kinds as err:
+        sys.exit(getattr(err, "exit_code", 0))
+    except usage_kinds as err:  # unknown option or command, a value of the wrong type: one line, exit 2
+        fmt = getattr(err, "format_message", None)
+        message = str(fmt() if callable(fmt) else err)
+        if type(err).__name__ == "NoArgsIsHelpError":  # bare `quantshift`: the help, not an error line
+            if message.strip():
+                typer.echo(message.rstrip(), err=True)
             sys.exit(2)
-        if isinstance(err, click.exceptions.Abort):
-            sys.exit(130)
-        raise
-    if isinstance(code, int) and code:
+        ctx = getattr(err, "ctx", None)
+        hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+        _fail(err, " ".join(message.split()) + hint)
+    except abort_kinds:
+        sys.exit(130)
+    if isinstance(code, int) and code:  # typer.Exit(n) inside a command returns n without standalone mode
         sys.exit(code)
+
+
+def _click_kinds() -> tuple[tuple[type[Exception], ...], tuple[type[Exception], ...], tuple[type[Exception], ...]]:
+    """(exit, usage error, abort) exception classes of click and of the copy newer typers vendor."""
+    import click
+
+    mods = [click.exceptions]
+    try:
+        import typer._click.exceptions as vendored  # typer >= 0.20 ships its own click
+
+        mods.append(vendored)
+    except ImportError:
+        pass
+    exits = {click.exceptions.Exit, typer.Exit, *(getattr(m, "Exit", click.exceptions.Exit) for m in mods)}
+    aborts = {click.exceptions.Abort, typer.Abort, *(getattr(m, "Abort", click.exceptions.Abort) for m in mods)}
+    return tuple(exits), tuple(m.ClickException for m in mods), tuple(aborts)
 
 
 def _fail(err: BaseException, message: str | None = None) -> None:

@@ -23,3 +23,9 @@ class NumericalError(QuantshiftError):
 
 class DependencyError(QuantshiftError):
     """A package a feature needs is missing, or installed but failing to import."""
+class InvalidInput(ConfigError):
+    """An option, recipe or study value rejected before any model loads or file is written."""
+
+    def __init__(self, message: str) -> None:
+        # one line, whatever the user typed: newlines in echoed values would split it
+        super().__init__(" ".join(str(message).splitlines()))

@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from .. import validate
+
 
 def _sizes(text: str) -> list[int]:
     from ..errors import ConfigError
@@ -33,6 +35,7 @@ def register(app: typer.Typer) -> None:
         json_out: Annotated[Path | None, typer.Option("--json", help="write metrics JSON here")] = None,
     ) -> None:
         """Measure size on disk, packed weight bytes, peak memory, prefill and decode tokens/s."""
+        validate.command("bench", locals())  # every option checked before anything runs
         from ..checkpoint import versions, write_json_atomic
         from ..cli import _threads
         from ..errors import ConfigError

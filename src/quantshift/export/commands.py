@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from .. import validate
+
 
 def register(app: typer.Typer) -> None:
     @app.command("export")
@@ -23,6 +25,7 @@ def register(app: typer.Typer) -> None:
         overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
     ) -> None:
         """Export a quantized model (compressed-tensors / GPTQ / FP8) for vLLM and transformers."""
+        validate.command("export", locals())  # every option checked before anything runs
         import json
 
         from ..api import export

@@ -9,6 +9,7 @@ import typer
 
 if TYPE_CHECKING:
     from .spec import StudySpec
+from .. import validate
 
 
 def register(app: typer.Typer) -> None:
@@ -33,6 +34,7 @@ def run_cmd(
                                               "entry was corrupt (the next run recomputes it)")] = False,
 ) -> None:
     """Run a study (grid of models x recipes x calibration sets x evaluations); resumes where it stopped."""
+    validate.command("run", locals())  # every option checked before anything runs
     from ..api import run_study
     from ..cli import _threads
 

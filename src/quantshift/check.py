@@ -1,0 +1,186 @@
+"""`quantshift check STUDY.yaml|RECIPE.yaml`: validate a file and say what it would run.
+
+A dry run: nothing loads a model and nothing is written. For a study: the works and evaluation
+units the runner would plan, how many the cache already holds, and a rough time estimate; for a
+recipe: its stages with every setting resolved.
+
+The estimate is a simple per-token model, labelled as such: a calibrated quantization costs
+blocks x calibration tokens x K_QUANT seconds, an evaluation blocks x scored tokens x K_EVAL,
+both scaled by (hidden / 576)^2 for models of another width. The CPU constants come from the
+README's measurements on 2 CPU cores with smollm2-135m (30 blocks, hidden 576, bf16 autocast):
+GPTQ at 128 x 512 tokens in 142 s, evaluation at 965 tokens/s. The GPU factor is an assumption.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from . import validate
+
+K_QUANT_CPU = 142.0 / (30 * 128 * 512)  # s per calibration token per block (GPTQ, README)
+K_EVAL_CPU = 1.0 / (965 * 30)  # s per scored token per block (evaluation, README)
+K_RTN_BLOCK_CPU = 0.3  # s per block for methods without calibration (round to nearest)
+GPU_SPEEDUP = 50.0  # assumed, not measured here
+REF_HIDDEN = 576
+TASK_ITEM_TOKENS = 256  # rough prompt + choices tokens per scored item and shot
+DEFAULT_TASK_ITEMS = 200  # evaluation.tasks.DEFAULT_LIMIT
+# the bundled models' shapes (their descriptions), for when the converted checkpoint is not on disk
+BUNDLED_SHAPES = {"smollm2-135m": (30, 576), "gemma3-270m": (18, 640)}
+
+
+def register(app: typer.Typer) -> None:
+    app.command("check")(check_cmd)
+
+
+def check_cmd(
+    path: Annotated[Path, typer.Argument(help="a study YAML (see studies/) or a recipe YAML (stages: [...])")],
+    data_dir: Annotated[Path | None, typer.Option(help="directory with offline task data (as for run)")] = None,
+    cache: Annotated[Path | None, typer.Option(help="study cache to count finished work in "
+                                                    "(default: the one `run` would use, runs/.cache)")] = None,
+    device: Annotated[str | None, typer.Option(help="plan and estimate for this device: auto, cpu, cuda")] = None,
+) -> None:
+    """Validate a study or recipe file and say what it would run (works, cached results, a time estimate)."""
+    data = validate.read_yaml("FILE", path)
+    if data_dir is not None:
+        validate.check_existing_dir("--data-dir", data_dir)
+    if device is not None:
+        validate.check_device("--device", device)
+    if file_kind(data, str(path)) == "recipe":
+        rec = validate.check_recipe_data(data, str(path))
+        for line in describe_recipe(rec):
+            typer.echo(line)
+        return
+    if device is not None and isinstance(data, dict):
+        data = {**data, "device": device}
+    spec = validate.check_study_data(data, str(path), data_dir, path.stem)
+    cache_root = cache or Path("runs") / ".cache"
+    for line in describe_study(spec, cache_root, str(data_dir) if data_dir else None):
+        typer.echo(line)
+
+
+def file_kind(data: Any, where: str) -> str:
+    """'recipe' (a stage list, or a mapping with stages) or 'study' (a mapping of study keys)."""
+    from .studies.spec import StudySpec
+
+    if isinstance(data, list):
+        return "recipe"
+    if not isinstance(data, dict) or not data:
+        validate.fail(f"{where}: neither a recipe (a list of stages, or stages: [...]) nor a study "
+                      f"(a mapping with models, methods, calibration, evaluation); got {validate._short(data)}")
+    study_keys = set(StudySpec.model_fields)
+    if "stages" in data:
+        return "recipe"
+    if any(k in study_keys for k in data):
+        return "study"
+    key = str(next(iter(data)))
+    validate.fail(f"{where}: unknown key {key!r}{validate.closest(key, [*study_keys, 'stages'])}; a recipe has "
+                  f"stages, a study has {', '.join(sorted(study_keys))}")
+
+
+def describe_recipe(rec) -> list[str]:
+    from .methods import METHODS
+
+    lines = [f"recipe: valid, {len(rec.stages)} stage{'s' * (len(rec.stages) != 1)}: {rec.describe()} "
+             f"(digest {rec.digest()}); calibration data {'needed' if rec.needs_calibration else 'not needed'}"]
+    for i, stage in enumerate(rec.stages):
+        cls = METHODS.get(stage.method)
+        settings = stage.config.model_dump(mode="json")
+        shown = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
+        lines.append(f"  stage {i}: {stage.method} ({cls.kind}{', calibrated' if cls.needs_calibration else ''}) {shown}")
+    return lines
+
+
+def model_shape(name: str) -> tuple[int, int, bool]:
+    """(blocks, hidden size, known) from a config on disk or the bundled table; else a guess."""
+    local = validate.local_model_dir(name)
+    if local is not None:
+        try:
+            cfg = json.loads((local / "config.json").read_text())
+            cfg = cfg.get("text_config", cfg)
+            return int(cfg["num_hidden_layers"]), int(cfg["hidden_size"]), True
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    if name in BUNDLED_SHAPES:
+        return (*BUNDLED_SHAPES[name], True)
+    return 30, REF_HIDDEN, False
+
+
+def work_estimate(work: Mapping[str, Any], spec, pending: Sequence[Mapping[str, Any]], on_gpu: bool) -> tuple[float, float]:
+    """(quantization seconds, evaluation seconds) of one model work, as estimated (see module doc)."""
+    blocks, hidden, _ = model_shape(work["model"]["name"])
+    scale = (hidden / REF_HIDDEN) ** 2 / (GPU_SPEEDUP if on_gpu else 1.0)
+    quant = 0.0
+    if pending and work["recipe"] is not None:
+        if work["calib"] is not None:
+            parts = len(work["calib"]["source"].split("+"))
+            quant = blocks * parts * work["calib"]["n"] * work["calib"]["seqlen"] * K_QUANT_CPU * scale
+        else:
+            quant = blocks * K_RTN_BLOCK_CPU * scale
+    tokens = 0
+    for u in pending:
+        s = u["settings"]
+        if s["kind"] == "ppl":
+            tokens += s["seqlen"] * (s["windows"] or 64)  # 0 = every window: counted as 64
+        else:
+            items = s["limit"] or DEFAULT_TASK_ITEMS
+            tokens += items * TASK_ITEM_TOKENS * (s["shots"] + 1)
+    return quant, blocks * tokens * K_EVAL_CPU * scale
+
+
+def describe_study(spec, cache_root: Path, data_dir: str | None) -> list[str]:
+    from .models.load import resolve_device
+    from .studies.cache import Cache
+    from .studies.runner import all_works, needs_work, plan_study
+    from .studies.work import pending_units
+
+    on_gpu = resolve_device(spec.device).startswith("cuda")
+    plan = plan_study(spec, data_dir, on_gpu=on_gpu)
+    works = all_works(plan)
+    cache = Cache(Path(cache_root))
+    models = [w for w in works if w["kind"] == "model"]
+    quant = [w for w in models if w["recipe"] is not None]
+    diag = [w for w in works if w["kind"] == "diag"]
+    units_total = sum(len(w["units"]) for w in models)
+    pend = {w["key"]: pending_units(w, cache) for w in models}
+    units_todo = sum(len(p) for p in pend.values())
+    quant_done = sum(1 for w in quant if not pend[w["key"]])
+    diag_done = sum(1 for w in diag if not needs_work(w, cache))
+    q_s = e_s = 0.0
+    for w in models:
+        q, e = work_estimate(w, spec, pend[w["key"]], on_gpu)
+        q_s, e_s = q_s + q, e_s + e
+    shapes = [model_shape(m.name) for m in spec.models]
+    guessed = [m.name for m, s in zip(spec.models, shapes) if not s[2]]
+    lines = [
+        f"study {spec.name}: valid; {len(plan.cells)} cells -> {len(models)} distinct models "
+        f"({len(quant)} quantized, {len(models) - len(quant)} fp) x {len(plan.units)} evaluation units",
+        f"  quantize works: {len(quant)} ({quant_done} with every result cached, {len(quant) - quant_done} to run)",
+        f"  eval units: {units_total} ({units_total - units_todo} cached, {units_todo} to run)",
+        f"  diagnostics works: {len(diag)} ({diag_done} cached)",
+        f"  cache: {cache_root}",
+    ]
+    cal = spec.calibration
+    if any(w["calib"] for w in quant):
+        per = ", ".join(f"{m.name}: {s[0]} blocks" for m, s in zip(spec.models, shapes))
+        lines.append(f"  calibration per work: {cal.n} x {cal.seqlen} tokens per source ({cal.mode}); {per}")
+        for src in cal.sources:
+            if cal.mode == "tokens":
+                note = validate.check_calib_budget("calibration source", src, cal.n, cal.seqlen, spec.models[0].name)
+                lines.append(f"    {note}")
+    lines.append(f"  estimate (rough, per-token model for {'GPU' if on_gpu else 'CPU'}, see `quantshift.check`): "
+                 f"quantization {_duration(q_s)}, evaluation {_duration(e_s)}, total {_duration(q_s + e_s)}"
+                 + (f"; shape of {', '.join(guessed)} unknown offline, assumed 30 blocks x {REF_HIDDEN}" if guessed else ""))
+    return lines
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"~{seconds:.0f} s"
+    if seconds < 5400:
+        return f"~{seconds / 60:.0f} min"
+    return f"~{seconds / 3600:.1f} h"

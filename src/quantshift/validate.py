@@ -1,0 +1,837 @@
+"""Validate first: every command option, recipe and study is checked before a model loads or a
+file is written, and a bad value fails at once with one line naming it and what is allowed.
+
+The methods' own configs (pydantic, methods/*.py) stay the definition of what a stage accepts;
+this module runs them early and adds what they only find out late: group sizes and override
+formats (checked when the first block is quantized), regexes, stack rules (quip), names of
+methods / tasks / suites / sources / models (with the closest valid name), output directories
+that would be refused after the work, and calibration sources too short for n x seqlen.
+
+Every check here is cheap: no model is loaded. A hub id cannot be checked offline; it is
+accepted when it is well formed and fails on load with one line (models.load).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import math
+import re
+from collections.abc import Callable, Iterable
+from functools import cache
+from pathlib import Path
+from typing import Any, NoReturn
+
+from .errors import InvalidInput, QuantshiftError
+
+# Sanity caps on sizes, far above any real use: a value beyond them is a typo (an extra zero
+# or two), and failing now beats failing after the model loaded, or never finishing.
+MAX_SEQLEN = 1 << 20  # tokens per window
+MAX_COUNT = 1 << 20  # calibration windows, perplexity windows, items, repeats
+MAX_BATCH = 1 << 16
+MAX_SHOTS = 1000
+MAX_SEED = (1 << 63) - 1  # torch.Generator.manual_seed's range (non-negative part)
+MAX_GROUP = 1 << 20
+# a source with this many bytes of text per needed token has room to spare in any tokenizer
+# seen here (English ~4 bytes per token, Chinese ~2-3); only closer calls are tokenized exactly
+AMPLE_BYTES_PER_TOKEN = 8
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+DTYPES = ("auto", "float32", "fp32", "float16", "fp16", "bfloat16", "bf16")
+# Hugging Face repo ids: org/name, letters digits - _ . (no '--' or '..', no leading/trailing - .)
+HUB_ID_RE = re.compile(r"^[A-Za-z0-9](?:[\w.-]*[A-Za-z0-9])?/[A-Za-z0-9_](?:[\w.-]*[\w])?$")
+
+
+def fail(message: str) -> NoReturn:
+    raise InvalidInput(message)
+
+
+def closest(word: str, options: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest option, or '' when none is close."""
+    match = difflib.get_close_matches(str(word), sorted(set(options)), n=1, cutoff=0.6)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def unknown(what: str, name: Any, options: Iterable[str], hint: str = "", where: str = "") -> NoReturn:
+    opts = sorted(set(options))
+    listed = ", ".join(opts) if len(opts) <= 40 else ", ".join(opts[:40]) + f", ... ({len(opts)} in all)"
+    fail(f"{where + ': ' if where else ''}unknown {what} {name!r}{closest(name, opts)}; allowed: {listed}{hint}")
+
+
+# ---------------------------------------------------------------- scalar options
+
+def int_in(option: str, value: Any, lo: int, hi: int, extra: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        fail(f"{option} must be an integer {lo}..{hi}{extra}, got {value!r}")
+
+
+def finite_in(option: str, value: Any, lo: float, hi: float, lo_open: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (lo < value if lo_open else lo <= value) and value <= hi
+    if not ok:
+        fail(f"{option} must be a number {'>' if lo_open else '>='} {lo} and <= {hi}, got {value!r}")
+
+
+def check_seed(option: str, value: Any) -> None:
+    int_in(option, value, 0, MAX_SEED)
+
+
+def check_device(option: str, value: Any) -> None:
+    if not isinstance(value, str) or not DEVICE_RE.match(value):
+        fail(f"{option} must be auto, cpu, cuda or cuda:N, got {value!r}")
+
+
+def check_dtype(option: str, value: Any) -> None:
+    if value not in DTYPES:
+        unknown("dtype", value, DTYPES, where=option)
+
+
+def check_choice(option: str, value: Any, allowed: Iterable[str]) -> None:
+    allowed = list(allowed)
+    if value not in allowed:
+        fail(f"{option} must be {', '.join(allowed[:-1])} or {allowed[-1]}, got {value!r}{closest(value, allowed)}")
+
+
+def split_list(text: str | None) -> list[str]:
+    return [x.strip() for x in (text or "").split(",") if x.strip()]
+
+
+def int_list(option: str, text: str, lo: int, hi: int) -> list[int]:
+    try:
+        values = [int(x) for x in split_list(text)]
+    except ValueError:
+        fail(f"{option} takes comma-separated integers like 0,5, got {text!r}")
+    if not values:
+        fail(f"{option} takes comma-separated integers like 0,5, got {text!r}")
+    for v in values:
+        int_in(option, v, lo, hi)
+    return values
+
+
+# ---------------------------------------------------------------- paths
+
+def check_existing_file(option: str, path: Any) -> Path:
+    p = Path(str(path)).expanduser()
+    if not p.is_file():
+        fail(f"{option} {str(path)!r} does not exist (or is not a file)")
+    return p
+
+
+def check_existing_dir(option: str, path: Any) -> Path:
+    p = Path(str(path)).expanduser()
+    if not p.is_dir():
+        fail(f"{option} {str(path)!r} does not exist (or is not a directory)")
+    return p
+
+
+def check_out_dir(option: str, path: Any, overwrite: bool) -> None:
+    """An output directory the command may write at the end: checked now, not after the work."""
+    p = Path(str(path)).expanduser()
+    if not str(path).strip():
+        fail(f"{option} must name a directory, got an empty path")
+    if p.exists() and not p.is_dir():
+        fail(f"{option} {str(path)!r} is an existing file, not a directory")
+    if p.is_dir() and any(p.iterdir()) and not overwrite:
+        fail(f"{option} {str(path)!r} exists and is not empty (pass --overwrite to replace it)")
+    parent = next((a for a in p.absolute().parents if a.exists()), None)
+    if parent is not None and not parent.is_dir():
+        fail(f"{option} {str(path)!r}: {parent} is a file, not a directory")
+
+
+def check_out_file(option: str, path: Any) -> None:
+    p = Path(str(path)).expanduser()
+    if not str(path).strip() or p.is_dir():
+        fail(f"{option} {str(path)!r} must be a file path (it names a directory)")
+    parent = next((a for a in p.absolute().parents if a.exists()), None)
+    if parent is not None and not parent.is_dir():
+        fail(f"{option} {str(path)!r}: {parent} is a file, not a directory")
+
+
+# ---------------------------------------------------------------- models
+
+def check_model_name(option: str, name: Any) -> None:
+    """A bundled alias, an existing model directory, or a well-formed hub id (checked on load).
+    Mirrors models.load.model_path without its side effect (converting a bundled model)."""
+    from .models.bundled import BUNDLED
+
+    name = str(name)
+    if name in BUNDLED:
+        return
+    p = Path(name).expanduser()
+    if name.strip() and p.exists():
+        if not p.is_dir() or not (p / "config.json").is_file():
+            fail(f"{option} {name!r} is not a model directory (no config.json)")
+        return
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name:
+        fail(f"{option}: model path {name!r} does not exist")
+    if "/" not in name:
+        unknown("model", name, BUNDLED.names(), " (or a local model directory, or a hub id org/name)")
+    if len(name) > 96 or "--" in name or ".." in name or not HUB_ID_RE.match(name):
+        fail(f"{option}: {name!r} is neither a bundled model ({', '.join(BUNDLED.names())}), "
+             "an existing directory, nor a hub id like org/name")
+
+
+def local_model_dir(name: str) -> Path | None:
+    """Where a model's files already are on disk (no conversion, no download), if anywhere."""
+    from .models.bundled import BUNDLED, cache_dir
+
+    if name in BUNDLED:
+        p = cache_dir() / "models" / name
+        return p if (p / "config.json").is_file() else None
+    p = Path(name).expanduser()
+    return p if (p / "config.json").is_file() else None
+
+
+def model_config(name: str) -> dict | None:
+    """A model's config.json when it is already on disk (the text part of a multimodal one)."""
+    import json
+
+    local = local_model_dir(name)
+    if local is None:
+        return None
+    try:
+        cfg = json.loads((local / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return cfg.get("text_config", cfg) if isinstance(cfg, dict) else None
+
+
+def check_context(option: str, tokens: int, model: str) -> None:
+    """Windows longer than the model's context fail (or silently degrade) only after it loads."""
+    cfg = model_config(model)
+    ctx = cfg.get("max_position_embeddings") if cfg else None
+    if isinstance(ctx, int) and ctx > 0 and tokens > ctx:
+        fail(f"{option} {tokens} is longer than {model}'s context of {ctx} tokens (max_position_embeddings)")
+
+
+# ---------------------------------------------------------------- text sources and tasks
+
+def _task_registry():
+    try:
+        from .evaluation.tasks import SUITES, TASKS
+    except ImportError:  # a build without the task engine
+        return None, None
+    return TASKS, SUITES
+
+
+def _needs_data_dir(task_names: Iterable[str]) -> list[str]:
+    tasks, _ = _task_registry()
+    return [n for n in task_names if tasks is not None and n in tasks and tasks.get(n).needs == "data-dir"]
+
+
+def check_source(option: str, name: Any, data_dir: Any = None, union: bool = True) -> list[str]:
+    """The parts of a text source name ('a+b' when `union`), each one that get_source accepts."""
+    from .data.sources import SOURCES
+
+    name = str(name)
+    parts = [p.strip() for p in name.split("+")] if union else [name]
+    if any(not p for p in parts):
+        fail(f"{option} {name!r}: empty source name" + (" in a '+' union" if len(parts) > 1 else ""))
+    for part in parts:
+        if part.startswith("task:"):  # same order as data.sources.get_source
+            tasks, _ = _task_registry()
+            pattern = part[5:]
+            names = [n for n in tasks.names() if fnmatch.fnmatchcase(n, pattern)] if tasks is not None else []
+            if not names:
+                unknown("task", pattern, tasks.names() if tasks is not None else [],
+                        " (task:<name or glob>, see `quantshift list tasks`)", where=f"{option} {part!r}")
+            if _needs_data_dir(names) and not data_dir:
+                fail(f"{option} {part!r} reads data-dir tasks: give --data-dir (or data_dir) too")
+        elif part in SOURCES:
+            continue
+        elif Path(part).suffix in (".txt", ".jsonl"):
+            if not Path(part).expanduser().is_file():
+                fail(f"{option}: text file {part!r} does not exist")
+        elif part.startswith("hf:"):
+            if not part[3:].split(":")[0].strip():
+                fail(f"{option} {part!r}: give a dataset, hf:<dataset>[:<config>]")
+        else:
+            unknown("source", part, SOURCES.names(), " (or task:<name>, a .txt/.jsonl file, hf:<dataset>[:<config>])",
+                    where=option)
+    return parts
+
+
+@cache
+def _calib_text_bytes(name: str) -> int | None:
+    """Bytes of a source's calibration text when it is on this machine (offline sources, local
+    files); None for online and task sources, whose text needs a download or the task data."""
+    from .data.sources import SOURCES, get_source
+
+    if name.startswith(("task:", "hf:")) or (name in SOURCES and SOURCES.get(name).online):
+        return None
+    try:
+        return len(get_source(name).text("calib").encode("utf-8"))
+    except QuantshiftError:
+        return None  # unreadable now: the build reports it with its own one-line error
+
+
+@cache
+def _calib_documents(name: str) -> int | None:
+    """How many calibration documents a source has, when that is known without a download."""
+    from .data.sources import SOURCES, get_source
+
+    if name.startswith(("task:", "hf:")) or (name in SOURCES and SOURCES.get(name).online):
+        return None
+    try:
+        return len(get_source(name).documents("calib"))
+    except QuantshiftError:
+        return None
+
+
+def check_calib_examples(option: str, source: str, n: int) -> None:
+    """Examples mode takes n documents from each source: fewer fails after the model loads."""
+    for part in check_source(option, source):
+        docs = _calib_documents(part)
+        if docs is not None and docs < n:
+            fail(f"{option} {part!r} has {docs} calibration examples; asked for n = {n}")
+
+
+@cache
+def _calib_tokens(name: str, tokenizer_dir: str) -> int | None:
+    """Exact token count of a source's calibration text with a tokenizer already on disk."""
+    from .data.sources import SOURCES, get_source
+
+    if name.startswith(("task:", "hf:")) or (name in SOURCES and SOURCES.get(name).online):
+        return None
+    try:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+        text = get_source(name).text("calib")
+        return len(tok(text, add_special_tokens=False, return_attention_mask=False)["input_ids"])
+    except Exception:  # no usable tokenizer there: fall back to the byte bound
+        return None
+
+
+def check_calib_budget(option: str, source: str, n: int, seqlen: int, model: str | None = None,
+                       exact: bool = True) -> str:
+    """Fail when a calibration source cannot hold n windows of seqlen tokens; returns a note on
+    how that was known. Exact with the model's tokenizer when it is already on disk; otherwise a
+    sound bound (a token is at least one byte of text) that only rejects what surely fails."""
+    notes = []
+    for part in check_source(option, source):
+        body = seqlen - 1  # with a BOS token a window holds seqlen - 1 text tokens
+        nbytes = _calib_text_bytes(part)
+        if nbytes is not None and nbytes // body >= AMPLE_BYTES_PER_TOKEN * n:
+            notes.append(f"{part}: {nbytes} bytes, ample for {n} x {seqlen} tokens")
+            continue  # far more text than needed: not worth tokenizing twice
+        local = local_model_dir(model) if (model and exact and nbytes is not None) else None
+        tokens = _calib_tokens(part, str(local)) if local is not None else None
+        if tokens is not None:
+            if tokens // body < n:
+                fail(f"{option} {part!r} has {tokens} calibration tokens = {tokens // body} windows of {seqlen}; "
+                     f"asked for {n} (use a smaller --nsamples/n or --seqlen)")
+            notes.append(f"{part}: {tokens} tokens")
+            continue
+        if nbytes is None:
+            notes.append(f"{part}: size not checked (needs a download or the task data)")
+        elif nbytes // body < n:
+            fail(f"{option} {part!r} has {nbytes} bytes of calibration text, fewer than {n} x {seqlen} tokens "
+                 f"need (use a smaller --nsamples/n or --seqlen)")
+        else:
+            notes.append(f"{part}: {nbytes} bytes (tokens counted when the tokenizer loads)")
+    return "; ".join(notes)
+
+
+_LM_EVAL_KEY = re.compile(r"^(?:task|group|tag):[ \t]*['\"]?([^\s'\"#\[\]{},]+)", re.M)
+_LM_EVAL_TAGS = re.compile(r"^tag:[ \t]*\n((?:[ \t]*-[ \t]*\S+[ \t]*\n)+)", re.M)
+
+
+@cache
+def _lm_eval_quick_names() -> frozenset[str]:
+    """Task, group and tag names read straight off lm-eval's YAML files (well under a second;
+    lm-eval's own index takes seconds). Names made by templates are missing: see lm_eval_has."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None or not spec.submodule_search_locations:
+        return frozenset()
+    names: set[str] = set()
+    for p in (Path(next(iter(spec.submodule_search_locations))) / "tasks").rglob("*.yaml"):
+        try:
+            text = p.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            continue
+        names.update(_LM_EVAL_KEY.findall(text))
+        for block in _LM_EVAL_TAGS.findall(text):
+            names.update(x.strip().lstrip("-").strip().strip("'\"") for x in block.splitlines())
+    return frozenset(names)
+
+
+@cache
+def _lm_eval_all_names() -> frozenset[str]:
+    """lm-eval's own index of every task, group and tag (authoritative, seconds to build)."""
+    try:
+        from lm_eval.tasks import TaskManager
+
+        return frozenset(TaskManager().all_tasks)
+    except Exception:  # lm-eval missing or broken: names cannot be checked here
+        return frozenset()
+
+
+def lm_eval_has(name: str) -> bool:
+    return name in _lm_eval_quick_names() or name in _lm_eval_all_names()
+
+
+def check_task(option: str, name: str, data_dir: Any = None) -> None:
+    tasks, _ = _task_registry()
+    if tasks is not None and name in tasks:
+        if tasks.get(name).needs == "data-dir" and not data_dir:
+            fail(f"{option}: task {name!r} reads local data: give --data-dir (or data_dir)")
+        return
+    if name.endswith((".yaml", ".yml")) and Path(name).expanduser().is_file():
+        return  # an lm-eval task file
+    if lm_eval_has(name):
+        return
+    ours = tasks.names() if tasks is not None else []
+    match = closest(name, [*ours, *_lm_eval_quick_names()])
+    fail(f"{option}: unknown task {name!r}{match}; allowed: quantshift's tasks (`quantshift list tasks`) "
+         "or an lm-eval task, group or tag name")
+
+
+def check_suite(option: str, name: Any, data_dir: Any = None) -> None:
+    _, suites = _task_registry()
+    if suites is None:
+        fail(f"{option} needs the task evaluation engine, which this build does not have")
+    if name not in suites:
+        unknown("suite", name, suites.names(), where=option)
+    if "data-dir" in suites.get(name).needs and not data_dir:
+        fail(f"{option} {name!r} reads local data: give --data-dir (or data_dir)")
+
+
+# ---------------------------------------------------------------- YAML files and unknown keys
+
+def read_yaml(option: str, path: Any) -> Any:
+    """A YAML file's data; every way reading or parsing it can fail is one line."""
+    import yaml
+
+    p = check_existing_file(option, path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        fail(f"{p}: cannot read ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})")
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        fail(f"{p}: not valid YAML ({(str(err).splitlines() or ['?'])[0]})")
+    except (RecursionError, ValueError, OverflowError) as err:  # pathological nesting, bad scalars
+        fail(f"{p}: not valid YAML ({type(err).__name__})")
+
+
+def _model_of(annotation: Any) -> tuple[Any, bool] | None:
+    """(pydantic model, is a list of them) for a field annotation, if it holds a model."""
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, False
+    origin = getattr(annotation, "__origin__", None)
+    for arg in getattr(annotation, "__args__", ()) or ():
+        found = _model_of(arg)
+        if found is not None:
+            return found[0], found[1] or origin is list
+    return None
+
+
+def check_keys(model: Any, data: Any, where: str) -> None:
+    """Unknown keys anywhere in `data` for `model` (nested models and lists of them included),
+    named with the closest valid key. Types and values are left to the model's validation."""
+    if not isinstance(data, dict):
+        return
+    fields = model.model_fields
+    for key, value in data.items():
+        if not isinstance(key, str) or key not in fields:
+            fail(f"{where}: unknown key {str(key)!r}{closest(str(key), fields)}; allowed: {', '.join(sorted(fields))}")
+        sub = _model_of(fields[key].annotation)
+        if sub is None:
+            continue
+        inner, many = sub
+        for i, item in enumerate(value if many and isinstance(value, list) else [value]):
+            check_keys(inner, item, f"{where} {key}" + (f"[{i}]" if many else ""))
+
+
+# ---------------------------------------------------------------- recipes
+
+def _methods():
+    from .methods import METHODS
+
+    return METHODS
+
+
+def check_method_name(where: str, name: Any) -> None:
+    if not isinstance(name, str) or name not in _methods():
+        unknown("method", name, _methods().names(), where=where)
+
+
+def check_recipe_data(data: Any, where: str = "recipe"):
+    """Raw recipe data (a recipe file's content) -> Recipe, or one line on the first problem."""
+    from .recipes import recipe_from_dict
+
+    if isinstance(data, dict):
+        for key in data:
+            if key != "stages":
+                fail(f"{where}: unknown key {str(key)!r}{closest(str(key), ['stages'])}; allowed: stages")
+        data = data.get("stages")
+    if not isinstance(data, list) or not data:
+        fail(f"{where}: a recipe is a non-empty list of stages like '- gptq: {{wbits: 4}}'")
+    for i, item in enumerate(data):
+        item = {item: {}} if isinstance(item, str) else item
+        if not isinstance(item, dict) or len(item) != 1:
+            fail(f"{where}: stage {i} must be a one-key mapping 'method: {{options}}', got {_short(item)}")
+        (method, options), = item.items()
+        check_method_name(f"{where} stage {i}", method)
+        if options is not None and not isinstance(options, dict):
+            fail(f"{where} stage {i} ({method}): options must be a mapping like {{wbits: 4}}, got {_short(options)}")
+        check_keys(_methods().get(method).Config, options or {}, f"{where} stage {i} ({method})")
+    rec = recipe_from_dict(data, where)
+    check_recipe(rec, where)
+    return rec
+
+
+def _short(value: Any, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# method option -> (lo, hi, lo_open) for numbers the method configs accept unchecked
+_NUMBER_RULES: dict[str, tuple[float, float, bool]] = {
+    "damp": (0.0, 1e3, False),  # 0 allowed: the solvers raise the damping stepwise when a factor fails
+    "block_size": (1, 1 << 16, False),
+    "grid": (2, 1000, False),
+    "clip_grid": (2, 1000, False),
+    "qq_group_size": (1, 1 << 16, False),
+    "max_outlier_fraction": (0.0, 1.0, False),
+    "alpha": (0.0, 1.0, False),
+    "seed": (0, MAX_SEED, False),
+    "max_bits_per_param": (0.0, 64.0, True),
+}
+
+
+def check_group_size(option: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not (value in (-1, 0) or 1 <= value <= MAX_GROUP):
+        fail(f"{option} must be -1 (per channel), 0 (per tensor) or a group width 1..{MAX_GROUP} "
+             f"(e.g. 32, 64, 128), got {value!r}")
+
+
+def check_recipe(rec, where: str = "recipe") -> None:
+    """What the stage configs accept but the engine refuses later: formats (group size, override
+    bits), regexes, out-of-range numbers, and stacks a method refuses."""
+    for i, stage in enumerate(rec.stages):
+        c, at = stage.config, f"{where} stage {i} ({stage.method})"
+        if stage.method != "kvcache" and "group_size" in type(c).model_fields:
+            check_group_size(f"{at}: group_size", c.group_size)
+        if stage.method == "spqr" and c.group_size <= 0:
+            fail(f"{at}: group_size must be > 0 (SpQR needs groups), got {c.group_size}")
+        for key in ("targets", "ignore"):
+            for pattern in getattr(c, key, []):
+                try:
+                    re.compile(pattern)
+                except (re.error, RecursionError, OverflowError) as err:
+                    fail(f"{at}: {key} has an invalid regex {pattern!r} ({err})")
+        for key, (lo, hi, lo_open) in _NUMBER_RULES.items():
+            value = getattr(c, key, None)
+            if value is None:
+                continue
+            if key == "seed":
+                check_seed(f"{at}: seed", value)
+            else:
+                finite_in(f"{at}: {key}", value, lo, hi, lo_open)
+        for j, rule in enumerate(getattr(c, "overrides", [])):
+            ow = f"{at} overrides[{j}]"
+            if rule.wbits is not None and not (2 <= rule.wbits <= 8 or rule.wbits == 16):
+                fail(f"{ow}: wbits must be 2..8 (or 16 = keep weights), got {rule.wbits}")
+            if rule.abits is not None and not (4 <= rule.abits <= 8 or rule.abits == 16):
+                fail(f"{ow}: abits must be 4..8 (or 16 = no activation quantization), got {rule.abits}")
+            if rule.group_size is not None:
+                check_group_size(f"{ow}: group_size", rule.group_size)
+                if stage.method == "spqr" and rule.group_size <= 0:
+                    fail(f"{ow}: group_size must be > 0 (SpQR needs groups), got {rule.group_size}")
+            if stage.method == "quip" and rule.wbits is not None and not (2 <= rule.wbits <= 4 or rule.wbits == 16):
+                fail(f"{ow}: QuIP is a 2-4 bit method (or 16), got wbits={rule.wbits}")
+    # QuIP rounds in a rotated basis: a later weight-quantizing stage would undo it (methods/quip.py)
+    names = [s.method for s in rec.stages]
+    if "quip" in names:
+        for later in rec.stages[names.index("quip") + 1:]:
+            cls = _methods().get(later.method)
+            if cls.kind == "quantize" and getattr(later.config, "wbits", 16) != 16:
+                fail(f"{where}: stage {later.method!r} after 'quip' would re-quantize QuIP's weights onto an "
+                     "unrotated grid; use quip alone, or put transform / activation-only (wbits: 16) stages after it")
+
+
+def check_recipe_file(path: Any, option: str = "--recipe"):
+    return check_recipe_data(read_yaml(option, path), str(path))
+
+
+# ---------------------------------------------------------------- studies
+
+def check_study_data(data: Any, where: str, data_dir: Any = None, stem: str = "study"):
+    """Raw study data -> StudySpec, every axis checked (names, ranges, sources, their size)."""
+    from .studies.spec import StudySpec, method_recipes
+
+    if not isinstance(data, dict):
+        fail(f"{where}: a study is a mapping with name, models, methods, calibration, evaluation; got {_short(data)}")
+    data = dict(data)
+    data.setdefault("name", stem)
+    check_keys(StudySpec, data, where)
+    methods = data.get("methods")
+    for i, m in enumerate(methods if isinstance(methods, list) else []):
+        if isinstance(m, dict) and isinstance(m.get("method"), str):
+            check_method_name(f"{where} methods[{i}]", m["method"])
+            if isinstance(m.get("options"), dict):
+                check_keys(_methods().get(m["method"]).Config, m["options"], f"{where} methods[{i}] options")
+        if isinstance(m, dict) and isinstance(m.get("recipe"), list):
+            check_recipe_data(m["recipe"], f"{where} methods[{i}] recipe")
+    for key in ("models", "methods"):
+        if key in data and not isinstance(data[key], list):
+            fail(f"{where}: {key} must be a list like [{'smollm2-135m' if key == 'models' else '{method: gptq}'}], "
+                 f"got {_short(data[key])}")
+    spec = _parse(StudySpec, data, where)
+    name = spec.name
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
+        fail(f"{where}: name {name!r} must be a plain directory name (the run goes to runs/<name>)")
+    if not spec.models:
+        fail(f"{where}: models is empty; give at least one model")
+    for i, model in enumerate(spec.models):
+        check_model_name(f"{where} models[{i}]", model.name)
+        check_dtype(f"{where} models[{i}] dtype", model.dtype)
+    for i, axis in enumerate(spec.methods):
+        at = f"{where} methods[{i}]"
+        if axis.method is not None:
+            if not axis.wbits:
+                fail(f"{at}: wbits is empty; give one or more bit widths")
+            if axis.group_size is not None:
+                check_group_size(f"{at}: group_size", axis.group_size)
+        for _label, _bits, rec in method_recipes(axis, at):
+            check_recipe(rec, at)
+    if not spec.methods and not spec.include_fp:
+        fail(f"{where}: no methods and include_fp is false: nothing to run")
+    cal, ev, diag = spec.calibration, spec.evaluation, spec.diagnostics
+    if not cal.sources:
+        fail(f"{where} calibration: sources is empty")
+    if not cal.seeds:
+        fail(f"{where} calibration: seeds is empty")
+    int_in(f"{where} calibration n", cal.n, 1, MAX_COUNT)
+    int_in(f"{where} calibration seqlen", cal.seqlen, 2, MAX_SEQLEN)
+    for s in cal.seeds:
+        check_seed(f"{where} calibration seeds", s)
+    for src in cal.sources:
+        check_source(f"{where} calibration source", src, data_dir)
+    for src in ev.ppl:
+        check_source(f"{where} evaluation ppl source", src, data_dir, union=False)
+    int_in(f"{where} evaluation ppl_seqlen", ev.ppl_seqlen, 2, MAX_SEQLEN)
+    int_in(f"{where} evaluation ppl_windows", ev.ppl_windows, 0, MAX_COUNT, " (0 = all)")
+    if ev.suite is not None:
+        check_suite(f"{where} evaluation suite", ev.suite, data_dir)
+    for t in ev.tasks:
+        check_task(f"{where} evaluation tasks", t, data_dir)
+    if not ev.shots:
+        fail(f"{where} evaluation: shots is empty; give e.g. [0]")
+    for k in ev.shots:
+        int_in(f"{where} evaluation shots", k, 0, MAX_SHOTS)
+    if ev.limit is not None:
+        int_in(f"{where} evaluation limit", ev.limit, 0, MAX_COUNT, " (0 = all)")
+    int_in(f"{where} evaluation batch_size", ev.batch_size, 1, MAX_BATCH)
+    int_in(f"{where} diagnostics windows", diag.windows, 1, MAX_COUNT)
+    int_in(f"{where} diagnostics seqlen", diag.seqlen, 2, MAX_SEQLEN)
+    check_device(f"{where} device", spec.device)
+    int_in(f"{where} batch_size", spec.batch_size, 1, MAX_BATCH)
+    if not ev.ppl and not ev.tasks and not ev.suite:
+        fail(f"{where} evaluation: nothing to evaluate; give ppl sources, tasks or a suite")
+    for m in spec.models:
+        check_context(f"{where} calibration seqlen", cal.seqlen, m.name)
+        check_context(f"{where} evaluation ppl_seqlen", ev.ppl_seqlen, m.name)
+        check_context(f"{where} diagnostics seqlen", diag.seqlen, m.name)
+    needs_cal = any(r.needs_calibration for a in spec.methods for _, _, r in method_recipes(a, where))
+    for src in cal.sources if needs_cal else []:
+        if cal.mode == "examples":
+            check_calib_examples(f"{where} calibration source", src, cal.n)
+            continue
+        for m in spec.models:
+            check_calib_budget(f"{where} calibration source", src, cal.n, cal.seqlen, m.name)
+    from .studies.spec import expand
+
+    expand(spec, str(data_dir) if data_dir else None)  # duplicate cells, sources as the runner sees them
+    return spec
+
+
+def _parse(model: Any, data: Any, where: str) -> Any:
+    """config.parse, with the errors a `mode="before"` validator lets through (it sees raw
+    values of any type) turned into one line too."""
+    from .config import parse
+
+    try:
+        return parse(model, data, where)
+    except (TypeError, AttributeError, KeyError) as err:
+        fail(f"{where}: a value has the wrong type ({type(err).__name__}: {err})")
+
+
+def check_study_file(path: Any, data_dir: Any = None, option: str = "STUDY"):
+    return check_study_data(read_yaml(option, path), str(path), data_dir, Path(str(path)).stem)
+
+
+# ---------------------------------------------------------------- commands
+
+def check_quantize(o: dict) -> None:
+    from .quant.engine import ACTIVATION_MODES
+
+    check_model_name("MODEL", o["model"])
+    method, recipe = o.get("method"), o.get("recipe")
+    if (method is None) == (recipe is None):
+        fail("give exactly one of --method or --recipe")
+    fmt = {k: o.get(k) for k in ("wbits", "abits", "group_size", "sym")}
+    if o.get("wbits") is not None and not (2 <= o["wbits"] <= 8 or o["wbits"] == 16):
+        fail(f"--wbits must be 2..8 (or 16 = keep weights), got {o['wbits']}")
+    if o.get("abits") is not None and not (4 <= o["abits"] <= 8 or o["abits"] == 16):
+        fail(f"--abits must be 4..8 (or 16 = keep activations), got {o['abits']}")
+    if o.get("group_size") is not None:
+        check_group_size("--group-size", o["group_size"])
+    if recipe is not None:
+        if any(v is not None for v in fmt.values()):
+            fail("--wbits/--abits/--group-size/--sym go with --method; put them in the recipe file instead")
+        rec = check_recipe_file(recipe)
+    else:
+        rec = _cli_recipe(str(method), fmt)
+    int_in("--nsamples", o.get("nsamples", 128), 1, MAX_COUNT)
+    int_in("--seqlen", o.get("seqlen", 512), 2, MAX_SEQLEN)
+    check_seed("--seed", o.get("seed", 42))
+    int_in("--batch-size", o.get("batch_size", 8), 1, MAX_BATCH)
+    check_device("--device", o.get("device", "auto"))
+    check_dtype("--dtype", o.get("dtype", "auto"))
+    check_choice("--propagate", o.get("propagate", "quantized"), ("quantized", "fp"))
+    check_choice("--activations", o.get("activations", "auto"), ACTIVATION_MODES)
+    if o.get("data_dir") is not None:
+        check_existing_dir("--data-dir", o["data_dir"])
+    if o.get("stats_cache") is not None:
+        if o.get("propagate", "quantized") != "fp":
+            fail("--stats-cache needs --propagate fp: with quantized propagation each block's inputs depend on "
+                 "the bit width and method, so its statistics cannot be reused")
+        if Path(str(o["stats_cache"])).exists() and not Path(str(o["stats_cache"])).is_dir():
+            fail(f"--stats-cache {str(o['stats_cache'])!r} is a file, not a directory")
+    calib = o.get("calib", "wikipedia")
+    check_source("--calib", calib, o.get("data_dir"))
+    check_out_dir("--out", o["out"], bool(o.get("overwrite")))
+    check_context("--seqlen", o.get("seqlen", 512), str(o["model"]))
+    if rec.needs_calibration:
+        check_calib_budget("--calib", calib, o.get("nsamples", 128), o.get("seqlen", 512), str(o["model"]))
+
+
+def _cli_recipe(method: str, fmt: dict):
+    from .recipes import recipe_from_cli
+
+    if "+" in method:
+        fail(f"--method {method!r}: stacks are a comma list (--method smoothquant,gptq) or a YAML --recipe")
+    names = split_list(method)
+    if not names:
+        fail(f"--method must name a method, got {method!r}; allowed: {', '.join(_methods().names())}")
+    for name in names:
+        check_method_name("--method", name)
+    # the bit widths a method takes, named with the option (its config would name the field)
+    if fmt.get("wbits") is not None and "fp8" in names and fmt["wbits"] not in (8, 16):
+        fail(f"--wbits {fmt['wbits']}: fp8 is 8 bits (or 16 = keep floating point)")
+    if fmt.get("wbits") is not None and "quip" in names and not (2 <= fmt["wbits"] <= 4 or fmt["wbits"] == 16):
+        fail(f"--wbits {fmt['wbits']}: QuIP is a 2-4 bit method (or 16 = keep weights)")
+    rec = recipe_from_cli(method, **fmt)
+    check_recipe(rec, f"--method {method}")
+    return rec
+
+
+def check_eval(o: dict) -> None:
+    check_model_name("MODEL", o["model"])
+    data_dir = o.get("data_dir")
+    if data_dir is not None:
+        check_existing_dir("--data-dir", data_dir)
+    ppl, tasks, suite = split_list(o.get("ppl")), split_list(o.get("tasks")), o.get("suite")
+    if not ppl and not tasks and not suite and o.get("mt_bench") is None:
+        fail("nothing to evaluate: give --ppl SOURCES, --tasks NAMES, --suite NAME or --mt-bench FILE")
+    for src in ppl:
+        check_source("--ppl", src, data_dir, union=False)
+    for t in tasks:
+        check_task("--tasks", t, data_dir)
+    if suite is not None:
+        check_suite("--suite", suite, data_dir)
+    if o.get("shots") is not None:
+        int_list("--shots", o["shots"], 0, MAX_SHOTS)
+    if o.get("limit") is not None:
+        int_in("--limit", o["limit"], 0, MAX_COUNT, " (0 = all)")
+    int_in("--seqlen", o.get("seqlen", 512), 2, MAX_SEQLEN)
+    if ppl or suite:
+        check_context("--seqlen", o.get("seqlen", 512), str(o["model"]))
+    int_in("--max-windows", o.get("max_windows", 64), 0, MAX_COUNT, " (0 = all)")
+    int_in("--batch-size", o.get("batch_size", 4), 1, MAX_BATCH)
+    check_seed("--seed", o.get("seed", 1234))
+    check_device("--device", o.get("device", "auto"))
+    check_dtype("--dtype", o.get("dtype", "auto"))
+    int_in("--max-new-tokens", o.get("max_new_tokens", 256), 1, MAX_SEQLEN)
+    if (o.get("mt_bench") is None) != (o.get("judge") is None):
+        fail("--mt-bench QUESTIONS.jsonl and --judge SPEC go together")
+    if o.get("mt_bench") is not None:
+        check_existing_file("--mt-bench", o["mt_bench"])
+        from .evaluation.judge import check_judge_spec
+
+        check_judge_spec(str(o["judge"]))
+    if o.get("json_out") is not None:
+        check_out_file("--json", o["json_out"])
+
+
+def check_export(o: dict) -> None:
+    from .checkpoint import QUANT_FILE
+    from .export import FORMATS
+    from .export.common import DTYPES as EXPORT_DTYPES
+
+    src = Path(str(o["src"])).expanduser()
+    if not src.is_dir():
+        fail(f"SRC {str(o['src'])!r}: no such directory (give a directory written by `quantshift quantize`)")
+    if not (src / QUANT_FILE).is_file():
+        fail(f"SRC {str(o['src'])!r} is not a quantshift quantized directory (no {QUANT_FILE}); quantize it first")
+    if o.get("fmt") not in FORMATS:
+        unknown("export format", o.get("fmt"), FORMATS, where="--format")
+    dtype = o.get("dtype", "auto")
+    if dtype != "auto" and dtype not in EXPORT_DTYPES:
+        unknown("dtype", dtype, ["auto", *EXPORT_DTYPES], where="--dtype")
+    if o.get("gptq_version", 1) not in (1, 2):
+        fail(f"--gptq-version must be 1 (gptq) or 2 (gptq_v2), got {o.get('gptq_version')!r}")
+    check_out_dir("--out", o["out"], bool(o.get("overwrite")))
+    if Path(str(o["out"])).expanduser().absolute() == src.absolute():
+        fail("--out must differ from SRC: the export would replace its own input")
+
+
+def check_bench(o: dict) -> None:
+    check_model_name("MODEL", o["model"])
+    int_list("--batch-sizes", o.get("batch_sizes", "1,8,32"), 1, MAX_BATCH)
+    int_in("--prompt-len", o.get("prompt_len", 128), 1, MAX_SEQLEN)
+    int_in("--gen-len", o.get("gen_len", 32), 2, MAX_SEQLEN)
+    int_in("--repeats", o.get("repeats", 1), 1, MAX_COUNT)
+    check_context("--prompt-len + --gen-len", o.get("prompt_len", 128) + o.get("gen_len", 32), str(o["model"]))
+    check_device("--device", o.get("device", "auto"))
+    check_dtype("--dtype", o.get("dtype", "auto"))
+    if o.get("json_out") is not None:
+        check_out_file("--json", o["json_out"])
+
+
+def check_run(o: dict) -> None:
+    data_dir = o.get("data_dir")
+    if data_dir is not None:
+        check_existing_dir("--data-dir", data_dir)
+    executor = o.get("executor", "local")
+    check_choice("--executor", executor, ("local", "ray"))
+    int_in("--jobs", o.get("jobs", 1), 1, 4096)
+    if o.get("jobs", 1) > 1 and executor != "local":
+        fail(f"--jobs applies to the local executor; the {executor} executor schedules works itself")
+    if o.get("ray_address") is not None and executor != "ray":
+        fail("--ray-address goes with --executor ray")
+    finite_in("--gpus-per-cell", o.get("gpus_per_cell", 0.0), 0.0, 1024.0)
+    if o.get("device") is not None:
+        check_device("--device", o["device"])
+    for opt, key in (("--out", "out"), ("--cache", "cache")):
+        p = o.get(key)
+        if p is not None and Path(str(p)).expanduser().exists() and not Path(str(p)).expanduser().is_dir():
+            fail(f"{opt} {str(p)!r} is an existing file, not a directory")
+    check_study_file(o["study"], data_dir)
+
+
+COMMANDS: dict[str, Callable[[dict], None]] = {
+    "quantize": check_quantize, "eval": check_eval, "export": check_export, "bench": check_bench, "run": check_run,
+}
+
+
+def command(name: str, options: dict[str, Any]) -> None:
+    """Check a command's options (the command body's `locals()`) before it does anything."""
+    COMMANDS[name](options)

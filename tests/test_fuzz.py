@@ -1,0 +1,337 @@
+"""Property-based fuzzing of everything a user types: CLI options, recipe YAML, study YAML.
+
+Property: every input either passes validation (the command then reaches its first heavy step,
+replaced here by a sentinel: the model loader, task data, the exporter, the study runner) or
+fails with exit code 2 and exactly one line `error: ...` on stderr, no traceback; and nothing
+is written to the working directory either way. Runs in process (main() with sys.argv), so
+each example takes milliseconds; no model is ever loaded.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+import quantshift.api as api_mod
+import quantshift.cli as cli_mod
+import quantshift.evaluation.api as eval_api
+import quantshift.export as export_pkg
+import quantshift.models.load as load_mod
+import quantshift.studies.runner as runner_mod
+from quantshift import validate
+
+# QS_FUZZ_EXAMPLES=500 for a deeper run by hand; the suite keeps to 40 per property
+FUZZ = settings(max_examples=int(os.environ.get("QS_FUZZ_EXAMPLES", "40")), deadline=None, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+
+
+class Reached(Exception):
+    """Validation passed: the command got to the step that would load a model or run work."""
+
+
+def _stop(*a, **k):
+    raise Reached
+
+
+@contextmanager
+def sandbox() -> Iterator[Path]:
+    """An empty cwd, heavy steps replaced by the sentinel, lm-eval's task index by a small one."""
+    with tempfile.TemporaryDirectory() as d, pytest.MonkeyPatch.context() as mp:
+        mp.chdir(d)
+        mp.setattr(load_mod, "load_model", _stop)
+        mp.setattr(api_mod, "load_model", _stop)  # the API binds the loader by name
+        mp.setattr(eval_api, "preflight", _stop)  # eval: task data loads right before the model
+        mp.setattr(export_pkg, "export", _stop)
+        mp.setattr(runner_mod, "run_study", _stop)
+        mp.setattr(cli_mod, "_threads", lambda: None)
+        names = frozenset({"arc_easy", "hellaswag", "mmlu", "piqa"})
+        mp.setattr(validate, "_lm_eval_quick_names", lambda: names)
+        mp.setattr(validate, "_lm_eval_all_names", lambda: names)
+        yield Path(d)
+
+
+def invoke(args: list[str]) -> tuple[int | None, str, bool]:
+    """(exit code, stderr, reached the sentinel) of `quantshift ARGS`, in an empty sandbox cwd
+    that must stay empty."""
+    out, err = io.StringIO(), io.StringIO()
+    with sandbox() as cwd:
+        reached, code = False, 0
+        old = sys.argv
+        sys.argv = ["quantshift", *args]
+        try:
+            with redirect_stdout(out), redirect_stderr(err):
+                cli_mod.main()
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 1
+        except Reached:
+            reached = True
+        finally:
+            sys.argv = old
+        assert not any(cwd.iterdir()), f"{args} wrote {sorted(p.name for p in cwd.iterdir())}"
+    return code, err.getvalue(), reached
+
+
+def assert_clean(args: list[str], ok_codes: tuple[int, ...] = ()) -> None:
+    code, err, reached = invoke(args)
+    event("passed validation" if reached or code in ok_codes else "rejected")  # --hypothesis-show-statistics
+    if reached or code in ok_codes:
+        return
+    assert code == 2, f"{args}: exit {code}\n{err}"
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), f"{args}:\n{err}"
+
+
+# ---------------------------------------------------------------- building blocks
+
+NO_NUL = st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",))  # argv cannot hold NUL
+TEXT = st.text(NO_NUL, max_size=12)
+BAD_NAMES = st.sampled_from(["smoothquant+gptq", "./nope", "a/b/c", "ünïcode", "", "missing.txt", "task:boss_*",
+                             "task:", "+", "org//x", "--", "-1"])
+
+
+@st.composite
+def typo(draw, word: str) -> str:
+    """One edit of a word: delete, double, swap, replace a character, or change case."""
+    if not word:
+        return draw(TEXT)
+    i = draw(st.integers(0, len(word) - 1))
+    op = draw(st.sampled_from(["delete", "double", "swap", "replace", "case"]))
+    if op == "delete":
+        return word[:i] + word[i + 1:]
+    if op == "double":
+        return word[:i] + word[i] + word[i:]
+    if op == "swap" and i + 1 < len(word):
+        return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+    if op == "case":
+        return word.upper()
+    return word[:i] + draw(st.characters(min_codepoint=33, max_codepoint=0x2FF)) + word[i + 1:]
+
+
+def name_like(valid: list[str]) -> st.SearchStrategy[str]:
+    """Mostly valid names, else their typos or anything else."""
+    good = st.sampled_from(valid)
+    return st.one_of(*[good] * 6, good.flatmap(typo), TEXT, BAD_NAMES)
+
+
+NUMBER = st.one_of(st.sampled_from([0, -1, 1, 2, 3, 4, 8, 16, 64, 128, 513, 2**31, 2**63, -2**63, 10**30]),
+                   st.integers(-10**6, 10**6)).map(str)
+NUMBER_OR_JUNK = st.one_of(NUMBER, TEXT, st.sampled_from(["", " ", "1e3", "4.5", "nan", "٣", "0x10"]))
+
+
+
+def value(good: list) -> st.SearchStrategy[str]:
+    """Mostly a good value of the option, else any number or junk."""
+    g = st.sampled_from([str(v) for v in good])
+    return st.one_of(*[g] * 6, NUMBER_OR_JUNK)
+
+
+METHODS = ["rtn", "gptq", "awq", "smoothquant", "spqr", "zeroquant", "quip", "fp8", "kvcache", "gptq,rtn"]
+SOURCES = ["wikipedia", "pydocs", "zh-news", "wikipedia+pydocs", "hf:some/dataset", "news", "c4",
+           "task:movie_sentiment"]
+MODELS = ["smollm2-135m", "gemma3-270m", "org/name"]
+
+
+@st.composite
+def options(draw, spec: dict[str, st.SearchStrategy[str]], flags: tuple[str, ...] = ()) -> list[str]:
+    """A random subset of options with random values; now and then an option name misspelt."""
+    chosen = draw(st.lists(st.sampled_from(sorted(spec)), max_size=5, unique=True))
+    args: list[str] = []
+    for opt in chosen:
+        name = draw(typo(opt)) if draw(st.integers(0, 19)) == 0 else opt
+        args += [name, draw(spec[opt])]
+    for flag in flags:
+        if draw(st.booleans()):
+            args.append(flag)
+    return args
+
+
+# ---------------------------------------------------------------- CLI options
+
+QUANTIZE = {
+    "--wbits": value([2, 3, 4, 8, 16]), "--abits": value([4, 8, 16]), "--group-size": value([-1, 0, 32, 64, 128]),
+    "--calib": name_like(SOURCES), "--nsamples": value([1, 4, 16]), "--seqlen": value([16, 128, 512]),
+    "--seed": value([0, 42]), "--device": name_like(["auto", "cpu"]), "--dtype": name_like(["auto", "float32", "bfloat16"]),
+    "--batch-size": value([1, 8]), "--propagate": name_like(["quantized", "fp"]),
+    "--activations": name_like(["auto", "device", "offload"]), "--data-dir": name_like(["."]),
+    "--stats-cache": name_like(["stats"]),
+}
+
+
+@FUZZ
+@given(model=name_like(MODELS), method=name_like(METHODS), opts=options(QUANTIZE, ("--sym", "--overwrite", "--quiet")))
+def test_fuzz_quantize_options(model, method, opts):
+    assert_clean(["quantize", model, "--method", method, "--out", "out", *opts])
+
+
+EVAL = {
+    "--ppl": name_like(["wikipedia", "news", "pydocs,news"]),
+    "--tasks": name_like(["movie_sentiment", "arc_easy", "hellaswag,mmlu_dev"]),
+    "--suite": name_like(["offline", "ppl", "boss"]), "--shots": value(["0", "0,5"]), "--limit": value([0, 10]),
+    "--seqlen": value([128, 512]), "--max-windows": value([0, 4]), "--batch-size": value([1, 4]),
+    "--seed": value([0, 1234]), "--device": name_like(["auto", "cpu"]), "--dtype": name_like(["auto", "float32"]),
+    "--json": name_like(["m.json"]), "--mt-bench": TEXT, "--judge": name_like(["hf:org/judge", "openai:gpt@http://x"]),
+    "--max-new-tokens": value([16, 256]), "--data-dir": name_like(["."]),
+}
+
+
+@FUZZ
+@given(model=name_like(MODELS), opts=options(EVAL))
+def test_fuzz_eval_options(model, opts):
+    assert_clean(["eval", model, *opts])
+
+
+BENCH = {"--batch-sizes": value(["1,8,32", "4", "1,,2"]), "--prompt-len": value([1, 128]), "--gen-len": value([2, 32]),
+         "--repeats": value([1, 3]), "--device": name_like(["auto", "cpu"]), "--dtype": name_like(["auto", "float16"]),
+         "--json": name_like(["b.json"])}
+EXPORT = {"--dtype": name_like(["auto", "bfloat16"]), "--gptq-version": value([1, 2])}
+
+
+@FUZZ
+@given(model=name_like(MODELS), opts=options(BENCH))
+def test_fuzz_bench_options(model, opts):
+    assert_clean(["bench", model, *opts])
+
+
+@pytest.fixture(scope="module")
+def quantized_dir(tmp_path_factory) -> Path:
+    """Looks like a quantized directory to validation (it has quantshift.json)."""
+    d = tmp_path_factory.mktemp("q") / "model"
+    d.mkdir()
+    (d / "quantshift.json").write_text("{}")
+    return d
+
+
+@FUZZ
+@given(src=st.one_of(st.just("QDIR"), st.just("QDIR"), TEXT), opts=options(EXPORT, ("--overwrite", "--allow-unservable")),
+       fmt=name_like(["compressed-tensors", "gptq", "fp8"]))
+def test_fuzz_export_options(quantized_dir, src, opts, fmt):
+    assert_clean(["export", str(quantized_dir) if src == "QDIR" else src, "--format", fmt, "--out", "out", *opts])
+
+
+@FUZZ
+@given(args=st.lists(st.one_of(TEXT, st.sampled_from(["quantize", "eval", "run", "check", "--out", "--wbits",
+                                                      "--help", "list", "methods", "--debug"])), max_size=6))
+def test_fuzz_raw_argv(args):
+    """Arbitrary words: help and listings exit 0, the rest is a clean exit 2 or reaches the sentinel."""
+    if "--debug" in args:  # --debug deliberately shows tracebacks
+        return
+    if not args:  # bare `quantshift`: the help on stdout, exit 2 (click's convention), no error line
+        code, err, _ = invoke(args)
+        assert code == 2 and not err.strip()
+        return
+    assert_clean(args, ok_codes=(0,))
+
+
+# ---------------------------------------------------------------- YAML files
+
+JUNK = st.one_of(
+    st.none(), st.booleans(), st.integers(-2**70, 2**70),
+    st.sampled_from([0, -1, 1, 2, 3, 16, 64, 128, 10**9, -10**9, 0.5, -0.0]),
+    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=15),
+    st.sampled_from(["", "wikipedia", "news", "gptq", "auto", "cuda:0", "../x", "ünï", "a" * 300, "(", "x\0y"]),
+    st.lists(st.integers(-5, 300), max_size=3), st.dictionaries(st.text(max_size=6), st.integers(), max_size=2),
+)
+
+
+def _paths(data, prefix=()) -> list[tuple]:
+    out = [prefix]
+    if isinstance(data, dict):
+        for k, v in data.items():
+            out += _paths(v, (*prefix, k))
+    elif isinstance(data, list):
+        for i, v in enumerate(data):
+            out += _paths(v, (*prefix, i))
+    return out
+
+
+def _get(data, path):
+    for p in path:
+        data = data[p]
+    return data
+
+
+@st.composite
+def mutated(draw, base) -> object:
+    """`base` with a few random edits: a key misspelt, added or deleted, a value replaced by junk."""
+    import copy
+
+    data = copy.deepcopy(base)
+    for _ in range(draw(st.integers(0, 2))):
+        paths = _paths(data)
+        path = draw(st.sampled_from(paths))
+        if not path:
+            if draw(st.integers(0, 9)) == 0:
+                data = draw(JUNK)  # the whole document is not a mapping / list
+            continue
+        parent, last = _get(data, path[:-1]), path[-1]
+        op = draw(st.sampled_from(["typo", "junk", "junk", "delete", "add"]))
+        if op == "typo" and isinstance(parent, dict):
+            parent[draw(typo(str(last)))] = parent.pop(last)
+        elif op == "junk":
+            parent[last] = draw(JUNK)
+        elif op == "delete" and isinstance(parent, dict):
+            del parent[last]
+        elif op == "add" and isinstance(parent, dict):
+            parent[draw(st.text(min_size=1, max_size=8))] = draw(JUNK)
+    return data
+
+
+def yaml_text(data) -> str:
+    return yaml.safe_dump(data, allow_unicode=True, sort_keys=False)
+
+
+RAW_YAML = st.one_of(st.text(max_size=60), st.sampled_from(["stages: [", "{a: b", ":\n  - ]", "\t- x", "- - - -",
+                                                             "[" * 200, "&a [*a]", "!!python/object:os.system x"]))
+RECIPE = {"stages": [{"smoothquant": {"alpha": 0.8, "quantize": False}},
+                     {"gptq": {"wbits": 4, "group_size": 128, "overrides": [{"pattern": "down_proj", "wbits": 8}]}}]}
+STUDY = {"name": "fuzz", "models": ["smollm2-135m"],
+         "methods": [{"method": "rtn", "wbits": [4], "group_size": 64},
+                     {"method": "gptq", "wbits": [3, 4], "options": {"damp": 0.01}},
+                     {"name": "sq", "recipe": [{"smoothquant": {"alpha": 0.5}}, {"rtn": {"wbits": 8}}]}],
+         "calibration": {"sources": ["wikipedia", "pydocs"], "n": 4, "seqlen": 128, "seeds": [1, 2]},
+         "evaluation": {"ppl": ["news"], "ppl_windows": 2, "tasks": ["movie_sentiment"], "shots": [0], "limit": 5},
+         "diagnostics": {"enabled": False}, "device": "cpu"}
+
+
+@contextmanager
+def yaml_file(content: str | bytes) -> Iterator[Path]:
+    with tempfile.TemporaryDirectory() as d:
+        p = Path(d) / "file.yaml"
+        if isinstance(content, bytes):
+            p.write_bytes(content)
+        else:
+            p.write_text(content, encoding="utf-8")
+        yield p
+
+
+def test_base_documents_are_valid():
+    """The fuzzers mutate valid documents: they must start valid, or every example is a reject."""
+    assert validate.check_recipe_data(RECIPE)
+    with yaml_file(yaml_text(STUDY)) as p:
+        assert validate.check_study_file(p).name == "fuzz"
+
+
+@FUZZ
+@given(doc=st.one_of(mutated(RECIPE).map(yaml_text), RAW_YAML, st.binary(max_size=40)))
+def test_fuzz_recipe_yaml(doc):
+    with yaml_file(doc) as p:
+        assert_clean(["check", str(p)], ok_codes=(0,))
+        assert_clean(["quantize", "smollm2-135m", "--recipe", str(p), "--out", "out"])
+
+
+@FUZZ
+@given(doc=st.one_of(mutated(STUDY).map(yaml_text), RAW_YAML))
+def test_fuzz_study_yaml(doc):
+    with yaml_file(doc) as p:
+        assert_clean(["run", str(p), "--out", "out"])
+        assert_clean(["check", str(p), "--cache", "cache"], ok_codes=(0,))
