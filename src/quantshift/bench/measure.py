@@ -31,35 +31,10 @@ def dir_bytes(path: str | Path | None) -> int | None:
 
 
 def packed_weight_bytes(model: nn.Module, quant_info: dict | None, float_bytes: int = 2) -> dict[str, int]:
-    """Bytes of the parameters as a packed export stores them: b-bit codes packed densely,
-    one float16 scale per group (plus a b-bit zero point on asymmetric grids), fp8 codes as one
-    byte; every other parameter (embeddings, norms, unquantized linears) at `float_bytes`."""
-    from ..quant.primitives import QuantSpec, num_groups
+    """Bytes of the parameters as a packed export stores them (quant.storage.packed_size)."""
+    from ..quant.storage import packed_size, specs_from_info
 
-    modules = (quant_info or {}).get("modules", {})
-    quantized = {n: QuantSpec(**e["weight"]) for n, e in modules.items() if "weight" in e}
-    total = quant = 0
-    seen: set[int] = set()
-    for name, p in model.named_parameters(remove_duplicate=False):
-        if id(p) in seen:  # tied weights are stored once
-            continue
-        seen.add(id(p))
-        mod = name.rsplit(".", 1)[0]
-        if name.endswith(".weight") and mod in quantized and p.dim() == 2:
-            spec = quantized[mod]
-            out_f, in_f = p.shape
-            if spec.dtype == "fp8":
-                b = out_f * in_f + 4 * (1 if spec.group_size == 0 else out_f)
-            else:
-                groups = out_f * num_groups(in_f, spec.group_size) if spec.group_size != 0 else 1
-                b = (out_f * in_f * spec.bits + 7) // 8 + groups * float_bytes
-                if not spec.symmetric:
-                    b += (groups * spec.bits + 7) // 8
-            quant += b
-            total += b
-        else:
-            total += p.numel() * float_bytes
-    return {"packed_weight_bytes": total, "quantized_linear_bytes": quant}
+    return packed_size(model, specs_from_info(quant_info), float_bytes)
 
 
 def param_bytes(model: nn.Module) -> int:
