@@ -89,10 +89,14 @@ def test_whole_model_packed_matches_fake_quant(backend):
                          random_calib(), progress=False)
     ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
     ref = logits(lm.model, ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_err = _rel(logits(lm.model, ids).float(), ref)  # what bf16 arithmetic alone costs
     chosen = pack_model(lm.model, {n: m.qweight for n, m in res.engine.modules.items()}, backend)
     assert len(chosen) == 14
     assert set(chosen.values()) == {"int4mm-cpu" if backend == "auto" else "dequant"}
-    assert _rel(logits(lm.model, ids), ref) < (1e-4 if backend == "dequant" else 3e-2)  # int4mm: bf16
+    # int4mm runs in bf16 (activations, scales and the zero offsets s * (8 - z), a per-group
+    # constant): measured 3x the error of bf16 autocast of the fake-quant model here
+    assert _rel(logits(lm.model, ids), ref) < (1e-4 if backend == "dequant" else 4 * bf16_err)
 
 
 @pytest.mark.gpu
