@@ -77,16 +77,18 @@ def test_cli_bench_json(tmp_path):
     res = quantize_model(lm, recipe_from_cli("rtn", wbits=4, group_size=32), None, progress=False)
     q = save(lm, res, tmp_path / "q")
     r = subprocess.run([sys.executable, "-m", "quantshift.cli", "bench", str(q), "--batch-sizes", "1,2",
-                        "--prompt-len", "8", "--gen-len", "3", "--device", "cpu", "--json", str(tmp_path / "b.json")],
+                        "--prompt-len", "8", "--gen-len", "3", "--repeats", "1", "--copy-mib", "8", "--backend", "fake",
+                        "--device", "cpu", "--json", str(tmp_path / "b.json")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "fake-quant" in r.stdout and "decode tok/s" in r.stdout
+    assert "fake-quant" in r.stdout and "tok/s" in r.stdout
     data = json.loads((tmp_path / "b.json").read_text())
-    m = data["metrics"]
+    [variant] = data["variants"]
+    m = variant["metrics"]
     assert {"bench:decode@1", "bench:decode@2", "bench:prefill@2", "bench:size", "bench:memory"} <= set(m)
     assert m["bench:decode@2"]["fake_quant"] is True and m["bench:decode@2"]["tokens"] == 4
     assert m["bench:size"]["disk_bytes"] > m["bench:size"]["packed_weight_bytes"] > 0
-    assert data["environment"]["device"] == "cpu"
+    assert variant["environment"]["device"] == "cpu" and variant["variant"] == "fp32"
     r = subprocess.run([sys.executable, "-m", "quantshift.cli", "bench", str(q), "--batch-sizes", "1,x"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--batch-sizes" in r.stderr

@@ -171,6 +171,8 @@ def eval_cmd(
     mt_bench: Annotated[Path | None, typer.Option("--mt-bench", help="MT-Bench-layout questions JSONL: answer, then grade with --judge")] = None,
     judge: Annotated[str | None, typer.Option(help="MT-Bench judge: hf:<hub id or dir> or openai:<model>@<base url>")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="MT-Bench answer length cap")] = 256,
+    backend: Annotated[str, typer.Option(help="quantized directory as fake-quant float weights (fake) or with "
+                                              "low-bit kernels (packed, see quant.inference)")] = "fake",
 ) -> None:
     """Evaluate a model: perplexity on held-out text, lm-eval tasks (multiple choice by log-likelihood),
     MT-Bench-style judged dialogue."""
@@ -201,7 +203,9 @@ def eval_cmd(
     if any(k < 0 for k in shot_list):
         raise ConfigError("--shots must be >= 0")
     preflight(tasks=split(tasks), suite=suite, data_dir=data_dir)
-    loaded = load_model(model, device=device, dtype=dtype)
+    loaded = load_model(model, device=device, dtype=dtype, backend=backend)
+    for line in loaded.packing.lines() if loaded.packing is not None else []:
+        typer.echo(line)
     from .evaluation.api import EvalResult
 
     res = EvalResult()

@@ -81,8 +81,9 @@ def memory_bytes(model: nn.Module) -> int:
 def decode_bytes_per_step(model: nn.Module) -> int:
     """Weight bytes one decode step reads: everything except an input embedding table that is
     not also the output layer (one row of it is read) and rotary tables."""
-    emb = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
-    out = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    emb = get_in() if callable(get_in) else None
+    out = get_out() if callable(get_out) else None
     emb_w = getattr(emb, "weight", None)
     skip = {id(emb_w)} if emb_w is not None and getattr(out, "weight", None) is not emb_w else set()
     return sum(t.numel() * t.element_size() for n, t in _tensors(model) if id(t) not in skip and "rotary" not in n)
@@ -147,10 +148,11 @@ def _forward(model: nn.Module, ids: torch.Tensor, cache: Any, pos: torch.Tensor)
 def make_cache(model: nn.Module, kind: str, max_len: int) -> Any:
     from transformers import DynamicCache, StaticCache
 
+    config: Any = model.config
     if kind == "static":
-        return StaticCache(config=model.config, max_cache_len=max_len)
+        return StaticCache(config=config, max_cache_len=max_len)
     if kind == "dynamic":
-        return DynamicCache(config=model.config)
+        return DynamicCache(config=config)
     raise ValueError(f"cache must be 'static' or 'dynamic', got {kind!r}")
 
 
@@ -207,7 +209,8 @@ def run_bench(model: nn.Module, *, batch_sizes: list[int] | None = None, prefill
     decode_batches = decode_batches or batch_sizes or [1]
     decode_prompt_len = decode_prompt_len or prompt_len
     device = next(model.parameters()).device
-    vocab = int(vocab_size or getattr(model.config, "vocab_size", 0))
+    config: Any = model.config
+    vocab = int(vocab_size or config.vocab_size)
     g = torch.Generator().manual_seed(seed)
     fake = quant_info is not None if fake_quant is None else fake_quant
     metrics: dict[str, dict[str, Any]] = {}
