@@ -73,12 +73,12 @@ def load_model(name: str, device: str = "cpu", dtype: str = "auto", compute_devi
 
     from ..checkpoint import is_quantized_dir, load_quantized
 
+    if backend not in BACKENDS:
+        raise ModelError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     device = resolve_device(device)
     path = model_path(name)
     precision = resolve_precision(dtype, resolve_device(compute_device) if compute_device else device)
     torch_dtype = precision.weights
-    if backend not in BACKENDS:
-        raise ModelError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     quantized = isinstance(path, Path) and is_quantized_dir(path)
     if backend == "packed":
         if not quantized:
