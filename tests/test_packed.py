@@ -20,9 +20,9 @@ import torch
 from conftest import loaded_tiny, logits
 
 from quantshift.evaluation.perplexity import window_nll
+from quantshift.models import precision
 from quantshift.models.load import load_model
 from quantshift.quant import int8linear
-from quantshift.models import precision
 from quantshift.quant.actquant import InputQuantizer, fake_quantize_static
 from quantshift.quant.inference import load_packed
 from quantshift.quant.int8linear import Int8Linear, activation_codes
