@@ -111,7 +111,7 @@ def run_quantshift(variant: str, ids: torch.Tensor, args, scratch: Path) -> dict
     if args.compile:
         step = compiled_step()
         t0 = time.perf_counter()
-        prefill_and_decode(model, ids, 4, "static", step)
+        prefill_and_decode(model, ids, args.new_tokens, "static", step)  # same shapes as the timed runs
         compile_s = time.perf_counter() - t0
     pre, dec, toks = [], [], None
     for _ in range(args.repeats):

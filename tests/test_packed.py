@@ -210,3 +210,26 @@ def test_no_int8_units_is_reported_per_linear(tmp_path, monkeypatch):
     assert report.counts() == {"w8a8:int8-emulated": 14}
     [(reason, names)] = report.fallbacks().items()
     assert "none of amx_int8, avx512_vnni, avx_vnni" in reason and len(names) == 14
+
+
+def test_study_records_packed_bytes_of_each_quantized_model(tmp_path):
+    from quantshift.studies.runner import run_study
+    from quantshift.studies.spec import study_from_dict
+
+    lm = loaded_tiny("llama")
+    lm.model.save_pretrained(tmp_path / "tiny")
+    lm.tokenizer.save_pretrained(tmp_path / "tiny")
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"{i} the river bends past the old mill. " * 4 for i in range(20)))
+    spec = study_from_dict({"name": "pb", "models": [str(tmp_path / "tiny")], "device": "cpu", "include_fp": False,
+                            "methods": [{"method": "rtn", "wbits": [4, 2], "group_size": 32}],
+                            "calibration": {"sources": [str(text)], "n": 2, "seqlen": 32},
+                            "evaluation": {"ppl": [str(text)], "ppl_seqlen": 32, "ppl_windows": 1},
+                            "diagnostics": {"enabled": False}})
+    run_study(spec, tmp_path / "out", tmp_path / "cache", progress=False, echo=lambda *a, **k: None)
+    records = [json.loads(p.read_text()) for p in sorted((tmp_path / "cache" / "quant").glob("*.json"))]
+    shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (160, 64), (160, 64), (64, 160)] * 2
+    floats = 2 * (128 * 64 + 2 * (2 * 64) + 64)
+    groups = sum(o * i // 32 for o, i in shapes)
+    expect = {floats + sum(o * i * bits // 8 for o, i in shapes) + 2 * groups + groups * bits // 8 for bits in (4, 2)}
+    assert {r["packed_bytes"] for r in records} == expect

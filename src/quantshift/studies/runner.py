@@ -190,6 +190,7 @@ def obtain_model(work: dict, cache: Cache, options: dict, progress: bool):
     kept = cache.model_dir(work["key"])
     if kept.is_dir():
         return load_model(str(kept), device=device, dtype=dtype)
+    from ..quant.storage import packed_bytes, specs_from_modules
     from ..quantize import quantize_model, save
     from ..recipes import recipe_from_dict
 
@@ -213,7 +214,8 @@ def obtain_model(work: dict, cache: Cache, options: dict, progress: bool):
     cache.put_json("quant", work["key"], {"label": work["label"], "recipe": report["recipe"],
                                           "precision": report["precision"],
                                           "calibration": report["calibration"], "seconds": report["seconds"],
-                                          "layer_errors": _layer_errors(report)})
+                                          "layer_errors": _layer_errors(report),
+                                          "packed_bytes": packed_bytes(loaded.model, specs_from_modules(qres.engine.modules))})
     if options["keep_models"]:
         save(loaded, qres, kept, overwrite=True)
     return loaded
@@ -503,7 +505,7 @@ def collect(plan: Plan, works: list[dict], cache: Cache, failures: dict[str, dic
         cells.append({**cell.to_dict(), "key": qk, "status": status, "metrics": metrics, "samples": samples,
                       "error": failures.get(qk, {}).get("error") if status == "failed" else None,
                       "calib_manifest": (q or {}).get("calibration"),
-                      "quant_seconds": (q or {}).get("seconds"),
+                      "quant_seconds": (q or {}).get("seconds"), "packed_bytes": (q or {}).get("packed_bytes"),
                       "eval_seconds": round(sum(e["seconds"] for e in evals if e), 2)})
     from .diagnostics import all_pairs
 
