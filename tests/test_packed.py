@@ -233,3 +233,16 @@ def test_study_records_packed_bytes_of_each_quantized_model(tmp_path):
     groups = sum(o * i // 32 for o, i in shapes)
     expect = {floats + sum(o * i * bits // 8 for o, i in shapes) + 2 * groups + groups * bits // 8 for bits in (4, 2)}
     assert {r["packed_bytes"] for r in records} == expect
+
+
+@pytest.mark.slow
+def test_compiled_decode_step_gives_the_same_tokens():
+    from quantshift.bench.measure import compiled_step, prefill_and_decode, run_bench
+
+    model = loaded_tiny("llama").model
+    ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
+    eager = prefill_and_decode(model, ids, 6, "static").tokens
+    assert torch.equal(prefill_and_decode(model, ids, 6, "static", compiled_step()).tokens, eager)
+    metrics, _ = run_bench(model, batch_sizes=[1], prompt_len=8, gen_len=4, compile=True, copy_mib=8)
+    d = metrics["bench:decode@1"]
+    assert d["compiled"] and d["compile_s"] > 0 and d["cache"] == "static"

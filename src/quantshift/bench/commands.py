@@ -96,10 +96,8 @@ def print_report(results: list[dict[str, Any]]) -> None:
                    f"{_mib(size['decode_bytes_per_step'])}/step; load {load['start']:.2f} -> {load['end']:.2f} "
                    f"on {load['cores']} cores")
         typer.echo(f"{'':8s} {'batch':>5s} {'tok/s':>9s} {'min-max':>19s} {'bound tok/s':>11s} {'ms/step':>8s}")
-        for key, d in m.items():
-            kind = key.split(":")[1].split("@")[0]
-            if kind not in ("prefill", "decode"):
-                continue
+        rows = [(k.split(":")[1].split("@")[0], d) for k, d in m.items() if k.startswith(("bench:prefill@", "bench:decode@"))]
+        for kind, d in sorted(rows, key=lambda r: (r[0] != "prefill", r[1]["batch"])):
             span = f"{d['tokens_per_s_min']:.1f}-{d['tokens_per_s_max']:.1f}"
             bound = f"{d['bound_tokens_per_s']:11.1f}" if "bound_tokens_per_s" in d else f"{'':11s}"
             ms = f"{d['ms_per_step']:8.2f}" if "ms_per_step" in d else ""
