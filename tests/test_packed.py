@@ -246,3 +246,24 @@ def test_compiled_decode_step_gives_the_same_tokens():
     metrics, _ = run_bench(model, batch_sizes=[1], prompt_len=8, gen_len=4, compile=True, copy_mib=8)
     d = metrics["bench:decode@1"]
     assert d["compiled"] and d["compile_s"] > 0 and d["cache"] == "static"
+
+
+def test_cli_eval_backend_packed_reports_kernels_and_matches_fake(tmp_path):
+    q, _, _ = _quantized_dir(tmp_path, "w4", **W4)
+    text = tmp_path / "t.txt"
+    text.write_text("\n\n".join(f"{i} the river bends past the old mill, where farmers bring grain. " * 3
+                                for i in range(30)))
+
+    def ppl(backend):
+        out = tmp_path / f"{backend}.json"
+        r = subprocess.run([sys.executable, "-m", "quantshift.cli", "eval", str(q), "--ppl", str(text), "--seqlen", "32",
+                            "--max-windows", "4", "--device", "cpu", "--dtype", "float32", "--backend", backend,
+                            "--quiet", "--json", str(out)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        [m] = [v for k, v in json.loads(out.read_text())["metrics"].items() if k.startswith("ppl:")]
+        return m["ppl"], r.stdout
+
+    fake, out_fake = ppl("fake")
+    packed, out_packed = ppl("packed")
+    assert "packed linears: 14 w4a16:int4mm-cpu" in out_packed and "packed linears" not in out_fake
+    assert abs(packed / fake - 1) < 0.01
