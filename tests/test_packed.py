@@ -212,7 +212,8 @@ def test_no_int8_units_is_reported_per_linear(tmp_path, monkeypatch):
     assert "none of amx_int8, avx512_vnni, avx_vnni" in reason and len(names) == 14
 
 
-def test_study_records_packed_bytes_of_each_quantized_model(tmp_path):
+def test_study_records_packed_bytes_and_bench_of_each_quantized_model(tmp_path):
+    from quantshift.errors import ConfigError
     from quantshift.studies.runner import run_study
     from quantshift.studies.spec import study_from_dict
 
@@ -224,8 +225,8 @@ def test_study_records_packed_bytes_of_each_quantized_model(tmp_path):
     spec = study_from_dict({"name": "pb", "models": [str(tmp_path / "tiny")], "device": "cpu", "include_fp": False,
                             "methods": [{"method": "rtn", "wbits": [4, 2], "group_size": 32}],
                             "calibration": {"sources": [str(text)], "n": 2, "seqlen": 32},
-                            "evaluation": {"ppl": [str(text)], "ppl_seqlen": 32, "ppl_windows": 1},
-                            "diagnostics": {"enabled": False}})
+                            "evaluation": {"ppl": [str(text)], "ppl_seqlen": 32, "ppl_windows": 1, "bench": True},
+                            "diagnostics": {"enabled": False}, "keep_models": True})
     run_study(spec, tmp_path / "out", tmp_path / "cache", progress=False, echo=lambda *a, **k: None)
     records = [json.loads(p.read_text()) for p in sorted((tmp_path / "cache" / "quant").glob("*.json"))]
     shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (160, 64), (160, 64), (64, 160)] * 2
@@ -233,6 +234,13 @@ def test_study_records_packed_bytes_of_each_quantized_model(tmp_path):
     groups = sum(o * i // 32 for o, i in shapes)
     expect = {floats + sum(o * i * bits // 8 for o, i in shapes) + 2 * groups + groups * bits // 8 for bits in (4, 2)}
     assert {r["packed_bytes"] for r in records} == expect
+    benches = [json.loads(p.read_text()) for p in sorted((tmp_path / "cache" / "bench").glob("*.json"))]
+    assert len(benches) == 2 and all(b["variant"] == "packed-bf16" for b in benches)
+    assert {b["metrics"]["bench:packing"]["modules"]["model.layers.0.mlp.down_proj"]["kernel"] for b in benches} == {
+        "int4mm-cpu", "dequant"}  # 4-bit on the int4 kernel, 2-bit dequantized on the fly
+    assert all(b["metrics"]["bench:decode@1"]["tokens_per_s"] > 0 for b in benches)
+    with pytest.raises(ConfigError, match="keep_models"):
+        study_from_dict({"name": "pb", "models": ["x"], "methods": [{"method": "rtn"}], "evaluation": {"bench": True}})
 
 
 @pytest.mark.slow

@@ -17,8 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-VARIANTS = {"fp32": ("fake", "float32"), "bf16": ("fake", "bfloat16"),
-            "packed-fp32": ("packed", "float32"), "packed-bf16": ("packed", "bfloat16")}
+from .measure import VARIANTS, measure_variant
 
 
 def _sizes(text: str, option: str = "--batch-sizes") -> list[int]:
@@ -45,23 +44,6 @@ def _variants(text: str | None, quantized: bool) -> list[str]:
     if not quantized and any(VARIANTS[v][0] == "packed" for v in names):
         raise ConfigError("packed variants need a quantized directory")
     return names
-
-
-def measure_variant(model: str, variant: str, device: str, opts: dict[str, Any]) -> dict[str, Any]:
-    """Load `model` as `variant` and run the benchmark in this process."""
-    from ..models.load import load_model
-    from .measure import environment, run_bench
-
-    backend, dtype = VARIANTS[variant]
-    loaded = load_model(model, device=device, dtype=dtype, backend=backend)
-    dev = next(loaded.model.parameters()).device
-    metrics, notes = run_bench(loaded.model, quant_info=loaded.quant_info, path=loaded.path,
-                               fake_quant=loaded.quant_info is not None and backend == "fake", **opts)
-    if loaded.packing is not None:
-        notes = loaded.packing.lines() + notes
-        metrics["bench:packing"] = loaded.packing.to_dict()
-    return {"variant": variant, "backend": backend, "dtype": dtype, "metrics": metrics, "notes": notes,
-            "environment": environment(dev)}
 
 
 def _in_child(model: str, variant: str, device: str, opts: dict[str, Any]) -> dict[str, Any]:

@@ -33,6 +33,12 @@ import torch
 import torch.nn as nn
 
 LOAD_FRACTION = 0.5  # warn when the 1-minute load average exceeds this fraction of the cores
+# variant -> (load_model backend, dtype of the float parts)
+VARIANTS = {"fp32": ("fake", "float32"), "bf16": ("fake", "bfloat16"),
+            "packed-fp32": ("packed", "float32"), "packed-bf16": ("packed", "bfloat16")}
+# a study's bench (evaluation.bench): small, so it adds seconds per model, not minutes
+STUDY_BENCH = {"prefill_batches": [1], "decode_batches": [1], "prompt_len": 128, "decode_prompt_len": 32,
+               "gen_len": 16, "repeats": 3, "copy_mib": 64}
 
 
 def dir_bytes(path: str | Path | None) -> int | None:
@@ -280,3 +286,25 @@ def environment(device: torch.device | str) -> dict[str, Any]:
     if str(device).startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return env
+
+
+def measure_variant(model: str, variant: str, device: str, opts: dict[str, Any]) -> dict[str, Any]:
+    """Load `model` as `variant` and run the benchmark in this process."""
+    from ..models.load import load_model
+
+    backend, dtype = VARIANTS[variant]
+    loaded = load_model(model, device=device, dtype=dtype, backend=backend)
+    dev = next(loaded.model.parameters()).device
+    metrics, notes = run_bench(loaded.model, quant_info=loaded.quant_info, path=loaded.path,
+                               fake_quant=loaded.quant_info is not None and backend == "fake", **opts)
+    if loaded.packing is not None:
+        notes = loaded.packing.lines() + notes
+        metrics["bench:packing"] = loaded.packing.to_dict()
+    return {"variant": variant, "backend": backend, "dtype": dtype, "metrics": metrics, "notes": notes,
+            "environment": environment(dev)}
+
+
+def study_bench(model_dir: str | Path, device: str) -> dict[str, Any]:
+    """STUDY_BENCH of a kept quantized directory with its packed kernels (packed-bf16)."""
+    res = measure_variant(str(model_dir), "packed-bf16", device, STUDY_BENCH)
+    return {k: res[k] for k in ("variant", "metrics", "notes")}

@@ -136,7 +136,7 @@ def plan_study(spec: StudySpec, data_dir: str | None = None, on_gpu: bool | None
 
 def options_of(spec: StudySpec, data_dir: str | None) -> dict:
     return {"device": spec.device, "batch_size": spec.batch_size, "eval_batch_size": spec.evaluation.batch_size,
-            "keep_models": spec.keep_models, "data_dir": data_dir}
+            "keep_models": spec.keep_models, "data_dir": data_dir, "bench": spec.evaluation.bench}
 
 
 def pending_units(work: dict, cache: Cache) -> list[dict]:
@@ -171,6 +171,10 @@ def execute_work(work: dict, cache_root: str, options: dict, progress: bool = Tr
                             "model_key": work["key"], "metric": metric, "samples": samples, "seconds": secs,
                             "precision": loaded.precision.name})
                         done.append(u["key"])
+                if options.get("bench") and work["recipe"] is not None and not cache.has("bench", work["key"]):
+                    from ..bench.measure import study_bench
+
+                    cache.put_json("bench", work["key"], study_bench(cache.model_dir(work["key"]), options["device"]))
         return {"key": work["key"], "label": work["label"], "ok": True, "computed": done,
                 "seconds": round(time.time() - t0, 2)}
     except Exception as err:  # a failed cell is recorded and the study goes on
@@ -506,6 +510,7 @@ def collect(plan: Plan, works: list[dict], cache: Cache, failures: dict[str, dic
                       "error": failures.get(qk, {}).get("error") if status == "failed" else None,
                       "calib_manifest": (q or {}).get("calibration"),
                       "quant_seconds": (q or {}).get("seconds"), "packed_bytes": (q or {}).get("packed_bytes"),
+                      "bench": cache.get_json("bench", qk) if cell.recipe is not None else None,
                       "eval_seconds": round(sum(e["seconds"] for e in evals if e), 2)})
     from .diagnostics import all_pairs
 
