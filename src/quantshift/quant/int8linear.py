@@ -11,7 +11,10 @@ F.linear(fake_quant(x), dequant(W)) up to float32 rounding of that float GEMM.
 Kernels (chosen once per layer, reported by `kernel`):
 - "int8-intmm": torch._int_mm (oneDNN s8s8s32 on x86). Chosen over onednn.qlinear_pointwise
   (prepacked, uint8 activations) by an interleaved microbenchmark at SmolLM2's shapes
-  (576x576, 576x1536, 1536x576): _int_mm was faster at M=1 and M=8, mixed at M=512.
+  (576x576, 576x1536, 1536x576; 1 thread, AMD EPYC with AVX512-VNNI and no AMX, on a loaded
+  machine, activation quantization included): _int_mm was faster at M=1 and M=8 (0.24-0.75x
+  float32 F.linear except 576x576 M=1, where fp32 stays in cache), mixed at M=512 (0.36-0.64x
+  float32; oneDNN 0.26-0.41x); bf16 F.linear was 0.20-0.29x float32 at M=512.
 - "int8-emulated": the same integer arithmetic on float matmuls (exact for K < 2**24 / 2**14),
   for machines without int8 dot-product instructions or devices other than the CPU.
 """
