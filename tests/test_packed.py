@@ -275,3 +275,20 @@ def test_cli_eval_backend_packed_reports_kernels_and_matches_fake(tmp_path):
     packed, out_packed = ppl("packed")
     assert "packed linears: 14 w4a16:int4mm-cpu" in out_packed and "packed linears" not in out_fake
     assert abs(packed / fake - 1) < 0.01
+
+
+@pytest.mark.slow
+def test_cpu_decode_benchmark_script_runs_small(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "cpu_decode_vs_llamacpp.py"
+    spec = importlib.util.spec_from_file_location("cpu_decode_vs_llamacpp", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    res = mod.main(["--variants", "llama.cpp,fp32,w4", "--new-tokens", "3", "--repeats", "1", "--threads", "1",
+                    "--json", str(tmp_path / "cd.json")])
+    assert {"fp32", "w4"} <= set(res["rows"]) and res["rows"]["w4"]["packing"] == {"w4a16:int4mm-cpu": 210}
+    assert res["rows"]["w4"]["decode_bytes_per_step"] < res["rows"]["fp32"]["decode_bytes_per_step"] / 3
+    assert ("llama.cpp" in res["rows"]) != any("llama.cpp skipped" in n for n in res["notes"])
+    assert json.loads((tmp_path / "cd.json").read_text())["rows"].keys() == res["rows"].keys()
