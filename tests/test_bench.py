@@ -14,12 +14,13 @@ from quantshift.quantize import quantize_model, save
 from quantshift.recipes import recipe_from_cli
 
 
-def test_decode_loop_really_decodes_with_the_cache():
+@pytest.mark.parametrize("cache", ["dynamic", "static"])
+def test_decode_loop_really_decodes_with_the_cache(cache):
     # the timed loop (KV cache, one token per step) must produce the same greedy tokens as
     # recomputing the whole sequence each step
     model = loaded_tiny("llama").model
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
-    got = prefill_and_decode(model, ids, 6).tokens
+    got = prefill_and_decode(model, ids, 6, cache).tokens
     seq = ids
     with torch.no_grad():
         for _ in range(6):
@@ -30,14 +31,21 @@ def test_decode_loop_really_decodes_with_the_cache():
 
 def test_metrics_shape_and_counts():
     model = loaded_tiny("llama").model
-    metrics, notes = run_bench(model, batch_sizes=[1, 3], prompt_len=8, gen_len=5)
+    metrics, notes = run_bench(model, batch_sizes=[1, 3], prompt_len=8, gen_len=5, repeats=3, copy_mib=8)
     assert set(metrics) == {"bench:prefill@1", "bench:decode@1", "bench:prefill@3", "bench:decode@3",
-                            "bench:size", "bench:memory"}
+                            "bench:size", "bench:memory", "bench:bandwidth", "bench:load"}
     d3 = metrics["bench:decode@3"]
     assert d3["tokens"] == 3 * 4 and d3["tokens_per_s"] == pytest.approx(d3["tokens"] / d3["seconds"])
-    assert metrics["bench:prefill@3"]["tokens"] == 24 and not d3["fake_quant"] and not notes
-    assert metrics["bench:memory"]["peak_rss_bytes"] > 50 * 2**20  # a python process with torch loaded
+    assert len(d3["runs_s"]) == 3 and d3["seconds"] == sorted(d3["runs_s"])[1]  # the median run
+    assert d3["tokens_per_s_min"] <= d3["tokens_per_s_q1"] <= d3["tokens_per_s"] <= d3["tokens_per_s_q3"] <= d3["tokens_per_s_max"]
+    assert metrics["bench:prefill@3"]["tokens"] == 24 and not d3["fake_quant"]
+    assert [n for n in notes if "fake-quant" in n] == []
+    assert bool(metrics["bench:load"]["loaded"]) == any("WARNING: load average" in n for n in notes)
+    # decode bound: batch x copy bandwidth / bytes read per step (tied embedding read as lm_head)
     size = metrics["bench:size"]
+    assert size["decode_bytes_per_step"] == size["param_bytes"] + sum(b.numel() * b.element_size() for n, b in model.named_buffers() if "rotary" not in n)
+    assert d3["bound_tokens_per_s"] == pytest.approx(3 * metrics["bench:bandwidth"]["copy_bytes_per_s"] / size["decode_bytes_per_step"])
+    assert metrics["bench:memory"]["peak_rss_bytes"] > 50 * 2**20  # a python process with torch loaded
     assert size["param_bytes"] == sum(p.numel() * 4 for p in model.parameters())  # fp32, tied lm_head once
     assert size["packed_weight_bytes"] == size["param_bytes"] // 2  # float parts counted at fp16
 
@@ -69,16 +77,18 @@ def test_cli_bench_json(tmp_path):
     res = quantize_model(lm, recipe_from_cli("rtn", wbits=4, group_size=32), None, progress=False)
     q = save(lm, res, tmp_path / "q")
     r = subprocess.run([sys.executable, "-m", "quantshift.cli", "bench", str(q), "--batch-sizes", "1,2",
-                        "--prompt-len", "8", "--gen-len", "3", "--device", "cpu", "--json", str(tmp_path / "b.json")],
+                        "--prompt-len", "8", "--gen-len", "3", "--repeats", "1", "--copy-mib", "8", "--backend", "fake",
+                        "--device", "cpu", "--json", str(tmp_path / "b.json")],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert "fake-quant" in r.stdout and "decode tok/s" in r.stdout
+    assert "fake-quant" in r.stdout and "tok/s" in r.stdout
     data = json.loads((tmp_path / "b.json").read_text())
-    m = data["metrics"]
+    [variant] = data["variants"]
+    m = variant["metrics"]
     assert {"bench:decode@1", "bench:decode@2", "bench:prefill@2", "bench:size", "bench:memory"} <= set(m)
     assert m["bench:decode@2"]["fake_quant"] is True and m["bench:decode@2"]["tokens"] == 4
     assert m["bench:size"]["disk_bytes"] > m["bench:size"]["packed_weight_bytes"] > 0
-    assert data["environment"]["device"] == "cpu"
+    assert variant["environment"]["device"] == "cpu" and variant["variant"] == "fp32"
     r = subprocess.run([sys.executable, "-m", "quantshift.cli", "bench", str(q), "--batch-sizes", "1,x"],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "--batch-sizes" in r.stderr

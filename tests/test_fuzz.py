@@ -23,6 +23,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 import quantshift.api as api_mod
+import quantshift.bench.commands as bench_cmd
 import quantshift.cli as cli_mod
 import quantshift.evaluation.api as eval_api
 import quantshift.export as export_pkg
@@ -50,6 +51,8 @@ def sandbox() -> Iterator[Path]:
         mp.chdir(d)
         mp.setattr(load_mod, "load_model", _stop)
         mp.setattr(api_mod, "load_model", _stop)  # the API binds the loader by name
+        mp.setattr(bench_cmd, "measure_variant", _stop)  # bench measures in-process or in a child
+        mp.setattr(bench_cmd, "_in_child", _stop)
         mp.setattr(eval_api, "preflight", _stop)  # eval: task data loads right before the model
         mp.setattr(export_pkg, "export", _stop)
         mp.setattr(runner_mod, "run_study", _stop)

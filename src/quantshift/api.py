@@ -108,7 +108,7 @@ def _rewrap(loaded: LoadedModel, dtype: str, compute_device: str, place: bool) -
 
 
 def _as_loaded(model: ModelLike, tokenizer: Any, device: str | None, dtype: str, *, place: bool,
-               weights_device: str | None = None) -> LoadedModel:
+               weights_device: str | None = None, backend: str = "fake") -> LoadedModel:
     """Any accepted model form -> LoadedModel. Names load as the CLI loads them: onto
     `weights_device` (default: the compute device) in the precision "auto" means there."""
     dev = _compute_device(model, device)
@@ -119,7 +119,9 @@ def _as_loaded(model: ModelLike, tokenizer: Any, device: str | None, dtype: str,
         return _rewrap(model, dtype, dev, place)
     if isinstance(model, (str, Path)):
         _no_tokenizer(tokenizer, "a model name, which loads its own tokenizer")
-        return load_model(str(model), device=weights_device or dev, dtype=dtype, compute_device=dev)
+        return load_model(str(model), device=weights_device or dev, dtype=dtype, compute_device=dev, backend=backend)
+    if backend != "fake":
+        raise ConfigError("backend='packed' loads a quantized directory by its path; this model is already in memory")
     if isinstance(model, nn.Module):
         return _wrap(model, tokenizer, dtype, dev, place)
     raise ConfigError(f"model must be a Hugging Face model, a name or path, or a QuantizationResult; "
@@ -306,7 +308,7 @@ def evaluate(model: ModelLike, ppl: str | Iterable[str] = (), tasks: str | Itera
              max_windows: int | None = 64, batch_size: int = 4, seed: int = 1234, device: str | None = None,
              dtype: str = "auto", progress: bool = True, mt_bench: str | Path | None = None,
              judge: str | None = None, max_new_tokens: int = 256,
-             json_out: str | Path | None = None) -> dict[str, dict]:
+             json_out: str | Path | None = None, backend: str = "fake") -> dict[str, dict]:
     """Perplexity on text sources, tasks (quantshift's or lm-eval's names, multiple choice by
     log-likelihood) and MT-Bench-style judged dialogue -> the `metrics` map `quantshift eval
     --json` writes: {"ppl:<source>": {"ppl", "tokens", "windows", "seqlen", ...},
@@ -315,7 +317,8 @@ def evaluate(model: ModelLike, ppl: str | Iterable[str] = (), tasks: str | Itera
     ppl / tasks: names or comma-separated strings; shots: an int or a list (default: the
     suite's, else 0); limit: items per task (None: 200 for quantshift's tasks, all for lm-eval's;
     0: all); max_windows: perplexity windows per source (None or 0: all). json_out: also write
-    the CLI's JSON there, item-level samples beside it (<stem>.samples.jsonl)."""
+    the CLI's JSON there, item-level samples beside it (<stem>.samples.jsonl). backend: a quantized
+    directory as fake-quant float weights ("fake") or with packed low-bit kernels ("packed")."""
     from .evaluation import api as ev
     from .evaluation import judge as mtb
 
@@ -338,7 +341,9 @@ def evaluate(model: ModelLike, ppl: str | Iterable[str] = (), tasks: str | Itera
     if any(k < 0 for k in shot_list):
         raise ConfigError("--shots must be >= 0")
     ev.preflight(tasks=task_list, suite=suite, data_dir=data_dir)
-    loaded = _as_loaded(model, tokenizer, device, dtype, place=True)
+    loaded = _as_loaded(model, tokenizer, device, dtype, place=True, backend=backend)
+    for line in loaded.packing.lines() if loaded.packing is not None else []:
+        print(line)  # which kernel each linear got, and every fallback: part of the result, not progress
     if isinstance(model, QuantizationResult):  # its model may now be in another precision or place
         model.loaded, model.precision, model.device = loaded, loaded.precision.name, str(_model_device(loaded.model))
     res = ev.EvalResult()

@@ -159,10 +159,12 @@ def is_quantized_dir(path: str | Path) -> bool:
     return (Path(path) / QUANT_FILE).is_file()
 
 
-def load_quantized(path: Path, dtype: torch.dtype, device: str, verify: bool = True) -> tuple[nn.Module, Any, dict]:
+def read_quantized_dir(path: Path, verify: bool = True) -> tuple[dict, Any, Any, dict, dict]:
+    """quantshift.json, config, tokenizer, float tensors and quantized tensors of a directory,
+    checked against the recorded sha256 digests."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     info = read_quant_info(path)
     for fname, digest in info.get("files", {}).items():
@@ -178,18 +180,36 @@ def load_quantized(path: Path, dtype: torch.dtype, device: str, verify: bool = T
         qt = load_file(str(path / "quantized.safetensors"))
     except (OSError, ValueError, SafetensorError) as err:
         raise ModelError(f"corrupt quantized model directory {path}: {str(err).splitlines()[0]}") from None
+    return info, config, tok, state, qt
+
+
+def quantized_weights(info: dict, qt: dict[str, torch.Tensor]) -> dict[str, QuantizedWeight]:
+    """Codes and qparams of every quantized linear in a directory (sparse outliers not applied)."""
+    out = {}
     for name, entry in info["modules"].items():
         if "weight" not in entry:
             continue
-        spec = QuantSpec(**entry["weight"])
         g_idx = qt.get(f"{name}.g_idx")
-        qw = QuantizedWeight(qt[f"{name}.codes"], qt[f"{name}.scales"], qt[f"{name}.zeros"], spec,
-                             g_idx.long() if g_idx is not None else None)
-        w = qw.dequantize(torch.float32)
-        idx = qt.get(f"{name}.outlier_idx")
-        if idx is not None:  # flat indices of weights kept in 16-bit, overriding their codes
-            w.view(-1)[idx.long()] = qt[f"{name}.outlier_values"].float()
-        state[f"{name}.weight"] = w
+        out[name] = QuantizedWeight(qt[f"{name}.codes"], qt[f"{name}.scales"], qt[f"{name}.zeros"],
+                                    QuantSpec(**entry["weight"]), g_idx.long() if g_idx is not None else None)
+    return out
+
+
+def dense_weight(name: str, qw: QuantizedWeight, qt: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The float32 weight a fake-quant model uses: dequantized codes, sparse outliers applied."""
+    w = qw.dequantize(torch.float32)
+    idx = qt.get(f"{name}.outlier_idx")
+    if idx is not None:  # flat indices of weights kept in 16-bit, overriding their codes
+        w.view(-1)[idx.long()] = qt[f"{name}.outlier_values"].float()
+    return w
+
+
+def load_quantized(path: Path, dtype: torch.dtype, device: str, verify: bool = True) -> tuple[nn.Module, Any, dict]:
+    from transformers import AutoModelForCausalLM
+
+    info, config, tok, state, qt = read_quantized_dir(path, verify)
+    for name, qw in quantized_weights(info, qt).items():
+        state[f"{name}.weight"] = dense_weight(name, qw, qt)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = getattr(config, "tie_word_embeddings", False)

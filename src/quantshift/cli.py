@@ -138,6 +138,8 @@ def eval_cmd(
     mt_bench: Annotated[Path | None, typer.Option("--mt-bench", help="MT-Bench-layout questions JSONL: answer, then grade with --judge")] = None,
     judge: Annotated[str | None, typer.Option(help="MT-Bench judge: hf:<hub id or dir> or openai:<model>@<base url>")] = None,
     max_new_tokens: Annotated[int, typer.Option(help="MT-Bench answer length cap")] = 256,
+    backend: Annotated[str, typer.Option(help="quantized directory as fake-quant float weights (fake) or with "
+                                              "low-bit kernels (packed, see quant.inference)")] = "fake",
 ) -> None:
     """Evaluate a model: perplexity on held-out text, lm-eval tasks (multiple choice by log-likelihood),
     MT-Bench-style judged dialogue."""
@@ -154,7 +156,7 @@ def eval_cmd(
     metrics = api.evaluate(model, ppl or (), tasks or (), suite=suite, shots=shot_list, limit=limit, data_dir=data_dir,
                            seqlen=seqlen, max_windows=max_windows, batch_size=batch_size, seed=seed, device=device,
                            dtype=dtype, progress=not quiet, mt_bench=mt_bench, judge=judge,
-                           max_new_tokens=max_new_tokens, json_out=json_out)
+                           max_new_tokens=max_new_tokens, json_out=json_out, backend=backend)
     for key, m in metrics.items():
         if key.startswith("ppl:"):
             typer.echo(f"{key:34s} ppl {m['ppl']:10.3f}  ({m['tokens']} tokens, {m['windows']} x {m['seqlen']})")

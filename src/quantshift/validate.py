@@ -735,6 +735,7 @@ def _cli_recipe(method: str, fmt: dict):
 
 def check_eval(o: dict) -> None:
     check_model_name("MODEL", o["model"])
+    check_choice("--backend", o.get("backend", "fake"), ("fake", "packed"))
     data_dir = o.get("data_dir")
     if data_dir is not None:
         check_existing_dir("--data-dir", data_dir)
@@ -795,11 +796,21 @@ def check_export(o: dict) -> None:
 
 def check_bench(o: dict) -> None:
     check_model_name("MODEL", o["model"])
-    int_list("--batch-sizes", o.get("batch_sizes", "1,8,32"), 1, MAX_BATCH)
-    int_in("--prompt-len", o.get("prompt_len", 128), 1, MAX_SEQLEN)
-    int_in("--gen-len", o.get("gen_len", 32), 2, MAX_SEQLEN)
-    int_in("--repeats", o.get("repeats", 1), 1, MAX_COUNT)
-    check_context("--prompt-len + --gen-len", o.get("prompt_len", 128) + o.get("gen_len", 32), str(o["model"]))
+    for opt, key, default in (("--batch-sizes", "batch_sizes", None), ("--prefill-batches", "prefill_batches", "1,8"),
+                              ("--decode-batches", "decode_batches", "1,8,32")):
+        if o.get(key, default) is not None:
+            int_list(opt, o.get(key, default), 1, MAX_BATCH)
+    int_in("--prompt-len", o.get("prompt_len", 512), 1, MAX_SEQLEN)
+    int_in("--decode-prompt-len", o.get("decode_prompt_len", 128), 1, MAX_SEQLEN)
+    int_in("--gen-len", o.get("gen_len", 64), 2, MAX_SEQLEN)
+    int_in("--repeats", o.get("repeats", 5), 1, MAX_COUNT)
+    int_in("--copy-mib", o.get("copy_mib", 256), 1, 1 << 16)
+    if o.get("backend") is not None:
+        check_choice("--backend", o["backend"], ("fake", "packed"))
+    check_choice("--cache", o.get("cache", "static"), ("static", "dynamic"))
+    check_context("--prompt-len", o.get("prompt_len", 512), str(o["model"]))
+    check_context("--decode-prompt-len + --gen-len", o.get("decode_prompt_len", 128) + o.get("gen_len", 64),
+                  str(o["model"]))
     check_device("--device", o.get("device", "auto"))
     check_dtype("--dtype", o.get("dtype", "auto"))
     if o.get("json_out") is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -23,6 +24,7 @@ class LoadedModel:
     arch: ArchSpec
     quant_info: dict | None = None  # quantshift.json of a quantized dir
     precision: Precision = Precision(torch.float32)
+    packing: Any = None  # quant.inference.PackReport when loaded with backend "packed"
 
     def compute(self, device: torch.device | str | None = None):
         """Context for forward passes in this model's compute precision (bf16 autocast on CPUs
@@ -72,19 +74,37 @@ def model_path(name: str) -> Path | str:
     return name
 
 
-def load_model(name: str, device: str = "cpu", dtype: str = "auto", compute_device: str | None = None) -> LoadedModel:
+BACKENDS = ("fake", "packed")
+
+
+def load_model(name: str, device: str = "cpu", dtype: str = "auto", compute_device: str | None = None,
+               backend: str = "fake") -> LoadedModel:
     """`compute_device`: where forwards will run when that is not where the weights load (the
-    quantizer loads on the CPU and moves one block at a time); it decides what "auto" means."""
+    quantizer loads on the CPU and moves one block at a time); it decides what "auto" means.
+    `backend` of a quantized directory: "fake" (dequantized float weights, the research model)
+    or "packed" (quant.inference.load_packed: low-bit kernels, weights never in float)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..checkpoint import is_quantized_dir, load_quantized
 
+    if backend not in BACKENDS:
+        raise ModelError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
     device = resolve_device(device)
     path = model_path(name)
     precision = resolve_precision(dtype, resolve_device(compute_device) if compute_device else device)
     torch_dtype = precision.weights
-    if isinstance(path, Path) and is_quantized_dir(path):
-        model, tok, info = load_quantized(path, torch_dtype, device)
+    quantized = isinstance(path, Path) and is_quantized_dir(path)
+    if backend == "packed":
+        if not quantized:
+            raise ModelError(f"--backend packed needs a quantized directory; {name!r} is not one")
+        from ..quant.inference import load_packed
+
+        # packed linears compute in their own types: no autocast around them
+        precision = Precision(torch.bfloat16 if precision.autocast is not None else precision.weights)
+        model, tok, info, report = load_packed(Path(path), precision.weights, device)
+        return LoadedModel(model, tok, name, str(path), arch_for(model), info, precision, report)
+    if quantized:
+        model, tok, info = load_quantized(Path(path), torch_dtype, device)
         return LoadedModel(model, tok, name, str(path), arch_for(model), info, precision)
     try:
         tok = AutoTokenizer.from_pretrained(path)

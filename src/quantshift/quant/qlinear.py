@@ -9,6 +9,10 @@ Backends (chosen once, when the layer is built):
   what torchao's int4 weight-only tensor-core layout calls; torchao itself is not required.
 Both int4mm kernels take sequential groups of 32/64/128/256 columns and express the zero point
 as a float offset: W = (c - 8) * s + s * (8 - z), algebraically equal to s * (c - z).
+Both run in bfloat16 (activations, scales): with float32 inputs the CPU kernel takes a slow
+reference path (measured 50-200x slower than bf16 at 576x1536, M=1..8), so float32 inputs are
+cast to bf16 and the output back. The CPU kernel also needs out_features % 16 == 0
+(`int4_cpu_shape_problem`); other shapes fall back to "dequant".
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from .primitives import QuantizedWeight, expand_to_columns, pack_codes, unpack_c
 
 Backend = Literal["auto", "dequant", "int4mm-cpu", "int4mm-cuda"]
 _TINYGEMM_GROUPS = (32, 64, 128, 256)
+_KERNEL = {"int4mm-cuda": torch.device("cuda"), "int4mm-cpu": torch.device("cpu")}
 
 
 def torchao_version() -> str | None:
@@ -57,6 +62,18 @@ def int4mm_unsupported_reason(qw: QuantizedWeight, device: torch.device) -> str 
     return None
 
 
+def int4_cpu_shape_problem(out_f: int, device: torch.device) -> str | None:
+    """Why the CPU int4 kernel's packing refuses this output width (None = it accepts it)."""
+    if device.type == "cpu" and out_f % 16:
+        return f"{out_f} outputs (the CPU int4 kernel packs multiples of 16)"
+    return None
+
+
+def int4_problem(qw: QuantizedWeight, device: torch.device) -> str | None:
+    """Why no int4mm kernel can run `qw` on `device` (None = one can)."""
+    return int4mm_unsupported_reason(qw, device) or int4_cpu_shape_problem(qw.codes.shape[0], device)
+
+
 class PackedLinear(nn.Module):
     """y = x @ dequant(codes, scales, zeros)^T + bias, from packed codes."""
 
@@ -69,16 +86,19 @@ class PackedLinear(nn.Module):
         self.spec = qw.spec
         if qw.spec.dtype != "int" or 32 % qw.spec.bits:
             raise ValueError(f"PackedLinear packs 2, 4 or 8-bit integer grids, not {qw.spec.describe()}")
+        self.fallback_reason: str | None = None  # why "auto" fell back to dequant
         if backend == "auto":
-            kind = "int4mm-cuda" if device.type == "cuda" else "int4mm-cpu"
-            backend = kind if int4mm_unsupported_reason(qw, device) is None else "dequant"
+            self.fallback_reason = int4_problem(qw, device)
+            backend = "dequant" if self.fallback_reason else ("int4mm-cuda" if device.type == "cuda" else "int4mm-cpu")
         elif backend != "dequant":
-            why = int4mm_unsupported_reason(qw, torch.device("cuda" if backend == "int4mm-cuda" else "cpu"))
+            if backend not in _KERNEL:
+                raise ValueError(f"unknown backend {backend!r}; allowed: auto, dequant, {', '.join(_KERNEL)}")
+            why = int4_problem(qw, _KERNEL[backend])
             if why is not None:
                 raise ValueError(f"backend {backend} cannot run this weight: {why}")
-        self.backend = backend
-        # the CUDA int4 kernel takes bfloat16 activations and scales only
-        self.compute_dtype = torch.bfloat16 if backend == "int4mm-cuda" else (compute_dtype or torch.float32)
+        self.backend: str = backend
+        # both int4 kernels run in bfloat16 (see the module docstring)
+        self.compute_dtype = torch.bfloat16 if backend != "dequant" else (compute_dtype or torch.float32)
         self.register_buffer("bias", None if bias is None else bias.detach().to(device, self.compute_dtype))
         scale, zero = qw.scale.float(), qw.zero.float()
         if backend == "dequant":
@@ -103,27 +123,35 @@ class PackedLinear(nn.Module):
         """The float weight (for tests and the dequant backend)."""
         if self.backend != "dequant":
             raise RuntimeError("dequantized_weight is defined for the dequant backend")
-        codes = unpack_codes(self.qweight, self.spec.bits, self.in_features, dim=1)
-        if self.g_idx is not None:
-            s, z = self.scales[:, self.g_idx], self.zeros[:, self.g_idx]
+        qweight, scales, zeros = self._buf("qweight"), self._buf("scales"), self._buf("zeros")
+        codes = unpack_codes(qweight, self.spec.bits, self.in_features, dim=1)
+        g_idx = self.g_idx
+        if isinstance(g_idx, torch.Tensor):
+            s, z = scales[:, g_idx], zeros[:, g_idx]
         else:
             gs = self.spec.group_size if self.spec.group_size > 0 else -1
-            s = expand_to_columns(self.scales, self.in_features, gs)
-            z = expand_to_columns(self.zeros, self.in_features, gs)
+            s = expand_to_columns(scales, self.in_features, gs)
+            z = expand_to_columns(zeros, self.in_features, gs)
         return s * (codes.to(s.dtype) - z)
+
+    def _buf(self, name: str) -> torch.Tensor:
+        t = getattr(self, name)
+        assert isinstance(t, torch.Tensor)
+        return t
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1]).to(self.compute_dtype)
+        bias = self.bias if isinstance(self.bias, torch.Tensor) else None
         if self.backend == "dequant":
-            y = F.linear(x2, self.dequantized_weight(), self.bias)
+            y = F.linear(x2, self.dequantized_weight(), bias)
         else:
             if self.backend == "int4mm-cpu":
                 y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, self.qweight, self.group_size, self.scales_and_zeros)
             else:
                 y = torch.ops.aten._weight_int4pack_mm(x2, self.qweight, self.group_size, self.scales_and_zeros)
-            if self.bias is not None:
-                y = y + self.bias
+            if bias is not None:
+                y = y + bias
         return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
 
     def packed_bytes(self) -> int:
@@ -137,7 +165,7 @@ def pack_model(model: nn.Module, weights: dict[str, QuantizedWeight], backend: B
                compute_dtype: torch.dtype | None = None) -> dict[str, str]:
     """Replace each named nn.Linear that has codes by a PackedLinear; returns name -> backend."""
     modules = dict(model.named_modules())
-    chosen = {}
+    chosen: dict[str, str] = {}
     for name, qw in weights.items():
         lin = modules[name]
         if not isinstance(lin, nn.Linear):

@@ -73,7 +73,7 @@ def plan_study(spec: StudySpec, data_dir: str | None = None, on_gpu: bool | None
 
 def options_of(spec: StudySpec, data_dir: str | None) -> dict:
     return {"device": spec.device, "batch_size": spec.batch_size, "eval_batch_size": spec.evaluation.batch_size,
-            "keep_models": spec.keep_models, "data_dir": data_dir}
+            "keep_models": spec.keep_models, "data_dir": data_dir, "bench": spec.evaluation.bench}
 
 # ---------------------------------------------------------------- running a study
 
@@ -194,6 +194,8 @@ def collect(plan: Plan, works: list[Work], cache: Cache, failures: dict[str, Wor
                       "error": error,
                       "calib_manifest": (q or {}).get("calibration"),
                       "quant_seconds": (q or {}).get("seconds"), "numerics": (q or {}).get("numerics"),
+                      "packed_bytes": (q or {}).get("packed_bytes"),
+                      "bench": cache.get_json("bench", qk) if cell.recipe is not None else None,
                       "eval_seconds": round(sum(e["seconds"] for e in evals if e), 2)})
     diag, diag_errors = {}, {}
     for w in works:

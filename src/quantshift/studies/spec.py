@@ -102,6 +102,7 @@ class EvaluationAxis(StrictModel):
     shots: list[int] = [0]
     limit: int | None = None  # items per task (None = all)
     batch_size: int = 4
+    bench: bool = False  # each kept quantized model: bench.measure.study_bench (packed kernels, small sizes)
 
 
 class DiagnosticsAxis(StrictModel):
@@ -128,6 +129,12 @@ class StudySpec(StrictModel):
     @classmethod
     def _models(cls, v: Any) -> Any:
         return [{"name": m} if isinstance(m, str) else m for m in (v or [])]
+
+    @model_validator(mode="after")
+    def _bench_needs_kept_models(self) -> StudySpec:
+        if self.evaluation.bench and not self.keep_models:
+            raise ValueError("evaluation.bench needs keep_models: true (it benches the kept directories)")
+        return self
 
 
 @dataclass(frozen=True)

@@ -58,6 +58,10 @@ def execute_work(work: Work, cache_root: str, options: dict, progress: bool = Tr
                             "model_key": work["key"], "metric": metric, "samples": samples, "seconds": secs,
                             "precision": loaded.precision.name})
                         done.append(u["key"])
+                if options.get("bench") and work["recipe"] is not None and not cache.has("bench", work["key"]):
+                    from ..bench.measure import study_bench
+
+                    cache.put_json("bench", work["key"], study_bench(cache.model_dir(work["key"]), options["device"]))
         return {"key": work["key"], "label": work["label"], "ok": True, "computed": done,
                 "seconds": round(time.time() - t0, 2), "wrote": cache.written}
     except Exception as err:  # a failed cell is recorded and the study goes on
@@ -82,6 +86,7 @@ def obtain_model(work: ModelWork, cache: Cache, options: dict, progress: bool):
             return load_model(str(kept), device=device, dtype=dtype)
         except ModelError as err:  # a damaged kept model: set it aside and quantize again
             cache.quarantine(kept, str(err))
+    from ..quant.storage import packed_bytes, specs_from_modules
     from ..quantize import quantize_model, save
     from ..recipes import recipe_from_dict
 
@@ -106,7 +111,8 @@ def obtain_model(work: ModelWork, cache: Cache, options: dict, progress: bool):
     cache.put_json("quant", work["key"], {"label": work["label"], "recipe": report["recipe"],
                                           "precision": report["precision"],
                                           "calibration": report["calibration"], "seconds": report["seconds"],
-                                          "numerics": report.get("numerics")})
+                                          "numerics": report.get("numerics"),
+                                          "packed_bytes": packed_bytes(loaded.model, specs_from_modules(qres.engine.modules))})
     if options["keep_models"]:
         save(loaded, qres, kept, overwrite=True)
     return loaded

@@ -1,0 +1,138 @@
+"""Real low-bit inference: a quantized directory loaded with its linears as packed modules.
+
+`load_packed` builds the model with parameters on the meta device (accelerate's
+init_empty_weights), so a quantized linear's float weight is never allocated: each is replaced
+by the packed module `choose_linear` picks, and only the float tensors (embeddings, norms,
+unquantized linears) are loaded, in `dtype`.
+
+Selection, per quantized linear (explicit and reported, see PackReport):
+- integer weights + an input quantizer, one scale per output channel -> Int8Linear ("w8a8",
+  kernel int8-intmm, or int8-emulated with the reason when the CPU has no int8 units);
+- integer weights of 2/4/8 bits, float inputs -> PackedLinear ("w{b}a16", kernel int4mm-cpu /
+  int4mm-cuda, or dequant with the reason: other bit widths, partial groups, act-order, widths);
+- anything else (fp8, SpQR outliers, 3/5/6/7 bits, grouped W8A8) -> a float nn.Linear of the
+  dequantized weight ("float", with the reason), plus the fake input quantizer if it has one,
+  i.e. exactly the fake-quant module.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .actquant import attach_input_quantizers, attach_output_quantizers
+from .int8linear import Int8Linear, int8_units, w8a8_problem
+from .primitives import QuantizedWeight
+from .qlinear import PackedLinear
+
+
+@dataclass(frozen=True)
+class LinearChoice:
+    kind: str  # "w8a8", "w4a16" (w{bits}a16), "float"
+    kernel: str  # int8-intmm, int8-emulated, int4mm-cpu, int4mm-cuda, dequant, float
+    reason: str | None = None  # why it is not the fastest path for its kind (None = it is)
+
+
+@dataclass
+class PackReport:
+    """Which kernel each quantized linear runs, and why a fallback happened."""
+
+    choices: dict[str, LinearChoice]
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for c in self.choices.values():
+            key = f"{c.kind}:{c.kernel}"
+            out[key] = out.get(key, 0) + 1
+        return out
+
+    def fallbacks(self) -> dict[str, list[str]]:
+        """reason -> module names."""
+        out: dict[str, list[str]] = {}
+        for name, c in self.choices.items():
+            if c.reason:
+                out.setdefault(c.reason, []).append(name)
+        return out
+
+    def lines(self) -> list[str]:
+        """Human summary: kernel counts, then each fallback reason with how many linears and one example."""
+        lines = ["packed linears: " + ", ".join(f"{n} {k}" for k, n in sorted(self.counts().items()))]
+        for reason, names in self.fallbacks().items():
+            lines.append(f"fallback ({len(names)} linears, e.g. {names[0]}): {reason}")
+        return lines
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"counts": self.counts(), "fallbacks": self.fallbacks(),
+                "modules": {n: asdict(c) for n, c in self.choices.items()}}
+
+
+def choose_linear(name: str, qw: QuantizedWeight, act: dict | None, bias: torch.Tensor | None,
+                  device: torch.device, dtype: torch.dtype, qt: dict[str, torch.Tensor]
+                  ) -> tuple[nn.Module, LinearChoice]:
+    """The inference module for one quantized linear and what was chosen (see module doc)."""
+    spec = qw.spec
+    reason: str | None
+    if f"{name}.outlier_idx" in qt:
+        reason = "sparse 16-bit outliers (SpQR) have no packed kernel"
+    elif spec.dtype != "int":
+        reason = f"{spec.describe()} weights have no packed kernel here"
+    elif act is not None:
+        reason = w8a8_problem(qw, act)
+        if reason is None:
+            lin = Int8Linear(qw, act, bias, device=device)
+            units = int8_units() if device.type == "cpu" else f"device {device.type}"
+            return lin, LinearChoice("w8a8", lin.kernel, None if lin.kernel == "int8-intmm" else units)
+    elif 32 % spec.bits:
+        reason = f"{spec.bits}-bit codes do not pack into int32 words"
+    else:
+        packed = PackedLinear(qw, bias, "auto", device, dtype)
+        return packed, LinearChoice(f"w{spec.bits}a16", packed.backend, packed.fallback_reason)
+    from ..checkpoint import dense_weight
+
+    dense = nn.Linear(qw.codes.shape[1], qw.codes.shape[0], bias=bias is not None, device=device, dtype=dtype)
+    with torch.no_grad():
+        dense.weight.copy_(dense_weight(name, qw, qt))
+        if bias is not None:
+            dense.bias.copy_(bias)
+    return dense, LinearChoice("float", "float", reason)
+
+
+def load_packed(path: Path, dtype: torch.dtype, device: str, verify: bool = True
+                ) -> tuple[nn.Module, Any, dict, PackReport]:
+    """(model, tokenizer, quantshift.json, report) of a quantized directory with packed linears."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from ..checkpoint import quantized_weights, read_quantized_dir
+    from ..errors import ModelError
+
+    dev = torch.device(device)
+    info, config, tok, state, qt = read_quantized_dir(path, verify)
+    acts: dict[str, dict] = info.get("input_quantizers", {})
+    with init_empty_weights(include_buffers=False):  # parameters on meta: nothing allocated yet
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    modules = dict(model.named_modules())
+    choices: dict[str, LinearChoice] = {}
+    for name, qw in quantized_weights(info, qt).items():
+        if not isinstance(modules.get(name), nn.Linear):
+            raise ModelError(f"corrupt quantized model directory {path}: {name} is not a linear of this model")
+        bias = state.pop(f"{name}.bias", None)
+        new, choices[name] = choose_linear(name, qw, acts.get(name), bias, dev, dtype, qt)
+        parent, _, leaf = name.rpartition(".")
+        setattr(modules[parent] if parent else model, leaf, new)
+    float_state = {k: (v.to(dev, dtype) if v.is_floating_point() else v.to(dev)) for k, v in state.items()}
+    _, unexpected = model.load_state_dict(float_state, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False) and isinstance(getattr(model, "lm_head", None), nn.Linear):
+        model.lm_head.weight = model.get_input_embeddings().weight
+    empty = [n for n, p in model.named_parameters() if p.is_meta]
+    if empty or unexpected:
+        raise ModelError(f"corrupt quantized model directory {path}: missing {empty[:3]} unexpected {unexpected[:3]}")
+    model.eval()
+    # the fake input quantizer stays on linears that run in float; Int8Linear quantizes its own inputs
+    attach_input_quantizers(model, {n: a for n, a in acts.items() if choices.get(n, LinearChoice("", "")).kind != "w8a8"})
+    attach_output_quantizers(model, info.get("output_quantizers", {}))
+    return model, tok, info, PackReport(choices)
