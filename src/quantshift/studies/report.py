@@ -663,6 +663,11 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
     else:
         b.append(("p", "One calibration seed only: ranking stability across seeds not measured (see the seed-robustness preset)."))
 
+    # across models: packed size, bits per byte, frontier, iso-memory, dimensions (studies/frontier.py)
+    from .frontier import frontier_blocks
+
+    b += frontier_blocks(collected, fig_dir)
+
     b.append(("h2", "Calibration–test diagnostics"))
     drows = diag_rows(cells, units, collected["diagnostics"])
     if drows:
