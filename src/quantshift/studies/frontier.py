@@ -370,8 +370,8 @@ def proxy_points(configs: list[Config], dims: dict[str, str]) -> tuple[list[dict
                 s, f = stratum([cell], k), stratum(fp.cells, k)
                 if s is not None and f is not None:
                     drops[k] = 100 * (estimate({k: f}) - estimate({k: s}))
-            for d in set(dims.values()):
-                vals = [v for k, v in drops.items() if dims[k] == d]
+            for d in dict.fromkeys(dims.values()):  # a dimension: the mean drop of its tasks
+                vals = [v for k, v in drops.items() if k in dims and dims[k] == d]
                 if vals:
                     drops[d] = sum(vals) / len(vals)
             p["y"] = drops
