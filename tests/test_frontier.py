@@ -275,3 +275,17 @@ def test_tiny_study_across_tokenizers_compares_models_only_by_bits_per_byte(tmp_
         assert float(row[(f"| tiny-{kind}", "fp16")][2]) == pytest.approx(2 * n_params / 1e6, rel=1e-2)
         assert float(row[(f"| tiny-{kind}", "rtn W2")][2]) < float(row[(f"| tiny-{kind}", "rtn W4")][2])
     assert (tmp_path / "out" / "figures" / "frontier.png").is_file()
+
+
+def test_iso_memory_preset_quantizes_each_model_to_its_own_bit_widths():
+    from quantshift.errors import ConfigError
+    from quantshift.studies.spec import expand, load_study, study_from_dict
+
+    spec = load_study(Path(__file__).parent.parent / "studies" / "iso-memory.yaml")
+    grid = sorted((c.model.name, c.wbits) for c in expand(spec))
+    assert grid == [("gemma3-270m", 2), ("gemma3-270m", 3), ("gemma3-270m", 4), ("gemma3-270m", 16),
+                    ("smollm2-135m", 4), ("smollm2-135m", 8), ("smollm2-135m", 16)]
+    bad = spec.model_dump()
+    bad["methods"][0]["models"] = ["gemma-3"]
+    with pytest.raises(ConfigError, match=r"methods\[0\].models: 'gemma-3' is not one of the study's models"):
+        expand(study_from_dict(bad))
