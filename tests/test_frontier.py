@@ -25,7 +25,13 @@ from quantshift.evaluation.frontier import (
     pareto_front,
     spearman_ci,
 )
-from quantshift.evaluation.perplexity import bits_per_unit, heldout_windows, perplexity, token_ends, window_nlls
+from quantshift.evaluation.perplexity import (
+    bits_per_unit,
+    heldout_windows,
+    perplexity,
+    token_ends,
+    window_nlls,
+)
 
 
 class Uniform(torch.nn.Module):
