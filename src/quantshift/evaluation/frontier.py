@@ -115,7 +115,8 @@ def iso_memory_pairs(cands: Sequence[Candidate], params: dict[str, int], higher_
     left out. Rows: {"budget", "larger", "smaller"} with the picked Candidates."""
     sign = 1.0 if higher_better else -1.0
     models = sorted({c.model for c in cands}, key=lambda m: -params[m])
-    rows, last = [], {}
+    rows: list[dict] = []
+    last: dict[tuple[str, str], tuple[str, str]] = {}
     for budget in sorted({c.size for c in cands}):
         for i, big in enumerate(models):
             for small in models[i + 1:]:

@@ -244,8 +244,8 @@ def iid_findings(cells: list[dict], units: list) -> list[dict]:
             continue
         for u in units:
             col = u.key
-            vals = {s: value(c["metrics"].get(col), col) for s, c in group.items()}
-            vals = {s: v for s, v in vals.items() if v is not None}
+            raw = {s: value(c["metrics"].get(col), col) for s, c in group.items()}
+            vals: dict[str, float] = {s: v for s, v in raw.items() if v is not None}
             iid = next((s for s in vals if is_iid(s, col)), None)
             if iid is None or len(vals) < 2:
                 continue
@@ -311,8 +311,8 @@ def seed_stability(cells: list[dict], units: list) -> list[dict]:
                             and value(b[s]["metrics"].get(u.key), u.key) is not None]
                     if len(srcs) < 2:
                         continue
-                    va = [goodness(value(a[s]["metrics"][u.key], u.key), u.key) for s in srcs]
-                    vb = [goodness(value(b[s]["metrics"][u.key], u.key), u.key) for s in srcs]
+                    va = [goodness(v, u.key) for s in srcs if (v := value(a[s]["metrics"][u.key], u.key)) is not None]
+                    vb = [goodness(v, u.key) for s in srcs if (v := value(b[s]["metrics"][u.key], u.key)) is not None]
                     t = kendall_tau(va, vb)
                     if t is not None:
                         taus.append(t)
@@ -449,7 +449,7 @@ def _heat_panel(a_by_col: dict[str, dict], srcs: list[str], cols: list[str], mul
         for col in cols:
             a = a_by_col.get(col)
             vals = a["y"].get(s) if a else None
-            if not vals:
+            if a is None or not vals:
                 grow.append(float("nan"))
                 trow.append("–")
                 hrow.append(False)
@@ -679,7 +679,7 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
                   [[f"{r['method']} W{r['wbits']}", r["kind"], str(r["n"])]
                    + [f"{_fmt_rho(r['pooled'][m])} / {_fmt_rho(r['within'][m])}" for m in ("token_js", "hidden_dist", "range_cover")]
                    for r in diag_correlations(drows)]))
-        first = {}
+        first: dict[tuple, dict] = {}
         for r in drows:
             first.setdefault((r["calib"], r["test"]), r)
         tests = list(dict.fromkeys(r["test"] for r in drows))
