@@ -633,8 +633,8 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
         b.append(("p", "Each W column: the mean drop and, in brackets, the min…max over the cells behind it "
                        "(methods x calibration sets x seeds); a spread, not a significance test."))
         b.append(("table", ["test", "category", "fp"] + [f"W{x}" for x in bits],
-                  [[test_label(r["test"]), r["category"], _fmt_abs(r["fp"], kind)] + [_fmt_drop_range(r, x, kind) for x in bits]
-                   for r in sens]))
+                  [[_model_prefix(r["model"], sens) + test_label(r["test"]), r["category"], _fmt_abs(r["fp"], kind)]
+                   + [_fmt_drop_range(r, x, kind) for x in bits] for r in sens]))
         ranked = sorted(sens, key=lambda r: -_mean(list(r["drops"].values())))
         if len(ranked) > 1:
             k = max(1, min(3, len(ranked) // 2))
@@ -820,6 +820,11 @@ def _single_seed_blocks(cells: list[dict], units: list) -> list[Block]:
     else:
         b.append(("p", "No finished comparison of an I.I.D. calibration source with another one (none in the study, or those cells are not done yet)."))
     return b
+
+
+def _model_prefix(model: str, rows: list[dict]) -> str:
+    """Several models in one table: each row names its model (their fp values differ)."""
+    return f"{Path(model).name} · " if len({r["model"] for r in rows}) > 1 else ""
 
 
 def _fmt_drop_range(r: dict, b: int, kind: str) -> str:
