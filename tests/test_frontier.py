@@ -281,6 +281,20 @@ def test_tiny_study_across_tokenizers_compares_models_only_by_bits_per_byte(tmp_
         assert float(row[(f"| tiny-{kind}", "fp16")][2]) == pytest.approx(2 * n_params / 1e6, rel=1e-2)
         assert float(row[(f"| tiny-{kind}", "rtn W2")][2]) < float(row[(f"| tiny-{kind}", "rtn W4")][2])
     assert (tmp_path / "out" / "figures" / "frontier.png").is_file()
+    # nowhere in the report does a table with token perplexity hold both models
+    tables, cur = [], []
+    for line in md.splitlines() + [""]:
+        if line.startswith("|"):
+            cur.append(line)
+        elif cur:
+            tables.append(cur)
+            cur = []
+    ppl_tables = [t for t in tables if "ppl" in t[0].lower()]
+    assert ppl_tables and all(sum(any(f"tiny-{k}" in row for row in t) for k in ("llama", "qwen2")) == 1
+                              for t in ppl_tables), ppl_tables
+    # the sensitivity tables (fp token perplexity and its relative increase): one per model
+    sens = [t for t in tables if t[0].startswith("| test | category | fp")]
+    assert len(sens) == 2 and all(len(t) == 2 + 2 for t in sens), sens
 
 
 def test_iso_memory_preset_quantizes_each_model_to_its_own_bit_widths():

@@ -616,8 +616,13 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
                 b.append(("table", headers, rows))
     if not group_cells(cells):
         cols = [u.key for u in units]
-        b.append(("table", ["cell"] + [test_label(c) for c in cols],
-                  [[c["label"]] + [fmt_value(c["metrics"].get(col), col) for col in cols] for c in cells]))
+        models = list(dict.fromkeys(c["model"]["name"] for c in cells))
+        for model in models:  # one table per model: token perplexities of two tokenizers never side by side
+            if len(models) > 1:
+                b.append(("h3", Path(model).name))
+            b.append(("table", ["cell"] + [test_label(c) for c in cols],
+                      [[c["label"]] + [fmt_value(c["metrics"].get(col), col) for col in cols]
+                       for c in cells if c["model"]["name"] == model]))
 
     b.append(("h2", "Findings (computed)"))
     if multi:
@@ -632,9 +637,13 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
         b.append(("h3", f"Sensitivity ({unit}, mean over methods, calibration sets and seeds)"))
         b.append(("p", "Each W column: the mean drop and, in brackets, the min…max over the cells behind it "
                        "(methods x calibration sets x seeds); a spread, not a significance test."))
-        b.append(("table", ["test", "category", "fp"] + [f"W{x}" for x in bits],
-                  [[_model_prefix(r["model"], sens) + test_label(r["test"]), r["category"], _fmt_abs(r["fp"], kind)]
-                   + [_fmt_drop_range(r, x, kind) for x in bits] for r in sens]))
+        sens_models = list(dict.fromkeys(r["model"] for r in sens))
+        for model in sens_models:  # one table per model: fp values of two tokenizers never side by side
+            if len(sens_models) > 1:
+                b.append(("p", f"{Path(model).name}:"))
+            b.append(("table", ["test", "category", "fp"] + [f"W{x}" for x in bits],
+                      [[test_label(r["test"]), r["category"], _fmt_abs(r["fp"], kind)]
+                       + [_fmt_drop_range(r, x, kind) for x in bits] for r in sens if r["model"] == model]))
         ranked = sorted(sens, key=lambda r: -_mean(list(r["drops"].values())))
         if len(ranked) > 1:
             k = max(1, min(3, len(ranked) // 2))
@@ -820,11 +829,6 @@ def _single_seed_blocks(cells: list[dict], units: list) -> list[Block]:
     else:
         b.append(("p", "No finished comparison of an I.I.D. calibration source with another one (none in the study, or those cells are not done yet)."))
     return b
-
-
-def _model_prefix(model: str, rows: list[dict]) -> str:
-    """Several models in one table: each row names its model (their fp values differ)."""
-    return f"{Path(model).name} · " if len({r["model"] for r in rows}) > 1 else ""
 
 
 def _fmt_drop_range(r: dict, b: int, kind: str) -> str:
