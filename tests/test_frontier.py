@@ -267,6 +267,8 @@ def test_tiny_study_across_tokenizers_compares_models_only_by_bits_per_byte(tmp_
         assert m["bpb"] == pytest.approx(m["nll"] * m["tokens"] / (math.log(2) * m["bytes"]))
         tokens[Path(c["model"]["name"]).name] = m["tokens"] / m["bytes"]
     assert tokens["tiny-llama"] != pytest.approx(tokens["tiny-qwen2"])  # the tokenizers really differ
+    sizes = {(Path(c["model"]["name"]).name, c["wbits"]): c["packed_bytes"] for c in res["cells"]}
+    assert sizes[("tiny-llama", 2)] < sizes[("tiny-llama", 4)] < sizes[("tiny-llama", 16)]
     md = (tmp_path / "out" / "report.md").read_text()
     section = md.split("## Size, quality and evaluation dimensions (across models)")[1].split("\n## ")[0]
     lines = section.splitlines()

@@ -78,6 +78,12 @@ def cell_size(cell: dict) -> tuple[PackedSize | None, str]:
         return None, str(err)
 
 
+def packed_bytes(cell: dict) -> int | None:
+    """A cell's packed size in bytes (None when unknown), for results.json."""
+    size, _why = cell_size(cell)
+    return None if size is None else size.total_bytes
+
+
 # ---------------------------------------------------------------- configurations and qualities
 
 @dataclass

@@ -920,9 +920,12 @@ def _precisions(spec, versions: dict) -> str:
 
 
 def results_json(collected: dict) -> dict:
+    from .frontier import packed_bytes
+
     return {"study": collected["spec"].name, "versions": collected["versions"],
-            "cells": [{k: c[k] for k in ("label", "model", "method", "wbits", "recipe", "calib", "key", "status", "metrics",
-                                         "calib_manifest", "error")} for c in collected["cells"]],
+            "cells": [{**{k: c[k] for k in ("label", "model", "method", "wbits", "recipe", "calib", "key", "status", "metrics",
+                                            "calib_manifest", "error")}, "packed_bytes": packed_bytes(c)}
+                      for c in collected["cells"]],
             "diagnostics": {m: [{"calib": k[0], "seed": k[1], "test": k[2], **v} for k, v in sorted(pairs.items())]
                             for m, pairs in sorted(collected["diagnostics"].items())}}
 
