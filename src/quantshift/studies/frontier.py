@@ -320,11 +320,11 @@ def _iso_memory_section(configs: list[Config], metrics: list[str], multi_calib: 
     b.append(("table", ["quality", "budget MB", "larger model", "value", "smaller model", "value",
                         "Δ larger − smaller [95% CI]", "verdict"], rows))
     answers = []
-    for m in dict.fromkeys(r[0] for r in rows):
-        by = defaultdict(list)
-        for r in rows:
-            if r[0] == m:
-                by[r[-1]].append(r[1])
+    for m in dict.fromkeys(row[0] for row in rows):
+        by: dict[str, list[str]] = defaultdict(list)
+        for row in rows:
+            if row[0] == m:
+                by[row[-1]].append(row[1])
         answers.append(f"{m}: " + "; ".join(f"{v} at {', '.join(bs)} MB" for v, bs in by.items()))
     b.append(("p", "Answer per quality: " + ". ".join(answers) + "."))
     return b
