@@ -161,10 +161,16 @@ def test_spearman_interval_monotone_vs_noise():
     x = np.arange(12, dtype=float)
     r = spearman_ci(x, x ** 3)
     assert r.rho == pytest.approx(1.0) and r.ci == (pytest.approx(1.0), pytest.approx(1.0)) and r.excludes_zero
+    assert r.p < 0.001 and r.finding
     assert spearman_ci(x, -x).ci[1] == pytest.approx(-1.0)
     rng = np.random.default_rng(7)
     noise = spearman_ci(rng.normal(size=12), rng.normal(size=12))
-    assert noise.ci[0] < 0 < noise.ci[1] and not noise.excludes_zero
+    assert noise.ci[0] < 0 < noise.ci[1] and not noise.excludes_zero and not noise.finding
+    # 5 models whose drops form a step: the bootstrap interval excludes 0, but 2 of the 10 distinct
+    # orderings correlate as strongly (exact permutation p = 0.2): no finding
+    step = spearman_ci([1, 2, 3, 4, 5], [0, 0, 1, 1, 1])
+    assert step.excludes_zero and step.p == pytest.approx(0.2) and not step.finding
+    assert spearman_ci([1, 2, 3, 4, 5], [1, 2, 3, 4, 5]).p == pytest.approx(2 / 120)
     assert math.isnan(spearman_ci([1.0, 2.0], [2.0, 1.0]).rho)
 
 

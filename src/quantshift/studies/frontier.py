@@ -409,18 +409,21 @@ def _proxy_section(configs: list[Config], dims: dict[str, str], fig_dir: Path) -
         name = t.split(":", 1)[1].split("@")[0] if t.startswith("task:") else t
         kind = "task" if t.startswith("task:") else "dimension"
         ci = "–" if math.isnan(r.ci[0]) else f"[{r.ci[0]:+.2f}, {r.ci[1]:+.2f}]"
-        rows.append([name, kind, str(r.n), "–" if math.isnan(r.rho) else f"{r.rho:+.2f}", ci,
-                     "yes" if r.excludes_zero else "no"])
-        if r.excludes_zero:
-            found.append(f"{name} ({kind}): ρ = {r.rho:+.2f} {ci}")
+        pv = "–" if math.isnan(r.p) else f"{r.p:.3g}"
+        rows.append([name, kind, str(r.n), "–" if math.isnan(r.rho) else f"{r.rho:+.2f}", ci, pv,
+                     "yes" if r.finding else "no"])
+        if r.finding:
+            found.append(f"{name} ({kind}): ρ = {r.rho:+.2f} {ci}, permutation p = {pv}")
     b.append(("p", "x: increase in bits per byte over the model's own fp16 (mean over held-out sources; tokenizer-"
                    "independent, so models of different tokenizers share one axis); y: accuracy drop in points "
                    "(fp16 − quantized). Spearman ρ over the quantized models (each calibration seed is one model), "
-                   "95% percentile bootstrap interval over models; a finding only where the interval excludes 0."))
-    b.append(("table", ["target", "kind", "models", "Spearman ρ", "95% CI", "finding"], rows))
+                   "95% percentile bootstrap interval over models, and the permutation p of \"no association\" "
+                   "(exact up to 8 models); a finding only where the interval excludes 0 and p < 0.05 (with a "
+                   "handful of models and tied drops the bootstrap interval alone is too narrow)."))
+    b.append(("table", ["target", "kind", "models", "Spearman ρ", "95% CI", "permutation p", "finding"], rows))
     b.append(("p", ("Findings: " + "; ".join(found) + ".") if found else
-                   "No finding: for no task or dimension does the interval exclude 0 (with few quantized models it "
-                   "is wide)."))
+                   "No finding: for no task or dimension do the interval and the permutation test both exclude "
+                   "no association (with few quantized models neither can)."))
     if _fig_proxy(pts, [t for t in targets if not t.startswith("task:")], res, fig_dir / "proxy.png"):
         b.append(("img", "figures/proxy.png", "accuracy drop against bits-per-byte increase per dimension"))
     return b
