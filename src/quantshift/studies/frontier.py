@@ -451,12 +451,13 @@ def _fig_frontier(fronts: dict, path: Path, multi_calib: bool) -> bool:
         fx = [c.size.total_bytes / 1e6 for c in front]
         fy = [scale * estimate(c.quality[m]) for c in front]
         ax.step(fx, fy, where="post", color="grey", lw=1, ls="--", label="frontier")
+        ax.scatter(fx, fy, s=110, facecolors="none", edgecolors="grey", lw=1)  # ringed: on the frontier
         ax.set_xlabel("packed size, MB", fontsize=8)
         ax.set_ylabel("bits per byte (lower is better)" if m == LM else "accuracy %, mean over tasks", fontsize=8)
         ax.set_title(m, fontsize=9)
         ax.legend(fontsize=7)
     _save(fig, path, "Points: configurations (model, method, bits); whiskers: 95% bootstrap intervals over windows/items "
-                     "and seeds. Dashed: the frontier (configurations no smaller configuration beats).")
+                     "and seeds. Ringed and dashed: the frontier (configurations no smaller configuration beats).")
     return True
 
 
