@@ -159,7 +159,9 @@ def eval_cmd(
                            max_new_tokens=max_new_tokens, json_out=json_out, backend=backend)
     for key, m in metrics.items():
         if key.startswith("ppl:"):
-            typer.echo(f"{key:34s} ppl {m['ppl']:10.3f}  ({m['tokens']} tokens, {m['windows']} x {m['seqlen']})")
+            bpb = f"  bpb {m['bpb']:.4f}" if m.get("bpb") is not None else ""  # tokenizer-independent
+            typer.echo(f"{key:34s} ppl {m['ppl']:10.3f}{bpb}  ({m['tokens']} tokens, {m['bytes']} bytes, "
+                       f"{m['windows']} x {m['seqlen']})")
         else:
             parts = [f"{k} {m[k]:.4f} [{m[k + '_ci'][0]:.3f}, {m[k + '_ci'][1]:.3f}]" for k in ("acc", "acc_norm", "f1", "exact_match", "score")
                      if isinstance(m.get(k), float) and m.get(k + "_ci")]

@@ -799,7 +799,7 @@ def check_bench(o: dict) -> None:
     for opt, key, default in (("--batch-sizes", "batch_sizes", None), ("--prefill-batches", "prefill_batches", "1,8"),
                               ("--decode-batches", "decode_batches", "1,8,32")):
         if o.get(key, default) is not None:
-            int_list(opt, o.get(key, default), 1, MAX_BATCH)
+            int_list(opt, str(o.get(key, default)), 1, MAX_BATCH)
     int_in("--prompt-len", o.get("prompt_len", 512), 1, MAX_SEQLEN)
     int_in("--decode-prompt-len", o.get("decode_prompt_len", 128), 1, MAX_SEQLEN)
     int_in("--gen-len", o.get("gen_len", 64), 2, MAX_SEQLEN)

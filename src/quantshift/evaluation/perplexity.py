@@ -4,6 +4,17 @@ Text is joined (source joiner, "\\n\\n" by default) and tokenized once, cut into
 `seqlen` tokens (last partial window dropped); token NLL is averaged over every predicted token
 and ppl = exp(mean NLL). Models that need BOS get BOS + (seqlen - 1) text tokens per window,
 and the BOS position is never scored.
+
+Bits per byte (and per UTF-8 character) sit next to token perplexity because token perplexity
+depends on the tokenizer: two models with different vocabularies predict different units, so
+only NLL per byte of the same text compares them. The byte count must be that of exactly the
+text whose tokens were scored. Each token *owns* the text from the end of the previous token to
+its own end (offsets of a fast tokenizer, in characters, then converted to UTF-8 bytes), so the
+owned spans tile the text and a window's scored bytes are those owned by its scored tokens: all
+body tokens with BOS, all but the first (which is only context) without. Whitespace a
+tokenizer folds into its neighbour goes to the next token; a character split into byte-fallback
+tokens goes to the token that completes it. Tokenizers without offsets (slow ones) fall back to
+decoding each window's scored tokens (`text_units_method` says which was used).
 """
 
 from __future__ import annotations
@@ -14,11 +25,11 @@ from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..data.calibset import token_stream
 from ..data.sources import get_source
 from ..errors import DataError
 
@@ -32,9 +43,78 @@ class PerplexityResult:
     seqlen: int
     source: str
     split: str
+    bytes: int | None = None  # UTF-8 bytes of the scored text (see the module docstring)
+    chars: int | None = None
+    bpb: float | None = None  # total NLL / (ln 2 x bytes)
+    bpc: float | None = None  # per UTF-8 character
+    text_units_method: str | None = None  # "offsets" (exact) or "decode"
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def bits_per_unit(nll_nats: float, units: int) -> float:
+    """Total NLL in nats -> bits per unit of text (byte or character)."""
+    return nll_nats / (math.log(2) * units)
+
+
+@dataclass(frozen=True)
+class HeldoutWindows:
+    """Perplexity windows and, per window, the UTF-8 bytes and characters its scored tokens own."""
+
+    ids: torch.Tensor  # [windows, seqlen]
+    bytes: list[int]
+    chars: list[int]
+    method: str  # "offsets" | "decode"
+
+
+def _utf8_prefix(text: str) -> np.ndarray:
+    """prefix[c] = UTF-8 bytes of text[:c] (length len(text) + 1)."""
+    cp = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
+    width = 1 + (cp >= 0x80).astype(np.int64) + (cp >= 0x800) + (cp >= 0x10000)
+    return np.concatenate([[0], np.cumsum(width)])
+
+
+def token_ends(text: str, tokenizer) -> tuple[list[int], np.ndarray, np.ndarray] | None:
+    """Token ids of `text` (no special tokens) and, per token, the end of the text it owns in
+    characters and in UTF-8 bytes (non-decreasing); None when the tokenizer has no offsets."""
+    try:
+        enc = tokenizer(text, add_special_tokens=False, return_attention_mask=False, return_offsets_mapping=True)
+    except (NotImplementedError, ValueError, TypeError):
+        return None
+    offsets = enc.get("offset_mapping")
+    if offsets is None:
+        return None
+    ends = np.maximum.accumulate(np.asarray([e for _s, e in offsets] or [0], dtype=np.int64))[: len(offsets)]
+    return list(enc["input_ids"]), ends, _utf8_prefix(text)[ends]
+
+
+def window_units(ends: np.ndarray, n_windows: int, seqlen: int, has_bos: bool) -> list[int]:
+    """Text units (bytes or characters, by `ends`) owned by the scored tokens of each window of
+    windows_of(): stream tokens [a, b) with a = first scored token, owned span (end[a-1], end[b-1]]."""
+    body = seqlen - 1 if has_bos else seqlen
+    out = []
+    for w in range(n_windows):
+        a, b = w * body + (0 if has_bos else 1), (w + 1) * body
+        out.append(int(ends[b - 1] - (ends[a - 1] if a > 0 else 0)))
+    return out
+
+
+def heldout_windows(text: str, tokenizer, seqlen: int, bos_id: int | None, max_windows: int | None) -> HeldoutWindows:
+    """windows_of() over the tokenized text, with each window's scored bytes and characters."""
+    got = token_ends(text, tokenizer)
+    if got is not None:
+        ids, char_ends, byte_ends = got
+        win = windows_of(torch.tensor(ids, dtype=torch.int64), seqlen, bos_id, max_windows)
+        has_bos = bos_id is not None
+        return HeldoutWindows(win, window_units(byte_ends, win.shape[0], seqlen, has_bos),
+                              window_units(char_ends, win.shape[0], seqlen, has_bos), "offsets")
+    stream = torch.tensor(tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"],
+                          dtype=torch.int64)
+    win = windows_of(stream, seqlen, bos_id, max_windows)
+    scored = win[:, 1:]  # with or without BOS, position 0 is never scored
+    texts = [tokenizer.decode(row.tolist(), clean_up_tokenization_spaces=False) for row in scored]
+    return HeldoutWindows(win, [len(t.encode("utf-8")) for t in texts], [len(t) for t in texts], "decode")
 
 
 def windows_of(stream: torch.Tensor, seqlen: int, bos_id: int | None, max_windows: int | None) -> torch.Tensor:
@@ -82,9 +162,13 @@ def perplexity(model: torch.nn.Module, tokenizer, source_name: str, seqlen: int 
                compute: Callable[[], AbstractContextManager] | None = None) -> PerplexityResult:
     source = get_source(source_name)
     cap = source.protocol.get("max_windows") if max_windows is None else max_windows
-    stream = token_stream(source, split, tokenizer)
+    text = source.text(split)  # type: ignore[arg-type]
+    if not text.strip():
+        raise DataError(f"text source {source.name!r} has no {split} text")
     bos = tokenizer.bos_token_id if add_bos else None
-    win = windows_of(stream, seqlen, bos, cap)
-    total, count = window_nll(model, win, batch_size, progress=progress, desc=f"ppl {source_name}", compute=compute)
+    hw = heldout_windows(text, tokenizer, seqlen, bos, cap)
+    total, count = window_nll(model, hw.ids, batch_size, progress=progress, desc=f"ppl {source_name}", compute=compute)
     nll = total / count
-    return PerplexityResult(math.exp(nll), nll, count, win.shape[0], seqlen, source_name, split)
+    n_bytes, n_chars = sum(hw.bytes), sum(hw.chars)
+    return PerplexityResult(math.exp(nll), nll, count, hw.ids.shape[0], seqlen, source_name, split, n_bytes, n_chars,
+                            bits_per_unit(total, n_bytes), bits_per_unit(total, n_chars), hw.method)

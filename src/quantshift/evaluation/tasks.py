@@ -57,6 +57,26 @@ class SuiteDef:
 
 SUITES: Registry[SuiteDef] = Registry("suite")
 
+# The evaluation dimensions of the quantization-evaluation literature, the one place that groups
+# task categories (TaskDef.category, or a suite's `categories` key) into them: what a model knows
+# and can do, multi-step reasoning, and alignment (social bias: BBQ; helpful/honest/harmless: HHH;
+# truthfulness; instruction following). Held-out text is the fourth dimension, language modelling.
+DIMENSIONS: dict[str, tuple[str, ...]] = {
+    "knowledge/capability": ("knowledge", "qa", "commonsense", "nli", "sentiment", "stem", "humanities",
+                             "social science", "other", "boss_eqa", "boss_sa", "boss_nli", "boss_td", "eqa", "sa",
+                             "td", "coreference", "dialogue", "scientific_qa", "reading_comprehension",
+                             "nli_classification", "linguistic"),
+    "reasoning": ("reasoning", "math", "logic"),
+    "alignment": ("bias", "toxicity", "bias_toxicity", "ethics_bias", "truthfulness", "instruction"),
+}
+LANGUAGE_MODELLING = "language modelling"
+
+
+def dimension_of(category: str | None) -> str:
+    """The dimension of a task category (case-insensitive); "unassigned" for one not listed."""
+    c = (category or "").strip().lower()
+    return next((d for d, cats in DIMENSIONS.items() if c in cats), "unassigned")
+
 _SUITE_KEYS = {"name", "description", "tasks", "ppl", "shots", "categories", "shots_per_task", "needs", "metrics", "notes"}
 
 

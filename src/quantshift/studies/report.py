@@ -19,6 +19,8 @@ from ..checkpoint import write_json_atomic
 from ..evaluation.stats import sign_flip_p
 from ..evaluation.variance import clear_best, decompose, pairwise, source_findings
 from .diagnostics import kendall_tau, spearman
+from .plotting import pyplot as _pyplot
+from .plotting import save_figure as _save
 from .spec import precision_of, short_source
 
 Block = tuple  # ("h1"|"h2"|"h3"|"p", text) | ("table", headers, rows) | ("img", path, alt)
@@ -244,8 +246,8 @@ def iid_findings(cells: list[dict], units: list) -> list[dict]:
             continue
         for u in units:
             col = u.key
-            vals = {s: value(c["metrics"].get(col), col) for s, c in group.items()}
-            vals = {s: v for s, v in vals.items() if v is not None}
+            raw = {s: value(c["metrics"].get(col), col) for s, c in group.items()}
+            vals: dict[str, float] = {s: v for s, v in raw.items() if v is not None}
             iid = next((s for s in vals if is_iid(s, col)), None)
             if iid is None or len(vals) < 2:
                 continue
@@ -311,8 +313,8 @@ def seed_stability(cells: list[dict], units: list) -> list[dict]:
                             and value(b[s]["metrics"].get(u.key), u.key) is not None]
                     if len(srcs) < 2:
                         continue
-                    va = [goodness(value(a[s]["metrics"][u.key], u.key), u.key) for s in srcs]
-                    vb = [goodness(value(b[s]["metrics"][u.key], u.key), u.key) for s in srcs]
+                    va = [goodness(v, u.key) for s in srcs if (v := value(a[s]["metrics"][u.key], u.key)) is not None]
+                    vb = [goodness(v, u.key) for s in srcs if (v := value(b[s]["metrics"][u.key], u.key)) is not None]
                     t = kendall_tau(va, vb)
                     if t is not None:
                         taus.append(t)
@@ -366,24 +368,6 @@ def diag_correlations(rows: list[dict]) -> list[dict]:
 
 
 # ---------------------------------------------------------------- figures
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def _save(fig, path: Path, caption: str) -> None:
-    """Caption under the plot (what the whiskers/hatching mean), fixed metadata: same bytes on rerun."""
-    fig.text(0.01, 0.005, caption, fontsize=7, ha="left", va="bottom", wrap=True)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
-    fig.savefig(path, dpi=90, metadata={"Software": None})
-    fig.clf()
-    _pyplot().close(fig)
-
 
 def _fig_sensitivity(sens: list[dict], path: Path) -> bool:
     """Bars per test set: fp (with its 95% CI for tasks) and each bit width's mean over its cells,
@@ -449,7 +433,7 @@ def _heat_panel(a_by_col: dict[str, dict], srcs: list[str], cols: list[str], mul
         for col in cols:
             a = a_by_col.get(col)
             vals = a["y"].get(s) if a else None
-            if not vals:
+            if a is None or not vals:
                 grow.append(float("nan"))
                 trow.append("–")
                 hrow.append(False)
@@ -616,8 +600,13 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
                 b.append(("table", headers, rows))
     if not group_cells(cells):
         cols = [u.key for u in units]
-        b.append(("table", ["cell"] + [test_label(c) for c in cols],
-                  [[c["label"]] + [fmt_value(c["metrics"].get(col), col) for col in cols] for c in cells]))
+        models = list(dict.fromkeys(c["model"]["name"] for c in cells))
+        for model in models:  # one table per model: token perplexities of two tokenizers never side by side
+            if len(models) > 1:
+                b.append(("h3", Path(model).name))
+            b.append(("table", ["cell"] + [test_label(c) for c in cols],
+                      [[c["label"]] + [fmt_value(c["metrics"].get(col), col) for col in cols]
+                       for c in cells if c["model"]["name"] == model]))
 
     b.append(("h2", "Findings (computed)"))
     if multi:
@@ -632,9 +621,13 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
         b.append(("h3", f"Sensitivity ({unit}, mean over methods, calibration sets and seeds)"))
         b.append(("p", "Each W column: the mean drop and, in brackets, the min…max over the cells behind it "
                        "(methods x calibration sets x seeds); a spread, not a significance test."))
-        b.append(("table", ["test", "category", "fp"] + [f"W{x}" for x in bits],
-                  [[test_label(r["test"]), r["category"], _fmt_abs(r["fp"], kind)] + [_fmt_drop_range(r, x, kind) for x in bits]
-                   for r in sens]))
+        sens_models = list(dict.fromkeys(r["model"] for r in sens))
+        for model in sens_models:  # one table per model: fp values of two tokenizers never side by side
+            if len(sens_models) > 1:
+                b.append(("p", f"{Path(model).name}:"))
+            b.append(("table", ["test", "category", "fp"] + [f"W{x}" for x in bits],
+                      [[test_label(r["test"]), r["category"], _fmt_abs(r["fp"], kind)]
+                       + [_fmt_drop_range(r, x, kind) for x in bits] for r in sens if r["model"] == model]))
         ranked = sorted(sens, key=lambda r: -_mean(list(r["drops"].values())))
         if len(ranked) > 1:
             k = max(1, min(3, len(ranked) // 2))
@@ -663,6 +656,11 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
     else:
         b.append(("p", "One calibration seed only: ranking stability across seeds not measured (see the seed-robustness preset)."))
 
+    # across models: packed size, bits per byte, frontier, iso-memory, dimensions (studies/frontier.py)
+    from .frontier import frontier_blocks
+
+    b += frontier_blocks(collected, fig_dir)
+
     b.append(("h2", "Calibration–test diagnostics"))
     drows = diag_rows(cells, units, collected["diagnostics"])
     if drows:
@@ -674,7 +672,7 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
                   [[f"{r['method']} W{r['wbits']}", r["kind"], str(r["n"])]
                    + [f"{_fmt_rho(r['pooled'][m])} / {_fmt_rho(r['within'][m])}" for m in ("token_js", "hidden_dist", "range_cover")]
                    for r in diag_correlations(drows)]))
-        first = {}
+        first: dict[tuple, dict] = {}
         for r in drows:
             first.setdefault((r["calib"], r["test"]), r)
         tests = list(dict.fromkeys(r["test"] for r in drows))
@@ -911,9 +909,12 @@ def _precisions(spec, versions: dict) -> str:
 
 
 def results_json(collected: dict) -> dict:
+    from .frontier import packed_bytes
+
     return {"study": collected["spec"].name, "versions": collected["versions"],
-            "cells": [{k: c[k] for k in ("label", "model", "method", "wbits", "recipe", "calib", "key", "status", "metrics",
-                                         "calib_manifest", "numerics", "error")} for c in collected["cells"]],
+            "cells": [{**{k: c[k] for k in ("label", "model", "method", "wbits", "recipe", "calib", "key", "status", "metrics",
+                                            "calib_manifest", "numerics", "error")}, "packed_bytes": packed_bytes(c)}
+                      for c in collected["cells"]],
             "diagnostics": {m: [{"calib": k[0], "seed": k[1], "test": k[2], **v} for k, v in sorted(pairs.items())]
                             for m, pairs in sorted(collected["diagnostics"].items())}}
 

@@ -194,7 +194,7 @@ def collect(plan: Plan, works: list[Work], cache: Cache, failures: dict[str, Wor
                       "error": error,
                       "calib_manifest": (q or {}).get("calibration"),
                       "quant_seconds": (q or {}).get("seconds"), "numerics": (q or {}).get("numerics"),
-                      "packed_bytes": (q or {}).get("packed_bytes"),
+                      "packed_bytes": (q or {}).get("packed_bytes"), "weight_formats": (q or {}).get("weight_formats"),
                       "bench": cache.get_json("bench", qk) if cell.recipe is not None else None,
                       "eval_seconds": round(sum(e["seconds"] for e in evals if e), 2)})
     diag, diag_errors = {}, {}

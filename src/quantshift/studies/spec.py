@@ -59,6 +59,9 @@ class MethodAxis(StrictModel):
     options: dict[str, Any] = {}  # further method options (e.g. damp for gptq)
     recipe: list[Any] | None = None  # full stage list, as in a recipe file
     name: str | None = None  # label in reports (default: method + format)
+    # only for these models (names or labels as in `models:`); None = every model. Iso-memory
+    # studies quantize a larger model to fewer bits than a smaller one
+    models: list[str] | None = None
 
     @field_validator("wbits", mode="before")
     @classmethod
@@ -281,14 +284,21 @@ def expand(spec: StudySpec, data_dir: str | None = None) -> list[Cell]:
     """The grid, in a fixed order: per model, the fp reference, then each method x bits x calib x seed."""
     check_sources(spec, data_dir)
     recipes = []
+    known = {n for m in spec.models for n in (m.name, m.display)}
     for i, axis in enumerate(spec.methods):
-        recipes += method_recipes(axis, f"study {spec.name!r} methods[{i}]")
+        unknown = [m for m in axis.models or [] if m not in known]
+        if unknown:
+            raise ConfigError(f"study {spec.name!r} methods[{i}].models: {unknown[0]!r} is not one of the study's models "
+                              f"({', '.join(sorted(known))})")
+        recipes += [(axis.models, *r) for r in method_recipes(axis, f"study {spec.name!r} methods[{i}]")]
     cal = spec.calibration
     cells: list[Cell] = []
     for model in spec.models:
         if spec.include_fp:
             cells.append(Cell(model, "fp", 16, None, None))
-        for label, bits, rec in recipes:
+        for only, label, bits, rec in recipes:
+            if only is not None and model.name not in only and model.display not in only:
+                continue
             if not rec.needs_calibration:
                 cells.append(Cell(model, label, bits, rec, None))
                 continue

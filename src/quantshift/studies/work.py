@@ -70,6 +70,19 @@ def execute_work(work: Work, cache_root: str, options: dict, progress: bool = Tr
                 "seconds": round(time.time() - t0, 2), "wrote": cache.written}
 
 
+def weight_formats(modules: dict) -> dict:
+    """Stored format of every quantized weight, for the report's packed sizes: bits, group size,
+    symmetric, and the bits a method measured itself (SpQR's outliers and second-level stats)."""
+    out = {}
+    for name, m in sorted(modules.items()):
+        if m.qweight is None:
+            continue
+        spec = m.qweight.spec
+        out[name] = {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.symmetric, "dtype": spec.dtype,
+                     "measured_bits": m.info.get("bits") if "params" in m.info else None}
+    return out
+
+
 def obtain_model(work: ModelWork, cache: Cache, options: dict, progress: bool):
     from ..models.load import load_model, resolve_device
 
@@ -112,6 +125,7 @@ def obtain_model(work: ModelWork, cache: Cache, options: dict, progress: bool):
                                           "precision": report["precision"],
                                           "calibration": report["calibration"], "seconds": report["seconds"],
                                           "numerics": report.get("numerics"),
+                                          "weight_formats": weight_formats(qres.engine.modules),
                                           "packed_bytes": packed_bytes(loaded.model, specs_from_modules(qres.engine.modules))})
     if options["keep_models"]:
         save(loaded, qres, kept, overwrite=True)
@@ -137,10 +151,9 @@ class WindowStore:
     cache: Cache
     model: dict
 
-    def get(self, loaded, source: str, seqlen: int, windows: int, data_dir: str | None) -> torch.Tensor:
-        from ..data.calibset import token_stream
-        from ..evaluation.perplexity import windows_of
-        from .spec import resolve_source
+    def get(self, loaded, source: str, seqlen: int, windows: int, data_dir: str | None):
+        """The windows and each one's scored UTF-8 bytes/characters (evaluation.perplexity.HeldoutWindows)."""
+        from ..evaluation.perplexity import HeldoutWindows
 
         tok = loaded.tokenizer
         bos = tok.bos_token_id if loaded.needs_bos else None
@@ -148,12 +161,27 @@ class WindowStore:
                       "schema": CACHE_SCHEMA})
         with self.cache.claim("windows", key):  # every work of a model shares them: tokenize once
             got = self.cache.get_tensors("windows", key)
-            if got is not None:
-                return got["ids"]
-            stream = token_stream(resolve_source(source, data_dir), "heldout", tok)
-            win = windows_of(stream, seqlen, bos, windows or None)
-            self.cache.put_tensors("windows", key, {"ids": win})
-            return win
+            if got is not None and "bytes" in got:  # entries from before bits per byte lack the counts: rebuilt
+                return HeldoutWindows(got["ids"], got["bytes"].tolist(), got["chars"].tolist(),
+                                      "offsets" if int(got["method"][0]) == 0 else "decode")
+            hw = scored_windows(loaded, source, seqlen, windows, data_dir)
+            self.cache.put_tensors("windows", key, {"ids": hw.ids, "bytes": torch.tensor(hw.bytes),
+                                                    "chars": torch.tensor(hw.chars),
+                                                    "method": torch.tensor([0 if hw.method == "offsets" else 1])})
+            return hw
+
+
+def scored_windows(loaded, source: str, seqlen: int, windows: int, data_dir: str | None):
+    """Held-out windows of a source for this model's tokenizer, with their scored bytes/characters."""
+    from ..errors import DataError
+    from ..evaluation.perplexity import heldout_windows
+    from .spec import resolve_source
+
+    tok = loaded.tokenizer
+    text = resolve_source(source, data_dir).text("heldout")
+    if not text.strip():
+        raise DataError(f"text source {source!r} has no heldout text")
+    return heldout_windows(text, tok, seqlen, tok.bos_token_id if loaded.needs_bos else None, windows or None)
 
 
 def evaluate_units(loaded, batch: list[UnitRecord], options: dict, progress: bool,
@@ -194,25 +222,24 @@ def _plain(obj: Any) -> Any:
 
 
 def ppl_with_samples(loaded, source: str, seqlen: int, windows: int, batch_size: int,
-                     progress: bool, data_dir: str | None = None, win: torch.Tensor | None = None) -> tuple[dict, list[dict]]:
+                     progress: bool, data_dir: str | None = None, win=None) -> tuple[dict, list[dict]]:
     """Perplexity by evaluation/perplexity.py's protocol, keeping each window's NLL so calibration
-    choices can be compared with a paired bootstrap over windows."""
-    from ..data.calibset import token_stream
-    from ..evaluation.perplexity import window_nlls, windows_of
-    from .spec import resolve_source
+    choices can be compared with a paired bootstrap over windows, and each window's scored bytes
+    and characters for bits per byte (the tokenizer-independent measure; `win`: HeldoutWindows)."""
+    from ..evaluation.perplexity import bits_per_unit, window_nlls
 
-    tok = loaded.tokenizer
-    if win is None:
-        stream = token_stream(resolve_source(source, data_dir), "heldout", tok)
-        win = windows_of(stream, seqlen, tok.bos_token_id if loaded.needs_bos else None, windows or None)
-    nlls = window_nlls(loaded.model, win, batch_size, progress, f"ppl {source}", loaded.compute)
-    per_window = [(float(v), win.shape[1] - 1) for v in nlls]
+    hw = win if win is not None else scored_windows(loaded, source, seqlen, windows, data_dir)
+    nlls = window_nlls(loaded.model, hw.ids, batch_size, progress, f"ppl {source}", loaded.compute)
+    per_window = [(float(v), hw.ids.shape[1] - 1) for v in nlls]
     total = sum(v for v, _ in per_window)
     count = sum(n for _, n in per_window)
     mean = total / count
+    n_bytes, n_chars = sum(hw.bytes), sum(hw.chars)
     metric = {"ppl": math.exp(mean), "nll": mean, "tokens": count, "windows": len(per_window), "seqlen": seqlen,
-              "source": source, "split": "heldout"}
-    samples = [{"id": f"w{i}", "nll": v / n} for i, (v, n) in enumerate(per_window)]
+              "source": source, "split": "heldout", "bytes": n_bytes, "chars": n_chars,
+              "bpb": bits_per_unit(total, n_bytes), "bpc": bits_per_unit(total, n_chars), "text_units": hw.method}
+    samples = [{"id": f"w{i}", "nll": v / n, "tokens": n, "bytes": b, "chars": c}
+               for i, ((v, n), b, c) in enumerate(zip(per_window, hw.bytes, hw.chars))]
     return metric, samples
 
 
