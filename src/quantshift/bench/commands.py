@@ -17,6 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
+from .. import validate
 from .measure import VARIANTS, measure_variant
 
 
@@ -114,6 +115,7 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Size on disk and in memory, peak RSS, prefill and decode tokens/s (median and spread) and the
         decode bandwidth bound, for float and packed variants of a model."""
+        validate.command("bench", locals())  # every option checked before anything runs
         from ..checkpoint import is_quantized_dir, versions, write_json_atomic
         from ..cli import _threads
         from ..errors import ConfigError
