@@ -308,7 +308,9 @@ def damped_inverse_cholesky(H: torch.Tensor, damp: float, cap: float = DAMP_CAP,
     schedule = damp_schedule(damp, cap, step)
     if not bool(torch.isfinite(H).all()):
         return DampedFactor(None, schedule[-1], len(schedule) - 1)
-    mean_diag = torch.mean(torch.diagonal(H))
+    # diag (a contiguous copy), not diagonal (a strided view): the mean's summation order, and so
+    # every GPTQ result, must match the factorization this replaced bit for bit
+    mean_diag = torch.mean(torch.diag(H))
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     added = 0.0
     for k, d in enumerate(schedule):
