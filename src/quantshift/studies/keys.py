@@ -62,7 +62,9 @@ def unit_settings(spec: StudySpec, unit: EvalUnit) -> dict:
     ev = spec.evaluation
     if unit.kind == "ppl":
         return {"kind": "ppl", "source": unit.name, "seqlen": ev.ppl_seqlen, "windows": ev.ppl_windows}
-    return {"kind": "task", "task": unit.name, "shots": unit.shots, "limit": ev.limit, "seed": 1234}
+    from ..evaluation.harness import SCORER
+
+    return {"kind": "task", "task": unit.name, "shots": unit.shots, "limit": ev.limit, "seed": 1234, "scorer": SCORER}
 
 
 def unit_key(qkey: str, settings: dict, versions: dict) -> str:
