@@ -317,3 +317,33 @@ def test_iso_memory_preset_quantizes_each_model_to_its_own_bit_widths():
     bad["methods"][0]["models"] = ["gemma-3"]
     with pytest.raises(ConfigError, match=r"methods\[0\].models: 'gemma-3' is not one of the study's models"):
         expand(study_from_dict(bad))
+
+
+@pytest.mark.parametrize("method,opts", [("rtn", dict(wbits=4, group_size=32)), ("rtn", dict(wbits=3, group_size=-1, sym=True)),
+                                         ("fp8", {}), ("spqr", dict(wbits=3, group_size=16))])
+def test_report_size_from_shapes_equals_the_recorded_packed_bytes(method, opts):
+    """The report's size (shapes + recorded formats) and the study's recorded `packed_bytes`
+    (counted on the quantized model itself) are one number, SpQR's measured outliers included."""
+    from conftest import loaded_tiny, random_calib
+
+    from quantshift.quant.storage import packed_bytes, specs_from_modules
+    from quantshift.quantize import quantize_model
+    from quantshift.recipes import recipe_from_cli
+    from quantshift.studies.work import weight_formats
+
+    lm = loaded_tiny("llama")
+    res = quantize_model(lm, recipe_from_cli(method, **opts), random_calib(), progress=False)
+    formats = weight_formats(res.engine.modules)
+    recorded = packed_bytes(lm.model, specs_from_modules(res.engine.modules),
+                            measured_bits={n: f["measured_bits"] for n, f in formats.items()})
+    shapes = {n: tuple(p.shape) for n, p in lm.model.named_parameters()}
+    from_shapes = packed_size_bytes(shapes, {m: WeightFormat(f["bits"], f["group_size"], f["sym"], f["measured_bits"],
+                                                             f["dtype"]) for m, f in formats.items()})
+    assert from_shapes.total_bytes == recorded
+    fp = packed_size_bytes(shapes, {}).total_bytes
+    assert recorded < fp * (0.5 if method != "fp8" else 0.75)
+    if method == "spqr":  # SpQR's own count (3-bit second-level statistics, outliers) replaces the generic one
+        bare = packed_bytes(lm.model, specs_from_modules(res.engine.modules))
+        measured = sum(f["measured_bits"] for f in formats.values())
+        quantized = sum(p.numel() for n, p in lm.model.named_parameters() if n[:-len(".weight")] in formats)
+        assert recorded != bare and 3 < measured / quantized < 5

@@ -21,7 +21,6 @@ from dataclasses import dataclass, field
 import numpy as np
 
 DENSE_BITS = 16  # unquantized parameters as an fp16/bf16 export stores them
-SCALE_BITS = 16  # one fp16 scale per group (GPTQ and compressed-tensors store fp16/bf16 scales)
 
 
 # ---------------------------------------------------------------- packed size
@@ -32,6 +31,7 @@ class WeightFormat:
     group_size: int  # > 0: groups of columns; -1: one group per output row; 0: one per tensor
     sym: bool = False
     measured_bits: float | None = None  # total bits a method measured itself (SpQR), used as is
+    dtype: str = "int"  # "int" or "fp8"
 
 
 @dataclass(frozen=True)
@@ -46,42 +46,31 @@ class PackedSize:
         return 8 * self.total_bytes / n if n else float("nan")
 
 
-def quantized_weight_bits(shape: Sequence[int], fmt: WeightFormat) -> int:
-    """Bits a packed export stores for one quantized weight [out, in]: the codes, one fp16 scale
-    per group and, for asymmetric grids, one zero point of `bits` bits per group (compressed-
-    tensors omits zero points of symmetric grids; GPTQ's sequential g_idx is not counted, as
-    kernels with static groups do not need it)."""
-    if fmt.measured_bits is not None:
-        return int(round(fmt.measured_bits))
-    out, inp = int(shape[0]), int(math.prod(shape[1:]))
-    if fmt.group_size > 0:
-        groups = out * math.ceil(inp / fmt.group_size)
-    elif fmt.group_size == -1:
-        groups = out
-    else:
-        groups = 1
-    return out * inp * fmt.bits + groups * (SCALE_BITS + (0 if fmt.sym else fmt.bits))
-
-
 def packed_size_bytes(param_shapes: dict[str, tuple[int, ...]], formats: dict[str, WeightFormat],
                       dense_bits: int = DENSE_BITS) -> PackedSize:
-    """Estimated bytes of a packed export: quantized weights (`formats`, keyed by module name,
-    applying to `<module>.weight`) as quantized_weight_bits says, every other parameter at
-    `dense_bits`. `param_shapes` lists each parameter once (tied embeddings count once)."""
+    """Bytes of a packed export from shapes alone: quantized weights (`formats`, keyed by module
+    name, applying to `<module>.weight`) counted by quant.storage.quantized_linear_bytes, the
+    same arithmetic as the `packed_bytes` a study records from the model itself; every other
+    parameter at `dense_bits`. `param_shapes` lists each parameter once (tied embeddings once)."""
+    from ..quant.primitives import QuantSpec
+    from ..quant.storage import quantized_linear_bytes
+
     missing = [m for m in formats if f"{m}.weight" not in param_shapes]
     if missing:
         raise ValueError(f"quantized modules without a weight among the parameters: {missing[:3]}")
     q_names = {f"{m}.weight": f for m, f in formats.items()}
-    bits, q_params, d_params = 0, 0, 0
+    total, q_params, d_params = 0, 0, 0
     for name, shape in param_shapes.items():
         n = int(math.prod(shape))
-        if name in q_names:
-            bits += quantized_weight_bits(shape, q_names[name])
-            q_params += n
-        else:
-            bits += n * dense_bits
+        fmt = q_names.get(name)
+        if fmt is None:
+            total += n * dense_bits // 8
             d_params += n
-    return PackedSize(math.ceil(bits / 8), q_params, d_params)
+            continue
+        spec = QuantSpec(bits=fmt.bits, group_size=fmt.group_size, symmetric=fmt.sym, dtype=fmt.dtype)
+        total += quantized_linear_bytes(int(shape[0]), n // int(shape[0]), spec, dense_bits // 8, fmt.measured_bits)
+        q_params += n
+    return PackedSize(total, q_params, d_params)
 
 
 # ---------------------------------------------------------------- frontier and budgets

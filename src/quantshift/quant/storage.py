@@ -2,7 +2,8 @@
 
 `packed_bytes` counts what a packed export stores (compressed-tensors / GPTQ layout): b-bit
 codes packed densely, one float16 scale per group plus a b-bit zero point on asymmetric grids,
-fp8 codes as one byte with float32 scales; every other parameter (embeddings, norms,
+fp8 codes as one byte with float32 scales, a method's own count where it measured one (SpQR:
+outliers and 3-bit second-level statistics); every other parameter (embeddings, norms,
 unquantized linears) at `float_bytes` each; a tied weight is counted once. It is pure: it reads
 shapes and formats, never values, so the in-memory fake-quant model and its reloaded directory
 give the same number.
@@ -10,6 +11,7 @@ give the same number.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -18,8 +20,12 @@ import torch.nn as nn
 from .primitives import QuantSpec, num_groups
 
 
-def quantized_linear_bytes(out_f: int, in_f: int, spec: QuantSpec, float_bytes: int = 2) -> int:
-    """Stored bytes of one [out_f, in_f] weight in format `spec`."""
+def quantized_linear_bytes(out_f: int, in_f: int, spec: QuantSpec, float_bytes: int = 2,
+                           measured_bits: float | None = None) -> int:
+    """Stored bytes of one [out_f, in_f] weight in format `spec`; `measured_bits`: the total a
+    method that stores more than codes, scales and zeros counted itself (SpQR's outliers)."""
+    if measured_bits is not None:
+        return math.ceil(measured_bits / 8)
     if spec.dtype == "fp8":
         return out_f * in_f + 4 * (1 if spec.group_size == 0 else out_f)
     groups = out_f * num_groups(in_f, spec.group_size) if spec.group_size != 0 else 1
@@ -40,13 +46,15 @@ def specs_from_modules(modules: Mapping[str, Any]) -> dict[str, QuantSpec]:
     return {n: m.qweight.spec for n, m in modules.items() if getattr(m, "qweight", None) is not None}
 
 
-def packed_size(model: nn.Module, specs: Mapping[str, QuantSpec], float_bytes: int = 2) -> dict[str, int]:
+def packed_size(model: nn.Module, specs: Mapping[str, QuantSpec], float_bytes: int = 2,
+                measured_bits: Mapping[str, float | None] | None = None) -> dict[str, int]:
     """{"packed_weight_bytes": all parameters packed, "quantized_linear_bytes": the quantized part}."""
     modules = dict(model.named_modules())
+    measured = measured_bits or {}
     quant = 0
     for name, spec in specs.items():  # shapes from the module: packed linears have no .weight
         m = modules[name]
-        quant += quantized_linear_bytes(m.out_features, m.in_features, spec, float_bytes)
+        quant += quantized_linear_bytes(m.out_features, m.in_features, spec, float_bytes, measured.get(name))
     total = quant
     seen: set[int] = set()
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -58,7 +66,8 @@ def packed_size(model: nn.Module, specs: Mapping[str, QuantSpec], float_bytes: i
     return {"packed_weight_bytes": total, "quantized_linear_bytes": quant}
 
 
-def packed_bytes(model: nn.Module, specs: Mapping[str, QuantSpec], float_bytes: int = 2) -> int:
+def packed_bytes(model: nn.Module, specs: Mapping[str, QuantSpec], float_bytes: int = 2,
+                 measured_bits: Mapping[str, float | None] | None = None) -> int:
     """Bytes a packed export of `model` stores when the linears named in `specs` have those
     formats (see the module docstring); e.g. a study's metric `packed_bytes`."""
-    return packed_size(model, specs, float_bytes)["packed_weight_bytes"]
+    return packed_size(model, specs, float_bytes, measured_bits)["packed_weight_bytes"]

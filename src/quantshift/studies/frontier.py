@@ -71,7 +71,8 @@ def cell_size(cell: dict) -> tuple[PackedSize | None, str]:
     recorded = cell.get("weight_formats")
     if recorded is None:
         return None, "quantized before formats were recorded (fresh cache needed)"
-    formats = {m: WeightFormat(f["bits"], f["group_size"], f["sym"], f.get("measured_bits")) for m, f in recorded.items()}
+    formats = {m: WeightFormat(f["bits"], f["group_size"], f["sym"], f.get("measured_bits"),
+                              f.get("dtype", "int")) for m, f in recorded.items()}
     try:
         return packed_size_bytes(shapes, formats), ""
     except ValueError as err:

@@ -121,12 +121,15 @@ def obtain_model(work: ModelWork, cache: Cache, options: dict, progress: bool):
                           propagate=propagate, stats_store=store)
     loaded.model.to(device)
     report = qres.report()
+    formats = weight_formats(qres.engine.modules)
+    measured = {name: f["measured_bits"] for name, f in formats.items()}
     cache.put_json("quant", work["key"], {"label": work["label"], "recipe": report["recipe"],
                                           "precision": report["precision"],
                                           "calibration": report["calibration"], "seconds": report["seconds"],
                                           "numerics": report.get("numerics"),
-                                          "weight_formats": weight_formats(qres.engine.modules),
-                                          "packed_bytes": packed_bytes(loaded.model, specs_from_modules(qres.engine.modules))})
+                                          "weight_formats": formats,
+                                          "packed_bytes": packed_bytes(loaded.model, specs_from_modules(qres.engine.modules),
+                                                                       measured_bits=measured)})
     if options["keep_models"]:
         save(loaded, qres, kept, overwrite=True)
     return loaded
