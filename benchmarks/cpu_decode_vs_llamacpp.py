@@ -9,12 +9,18 @@ and W4 variants, same prompt tokens, same thread count, batch 1, greedy.
 - quantshift W4: RTN 4-bit asymmetric group 32 (the Q4_1 grid), packed (int4 CPU kernel, bf16),
   float parts (embeddings, lm_head) in bf16. Quantized directories are made on the fly unless
   --w4-dir / --w8a8-dir are given.
+- quantshift W4 + int8 head: the same, with the output projection in int8 per channel and int8
+  per-token inputs (`--head int8`): llama.cpp's file stores that matrix as Q8_0, so this is the
+  like-for-like row.
+
+--compile adds a compiled row ("<variant> compiled": torch.compile'd decode step, static KV
+cache) next to each eager quantshift row, measured in the same run.
 
 Every speed is the median of --repeats runs with its min-max; the 1-minute load average is
 printed at start and end (numbers taken with load above half the cores are contention).
 
     python benchmarks/cpu_decode_vs_llamacpp.py                        # 2 threads, 128 new tokens
-    python benchmarks/cpu_decode_vs_llamacpp.py --compile              # torch.compile'd decode step
+    python benchmarks/cpu_decode_vs_llamacpp.py --compile              # + torch.compile'd decode rows
     python benchmarks/cpu_decode_vs_llamacpp.py --new-tokens 4 --repeats 1 --variants w4   # smoke
 """
 
@@ -36,7 +42,7 @@ PROMPT = ("The history of computing is a story of machines that grew smaller and
           "cards. Transistors replaced vacuum tubes, integrated circuits replaced transistors, and personal "
           "computers brought the technology into homes and schools. Today a phone holds more computing power "
           "than all of the machines of the 1960s together. Explain in simple words why this happened.")
-VARIANTS = ("llama.cpp", "fp32", "bf16", "w8a8", "w4")
+VARIANTS = ("llama.cpp", "fp32", "bf16", "w8a8", "w4", "w4-int8head")
 
 
 def load_avg() -> float:
@@ -95,35 +101,40 @@ def quantized_dir(kind: str, given: str | None, scratch: Path) -> str:
     return str(save(loaded, res, scratch / kind, overwrite=True))
 
 
-def run_quantshift(variant: str, ids: torch.Tensor, args, scratch: Path) -> dict:
+def run_quantshift(variant: str, ids: torch.Tensor, args, scratch: Path) -> dict[str, dict]:
+    """{variant: eager row} and, with --compile, {variant + " compiled": row} from the same model."""
     from quantshift.bench.measure import compiled_step, decode_bytes_per_step, prefill_and_decode
     from quantshift.models.load import load_model
 
     if variant in ("fp32", "bf16"):
         loaded = load_model("smollm2-135m", device="cpu", dtype="float32" if variant == "fp32" else "bfloat16")
     else:
-        path = quantized_dir(variant, args.w4_dir if variant == "w4" else args.w8a8_dir, scratch)
-        loaded = load_model(path, device="cpu", dtype="bfloat16", backend="packed")
+        kind = variant.removesuffix("-int8head")
+        path = quantized_dir(kind, args.w4_dir if kind == "w4" else args.w8a8_dir, scratch)
+        loaded = load_model(path, device="cpu", dtype="bfloat16", backend="packed",
+                            head="int8" if variant.endswith("-int8head") else "float")
     model = loaded.model
-    step = None
-    compile_s = None
     prefill_and_decode(model, ids[:, :8], 3, "static")  # warm-up
-    if args.compile:
-        step = compiled_step()
-        t0 = time.perf_counter()
-        prefill_and_decode(model, ids, args.new_tokens, "static", step)  # same shapes as the timed runs
-        compile_s = time.perf_counter() - t0
-    pre, dec, toks = [], [], None
-    for _ in range(args.repeats):
-        r = prefill_and_decode(model, ids, args.new_tokens, "static", step)
-        pre.append(ids.shape[1] / r.prefill_s)
-        dec.append((args.new_tokens - 1) / r.decode_s)
-        toks = r.tokens[0, 1:17].tolist()
-    row = {"prefill_tok_s": summary(pre), "decode_tok_s": summary(dec), "tokens": toks,
-           "decode_bytes_per_step": decode_bytes_per_step(model), "compile_s": compile_s}
-    if loaded.packing is not None:
-        row["packing"] = loaded.packing.counts()
-    return row
+    rows = {}
+    for compiled in (False, True) if args.compile else (False,):
+        step, compile_s = None, None
+        if compiled:
+            step = compiled_step()
+            t0 = time.perf_counter()
+            prefill_and_decode(model, ids, args.new_tokens, "static", step)  # same shapes as the timed runs
+            compile_s = time.perf_counter() - t0
+        pre, dec, toks = [], [], None
+        for _ in range(args.repeats):
+            r = prefill_and_decode(model, ids, args.new_tokens, "static", step)
+            pre.append(ids.shape[1] / r.prefill_s)
+            dec.append((args.new_tokens - 1) / r.decode_s)
+            toks = r.tokens[0, 1:17].tolist()
+        row = {"prefill_tok_s": summary(pre), "decode_tok_s": summary(dec), "tokens": toks,
+               "decode_bytes_per_step": decode_bytes_per_step(model), "compile_s": compile_s}
+        if loaded.packing is not None:
+            row["packing"] = loaded.packing.counts()
+        rows[variant + (" compiled" if compiled else "")] = row
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -164,13 +175,16 @@ def main(argv: list[str] | None = None) -> dict:
                     print(res)
                     continue
                 rows[v] = res
+                print(f"  {v}: prefill {res['prefill_tok_s']['median']:.1f} tok/s, "
+                      f"decode {res['decode_tok_s']['median']:.1f} tok/s", flush=True)
             else:
-                rows[v] = run_quantshift(v, ids, args, Path(tmp))
-            print(f"  {v}: prefill {rows[v]['prefill_tok_s']['median']:.1f} tok/s, "
-                  f"decode {rows[v]['decode_tok_s']['median']:.1f} tok/s", flush=True)
+                for name, row in run_quantshift(v, ids, args, Path(tmp)).items():
+                    rows[name] = row
+                    print(f"  {name}: prefill {row['prefill_tok_s']['median']:.1f} tok/s, "
+                          f"decode {row['decode_tok_s']['median']:.1f} tok/s", flush=True)
     load_end = load_avg()
     ref = rows.get("llama.cpp")
-    print(f"\n{'variant':10s} {'prefill tok/s':>14s} {'(min-max)':>15s} {'decode tok/s':>13s} {'(min-max)':>15s} "
+    print(f"\n{'variant':22s} {'prefill tok/s':>14s} {'(min-max)':>15s} {'decode tok/s':>13s} {'(min-max)':>15s} "
           f"{'prefill/llama.cpp':>17s} {'decode/llama.cpp':>16s} {'compile s':>9s}")
     for v, r in rows.items():
         p, d = r["prefill_tok_s"], r["decode_tok_s"]
@@ -179,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
         r["vs_llamacpp"] = ref and {"prefill": p["median"] / ref["prefill_tok_s"]["median"],
                                     "decode": d["median"] / ref["decode_tok_s"]["median"]}
         cs = f"{r['compile_s']:.1f}" if r.get("compile_s") else "-"
-        print(f"{v:10s} {p['median']:14.1f} {p['min']:7.1f}-{p['max']:<7.1f} {d['median']:13.1f} "
+        print(f"{v:22s} {p['median']:14.1f} {p['min']:7.1f}-{p['max']:<7.1f} {d['median']:13.1f} "
               f"{d['min']:7.1f}-{d['max']:<7.1f} {rp:>17s} {rd:>16s} {cs:>9s}")
     print(f"load average: {load_start:.2f} at start, {load_end:.2f} at end ({os.cpu_count()} cores)")
     result = {"prompt_tokens": ids.shape[1], "new_tokens": args.new_tokens, "threads": args.threads,

@@ -292,3 +292,25 @@ def test_cpu_decode_benchmark_script_runs_small(tmp_path):
     assert res["rows"]["w4"]["decode_bytes_per_step"] < res["rows"]["fp32"]["decode_bytes_per_step"] / 3
     assert ("llama.cpp" in res["rows"]) != any("llama.cpp skipped" in n for n in res["notes"])
     assert json.loads((tmp_path / "cd.json").read_text())["rows"].keys() == res["rows"].keys()
+
+
+def test_int8_head_quantizes_only_the_output_projection(tmp_path):
+    """--head int8: the output projection becomes an Int8Linear (llama.cpp's Q8_0 head), the tied
+    input embedding stays float, logits stay close to the float head's, and the report says so."""
+    from quantshift.errors import ModelError
+
+    lm = loaded_tiny("llama")
+    q = save(lm, quantize_model(lm, recipe_from_cli("rtn", wbits=4, group_size=32), None, progress=False), tmp_path / "q")
+    ref, _, _, rep_f = load_packed(q, torch.float32, "cpu")
+    model, _, _, rep = load_packed(q, torch.float32, "cpu", head="int8")
+    assert isinstance(model.lm_head, Int8Linear) and not isinstance(ref.lm_head, Int8Linear)
+    assert torch.equal(model.get_input_embeddings().weight, ref.get_input_embeddings().weight)
+    assert rep.choices["lm_head"].kind == "w8a8" and "lm_head" not in rep_f.choices
+    ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
+    a, b = logits(model, ids), logits(ref, ids)
+    assert _rel(a, b) < 0.03
+    assert (a.argmax(-1) == b.argmax(-1)).float().mean() >= 0.9
+    with pytest.raises(ValueError, match="unknown head"):
+        load_packed(q, torch.float32, "cpu", head="int4")
+    with pytest.raises(ModelError, match="needs backend 'packed'"):
+        load_model(str(q), device="cpu", dtype="float32", head="int8")

@@ -2,7 +2,8 @@
 
 Variants: fp32 and bf16 load the model with float weights (a quantized directory as its
 fake-quant model); packed-fp32 and packed-bf16 load a quantized directory with its low-bit
-kernels (quant.inference) and the remaining float parts in that dtype. With several variants
+kernels (quant.inference) and the remaining float parts in that dtype; packed-bf16-int8head
+also runs the output projection in int8 (as llama.cpp's 4-bit files do). With several variants
 each runs in its own process, so each one's peak RSS is its own.
 """
 

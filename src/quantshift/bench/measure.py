@@ -35,7 +35,9 @@ import torch.nn as nn
 LOAD_FRACTION = 0.5  # warn when the 1-minute load average exceeds this fraction of the cores
 # variant -> (load_model backend, dtype of the float parts)
 VARIANTS = {"fp32": ("fake", "float32"), "bf16": ("fake", "bfloat16"),
-            "packed-fp32": ("packed", "float32"), "packed-bf16": ("packed", "bfloat16")}
+            "packed-fp32": ("packed", "float32"), "packed-bf16": ("packed", "bfloat16"),
+            # + the output projection in int8 (llama.cpp's 4-bit files keep it at 8 bits: Q8_0)
+            "packed-bf16-int8head": ("packed", "bfloat16")}
 # a study's bench (evaluation.bench): small, so it adds seconds per model, not minutes
 STUDY_BENCH = {"prefill_batches": [1], "decode_batches": [1], "prompt_len": 128, "decode_prompt_len": 32,
                "gen_len": 16, "repeats": 3, "copy_mib": 64}
@@ -293,7 +295,8 @@ def measure_variant(model: str, variant: str, device: str, opts: dict[str, Any])
     from ..models.load import load_model
 
     backend, dtype = VARIANTS[variant]
-    loaded = load_model(model, device=device, dtype=dtype, backend=backend)
+    loaded = load_model(model, device=device, dtype=dtype, backend=backend,
+                        head="int8" if variant.endswith("-int8head") else "float")
     dev = next(loaded.model.parameters()).device
     metrics, notes = run_bench(loaded.model, quant_info=loaded.quant_info, path=loaded.path,
                                fake_quant=loaded.quant_info is not None and backend == "fake", **opts)

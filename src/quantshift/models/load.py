@@ -78,17 +78,20 @@ BACKENDS = ("fake", "packed")
 
 
 def load_model(name: str, device: str = "cpu", dtype: str = "auto", compute_device: str | None = None,
-               backend: str = "fake") -> LoadedModel:
+               backend: str = "fake", head: str = "float") -> LoadedModel:
     """`compute_device`: where forwards will run when that is not where the weights load (the
     quantizer loads on the CPU and moves one block at a time); it decides what "auto" means.
     `backend` of a quantized directory: "fake" (dequantized float weights, the research model)
-    or "packed" (quant.inference.load_packed: low-bit kernels, weights never in float)."""
+    or "packed" (quant.inference.load_packed: low-bit kernels, weights never in float); `head`
+    "int8" also runs the output projection in int8 (packed only, see quant.inference)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ..checkpoint import is_quantized_dir, load_quantized
 
     if backend not in BACKENDS:
         raise ModelError(f"unknown backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+    if head != "float" and backend != "packed":
+        raise ModelError(f"head {head!r} needs backend 'packed'")
     device = resolve_device(device)
     path = model_path(name)
     precision = resolve_precision(dtype, resolve_device(compute_device) if compute_device else device)
@@ -101,7 +104,7 @@ def load_model(name: str, device: str = "cpu", dtype: str = "auto", compute_devi
 
         # packed linears compute in their own types: no autocast around them
         precision = Precision(torch.bfloat16 if precision.autocast is not None else precision.weights)
-        model, tok, info, report = load_packed(Path(path), precision.weights, device)
+        model, tok, info, report = load_packed(Path(path), precision.weights, device, head=head)
         return LoadedModel(model, tok, name, str(path), arch_for(model), info, precision, report)
     if quantized:
         model, tok, info = load_quantized(Path(path), torch_dtype, device)
