@@ -6,10 +6,9 @@ import random
 
 import pytest
 import torch
+from conftest import VOCAB, loaded_tiny
 
 from quantshift.evaluation import harness
-
-from conftest import VOCAB, loaded_tiny
 
 
 def _requests(seed: int, max_length: int) -> list:

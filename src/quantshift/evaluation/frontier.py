@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -31,7 +32,7 @@ class WeightFormat:
     group_size: int  # > 0: groups of columns; -1: one group per output row; 0: one per tensor
     sym: bool = False
     measured_bits: float | None = None  # total bits a method measured itself (SpQR), used as is
-    dtype: str = "int"  # "int" or "fp8"
+    dtype: Literal["int", "fp8"] = "int"
 
 
 @dataclass(frozen=True)

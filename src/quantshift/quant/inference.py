@@ -114,13 +114,15 @@ HEAD_INPUTS = {"spec": {"bits": 8, "group_size": 0, "symmetric": True}, "per_tok
 def quantize_head(model: nn.Module, device: torch.device) -> tuple[str, LinearChoice]:
     """Replace the output projection by an Int8Linear (per-channel symmetric int8 weights, round to
     nearest; per-token int8 inputs). A tied input embedding stays float for its lookups."""
-    head = model.get_output_embeddings()
+    get_head: Any = getattr(model, "get_output_embeddings")  # noqa: B009 (typed as a Tensor by nn.Module)
+    head = get_head()
     if not isinstance(head, nn.Linear):
         raise ValueError(f"the output projection is a {type(head).__name__}, not a linear: --head int8 cannot apply")
     name = next(n for n, m in model.named_modules() if m is head)
     qw = quantize_weight(head.weight.detach().float(), QuantSpec(bits=8, group_size=-1, symmetric=True))
     lin = Int8Linear(qw, HEAD_INPUTS, head.bias, device=device)
-    model.set_output_embeddings(lin)
+    set_head: Any = getattr(model, "set_output_embeddings")  # noqa: B009
+    set_head(lin)
     units = int8_units() if device.type == "cpu" else f"device {device.type}"
     return name, LinearChoice("w8a8", lin.kernel, None if lin.kernel == "int8-intmm" else units)
 
