@@ -119,7 +119,7 @@ def run_quantshift(variant: str, ids: torch.Tensor, args, scratch: Path) -> dict
     for compiled in (False, True) if args.compile else (False,):
         step, compile_s = None, None
         if compiled:
-            step = compiled_step()
+            step = compiled_step(model)
             t0 = time.perf_counter()
             prefill_and_decode(model, ids, args.new_tokens, "static", step)  # same shapes as the timed runs
             compile_s = time.perf_counter() - t0

@@ -247,10 +247,11 @@ def test_study_records_packed_bytes_and_bench_of_each_quantized_model(tmp_path):
 def test_compiled_decode_step_gives_the_same_tokens():
     from quantshift.bench.measure import compiled_step, prefill_and_decode, run_bench
 
-    model = loaded_tiny("llama").model
     ids = torch.randint(3, 128, (2, 10), generator=torch.Generator().manual_seed(0))
-    eager = prefill_and_decode(model, ids, 6, "static").tokens
-    assert torch.equal(prefill_and_decode(model, ids, 6, "static", compiled_step()).tokens, eager)
+    for seed in (0, 1):  # the second model must get its own graph, not the first one's
+        model = loaded_tiny("llama", seed=seed).model
+        eager = prefill_and_decode(model, ids, 6, "static").tokens
+        assert torch.equal(prefill_and_decode(model, ids, 6, "static", compiled_step(model)).tokens, eager)
     metrics, _ = run_bench(model, batch_sizes=[1], prompt_len=8, gen_len=4, compile=True, copy_mib=8)
     d = metrics["bench:decode@1"]
     assert d["compiled"] and d["compile_s"] > 0 and d["cache"] == "static"
