@@ -215,6 +215,8 @@ def test_valid_quantize_reaches_the_loader(cli, tmp_path):
     (["eval", "smollm2-135m", "--ppl", "news", "--max-windows", "-5"], "--max-windows must be"),
     (["eval", "smollm2-135m", "--ppl", "news", "--judge", "hf:x"], "go together"),
     (["eval", "org/name with space", "--ppl", "news"], "hub id like org/name"),
+    (["eval", "smollm2-135m", "--ppl", "news", "--head", "int8"], "--head int8 needs --backend packed"),
+    (["eval", "smollm2-135m", "--ppl", "news", "--backend", "packed", "--head", "int4"], "--head"),
     (["bench", "smollm2-135m", "--batch-sizes", "0"], "--batch-sizes must be an integer 1.."),
     (["bench", "smollm2-135m", "--gen-len", "1"], "--gen-len must be an integer 2.."),
     (["export", "nowhere", "--format", "gptq", "--out", "o"], "SRC 'nowhere': no such directory"),

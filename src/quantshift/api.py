@@ -108,18 +108,23 @@ def _rewrap(loaded: LoadedModel, dtype: str, compute_device: str, place: bool) -
 
 
 def _as_loaded(model: ModelLike, tokenizer: Any, device: str | None, dtype: str, *, place: bool,
-               weights_device: str | None = None, backend: str = "fake") -> LoadedModel:
+               weights_device: str | None = None, backend: str = "fake", head: str = "float") -> LoadedModel:
     """Any accepted model form -> LoadedModel. Names load as the CLI loads them: onto
     `weights_device` (default: the compute device) in the precision "auto" means there."""
     dev = _compute_device(model, device)
+    if head != "float" and not isinstance(model, (str, Path)):
+        raise ConfigError(f"head={head!r} loads a quantized directory by its path; this model is already in memory")
     if isinstance(model, QuantizationResult):
         model = model.loaded
     if isinstance(model, LoadedModel):
         _no_tokenizer(tokenizer, "an already loaded model")
+        if model.packing is not None:  # packed kernels compute in the types they were built with: as loaded
+            return model
         return _rewrap(model, dtype, dev, place)
     if isinstance(model, (str, Path)):
         _no_tokenizer(tokenizer, "a model name, which loads its own tokenizer")
-        return load_model(str(model), device=weights_device or dev, dtype=dtype, compute_device=dev, backend=backend)
+        return load_model(str(model), device=weights_device or dev, dtype=dtype, compute_device=dev, backend=backend,
+                          head=head)
     if backend != "fake":
         raise ConfigError("backend='packed' loads a quantized directory by its path; this model is already in memory")
     if isinstance(model, nn.Module):
@@ -308,7 +313,7 @@ def evaluate(model: ModelLike, ppl: str | Iterable[str] = (), tasks: str | Itera
              max_windows: int | None = 64, batch_size: int = 4, seed: int = 1234, device: str | None = None,
              dtype: str = "auto", progress: bool = True, mt_bench: str | Path | None = None,
              judge: str | None = None, max_new_tokens: int = 256,
-             json_out: str | Path | None = None, backend: str = "fake") -> dict[str, dict]:
+             json_out: str | Path | None = None, backend: str = "fake", head: str = "float") -> dict[str, dict]:
     """Perplexity on text sources, tasks (quantshift's or lm-eval's names, multiple choice by
     log-likelihood) and MT-Bench-style judged dialogue -> the `metrics` map `quantshift eval
     --json` writes: {"ppl:<source>": {"ppl", "tokens", "windows", "seqlen", ...},
@@ -318,7 +323,8 @@ def evaluate(model: ModelLike, ppl: str | Iterable[str] = (), tasks: str | Itera
     suite's, else 0); limit: items per task (None: 200 for quantshift's tasks, all for lm-eval's;
     0: all); max_windows: perplexity windows per source (None or 0: all). json_out: also write
     the CLI's JSON there, item-level samples beside it (<stem>.samples.jsonl). backend: a quantized
-    directory as fake-quant float weights ("fake") or with packed low-bit kernels ("packed")."""
+    directory as fake-quant float weights ("fake") or with packed low-bit kernels ("packed"); head:
+    with "packed", the output projection as stored ("float") or in int8 ("int8")."""
     from .evaluation import api as ev
     from .evaluation import judge as mtb
 
@@ -341,7 +347,7 @@ def evaluate(model: ModelLike, ppl: str | Iterable[str] = (), tasks: str | Itera
     if any(k < 0 for k in shot_list):
         raise ConfigError("--shots must be >= 0")
     ev.preflight(tasks=task_list, suite=suite, data_dir=data_dir)
-    loaded = _as_loaded(model, tokenizer, device, dtype, place=True, backend=backend)
+    loaded = _as_loaded(model, tokenizer, device, dtype, place=True, backend=backend, head=head)
     for line in loaded.packing.lines() if loaded.packing is not None else []:
         print(line)  # which kernel each linear got, and every fallback: part of the result, not progress
     if isinstance(model, QuantizationResult):  # its model may now be in another precision or place

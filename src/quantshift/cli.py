@@ -140,6 +140,8 @@ def eval_cmd(
     max_new_tokens: Annotated[int, typer.Option(help="MT-Bench answer length cap")] = 256,
     backend: Annotated[str, typer.Option(help="quantized directory as fake-quant float weights (fake) or with "
                                               "low-bit kernels (packed, see quant.inference)")] = "fake",
+    head: Annotated[str, typer.Option(help="packed backend: the output projection as stored (float) or in int8 "
+                                           "(int8, as llama.cpp's 4-bit files store it)")] = "float",
 ) -> None:
     """Evaluate a model: perplexity on held-out text, lm-eval tasks (multiple choice by log-likelihood),
     MT-Bench-style judged dialogue."""
@@ -156,7 +158,7 @@ def eval_cmd(
     metrics = api.evaluate(model, ppl or (), tasks or (), suite=suite, shots=shot_list, limit=limit, data_dir=data_dir,
                            seqlen=seqlen, max_windows=max_windows, batch_size=batch_size, seed=seed, device=device,
                            dtype=dtype, progress=not quiet, mt_bench=mt_bench, judge=judge,
-                           max_new_tokens=max_new_tokens, json_out=json_out, backend=backend)
+                           max_new_tokens=max_new_tokens, json_out=json_out, backend=backend, head=head)
     for key, m in metrics.items():
         if key.startswith("ppl:"):
             bpb = f"  bpb {m['bpb']:.4f}" if m.get("bpb") is not None else ""  # tokenizer-independent

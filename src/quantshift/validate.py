@@ -736,6 +736,9 @@ def _cli_recipe(method: str, fmt: dict):
 def check_eval(o: dict) -> None:
     check_model_name("MODEL", o["model"])
     check_choice("--backend", o.get("backend", "fake"), ("fake", "packed"))
+    check_choice("--head", o.get("head", "float"), ("float", "int8"))
+    if o.get("head", "float") != "float" and o.get("backend", "fake") != "packed":
+        fail("--head int8 needs --backend packed")
     data_dir = o.get("data_dir")
     if data_dir is not None:
         check_existing_dir("--data-dir", data_dir)
