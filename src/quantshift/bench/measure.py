@@ -194,7 +194,8 @@ def compiled_step(model: nn.Module) -> Callable[..., torch.Tensor]:
     """The decode step of `model` through torch.compile (inductor; on a CPU it needs a C compiler).
 
     Two choices, measured side by side on SmolLM2 W4 + int8 head at batch 1, 2 idle threads (93
-    tok/s before, 107 after): attention runs as plain matmul-softmax-matmul ("eager", set on the
+    tok/s before, 107 after; W4 with its bf16 head went from 64 to 121 between two benchmark runs,
+    benchmarks/RESULTS.md): attention runs as plain matmul-softmax-matmul ("eager", set on the
     model), which inductor fuses, instead of torch's CPU flash kernel, which costs more than that
     for one query; and dynamo skips its guards on module attributes (thousands of checks per step).
     Without those guards a cached graph would serve any model, so dynamo's caches are reset first:
