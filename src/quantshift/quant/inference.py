@@ -76,6 +76,12 @@ class PackReport:
                 "modules": {n: asdict(c) for n, c in self.choices.items()}}
 
 
+def w8a8_choice(lin: Int8Linear, device: torch.device) -> LinearChoice:
+    """What an Int8Linear runs on; the reason names why it is not the int8 GEMM when it is not."""
+    units = int8_units() if device.type == "cpu" else f"device {device.type}"
+    return LinearChoice("w8a8", lin.kernel, None if lin.kernel == "int8-intmm" else units)
+
+
 def choose_linear(name: str, qw: QuantizedWeight, act: dict | None, bias: torch.Tensor | None,
                   device: torch.device, dtype: torch.dtype, qt: dict[str, torch.Tensor]
                   ) -> tuple[nn.Module, LinearChoice]:
@@ -90,8 +96,7 @@ def choose_linear(name: str, qw: QuantizedWeight, act: dict | None, bias: torch.
         reason = w8a8_problem(qw, act)
         if reason is None:
             lin = Int8Linear(qw, act, bias, device=device)
-            units = int8_units() if device.type == "cpu" else f"device {device.type}"
-            return lin, LinearChoice("w8a8", lin.kernel, None if lin.kernel == "int8-intmm" else units)
+            return lin, w8a8_choice(lin, device)
     elif 32 % spec.bits:
         reason = f"{spec.bits}-bit codes do not pack into int32 words"
     else:
@@ -123,8 +128,7 @@ def quantize_head(model: nn.Module, device: torch.device) -> tuple[str, LinearCh
     lin = Int8Linear(qw, HEAD_INPUTS, head.bias, device=device)
     set_head: Any = getattr(model, "set_output_embeddings")  # noqa: B009
     set_head(lin)
-    units = int8_units() if device.type == "cpu" else f"device {device.type}"
-    return name, LinearChoice("w8a8", lin.kernel, None if lin.kernel == "int8-intmm" else units)
+    return name, w8a8_choice(lin, device)
 
 
 def load_packed(path: Path, dtype: torch.dtype, device: str, verify: bool = True, head: str = "float"
