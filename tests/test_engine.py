@@ -99,13 +99,17 @@ def test_activation_quantization_is_real_and_survives_reload(tmp_path):
 def test_corrupt_directory_is_a_clear_error(tmp_path):
     _, res, lm = _quantized_err("llama", "rtn", 4)
     out = save(lm, res, tmp_path / "q")
-    data = bytearray((out / "quantized.safetensors").read_bytes())
+    shard = out / "model-00001-of-00001.safetensors"
+    data = bytearray(shard.read_bytes())
     data[-1] ^= 0xFF
-    (out / "quantized.safetensors").write_bytes(bytes(data))
-    with pytest.raises(ModelError, match="does not match its sha256"):
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ModelError, match="model-00001-of-00001.safetensors does not match its sha256"):
         load_quantized(out, torch.float32, "cpu")
-    (out / "model.safetensors").unlink()
-    with pytest.raises(ModelError, match="missing model.safetensors"):
+    shard.write_bytes(bytes(data[:-100]))  # truncated: found from the header alone, before any read
+    with pytest.raises(ModelError, match="model-00001-of-00001.safetensors is truncated"):
+        load_quantized(out, torch.float32, "cpu", verify=False)
+    shard.unlink()
+    with pytest.raises(ModelError, match="missing model-00001-of-00001.safetensors"):
         load_quantized(out, torch.float32, "cpu")
 
 

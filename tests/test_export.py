@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from conftest import loaded_tiny, logits, random_calib
+from conftest import loaded_tiny, logits, random_calib, read_state
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -61,10 +61,9 @@ def ct_decompress(export_dir):
     """Rebuild float weights with compressed-tensors' own decompressors, from the files alone."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
-    from safetensors.torch import load_file
 
     qcfg = QuantizationConfig.model_validate(json.loads((export_dir / "config.json").read_text())["quantization_config"])
-    state = load_file(str(export_dir / "model.safetensors"))
+    state = read_state(export_dir)
     modules = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".weight_scale")})
     for mod in modules:
         # a module's own name outranks a class target (compressed-tensors and vLLM both match so)
@@ -79,13 +78,12 @@ def ct_decompress(export_dir):
 
 def gptq_unpack(export_dir):
     """A from-the-spec GPTQ reader (bit shifts written here, not the exporter's unpack)."""
-    from safetensors.torch import load_file
 
     qcfg = json.loads((export_dir / "config.json").read_text())["quantization_config"]
     bits = qcfg["bits"]
     per, maxq = 32 // bits, 2**bits - 1
     offset = 1 if qcfg["checkpoint_format"] == "gptq" else 0
-    state = load_file(str(export_dir / "model.safetensors"))
+    state = read_state(export_dir)
     raw = {}
     for key in [k for k in state if k.endswith(".qweight")]:
         mod = key[: -len(".qweight")]
@@ -126,9 +124,8 @@ def test_ct_asymmetric_gptq_round_trip(tmp_path):
     out = export(q, "compressed-tensors", tmp_path / "ct", dtype="float32")
     model, qcfg = ct_decompress(out)
     assert _rel(logits(model, IDS), ref) < 1e-5
-    from safetensors.torch import load_file
 
-    st_ = load_file(str(out / "model.safetensors"))
+    st_ = read_state(out)
     assert st_["model.layers.0.mlp.down_proj.weight_zero_point"].shape == (64 // 8, 160 // 32)
     assert st_["model.layers.0.mlp.down_proj.weight_packed"].dtype == torch.int32
 
@@ -225,9 +222,8 @@ def test_fp8_round_trip(tmp_path, group_size):
     out = export(q, "fp8", tmp_path / "f", dtype="float32")
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert cfg["format"] == "naive-quantized"  # the library's pick for weight-only fp8 (float-quantized with fp8 inputs)
-    from safetensors.torch import load_file
 
-    st_ = load_file(str(out / "model.safetensors"))
+    st_ = read_state(out)
     assert st_["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert _rel(logits(model, IDS), ref) < 1e-5

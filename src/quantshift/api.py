@@ -30,7 +30,7 @@ from .models.precision import resolve_precision
 from .quantize import QuantizationResult as EngineRun
 from .recipes import Recipe, load_recipe, make_stage, recipe_from_dict
 
-__all__ = ["QuantizationResult", "evaluate", "export", "load", "quantize", "run_study", "save"]
+__all__ = ["QuantizationResult", "evaluate", "export", "load", "memory_plan", "quantize", "run_study", "save"]
 
 CALIB_NSAMPLES = 128  # windows drawn from a source, a text list or a token stream by default
 CALIB_SEQLEN = 512
@@ -103,12 +103,15 @@ def _wrap(model: nn.Module, tokenizer: Any, dtype: str, compute_device: str, pla
 
 
 def _rewrap(loaded: LoadedModel, dtype: str, compute_device: str, place: bool) -> LoadedModel:
+    if loaded.source is not None:  # weights on disk: they materialize in the precision they were loaded for
+        return loaded
     fresh = _wrap(loaded.model, loaded.tokenizer, dtype, compute_device, place)
     return replace(loaded, precision=fresh.precision)  # keeps name, path and quant_info
 
 
 def _as_loaded(model: ModelLike, tokenizer: Any, device: str | None, dtype: str, *, place: bool,
-               weights_device: str | None = None, backend: str = "fake", head: str = "float") -> LoadedModel:
+               weights_device: str | None = None, backend: str = "fake", head: str = "float",
+               stream: bool = False) -> LoadedModel:
     """Any accepted model form -> LoadedModel. Names load as the CLI loads them: onto
     `weights_device` (default: the compute device) in the precision "auto" means there."""
     dev = _compute_device(model, device)
@@ -123,8 +126,8 @@ def _as_loaded(model: ModelLike, tokenizer: Any, device: str | None, dtype: str,
         return _rewrap(model, dtype, dev, place)
     if isinstance(model, (str, Path)):
         _no_tokenizer(tokenizer, "a model name, which loads its own tokenizer")
-        return load_model(str(model), device=weights_device or dev, dtype=dtype, compute_device=dev, backend=backend,
-                          head=head)
+        return load_model(str(model), device=dev if stream else (weights_device or dev), dtype=dtype, compute_device=dev,
+                          backend=backend, head=head, stream=stream)
     if backend != "fake":
         raise ConfigError("backend='packed' loads a quantized directory by its path; this model is already in memory")
     if isinstance(model, nn.Module):
@@ -266,13 +269,37 @@ def _stats_store(model: ModelLike, loaded: LoadedModel, stats_cache: str | Path)
                                                  "dtype": loaded.precision.name}))
 
 
+def memory_plan(model: str | Path, *, device: str | None = None, dtype: str = "auto", max_memory: Any = None,
+                quantize: bool = True, evaluate: bool = True, calib_tokens: int = 0, calibrated: bool = True,
+                batch_size: int = 4, seqlen: int = 512, max_windows: int | None = 64, backend: str = "fake") -> Any:
+    """The memory plan (memory.MemoryPlan) of quantizing and/or evaluating a model by name: each
+    stage's estimated peak host/device bytes and whether it runs in memory or streams, within
+    `max_memory` ("cpu=16GiB,cuda:0=70GiB", a memory.MemoryCaps, or None: what is free).
+    Raises a ConfigError when even streaming does not fit."""
+    from .memory import plan_for_model
+
+    return plan_for_model(str(model), device=resolve_device(device or "auto"), dtype=dtype, max_memory=max_memory,
+                          quantize=quantize, evaluate=evaluate, calib_tokens=calib_tokens, calibrated=calibrated,
+                          batch_size=batch_size,
+                          seqlen=seqlen, max_windows=max_windows, backend=backend)
+
+
+def _show_plan(plan: Any, progress: bool) -> None:
+    if progress and plan is not None:
+        import sys
+
+        for line in plan.lines():
+            print(line, file=sys.stderr)
+
+
 # ---- the verbs ------------------------------------------------------------------------------
 
 def quantize(model: ModelLike, recipe: Recipe | dict | list | str | Path, calib: Any = None, *,
              tokenizer: Any = None, nsamples: int | None = None, seqlen: int | None = None, seed: int = 42,
              device: str | None = None, dtype: str = "auto", batch_size: int = 8,
              data_dir: str | Path | None = None, propagate: str = "quantized", stats_cache: str | Path | None = None,
-             activations: str = "auto", progress: bool = True, **method_options: Any) -> QuantizationResult:
+             activations: str = "auto", progress: bool = True, out: str | Path | None = None, overwrite: bool = False,
+             max_memory: Any = None, **method_options: Any) -> QuantizationResult:
     """Quantize `model` with `recipe`, calibrating on `calib` when the recipe needs it.
 
     recipe: a Recipe, a dict ({"stages": [{"gptq": {"wbits": 4}}]}), a YAML path, or a method name
@@ -284,6 +311,10 @@ def quantize(model: ModelLike, recipe: Recipe | dict | list | str | Path, calib:
     model's accelerator). A named model's weights load on the CPU and move a block at a time.
     dtype: "auto" resolves per machine as on the CLI; an in-memory model is converted to it.
     propagate, stats_cache, activations, batch_size: as `quantshift quantize --help` says.
+    out: also save the quantized directory there (`overwrite` an existing one). max_memory:
+    the memory cap ("cpu=16GiB,cuda:0=70GiB"; default what is free): a named model that does
+    not fit streams from disk a block at a time and is written to `out` as it is quantized
+    (out is then required); the result's model is then on disk too (see memory.py).
     """
     from .quantize import quantize_model
 
@@ -295,16 +326,42 @@ def quantize(model: ModelLike, recipe: Recipe | dict | list | str | Path, calib:
     if isinstance(model, QuantizationResult):
         raise ConfigError("this model is already quantized; to stack methods, quantize the original with a recipe of stages")
     dev = _compute_device(model, device)
-    # like the CLI: a named model's weights stay on the CPU, the engine moves one block at a time
-    loaded = _as_loaded(model, tokenizer, dev, dtype, place=False, weights_device="cpu")
+    plan = None
+    if isinstance(model, (str, Path)):
+        parts = len(str(calib).split("+")) if isinstance(calib, str) else 1
+        tokens = (nsamples or CALIB_NSAMPLES) * (seqlen or CALIB_SEQLEN) * parts if rec.needs_calibration else 0
+        plan = memory_plan(model, device=dev, dtype=dtype, max_memory=max_memory, calib_tokens=tokens,
+                           calibrated=rec.needs_calibration, evaluate=False)
+        _show_plan(plan, progress)
+    stream = plan is not None and plan.streams("quantize")
+    if stream and out is None:
+        raise ConfigError(f"{model} needs ~{plan.stage('quantize').host / 2**30:.1f} GiB to quantize in memory, over the "
+                          "memory cap: it streams from disk, so pass out= to write the quantized directory as it goes")
+    # like the CLI: a named model's weights stay on the CPU (or on disk), the engine moves one block at a time
+    loaded = _as_loaded(model, tokenizer, dev, dtype, place=False, weights_device="cpu", stream=stream)
+    loaded.memory = plan
     cal = _calibset(calib, loaded, nsamples, seqlen, seed, data_dir) if rec.needs_calibration else None
     store = _stats_store(model, loaded, stats_cache) if stats_cache is not None else None
+    if stream:
+        from .quantize import quantize_streaming
+
+        assert out is not None and plan is not None
+        run = quantize_streaming(loaded, rec, cal, Path(out), device=dev, batch_size=batch_size, progress=progress,
+                                 propagate=propagate, stats_store=store, activations=activations, overwrite=overwrite,
+                                 max_shard_bytes=plan.shard_bytes)
+        written = load_model(str(out), device=dev, dtype=dtype, stream=True)  # the quantized model stays on disk
+        written.memory = plan
+        return QuantizationResult(written.model, written.tokenizer, rec, run.report(), run.calibration, run.precision,
+                                  path=Path(out), device=dev, loaded=written, run=run)
     run = quantize_model(loaded, rec, cal, device=dev, batch_size=batch_size, progress=progress,
                          propagate=propagate, stats_store=store, activations=activations)
     # what a saved directory's quantshift.json would tell evaluation (its calibration leakage guard)
     loaded.quant_info = {"recipe": rec.to_dict(), "calibration": run.calibration, "base_model": loaded.name}
-    return QuantizationResult(loaded.model, loaded.tokenizer, rec, run.report(), run.calibration, run.precision,
-                              device=dev, loaded=loaded, run=run)
+    result = QuantizationResult(loaded.model, loaded.tokenizer, rec, run.report(), run.calibration, run.precision,
+                                device=dev, loaded=loaded, run=run)
+    if out is not None:
+        save(result, out, overwrite=overwrite)
+    return result
 
 
 def evaluate(model: ModelLike, ppl: str | Iterable[str] = (), tasks: str | Iterable = (), *,
@@ -313,7 +370,8 @@ def evaluate(model: ModelLike, ppl: str | Iterable[str] = (), tasks: str | Itera
              max_windows: int | None = 64, batch_size: int = 4, seed: int = 1234, device: str | None = None,
              dtype: str = "auto", progress: bool = True, mt_bench: str | Path | None = None,
              judge: str | None = None, max_new_tokens: int = 256,
-             json_out: str | Path | None = None, backend: str = "fake", head: str = "float") -> dict[str, dict]:
+             json_out: str | Path | None = None, backend: str = "fake", head: str = "float",
+             max_memory: Any = None) -> dict[str, dict]:
     """Perplexity on text sources, tasks (quantshift's or lm-eval's names, multiple choice by
     log-likelihood) and MT-Bench-style judged dialogue -> the `metrics` map `quantshift eval
     --json` writes: {"ppl:<source>": {"ppl", "tokens", "windows", "seqlen", ...},
@@ -324,7 +382,9 @@ def evaluate(model: ModelLike, ppl: str | Iterable[str] = (), tasks: str | Itera
     0: all); max_windows: perplexity windows per source (None or 0: all). json_out: also write
     the CLI's JSON there, item-level samples beside it (<stem>.samples.jsonl). backend: a quantized
     directory as fake-quant float weights ("fake") or with packed low-bit kernels ("packed"); head:
-    with "packed", the output projection as stored ("float") or in int8 ("int8")."""
+    with "packed", the output projection as stored ("float") or in int8 ("int8"). max_memory: the
+    memory cap (see quantize): a named model that does not fit stays on disk; perplexity then
+    runs block by block over all windows, tasks through accelerate's offload hooks."""
     from .evaluation import api as ev
     from .evaluation import judge as mtb
 
@@ -347,17 +407,27 @@ def evaluate(model: ModelLike, ppl: str | Iterable[str] = (), tasks: str | Itera
     if any(k < 0 for k in shot_list):
         raise ConfigError("--shots must be >= 0")
     ev.preflight(tasks=task_list, suite=suite, data_dir=data_dir)
-    loaded = _as_loaded(model, tokenizer, device, dtype, place=True, backend=backend, head=head)
+    plan = None
+    if isinstance(model, (str, Path)):
+        plan = memory_plan(model, device=device, dtype=dtype, max_memory=max_memory, quantize=False,
+                           batch_size=batch_size, seqlen=seqlen, max_windows=max_windows, backend=backend)
+        _show_plan(plan, progress)
+    stream = plan is not None and plan.streams("evaluate")
+    loaded = _as_loaded(model, tokenizer, device, dtype, place=True, backend=backend, head=head, stream=stream)
+    if plan is not None:
+        loaded.memory = plan
     for line in loaded.packing.lines() if loaded.packing is not None else []:
         print(line)  # which kernel each linear got, and every fallback: part of the result, not progress
     if isinstance(model, QuantizationResult):  # its model may now be in another precision or place
-        model.loaded, model.precision, model.device = loaded, loaded.precision.name, str(_model_device(loaded.model))
+        model.loaded, model.precision = loaded, loaded.precision.name
+        model.device = str(loaded.device if loaded.source is not None else _model_device(loaded.model))
     res = ev.EvalResult()
     if ppl_list or task_list or suite:  # MT-Bench alone is fine too
         res = ev.evaluate(loaded, ppl=ppl_list, tasks=task_list, suite=suite, shots=shot_list, limit=limit,
                           data_dir=data_dir, seqlen=seqlen, max_windows=max_windows or None,
                           batch_size=batch_size, seed=seed, progress=progress)
     if questions is not None and judge is not None:
+        ev.dispatch_streamed(loaded)
         metric, rows = mtb.mt_bench(loaded, questions, mtb.make_judge(judge, device or "auto"), judge, max_new_tokens,
                                     progress=progress, seed=seed)
         metric["questions"] = str(mt_bench)
@@ -395,7 +465,7 @@ def save(obj: QuantizationResult | nn.Module, path: str | Path, *, tokenizer: An
     if isinstance(obj, QuantizationResult):
         _no_tokenizer(tokenizer, "a QuantizationResult, which holds its own")
         _need_tokenizer(obj.tokenizer, "saving")
-        if obj.run is None:  # loaded from a directory: copy that directory
+        if obj.run is None or obj.loaded.source is not None:  # a directory on disk already: copy it
             if obj.path is None:
                 raise ModelError("this result has neither its quantization run nor a directory to copy")
             with staged_directory(out, overwrite) as tmp:
@@ -415,15 +485,21 @@ def save(obj: QuantizationResult | nn.Module, path: str | Path, *, tokenizer: An
     raise ConfigError(f"save takes a QuantizationResult or a Hugging Face model; got {type(obj).__name__}")
 
 
-def load(path: str | Path, *, device: str | None = None, dtype: str = "auto") -> QuantizationResult | tuple[Any, Any]:
+def load(path: str | Path, *, device: str | None = None, dtype: str = "auto",
+         max_memory: Any = None) -> QuantizationResult | tuple[Any, Any]:
     """A quantized directory -> QuantizationResult (recipe, report and calibration from its files);
-    any other model (name or path) -> (model, tokenizer). Loaded as `quantshift eval` loads it."""
+    any other model (name or path) -> (model, tokenizer). Loaded as `quantshift eval` loads it;
+    a quantized directory that does not fit `max_memory` stays on disk (evaluate streams it)."""
     import json
 
-    from .checkpoint import REPORT_FILE
+    from .checkpoint import REPORT_FILE, is_quantized_dir
 
     dev = resolve_device(device or "auto")
-    loaded = load_model(str(path), device=dev, dtype=dtype)
+    plan = None
+    if is_quantized_dir(path):
+        plan = memory_plan(path, device=dev, dtype=dtype, max_memory=max_memory, quantize=False)
+    loaded = load_model(str(path), device=dev, dtype=dtype, stream=plan is not None and plan.streams("evaluate"))
+    loaded.memory = plan
     info = loaded.quant_info
     if info is None:
         return loaded.model, loaded.tokenizer
@@ -463,7 +539,7 @@ def export(source: QuantizationResult | str | Path, path: str | Path, format: st
 def run_study(spec: Any, out_dir: str | Path | None = None, *, cache: str | Path | None = None, jobs: int = 1,
               executor: str = "local", ray_address: str | None = None, gpus_per_cell: float = 0.0,
               data_dir: str | Path | None = None, device: str | None = None, progress: bool = True,
-              echo: Callable[[str], Any] = print) -> dict:
+              echo: Callable[[str], Any] = print, max_memory: str | None = None) -> dict:
     """Run a study (a StudySpec, its dict form or a YAML path): every cell its cache lacks, then the
     report. out_dir defaults to runs/<study name>, cache to <out_dir>/../.cache; `device`
     overrides the study's. Returns the summary (works run, results computed, failures, seconds)
@@ -484,5 +560,5 @@ def run_study(spec: Any, out_dir: str | Path | None = None, *, cache: str | Path
     run_dir = Path(out_dir) if out_dir is not None else Path("runs") / study.name
     summary = run(study, run_dir, Path(cache) if cache is not None else run_dir.parent / ".cache", executor=executor,
                   ray_address=ray_address, gpus_per_cell=gpus_per_cell, data_dir=str(data_dir) if data_dir else None,
-                  progress=progress, echo=echo, jobs=jobs)
+                  progress=progress, echo=echo, jobs=jobs, max_memory=max_memory)
     return {**summary, "out_dir": str(run_dir), "report": str(run_dir / "report.md")}

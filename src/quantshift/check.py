@@ -43,24 +43,47 @@ def check_cmd(
     cache: Annotated[Path | None, typer.Option(help="study cache to count finished work in "
                                                     "(default: the one `run` would use, runs/.cache)")] = None,
     device: Annotated[str | None, typer.Option(help="plan and estimate for this device: auto, cpu, cuda")] = None,
+    model: Annotated[str | None, typer.Option(help="with a recipe: the model whose memory plan to print")] = None,
+    max_memory: Annotated[str | None, typer.Option(help="memory caps to plan within, e.g. cpu=16GiB,cuda:0=70GiB "
+                                                        "(default: what is free now)")] = None,
 ) -> None:
-    """Validate a study or recipe file and say what it would run (works, cached results, a time estimate)."""
+    """Validate a study or recipe file and say what it would run (works, cached results, memory
+    plans, a time estimate)."""
     data = validate.read_yaml("FILE", path)
     if data_dir is not None:
         validate.check_existing_dir("--data-dir", data_dir)
     if device is not None:
         validate.check_device("--device", device)
+    validate.check_max_memory("--max-memory", max_memory)
     if file_kind(data, str(path)) == "recipe":
         rec = validate.check_recipe_data(data, str(path))
         for line in describe_recipe(rec):
             typer.echo(line)
+        if model is not None:
+            validate.check_model_name("--model", model)
+            for line in memory_lines(model, device or "auto", "auto", max_memory, 128 * 512 if rec.needs_calibration else 0,
+                                     rec.needs_calibration):
+                typer.echo(line)
         return
+    if model is not None:
+        validate.fail("--model goes with a recipe file; a study names its own models")
     if device is not None and isinstance(data, dict):
         data = {**data, "device": device}
     spec = validate.check_study_data(data, str(path), data_dir, path.stem)
     cache_root = cache or Path("runs") / ".cache"
-    for line in describe_study(spec, cache_root, str(data_dir) if data_dir else None):
+    for line in describe_study(spec, cache_root, str(data_dir) if data_dir else None, max_memory):
         typer.echo(line)
+
+
+def memory_lines(model: str, device: str, dtype: str, max_memory: str | None, calib_tokens: int,
+                 calibrated: bool, quantize: bool = True) -> list[str]:
+    """The memory plan of quantizing and evaluating `model` (memory.py), as printed lines."""
+    from .memory import plan_for_model
+    from .models.load import resolve_device
+
+    plan = plan_for_model(model, device=resolve_device(device), dtype=dtype, max_memory=max_memory,
+                          quantize=quantize, calib_tokens=calib_tokens, calibrated=calibrated)
+    return plan.lines()
 
 
 def file_kind(data: Any, where: str) -> str:
@@ -132,7 +155,7 @@ def work_estimate(work: Mapping[str, Any], spec, pending: Sequence[Mapping[str, 
     return quant, blocks * tokens * K_EVAL_CPU * scale
 
 
-def describe_study(spec, cache_root: Path, data_dir: str | None) -> list[str]:
+def describe_study(spec, cache_root: Path, data_dir: str | None, max_memory: str | None = None) -> list[str]:
     from .models.load import resolve_device
     from .studies.cache import Cache
     from .studies.runner import all_works, needs_work, plan_study
@@ -172,6 +195,12 @@ def describe_study(spec, cache_root: Path, data_dir: str | None) -> list[str]:
             if cal.mode == "tokens":
                 note = validate.check_calib_budget("calibration source", src, cal.n, cal.seqlen, spec.models[0].name)
                 lines.append(f"    {note}")
+    cal_tokens = cal.n * cal.seqlen * max((len(src.split("+")) for src in cal.sources), default=1)
+    quantizes = bool(quant)
+    for m in spec.models:
+        for line in memory_lines(m.name, spec.device, m.dtype, max_memory, cal_tokens if quantizes else 0, quantizes,
+                                 quantize=quantizes):
+            lines.append(f"  {line}")
     lines.append(f"  estimate (rough, per-token model for {'GPU' if on_gpu else 'CPU'}, see `quantshift.check`): "
                  f"quantization {_duration(q_s)}, evaluation {_duration(e_s)}, total {_duration(q_s + e_s)}"
                  + (f"; shape of {', '.join(guessed)} unknown offline, assumed 30 blocks x {REF_HIDDEN}" if guessed else ""))

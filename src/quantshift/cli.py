@@ -96,6 +96,8 @@ def quantize(
     activations: Annotated[str, typer.Option(help="where calibration activations live on a GPU: auto (on it when "
                                                   "they fit in a quarter of its free memory), device, offload (CPU)")] = "auto",
     overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
+    max_memory: Annotated[str | None, typer.Option(help="memory caps, e.g. cpu=16GiB,cuda:0=70GiB (default: what is "
+                                                        "free); a model that does not fit streams from disk")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Quantize a model with a method or a recipe and save it."""
@@ -113,8 +115,8 @@ def quantize(
     res = api.quantize(model, recipe if recipe is not None else method or "", calib, nsamples=nsamples, seqlen=seqlen,
                        seed=seed, device=device, dtype=dtype, batch_size=batch_size, data_dir=data_dir,
                        propagate=propagate, stats_cache=stats_cache, activations=activations, progress=not quiet,
-                       **(options if recipe is None else {}))
-    path = api.save(res, out, overwrite=overwrite)
+                       out=out, overwrite=overwrite, max_memory=max_memory, **(options if recipe is None else {}))
+    path = res.path
     typer.echo(f"quantized {model} with {res.recipe.describe()} ({res.precision}) in {time.time() - t0:.1f}s -> {path}")
 
 
@@ -142,6 +144,8 @@ def eval_cmd(
                                               "low-bit kernels (packed, see quant.inference)")] = "fake",
     head: Annotated[str, typer.Option(help="packed backend: the output projection as stored (float) or in int8 "
                                            "(int8, as llama.cpp's 4-bit files store it)")] = "float",
+    max_memory: Annotated[str | None, typer.Option(help="memory caps, e.g. cpu=16GiB,cuda:0=70GiB (default: what is "
+                                                        "free); a model that does not fit streams from disk")] = None,
 ) -> None:
     """Evaluate a model: perplexity on held-out text, lm-eval tasks (multiple choice by log-likelihood),
     MT-Bench-style judged dialogue."""
@@ -158,7 +162,8 @@ def eval_cmd(
     metrics = api.evaluate(model, ppl or (), tasks or (), suite=suite, shots=shot_list, limit=limit, data_dir=data_dir,
                            seqlen=seqlen, max_windows=max_windows, batch_size=batch_size, seed=seed, device=device,
                            dtype=dtype, progress=not quiet, mt_bench=mt_bench, judge=judge,
-                           max_new_tokens=max_new_tokens, json_out=json_out, backend=backend, head=head)
+                           max_new_tokens=max_new_tokens, json_out=json_out, backend=backend, head=head,
+                           max_memory=max_memory)
     for key, m in metrics.items():
         if key.startswith("ppl:"):
             bpb = f"  bpb {m['bpb']:.4f}" if m.get("bpb") is not None else ""  # tokenizer-independent

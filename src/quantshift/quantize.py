@@ -8,12 +8,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn as nn
 from tqdm.auto import tqdm
 
-from .checkpoint import save_quantized
+from .checkpoint import DEFAULT_SHARD_BYTES, QuantizedDirWriter, save_quantized, staged_directory
 from .data.calibset import CalibSet
 from .errors import ConfigError
+from .models.arch import ArchSpec
+from .models.lazy import SourceBlocks, WeightSource, release
 from .models.load import LoadedModel
+from .models.shards import return_freed_memory
 from .quant.engine import BlockEngine, EngineResult
 from .quant.statstore import CalibIdentity, StatsStore
 from .recipes import Recipe
@@ -81,24 +85,26 @@ def numerics_line(summary: dict | None, show: int = 5) -> str | None:
 
 def quantize_model(loaded: LoadedModel, recipe: Recipe, calib: CalibSet | None, device: str | None = None,
                    batch_size: int = 8, progress: bool = True, propagate: str = "quantized",
-                   stats_store: StatsStore | None = None, activations: str = "auto") -> QuantizationResult:
+                   stats_store: StatsStore | None = None, activations: str = "auto",
+                   residency: Any = None) -> QuantizationResult:
     """Quantize `loaded.model` in place, block by block.
 
     propagate "fp" calibrates every block on the unquantized model's activations; only then can
     `stats_store` keep GPTQ-family Hessians per calibration set for later runs. `activations`:
-    where calibration activations live on a GPU (quant.engine.activation_home)."""
+    where calibration activations live on a GPU (quant.engine.activation_home); `residency`:
+    where blocks live between uses (default in memory; StreamedBlocks: on disk)."""
     if recipe.needs_calibration and calib is None:
         raise ConfigError(f"recipe {recipe.describe()} needs calibration data (--calib)")
     if stats_store is not None and propagate != "fp":
         raise ConfigError("a statistics cache needs fp propagation: with quantized propagation each block's "
                           "inputs depend on the bit width and method, so its statistics cannot be reused")
     model = loaded.model
-    dev = device or str(next(model.parameters()).device)
+    dev = device or ("cpu" if loaded.source is not None else str(next(model.parameters()).device))
     stages = [s.build() for s in recipe.stages]
     calib_id = CalibIdentity.of(calib.manifest) if calib is not None else None
     engine = BlockEngine(model, loaded.arch, stages, dev, batch_size=batch_size, progress=progress,
                          propagate=propagate, stats_store=stats_store, calib=calib_id, activations=activations,
-                         autocast=loaded.precision.autocast)
+                         autocast=loaded.precision.autocast, residency=residency)
     with torch.no_grad():
         result = engine.run(calib.input_ids if (calib is not None and recipe.needs_calibration) else None)
     line = numerics_line(numerics_summary(result.modules))
@@ -108,8 +114,65 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, calib: CalibSet | None, 
                               propagate, loaded.precision.name)
 
 
-def save(loaded: LoadedModel, qres: QuantizationResult, out: Path, overwrite: bool = False) -> Path:
+def save(loaded: LoadedModel, qres: QuantizationResult, out: Path, overwrite: bool = False,
+         max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write a model quantized in memory as a quantized directory (checkpoint.save_quantized)."""
+    if loaded.source is not None:
+        raise ConfigError("this model was quantized streaming: its directory was written as it was quantized")
     return save_quantized(
         loaded.model, loaded.tokenizer, out, base_model=loaded.name, recipe=qres.recipe.to_dict(),
         calibration=qres.calibration, modules=qres.engine.modules, report=qres.report(), overwrite=overwrite,
+        max_shard_bytes=max_shard_bytes, stored_dtype=loaded.stored_dtype,
     )
+
+
+class StreamedBlocks(SourceBlocks):
+    """The engine's residency when the model does not fit in memory: block i's weights are read
+    from the checkpoint (`source`) when the engine reaches it, in the model's dtype on the
+    compute device (a float32 master copy of this block only); when the engine is done with it,
+    its tensors (codes and qparams for the quantized linears) go to `writer` and its weights back
+    to the meta device, and the codes held in the engine's records are dropped."""
+
+    def __init__(self, source: WeightSource, writer: QuantizedDirWriter, arch: ArchSpec) -> None:
+        super().__init__(source, arch.blocks_path, arch.backbone_path)
+        self.writer = writer
+
+    def done(self, index: int, block: nn.Module, engine: BlockEngine) -> None:
+        prefix = self.prefix(index)
+        records = {n: m for n, m in engine.modules.items() if n.startswith(prefix)}
+        self.writer.add_module(block, prefix, records)
+        for m in records.values():
+            m.release_codes()
+        release(block)
+        return_freed_memory()
+
+
+def quantize_streaming(loaded: LoadedModel, recipe: Recipe, calib: CalibSet | None, out: Path, *,
+                       device: str, batch_size: int = 8, progress: bool = True, propagate: str = "quantized",
+                       stats_store: StatsStore | None = None, activations: str = "auto", overwrite: bool = False,
+                       max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> QuantizationResult:
+    """Quantize a model whose weights stay on disk (`loaded.source`; `loaded.model` is a skeleton
+    on meta) block by block with one block in memory, writing the quantized directory `out`
+    shard by shard as blocks finish (atomically: a temp dir renamed into place at the end).
+    The same engine and solvers as quantize_model, on the same float32 values: the codes equal
+    the in-memory path's bit for bit."""
+    if loaded.source is None:
+        raise ConfigError("quantize_streaming needs a model loaded with its weights on disk (stream=True)")
+    if recipe.needs_calibration and calib is None:
+        raise ConfigError(f"recipe {recipe.describe()} needs calibration data (--calib)")
+    source = loaded.source
+    with staged_directory(Path(out), overwrite) as tmp:
+        writer = QuantizedDirWriter(tmp, max_shard_bytes, source.stored_dtype)
+        residency = StreamedBlocks(source, writer, loaded.arch)
+        qres = quantize_model(loaded, recipe, calib, device=device, batch_size=batch_size, progress=progress,
+                              propagate=propagate, stats_store=stats_store, activations=activations,
+                              residency=residency)
+        blocks_prefix = f"{loaded.arch.blocks_path}."
+        aliased = set(getattr(source, "aliases", {}))
+        for name in loaded.model.state_dict(keep_vars=True):  # embeddings, final norm, head: as stored
+            if not name.startswith(blocks_prefix) and name not in aliased:
+                writer.add_float(name, source.read([name])[name])
+        writer.finish(config=loaded.model.config, tokenizer=loaded.tokenizer, base_model=loaded.name,
+                      recipe=recipe.to_dict(), calibration=qres.calibration, report=qres.report(),
+                      dtype=str(loaded.precision.weights).replace("torch.", ""))
+    return qres

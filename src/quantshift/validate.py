@@ -505,6 +505,13 @@ _NUMBER_RULES: dict[str, tuple[float, float, bool]] = {
 }
 
 
+def check_max_memory(option: str, value: Any) -> None:
+    from .memory import parse_max_memory
+
+    if value is not None:
+        parse_max_memory(str(value))  # its message names the option and the part it could not read
+
+
 def check_group_size(option: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not (value in (-1, 0) or 1 <= value <= MAX_GROUP):
         fail(f"{option} must be -1 (per channel), 0 (per tensor) or a group width 1..{MAX_GROUP} "
@@ -708,9 +715,18 @@ def check_quantize(o: dict) -> None:
     calib = o.get("calib", "wikipedia")
     check_source("--calib", calib, o.get("data_dir"))
     check_out_dir("--out", o["out"], bool(o.get("overwrite")))
+    check_max_memory("--max-memory", o.get("max_memory"))
     check_context("--seqlen", o.get("seqlen", 512), str(o["model"]))
     if rec.needs_calibration:
         check_calib_budget("--calib", calib, o.get("nsamples", 128), o.get("seqlen", 512), str(o["model"]))
+    if o.get("max_memory") is not None and local_model_dir(str(o["model"])) is not None:  # a plan over the cap: exit 2 now
+        from .memory import plan_for_model
+        from .models.load import resolve_device
+
+        parts = len(str(calib).split("+"))
+        plan_for_model(str(o["model"]), device=resolve_device(o.get("device", "auto")), dtype=o.get("dtype", "auto"),
+                    max_memory=o["max_memory"], calib_tokens=o.get("nsamples", 128) * o.get("seqlen", 512) * parts
+                    if rec.needs_calibration else 0, calibrated=rec.needs_calibration, evaluate=False)
 
 
 def _cli_recipe(method: str, fmt: dict):
@@ -773,6 +789,14 @@ def check_eval(o: dict) -> None:
         check_judge_spec(str(o["judge"]))
     if o.get("json_out") is not None:
         check_out_file("--json", o["json_out"])
+    check_max_memory("--max-memory", o.get("max_memory"))
+    if o.get("max_memory") is not None and local_model_dir(str(o["model"])) is not None:
+        from .memory import plan_for_model
+        from .models.load import resolve_device
+
+        plan_for_model(str(o["model"]), device=resolve_device(o.get("device", "auto")), dtype=o.get("dtype", "auto"),
+                    max_memory=o["max_memory"], quantize=False, batch_size=o.get("batch_size", 4),
+                    seqlen=o.get("seqlen", 512), max_windows=o.get("max_windows", 64), backend=o.get("backend", "fake"))
 
 
 def check_export(o: dict) -> None:
@@ -832,6 +856,7 @@ def check_run(o: dict) -> None:
     if o.get("ray_address") is not None and executor != "ray":
         fail("--ray-address goes with --executor ray")
     finite_in("--gpus-per-cell", o.get("gpus_per_cell", 0.0), 0.0, 1024.0)
+    check_max_memory("--max-memory", o.get("max_memory"))
     if o.get("device") is not None:
         check_device("--device", o["device"])
     for opt, key in (("--out", "out"), ("--cache", "cache")):

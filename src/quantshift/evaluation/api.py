@@ -112,15 +112,39 @@ def evaluate(loaded, *, ppl: Iterable[str] = (), tasks: Iterable = (), suite: st
         raise ConfigError("nothing to evaluate: give perplexity sources, tasks or a suite")
     res = EvalResult()
     for src in ppl_sources:
-        r = perplexity(loaded.model, loaded.tokenizer, src, seqlen=seqlen, max_windows=max_windows or None,
+        r = perplexity(loaded, loaded.tokenizer, src, seqlen=seqlen, max_windows=max_windows or None,
                        add_bos=loaded.needs_bos, batch_size=batch_size, progress=progress,
-                       compute=loaded.compute)
+                       max_windows_per_pass=_windows_per_pass(loaded, seqlen, batch_size))
         res.metrics[f"ppl:{src}"] = r.to_dict()
     if runs:
+        dispatch_streamed(loaded)
         with loaded.compute():
             _run_tasks(loaded, runs, res, limit=limit, data_dir=data_dir, batch_size=batch_size, seed=seed,
                        progress=progress)
     return res
+
+
+def _windows_per_pass(loaded, seqlen: int, batch_size: int) -> int | None:
+    """How many windows a block-streamed perplexity pass holds within the memory plan."""
+    if loaded.source is None or loaded.memory is None:
+        return None
+    from ..memory import windows_per_pass
+
+    return windows_per_pass(loaded.memory, seqlen, batch_size)
+
+
+def dispatch_streamed(loaded) -> None:
+    """A model whose weights are on disk runs whole (lm-eval, generation) through accelerate's
+    offload hooks (models.dispatch): what fits the memory plan stays resident. Once per model."""
+    if loaded.source is None or loaded.dispatched is not None:
+        return
+    from ..memory import resident_budget
+    from ..models.dispatch import dispatch
+
+    budget = resident_budget(loaded.memory) if loaded.memory is not None else 0
+    block = type(loaded.arch.blocks(loaded.model)[0]).__name__
+    loaded.dispatched = dispatch(loaded.model, loaded.source, loaded.device, budget, budget, no_split=[block])
+    print(loaded.dispatched.line())
 
 
 def _run_tasks(loaded, runs, res: EvalResult, *, limit, data_dir, batch_size, seed, progress) -> None:

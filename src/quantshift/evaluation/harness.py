@@ -39,6 +39,7 @@ SCORER = "scored-positions-1"
 
 
 def make_lm(loaded, batch_size: int):
+    import torch
     from lm_eval.models.huggingface import HFLM
 
     class ScoredPositionsLM(HFLM):
@@ -54,9 +55,12 @@ def make_lm(loaded, batch_size: int):
                                        progress=not disable_tqdm)
 
     model = loaded.model
-    device = next(model.parameters()).device
-    return ScoredPositionsLM(pretrained=model, tokenizer=loaded.tokenizer, batch_size=batch_size, device=str(device),
-                             add_bos_token=True if loaded.needs_bos else None)
+    # a dispatched model's parameters may sit on meta between forwards: inputs go to its compute device
+    device = loaded.device if loaded.dispatched is not None else next(model.parameters()).device
+    lm = ScoredPositionsLM(pretrained=model, tokenizer=loaded.tokenizer, batch_size=batch_size, device=str(device),
+                           add_bos_token=True if loaded.needs_bos else None)
+    lm._device = torch.device(device)  # lm-eval takes a given model's device from its first parameter
+    return lm
 
 
 def _accepts_logits_to_keep(model) -> bool:

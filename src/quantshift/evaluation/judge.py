@@ -107,7 +107,7 @@ def generate(loaded, prompt: str, max_new_tokens: int) -> str:
     bos = tok.bos_token_id
     if loaded.needs_bos and bos is not None and (ids.shape[1] == 0 or int(ids[0, 0]) != bos):
         ids = torch.cat([torch.tensor([[bos]]), ids], dim=1)  # e.g. Gemma without a chat template
-    device = next(loaded.model.parameters()).device
+    device = loaded.device if getattr(loaded, "dispatched", None) is not None else next(loaded.model.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     out = loaded.model.generate(ids.to(device), max_new_tokens=max_new_tokens, do_sample=False,
                                 pad_token_id=pad, attention_mask=torch.ones_like(ids).to(device))

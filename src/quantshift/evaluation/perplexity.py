@@ -131,21 +131,44 @@ def windows_of(stream: torch.Tensor, seqlen: int, bos_id: int | None, max_window
 
 
 @torch.no_grad()
-def window_nlls(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8, progress: bool = True,
-                desc: str = "perplexity", compute: Callable[[], AbstractContextManager] | None = None) -> torch.Tensor:
-    """Each window's NLL summed over its predicted tokens (float64 [windows]); `compute` makes
-    the context forwards run in (e.g. LoadedModel.compute: bf16 autocast). Logits are scored
-    in float32 whatever the forward's precision."""
+def window_nlls(model, windows: torch.Tensor, batch_size: int = 8, progress: bool = True,
+                desc: str = "perplexity", compute: Callable[[], AbstractContextManager] | None = None,
+                max_windows_per_pass: int | None = None) -> torch.Tensor:
+    """Each window's NLL summed over its predicted tokens (float64 [windows]).
+
+    `model`: a torch module, or a LoadedModel (its compute precision then applies, and a model
+    whose weights stay on disk is evaluated block-streamed: evaluation.streaming). `compute`
+    makes the context forwards run in (e.g. LoadedModel.compute: bf16 autocast). Models of the
+    families evaluation.scoring knows are scored from their final hidden states a vocabulary
+    slice at a time; others from full logits, in float32 whatever the forward's precision."""
+    if hasattr(model, "tokenizer") and hasattr(model, "model"):  # a LoadedModel
+        loaded = model
+        compute = compute or loaded.compute
+        if loaded.source is not None:
+            from .streaming import streamed_window_nlls
+
+            return streamed_window_nlls(loaded, windows, batch_size, progress, desc, max_windows_per_pass)
+        model = loaded.model
+    from .scoring import batch_nlls, head_in_memory
+
+    head = head_in_memory(model)
     device = next(model.parameters()).device
     out = []
     with tqdm(total=windows.numel(), desc=desc, disable=not progress, unit="tok", unit_scale=True, leave=False) as bar:
         for s in range(0, windows.shape[0], batch_size):
             ids = windows[s:s + batch_size].to(device)
-            with compute() if compute is not None else contextlib.nullcontext():
-                logits = model(input_ids=ids, use_cache=False).logits
-            logits = logits[:, :-1].float()
-            nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").sum(dim=1)
-            out.append(nll.double().cpu())
+            if head is not None:
+                from ..models.arch import arch_for
+
+                with compute() if compute is not None else contextlib.nullcontext():
+                    hidden = arch_for(model).backbone(model)(input_ids=ids, use_cache=False).last_hidden_state
+                out.append(batch_nlls(hidden, ids, head, compute))
+            else:
+                with compute() if compute is not None else contextlib.nullcontext():
+                    logits = model(input_ids=ids, use_cache=False).logits
+                logits = logits[:, :-1].float()
+                nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").sum(dim=1)
+                out.append(nll.double().cpu())
             bar.update(ids.numel())
     return torch.cat(out)
 
@@ -157,9 +180,10 @@ def window_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 
     return float(nlls.sum()), windows.shape[0] * (windows.shape[1] - 1)
 
 
-def perplexity(model: torch.nn.Module, tokenizer, source_name: str, seqlen: int = 512, max_windows: int | None = None,
+def perplexity(model, tokenizer, source_name: str, seqlen: int = 512, max_windows: int | None = None,
                add_bos: bool = False, batch_size: int = 8, split: str = "heldout", progress: bool = True,
-               compute: Callable[[], AbstractContextManager] | None = None) -> PerplexityResult:
+               compute: Callable[[], AbstractContextManager] | None = None,
+               max_windows_per_pass: int | None = None) -> PerplexityResult:
     source = get_source(source_name)
     cap = source.protocol.get("max_windows") if max_windows is None else max_windows
     text = source.text(split)  # type: ignore[arg-type]
@@ -167,7 +191,8 @@ def perplexity(model: torch.nn.Module, tokenizer, source_name: str, seqlen: int 
         raise DataError(f"text source {source.name!r} has no {split} text")
     bos = tokenizer.bos_token_id if add_bos else None
     hw = heldout_windows(text, tokenizer, seqlen, bos, cap)
-    total, count = window_nll(model, hw.ids, batch_size, progress=progress, desc=f"ppl {source_name}", compute=compute)
+    nlls = window_nlls(model, hw.ids, batch_size, progress, f"ppl {source_name}", compute, max_windows_per_pass)
+    total, count = float(nlls.sum()), hw.ids.shape[0] * (hw.ids.shape[1] - 1)
     nll = total / count
     n_bytes, n_chars = sum(hw.bytes), sum(hw.chars)
     return PerplexityResult(math.exp(nll), nll, count, hw.ids.shape[0], seqlen, source_name, split, n_bytes, n_chars,

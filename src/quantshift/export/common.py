@@ -2,7 +2,8 @@
 and writing the output directory atomically.
 
 An export never re-quantizes: it re-encodes the integer codes, scales and zero points that the
-quantizer chose (quantized.safetensors) in another engine's layout. Whatever cannot be encoded
+quantizer chose (read a linear at a time from the quantized directory's shards) in another
+engine's layout, and writes the result a shard at a time. Whatever cannot be encoded
 exactly is refused with a one-line ExportError instead of writing a file that looks valid.
 """
 
@@ -10,16 +11,17 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..checkpoint import QUANT_FILE, file_sha256, read_quant_info, staged_directory
+from ..checkpoint import DEFAULT_SHARD_BYTES, QUANT_FILE, QuantizedDir, staged_directory
 from ..errors import QuantshiftError
-from ..quant.primitives import QuantizedWeight, QuantSpec
+from ..models.shards import INDEX_FILE, ShardWriter
+from ..quant.primitives import QuantizedWeight
 
 EXPORT_INFO = "quantshift_export.json"
 
@@ -48,15 +50,35 @@ DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfl
           "float32": torch.float32, "fp32": torch.float32}
 
 
+class MetaWeights(Mapping):
+    """Linear name -> its codes and qparams as meta tensors (format, shapes, act-order g_idx):
+    what the exporters' checks need, without reading any codes."""
+
+    def __init__(self, qdir: QuantizedDir) -> None:
+        self.qdir = qdir
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        if name not in self.qdir.specs:
+            raise KeyError(name)
+        return self.qdir.meta_weight(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.qdir.specs)
+
+    def __len__(self) -> int:
+        return len(self.qdir.specs)
+
+
 @dataclass
 class QuantizedCheckpoint:
-    """A quantized model directory read without instantiating the model."""
+    """A quantized model directory read without instantiating the model: headers and records up
+    front, tensors one at a time (an export streams a model of any size through one shard)."""
 
     path: Path
     info: dict
     config: dict  # config.json
-    dense: dict[str, torch.Tensor]  # model.safetensors: every tensor but the quantized weights
-    weights: dict[str, QuantizedWeight]  # linear name -> codes and qparams
+    qdir: QuantizedDir
+    weights: MetaWeights  # linear name -> codes and qparams on meta (read_weight reads them)
     acts: dict[str, dict]  # linear name -> input quantizer dict (spec, per_token, static_scale)
     transform_only: list[str] = field(default_factory=list)  # recorded modules without codes or act
 
@@ -64,36 +86,38 @@ class QuantizedCheckpoint:
     def stages(self) -> list[str]:
         return [next(iter(s)) for s in self.info.get("recipe", {}).get("stages", [])]
 
+    def read_weight(self, name: str) -> QuantizedWeight:
+        return self.qdir.quantized_weight(name)
+
+    def dense_names(self) -> list[str]:
+        """Every stored tensor that is not part of a quantized linear (embeddings, norms, ...)."""
+        return self.qdir.float_names()
+
+    def dense_shape(self, name: str) -> tuple[int, ...]:
+        return self.qdir.tensors.info(name).shape
+
 
 def read_checkpoint(path: str | Path, verify: bool = True) -> QuantizedCheckpoint:
-    from safetensors.torch import load_file
+    from ..checkpoint import QuantizedDir
+    from ..errors import ModelError
 
     path = Path(path)
     if not (path / QUANT_FILE).is_file():
         raise ExportError(f"{path} is not a quantshift quantized directory (no {QUANT_FILE}); quantize it first")
-    info = read_quant_info(path)
-    for fname, digest in info.get("files", {}).items():
-        f = path / fname
-        if not f.is_file():
-            raise ExportError(f"corrupt quantized model directory {path}: missing {fname}")
-        if verify and file_sha256(f) != digest:
-            raise ExportError(f"corrupt quantized model directory {path}: {fname} does not match its sha256")
+    try:
+        qdir = QuantizedDir(path, verify)
+    except ModelError as err:
+        raise ExportError(str(err)) from None
+    info = qdir.info
     config = json.loads((path / "config.json").read_text())
-    dense = load_file(str(path / "model.safetensors"))
-    qt = load_file(str(path / "quantized.safetensors"))
-    weights: dict[str, QuantizedWeight] = {}
     acts: dict[str, dict] = {}
     transform_only: list[str] = []
     for name, entry in info["modules"].items():
-        if "weight" in entry:
-            g_idx = qt.get(f"{name}.g_idx")
-            weights[name] = QuantizedWeight(qt[f"{name}.codes"], qt[f"{name}.scales"], qt[f"{name}.zeros"],
-                                            QuantSpec(**entry["weight"]), g_idx.long() if g_idx is not None else None)
         if "act" in entry:
             acts[name] = entry["act"]
         if "weight" not in entry and "act" not in entry and "out" not in entry:
             transform_only.append(name)
-    return QuantizedCheckpoint(path, info, config, dense, weights, acts, transform_only)
+    return QuantizedCheckpoint(path, info, config, qdir, MetaWeights(qdir), acts, transform_only)
 
 
 def check_methods(ckpt: QuantizedCheckpoint, fmt: str) -> None:
@@ -138,28 +162,31 @@ def export_dtype(ckpt: QuantizedCheckpoint, dtype: str) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def cast_dense(dense: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in dense.items()}
+def dense_tensors(ckpt: QuantizedCheckpoint, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor]]:
+    """Every float tensor of the checkpoint, read one at a time, floating point cast to `dtype`."""
+    for name in ckpt.dense_names():
+        v = ckpt.qdir.tensors.get(name)
+        yield name, (v.to(dtype) if v.is_floating_point() else v).contiguous()
 
 
 def linear_names_in_blocks(ckpt: QuantizedCheckpoint) -> list[str]:
-    """Every 2-D `<name>.weight` in the dense state or quantized: candidate linears."""
-    names = {k[: -len(".weight")] for k, v in ckpt.dense.items() if k.endswith(".weight") and v.dim() == 2}
+    """Every 2-D `<name>.weight` among the float tensors or quantized: candidate linears."""
+    names = {k[: -len(".weight")] for k in ckpt.dense_names() if k.endswith(".weight") and len(ckpt.dense_shape(k)) == 2}
     names |= set(ckpt.weights)
     return sorted(n for n in names if "embed" not in n)
 
 
-def write_export(out: Path, ckpt: QuantizedCheckpoint, tensors: dict[str, torch.Tensor],
+def write_export(out: Path, ckpt: QuantizedCheckpoint, tensors: Iterable[tuple[str, torch.Tensor]],
                  quantization_config: dict | None, extra_files: dict[str, Any], summary: dict,
-                 overwrite: bool = False, config_writer: Callable[[Path], None] | None = None) -> Path:
-    """Write config + tokenizer + model.safetensors into a temp dir, then rename it into place."""
-    from safetensors.torch import save_file
-
+                 overwrite: bool = False, config_writer: Callable[[Path], None] | None = None,
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+    """Write config + tokenizer + sharded safetensors (with an index, the Hugging Face layout)
+    into a temp dir, a tensor at a time, then rename it into place."""
     out = Path(out)
     with staged_directory(out, overwrite, ExportError) as tmp:
         for f in ckpt.path.iterdir():  # tokenizer and generation files travel unchanged
-            if f.is_file() and f.name not in {"model.safetensors", "quantized.safetensors", QUANT_FILE, "report.json",
-                                               "config.json"}:
+            if f.is_file() and f.suffix != ".safetensors" and f.name not in {INDEX_FILE, QUANT_FILE, "report.json",
+                                                                              "config.json"}:
                 shutil.copy2(f, tmp / f.name)
         config = dict(ckpt.config)
         if quantization_config is not None:
@@ -171,12 +198,13 @@ def write_export(out: Path, ckpt: QuantizedCheckpoint, tensors: dict[str, torch.
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
         if config_writer is not None:
             config_writer(tmp)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / "model.safetensors"),
-                  metadata={"format": "pt"})
+        writer = ShardWriter(tmp, max_shard_bytes)
+        writer.add_all(tensors)
+        digests = writer.close()
         for fname, data in extra_files.items():
             (tmp / fname).write_text(json.dumps(data, indent=2, sort_keys=True))
         summary = {**summary, "source": str(ckpt.path), "recipe": ckpt.info.get("recipe"),
                    "calibration": ckpt.info.get("calibration"), "base_model": ckpt.info.get("base_model"),
-                   "files": {"model.safetensors": file_sha256(tmp / "model.safetensors")}}
+                   "files": digests}
         (tmp / EXPORT_INFO).write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
     return out

@@ -20,6 +20,7 @@ exporter then unpacks the result and checks it equals our codes, so nothing is r
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,9 @@ from ..quant.primitives import QuantizedWeight, expand_to_columns
 from .common import (
     ExportError,
     QuantizedCheckpoint,
-    cast_dense,
     check_fused_siblings,
     check_methods,
+    dense_tensors,
     export_dtype,
     linear_names_in_blocks,
     write_export,
@@ -188,16 +189,20 @@ def export_compressed_tensors(ckpt: QuantizedCheckpoint, out: Path, *, dtype: st
         config_groups[f"group_{i}"] = scheme
         by_scheme[key] = scheme
 
-    tensors = cast_dense(ckpt.dense, tdtype)
-    for name, qw in ckpt.weights.items():
-        if f"{name}.weight" in tensors:
-            raise ExportError(f"internal: {name}.weight is both dense and quantized in {ckpt.path}")
-        comp = _compress_module(qw, by_scheme[scheme_of[name]], tdtype, name)
-        act = ckpt.acts.get(name)
-        if act is not None and act.get("static_scale") is not None:
-            comp["input_scale"] = torch.tensor([float(act["static_scale"])], dtype=torch.float32)
-        for k, v in comp.items():
-            tensors[f"{name}.{k}"] = v
+    dense = set(ckpt.dense_names())
+    both = [n for n in ckpt.weights if f"{n}.weight" in dense]
+    if both:
+        raise ExportError(f"internal: {both[0]}.weight is both dense and quantized in {ckpt.path}")
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        yield from dense_tensors(ckpt, tdtype)
+        for name in ckpt.weights:  # one linear read, compressed and written at a time
+            comp = _compress_module(ckpt.read_weight(name), by_scheme[scheme_of[name]], tdtype, name)
+            act = ckpt.acts.get(name)
+            if act is not None and act.get("static_scale") is not None:
+                comp["input_scale"] = torch.tensor([float(act["static_scale"])], dtype=torch.float32)
+            for k, v in comp.items():
+                yield f"{name}.{k}", v
 
     qconfig = QuantizationConfig(config_groups=config_groups, ignore=ignore,
                                  quantization_status=QuantizationStatus.COMPRESSED,
@@ -207,7 +212,7 @@ def export_compressed_tensors(ckpt: QuantizedCheckpoint, out: Path, *, dtype: st
                "quantized_linears": len(ckpt.weights), "float_linears": ignore,
                "transform_only_modules": ckpt.transform_only,
                "schemes": {f"group_{i}": len(members[k]) for i, k in enumerate(sorted(schemes, key=lambda k: k != largest))}}
-    return write_export(out, ckpt, tensors, None, {}, summary, overwrite=overwrite,
+    return write_export(out, ckpt, tensors(), None, {}, summary, overwrite=overwrite,
                         config_writer=lambda d: compressor.update_config(str(d)))
 
 

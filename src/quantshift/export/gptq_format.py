@@ -25,6 +25,7 @@ boundaries in a layout whose loaders disagree, and is refused.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -34,8 +35,8 @@ from ..quant.primitives import QuantizedWeight, pack_codes
 from .common import (
     ExportError,
     QuantizedCheckpoint,
-    cast_dense,
     check_methods,
+    dense_tensors,
     export_dtype,
     linear_names_in_blocks,
     write_export,
@@ -101,10 +102,11 @@ def export_gptq(ckpt: QuantizedCheckpoint, out: Path, *, dtype: str = "auto", ve
     tdtype = export_dtype(ckpt, dtype)
     if tdtype == torch.float32:
         raise ExportError("GPTQ checkpoints store float16 scales; choose --dtype float16 or bfloat16")
-    tensors = cast_dense(ckpt.dense, tdtype)
-    for name, qw in ckpt.weights.items():
-        for k, v in gptq_tensors(qw, version, name).items():
-            tensors[f"{name}.{k}"] = v.to(torch.float16) if k == "scales" else v
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        yield from dense_tensors(ckpt, tdtype)
+        for name in ckpt.weights:  # one linear read, packed and written at a time
+            for k, v in gptq_tensors(ckpt.read_weight(name), version, name).items():
+                yield f"{name}.{k}", v.to(torch.float16) if k == "scales" else v
 
     # linears inside blocks that were not quantized: GPTQModel/vLLM's `dynamic` negative rules
     skipped = [n for n in linear_names_in_blocks(ckpt) if n not in ckpt.weights and ".layers." in n]
@@ -121,7 +123,7 @@ def export_gptq(ckpt: QuantizedCheckpoint, out: Path, *, dtype: str = "auto", ve
     summary = {"format": fmt, "checkpoint_format": checkpoint_format, "dtype": str(tdtype).replace("torch.", ""),
                "quantized_linears": len(ckpt.weights), "float_linears_in_blocks": skipped,
                "transform_only_modules": ckpt.transform_only, "desc_act": desc_act}
-    return write_export(out, ckpt, tensors, qcfg, {"quantize_config.json": quantize_config}, summary, overwrite=overwrite)
+    return write_export(out, ckpt, tensors(), qcfg, {"quantize_config.json": quantize_config}, summary, overwrite=overwrite)
 
 
 def _damp(ckpt: QuantizedCheckpoint) -> float:

@@ -39,6 +39,14 @@ class ArchSpec:
     def backbone(self, model: nn.Module) -> nn.Module:
         return _get(model, self.backbone_path)
 
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        """The norm the backbone applies after the last block (its output feeds the head)."""
+        backbone = self.backbone(model)
+        for name in _FINAL_NORMS:
+            if hasattr(backbone, name):
+                return getattr(backbone, name)
+        raise ValueError(f"cannot find the final norm of {self.name} (looked for {', '.join(_FINAL_NORMS)})")
+
     def block_groups(self, block: nn.Module) -> list[list[str]]:
         """Sequential groups present in this block (generic spec: all linears, one group)."""
         if not self.groups:
@@ -49,6 +57,9 @@ class ArchSpec:
         if missing:  # linears the spec does not know still get quantized, last
             out.append(sorted(missing))
         return [g for g in out if g]
+
+
+_FINAL_NORMS = ("norm", "final_layer_norm", "final_layernorm", "ln_f")
 
 
 def _get(root: nn.Module, path: str) -> nn.Module:

@@ -14,7 +14,6 @@ activations stay on the GPU when they fit easily (see `activation_home`), else o
 from __future__ import annotations
 
 import contextlib
-import copy
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from ..methods.base import LinearPlan, Method, SolveResult, StageConfig, plan_fo
 from ..models.arch import ArchSpec
 from ..models.precision import compute_context
 from .actquant import InputQuantizer, OutputQuantizer
-from .primitives import QuantizedWeight
+from .primitives import QuantizedWeight, QuantSpec
 from .statstore import CalibIdentity, StatsStore
 
 
@@ -55,15 +54,19 @@ class _StandIn(nn.Module):
 class _Recorder(_StandIn):
     """Stands in for a decoder block during capture: records inputs, returns them unchanged."""
 
-    def __init__(self, inner: nn.Module, index: int, sink: Callable[[int, torch.Tensor, dict], None]) -> None:
+    def __init__(self, inner: nn.Module, index: int, sink: Callable[[int, torch.Tensor, dict], None],
+                 stop: bool = False) -> None:
         super().__init__(inner)
         self._index = index
         self._sink = sink
+        self._stop = stop  # the last block: end the forward here (the final norm and head are not needed)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if args:
             raise RuntimeError("decoder blocks called with extra positional arguments are not supported")
         self._sink(self._index, hidden_states, kwargs)
+        if self._stop:
+            raise _StopForward
         return hidden_states
 
 
@@ -188,6 +191,17 @@ class QuantizedModule:
     act: dict | None  # InputQuantizer.to_dict()
     info: dict[str, Any] = field(default_factory=dict)
     out: dict | None = None  # OutputQuantizer.to_dict() (e.g. K/V cache quantization)
+    shape: tuple[int, int] | None = None  # [out, in] of the linear
+    spec: QuantSpec | None = None  # the codes' format, kept when the codes are released
+
+    @property
+    def weight_spec(self) -> QuantSpec | None:
+        return self.qweight.spec if self.qweight is not None else self.spec
+
+    def release_codes(self) -> None:
+        """Drop the codes once written to disk (streaming), keeping their format for the report."""
+        if self.qweight is not None:
+            self.spec, self.qweight = self.qweight.spec, None
 
 
 @dataclass
@@ -364,9 +378,11 @@ class EngineContext:
             info.setdefault("format", plan.weight.describe())
         if act is not None:
             info["abits"] = act["spec"]["bits"]
+        self.engine.residency.settle()  # the solver's temporaries are free now
         self.engine.modules[full] = QuantizedModule(
             self.stage, result.qweight if result is not None else (prev.qweight if prev else None), act, info,
-            prev.out if prev is not None else None)
+            prev.out if prev is not None else None, (lin.out_features, lin.in_features),
+            prev.spec if prev is not None and result is None else None)
 
     def quantize_output(self, name: str, q: OutputQuantizer) -> None:
         """Attach a run-time output quantizer (forward hook) to a module and record it."""
@@ -375,6 +391,8 @@ class EngineContext:
         entry = self.engine.modules.get(full)
         if entry is None:
             entry = self.engine.modules[full] = QuantizedModule(self.stage, None, None, {})
+            if isinstance(self.module(name), nn.Linear):
+                entry.shape = (self.module(name).out_features, self.module(name).in_features)
         entry.out = q.to_dict()
         entry.info["out_bits"] = q.spec.bits
 
@@ -388,12 +406,47 @@ class EngineContext:
             entry.info.update(info)
 
 
+class InMemoryBlocks:
+    """Blocks held in memory (on the CPU or wherever they were loaded): each moves to the compute
+    device while the engine works on it, then back. The engine's default residency; the
+    streaming quantizer's (pipeline.StreamedBlocks) reads each block from disk instead and
+    writes it out when done."""
+
+    def __init__(self) -> None:
+        self._home: dict[int, torch.device] = {}
+        self._outer: dict[str, torch.device] = {}
+
+    def load(self, index: int, block: nn.Module, device: torch.device) -> None:
+        p = next(block.parameters(), None)
+        self._home[index] = p.device if p is not None else torch.device("cpu")
+        block.to(device)
+
+    def done(self, index: int, block: nn.Module, engine: BlockEngine) -> None:
+        block.to(self._home.pop(index))
+
+    def load_outer(self, modules: dict[str, nn.Module], device: torch.device, ids: torch.Tensor | None = None) -> None:
+        """Embeddings, rotary tables, final norm: to the compute device for the capture (`ids`:
+        the token ids it will look up; a residency streaming from disk reads only their rows)."""
+        for name, child in modules.items():
+            p: torch.Tensor | None = next(child.parameters(), None)
+            p = next(child.buffers(), None) if p is None else p
+            self._outer[name] = p.device if p is not None else torch.device("cpu")
+            child.to(device)
+
+    def release_outer(self, modules: dict[str, nn.Module]) -> None:
+        for name, child in modules.items():
+            child.to(self._outer.pop(name))
+
+    def settle(self) -> None:
+        """Called after each solved linear; a residency bounding host memory returns freed memory here."""
+
+
 class BlockEngine:
     def __init__(self, model: nn.Module, arch: ArchSpec, stages: list[Method], device: str | torch.device,
                  batch_size: int = 8, progress: bool = True, propagate: str = "quantized",
                  stats_store: StatsStore | None = None, calib: CalibIdentity | None = None,
                  activations: str = "auto", autocast: torch.dtype | None = None,
-                 reuse_outputs: bool = True) -> None:
+                 reuse_outputs: bool = True, residency: Any = None) -> None:
         if propagate not in ("quantized", "fp"):
             raise ValueError(f"propagate must be 'quantized' or 'fp', got {propagate!r}")
         check_activation_mode(activations)  # before any work, not at capture
@@ -429,6 +482,8 @@ class BlockEngine:
         self.transforms: dict[str, dict] = {}
         self.act_handles: dict[str, Any] = {}
         self.out_handles: dict[str, Any] = {}
+        # where blocks live between uses: InMemoryBlocks, or pipeline.StreamedBlocks (from disk)
+        self.residency = residency if residency is not None else InMemoryBlocks()
 
     def _store_has_everything(self, n_blocks: int) -> bool:
         """True when the only stage takes cacheable statistics and the store holds all blocks'."""
@@ -486,36 +541,31 @@ class BlockEngine:
 
         originals = list(blocks)
         backbone = self.arch.backbone(self.model)
-        moved = self._move_non_block_modules(backbone, blocks, self.device)
+        outer = self._non_block_modules(backbone, blocks)
+        self.residency.load_outer(outer, self.device, input_ids)
         try:
             for i in range(n_blocks):
-                blocks[i] = _Recorder(originals[i], i, sink)
+                blocks[i] = _Recorder(originals[i], i, sink, stop=i == n_blocks - 1)
             for start in range(0, input_ids.shape[0], self.batch_size):
                 ids = input_ids[start:start + self.batch_size].to(self.device)
                 with self.compute():
-                    backbone(input_ids=ids, use_cache=False)
+                    try:
+                        backbone(input_ids=ids, use_cache=False)
+                    except _StopForward:  # the last block's inputs are recorded: nothing after them is needed
+                        pass
         finally:
             for i in range(n_blocks):
                 blocks[i] = originals[i]
-            self._move_non_block_modules(backbone, blocks, None, moved)
+            self.residency.release_outer(outer)
         if home:
             self.home = home[0]
 
-    def _move_non_block_modules(self, backbone: nn.Module, blocks: nn.ModuleList, device, restore=None):
-        """Embeddings, rotary tables, final norm: to the compute device for capture, then back."""
+    @staticmethod
+    def _non_block_modules(backbone: nn.Module, blocks: nn.ModuleList) -> dict[str, nn.Module]:
+        """The backbone's children other than the blocks (embeddings, rotary tables, final norm)."""
         block_ids = {id(b) for b in blocks}
-        out = {}
-        for name, child in backbone.named_children():
-            if child is blocks or id(child) in block_ids:
-                continue
-            if restore is not None:
-                child.to(restore[name])
-            else:
-                p: torch.Tensor | None = next(child.parameters(), None)
-                p = next(child.buffers(), None) if p is None else p
-                out[name] = p.device if p is not None else torch.device("cpu")
-                child.to(device)
-        return out
+        return {name: child for name, child in backbone.named_children()
+                if child is not blocks and id(child) not in block_ids}
 
     def run(self, input_ids: torch.Tensor | None) -> EngineResult:
         t0 = time.time()
@@ -535,9 +585,15 @@ class BlockEngine:
         for i in bar:
             tb = time.time()
             block = blocks[i]
-            home = next(block.parameters()).device
-            block.to(self.device)
-            reference = copy.deepcopy(block) if run_forward else None
+            self.residency.load(i, block, self.device)
+            reference: list[torch.Tensor] = []
+            if run_forward:
+                # the unquantized block's outputs, computed before any stage changes it: batch 0 for
+                # the report's error, every batch when they are the next block's inputs (fp)
+                ctx = EngineContext(self, i, block, "reference")
+                with torch.no_grad():
+                    n_ref = len(self.inputs) if self.propagate == "fp" else 1
+                    reference = [_to_home(ctx.run_block(b), self.home) for b in range(n_ref)]
             for stage in self.stages:
                 # outputs frozen by an earlier stage are stale once this one changes weights
                 self.frozen = FrozenOutputs(len(self.inputs), self.home) if run_forward and self.reuse_outputs else None
@@ -546,24 +602,24 @@ class BlockEngine:
             if run_forward:
                 ctx = EngineContext(self, i, block, "propagate")
                 with torch.no_grad():
-                    ref_out = ctx.run_block(0, reference)
                     if self.propagate == "fp":
                         q_out = ctx.run_block(0)
-                        outs = [ref_out] + [ctx.run_block(b, reference) for b in range(1, len(self.inputs))]
+                        outs = reference
                     else:
                         outs = [ctx.run_block(b) for b in range(len(self.inputs))]
                         q_out = outs[0]
                 if not _all_finite(outs):  # the next block's calibration inputs
                     raise NumericalError(f"block {i} ({self.arch.blocks_path}.{i}) outputs NaN/inf on the calibration "
                                          f"data after quantization{self.nonfinite_hint()}")
+                ref_out = reference[0].to(q_out.device)
                 err = (q_out.float() - ref_out.float()).pow(2).sum() / ref_out.float().pow(2).sum().clamp_min(1e-30)
                 entry["out_rel_err"] = float(err)
                 self.inputs = [o if o.device == self.home else _to_home(o, self.home) for o in outs]
-                del reference
+                del reference, ref_out
             elif self.from_store_only:
                 entry["statistics"] = "cached"
             self.frozen = None
-            block.to(home)
+            self.residency.done(i, block, self)
             entry["seconds"] = round(time.time() - tb, 3)
             report.append(entry)
             if "out_rel_err" in entry:

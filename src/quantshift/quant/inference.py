@@ -25,15 +25,20 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
 
+from ..errors import ModelError
+from ..models.lazy import FakeQuantSource, WeightSource
 from .actquant import attach_input_quantizers, attach_output_quantizers
-from .int8linear import Int8Linear, int8_units, w8a8_problem
+from .int8linear import Int8Linear, int8_kernel, int8_units, w8a8_problem
 from .primitives import QuantizedWeight, QuantSpec, quantize_weight
-from .qlinear import PackedLinear
+from .qlinear import PackedLinear, int4_problem
+
+if TYPE_CHECKING:
+    from ..checkpoint import QuantizedDir
 
 
 @dataclass(frozen=True)
@@ -76,40 +81,82 @@ class PackReport:
                 "modules": {n: asdict(c) for n, c in self.choices.items()}}
 
 
-def w8a8_choice(lin: Int8Linear, device: torch.device) -> LinearChoice:
+def w8a8_choice(kernel: str, device: torch.device) -> LinearChoice:
     """What an Int8Linear runs on; the reason names why it is not the int8 GEMM when it is not."""
     units = int8_units() if device.type == "cpu" else f"device {device.type}"
-    return LinearChoice("w8a8", lin.kernel, None if lin.kernel == "int8-intmm" else units)
+    return LinearChoice("w8a8", kernel, None if kernel == "int8-intmm" else units)
 
 
-def choose_linear(name: str, qw: QuantizedWeight, act: dict | None, bias: torch.Tensor | None,
-                  device: torch.device, dtype: torch.dtype, qt: dict[str, torch.Tensor]
-                  ) -> tuple[nn.Module, LinearChoice]:
-    """The inference module for one quantized linear and what was chosen (see module doc)."""
+def choose_linear(name: str, qw: QuantizedWeight, act: dict | None, device: torch.device,
+                  has_outliers: bool = False) -> LinearChoice:
+    """What one quantized linear runs as (see the module doc). Decided from the format, the
+    shapes and the device, never from values, so a skeleton on meta gets the same choice."""
     spec = qw.spec
     reason: str | None
-    if f"{name}.outlier_idx" in qt:
+    if has_outliers:
         reason = "sparse 16-bit outliers (SpQR) have no packed kernel"
     elif spec.dtype != "int":
         reason = f"{spec.describe()} weights have no packed kernel here"
     elif act is not None:
         reason = w8a8_problem(qw, act)
         if reason is None:
-            lin = Int8Linear(qw, act, bias, device=device)
-            return lin, w8a8_choice(lin, device)
+            return w8a8_choice(int8_kernel(device), device)
     elif 32 % spec.bits:
         reason = f"{spec.bits}-bit codes do not pack into int32 words"
     else:
-        packed = PackedLinear(qw, bias, "auto", device, dtype)
-        return packed, LinearChoice(f"w{spec.bits}a16", packed.backend, packed.fallback_reason)
+        why = int4_problem(qw, device)
+        kernel = "dequant" if why else ("int4mm-cuda" if device.type == "cuda" else "int4mm-cpu")
+        return LinearChoice(f"w{spec.bits}a16", kernel, why)
+    return LinearChoice("float", "float", reason)
+
+
+def make_linear(choice: LinearChoice, qw: QuantizedWeight, act: dict | None, bias: torch.Tensor | None,
+                device: torch.device | str, dtype: torch.dtype, dense: torch.Tensor | None = None) -> nn.Module:
+    """The inference module `choice` names, built from `qw` (meta tensors build a skeleton);
+    `dense`: the float weight of a "float" choice (None: left empty, to be filled later)."""
+    device = torch.device(device)
+    if choice.kind == "w8a8":
+        return Int8Linear(qw, act or {}, bias, kernel=choice.kernel, device=device)
+    if choice.kind != "float":
+        return PackedLinear(qw, bias, choice.kernel, device, dtype)  # type: ignore[arg-type]
+    out_f, in_f = qw.codes.shape
+    lin = nn.Linear(in_f, out_f, bias=bias is not None, device="meta" if dense is None else device, dtype=dtype)
+    if dense is not None:
+        with torch.no_grad():
+            lin.weight.copy_(dense)
+            if bias is not None:
+                lin.bias.copy_(bias)
+    return lin
+
+
+def plan_packed(model: nn.Module, qdir: QuantizedDir, dtype: torch.dtype, device: torch.device) -> dict[str, LinearChoice]:
+    """Replace each quantized linear of a skeleton (on meta) by the inference module it will run
+    as on `device`, still on meta; returns name -> choice."""
+    modules = dict(model.named_modules())
+    acts = qdir.acts
+    choices: dict[str, LinearChoice] = {}
+    for name in qdir.specs:
+        lin = modules.get(name)
+        if not isinstance(lin, nn.Linear):
+            raise ModelError(f"corrupt quantized model directory {qdir.path}: {name} is not a linear of this model")
+        qw = qdir.meta_weight(name)
+        choice = choose_linear(name, qw, acts.get(name), device, qdir.has(name, "outlier_idx"))
+        new = make_linear(choice, qw, acts.get(name), lin.bias, torch.device("meta"), dtype)  # chosen for `device`
+        parent, _, leaf = name.rpartition(".")
+        setattr(modules[parent] if parent else model, leaf, new)
+        choices[name] = choice
+    return choices
+
+
+def build_linear(qdir: QuantizedDir, name: str, device: torch.device, dtype: torch.dtype,
+                 choice: LinearChoice) -> tuple[nn.Module, LinearChoice]:
+    """The inference module of one stored linear, built from its codes on `device`."""
     from ..checkpoint import dense_weight
 
-    dense = nn.Linear(qw.codes.shape[1], qw.codes.shape[0], bias=bias is not None, device=device, dtype=dtype)
-    with torch.no_grad():
-        dense.weight.copy_(dense_weight(name, qw, qt))
-        if bias is not None:
-            dense.bias.copy_(bias)
-    return dense, LinearChoice("float", "float", reason)
+    qw = qdir.quantized_weight(name)
+    bias = qdir.tensors.get(f"{name}.bias") if f"{name}.bias" in qdir.tensors else None
+    dense = dense_weight(qw) if choice.kind == "float" else None
+    return make_linear(choice, qw, qdir.acts.get(name), bias, device, dtype, dense), choice
 
 
 HEADS = ("float", "int8")
@@ -128,46 +175,81 @@ def quantize_head(model: nn.Module, device: torch.device) -> tuple[str, LinearCh
     lin = Int8Linear(qw, HEAD_INPUTS, head.bias, device=device)
     set_head: Any = getattr(model, "set_output_embeddings")  # noqa: B009
     set_head(lin)
-    return name, w8a8_choice(lin, device)
+    return name, w8a8_choice(lin.kernel, device)
+
+
+class PackedSource(WeightSource):
+    """A quantized directory whose quantized linears are inference modules (quant.inference):
+    reading any buffer of such a module builds the module from its codes on the CPU and returns
+    that buffer (the last built module is kept, as a module's buffers are read together)."""
+
+    def __init__(self, qdir: QuantizedDir, model: nn.Module, choices: dict[str, LinearChoice],
+                 dtype: torch.dtype, device: torch.device) -> None:
+        self.packed = {n for n, c in choices.items() if c.kind != "float"}
+        self.floats = FakeQuantSource(qdir, model, skip_owners=self.packed)
+        self.qdir, self.choices, self.dtype, self.device = qdir, choices, dtype, device
+        self._last: tuple[str, dict[str, torch.Tensor]] | None = None
+
+    def _owner(self, name: str) -> str | None:
+        owner = name.rsplit(".", 1)[0]
+        return owner if owner in self.packed else None
+
+    def _module_state(self, owner: str) -> dict[str, torch.Tensor]:
+        if self._last is None or self._last[0] != owner:
+            module, _ = build_linear(self.qdir, owner, torch.device("cpu"), self.dtype, self.choices[owner])
+            self._last = (owner, dict(module.state_dict()))
+        return self._last[1]
+
+    def read(self, names: list[str]) -> dict[str, torch.Tensor]:
+        out: dict[str, torch.Tensor] = {}
+        rest = []
+        for n in names:
+            owner = self._owner(n)
+            if owner is None:
+                rest.append(n)
+            else:
+                out[n] = self._module_state(owner)[n[len(owner) + 1:]]
+        out.update(self.floats.read(rest))
+        return out
+
+    def stored_dtype(self, name: str) -> torch.dtype | None:
+        return self.floats.stored_dtype(name)
+
+    def read_rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        return self.floats.read_rows(name, start, stop)
 
 
 def load_packed(path: Path, dtype: torch.dtype, device: str, verify: bool = True, head: str = "float"
                 ) -> tuple[nn.Module, Any, dict, PackReport]:
-    """(model, tokenizer, quantshift.json, report) of a quantized directory with packed linears;
-    `head`: "float" (the output projection as stored) or "int8" (see quantize_head)."""
+    """(model, tokenizer, quantshift.json, report) of a quantized directory with packed linears,
+    built module by module (a quantized linear's float weight never exists); `head`: "float"
+    (the output projection as stored) or "int8" (see quantize_head)."""
     if head not in HEADS:
         raise ValueError(f"unknown head {head!r}; allowed: {', '.join(HEADS)}")
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    from ..checkpoint import quantized_weights, read_quantized_dir
-    from ..errors import ModelError
+    from ..checkpoint import QuantizedDir
+    from ..models.lazy import materialize_all
 
     dev = torch.device(device)
-    info, config, tok, state, qt = read_quantized_dir(path, verify)
-    acts: dict[str, dict] = info.get("input_quantizers", {})
-    with init_empty_weights(include_buffers=False):  # parameters on meta: nothing allocated yet
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    modules = dict(model.named_modules())
-    choices: dict[str, LinearChoice] = {}
-    for name, qw in quantized_weights(info, qt).items():
-        if not isinstance(modules.get(name), nn.Linear):
-            raise ModelError(f"corrupt quantized model directory {path}: {name} is not a linear of this model")
-        bias = state.pop(f"{name}.bias", None)
-        new, choices[name] = choose_linear(name, qw, acts.get(name), bias, dev, dtype, qt)
-        parent, _, leaf = name.rpartition(".")
-        setattr(modules[parent] if parent else model, leaf, new)
-    float_state = {k: (v.to(dev, dtype) if v.is_floating_point() else v.to(dev)) for k, v in state.items()}
-    _, unexpected = model.load_state_dict(float_state, strict=False, assign=True)
-    if getattr(config, "tie_word_embeddings", False) and isinstance(getattr(model, "lm_head", None), nn.Linear):
-        model.lm_head.weight = model.get_input_embeddings().weight
-    empty = [n for n, p in model.named_parameters() if p.is_meta]
-    if empty or unexpected:
-        raise ModelError(f"corrupt quantized model directory {path}: missing {empty[:3]} unexpected {unexpected[:3]}")
-    model.eval()
+    qdir = QuantizedDir(path, verify)
+    model, choices = packed_skeleton(qdir, dtype, dev)
+    materialize_all(model, PackedSource(qdir, model, choices, dtype, dev), dev)
     if head == "int8":
         name, choices[name] = quantize_head(model, dev)
-    # the fake input quantizer stays on linears that run in float; Int8Linear quantizes its own inputs
+    attach_packed_quantizers(model, qdir, choices)
+    return model, qdir.tokenizer(), qdir.info, PackReport(choices)
+
+
+def packed_skeleton(qdir: QuantizedDir, dtype: torch.dtype, device: torch.device
+                    ) -> tuple[nn.Module, dict[str, LinearChoice]]:
+    """The packed model of a quantized directory on meta, and each quantized linear's choice."""
+    from ..models.lazy import empty_model
+
+    model = empty_model(qdir.config(), dtype)
+    return model, plan_packed(model, qdir, dtype, device)
+
+
+def attach_packed_quantizers(model: nn.Module, qdir: QuantizedDir, choices: dict[str, LinearChoice]) -> None:
+    """The fake input quantizer stays on linears that run in float; Int8Linear quantizes its own inputs."""
+    acts = qdir.acts
     attach_input_quantizers(model, {n: a for n, a in acts.items() if choices.get(n, LinearChoice("", "")).kind != "w8a8"})
-    attach_output_quantizers(model, info.get("output_quantizers", {}))
-    return model, tok, info, PackReport(choices)
+    attach_output_quantizers(model, qdir.info.get("output_quantizers", {}))

@@ -42,6 +42,11 @@ def int8_units(flags: set[str] | None = None) -> str | None:
     return f"this CPU has none of {', '.join(INT8_FLAGS)}"
 
 
+def int8_kernel(device: torch.device) -> str:
+    """The kernel an Int8Linear on `device` runs: the int8 GEMM where the CPU has int8 units."""
+    return "int8-intmm" if device.type == "cpu" and int8_units() is None else "int8-emulated"
+
+
 def w8a8_problem(qw: QuantizedWeight, act: dict[str, Any]) -> str | None:
     """Why Int8Linear cannot run this weight with this input quantizer (None = it can)."""
     spec, aspec = qw.spec, QuantSpec(**act["spec"])
@@ -97,7 +102,7 @@ class Int8Linear(nn.Module):
         self.per_token = bool(act.get("per_token", True))
         self.static_scale: float | None = act.get("static_scale")
         if kernel == "auto":
-            kernel = "int8-intmm" if device.type == "cpu" and int8_units() is None else "int8-emulated"
+            kernel = int8_kernel(device)
         if kernel not in ("int8-intmm", "int8-emulated"):
             raise ValueError(f"unknown int8 kernel {kernel!r}; allowed: auto, int8-intmm, int8-emulated")
         self.kernel = kernel
@@ -109,7 +114,9 @@ class Int8Linear(nn.Module):
         self.register_buffer("wscale", scale.expand(out_f).contiguous().to(device) if scale.numel() == 1
                              else scale.to(device))
         corr = (zero - off).expand(out_f).contiguous() if zero.numel() == 1 else zero - off
-        self.register_buffer("zero_corr", corr.to(device) if bool(corr.ne(0).any()) else None)
+        # decided by the format, not the values, so a skeleton on meta has the same buffers (an
+        # asymmetric grid whose zeros all equal the offset subtracts exact zeros)
+        self.register_buffer("zero_corr", None if qw.spec.symmetric else corr.to(device))
         self.register_buffer("bias", None if bias is None else bias.detach().float().to(device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -208,7 +208,7 @@ def pack_codes(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
     if pad:
         c = torch.nn.functional.pad(c, (0, pad))
     c = c.reshape(*c.shape[:-1], -1, per)
-    shifts = torch.arange(per, dtype=torch.int64) * bits
+    shifts = torch.arange(per, dtype=torch.int64, device=c.device) * bits
     words = (c << shifts).sum(dim=-1)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     return words.movedim(-1, dim)
@@ -218,10 +218,67 @@ def unpack_codes(words: torch.Tensor, bits: int, length: int, dim: int = 1) -> t
     """Inverse of pack_codes: the first `length` codes along `dim`, as uint8."""
     per = 32 // bits
     w = words.to(torch.int64).movedim(dim, -1) & 0xFFFFFFFF
-    shifts = torch.arange(per, dtype=torch.int64) * bits
+    shifts = torch.arange(per, dtype=torch.int64, device=w.device) * bits
     codes = (w.unsqueeze(-1) >> shifts) & (2**bits - 1)
     codes = codes.reshape(*codes.shape[:-2], -1)[..., :length]
     return codes.to(torch.uint8).movedim(-1, dim)
+
+
+def _bit_runs(bits: int) -> tuple[int, int]:
+    """(codes, bytes) of the shortest run of `bits`-bit codes that fills whole bytes."""
+    per = 8 // math.gcd(bits, 8)
+    return per, per * bits // 8
+
+
+def pack_bits(codes: torch.Tensor, bits: int, rows_per_chunk: int | None = None) -> torch.Tensor:
+    """Unsigned codes [rows, n] (< 2**bits, any width 1..8) -> uint8 [rows, ceil(n * bits / 8)]:
+    each row a little-endian bit stream, code j in bits [j*bits, (j+1)*bits). Dense for every
+    width (3-bit codes take 3/8 of a byte), which is how a quantized directory stores them; rows
+    go in chunks so the int64 temporaries stay small for any matrix."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"pack_bits takes 1..8-bit codes, not {bits}")
+    rows, n = codes.shape
+    width = (n * bits + 7) // 8
+    if bits == 8:
+        return codes.to(torch.uint8).clone()
+    per, nbytes = _bit_runs(bits)
+    shifts = torch.arange(per, dtype=torch.int64, device=codes.device) * bits
+    byte_shifts = torch.arange(nbytes, dtype=torch.int64, device=codes.device) * 8
+    out = torch.empty(rows, width, dtype=torch.uint8, device=codes.device)
+    step = rows_per_chunk or max(1, (1 << 20) // max(1, n))
+    pad = (-n) % per
+    for r0 in range(0, rows, step):
+        c = codes[r0:r0 + step].to(torch.int64)
+        if pad:
+            c = torch.nn.functional.pad(c, (0, pad))
+        words = (c.reshape(c.shape[0], -1, per) << shifts).sum(dim=-1)
+        b = (words.unsqueeze(-1) >> byte_shifts) & 0xFF
+        out[r0:r0 + step] = b.reshape(c.shape[0], -1)[:, :width].to(torch.uint8)
+    return out
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int, rows_per_chunk: int | None = None) -> torch.Tensor:
+    """Inverse of pack_bits: the first `n` codes of each row, as uint8."""
+    if not 1 <= bits <= 8:
+        raise ValueError(f"unpack_bits takes 1..8-bit codes, not {bits}")
+    rows, width = packed.shape
+    if width != (n * bits + 7) // 8:
+        raise ValueError(f"{width} bytes per row do not hold {n} codes of {bits} bits")
+    if bits == 8:
+        return packed.to(torch.uint8).clone()
+    per, nbytes = _bit_runs(bits)
+    groups = -(-n // per)
+    shifts = torch.arange(per, dtype=torch.int64, device=packed.device) * bits
+    byte_shifts = torch.arange(nbytes, dtype=torch.int64, device=packed.device) * 8
+    out = torch.empty(rows, n, dtype=torch.uint8, device=packed.device)
+    step = rows_per_chunk or max(1, (1 << 20) // max(1, n))
+    for r0 in range(0, rows, step):
+        b = packed[r0:r0 + step].to(torch.int64)
+        b = torch.nn.functional.pad(b, (0, groups * nbytes - width))
+        words = (b.reshape(b.shape[0], groups, nbytes) << byte_shifts).sum(dim=-1)
+        c = (words.unsqueeze(-1) >> shifts) & (2**bits - 1)
+        out[r0:r0 + step] = c.reshape(b.shape[0], -1)[:, :n].to(torch.uint8)
+    return out
 
 
 _HALF_GRAM = {"ok": True}

@@ -42,8 +42,9 @@ def specs_from_info(quant_info: Mapping[str, Any] | None) -> dict[str, QuantSpec
 
 
 def specs_from_modules(modules: Mapping[str, Any]) -> dict[str, QuantSpec]:
-    """Weight formats by module name from an engine result's modules (objects with .qweight)."""
-    return {n: m.qweight.spec for n, m in modules.items() if getattr(m, "qweight", None) is not None}
+    """Weight formats by module name from an engine result's modules (quant.engine.QuantizedModule:
+    the codes' format, kept after a streaming run has written and dropped the codes)."""
+    return {n: m.weight_spec for n, m in modules.items() if m.weight_spec is not None}
 
 
 def packed_size(model: nn.Module, specs: Mapping[str, QuantSpec], float_bytes: int = 2,

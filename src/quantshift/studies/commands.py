@@ -27,6 +27,9 @@ def run_cmd(
     gpus_per_cell: Annotated[float, typer.Option(help="GPUs each Ray task asks for")] = 0.0,
     data_dir: Annotated[Path | None, typer.Option(help="directory with offline task data (e.g. BOSS)")] = None,
     device: Annotated[str | None, typer.Option(help="override the study's device: auto, cpu, cuda")] = None,
+    max_memory: Annotated[str | None, typer.Option(help="memory caps, e.g. cpu=16GiB,cuda:0=70GiB (default: what is "
+                                                        "free); models that do not fit stream from disk, and works "
+                                                        "run at once only while their plans fit together")] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
     verify: Annotated[bool, typer.Option(help="check the cache instead of running: read and verify every entry the study "
                                               "uses (and the cache's other entries), move corrupt ones to <cache>/quarantine "
@@ -49,7 +52,8 @@ def run_cmd(
         raise typer.Exit(verify_cache(spec, cache or run_dir.parent / ".cache", str(data_dir) if data_dir else None,
                                       gpus_per_cell > 0))
     summary = run_study(study, out, cache=cache, device=device, executor=executor, ray_address=ray_address,
-                        gpus_per_cell=gpus_per_cell, data_dir=data_dir, progress=not quiet, echo=typer.echo, jobs=jobs)
+                        gpus_per_cell=gpus_per_cell, data_dir=data_dir, progress=not quiet, echo=typer.echo, jobs=jobs,
+                        max_memory=max_memory)
     if summary["failed"]:
         raise typer.Exit(1)
 

@@ -3,7 +3,8 @@
 local: one after another in this process (default); with jobs > 1, that many worker processes
        on this machine, each with its share of the CPU threads. On a small CPU box this overlaps
        one work's Python-bound parts (GPTQ's column loop, the harness's bookkeeping) with another's
-       matrix products.
+       matrix products. Memory is scheduled too: a work starts only while the memory plans of the
+       works running (runner.plan_work_memory) fit the host budget together.
 ray:   each work is a Ray task on an existing cluster (`address="auto"`) or a local instance
        (`address=None`), asking for `gpus` GPUs per task; workers read and write the same cache
        directory, so it must be on a filesystem every node sees.
@@ -89,17 +90,42 @@ def _run_pool(works: list[Work], cache_root: str, options: dict, on_done: OnDone
     pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
                                   initargs=(threads, slots, lock))
     finished: set[str] = set()
-    try:
-        futures = {pool.submit(run or _worker_run, w, cache_root, options, flight, progress): w for w in works}
-        for fut in cf.as_completed(futures):
+    budget = host_budget(options)
+    queue = list(works)
+    futures: dict = {}
+    broken = False
+
+    def start_fitting() -> None:
+        """Start works in order while a worker is free and their memory plans fit together (the
+        first always starts: a work alone over the budget streams within its own plan)."""
+        nonlocal broken
+        while queue and len(futures) < jobs and not broken:
+            need = queue[0].get("memory_bytes", 0)
+            if futures and sum(w.get("memory_bytes", 0) for w in futures.values()) + need > budget:
+                return
+            w = queue.pop(0)
             try:
-                result = fut.result()
+                futures[pool.submit(run or _worker_run, w, cache_root, options, flight, progress)] = w
             except BrokenProcessPool:
-                continue
-            except Exception as err:  # e.g. a result that cannot be sent back
-                result = _failed(futures[fut], f"{type(err).__name__}: {str(err)[:300]}")
-            finished.add(result["key"])
-            on_done(result)
+                queue.insert(0, w)
+                broken = True
+
+    try:
+        start_fitting()
+        while futures:
+            done, _ = cf.wait(list(futures), return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                w = futures.pop(fut)
+                try:
+                    result = fut.result()
+                except BrokenProcessPool:
+                    broken = True
+                    continue
+                except Exception as err:  # e.g. a result that cannot be sent back
+                    result = _failed(w, f"{type(err).__name__}: {str(err)[:300]}")
+                finished.add(result["key"])
+                on_done(result)
+            start_fitting()
     except BaseException:  # Ctrl-C, SIGTERM: stop the workers now, not after their current work
         for proc in list((getattr(pool, "_processes", None) or {}).values()):
             proc.kill()
@@ -114,6 +140,15 @@ def _run_pool(works: list[Work], cache_root: str, options: dict, on_done: OnDone
         (Path(flight) / w["key"]).unlink(missing_ok=True)
         on_done(_failed(w, "its worker process died (killed or out of memory) while running it"))
     return [w for w in left if w not in in_flight]
+
+
+def host_budget(options: dict) -> int:
+    """Host bytes the works running at once may plan to use: the study's --max-memory, else what
+    is available now."""
+    from ..memory import available_host_bytes, parse_max_memory
+
+    caps = parse_max_memory(options.get("max_memory"))
+    return caps.host if caps.host is not None else available_host_bytes()
 
 
 def _failed(work: Work, error: str) -> WorkResult:

@@ -61,7 +61,10 @@ def quant_key(cell: Cell, versions: dict) -> str:
 def unit_settings(spec: StudySpec, unit: EvalUnit) -> dict:
     ev = spec.evaluation
     if unit.kind == "ppl":
-        return {"kind": "ppl", "source": unit.name, "seqlen": ev.ppl_seqlen, "windows": ev.ppl_windows}
+        from ..evaluation.scoring import PPL_SCORER
+
+        return {"kind": "ppl", "source": unit.name, "seqlen": ev.ppl_seqlen, "windows": ev.ppl_windows,
+                "scorer": PPL_SCORER}
     from ..evaluation.harness import SCORER
 
     return {"kind": "task", "task": unit.name, "shots": unit.shots, "limit": ev.limit, "seed": 1234, "scorer": SCORER}

@@ -4,7 +4,7 @@ workers as they are, and cache keys are digests of the same plain values."""
 
 from __future__ import annotations
 
-from typing import Literal, TypedDict
+from typing import Literal, NotRequired, TypedDict
 
 
 class UnitRecord(TypedDict):
@@ -29,6 +29,8 @@ class ModelWork(TypedDict):
     calib: dict | None  # CalibChoice.to_dict(); None when the recipe needs no calibration
     calib_key: str | None
     units: list[UnitRecord]
+    memory_bytes: NotRequired[int]  # estimated peak host bytes (runner.plan_work_memory)
+    memory_error: NotRequired[str]  # why it cannot fit the memory cap, when it cannot
 
 
 class DiagWork(TypedDict):

@@ -71,9 +71,32 @@ def plan_study(spec: StudySpec, data_dir: str | None = None, on_gpu: bool | None
     return Plan(spec, cells, keys, list(works.values()), units, ukeys, versions)
 
 
-def options_of(spec: StudySpec, data_dir: str | None) -> dict:
+def options_of(spec: StudySpec, data_dir: str | None, max_memory: str | None = None) -> dict:
     return {"device": spec.device, "batch_size": spec.batch_size, "eval_batch_size": spec.evaluation.batch_size,
-            "keep_models": spec.keep_models, "data_dir": data_dir, "bench": spec.evaluation.bench}
+            "keep_models": spec.keep_models, "data_dir": data_dir, "bench": spec.evaluation.bench,
+            "max_memory": max_memory}
+
+
+def plan_work_memory(works: list[Work], options: dict) -> None:
+    """Each model work's memory plan (memory.py): `memory_bytes`, its estimated peak host bytes,
+    which the executors schedule by (two large models never run at once on one host; Ray asks
+    for that much), or `memory_error` when even streaming does not fit the cap (the work then
+    fails with that line instead of running out of memory an hour in)."""
+    from ..errors import QuantshiftError
+    from ..models.load import resolve_device
+    from .spec import ModelAxis
+    from .work import model_plan
+
+    device = resolve_device(options["device"])
+    for w in works:
+        if w["kind"] != "model":
+            continue
+        try:
+            plan = model_plan(ModelAxis(**w["model"]), w, options, device, quantize=w["recipe"] is not None)
+        except QuantshiftError as err:
+            w["memory_error"] = str(err)
+            continue
+        w["memory_bytes"] = max(st.host for st in plan.stages)
 
 # ---------------------------------------------------------------- running a study
 
@@ -98,7 +121,7 @@ def all_works(plan: Plan) -> list[Work]:
 
 def run_study(spec: StudySpec, out_dir: Path, cache_root: Path, *, executor: str = "local", ray_address: str | None = None,
               gpus_per_cell: float = 0.0, data_dir: str | None = None, progress: bool = True, echo=print,
-              jobs: int = 1) -> dict:
+              jobs: int = 1, max_memory: str | None = None) -> dict:
     """Run every missing piece of the study, then gather results and write the report.
     `jobs`: worker processes of the local executor (1: in this process)."""
     from tqdm.auto import tqdm
@@ -138,7 +161,8 @@ def run_study(spec: StudySpec, out_dir: Path, cache_root: Path, *, executor: str
         tqdm.write(f"  [{n}/{len(todo)}] {res['label']}: {status}, {what} computed in {res['seconds']:.1f}s{elsewhere}")
         write_json_atomic(out_dir / "last-run.json", {"results": results})
 
-    options = options_of(spec, data_dir)
+    options = options_of(spec, data_dir, max_memory)
+    plan_work_memory(todo, options)
     if executor == "local":
         run_local(todo, str(cache_root), options, on_done, progress, jobs=jobs)
     elif executor == "ray":

@@ -45,6 +45,8 @@ def execute_work(work: Work, cache_root: str, options: dict, progress: bool = Tr
                     "wrote": cache.written}
         else:
             todo = pending_units(work, cache)
+            if work.get("memory_error") and (todo or not has_quant_record(work, cache)):
+                raise MemoryError(work["memory_error"])
             if todo or not has_quant_record(work, cache):
                 loaded = obtain_model(work, cache, options, progress)
                 windows = WindowStore(cache, model_identity(ModelAxis(**work["model"])))
@@ -58,6 +60,10 @@ def execute_work(work: Work, cache_root: str, options: dict, progress: bool = Tr
                             "model_key": work["key"], "metric": metric, "samples": samples, "seconds": secs,
                             "precision": loaded.precision.name})
                         done.append(u["key"])
+                if loaded.scratch is not None and not options.get("bench"):  # streamed to disk only to be evaluated
+                    import shutil
+
+                    shutil.rmtree(loaded.scratch, ignore_errors=True)
                 if options.get("bench") and work["recipe"] is not None and not cache.has("bench", work["key"]):
                     from ..bench.measure import study_bench
 
@@ -75,12 +81,25 @@ def weight_formats(modules: dict) -> dict:
     symmetric, and the bits a method measured itself (SpQR's outliers and second-level stats)."""
     out = {}
     for name, m in sorted(modules.items()):
-        if m.qweight is None:
+        spec = m.weight_spec
+        if spec is None:
             continue
-        spec = m.qweight.spec
         out[name] = {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.symmetric, "dtype": spec.dtype,
                      "measured_bits": m.info.get("bits") if "params" in m.info else None}
     return out
+
+
+def model_plan(model: ModelAxis, work: ModelWork, options: dict, device: str, *, quantize: bool):
+    """The memory plan (memory.py) of a work's model within the study's --max-memory."""
+    from ..memory import plan_for_model
+
+    calib = work["calib"]
+    tokens = calib["n"] * calib["seqlen"] * len(calib["source"].split("+")) if quantize and calib else 0
+    windows = max((u["settings"].get("windows") or 64 for u in work["units"] if u["kind"] == "ppl"), default=64)
+    seqlen = max((u["settings"].get("seqlen", 512) for u in work["units"] if u["kind"] == "ppl"), default=512)
+    return plan_for_model(model.name, device=device, dtype=model.dtype, max_memory=options.get("max_memory"),
+                          quantize=quantize, calib_tokens=tokens, calibrated=calib is not None,
+                          batch_size=options["eval_batch_size"], seqlen=seqlen, max_windows=windows)
 
 
 def obtain_model(work: ModelWork, cache: Cache, options: dict, progress: bool):
@@ -90,21 +109,29 @@ def obtain_model(work: ModelWork, cache: Cache, options: dict, progress: bool):
     device = resolve_device(options["device"])
     dtype = model.dtype
     if work["recipe"] is None:
-        return load_model(model.name, device=device, dtype=dtype)
+        plan = model_plan(model, work, options, device, quantize=False)
+        loaded = load_model(model.name, device=device, dtype=dtype, stream=plan.streams("evaluate"))
+        loaded.memory = plan
+        return loaded
     kept = cache.model_dir(work["key"])
     if kept.is_dir() and cache.has("quant", work["key"]):  # without its record, quantize again to make one
         from ..errors import ModelError
 
         try:
-            return load_model(str(kept), device=device, dtype=dtype)
+            plan = model_plan(model, work, options, device, quantize=False)
+            loaded = load_model(str(kept), device=device, dtype=dtype, stream=plan.streams("evaluate"))
+            loaded.memory = plan
+            return loaded
         except ModelError as err:  # a damaged kept model: set it aside and quantize again
             cache.quarantine(kept, str(err))
     from ..quant.storage import packed_bytes, specs_from_modules
-    from ..quantize import quantize_model, save
+    from ..quantize import quantize_model, quantize_streaming, save
     from ..recipes import recipe_from_dict
 
     recipe = recipe_from_dict(work["recipe"])
-    loaded = load_model(model.name, device="cpu", dtype=dtype, compute_device=device)
+    plan = model_plan(model, work, options, device, quantize=True)
+    stream = plan.streams("quantize")
+    loaded = load_model(model.name, device="cpu", dtype=dtype, compute_device=device, stream=stream)
     calib = CalibChoice(**work["calib"]) if work["calib"] is not None else None
     cal = None
     if calib is not None:
@@ -117,9 +144,14 @@ def obtain_model(work: ModelWork, cache: Cache, options: dict, progress: bool):
 
         store = StatsStore(cache.root / "stats", digest({"model": model_identity(model), "dtype": loaded.precision.name,
                                                         "schema": CACHE_SCHEMA}))
-    qres = quantize_model(loaded, recipe, cal, device=device, batch_size=options["batch_size"], progress=progress,
-                          propagate=propagate, stats_store=store)
-    loaded.model.to(device)
+    if stream:  # the model does not fit: quantized from disk into the cache's model directory
+        qres = quantize_streaming(loaded, recipe, cal, kept, device=device, batch_size=options["batch_size"],
+                                  progress=progress, propagate=propagate, stats_store=store, overwrite=True,
+                                  max_shard_bytes=plan.shard_bytes)
+    else:
+        qres = quantize_model(loaded, recipe, cal, device=device, batch_size=options["batch_size"], progress=progress,
+                              propagate=propagate, stats_store=store)
+        loaded.model.to(device)
     report = qres.report()
     formats = weight_formats(qres.engine.modules)
     measured = {name: f["measured_bits"] for name, f in formats.items()}
@@ -130,8 +162,14 @@ def obtain_model(work: ModelWork, cache: Cache, options: dict, progress: bool):
                                           "weight_formats": formats,
                                           "packed_bytes": packed_bytes(loaded.model, specs_from_modules(qres.engine.modules),
                                                                        measured_bits=measured)})
+    if stream:  # evaluated from its directory; kept in the cache only when the study keeps models
+        eval_plan = model_plan(model, work, options, device, quantize=False)
+        result = load_model(str(kept), device=device, dtype=dtype, stream=eval_plan.streams("evaluate"))
+        result.memory = eval_plan
+        result.scratch = None if options["keep_models"] else kept
+        return result
     if options["keep_models"]:
-        save(loaded, qres, kept, overwrite=True)
+        save(loaded, qres, kept, overwrite=True, max_shard_bytes=plan.shard_bytes)
     return loaded
 
 
@@ -232,7 +270,7 @@ def ppl_with_samples(loaded, source: str, seqlen: int, windows: int, batch_size:
     from ..evaluation.perplexity import bits_per_unit, window_nlls
 
     hw = win if win is not None else scored_windows(loaded, source, seqlen, windows, data_dir)
-    nlls = window_nlls(loaded.model, hw.ids, batch_size, progress, f"ppl {source}", loaded.compute)
+    nlls = window_nlls(loaded, hw.ids, batch_size, progress, f"ppl {source}")
     per_window = [(float(v), hw.ids.shape[1] - 1) for v in nlls]
     total = sum(v for v, _ in per_window)
     count = sum(n for _, n in per_window)
