@@ -331,3 +331,39 @@ def test_a_model_quantizes_saves_reloads_and_scores_in_a_third_of_its_size(tmp_p
         assert q.tensors.total_bytes() <= 0.40 * bf16
         assert len(q.info["files"]) > 1
         assert 1 < out[method] < 1e7  # finite perplexities from the streamed, packed model
+
+
+# --- studies ---------------------------------------------------------------------------------------
+
+def test_a_study_whose_models_exceed_the_budget_streams_with_equal_results(tmp_path, monkeypatch):
+    """The same study with every model streamed (as when it does not fit --max-memory) gives the
+    same numbers; keep_models writes sharded directories either way; the works carry their plans."""
+    from quantshift.api import run_study
+    from quantshift.memory import MemoryPlan
+    from quantshift.studies.spec import study_from_dict
+
+    d = _tiny_dir(tmp_path, dtype=torch.float32)
+    text = tmp_path / "prose.txt"
+    text.write_text("\n\n".join(f"{i} The river bends slowly past the old mill, where farmers bring grain. " * 3
+                                for i in range(25)))
+    spec = {"name": "s", "models": [str(d)], "device": "cpu", "keep_models": True,
+            "methods": [{"method": "rtn", "wbits": [4], "group_size": 32},
+                        {"method": "gptq", "wbits": [3], "group_size": 32}],
+            "calibration": {"sources": [str(text)], "n": 4, "seqlen": 32, "seeds": [42]},
+            "evaluation": {"ppl": [str(text)], "ppl_seqlen": 32, "ppl_windows": 3}}
+
+    def metrics(cache):
+        out = {}
+        for f in sorted((cache / "results").glob("*.json")):
+            r = json.loads(f.read_text())
+            out[(r["unit"]["name"], r["model_key"])] = r["metric"]["nll"]
+        return out
+
+    run_study(study_from_dict(spec), tmp_path / "a", tmp_path / "ca", progress=False, echo=lambda *_: None)
+    monkeypatch.setattr(MemoryPlan, "streams", lambda self, stage: True)
+    run_study(study_from_dict(spec), tmp_path / "b", tmp_path / "cb", progress=False, echo=lambda *_: None,
+              max_memory="cpu=64GiB")
+    assert metrics(tmp_path / "ca") == metrics(tmp_path / "cb") and len(metrics(tmp_path / "ca")) == 3
+    for cache in ("ca", "cb"):
+        kept = [p for p in (tmp_path / cache / "models").iterdir() if p.is_dir()]
+        assert len(kept) == 2 and all((p / "model.safetensors.index.json").is_file() for p in kept)

@@ -335,6 +335,7 @@ def quantize(model: ModelLike, recipe: Recipe | dict | list | str | Path, calib:
         _show_plan(plan, progress)
     stream = plan is not None and plan.streams("quantize")
     if stream and out is None:
+        assert plan is not None
         raise ConfigError(f"{model} needs ~{plan.stage('quantize').host / 2**30:.1f} GiB to quantize in memory, over the "
                           "memory cap: it streams from disk, so pass out= to write the quantized directory as it goes")
     # like the CLI: a named model's weights stay on the CPU (or on disk), the engine moves one block at a time

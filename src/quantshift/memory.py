@@ -145,8 +145,9 @@ def shape_of_config(config: Any, name: str, stored_bytes: int | None = None) -> 
     sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
     big = blocks[sizes.index(max(sizes))]
     linears = tuple((m.out_features, m.in_features) for m in big.modules() if isinstance(m, nn.Linear))
-    emb = model.get_input_embeddings()
-    head = model.get_output_embeddings()
+    get_in: Any = getattr(model, "get_input_embeddings")  # noqa: B009 (typed as a Tensor by nn.Module)
+    get_out: Any = getattr(model, "get_output_embeddings")  # noqa: B009
+    emb, head = get_in(), get_out()
     params = sum(p.numel() for p in model.parameters())
     tied = bool(tied_sources(model))
     if tied and head is not None and head.weight is not emb.weight:  # one stored tensor, counted once

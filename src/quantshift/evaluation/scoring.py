@@ -19,6 +19,7 @@ import contextlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -60,7 +61,8 @@ def head_in_memory(model: nn.Module) -> Head | None:
     config = getattr(model, "config", None)
     if getattr(config, "model_type", None) not in CHUNKED_MODEL_TYPES:
         return None
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    get_head: Any = getattr(model, "get_output_embeddings", None)  # typed as a Tensor by nn.Module
+    head = get_head() if get_head is not None else None
     if type(head) is not nn.Linear or head.weight.is_meta:
         return None
     w = head.weight

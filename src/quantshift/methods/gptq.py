@@ -124,6 +124,7 @@ def gptq_solve_rows(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: flo
     inv_perm = torch.argsort(perm)
 
     fac = damped_inverse_cholesky(H, damp)
+    del H  # only its factor is used from here: a large Hessian's memory goes back before the loop
     if fac.factor is None:
         return rtn_fallback(W_in, spec, fac.damp, fac.steps)
     Hinv = fac.factor
@@ -153,6 +154,7 @@ def gptq_solve_rows(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: flo
     # CPU), and it carries unscaled residuals w - q with the rows of Hinv pre-divided by their
     # diagonal, which is the paper's (w - q) / d update with one op less per column.
     Wt = W.t().contiguous()
+    del W
     Qt = torch.empty_like(Wt)
     for i1 in range(0, in_f, B):
         i2 = min(i1 + B, in_f)
@@ -188,7 +190,7 @@ def gptq_solve_rows(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: flo
 
     Q = Q[:, inv_perm]
     g_idx = g_idx[inv_perm]
-    sequential_groups = not gs or torch.equal(g_idx, torch.arange(in_f, device=W.device) // gs)
+    sequential_groups = not gs or torch.equal(g_idx, torch.arange(in_f, device=Wt.device) // gs)
     qw_g_idx = None if sequential_groups else g_idx
     if gs:
         col_s, col_z = (scales[:, g_idx], zeros[:, g_idx])

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 
 from .lazy import WeightSource, materialize
+from .shards import bound_allocator
 
 
 class SourceMap(Mapping):
@@ -62,6 +63,7 @@ def dispatch(model: nn.Module, source: WeightSource, device: torch.device, budge
     from accelerate import infer_auto_device_map
     from accelerate.hooks import attach_align_device_hook_on_blocks
 
+    bound_allocator()  # weights read per forward are freed per forward: give their memory back
     on_gpu = device.type == "cuda"
     main: int | str = (device.index or 0) if on_gpu else "cpu"
     max_memory: dict[int | str, int] = {main: max(0, budget)}

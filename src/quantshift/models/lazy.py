@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import ModelError
-from .shards import ShardedTensors, return_freed_memory
+from .shards import ShardedTensors, bound_allocator, return_freed_memory
 
 
 def empty_model(config: Any, dtype: torch.dtype) -> nn.Module:
@@ -51,7 +51,9 @@ def tied_sources(model: nn.Module) -> dict[str, str]:
     keys = getattr(model, "_tied_weights_keys", None) or {}
     if isinstance(keys, dict):
         return {str(k): str(v) for k, v in keys.items()}
-    out_emb, in_emb = model.get_output_embeddings(), model.get_input_embeddings()
+    get_out: Any = getattr(model, "get_output_embeddings")  # noqa: B009 (typed as a Tensor by nn.Module)
+    get_in: Any = getattr(model, "get_input_embeddings")  # noqa: B009
+    out_emb, in_emb = get_out(), get_in()
     names = {id(m): n for n, m in model.named_modules()}
     if out_emb is None or id(out_emb) not in names or id(in_emb) not in names:
         return {}
@@ -140,7 +142,7 @@ def meta_tensors(module: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.
     """(full name, owning module, attribute, tensor) of every parameter and persistent buffer
     of `module` still on the meta device."""
     for mod_name, mod in module.named_modules():
-        non_persistent = getattr(mod, "_non_persistent_buffers_set", set())
+        non_persistent: set[str] = getattr(mod, "_non_persistent_buffers_set", set())
         tensors: list[tuple[str, torch.Tensor | None]] = list(mod._parameters.items())
         tensors += [(k, v) for k, v in mod._buffers.items() if k not in non_persistent]
         for attr, t in tensors:
@@ -219,13 +221,13 @@ def materialize_all(model: nn.Module, source: WeightSource, device: torch.device
 def release(module: nn.Module) -> None:
     """Put every parameter and persistent buffer of `module` back on the meta device."""
     for mod in module.modules():
-        non_persistent = getattr(mod, "_non_persistent_buffers_set", set())
+        non_persistent: set[str] = getattr(mod, "_non_persistent_buffers_set", set())
         for attr, t in list(mod._parameters.items()):
             if t is not None and not t.is_meta:
-                _set(mod, attr, torch.empty_like(t, device="meta"))
-        for attr, t in list(mod._buffers.items()):
-            if t is not None and not t.is_meta and attr not in non_persistent:
-                mod._buffers[attr] = torch.empty_like(t, device="meta")
+                _set(mod, attr, torch.empty_like(t, device="meta"))  # a Parameter again, on meta
+        for attr, buf in list(mod._buffers.items()):
+            if buf is not None and not buf.is_meta and attr not in non_persistent:
+                mod._buffers[attr] = torch.empty_like(buf, device="meta")
 
 
 def retie(model: nn.Module) -> None:
@@ -246,6 +248,7 @@ class SourceBlocks:
 
     def __init__(self, source: WeightSource, blocks_path: str, backbone_path: str) -> None:
         self.source, self.blocks_path, self.backbone_path = source, blocks_path, backbone_path
+        bound_allocator()  # freed block and solver memory goes back to the OS at once
 
     def prefix(self, index: int) -> str:
         return f"{self.blocks_path}.{index}."

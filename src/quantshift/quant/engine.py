@@ -391,8 +391,9 @@ class EngineContext:
         entry = self.engine.modules.get(full)
         if entry is None:
             entry = self.engine.modules[full] = QuantizedModule(self.stage, None, None, {})
-            if isinstance(self.module(name), nn.Linear):
-                entry.shape = (self.module(name).out_features, self.module(name).in_features)
+            mod = self.module(name)
+            if isinstance(mod, nn.Linear):
+                entry.shape = (mod.out_features, mod.in_features)
         entry.out = q.to_dict()
         entry.info["out_bits"] = q.spec.bits
 

@@ -379,7 +379,9 @@ def damped_inverse_cholesky(H: torch.Tensor, damp: float, cap: float = DAMP_CAP,
         R, info = torch.linalg.cholesky_ex(H.flip(0, 1))
         if int(info) != 0:
             continue
-        U = torch.linalg.solve_triangular(R, eye, upper=False).flip(0, 1)
+        U = torch.linalg.solve_triangular(R, eye, upper=False)
+        del R
+        U = U.flip(0, 1)
         if bool(torch.isfinite(U).all()):
             return DampedFactor(U, d, k)
     return DampedFactor(None, schedule[-1], len(schedule) - 1)

@@ -4,7 +4,7 @@ workers as they are, and cache keys are digests of the same plain values."""
 
 from __future__ import annotations
 
-from typing import Literal, NotRequired, TypedDict
+from typing import Literal, TypedDict
 
 
 class UnitRecord(TypedDict):
@@ -17,7 +17,14 @@ class UnitRecord(TypedDict):
     settings: dict  # keys.unit_settings: what the evaluation is run with
 
 
-class ModelWork(TypedDict):
+class WorkMemory(TypedDict, total=False):
+    """A model work's memory plan, added by runner.plan_work_memory when the study runs."""
+
+    memory_bytes: int  # estimated peak host bytes
+    memory_error: str  # why it cannot fit the memory cap, when it cannot
+
+
+class ModelWork(WorkMemory):
     """One model to produce (fp when recipe is None) and the units it owes."""
 
     kind: Literal["model"]
@@ -29,8 +36,6 @@ class ModelWork(TypedDict):
     calib: dict | None  # CalibChoice.to_dict(); None when the recipe needs no calibration
     calib_key: str | None
     units: list[UnitRecord]
-    memory_bytes: NotRequired[int]  # estimated peak host bytes (runner.plan_work_memory)
-    memory_error: NotRequired[str]  # why it cannot fit the memory cap, when it cannot
 
 
 class DiagWork(TypedDict):
