@@ -5,13 +5,18 @@ init_empty_weights), so a quantized linear's float weight is never allocated: ea
 by the packed module `choose_linear` picks, and only the float tensors (embeddings, norms,
 unquantized linears) are loaded, in `dtype`.
 
-Selection, per quantized linear (explicit and reported, see PackReport):
+Selection, per quantized linear (explicit and reported, see PackReport); what the device can do
+comes from its capability (models.capability), so a choice names the compute capability or CPU
+flag it lacks:
 - integer weights + an input quantizer, one scale per output channel -> Int8Linear ("w8a8",
-  kernel int8-intmm, or int8-emulated with the reason when the CPU has no int8 units);
+  kernel int8-intmm on a CPU with int8 units or a CUDA sm75+ GPU, else int8-emulated with the reason);
+- fp8 weights + fp8 inputs, per channel or per tensor -> FP8Linear ("w8a8", kernel fp8-scaled-mm,
+  torch._scaled_mm on CUDA sm89+); elsewhere the exact fake-quant below, with the reason;
 - integer weights of 2/4/8 bits, float inputs -> PackedLinear ("w{b}a16", kernel int4mm-cpu /
-  int4mm-cuda, or dequant with the reason: other bit widths, partial groups, act-order, widths);
-- anything else (fp8, SpQR outliers, 3/5/6/7 bits, grouped W8A8) -> a float nn.Linear of the
-  dequantized weight ("float", with the reason), plus the fake input quantizer if it has one,
+  int4mm-cuda (sm80+), or dequant with the reason: other bit widths, partial groups, act-order,
+  widths, an older GPU);
+- anything else (fp8 elsewhere, SpQR outliers, 3/5/6/7 bits, grouped W8A8) -> a float nn.Linear of
+  the dequantized weight ("float", with the reason), plus the fake input quantizer if it has one,
   i.e. exactly the fake-quant module.
 
 `head="int8"` also quantizes the output projection (lm_head, which no method quantizes) to int8
@@ -30,8 +35,11 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..models import capability as _cap
+from ..models.capability import Capability
 from .actquant import attach_input_quantizers, attach_output_quantizers
-from .int8linear import Int8Linear, int8_units, w8a8_problem
+from .fp8linear import FP8Linear, fp8_choice
+from .int8linear import Int8Linear, w8a8_problem
 from .primitives import QuantizedWeight, QuantSpec, quantize_weight
 from .qlinear import PackedLinear
 
@@ -39,7 +47,7 @@ from .qlinear import PackedLinear
 @dataclass(frozen=True)
 class LinearChoice:
     kind: str  # "w8a8", "w4a16" (w{bits}a16), "float"
-    kernel: str  # int8-intmm, int8-emulated, int4mm-cpu, int4mm-cuda, dequant, float
+    kernel: str  # int8-intmm, int8-emulated, fp8-scaled-mm, int4mm-cpu, int4mm-cuda, dequant, float
     reason: str | None = None  # why it is not the fastest path for its kind (None = it is)
 
 
@@ -76,31 +84,38 @@ class PackReport:
                 "modules": {n: asdict(c) for n, c in self.choices.items()}}
 
 
-def w8a8_choice(lin: Int8Linear, device: torch.device) -> LinearChoice:
-    """What an Int8Linear runs on; the reason names why it is not the int8 GEMM when it is not."""
-    units = int8_units() if device.type == "cpu" else f"device {device.type}"
-    return LinearChoice("w8a8", lin.kernel, None if lin.kernel == "int8-intmm" else units)
+def w8a8_choice(lin: Int8Linear | FP8Linear, device: torch.device | None = None) -> LinearChoice:
+    """What an Int8Linear / FP8Linear runs on; the reason names why it is not the GEMM when it is not."""
+    return LinearChoice("w8a8", lin.kernel, lin.reason)
 
 
 def choose_linear(name: str, qw: QuantizedWeight, act: dict | None, bias: torch.Tensor | None,
-                  device: torch.device, dtype: torch.dtype, qt: dict[str, torch.Tensor]
-                  ) -> tuple[nn.Module, LinearChoice]:
-    """The inference module for one quantized linear and what was chosen (see module doc)."""
+                  device: torch.device, dtype: torch.dtype, qt: dict[str, torch.Tensor],
+                  capability: Capability | None = None) -> tuple[nn.Module, LinearChoice]:
+    """The inference module for one quantized linear and what was chosen (see module doc);
+    `capability`: the device's (default: detected)."""
     spec = qw.spec
+    cap = capability or _cap.detect(device)
     reason: str | None
     if f"{name}.outlier_idx" in qt:
         reason = "sparse 16-bit outliers (SpQR) have no packed kernel"
+    elif spec.dtype == "fp8":
+        choice = fp8_choice(qw, act, cap)
+        reason = choice.reason
+        if reason is None and act is not None:
+            lin8 = FP8Linear(qw, act, bias, choice.kernel, device)
+            return lin8, w8a8_choice(lin8)
     elif spec.dtype != "int":
         reason = f"{spec.describe()} weights have no packed kernel here"
     elif act is not None:
         reason = w8a8_problem(qw, act)
         if reason is None:
-            lin = Int8Linear(qw, act, bias, device=device)
-            return lin, w8a8_choice(lin, device)
+            lin = Int8Linear(qw, act, bias, device=device, capability=cap)
+            return lin, w8a8_choice(lin)
     elif 32 % spec.bits:
         reason = f"{spec.bits}-bit codes do not pack into int32 words"
     else:
-        packed = PackedLinear(qw, bias, "auto", device, dtype)
+        packed = PackedLinear(qw, bias, "auto", device, dtype, capability=cap)
         return packed, LinearChoice(f"w{spec.bits}a16", packed.backend, packed.fallback_reason)
     from ..checkpoint import dense_weight
 
