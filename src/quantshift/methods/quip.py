@@ -137,8 +137,7 @@ class Incoherence:
     @classmethod
     def build(cls, n: int, seed: int, device: torch.device | str = "cpu") -> Incoherence:
         p2, rot, signs = _signs_and_rotation(n, seed)
-        f32 = dict(device=device, dtype=torch.float32)
-        return cls(n, p2, None if rot is None else rot.to(**f32), signs.to(**f32))
+        return cls(n, p2, None if rot is None else rot.to(device, torch.float32), signs.to(device, torch.float32))
 
     def apply(self, x: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         """M @ x (or M^T @ x) for x [n, cols]."""
