@@ -212,3 +212,29 @@ def test_capability_is_plain_data():
     cap = Capability("cuda", "X", (8, 6))
     assert cap.sm_text == "sm86" and cap.int4().kernel == "int4mm-cuda" and cap.fp8().kernel == "float"
     assert cap == fake("cuda", (8, 6), "X")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_this_gpu_runs_the_kernels_its_capability_names_and_they_equal_fake_quant():
+    cap = capability.detect("cuda")
+    sm = torch.cuda.get_device_capability()
+    assert cap.sm == sm and resolve_precision("auto", "cuda").weights == (torch.bfloat16 if sm >= (8, 0) else torch.float16)
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(0)) * 0.02
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(1))
+    q4 = quantize_weight(w, QuantSpec(bits=4, group_size=128))
+    p4 = PackedLinear(q4, None, "auto", "cuda")
+    assert p4.backend == ("int4mm-cuda" if sm >= (8, 0) else "dequant")
+    assert _rel(p4(x.cuda()).cpu(), x @ q4.dequantize().t()) < 2e-2
+    q8 = quantize_weight(w, QuantSpec(bits=8, group_size=-1, symmetric=True))
+    i8 = Int8Linear(q8, INT8_A, device="cuda")
+    assert i8.kernel == ("int8-intmm" if sm >= (7, 5) else "int8-emulated")
+    ref8 = torch.nn.functional.linear(InputQuantizer(QuantSpec(**INT8_A["spec"]), True)(None, (x,))[0], q8.dequantize())
+    assert _rel(i8(x.cuda()).cpu(), ref8) < 1e-5
+    qf = quantize_weight(w, QuantSpec(bits=8, group_size=-1, symmetric=True, dtype="fp8"))
+    if fp8_choice(qf, FP8_A, cap).reason is None:
+        f8 = FP8Linear(qf, FP8_A, device="cuda")
+        reff = torch.nn.functional.linear(InputQuantizer(QuantSpec(**FP8_A["spec"]), True)(None, (x,))[0], qf.dequantize())
+        assert f8.kernel == "fp8-scaled-mm" and _rel(f8(x.cuda()).cpu(), reff) < 1e-5
+    else:
+        assert sm < (8, 9)
