@@ -238,3 +238,15 @@ def test_this_gpu_runs_the_kernels_its_capability_names_and_they_equal_fake_quan
         assert f8.kernel == "fp8-scaled-mm" and _rel(f8(x.cuda()).cpu(), reff) < 1e-5
     else:
         assert sm < (8, 9)
+
+
+def test_device_command_runs_here_and_refuses_a_bad_device():
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-m", "quantshift.cli", "device", "--device", "cpu"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0 and r.stdout.splitlines()[0].startswith("device: cpu") and "dtype auto:" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "quantshift.cli", "device", "--device", "gpu"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == "error: --device must be auto, cpu, cuda or cuda:N, got 'gpu'"

@@ -115,8 +115,13 @@ class Int8Linear(nn.Module):
             raise ValueError(f"unknown int8 kernel {kernel!r}; allowed: auto, int8-intmm, int8-emulated")
         self.kernel = kernel
         off = 2 ** (qw.spec.bits - 1)
-        # [K, N] view of an [N, K] int8 tensor: what _int_mm takes, without a transposed copy
-        self.register_buffer("qweight", (qw.codes.to(torch.int16) - off).to(torch.int8).to(device))
+        codes = (qw.codes.to(torch.int16) - off).to(torch.int8).to(device)
+        if kernel == "int8-intmm" and device.type == "cuda":
+            # cuBLAS' int8 GEMM wants its [K, N] operand contiguous (a transposed view can give
+            # wrong results): keep the codes laid out that way, still seen as [N, K]
+            codes = codes.t().contiguous().t()
+        # on the CPU, qweight.t() is the [K, N] view _int_mm takes, without a transposed copy
+        self.register_buffer("qweight", codes)
         scale = qw.scale.float().reshape(-1)
         zero = qw.zero.float().reshape(-1)
         self.register_buffer("wscale", scale.expand(out_f).contiguous().to(device) if scale.numel() == 1
