@@ -1,6 +1,7 @@
 """SpQR and QuIP: layer-level quality against RTN at the same bits, their own invariants
 (bits budget, exact outliers, orthogonal and consistent transforms), whole tiny models, exact reload."""
 
+import functools
 import math
 
 import pytest
@@ -131,9 +132,11 @@ def test_spqr_outliers_are_kept_exactly():
 @pytest.mark.parametrize("bits,sym", [(2, False), (3, False), (3, True), (4, False)])
 @pytest.mark.parametrize("act_order", [True, False])
 @pytest.mark.parametrize("budget", [None, 20, 0])  # the fraction's cap, a cap that binds early, none
-def test_spqr_without_host_syncs_equals_the_per_column_loop(bits, sym, act_order, budget):
-    """spqr_solve keeps the outlier budget on the device and selects outliers with masks (no
-    nonzero / numel / item per column); it gives exactly what the loop that read them back did."""
+@pytest.mark.parametrize("sync_free", [True, False])
+def test_spqr_without_host_syncs_equals_the_per_column_loop(bits, sym, act_order, budget, sync_free):
+    """spqr_solve off the CPU keeps the outlier budget on the device and selects outliers with
+    masks (no nonzero / numel / item per column), on the CPU by index; both give exactly what the
+    loop that read every column's outliers back did."""
     from spqr_reference import spqr_solve_per_column_syncs
 
     w, x = _layer(seed=bits)
@@ -141,7 +144,7 @@ def test_spqr_without_host_syncs_equals_the_per_column_loop(bits, sym, act_order
     H = _hessian(x).H
     spec = QuantSpec(bits=bits, group_size=16, symmetric=sym)
     ref = spqr_solve_per_column_syncs(w, H, spec, max_outliers=budget, act_order=act_order)
-    got = spqr_solve(w, H, spec, max_outliers=budget, act_order=act_order)
+    got = spqr_solve(w, H, spec, max_outliers=budget, act_order=act_order, sync_free=sync_free)
     assert torch.equal(got.weight, ref.weight) and torch.equal(got.qweight.codes, ref.qweight.codes)
     assert torch.equal(got.qweight.scale, ref.qweight.scale) and torch.equal(got.qweight.zero, ref.qweight.zero)
     assert torch.equal(got.qweight.outlier_idx, ref.qweight.outlier_idx)
@@ -152,7 +155,8 @@ def test_spqr_without_host_syncs_equals_the_per_column_loop(bits, sym, act_order
 
 def test_spqr_reads_nothing_back_per_column():
     """Host reads (bool/int/float/item/nonzero/tolist of a tensor: each a device sync on a GPU)
-    during one SpQR solve do not grow with the number of columns: there are none in the loop."""
+    during one SpQR solve in its GPU mode do not grow with the number of columns: there are none
+    in the loop."""
     from spqr_reference import spqr_solve_per_column_syncs
     from torch.overrides import TorchFunctionMode
 
@@ -168,13 +172,14 @@ def test_spqr_reads_nothing_back_per_column():
             return func(*args, **(kwargs or {}))
 
     counts = {}
-    for solve in (spqr_solve, spqr_solve_per_column_syncs):
+    for solve in (functools.partial(spqr_solve, sync_free=True), spqr_solve_per_column_syncs):
+        name = getattr(solve, "__name__", "spqr_solve")
         for in_f in (96, 192):
             w, x = _layer(in_f=in_f)
             H = _hessian(x).H
             with CountReads() as c:
                 solve(w, H, QuantSpec(bits=3, group_size=16))
-            counts[solve.__name__, in_f] = c.n
+            counts[name, in_f] = c.n
     assert counts["spqr_solve", 96] == counts["spqr_solve", 192] <= 8  # per layer: damping, threshold, result
     assert counts["spqr_solve_per_column_syncs", 192] > 2 * 192  # what it replaced: several per column
 

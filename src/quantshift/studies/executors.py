@@ -266,6 +266,8 @@ def connect_ray(settings: RaySettings, study_device: str) -> RayCluster:
             ray.cancel(ref, force=True)
             raise ConfigError(f"no Ray worker could take a cell's resources ({settings.cpus_per_cell:g} CPUs, {gpus:g} "
                               f"GPUs) within {settings.probe_timeout:g}s") from None
+        except ray.exceptions.RayError as err:
+            raise ConfigError(f"probing a Ray worker failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}") from None
         if "error" in seen:
             raise ConfigError(f"a Ray worker ({seen['host']}) cannot compute this study: {seen['error']}")
         return RayCluster(ray, settings, started_here, gpus, nodes, seen)
