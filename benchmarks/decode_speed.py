@@ -28,10 +28,13 @@ import time
 import torch
 
 
-def llama_config(small: bool, layers: int | None):
+def llama_config(small: bool, layers: int | None, tiny: bool = False):
     from transformers import LlamaConfig
 
-    if small:
+    if tiny:  # a smoke test of the same code path (gpu_session.sh --dry-run), not a measurement
+        cfg = dict(hidden_size=128, intermediate_size=384, num_attention_heads=2, num_key_value_heads=2,
+                   num_hidden_layers=1, vocab_size=2048)
+    elif small:
         cfg = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=8,
                    num_hidden_layers=4, vocab_size=32000)
     else:  # Llama-2-7B
@@ -120,6 +123,7 @@ def versions(device: torch.device) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="hidden 1024 / mlp 2816 / 8 heads / 4 layers")
+    ap.add_argument("--tiny", action="store_true", help="hidden 128 / mlp 384, 1 layer: a smoke test, not a measurement")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float dtype (default float16 on CUDA, float32 on CPU)")
     ap.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
@@ -133,10 +137,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.float16 if device.type == "cuda" else torch.float32)
-    config = llama_config(args.small, args.layers)
+    config = llama_config(args.small, args.layers, args.tiny)
     print(versions(device))
     shape = f"hidden {config.hidden_size}, mlp {config.intermediate_size}, {config.num_attention_heads} heads, {config.num_hidden_layers} layers, vocab {config.vocab_size}"
-    print(f"model: LlamaForCausalLM random weights ({'small' if args.small else 'Llama-2-7B'} shapes: {shape}); batch 1, "
+    size = "tiny" if args.tiny else ("small" if args.small else "Llama-2-7B")
+    print(f"model: LlamaForCausalLM random weights ({size} shapes: {shape}); batch 1, "
           f"prompt {args.prompt}, {args.steps} decode steps, best of {args.repeats}")
     copy = (args.copy_mib or (1024 if device.type == "cuda" else 256)) * 2**20
     bw = copy_bandwidth(device, copy)

@@ -1,12 +1,24 @@
 #!/usr/bin/env bash
-# Every measurement and test that needs a GPU, in one call on a lent device machine.
+# Every test and measurement that needs a GPU, in one call of at most 8 minutes on one GPU,
+# written to one JSON ($OUT/gpu-session.json; the device tool brings $OUT back):
+#   1. device    what quantshift chooses on this GPU and why (as `quantshift device` prints it)
+#   2. pytest    `pytest -m gpu` over every test file with a gpu test
+#   3. kernels   int4 (tinygemm) / int8 (_int_mm) / fp8 (_scaled_mm) kernels against the fake-quant
+#                reference on Llama-2-7B linear shapes, error and time (benchmarks/gpu_kernels.py)
+#   4. gptq      GPTQ seconds per Llama-2-7B-shaped layer, 128 x 2048 calibration tokens, synthetic
+#                weights, peak memory, against llm-compressor's 7.28 s per layer on an H100
+#                (benchmarks/quantize_speed.py)
+#   5. decode    batch-1 decode tok/s of a Llama-2-7B-shaped W4 g128 model (and fp16) as a fraction
+#                of the copy-bandwidth bound (benchmarks/decode_speed.py)
+# Each step has a time limit; the limits add up to 470 s.
+#
+#   bash benchmarks/gpu_session.sh --dry-run     # on a CPU: the plan, then every step small (< 1 min)
+#   bash benchmarks/gpu_session.sh               # on the GPU machine (device tool: carry [".whl"])
+#   bash benchmarks/gpu_session.sh --fetch-wheels   # here, once: pydantic wheels for the device image
 #
 # The device image has torch, transformers, safetensors, typer, tqdm and pytest but not pydantic,
-# so its wheels travel with the working tree (for the image's Python 3.12):
-#   here, once:      bash benchmarks/gpu_session.sh --fetch-wheels
-#   on the device:   bash benchmarks/gpu_session.sh            (device tool: carry [".whl"])
-# Logs and JSON land in $OUT (the device tool brings them back), else in ./gpu-results.
-# Each step is bounded so the whole call stays inside one 10-minute device command.
+# so its wheels travel with the working tree (for the image's Python 3.12). $PYTHON picks the
+# interpreter (default python3). Logs and JSON land in $OUT, else in ./gpu-results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -17,26 +29,66 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
     -d .whl pydantic==2.14.3 pydantic_core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
   exit
 fi
+dry=0
+if [[ "${1:-}" == "--dry-run" ]]; then
+  dry=1
+elif [[ -n "${1:-}" ]]; then
+  echo "error: unknown option ${1}; allowed: --dry-run, --fetch-wheels" >&2
+  exit 2
+fi
 
+PY="${PYTHON:-python3}"
 out="${OUT:-gpu-results}"
 mkdir -p "$out"
-if ls .whl/*.whl >/dev/null 2>&1; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+if [[ $dry == 0 ]] && ls .whl/*.whl >/dev/null 2>&1; then
+  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
 fi
 export PYTHONPATH="$PWD/src:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-python3 -c "import pydantic" 2>/dev/null || { echo "pydantic missing: run --fetch-wheels here and carry .whl"; exit 1; }
+"$PY" -c "import pydantic" 2>/dev/null || { echo "pydantic missing: run --fetch-wheels here and carry .whl"; exit 1; }
+gpu_tests=$(grep -l "mark.gpu" tests/test_*.py | tr '\n' ' ')
 
-nvidia-smi > "$out/nvidia-smi.txt" 2>&1
+if [[ $dry == 1 ]]; then
+  mode="dry-run (CPU, every step small: checks the session runs, measures nothing)"
+  device=cpu
+  kernels=(--small --device cpu)
+  gptq=(--tiny --device cpu --nsamples 2 --seqlen 64 --methods gptq)
+  decode=(--tiny --device cpu --steps 2 --repeats 1 --prompt 4 --copy-mib 16)
+else
+  mode="GPU"
+  device=cuda
+  kernels=(--device cuda)
+  gptq=(--device cuda --layers 2 --nsamples 128 --seqlen 2048 --methods gptq)
+  decode=(--device cuda --steps 64 --repeats 3)
+fi
+# name | time limit (s) | command
+plan=(
+  "device|20|$PY benchmarks/gpu_session_summary.py --device $device"
+  "pytest|120|$PY -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors $gpu_tests"
+  "kernels|60|$PY benchmarks/gpu_kernels.py ${kernels[*]} --json $out/kernels.json"
+  "gptq|150|$PY benchmarks/quantize_speed.py ${gptq[*]} --json $out/gptq.json"
+  "decode|120|$PY benchmarks/decode_speed.py ${decode[*]} --json $out/decode.json"
+)
+echo "gpu session: $mode; output $out/gpu-session.json"
+for step in "${plan[@]}"; do
+  IFS='|' read -r name limit cmd <<< "$step"
+  printf '  plan: %-8s <= %4ss  %s\n' "$name" "$limit" "$cmd"
+done
+[[ $dry == 0 ]] && { nvidia-smi > "$out/nvidia-smi.txt" 2>&1 || true; }
+
+: > "$out/steps.tsv"
 status=0
-step() {  # name, time limit in seconds, command...
-  local name=$1 limit=$2; shift 2
+for step in "${plan[@]}"; do
+  IFS='|' read -r name limit cmd <<< "$step"
   echo "== $name"
-  timeout "$limit" "$@" 2>&1 | tee "$out/$name.log"
-  local rc=${PIPESTATUS[0]}
+  t0=$(date +%s%N)
+  # shellcheck disable=SC2086  # the command is a word list on purpose
+  timeout "$limit" $cmd > "$out/$name.log" 2>&1
+  rc=$?
+  t1=$(date +%s%N)
+  tail -n 25 "$out/$name.log"
   echo "== $name: exit $rc"
+  printf '%s\t%s\t%s\t%s\n' "$name" "$rc" "$(( (t1 - t0) / 1000000 ))" "$limit" >> "$out/steps.tsv"
   [[ $rc == 0 ]] || status=1
-}
-step pytest-gpu 120 python3 -m pytest -q -m gpu -p no:cacheprovider tests/test_gptq.py tests/test_engine.py tests/test_qlinear.py
-step quantize_speed 300 python3 benchmarks/quantize_speed.py --json "$out/quantize_speed.json"
-step decode_speed 150 python3 benchmarks/decode_speed.py --json "$out/decode_speed.json"
+done
+"$PY" benchmarks/gpu_session_summary.py --out "$out" --mode "$([[ $dry == 1 ]] && echo dry-run || echo gpu)" || status=1
 exit $status

@@ -103,10 +103,13 @@ def register_textbook() -> None:
             return SolveResult(Q, None, {"out_rel_err": hessian_error(W, Q, stats.H)})
 
 
-def config(small: bool, layers: int | None):
+def config(small: bool, layers: int | None, tiny: bool = False):
     from transformers import LlamaConfig
 
-    if small:
+    if tiny:  # a smoke test of the same code path (gpu_session.sh --dry-run), not a measurement
+        cfg = dict(hidden_size=128, intermediate_size=352, num_attention_heads=2, num_key_value_heads=2,
+                   num_hidden_layers=1, vocab_size=2048)
+    elif small:
         cfg = dict(hidden_size=1024, intermediate_size=2752, num_attention_heads=8, num_key_value_heads=8,
                    num_hidden_layers=2, vocab_size=32000)
     else:
@@ -134,7 +137,7 @@ def run_one(method: str, args) -> dict:
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config(args.small, args.layers)).to(dtype).eval()  # blocks stay on CPU, one at a time on device
+    model = LlamaForCausalLM(config(args.small, args.layers, args.tiny)).to(dtype).eval()  # blocks stay on CPU, one at a time on device
     ids = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
     calib = CalibSet(ids, CalibManifest("random", "calib", 0, args.nsamples, args.seqlen, ids.numel(), "none", ids_sha256(ids)))
     loaded = LoadedModel(model, None, "random-llama", "memory", arch_for(model))
@@ -169,6 +172,7 @@ def versions(device: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="CPU shapes: hidden 1024 / mlp 2752 / 8 heads, 16 x 512 tokens")
+    ap.add_argument("--tiny", action="store_true", help="hidden 128 / mlp 352, 1 layer: a smoke test, not a measurement")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--methods", default="gptq,gptq-textbook,awq,rtn")
     ap.add_argument("--layers", type=int, default=None)
@@ -185,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print("RESULT " + json.dumps(run_one(args.only, args)))
         return 0
 
-    cfg = config(args.small, args.layers)
+    cfg = config(args.small, args.layers, args.tiny)
     print(versions(args.device))
     print(f"model: LlamaForCausalLM random weights, hidden {cfg.hidden_size}, mlp {cfg.intermediate_size}, "
           f"{cfg.num_attention_heads} heads, {cfg.num_hidden_layers} layers; calibration {args.nsamples} x {args.seqlen} "
@@ -195,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         cmd = [sys.executable, __file__, "--only", method, "--device", args.device, "--nsamples", str(args.nsamples),
                "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size)]
         cmd += ["--small"] if args.small else []
+        cmd += ["--tiny"] if args.tiny else []
         cmd += ["--layers", str(args.layers)] if args.layers else []
         r = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln for ln in r.stdout.splitlines() if ln.startswith("RESULT ")), None)

@@ -315,12 +315,12 @@ def _fake_package(tmp_path, monkeypatch, name: str, body: str) -> None:
 
 
 def test_missing_optional_extra_says_what_to_install(monkeypatch):
-    from quantshift.studies.executors import run_ray
+    from quantshift.studies.executors import RaySettings, connect_ray
 
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` -> ModuleNotFoundError(name="ray")
     what = r"the ray executor needs the 'ray' package: pip install 'quantshift\[ray\]'"
     with pytest.raises(DependencyError, match=what):
-        run_ray([], "/nonexistent", {}, lambda *_: None)
+        connect_ray(RaySettings(), "cpu")
 
 
 @pytest.mark.parametrize("body,own", [
@@ -328,11 +328,11 @@ def test_missing_optional_extra_says_what_to_install(monkeypatch):
     ("raise ImportError('libray.so: undefined symbol: foo')\n", "undefined symbol: foo"),  # a bad build
 ])
 def test_broken_optional_extra_is_not_reported_as_missing(tmp_path, monkeypatch, body, own):
-    from quantshift.studies.executors import run_ray
+    from quantshift.studies.executors import RaySettings, connect_ray
 
     _fake_package(tmp_path, monkeypatch, "ray", body)
     with pytest.raises(DependencyError) as info:
-        run_ray([], "/nonexistent", {}, lambda *_: None)
+        connect_ray(RaySettings(), "cpu")
     msg = str(info.value)
     assert "'ray' is installed but cannot be imported" in msg and own in msg and "needs the 'ray' package" not in msg
     assert isinstance(info.value.__cause__, ImportError)  # the original error stays attached

@@ -20,7 +20,7 @@ import torch
 from conftest import loaded_tiny, logits
 
 from quantshift.evaluation.perplexity import window_nll
-from quantshift.models import precision
+from quantshift.models import capability
 from quantshift.models.load import load_model
 from quantshift.quant import int8linear
 from quantshift.quant.actquant import InputQuantizer, fake_quantize_static
@@ -74,9 +74,9 @@ def test_int8_kernel_and_fallback_without_int8_units(monkeypatch):
     qw = quantize_weight(torch.randn(32, 64), QuantSpec(bits=8, group_size=-1, symmetric=True))
     x = torch.randn(4, 64)
     assert int8linear.int8_units({"fpu", "avx512_vnni"}) is None and "none of" in (int8linear.int8_units({"fpu"}) or "")
-    monkeypatch.setattr(precision, "cpu_flags", lambda path="/proc/cpuinfo": {"fpu", "avx2"})  # a CPU without VNNI/AMX
+    monkeypatch.setattr(capability, "cpu_flags", lambda path="/proc/cpuinfo": {"fpu", "avx2"})  # a CPU without VNNI/AMX
     emulated = Int8Linear(qw, A8)
-    assert emulated.kernel == "int8-emulated"
+    assert emulated.kernel == "int8-emulated" and "none of amx_int8" in (emulated.reason or "")
     assert _rel(emulated(x), _fake_w8a8(qw, A8, x)) < 1e-5
 
 
@@ -195,17 +195,19 @@ def test_packed_backend_needs_a_quantized_directory(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_int8_linear_on_cuda_is_emulated_and_exact():
+@pytest.mark.parametrize("rows", [1, 4, 16, 17, 64])  # cuBLAS' int8 GEMM takes > 16 rows: fewer are padded
+def test_int8_linear_on_cuda_follows_the_capability_and_is_exact(rows):
     qw = quantize_weight(torch.randn(64, 128), QuantSpec(bits=8, group_size=-1, symmetric=True))
     lin = Int8Linear(qw, A8, device="cuda")
-    x = torch.randn(4, 128, device="cuda")
-    assert lin.kernel == "int8-emulated"
+    x = torch.randn(rows, 128, device="cuda")
+    sm = torch.cuda.get_device_capability()
+    assert lin.kernel == ("int8-intmm" if sm >= (7, 5) else "int8-emulated")
     assert _rel(lin(x).cpu(), _fake_w8a8(qw, A8, x.cpu())) < 1e-5
 
 
 def test_no_int8_units_is_reported_per_linear(tmp_path, monkeypatch):
     q, _, _ = _quantized_dir(tmp_path, "w8a8", **W8A8)
-    monkeypatch.setattr(precision, "cpu_flags", lambda path="/proc/cpuinfo": {"fpu", "avx2"})
+    monkeypatch.setattr(capability, "cpu_flags", lambda path="/proc/cpuinfo": {"fpu", "avx2"})
     _, _, _, report = load_packed(q, torch.float32, "cpu")
     assert report.counts() == {"w8a8:int8-emulated": 14}
     [(reason, names)] = report.fallbacks().items()

@@ -538,7 +538,8 @@ def export(source: QuantizationResult | str | Path, path: str | Path, format: st
 
 
 def run_study(spec: Any, out_dir: str | Path | None = None, *, cache: str | Path | None = None, jobs: int = 1,
-              executor: str = "local", ray_address: str | None = None, gpus_per_cell: float = 0.0,
+              executor: str = "local", ray_address: str | None = None, gpus_per_cell: float | None = None,
+              cpus_per_cell: float | None = None, max_retries: int | None = None, lock_timeout: float | None = None,
               data_dir: str | Path | None = None, device: str | None = None, progress: bool = True,
               echo: Callable[[str], Any] = print, max_memory: str | None = None) -> dict:
     """Run a study (a StudySpec, its dict form or a YAML path): every cell its cache lacks, then the
@@ -560,6 +561,7 @@ def run_study(spec: Any, out_dir: str | Path | None = None, *, cache: str | Path
         study.device = device
     run_dir = Path(out_dir) if out_dir is not None else Path("runs") / study.name
     summary = run(study, run_dir, Path(cache) if cache is not None else run_dir.parent / ".cache", executor=executor,
-                  ray_address=ray_address, gpus_per_cell=gpus_per_cell, data_dir=str(data_dir) if data_dir else None,
+                  ray_address=ray_address, gpus_per_cell=gpus_per_cell, cpus_per_cell=cpus_per_cell,
+                  max_retries=max_retries, lock_timeout=lock_timeout, data_dir=str(data_dir) if data_dir else None,
                   progress=progress, echo=echo, jobs=jobs, max_memory=max_memory)
     return {**summary, "out_dir": str(run_dir), "report": str(run_dir / "report.md")}

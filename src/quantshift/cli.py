@@ -1,4 +1,4 @@
-"""Command-line interface: list | quantize | eval (more commands register from their modules)."""
+"""Command-line interface: list | device | quantize | eval (more commands register from their modules)."""
 
 from __future__ import annotations
 
@@ -65,6 +65,17 @@ def list_cmd(what: Annotated[str, typer.Argument(help="models | methods | calib 
             typer.echo("(also: any lm-eval task name, e.g. arc_easy, hellaswag, mmlu)")
 
 
+@app.command("device")
+def device_cmd(device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto") -> None:
+    """What the compute device can do and what quantshift chooses on it: dtype auto and the
+    int4 / int8 / fp8 kernels, each with its reason (models.capability)."""
+    validate.check_device("--device", device)
+    from .models import capability
+
+    for line in capability.detect(device).lines():
+        typer.echo(line)
+
+
 def _extra_listings() -> dict:
     from .evaluation.tasks import SUITES, TASKS
 
@@ -117,7 +128,17 @@ def quantize(
                        propagate=propagate, stats_cache=stats_cache, activations=activations, progress=not quiet,
                        out=out, overwrite=overwrite, max_memory=max_memory, **(options if recipe is None else {}))
     path = res.path
-    typer.echo(f"quantized {model} with {res.recipe.describe()} ({res.precision}) in {time.time() - t0:.1f}s -> {path}")
+    why = _precision_reason(dtype, res.device)
+    typer.echo(f"quantized {model} with {res.recipe.describe()} ({res.precision}{why}) in {time.time() - t0:.1f}s -> {path}")
+
+
+def _precision_reason(dtype: str, device: str) -> str:
+    """'; <why auto chose it>' for --dtype auto (models.capability), else ''."""
+    if dtype != "auto":
+        return ""
+    from .models.precision import resolve_precision
+
+    return f"; {resolve_precision(dtype, device).reason}"
 
 
 @app.command("eval")

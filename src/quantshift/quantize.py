@@ -19,6 +19,7 @@ from .models.lazy import SourceBlocks, WeightSource, release
 from .models.load import LoadedModel
 from .models.shards import return_freed_memory
 from .quant.engine import BlockEngine, EngineResult
+from .quant.pinned import pinned_pool
 from .quant.statstore import CalibIdentity, StatsStore
 from .recipes import Recipe
 
@@ -105,7 +106,7 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, calib: CalibSet | None, 
     engine = BlockEngine(model, loaded.arch, stages, dev, batch_size=batch_size, progress=progress,
                          propagate=propagate, stats_store=stats_store, calib=calib_id, activations=activations,
                          autocast=loaded.precision.autocast, residency=residency)
-    with torch.no_grad():
+    with torch.no_grad(), pinned_pool():  # offloaded activations reuse their pinned buffers
         result = engine.run(calib.input_ids if (calib is not None and recipe.needs_calibration) else None)
     line = numerics_line(numerics_summary(result.modules))
     if line is not None:  # stderr, next to the progress bars; the report keeps the details

@@ -855,7 +855,19 @@ def check_run(o: dict) -> None:
         fail(f"--jobs applies to the local executor; the {executor} executor schedules works itself")
     if o.get("ray_address") is not None and executor != "ray":
         fail("--ray-address goes with --executor ray")
-    finite_in("--gpus-per-cell", o.get("gpus_per_cell", 0.0), 0.0, 1024.0)
+    if o.get("gpus_per_cell") is not None:
+        finite_in("--gpus-per-cell", o["gpus_per_cell"], 0.0, 1024.0)
+        if o["gpus_per_cell"] > 1 and o["gpus_per_cell"] != int(o["gpus_per_cell"]):
+            fail(f"--gpus-per-cell takes fractions below 1 or whole numbers, got {o['gpus_per_cell']!r}")
+    for opt, key in (("--cpus-per-cell", "cpus_per_cell"), ("--max-retries", "max_retries"), ("--lock-timeout", "lock_timeout")):
+        if o.get(key) is not None and executor != "ray":
+            fail(f"{opt} goes with --executor ray")
+    if o.get("cpus_per_cell") is not None:
+        finite_in("--cpus-per-cell", o["cpus_per_cell"], 0.0, 4096.0, lo_open=True)
+    if o.get("max_retries") is not None:
+        int_in("--max-retries", o["max_retries"], 0, 100)
+    if o.get("lock_timeout") is not None:
+        finite_in("--lock-timeout", o["lock_timeout"], 0.0, 86400.0, lo_open=True)
     check_max_memory("--max-memory", o.get("max_memory"))
     if o.get("device") is not None:
         check_device("--device", o["device"])

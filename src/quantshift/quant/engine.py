@@ -28,6 +28,7 @@ from ..methods.base import LinearPlan, Method, SolveResult, StageConfig, plan_fo
 from ..models.arch import ArchSpec
 from ..models.precision import compute_context
 from .actquant import InputQuantizer, OutputQuantizer
+from .pinned import active_pool
 from .primitives import QuantizedWeight, QuantSpec
 from .statstore import CalibIdentity, StatsStore
 
@@ -148,8 +149,12 @@ def activation_home(mode: str, compute: torch.device, need_bytes: int, free_byte
 
 
 def _to_home(t: torch.Tensor, home: torch.device) -> torch.Tensor:
-    """A copy on `home`; offloaded from a GPU into pinned memory, so copies back can overlap."""
+    """A copy on `home`; offloaded from a GPU into pinned memory, so copies back can overlap,
+    in a buffer of the open pinned pool (quant.pinned) when there is one."""
     if home.type == "cpu" and t.is_cuda:
+        pool = active_pool()
+        if pool is not None:
+            return pool.copy(t)
         return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
     return t.to(home)
 

@@ -5,13 +5,18 @@ init_empty_weights), so a quantized linear's float weight is never allocated: ea
 by the packed module `choose_linear` picks, and only the float tensors (embeddings, norms,
 unquantized linears) are loaded, in `dtype`.
 
-Selection, per quantized linear (explicit and reported, see PackReport):
+Selection, per quantized linear (explicit and reported, see PackReport); what the device can do
+comes from its capability (models.capability), so a choice names the compute capability or CPU
+flag it lacks:
 - integer weights + an input quantizer, one scale per output channel -> Int8Linear ("w8a8",
-  kernel int8-intmm, or int8-emulated with the reason when the CPU has no int8 units);
+  kernel int8-intmm on a CPU with int8 units or a CUDA sm75+ GPU, else int8-emulated with the reason);
+- fp8 weights + fp8 inputs, per channel or per tensor -> FP8Linear ("w8a8", kernel fp8-scaled-mm,
+  torch._scaled_mm on CUDA sm89+); elsewhere the exact fake-quant below, with the reason;
 - integer weights of 2/4/8 bits, float inputs -> PackedLinear ("w{b}a16", kernel int4mm-cpu /
-  int4mm-cuda, or dequant with the reason: other bit widths, partial groups, act-order, widths);
-- anything else (fp8, SpQR outliers, 3/5/6/7 bits, grouped W8A8) -> a float nn.Linear of the
-  dequantized weight ("float", with the reason), plus the fake input quantizer if it has one,
+  int4mm-cuda (sm80+), or dequant with the reason: other bit widths, partial groups, act-order,
+  widths, an older GPU);
+- anything else (fp8 elsewhere, SpQR outliers, 3/5/6/7 bits, grouped W8A8) -> a float nn.Linear of
+  the dequantized weight ("float", with the reason), plus the fake input quantizer if it has one,
   i.e. exactly the fake-quant module.
 
 `head="int8"` also quantizes the output projection (lm_head, which no method quantizes) to int8
@@ -31,11 +36,14 @@ import torch
 import torch.nn as nn
 
 from ..errors import ModelError
+from ..models import capability as _cap
+from ..models.capability import Capability
 from ..models.lazy import FakeQuantSource, WeightSource
 from .actquant import attach_input_quantizers, attach_output_quantizers
-from .int8linear import Int8Linear, int8_kernel, int8_units, w8a8_problem
+from .fp8linear import FP8Linear, fp8_choice
+from .int8linear import Int8Linear, int8_choice, w8a8_problem
 from .primitives import QuantizedWeight, QuantSpec, quantize_weight
-from .qlinear import PackedLinear, int4_problem
+from .qlinear import PackedLinear, int4_choice
 
 if TYPE_CHECKING:
     from ..checkpoint import QuantizedDir
@@ -44,7 +52,7 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class LinearChoice:
     kind: str  # "w8a8", "w4a16" (w{bits}a16), "float"
-    kernel: str  # int8-intmm, int8-emulated, int4mm-cpu, int4mm-cuda, dequant, float
+    kernel: str  # int8-intmm, int8-emulated, fp8-scaled-mm, int4mm-cpu, int4mm-cuda, dequant, float
     reason: str | None = None  # why it is not the fastest path for its kind (None = it is)
 
 
@@ -81,32 +89,38 @@ class PackReport:
                 "modules": {n: asdict(c) for n, c in self.choices.items()}}
 
 
-def w8a8_choice(kernel: str, device: torch.device) -> LinearChoice:
-    """What an Int8Linear runs on; the reason names why it is not the int8 GEMM when it is not."""
-    units = int8_units() if device.type == "cpu" else f"device {device.type}"
-    return LinearChoice("w8a8", kernel, None if kernel == "int8-intmm" else units)
+def w8a8_choice(lin: Int8Linear | FP8Linear, device: torch.device | None = None) -> LinearChoice:
+    """What an Int8Linear / FP8Linear runs on; the reason names why it is not the GEMM when it is not."""
+    return LinearChoice("w8a8", lin.kernel, lin.reason)
 
 
 def choose_linear(name: str, qw: QuantizedWeight, act: dict | None, device: torch.device,
-                  has_outliers: bool = False) -> LinearChoice:
-    """What one quantized linear runs as (see the module doc). Decided from the format, the
-    shapes and the device, never from values, so a skeleton on meta gets the same choice."""
+                  has_outliers: bool = False, capability: Capability | None = None) -> LinearChoice:
+    """What one quantized linear runs as on `device` (see the module doc), from the format, the
+    shapes and the device's capability (default: detected), never from values, so a skeleton on
+    meta gets the same choice."""
     spec = qw.spec
+    cap = capability or _cap.detect(device)
     reason: str | None
     if has_outliers:
         reason = "sparse 16-bit outliers (SpQR) have no packed kernel"
+    elif spec.dtype == "fp8":
+        choice = fp8_choice(qw, act, cap)
+        reason = choice.reason
+        if reason is None and act is not None:
+            return LinearChoice("w8a8", choice.kernel, None)
     elif spec.dtype != "int":
         reason = f"{spec.describe()} weights have no packed kernel here"
     elif act is not None:
         reason = w8a8_problem(qw, act)
         if reason is None:
-            return w8a8_choice(int8_kernel(device), device)
+            c8 = int8_choice(qw.codes.shape[0], qw.codes.shape[1], cap)
+            return LinearChoice("w8a8", c8.kernel, c8.reason)
     elif 32 % spec.bits:
         reason = f"{spec.bits}-bit codes do not pack into int32 words"
     else:
-        why = int4_problem(qw, device)
-        kernel = "dequant" if why else ("int4mm-cuda" if device.type == "cuda" else "int4mm-cpu")
-        return LinearChoice(f"w{spec.bits}a16", kernel, why)
+        c4 = int4_choice(qw, cap)
+        return LinearChoice(f"w{spec.bits}a16", c4.kernel, c4.reason)
     return LinearChoice("float", "float", reason)
 
 
@@ -116,17 +130,25 @@ def make_linear(choice: LinearChoice, qw: QuantizedWeight, act: dict | None, bia
     `dense`: the float weight of a "float" choice (None: left empty, to be filled later)."""
     device = torch.device(device)
     if choice.kind == "w8a8":
-        return Int8Linear(qw, act or {}, bias, kernel=choice.kernel, device=device)
+        lin: Int8Linear | FP8Linear
+        if qw.spec.dtype == "fp8":
+            lin = FP8Linear(qw, act or {}, bias, choice.kernel, device)
+        else:
+            lin = Int8Linear(qw, act or {}, bias, kernel=choice.kernel, device=device)
+        lin.reason = choice.reason
+        return lin
     if choice.kind != "float":
-        return PackedLinear(qw, bias, choice.kernel, device, dtype)  # type: ignore[arg-type]
+        packed = PackedLinear(qw, bias, choice.kernel, device, dtype)  # type: ignore[arg-type]
+        packed.fallback_reason = choice.reason
+        return packed
     out_f, in_f = qw.codes.shape
-    lin = nn.Linear(in_f, out_f, bias=bias is not None, device="meta" if dense is None else device, dtype=dtype)
+    lin_f = nn.Linear(in_f, out_f, bias=bias is not None, device="meta" if dense is None else device, dtype=dtype)
     if dense is not None:
         with torch.no_grad():
-            lin.weight.copy_(dense)
+            lin_f.weight.copy_(dense)
             if bias is not None:
-                lin.bias.copy_(bias)
-    return lin
+                lin_f.bias.copy_(bias)
+    return lin_f
 
 
 def plan_packed(model: nn.Module, qdir: QuantizedDir, dtype: torch.dtype, device: torch.device) -> dict[str, LinearChoice]:
@@ -134,13 +156,14 @@ def plan_packed(model: nn.Module, qdir: QuantizedDir, dtype: torch.dtype, device
     as on `device`, still on meta; returns name -> choice."""
     modules = dict(model.named_modules())
     acts = qdir.acts
+    cap = _cap.detect(device)
     choices: dict[str, LinearChoice] = {}
     for name in qdir.specs:
         lin = modules.get(name)
         if not isinstance(lin, nn.Linear):
             raise ModelError(f"corrupt quantized model directory {qdir.path}: {name} is not a linear of this model")
         qw = qdir.meta_weight(name)
-        choice = choose_linear(name, qw, acts.get(name), device, qdir.has(name, "outlier_idx"))
+        choice = choose_linear(name, qw, acts.get(name), device, qdir.has(name, "outlier_idx"), cap)
         new = make_linear(choice, qw, acts.get(name), lin.bias, torch.device("meta"), dtype)  # chosen for `device`
         parent, _, leaf = name.rpartition(".")
         setattr(modules[parent] if parent else model, leaf, new)
@@ -175,7 +198,7 @@ def quantize_head(model: nn.Module, device: torch.device) -> tuple[str, LinearCh
     lin = Int8Linear(qw, HEAD_INPUTS, head.bias, device=device)
     set_head: Any = getattr(model, "set_output_embeddings")  # noqa: B009
     set_head(lin)
-    return name, w8a8_choice(lin.kernel, device)
+    return name, w8a8_choice(lin)
 
 
 class PackedSource(WeightSource):

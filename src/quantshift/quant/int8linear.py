@@ -1,5 +1,6 @@
 """A real W8A8 linear: int8 weights (per channel or per tensor), inputs quantized to int8 per
-token at run time, integer products on the CPU's int8 dot-product units.
+token at run time, integer products on int8 units (the CPU's dot-product instructions, a GPU's
+int8 tensor cores).
 
     y = s_x * s_w * (q_x @ (c_w - o)^T  -  rowsum(q_x) * (z_w - o)) + bias
 
@@ -8,15 +9,18 @@ fits int8 for any width <= 8) and z_w the weight zero point (the correction term
 symmetric grids). The integer sum is exact, so the result equals the fake-quant model's
 F.linear(fake_quant(x), dequant(W)) up to float32 rounding of that float GEMM.
 
-Kernels (chosen once per layer, reported by `kernel`):
-- "int8-intmm": torch._int_mm (oneDNN s8s8s32 on x86). Chosen over onednn.qlinear_pointwise
+Kernels (chosen once per layer from the device's capability, models.capability; reported by
+`kernel`, and `reason` when it is the emulation):
+- "int8-intmm": torch._int_mm: oneDNN s8s8s32 on x86 CPUs with VNNI/AMX; cuBLASLt on CUDA sm75+,
+  which takes K and N multiples of 8 and more than 16 rows (fewer rows, as in decoding, are
+  padded with zero rows, whose products are zero and are dropped). On the CPU chosen over onednn.qlinear_pointwise
   (prepacked, uint8 activations) by an interleaved microbenchmark at SmolLM2's shapes
   (576x576, 576x1536, 1536x576; 1 thread, AMD EPYC with AVX512-VNNI and no AMX, on a loaded
   machine, activation quantization included): _int_mm was faster at M=1 and M=8 (0.24-0.75x
   float32 F.linear except 576x576 M=1, where fp32 stays in cache), mixed at M=512 (0.36-0.64x
   float32; oneDNN 0.26-0.41x); bf16 F.linear was 0.20-0.29x float32 at M=512.
 - "int8-emulated": the same integer arithmetic on float matmuls (exact for K < 2**24 / 2**14),
-  for machines without int8 dot-product instructions or devices other than the CPU.
+  for CPUs without int8 dot-product instructions, GPUs older than sm75, other devices and shapes.
 """
 
 from __future__ import annotations
@@ -26,25 +30,27 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from ..models import capability as _cap
+from ..models.capability import INT8_FLAGS, Capability, Choice
 from .primitives import QuantizedWeight, QuantSpec
 
-# processor flags (Linux /proc/cpuinfo) of int8 dot-product instructions oneDNN uses
-INT8_FLAGS = ("amx_int8", "avx512_vnni", "avx_vnni")
+__all__ = ["INT8_FLAGS", "Int8Linear", "activation_codes", "int8_choice", "int8_units", "w8a8_problem"]
+_CUDA_MIN_ROWS = 17  # cuBLASLt's int8 GEMM in torch._int_mm takes more than 16 rows
 
 
 def int8_units(flags: set[str] | None = None) -> str | None:
     """Why this CPU has no int8 matrix units (None = it has them)."""
-    from ..models.precision import cpu_flags
-
-    flags = cpu_flags() if flags is None else flags
-    if any(f in flags for f in INT8_FLAGS):
-        return None
-    return f"this CPU has none of {', '.join(INT8_FLAGS)}"
+    cap = _cap.detect("cpu") if flags is None else _cap.fake("cpu", flags=flags)
+    return cap.int8().reason
 
 
-def int8_kernel(device: torch.device) -> str:
-    """The kernel an Int8Linear on `device` runs: the int8 GEMM where the CPU has int8 units."""
-    return "int8-intmm" if device.type == "cpu" and int8_units() is None else "int8-emulated"
+def int8_choice(out_f: int, in_f: int, cap: Capability) -> Choice:
+    """The kernel an [out_f, in_f] Int8Linear runs on a device of capability `cap`, and why not
+    the integer GEMM when it is not."""
+    choice = cap.int8()
+    if choice.reason is None and cap.kind == "cuda" and (in_f % 8 or out_f % 8):
+        return Choice("int8-emulated", f"shape {out_f}x{in_f} (cuBLAS int8 GEMMs need multiples of 8)")
+    return choice
 
 
 def w8a8_problem(qw: QuantizedWeight, act: dict[str, Any]) -> str | None:
@@ -90,7 +96,7 @@ class Int8Linear(nn.Module):
     bias: torch.Tensor | None
 
     def __init__(self, qw: QuantizedWeight, act: dict[str, Any], bias: torch.Tensor | None = None,
-                 kernel: str = "auto", device: torch.device | str = "cpu") -> None:
+                 kernel: str = "auto", device: torch.device | str = "cpu", capability: Capability | None = None) -> None:
         super().__init__()
         why = w8a8_problem(qw, act)
         if why is not None:
@@ -101,14 +107,21 @@ class Int8Linear(nn.Module):
         self.spec, self.act_spec = qw.spec, QuantSpec(**act["spec"])
         self.per_token = bool(act.get("per_token", True))
         self.static_scale: float | None = act.get("static_scale")
+        self.reason: str | None = None  # why "auto" chose the emulation
         if kernel == "auto":
-            kernel = int8_kernel(device)
+            choice = int8_choice(out_f, in_f, capability or _cap.detect(device))
+            kernel, self.reason = choice.kernel, choice.reason
         if kernel not in ("int8-intmm", "int8-emulated"):
             raise ValueError(f"unknown int8 kernel {kernel!r}; allowed: auto, int8-intmm, int8-emulated")
         self.kernel = kernel
         off = 2 ** (qw.spec.bits - 1)
-        # [K, N] view of an [N, K] int8 tensor: what _int_mm takes, without a transposed copy
-        self.register_buffer("qweight", (qw.codes.to(torch.int16) - off).to(torch.int8).to(device))
+        codes = (qw.codes.to(torch.int16) - off).to(torch.int8).to(device)
+        if kernel == "int8-intmm" and device.type == "cuda":
+            # cuBLAS' int8 GEMM wants its [K, N] operand contiguous (a transposed view can give
+            # wrong results): keep the codes laid out that way, still seen as [N, K]
+            codes = codes.t().contiguous().t()
+        # on the CPU, qweight.t() is the [K, N] view _int_mm takes, without a transposed copy
+        self.register_buffer("qweight", codes)
         scale = qw.scale.float().reshape(-1)
         zero = qw.zero.float().reshape(-1)
         self.register_buffer("wscale", scale.expand(out_f).contiguous().to(device) if scale.numel() == 1
@@ -123,7 +136,12 @@ class Int8Linear(nn.Module):
         shape = x.shape
         q, s = activation_codes(x.reshape(-1, shape[-1]), self.act_spec, self.per_token, self.static_scale)
         if self.kernel == "int8-intmm":
-            acc = torch._int_mm(q, self.qweight.t()).float()
+            rows = q.shape[0]
+            if q.is_cuda and rows < _CUDA_MIN_ROWS:  # zero rows: zero products, dropped below
+                q_mm = torch.cat([q, q.new_zeros(_CUDA_MIN_ROWS - rows, q.shape[1])])
+                acc = torch._int_mm(q_mm, self.qweight.t())[:rows].float()
+            else:
+                acc = torch._int_mm(q, self.qweight.t()).float()
         else:
             acc = q.float() @ self.qweight.t().float()
         if self.zero_corr is not None:

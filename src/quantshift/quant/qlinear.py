@@ -6,7 +6,9 @@ Backends (chosen once, when the layer is built):
   g_idx, partial groups. The reference the others are tested against.
 - "int4mm-cpu": torch's int4 "tinygemm" CPU kernel (aten._weight_int4pack_mm_for_cpu).
 - "int4mm-cuda": the same kernel family on CUDA (aten._weight_int4pack_mm, bfloat16), which is
-  what torchao's int4 weight-only tensor-core layout calls; torchao itself is not required.
+  what torchao's int4 weight-only tensor-core layout calls; torchao itself is not required. Its
+  tensor-core instructions need sm80+: on older GPUs "auto" dequantizes on the fly and says why
+  (the device's part of the choice comes from models.capability).
 Both int4mm kernels take sequential groups of 32/64/128/256 columns and express the zero point
 as a float offset: W = (c - 8) * s + s * (8 - z), algebraically equal to s * (c - z).
 Both run in bfloat16 (activations, scales): with float32 inputs the CPU kernel takes a slow
@@ -18,12 +20,14 @@ cast to bf16 and the output back. The CPU kernel also needs out_features % 16 ==
 from __future__ import annotations
 
 import importlib.util
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..models import capability as _cap
+from ..models.capability import Capability, Choice
 from .primitives import QuantizedWeight, expand_to_columns, pack_codes, unpack_codes
 
 Backend = Literal["auto", "dequant", "int4mm-cpu", "int4mm-cuda"]
@@ -39,8 +43,10 @@ def torchao_version() -> str | None:
     return getattr(torchao, "__version__", "unknown")
 
 
-def int4mm_unsupported_reason(qw: QuantizedWeight, device: torch.device) -> str | None:
-    """Why the int4mm kernels cannot run this weight on `device` (None = they can)."""
+def int4mm_unsupported_reason(qw: QuantizedWeight, device: torch.device, capability: Capability | None = None
+                              ) -> str | None:
+    """Why the int4mm kernels cannot run this weight on `device` (None = they can); the device's
+    part of the answer comes from its capability (models.capability: sm80+ on CUDA)."""
     out_f, in_f = qw.codes.shape
     spec = qw.spec
     if spec.bits != 4 or spec.dtype != "int":
@@ -49,16 +55,12 @@ def int4mm_unsupported_reason(qw: QuantizedWeight, device: torch.device) -> str 
         return "act-order g_idx (scattered groups)"
     if spec.group_size not in _TINYGEMM_GROUPS or in_f % spec.group_size:
         return f"group size {spec.group_size} with {in_f} inputs (needs whole groups of {_TINYGEMM_GROUPS})"
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            return "no CUDA device"
-        if out_f % 8 or in_f % 128:  # innerKTiles = 8 -> K a multiple of 8 * 16
-            return f"shape {out_f}x{in_f} (needs out % 8 == 0 and in % 128 == 0)"
-    elif device.type == "cpu":
-        if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
-            return "this torch has no CPU int4 kernel"
-    else:
-        return f"device {device.type}"
+    cap = capability or _cap.detect(device)
+    why = cap.int4().reason
+    if why is not None:
+        return why
+    if cap.kind == "cuda" and (out_f % 8 or in_f % 128):  # innerKTiles = 8 -> K a multiple of 8 * 16
+        return f"shape {out_f}x{in_f} (needs out % 8 == 0 and in % 128 == 0)"
     return None
 
 
@@ -69,16 +71,26 @@ def int4_cpu_shape_problem(out_f: int, device: torch.device) -> str | None:
     return None
 
 
-def int4_problem(qw: QuantizedWeight, device: torch.device) -> str | None:
+def int4_problem(qw: QuantizedWeight, device: torch.device, capability: Capability | None = None) -> str | None:
     """Why no int4mm kernel can run `qw` on `device` (None = one can)."""
-    return int4mm_unsupported_reason(qw, device) or int4_cpu_shape_problem(qw.codes.shape[0], device)
+    cap = capability or _cap.detect(device)
+    return (int4mm_unsupported_reason(qw, device, cap)
+            or int4_cpu_shape_problem(qw.codes.shape[0], torch.device(cap.kind)))
+
+
+def int4_choice(qw: QuantizedWeight, capability: Capability) -> Choice:
+    """The W4A16 kernel PackedLinear("auto") picks for `qw` on a device of `capability`, with the
+    reason when it is the dequantize-on-the-fly fallback."""
+    why = int4_problem(qw, torch.device(capability.kind), capability)
+    return Choice("dequant", why) if why else capability.int4()
 
 
 class PackedLinear(nn.Module):
     """y = x @ dequant(codes, scales, zeros)^T + bias, from packed codes."""
 
     def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None, backend: Backend = "auto",
-                 device: torch.device | str = "cpu", compute_dtype: torch.dtype | None = None) -> None:
+                 device: torch.device | str = "cpu", compute_dtype: torch.dtype | None = None,
+                 capability: Capability | None = None) -> None:
         super().__init__()
         device = torch.device(device)
         out_f, in_f = qw.codes.shape
@@ -88,8 +100,9 @@ class PackedLinear(nn.Module):
             raise ValueError(f"PackedLinear packs 2, 4 or 8-bit integer grids, not {qw.spec.describe()}")
         self.fallback_reason: str | None = None  # why "auto" fell back to dequant
         if backend == "auto":
-            self.fallback_reason = int4_problem(qw, device)
-            backend = "dequant" if self.fallback_reason else ("int4mm-cuda" if device.type == "cuda" else "int4mm-cpu")
+            choice = int4_choice(qw, capability or _cap.detect(device))
+            self.fallback_reason = choice.reason
+            backend = cast(Backend, choice.kernel)
         elif backend != "dequant":
             if backend not in _KERNEL:
                 raise ValueError(f"unknown backend {backend!r}; allowed: auto, dequant, {', '.join(_KERNEL)}")

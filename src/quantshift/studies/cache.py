@@ -151,17 +151,19 @@ class Cache:
         return dest
 
     @contextmanager
-    def claim(self, kind: str, key: str, wait: bool = True) -> Iterator[bool]:
+    def claim(self, kind: str, key: str, wait: bool | float = True) -> Iterator[bool]:
         """Hold the lock of one entry (or work) while checking, computing and storing it, so two
         processes sharing the cache never compute it twice. Yields False, holding nothing, when
-        `wait` is False and another process holds it."""
+        another process holds it and `wait` is False (do not wait) or a number of seconds that
+        passed without the lock coming free (True: wait as long as it takes)."""
         from filelock import FileLock, Timeout
 
         locks = self.root / "locks"
         locks.mkdir(parents=True, exist_ok=True)
         lock = FileLock(str(locks / f"{kind}-{key}.lock"))
+        timeout = -1.0 if wait is True else (0.0 if wait is False else float(wait))
         try:
-            lock.acquire(timeout=-1 if wait else 0)
+            lock.acquire(timeout=timeout)
         except Timeout:
             yield False
             return

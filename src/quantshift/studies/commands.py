@@ -24,7 +24,13 @@ def run_cmd(
     executor: Annotated[str, typer.Option(help="local | ray")] = "local",
     jobs: Annotated[int, typer.Option(help="local executor: works run at once, in worker processes sharing the CPU threads")] = 1,
     ray_address: Annotated[str | None, typer.Option(help="Ray cluster address ('auto' = running cluster; none = start a local one)")] = None,
-    gpus_per_cell: Annotated[float, typer.Option(help="GPUs each Ray task asks for")] = 0.0,
+    gpus_per_cell: Annotated[float | None, typer.Option(help="GPUs each Ray task asks for (fractions allowed; default: 1 "
+                                                              "when the cluster has GPUs and the study's device is not cpu)")] = None,
+    cpus_per_cell: Annotated[float | None, typer.Option(help="ray: CPUs each task asks for, its torch threads (default 1)")] = None,
+    max_retries: Annotated[int | None, typer.Option(help="ray: times a task whose worker or node died runs again; the "
+                                                         "cache keeps what it finished (default 3)")] = None,
+    lock_timeout: Annotated[float | None, typer.Option(help="ray: seconds a task waits for a work another process holds "
+                                                            "before giving its resources back and queueing again (default 60)")] = None,
     data_dir: Annotated[Path | None, typer.Option(help="directory with offline task data (e.g. BOSS)")] = None,
     device: Annotated[str | None, typer.Option(help="override the study's device: auto, cpu, cuda")] = None,
     max_memory: Annotated[str | None, typer.Option(help="memory caps, e.g. cpu=16GiB,cuda:0=70GiB (default: what is "
@@ -50,9 +56,10 @@ def run_cmd(
             spec.device = device
         run_dir = out or Path("runs") / spec.name
         raise typer.Exit(verify_cache(spec, cache or run_dir.parent / ".cache", str(data_dir) if data_dir else None,
-                                      gpus_per_cell > 0))
+                                      bool(gpus_per_cell)))
     summary = run_study(study, out, cache=cache, device=device, executor=executor, ray_address=ray_address,
-                        gpus_per_cell=gpus_per_cell, data_dir=data_dir, progress=not quiet, echo=typer.echo, jobs=jobs,
+                        gpus_per_cell=gpus_per_cell, cpus_per_cell=cpus_per_cell, max_retries=max_retries,
+                        lock_timeout=lock_timeout, data_dir=data_dir, progress=not quiet, echo=typer.echo, jobs=jobs,
                         max_memory=max_memory)
     if summary["failed"]:
         raise typer.Exit(1)

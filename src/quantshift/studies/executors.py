@@ -6,8 +6,17 @@ local: one after another in this process (default); with jobs > 1, that many wor
        matrix products. Memory is scheduled too: a work starts only while the memory plans of the
        works running (runner.plan_work_memory) fit the host budget together.
 ray:   each work is a Ray task on an existing cluster (`address="auto"`) or a local instance
-       (`address=None`), asking for `gpus` GPUs per task; workers read and write the same cache
-       directory, so it must be on a filesystem every node sees.
+       (`address=None`); workers read and write the same cache directory, so it must be on a
+       filesystem every node sees. What a task asks for (`RaySettings`, `connect_ray`): one GPU
+       when the cluster has GPUs and the study may use them (or `gpus_per_cell`, fractions
+       allowed), `cpus_per_cell` CPUs (its torch threads), and the memory its model needs
+       (studies.placement.memory_request), so two large models do not land on one node that
+       cannot hold both. Before planning, one task with a cell's resources reports what a worker
+       sees (device, capability, what dtype auto means there); the plan's cache keys use that,
+       and every work checks on its worker that it computes as planned (placement.check_placement).
+       A task whose node dies is retried (`max_retries`); the cache keeps every unit a dead task
+       finished, so a retry computes only the rest. A task waits at most `lock_timeout` seconds for
+       a work another process holds, then gives its resources back and is queued again.
 
 Every executor runs a work holding its lock in the cache (`run_claimed`): several processes (two
 `quantshift run`s, Ray nodes) may share one cache, and a work one of them is computing is never
@@ -17,8 +26,11 @@ in-process local executor first runs the works nobody holds and comes back to th
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .cache import Cache
 from .records import Work, WorkResult
@@ -28,9 +40,9 @@ OnDone = Callable[[WorkResult], None]
 
 
 def run_claimed(work: Work, cache_root: str, options: dict, progress: bool = True,
-                wait: bool = True) -> WorkResult | None:
+                wait: bool | float = True) -> WorkResult | None:
     """execute_work holding the work's lock; None (nothing run) if another process holds it and
-    `wait` is False."""
+    `wait` is False, or seconds that passed without it coming free."""
     with Cache(Path(cache_root)).claim("work", work["key"], wait) as mine:
         return execute_work(work, cache_root, options, progress) if mine else None
 
@@ -196,27 +208,161 @@ def _worker_run(work: Work, cache_root: str, options: dict, flight: str, progres
     return result
 
 
-def run_ray(works: list[Work], cache_root: str, options: dict, on_done: OnDone, *, address: str | None = None,
-            gpus: float = 0.0, cpus: float = 1.0, local_cpus: int | None = None) -> None:
+@dataclass(frozen=True)
+class RaySettings:
+    """What each Ray task asks for and how failures are handled (see the module doc)."""
+
+    address: str | None = None  # "auto" or host:port of a running cluster; None: start a local one
+    gpus_per_cell: float | None = None  # None: 1 when the cluster has GPUs and the study's device allows
+    cpus_per_cell: float = 1.0
+    max_retries: int = 3  # a task whose worker or node dies runs again up to this many times
+    lock_timeout: float = 60.0  # seconds a task waits for a work another process holds
+    lock_tries: int = 20  # then the work fails, naming the lock
+    probe_timeout: float = 300.0  # seconds to wait for a worker that can take a cell's resources
+    local_cpus: int | None = None  # CPUs of a local instance (address None)
+
+
+def cells_gpus(asked: float | None, study_device: str, cluster_gpus: float, node_gpus: float) -> float:
+    """GPUs per cell: as asked, or by default 1 when the cluster has GPUs and the study's device
+    is not the CPU. Refuses what cannot be scheduled or would be wasted (one-line ConfigError)."""
+    from ..errors import ConfigError
+
+    if asked is None:
+        if study_device == "cpu" or cluster_gpus == 0:
+            if study_device.startswith("cuda") and cluster_gpus == 0:
+                raise ConfigError(f"the study's device is {study_device} but the Ray cluster has no GPUs")
+            return 0.0
+        return 1.0
+    if asked > 0 and study_device == "cpu":
+        raise ConfigError(f"--gpus-per-cell {asked:g} with device cpu: the cells would hold GPUs they do not use")
+    if asked > 1 and asked != int(asked):
+        raise ConfigError(f"--gpus-per-cell {asked:g}: Ray takes fractions below 1 or whole numbers of GPUs")
+    if asked > node_gpus:
+        raise ConfigError(f"--gpus-per-cell {asked:g}: no node of the Ray cluster has that many GPUs (most: {node_gpus:g})")
+    if asked == 0 and study_device.startswith("cuda"):
+        raise ConfigError(f"--gpus-per-cell 0 with device {study_device}: the cells would get no GPU")
+    return float(asked)
+
+
+@dataclass
+class RayCluster:
+    """A connection to a Ray cluster and what its cells will get there."""
+
+    ray: Any
+    settings: RaySettings
+    started_here: bool
+    gpus: float  # per cell
+    nodes: list[dict]  # resources of each alive node
+    probe: dict  # placement.probe() on a worker with a cell's resources
+
+    @property
+    def precision_auto(self) -> str | None:
+        return self.probe.get("precision_auto")
+
+    def largest(self, resource: str) -> float:
+        return max((n.get(resource, 0.0) for n in self.nodes), default=0.0)
+
+    def describe(self) -> str:
+        s = self.settings
+        total = {k: sum(n.get(k, 0.0) for n in self.nodes) for k in ("CPU", "GPU")}
+        return (f"ray: {len(self.nodes)} nodes ({total['CPU']:g} CPUs, {total['GPU']:g} GPUs); each cell asks for "
+                f"{s.cpus_per_cell:g} CPUs, {self.gpus:g} GPUs and its model's memory; up to {s.max_retries} retries; "
+                f"a worker sees {self.probe.get('device')} ({self.probe.get('capability')}), dtype auto = "
+                f"{self.precision_auto}")
+
+    def close(self) -> None:
+        if self.started_here:
+            self.ray.shutdown()
+
+
+def connect_ray(settings: RaySettings, study_device: str) -> RayCluster:
+    """Connect (or start a local instance), resolve GPUs per cell and probe a worker."""
     from ..deps import import_optional
+    from ..errors import ConfigError
+    from .placement import probe
 
     ray = import_optional("ray", "pip install 'quantshift[ray]'", "the ray executor")
     started_here = not ray.is_initialized()
     if started_here:
-        kwargs = {"address": address} if address else {"num_cpus": local_cpus, "include_dashboard": False}
+        kwargs = {"address": settings.address} if settings.address else {"num_cpus": settings.local_cpus,
+                                                                          "include_dashboard": False}
         ray.init(log_to_driver=False, **kwargs)
     try:
-        task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=0)(run_waiting)
-        pending = {task.remote(w, cache_root, options, False): w for w in works}
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
-            ref = ready[0]
-            w = pending.pop(ref)
-            try:
-                result = ray.get(ref)
-            except Exception as err:  # the worker died (OOM, node lost): record and go on
-                result = _failed(w, f"ray task failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}")
-            on_done(result)
-    finally:
+        nodes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
+        gpus = cells_gpus(settings.gpus_per_cell, study_device, sum(n.get("GPU", 0.0) for n in nodes),
+                          max((n.get("GPU", 0.0) for n in nodes), default=0.0))
+        if settings.cpus_per_cell > max((n.get("CPU", 0.0) for n in nodes), default=0.0):
+            raise ConfigError(f"--cpus-per-cell {settings.cpus_per_cell:g}: no node of the Ray cluster has that many CPUs")
+        task = ray.remote(probe).options(num_cpus=settings.cpus_per_cell, num_gpus=gpus, max_retries=settings.max_retries)
+        ref = task.remote(study_device)
+        try:
+            seen = ray.get(ref, timeout=settings.probe_timeout)
+        except ray.exceptions.GetTimeoutError:
+            ray.cancel(ref, force=True)
+            raise ConfigError(f"no Ray worker could take a cell's resources ({settings.cpus_per_cell:g} CPUs, {gpus:g} "
+                              f"GPUs) within {settings.probe_timeout:g}s") from None
+        except ray.exceptions.RayError as err:
+            raise ConfigError(f"probing a Ray worker failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}") from None
+        if "error" in seen:
+            raise ConfigError(f"a Ray worker ({seen['host']}) cannot compute this study: {seen['error']}")
+        return RayCluster(ray, settings, started_here, gpus, nodes, seen)
+    except BaseException:
         if started_here:
             ray.shutdown()
+        raise
+
+
+def _ray_work(work: Work, cache_root: str, options: dict, threads: int, lock_timeout: float) -> WorkResult:
+    """One Ray task: the work under its lock, waiting at most `lock_timeout` seconds for it."""
+    import torch
+
+    torch.set_num_threads(threads)
+    result = run_claimed(work, cache_root, options, False, wait=lock_timeout)
+    if result is None:
+        return {**_failed(work, f"another process held its lock for {lock_timeout:g}s"), "deferred": True}
+    return result
+
+
+def run_ray(works: list[Work], cache_root: str, options: dict, on_done: OnDone, cluster: RayCluster) -> None:
+    """Each work as a Ray task with the cluster's per-cell requests; results in completion order."""
+    from .placement import memory_request
+
+    ray, s = cluster.ray, cluster.settings
+    task = ray.remote(_ray_work)
+    threads = max(1, math.floor(s.cpus_per_cell))
+    counts: dict[str, int | None] = {}
+    largest = cluster.largest("memory")
+
+    def submit(w: Work, memory: int | None) -> Any:
+        opts: dict[str, Any] = {"num_cpus": s.cpus_per_cell, "num_gpus": cluster.gpus, "max_retries": s.max_retries}
+        if memory:
+            opts["memory"] = memory
+        return task.options(**opts).remote(w, cache_root, options, threads, s.lock_timeout)
+
+    pending: dict[Any, tuple[Work, int | None]] = {}
+    for w in works:
+        memory = memory_request(w, counts)
+        if memory and largest and memory > largest:
+            on_done(_failed(w, f"needs {memory / 2**30:.1f} GiB of memory (its model's weights), more than any node of "
+                               f"the Ray cluster offers (largest: {largest / 2**30:.1f} GiB)"))
+            continue
+        pending[submit(w, memory)] = (w, memory)
+    tries: dict[str, int] = {}
+    while pending:
+        ready, _ = ray.wait(list(pending), num_returns=1)
+        ref = ready[0]
+        w, memory = pending.pop(ref)
+        try:
+            result = ray.get(ref)
+        except Exception as err:  # every retry failed (worker killed, node lost, out of memory)
+            result = _failed(w, f"ray task failed after {s.max_retries} retries: {type(err).__name__}: "
+                                f"{str(err).splitlines()[0][:300]}")
+        if result.get("deferred"):
+            tries[w["key"]] = tries.get(w["key"], 0) + 1
+            if tries[w["key"]] < s.lock_tries:  # after the others already queued
+                pending[submit(w, memory)] = (w, memory)
+                continue
+            result = _failed(w, f"another process has held its lock in {cache_root}/locks for over "
+                                f"{s.lock_timeout * s.lock_tries:g}s (another run on this cache?)")
+            result.pop("deferred", None)
+        on_done(result)

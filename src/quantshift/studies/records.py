@@ -64,3 +64,4 @@ class WorkResult(TypedDict, total=False):
     traceback: str
     diag: list[str]  # diagnostic sets computed (diag works)
     wrote: list[str]  # cache entries this process wrote (none: another process had done the work)
+    deferred: bool  # a Ray task gave up waiting for the work's lock: queue it again

@@ -120,23 +120,57 @@ def all_works(plan: Plan) -> list[Work]:
 
 
 def run_study(spec: StudySpec, out_dir: Path, cache_root: Path, *, executor: str = "local", ray_address: str | None = None,
-              gpus_per_cell: float = 0.0, data_dir: str | None = None, progress: bool = True, echo=print,
+              gpus_per_cell: float | None = None, cpus_per_cell: float | None = None, max_retries: int | None = None,
+              lock_timeout: float | None = None, data_dir: str | None = None, progress: bool = True, echo=print,
               jobs: int = 1, max_memory: str | None = None) -> dict:
     """Run every missing piece of the study, then gather results and write the report.
-    `jobs`: worker processes of the local executor (1: in this process)."""
-    from tqdm.auto import tqdm
-
-    from ..checkpoint import write_json_atomic
+    `jobs`: worker processes of the local executor (1: in this process). The Ray executor's
+    requests (executors.RaySettings): `gpus_per_cell` (default: 1 when the cluster has GPUs),
+    `cpus_per_cell`, `max_retries`, `lock_timeout`; with the local executor, `gpus_per_cell` > 0
+    only plans for a GPU."""
     from ..errors import ConfigError
-    from .executors import run_local, run_ray
-    from .report import write_report
+    from .executors import RaySettings, connect_ray
 
     if jobs < 1:
         raise ConfigError(f"jobs must be 1 or more, got {jobs}")
+    if executor not in ("local", "ray"):
+        raise ConfigError(f"unknown executor {executor!r}; allowed: local, ray")
     if jobs > 1 and executor != "local":
         raise ConfigError(f"jobs applies to the local executor; the {executor} executor schedules works itself")
+    ray_only = {"cpus_per_cell": cpus_per_cell, "max_retries": max_retries, "lock_timeout": lock_timeout}
+    if executor != "ray" and any(v is not None for v in ray_only.values()):
+        raise ConfigError(f"{', '.join(k for k, v in ray_only.items() if v is not None)} go with the ray executor")
+    cluster = None
+    if executor == "ray":
+        defaults = RaySettings()
+        settings = RaySettings(ray_address, gpus_per_cell,
+                               defaults.cpus_per_cell if cpus_per_cell is None else cpus_per_cell,
+                               defaults.max_retries if max_retries is None else max_retries,
+                               defaults.lock_timeout if lock_timeout is None else lock_timeout)
+        cluster = connect_ray(settings, spec.device)
+        echo(cluster.describe())
+    try:
+        return _run_planned(spec, out_dir, cache_root, executor, cluster, gpus_per_cell, data_dir, progress, echo, jobs,
+                            max_memory)
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def _run_planned(spec: StudySpec, out_dir: Path, cache_root: Path, executor: str, cluster, gpus_per_cell: float | None,
+                 data_dir: str | None, progress: bool, echo, jobs: int, max_memory: str | None = None) -> dict:
+    from tqdm.auto import tqdm
+
+    from ..checkpoint import write_json_atomic
+    from .executors import run_local, run_ray
+    from .placement import planned_device_kind
+    from .report import write_report
+
     t0, cpu0 = time.time(), _cpu_seconds()
-    plan = plan_study(spec, data_dir, on_gpu=True if gpus_per_cell > 0 else None)
+    if cluster is not None:  # as a worker with a cell's resources sees it (the probe)
+        plan = plan_study(spec, data_dir, on_gpu=cluster.gpus > 0, precision_auto=cluster.precision_auto)
+    else:
+        plan = plan_study(spec, data_dir, on_gpu=True if gpus_per_cell else None)
     works = all_works(plan)
     cache = Cache(Path(cache_root))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -161,14 +195,13 @@ def run_study(spec: StudySpec, out_dir: Path, cache_root: Path, *, executor: str
         tqdm.write(f"  [{n}/{len(todo)}] {res['label']}: {status}, {what} computed in {res['seconds']:.1f}s{elsewhere}")
         write_json_atomic(out_dir / "last-run.json", {"results": results})
 
-    options = options_of(spec, data_dir, max_memory)
+    # every work checks on its worker that it computes on the device kind its keys were planned for
+    options = {**options_of(spec, data_dir, max_memory), "planned_device": planned_device_kind(plan.versions)}
     plan_work_memory(todo, options)
-    if executor == "local":
+    if cluster is None:
         run_local(todo, str(cache_root), options, on_done, progress, jobs=jobs)
-    elif executor == "ray":
-        run_ray(todo, str(cache_root), options, on_done, address=ray_address, gpus=gpus_per_cell)
     else:
-        raise ConfigError(f"unknown executor {executor!r}; allowed: local, ray")
+        run_ray(todo, str(cache_root), options, on_done, cluster)
     bar.close()
     failures = {k: r for k, r in results.items() if not r["ok"]}
     collected = collect(plan, works, cache, failures)

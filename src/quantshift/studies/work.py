@@ -20,6 +20,7 @@ from .cache import Cache
 from .calib import obtain_calibset
 from .diagnostics import run_diag_work
 from .keys import CACHE_SCHEMA, model_identity
+from .placement import check_placement
 from .records import ModelWork, UnitRecord, Work, WorkResult
 from .spec import CalibChoice, ModelAxis, digest
 
@@ -39,6 +40,7 @@ def execute_work(work: Work, cache_root: str, options: dict, progress: bool = Tr
     t0 = time.time()
     done: list[str] = []
     try:
+        check_placement(work, options)  # the device and precision its cache keys were planned for
         if work["kind"] == "diag":
             return {"key": work["key"], "label": work["label"], "ok": True, "computed": [],
                     "diag": run_diag_work(work, cache, options, progress), "seconds": round(time.time() - t0, 2),
