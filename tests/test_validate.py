@@ -357,6 +357,19 @@ def test_check_recipe_lists_resolved_stages(cli, tmp_path):
     assert code == 2 and "did you mean 'wbits'" in one_line_error(err)
 
 
+def test_check_prints_memory_plans_and_refuses_bad_caps(cli, tmp_path):
+    code, out, err = cli("check", str(ROOT / "studies" / "offline-cross-domain.yaml"), "--max-memory", "cpu=64GiB")
+    assert code == 0, err
+    assert "memory plan for smollm2-135m" in out and "quantize  in memory" in out and "host cap 64.0 GiB" in out
+    code, out, err = cli("check", str(ROOT / "studies" / "offline-cross-domain.yaml"), "--max-memory", "cpu=100MB")
+    assert code == 0 and "memory plan for smollm2-135m: does not fit: quantize needs" in out, err
+    rec = write(tmp_path, "stages:\n  - gptq: {wbits: 4}\n", "r.yaml")
+    code, out, err = cli("check", str(rec), "--model", "smollm2-135m", "--max-memory", "cpu=8GiB")
+    assert code == 0 and "memory plan for smollm2-135m" in out and "evaluate" in out, err
+    code, _, err = cli("check", str(rec), "--max-memory", "cpu=8 gigs")
+    assert code == 2 and "cannot read memory size '8 gigs'" in one_line_error(err)
+
+
 def test_check_file_neither_recipe_nor_study(cli, tmp_path):
     code, _, err = cli("check", str(write(tmp_path, "modles: [x]\n")))
     assert code == 2 and "did you mean 'models'" in one_line_error(err)

@@ -78,11 +78,17 @@ def check_cmd(
 def memory_lines(model: str, device: str, dtype: str, max_memory: str | None, calib_tokens: int,
                  calibrated: bool, quantize: bool = True) -> list[str]:
     """The memory plan of quantizing and evaluating `model` (memory.py), as printed lines."""
+    from .errors import ConfigError, QuantshiftError
     from .memory import plan_for_model
     from .models.load import resolve_device
 
-    plan = plan_for_model(model, device=resolve_device(device), dtype=dtype, max_memory=max_memory,
-                          quantize=quantize, calib_tokens=calib_tokens, calibrated=calibrated)
+    try:
+        plan = plan_for_model(model, device=resolve_device(device), dtype=dtype, max_memory=max_memory,
+                              quantize=quantize, calib_tokens=calib_tokens, calibrated=calibrated)
+    except ConfigError as err:  # over the cap even streaming: what `run` would fail the model's works with
+        return [f"memory plan for {model}: does not fit: {err}"]
+    except QuantshiftError as err:  # e.g. a hub model whose config is not cached offline
+        return [f"memory plan for {model}: unknown ({err})"]
     return plan.lines()
 
 

@@ -49,7 +49,9 @@ QUANT_FILE = "quantshift.json"
 REPORT_FILE = "report.json"
 FORMAT_VERSION = 2
 V1_FILES = ("model.safetensors", "quantized.safetensors")
-DEFAULT_SHARD_BYTES = 2 * 2**30  # a shard is held in memory while written (see memory.shard_bytes)
+# a shard is held in memory while written, and serialized once more by safetensors: small shards
+# keep a save's transient memory small (the memory plan lowers this further under a tight cap)
+DEFAULT_SHARD_BYTES = 512 * 2**20
 # tensors stored beside each quantized linear, by suffix
 QUANT_PARTS = ("qweight", "codes", "scales", "zeros", "g_idx", "outlier_idx", "outlier_values")
 

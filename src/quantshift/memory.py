@@ -168,19 +168,22 @@ def model_shape(name: str) -> ModelShape:
     from .models.load import model_path
     from .models.shards import ShardedTensors
 
+    from .checkpoint import is_quantized_dir, read_quant_info
+
     path = model_path(name)
+    quantized = isinstance(path, Path) and is_quantized_dir(path)
+    info = read_quant_info(Path(path)) if quantized else None  # a corrupt record is named as such
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as err:
-        raise ModelError(f"cannot read the config of {name!r}: {str(err).splitlines()[0]}") from None
+        what = f"corrupt quantized model directory {path}" if quantized else f"cannot read the config of {name!r}"
+        raise ModelError(f"{what}: {str(err).splitlines()[0]}") from None
     stored = None
     if isinstance(path, Path):
         try:
-            from .checkpoint import is_quantized_dir, read_quant_info
-
-            files = list(read_quant_info(path)["files"]) if is_quantized_dir(path) else None
+            files = list(info["files"]) if info is not None else None
             stored = ShardedTensors(path, files).total_bytes()
-        except (ModelError, KeyError):
+        except (ModelError, KeyError, TypeError):
             stored = None
     return shape_of_config(config, name, stored)
 
@@ -247,13 +250,16 @@ def plan_memory(shape: ModelShape, *, device: str = "cpu", weight_bytes: int = 4
     s = shape
     stages = []
     block = s.block_params * weight_bytes
-    shard = int(min(2 * 2**30, max(64 * 2**20, host_cap // 16)))
+    shard = int(min(512 * 2**20, max(64 * 2**20, host_cap // 16)))  # checkpoint.DEFAULT_SHARD_BYTES at most
     if quantize:
         acts = 4 * calib_tokens * s.hidden * act
         solver = _solver_bytes(s, calibrated)
         codes = s.linear_params  # uint8 codes of every quantized linear, held until saved
-        in_mem = [("model", s.params * weight_bytes), ("codes", codes), ("block work", solver), ("activations", acts),
-                  ("process", base)]
+        # loading converts the stored copy into the compute dtype (both exist for a moment); saving
+        # holds one shard and its serialized copy
+        load = s.params * s.stored_dtype_bytes if s.stored_dtype_bytes != weight_bytes else 0
+        in_mem = [("model", s.params * weight_bytes), ("codes", codes),
+                  ("load or save", max(load, 2 * shard, solver + acts)), ("process", base)]
         # a block is read a module at a time; on the CPU the capture fills only the embedding rows
         # it looks up (models.lazy.materialize_rows), elsewhere the whole table
         stored_module = max((o * i for o, i in s.linears), default=0) * s.stored_dtype_bytes

@@ -120,7 +120,9 @@ def gptq_solve_rows(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: flo
     perm = torch.arange(in_f, device=W.device)
     if act_order:
         perm = torch.argsort(torch.diag(H), descending=True)
-        W, H = W[:, perm], H[perm][:, perm]
+        W = W[:, perm]
+        H = H[perm]  # permuted in two steps, each copy freed as the next exists: two of H at once, not three
+        H = H[:, perm]
     inv_perm = torch.argsort(perm)
 
     fac = damped_inverse_cholesky(H, damp)

@@ -82,7 +82,7 @@ def plan_work_memory(works: list[Work], options: dict) -> None:
     which the executors schedule by (two large models never run at once on one host; Ray asks
     for that much), or `memory_error` when even streaming does not fit the cap (the work then
     fails with that line instead of running out of memory an hour in)."""
-    from ..errors import QuantshiftError
+    from ..errors import ConfigError, QuantshiftError
     from ..models.load import resolve_device
     from .spec import ModelAxis
     from .work import model_plan
@@ -93,8 +93,10 @@ def plan_work_memory(works: list[Work], options: dict) -> None:
             continue
         try:
             plan = model_plan(ModelAxis(**w["model"]), w, options, device, quantize=w["recipe"] is not None)
-        except QuantshiftError as err:
+        except ConfigError as err:  # over the cap even streaming
             w["memory_error"] = str(err)
+            continue
+        except QuantshiftError:  # the config cannot be read here: the work's own load says why
             continue
         w["memory_bytes"] = max(st.host for st in plan.stages)
 
