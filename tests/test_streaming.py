@@ -367,3 +367,17 @@ def test_a_study_whose_models_exceed_the_budget_streams_with_equal_results(tmp_p
     for cache in ("ca", "cb"):
         kept = [p for p in (tmp_path / cache / "models").iterdir() if p.is_dir()]
         assert len(kept) == 2 and all((p / "model.safetensors.index.json").is_file() for p in kept)
+
+
+def test_cli_names_a_missing_or_truncated_shard_in_one_line(tmp_path):
+    d = _tiny_dir(tmp_path)
+    a, _ = _both(tmp_path, d, {"stages": [{"rtn": {"wbits": 4, "group_size": 32}}]}, None)
+    shards = sorted(a.glob("model-*.safetensors"))
+    run = [sys.executable, "-m", "quantshift.cli", "eval", str(a), "--tasks", "movie_sentiment", "--limit", "2"]
+    shards[1].write_bytes(shards[1].read_bytes()[:-64])
+    r = subprocess.run(run, capture_output=True, text=True)
+    assert r.returncode == 2 and f"{shards[1].name} is truncated" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    shards[1].unlink()
+    r = subprocess.run(run, capture_output=True, text=True)
+    assert r.returncode == 2 and f"missing {shards[1].name}" in r.stderr and len(r.stderr.strip().splitlines()) == 1

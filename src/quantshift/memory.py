@@ -124,6 +124,9 @@ class ModelShape:
     embed_params: int  # input embedding
     head_params: int  # output projection (0 when tied to the embedding)
     linears: tuple[tuple[int, int], ...]  # [out, in] of the largest block's linears
+    # [rows, in] of each problem a GPTQ-family solver solves at once in that block (linears fed
+    # the same input, q/k/v and gate/up, are stacked by rows)
+    problems: tuple[tuple[int, int], ...] = ()
     stored_bytes: int | None = None  # the checkpoint's weight bytes on disk, when known
     stored_dtype_bytes: int = 4  # bytes per stored float parameter (bf16 checkpoints: 2)
 
@@ -145,6 +148,11 @@ def shape_of_config(config: Any, name: str, stored_bytes: int | None = None) -> 
     sizes = [sum(p.numel() for p in b.parameters()) for b in blocks]
     big = blocks[sizes.index(max(sizes))]
     linears = tuple((m.out_features, m.in_features) for m in big.modules() if isinstance(m, nn.Linear))
+    mods = dict(big.named_modules())
+    problems = []
+    for group in arch.block_groups(big):  # one input per group in known architectures
+        ins = {mods[n].in_features for n in group}
+        problems += [(sum(mods[n].out_features for n in group if mods[n].in_features == i), i) for i in sorted(ins)]
     get_in: Any = getattr(model, "get_input_embeddings")  # noqa: B009 (typed as a Tensor by nn.Module)
     get_out: Any = getattr(model, "get_output_embeddings")  # noqa: B009
     emb, head = get_in(), get_out()
@@ -156,8 +164,10 @@ def shape_of_config(config: Any, name: str, stored_bytes: int | None = None) -> 
     text = getattr(config, "get_text_config", lambda: config)()
     dtype = str(getattr(text, "dtype", None) or getattr(text, "torch_dtype", None) or "float32")
     per = 2 if ("16" in dtype) else 4
+    if stored_bytes:
+        per = min(4, max(1, round(stored_bytes / max(1, params))))
     return ModelShape(name, params, max(sizes), len(blocks), int(text.hidden_size), int(emb.weight.shape[0]),
-                      emb.weight.numel(), head_params, linears, stored_bytes, per)
+                      emb.weight.numel(), head_params, linears, tuple(problems), stored_bytes, per)
 
 
 def model_shape(name: str) -> ModelShape:
@@ -179,11 +189,12 @@ def model_shape(name: str) -> ModelShape:
         what = f"corrupt quantized model directory {path}" if quantized else f"cannot read the config of {name!r}"
         raise ModelError(f"{what}: {str(err).splitlines()[0]}") from None
     stored = None
-    if isinstance(path, Path):
+    if info is not None:  # a missing or truncated shard fails here, before anything is printed or loaded
+        stored = ShardedTensors(Path(path), list(info.get("files") or {}), what="quantized model directory").total_bytes()
+    elif isinstance(path, Path):
         try:
-            files = list(info["files"]) if info is not None else None
-            stored = ShardedTensors(path, files).total_bytes()
-        except (ModelError, KeyError, TypeError):
+            stored = ShardedTensors(path).total_bytes()
+        except ModelError:  # not safetensors (.bin): the size on disk is not needed to plan
             stored = None
     return shape_of_config(config, name, stored)
 
@@ -226,13 +237,18 @@ class MemoryPlan:
 
 
 def _solver_bytes(shape: ModelShape, calibrated: bool) -> int:
-    """One block's solver state: each linear's Hessian (in x in, float32) for a group solved
-    together, plus a float32 copy, Hessian inverse and codes of the largest linear."""
-    if not shape.linears:
+    """One block's solver peak (float32): for the problem solved at once, its Hessian as collected,
+    the solver's permuted copy, the Cholesky factor, the identity it is solved against and the
+    inverse factor (five in x in matrices: methods.gptq, quant.primitives.damped_inverse_cholesky),
+    plus the weight's copy, its transpose, the solution and the codes (about four rows x in)."""
+    problems = shape.problems or tuple(shape.linears)
+    if not problems:
         return 0
-    hessians = sum(i * i * 4 for _o, i in shape.linears) if calibrated else 0
-    o, i = max(shape.linears, key=lambda x: x[0] * x[1])
-    return hessians + 3 * o * i * 4 + (2 * i * i * 4 if calibrated else 0)
+    if not calibrated:  # round to nearest: a weight copy and its codes
+        return max(3 * r * i * 4 for r, i in problems)
+    # the factorization (five Hessians and the weight) or the column loop (the collected Hessian,
+    # the inverse factor, and the weight's copy, transpose, solution and codes): the larger
+    return max(max(5 * i * i * 4 + r * i * 4, 2 * i * i * 4 + 4 * r * i * 4) for r, i in problems)
 
 
 def plan_memory(shape: ModelShape, *, device: str = "cpu", weight_bytes: int = 4, caps: MemoryCaps | None = None,
@@ -250,7 +266,7 @@ def plan_memory(shape: ModelShape, *, device: str = "cpu", weight_bytes: int = 4
     s = shape
     stages = []
     block = s.block_params * weight_bytes
-    shard = int(min(512 * 2**20, max(64 * 2**20, host_cap // 16)))  # checkpoint.DEFAULT_SHARD_BYTES at most
+    shard = int(min(512 * 2**20, max(64 * 2**20, host_cap // 32)))  # checkpoint.DEFAULT_SHARD_BYTES at most
     if quantize:
         acts = 4 * calib_tokens * s.hidden * act
         solver = _solver_bytes(s, calibrated)
@@ -264,8 +280,10 @@ def plan_memory(shape: ModelShape, *, device: str = "cpu", weight_bytes: int = 4
         # it looks up (models.lazy.materialize_rows), elsewhere the whole table
         stored_module = max((o * i for o, i in s.linears), default=0) * s.stored_dtype_bytes
         capture = s.embed_params * weight_bytes if on_gpu else 0
-        streaming = [("block", block), ("stored module", stored_module), ("block work", solver),
-                     ("activations", acts), ("embeddings or shard", max(capture, 2 * shard)), ("process", base)]
+        # while a block is solved, the output shard being filled waits beside it; a shard is
+        # written (and serialized once more) between blocks, when the solver's memory is free
+        streaming = [("block", block), ("block work", max(solver + shard, stored_module, capture, 2 * shard)),
+                     ("activations", acts), ("process", base)]
         stages.append(_choose("quantize", in_mem, streaming, host_cap, on_gpu, block + solver + acts))
     if not evaluate:
         return MemoryPlan(shape, caps, host_cap, device, tuple(stages), shard)
