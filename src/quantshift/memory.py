@@ -288,7 +288,7 @@ def plan_memory(shape: ModelShape, *, device: str = "cpu", weight_bytes: int = 4
     if not evaluate:
         return MemoryPlan(shape, caps, host_cap, device, tuple(stages), shard)
     # evaluation.scoring: one tile of logits and its exponentials
-    tile = 3 * min(2048, eval_batch * eval_seqlen) * 16384 * 4
+    tile = 3 * min(1024, eval_batch * eval_seqlen) * 16384 * 4
     per_batch = eval_batch * eval_seqlen * max(s.hidden * 8, s.hidden + 3 * max((o for o, _ in s.linears), default=0)) * act
     model_bytes = (s.stored_bytes or s.params * 2) if packed_eval else s.params * weight_bytes
     in_mem = [("model", model_bytes), ("activations", per_batch), ("scoring", tile), ("process", base)]

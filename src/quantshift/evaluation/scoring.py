@@ -32,7 +32,7 @@ from ..models.shards import return_freed_memory
 # off in total), so results from before it differ in the fifth significant digit
 PPL_SCORER = "vocab-slices-1"
 VOCAB_CHUNK = 16384
-TILE_POSITIONS = 2048
+TILE_POSITIONS = 1024
 
 # model types whose logits are exactly lm_head(backbone output), softcapped when configured
 CHUNKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma2")
