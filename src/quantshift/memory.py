@@ -174,11 +174,10 @@ def model_shape(name: str) -> ModelShape:
     """The shape of a model by name (bundled alias, local or quantized directory, hub id)."""
     from transformers import AutoConfig
 
+    from .checkpoint import is_quantized_dir, read_quant_info
     from .errors import ModelError
     from .models.load import model_path
     from .models.shards import ShardedTensors
-
-    from .checkpoint import is_quantized_dir, read_quant_info
 
     path = model_path(name)
     quantized = isinstance(path, Path) and is_quantized_dir(path)
