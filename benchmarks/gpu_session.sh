@@ -10,14 +10,18 @@
 #                (benchmarks/quantize_speed.py)
 #   5. decode    batch-1 decode tok/s of a Llama-2-7B-shaped W4 g128 model (and fp16) as a fraction
 #                of the copy-bandwidth bound (benchmarks/decode_speed.py)
-# Each step has a time limit; the limits add up to 470 s.
+#   6. ltm       an 8 GB synthetic bf16 model (7B shapes, 18 blocks) quantized RTN and GPTQ W4, saved,
+#                reloaded packed and scored under caps of 6 GiB host, 4 GiB device: peak device memory
+#                (benchmarks/larger_than_memory.py --device cuda)
+# Each step has a time limit; the limits add up to 515 s.
 #
 #   bash benchmarks/gpu_session.sh --dry-run     # on a CPU: the plan, then every step small (< 1 min)
-#   bash benchmarks/gpu_session.sh               # on the GPU machine (device tool: carry [".whl"])
-#   bash benchmarks/gpu_session.sh --fetch-wheels   # here, once: pydantic wheels for the device image
+#   bash benchmarks/gpu_session.sh               # on the GPU machine (device tool: carry [".whl", ".gpucarry"])
+#   bash benchmarks/gpu_session.sh --fetch-wheels   # here, once: pydantic wheels and the tokenizer
 #
-# The device image has torch, transformers, safetensors, typer, tqdm and pytest but not pydantic,
-# so its wheels travel with the working tree (for the image's Python 3.12). $PYTHON picks the
+# The device image has torch, transformers, safetensors, accelerate, typer, tqdm and pytest but not
+# pydantic, so its wheels travel with the working tree (for the image's Python 3.12); nor the bundled
+# model's packages, so the SmolLM2 tokenizer files travel in .gpucarry/tokenizer. $PYTHON picks the
 # interpreter (default python3). Logs and JSON land in $OUT, else in ./gpu-results.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -26,7 +30,12 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
   grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-    -d .whl pydantic==2.14.3 pydantic_core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5
+    -d .whl pydantic==2.14.3 pydantic_core==2.50.4 annotated-types==0.8.0 typing-inspection==0.4.5 || exit 1
+  tok=$("${PYTHON:-.venv/bin/python}" -c 'from quantshift.models.bundled import bundled_checkpoint as b; print(b("smollm2-135m"))') || exit 1
+  mkdir -p .gpucarry/tokenizer
+  for f in tokenizer.json tokenizer_config.json special_tokens_map.json chat_template.jinja; do
+    [[ -f "$tok/$f" ]] && cp "$tok/$f" .gpucarry/tokenizer/
+  done
   exit
 fi
 dry=0
@@ -53,20 +62,26 @@ if [[ $dry == 1 ]]; then
   kernels=(--small --device cpu)
   gptq=(--tiny --device cpu --nsamples 2 --seqlen 64 --methods gptq)
   decode=(--tiny --device cpu --steps 2 --repeats 1 --prompt 4 --copy-mib 16)
+  ltm=(--params 2e7 --hidden 256 --intermediate 688 --heads 4 --kv-heads 4 --device cpu --max-memory cpu=4GiB)
+  tokenizer=()
 else
   mode="GPU"
   device=cuda
   kernels=(--device cuda)
   gptq=(--device cuda --layers 2 --nsamples 128 --seqlen 2048 --methods gptq)
   decode=(--device cuda --steps 64 --repeats 3)
+  ltm=(--params 4e9 --hidden 4096 --intermediate 11008 --heads 32 --kv-heads 32 --device cuda
+       --max-memory cpu=6GiB,cuda:0=4GiB)
+  tokenizer=(--tokenizer .gpucarry/tokenizer)
 fi
 # name | time limit (s) | command
 plan=(
   "device|20|$PY benchmarks/gpu_session_summary.py --device $device"
-  "pytest|120|$PY -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors $gpu_tests"
-  "kernels|60|$PY benchmarks/gpu_kernels.py ${kernels[*]} --json $out/kernels.json"
-  "gptq|150|$PY benchmarks/quantize_speed.py ${gptq[*]} --json $out/gptq.json"
-  "decode|120|$PY benchmarks/decode_speed.py ${decode[*]} --json $out/decode.json"
+  "pytest|80|$PY -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors $gpu_tests"
+  "kernels|45|$PY benchmarks/gpu_kernels.py ${kernels[*]} --json $out/kernels.json"
+  "gptq|100|$PY benchmarks/quantize_speed.py ${gptq[*]} --json $out/gptq.json"
+  "decode|90|$PY benchmarks/decode_speed.py ${decode[*]} --json $out/decode.json"
+  "ltm|180|$PY benchmarks/larger_than_memory.py ${ltm[*]} ${tokenizer[*]} --ppl docs/memory.md --stages generate,quantize-rtn,quantize-gptq,ppl --workdir /tmp/quantshift-ltm --json $out/ltm.json"
 )
 echo "gpu session: $mode; output $out/gpu-session.json"
 for step in "${plan[@]}"; do

@@ -7,7 +7,8 @@ The summary gathers, from the files the steps left in DIR: each step's exit code
 limit (steps.tsv); the device and its choices (device.log, nvidia-smi.txt); the pytest summary
 line (pytest.log); the kernels' errors and times (kernels.json); GPTQ seconds per layer, its
 ratio to llm-compressor's 7.28 s per Llama-2-7B layer on an H100, and peak memory (gptq.json);
-decode tok/s of fp16 and W4 with their fraction of the bandwidth bound (decode.json).
+decode tok/s of fp16 and W4 with their fraction of the bandwidth bound (decode.json); each stage's
+peak device and host memory of the model larger than the device cap (ltm.json).
 """
 
 from __future__ import annotations
@@ -74,6 +75,12 @@ def summarize(out: Path, mode: str) -> dict:
                             "rows": [{k: r.get(k) for k in ("variant", "tok_s", "bound_tok_s", "fraction_of_bound",
                                                             "speedup_vs_float", "bytes_per_token")}
                                      for r in decode.get("rows", [])]}
+    ltm = _json(out / "ltm.json")
+    if ltm:
+        result["larger_than_memory"] = {"max_memory": ltm.get("args", {}).get("max_memory"),
+                                        "stages": {k: {f: v.get(f) for f in ("wall_seconds", "peak_rss", "peak_device_bytes",
+                                                                              "model_bytes", "dir_bytes", "ppl", "plan")}
+                                                   for k, v in ltm.get("stages", {}).items()}}
     return result
 
 

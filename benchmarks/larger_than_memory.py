@@ -29,13 +29,13 @@ t0 = time.time()
 import torch
 from quantshift import api
 stage, model, out, cap, device, calib = sys.argv[1:7]
+spec = json.loads(sys.argv[7])
 info = {}
 if stage == "generate":
     from quantshift.models.synthetic import SyntheticShape, write_synthetic
-    spec = json.loads(sys.argv[7])
     shape = SyntheticShape.for_params(spec["params"], hidden=spec["hidden"], intermediate=spec["intermediate"],
                                       heads=spec["heads"], kv_heads=spec["kv_heads"])
-    write_synthetic(model, shape, shard_bytes=2 * 2**30, progress=False)
+    write_synthetic(model, shape, shard_bytes=2 * 2**30, progress=False, tokenizer_dir=spec["tokenizer"])
     info = {"shape": shape.__dict__, "params": shape.params()}
 elif stage.startswith("quantize"):
     method = stage.split("-", 1)[1]
@@ -44,9 +44,10 @@ elif stage.startswith("quantize"):
     info = {"plan": res.loaded.memory.lines() if res.loaded.memory else None,
             "seconds_engine": res.report.get("seconds")}
 elif stage == "ppl":
-    m = api.evaluate(out, ppl="wikipedia", max_windows=2, seqlen=128, backend="packed", max_memory=cap,
+    m = api.evaluate(out, ppl=spec["ppl"], max_windows=2, seqlen=128, backend="packed", max_memory=cap,
                      device=device, progress=False)
-    info = {"ppl": m["ppl:wikipedia"]["ppl"], "tokens": m["ppl:wikipedia"]["tokens"]}
+    key = next(k for k in m if k.startswith("ppl:"))
+    info = {"ppl": m[key]["ppl"], "tokens": m[key]["tokens"]}
 elif stage == "task":
     m = api.evaluate(out, tasks="movie_sentiment", limit=10, batch_size=16, backend="packed", max_memory=cap,
                      device=device, progress=False)
@@ -61,9 +62,9 @@ print("STAGE " + json.dumps(info))
 """
 
 
-def run_stage(stage: str, model: Path, out: Path, cap: str, device: str, calib: Path, extra: str = "") -> dict:
+def run_stage(stage: str, model: Path, out: Path, cap: str, device: str, calib: Path, spec: str) -> dict:
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-c", STAGE, stage, str(model), str(out), cap, device, str(calib), extra],
+    r = subprocess.run([sys.executable, "-c", STAGE, stage, str(model), str(out), cap, device, str(calib), spec],
                        capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"stage {stage} failed:\n{r.stderr[-3000:]}")
@@ -90,22 +91,30 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--stages", default="generate,quantize-rtn,quantize-gptq,ppl,task")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic model and quantized directories")
+    ap.add_argument("--tokenizer", type=Path, default=None,
+                    help="folder with tokenizer.json (default: the bundled SmolLM2's; a bare GPU image passes one)")
+    ap.add_argument("--ppl", default="wikipedia", help="perplexity data: an offline source or a text file")
     args = ap.parse_args()
 
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
     model, calib = work / "model", work / "calib.txt"
     calib.write_text((Path(__file__).resolve().parents[1] / "README.md").read_text())
+    ppl = args.ppl
+    if Path(ppl).is_file():  # any text file (a .md too): the scorer reads .txt
+        ppl = str(work / "eval.txt")
+        Path(ppl).write_text(Path(args.ppl).read_text())
     cpu = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")][:1]
     result: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "cpu": cpu[0].split(":")[1].strip() if cpu else "?",
                     "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
                     "load_before": os.getloadavg(), "stages": {}}
     spec = json.dumps({"params": args.params, "hidden": args.hidden, "intermediate": args.intermediate,
-                       "heads": args.heads, "kv_heads": args.kv_heads})
+                       "heads": args.heads, "kv_heads": args.kv_heads,
+                       "tokenizer": str(args.tokenizer) if args.tokenizer else None, "ppl": ppl})
     try:
         for stage in args.stages.split(","):
             out = work / ("q-gptq" if stage in ("ppl", "task") else f"q-{stage.split('-', 1)[-1]}")
-            info = run_stage(stage, model, out, args.max_memory, args.device, calib, spec if stage == "generate" else "")
+            info = run_stage(stage, model, out, args.max_memory, args.device, calib, spec)
             if stage == "generate":
                 info["model_bytes"] = du(model)
             elif stage.startswith("quantize"):

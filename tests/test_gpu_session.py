@@ -21,11 +21,13 @@ def test_dry_run_prints_the_plan_runs_the_cpu_parts_and_writes_one_json(tmp_path
     seconds = time.time() - t0
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
     plan = [line for line in r.stdout.splitlines() if line.strip().startswith("plan:")]
-    assert [p.split()[1] for p in plan] == ["device", "pytest", "kernels", "gptq", "decode"]
-    assert sum(int(p.split("<=")[1].split("s")[0]) for p in plan) <= 480  # the GPU run's limits: 8 minutes
+    assert [p.split()[1] for p in plan] == ["device", "pytest", "kernels", "gptq", "decode", "ltm"]
+    limits = {p.split()[1]: int(p.split("<=")[1].split("s")[0]) for p in plan}
+    assert sum(limits.values()) - limits["ltm"] <= 480  # the GPU run's limits: 8 minutes, and the
+    assert sum(limits.values()) <= 560  # larger-than-memory stages, in one 10-minute device call
     assert "-m gpu" in plan[1] and "--dry-run" not in r.stderr
     s = json.loads((tmp_path / "gpu-session.json").read_text())
-    assert s["mode"] == "dry-run" and s["ok"] and [x["step"] for x in s["steps"]] == ["device", "pytest", "kernels", "gptq", "decode"]
+    assert s["mode"] == "dry-run" and s["ok"] and [x["step"] for x in s["steps"]] == ["device", "pytest", "kernels", "gptq", "decode", "ltm"]
     assert any(line.startswith("dtype auto:") for line in s["device"]["choices"])
     gpu_tests = s["pytest_gpu"]
     assert gpu_tests["skipped"] >= 10 and "failed" not in gpu_tests and "error" not in gpu_tests  # skipped cleanly
@@ -34,6 +36,8 @@ def test_dry_run_prints_the_plan_runs_the_cpu_parts_and_writes_one_json(tmp_path
     assert s["gptq"]["seconds_per_layer"] > 0 and s["gptq"]["llm_compressor_h100_seconds_per_layer"] == 7.28
     assert [row["variant"].split()[0] for row in s["decode"]["rows"]] == ["float32", "W4"]
     assert all(0 < row["fraction_of_bound"] for row in s["decode"]["rows"])
+    ltm = s["larger_than_memory"]["stages"]
+    assert set(ltm) == {"generate", "quantize-rtn", "quantize-gptq", "ppl"} and ltm["ppl"]["ppl"] > 1
     assert seconds < 60, f"the dry run took {seconds:.0f}s (load average {os.getloadavg()[0]:.1f})"
 
 

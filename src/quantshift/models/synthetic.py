@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from ..errors import ModelError
 from .shards import ShardWriter
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja")
@@ -99,8 +100,11 @@ def make_tensor(name: str, dims: tuple[int, ...], std: float, seed: int) -> torc
 
 
 def write_synthetic(out: Path, shape: SyntheticShape, seed: int = 0, shard_bytes: int = 2 * 2**30,
-                    progress: bool = True) -> Path:
-    """Write the checkpoint directory `out` (config, tokenizer, sharded bf16 weights + index)."""
+                    progress: bool = True, tokenizer_dir: Path | None = None) -> Path:
+    """Write the checkpoint directory `out` (config, tokenizer, sharded bf16 weights + index).
+
+    The tokenizer is copied from `tokenizer_dir`, else from the bundled SmolLM2 (converted once);
+    a machine without the bundled model's packages (a bare GPU image) passes the files' folder."""
     from tqdm.auto import tqdm
 
     from .bundled import bundled_checkpoint
@@ -108,7 +112,9 @@ def write_synthetic(out: Path, shape: SyntheticShape, seed: int = 0, shard_bytes
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(_config(shape), indent=2))
-    tok_dir = bundled_checkpoint("smollm2-135m")
+    tok_dir = Path(tokenizer_dir) if tokenizer_dir else bundled_checkpoint("smollm2-135m")
+    if not (tok_dir / "tokenizer.json").is_file():
+        raise ModelError(f"no tokenizer.json in {tok_dir}")
     for f in TOKENIZER_FILES:
         if (tok_dir / f).is_file():
             shutil.copy2(tok_dir / f, out / f)
