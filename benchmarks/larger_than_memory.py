@@ -67,7 +67,10 @@ def run_stage(stage: str, model: Path, out: Path, cap: str, device: str, calib: 
     r = subprocess.run([sys.executable, "-c", STAGE, stage, str(model), str(out), cap, device, str(calib), spec],
                        capture_output=True, text=True)
     if r.returncode != 0:
-        raise SystemExit(f"stage {stage} failed:\n{r.stderr[-3000:]}")
+        # torch's dispatcher errors list every backend after the message: keep the traceback's head
+        err = r.stderr.splitlines()
+        head = next((i for i, ln in enumerate(err) if ln.startswith("Traceback")), 0)
+        raise SystemExit(f"stage {stage} failed:\n" + "\n".join(err[head:head + 40])[-4000:])
     line = next(ln for ln in reversed(r.stdout.splitlines()) if ln.startswith("STAGE "))
     info = json.loads(line[len("STAGE "):])
     info["wall_seconds"] = round(time.time() - t0, 1)

@@ -11,7 +11,7 @@ from quantshift.models import capability
 from quantshift.models.capability import Capability, fake
 from quantshift.models.precision import Precision, resolve_precision
 from quantshift.quant.actquant import InputQuantizer
-from quantshift.quant.fp8linear import FP8Linear, fp8_activation_codes, fp8_choice
+from quantshift.quant.fp8linear import FP8_GEMM_TOLERANCE, FP8Linear, fp8_activation_codes, fp8_choice
 from quantshift.quant.int8linear import Int8Linear, int8_choice
 from quantshift.quant.primitives import QuantSpec, fake_quantize_activation, quantize_weight
 from quantshift.quant.qlinear import PackedLinear, int4_choice
@@ -229,13 +229,15 @@ def test_this_gpu_runs_the_kernels_its_capability_names_and_they_equal_fake_quan
     q8 = quantize_weight(w, QuantSpec(bits=8, group_size=-1, symmetric=True))
     i8 = Int8Linear(q8, INT8_A, device="cuda")
     assert i8.kernel == ("int8-intmm" if sm >= (7, 5) else "int8-emulated")
-    ref8 = torch.nn.functional.linear(InputQuantizer(QuantSpec(**INT8_A["spec"]), True)(None, (x,))[0], q8.dequantize())
-    assert _rel(i8(x.cuda()).cpu(), ref8) < 1e-5
+    xc = x.cuda()  # references on the device: CPU and GPU may round a boundary input to different codes
+    ref8 = torch.nn.functional.linear(InputQuantizer(QuantSpec(**INT8_A["spec"]), True)(None, (xc,))[0], q8.dequantize().cuda())
+    assert _rel(i8(xc), ref8) < 1e-5
     qf = quantize_weight(w, QuantSpec(bits=8, group_size=-1, symmetric=True, dtype="fp8"))
     if fp8_choice(qf, FP8_A, cap).reason is None:
         f8 = FP8Linear(qf, FP8_A, device="cuda")
-        reff = torch.nn.functional.linear(InputQuantizer(QuantSpec(**FP8_A["spec"]), True)(None, (x,))[0], qf.dequantize())
-        assert f8.kernel == "fp8-scaled-mm" and _rel(f8(x.cuda()).cpu(), reff) < 1e-5
+        reff = torch.nn.functional.linear(InputQuantizer(QuantSpec(**FP8_A["spec"]), True)(None, (xc,))[0], qf.dequantize().cuda())
+        # fp8 tensor cores accumulate with fewer bits than float32 (an H200: 1.2-1.7e-4 of the largest output)
+        assert f8.kernel == "fp8-scaled-mm" and _rel(f8(xc), reff) < FP8_GEMM_TOLERANCE
     else:
         assert sm < (8, 9)
 

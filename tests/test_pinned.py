@@ -69,7 +69,9 @@ def test_offloaded_activations_reuse_pinned_buffers_and_change_nothing(monkeypat
     pooled = loaded_tiny("llama")
     quantize_model(pooled, rec, random_calib(), device="cuda", activations="offload", progress=False)
     pool = seen[-1][1]
-    assert seen and all(pinned for pinned, _ in seen) and pool.reused > pool.allocated
+    # a later block's copies take the buffers an earlier block's copies left (a two-block model on an
+    # H200: 7 made, 3 served again); how many depends on the depth, that any are does not
+    assert seen and all(pinned for pinned, _ in seen) and pool.reused > 0 and pool.allocated < len(seen)
     monkeypatch.setattr(engine, "active_pool", lambda: None)  # as before: fresh pinned memory per tensor
     fresh = loaded_tiny("llama")
     quantize_model(fresh, rec, random_calib(), device="cuda", activations="offload", progress=False)

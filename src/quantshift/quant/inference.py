@@ -203,8 +203,8 @@ def quantize_head(model: nn.Module, device: torch.device) -> tuple[str, LinearCh
 
 class PackedSource(WeightSource):
     """A quantized directory whose quantized linears are inference modules (quant.inference):
-    reading any buffer of such a module builds the module from its codes on the CPU and returns
-    that buffer (the last built module is kept, as a module's buffers are read together)."""
+    reading any buffer of such a module builds the module from its codes on the compute device and
+    returns that buffer on the host (the last built module is kept, as a module's buffers are read together)."""
 
     def __init__(self, qdir: QuantizedDir, model: nn.Module, choices: dict[str, LinearChoice],
                  dtype: torch.dtype, device: torch.device) -> None:
@@ -219,8 +219,10 @@ class PackedSource(WeightSource):
 
     def _module_state(self, owner: str) -> dict[str, torch.Tensor]:
         if self._last is None or self._last[0] != owner:
-            module, _ = build_linear(self.qdir, owner, torch.device("cpu"), self.dtype, self.choices[owner])
-            self._last = (owner, dict(module.state_dict()))
+            # built where it runs: a kernel's packed layout is made by that device's own op (the CUDA
+            # int4 layout cannot be made on the CPU); the buffers then wait on the host like any weight
+            module, _ = build_linear(self.qdir, owner, self.device, self.dtype, self.choices[owner])
+            self._last = (owner, {k: v.to("cpu") for k, v in module.state_dict().items()})
         return self._last[1]
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
