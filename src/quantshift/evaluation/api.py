@@ -138,12 +138,14 @@ def dispatch_streamed(loaded) -> None:
     offload hooks (models.dispatch): what fits the memory plan stays resident. Once per model."""
     if loaded.source is None or loaded.dispatched is not None:
         return
-    from ..memory import resident_budget
+    from ..memory import device_resident_budget, resident_budget
     from ..models.dispatch import dispatch
 
-    budget = resident_budget(loaded.memory) if loaded.memory is not None else 0
+    host = resident_budget(loaded.memory) if loaded.memory is not None else 0
+    on_device = device_resident_budget(loaded.memory) if loaded.memory is not None else None
     block = type(loaded.arch.blocks(loaded.model)[0]).__name__
-    loaded.dispatched = dispatch(loaded.model, loaded.source, loaded.device, budget, budget, no_split=[block])
+    loaded.dispatched = dispatch(loaded.model, loaded.source, loaded.device, host if on_device is None else on_device,
+                                 host, no_split=[block])
     print(loaded.dispatched.line())
 
 
