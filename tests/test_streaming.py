@@ -3,6 +3,8 @@ sharded directories, the memory plan and its errors."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import subprocess
 import sys
@@ -241,6 +243,26 @@ def test_memory_plan_counts_a_7b_model_and_chooses_streaming_under_a_cap():
     assert "streaming" in "\n".join(tight.lines())
     with pytest.raises(ConfigError, match=r"quantize needs ~.* even streaming one block at a time .* cap of 1.0 GiB"):
         plan_memory(s, caps=MemoryCaps(2**30), calib_tokens=128 * 512, baseline=2**28)
+
+
+def test_gpu_plan_evaluates_in_memory_only_where_the_model_fits_the_device_cap():
+    """Measured on an H200 (benchmarks/RESULTS.md): a 7B-shaped block's GPTQ peaked at 3.85 GiB on
+    the device; a W4 directory of 2.6 GiB scored in memory took 2.67 GiB there, streamed 0.41 GiB."""
+    from quantshift.memory import device_resident_budget
+
+    s = _shape()
+    gptq = plan_memory(s, device="cuda", weight_bytes=2, caps=MemoryCaps(64 * 2**30, {"cuda:0": 8 * 2**30}),
+                       calib_tokens=4 * 128, evaluate=False, baseline=2**28)
+    assert 3.3 * 2**30 < gptq.stage("quantize").device < 4.5 * 2**30  # one block, its solver and Hessians
+    packed = dataclasses.replace(s, stored_bytes=int(3.9e9))
+    for cap, mode in [(8 * 2**30, "in memory"), (2 * 2**30, "streaming")]:
+        plan = plan_memory(packed, device="cuda", weight_bytes=2, caps=MemoryCaps(64 * 2**30, {"cuda:0": cap}),
+                           quantize=False, packed_eval=True, eval_seqlen=128, baseline=2**28)
+        ev = plan.stage("evaluate")
+        assert ev.mode == mode and ev.device <= cap
+        assert (ev.device > 3.9e9) == (mode == "in memory")  # in memory, the whole model is on the device
+        assert 0 < device_resident_budget(plan) < cap  # what accelerate may keep there when dispatched
+    assert device_resident_budget(plan_memory(packed, quantize=False, baseline=2**28)) is None  # a CPU
 
 
 def test_cli_refuses_a_cap_below_one_block_and_a_bad_cap(tmp_path):
