@@ -116,13 +116,19 @@ def main() -> None:
                        "tokenizer": str(args.tokenizer) if args.tokenizer else None, "ppl": ppl})
     try:
         for stage in args.stages.split(","):
-            out = work / ("q-gptq" if stage in ("ppl", "task") else f"q-{stage.split('-', 1)[-1]}")
+            # ppl and task score the GPTQ directory, or the RTN one when they run before GPTQ
+            scored = work / "q-gptq" if (work / "q-gptq").is_dir() else work / "q-rtn"
+            out = scored if stage in ("ppl", "task") else work / f"q-{stage.split('-', 1)[-1]}"
             info = run_stage(stage, model, out, args.max_memory, args.device, calib, spec)
             if stage == "generate":
                 info["model_bytes"] = du(model)
             elif stage.startswith("quantize"):
                 info["dir_bytes"] = du(out)
+            if stage in ("ppl", "task"):
+                info["scored"] = out.name
             result["stages"][stage] = info
+            if args.json:  # after every stage: an interrupted run keeps what it measured
+                args.json.write_text(json.dumps(result, indent=2, default=str))
             gib = 2**30
             print(f"{stage:14s} wall {info['wall_seconds']:8.1f} s  peak RSS {info['peak_rss'] / gib:6.2f} GiB  "
                   f"read {info['read_bytes'] / gib:7.2f} GiB  written {info['write_bytes'] / gib:7.2f} GiB"

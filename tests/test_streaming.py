@@ -4,7 +4,6 @@ sharded directories, the memory plan and its errors."""
 from __future__ import annotations
 
 import dataclasses
-
 import json
 import subprocess
 import sys
@@ -381,9 +380,9 @@ def test_a_study_whose_models_exceed_the_budget_streams_with_equal_results(tmp_p
             out[(r["unit"]["name"], r["model_key"])] = r["metric"]["nll"]
         return out
 
-    run_study(study_from_dict(spec), tmp_path / "a", tmp_path / "ca", progress=False, echo=lambda *_: None)
+    run_study(study_from_dict(spec), tmp_path / "a", cache=tmp_path / "ca", progress=False, echo=lambda *_: None)
     monkeypatch.setattr(MemoryPlan, "streams", lambda self, stage: True)
-    run_study(study_from_dict(spec), tmp_path / "b", tmp_path / "cb", progress=False, echo=lambda *_: None,
+    run_study(study_from_dict(spec), tmp_path / "b", cache=tmp_path / "cb", progress=False, echo=lambda *_: None,
               max_memory="cpu=64GiB")
     assert metrics(tmp_path / "ca") == metrics(tmp_path / "cb") and len(metrics(tmp_path / "ca")) == 3
     for cache in ("ca", "cb"):

@@ -306,7 +306,9 @@ def test_study_examples_mode_needs_enough_documents(tmp_path):
 def test_windows_longer_than_the_model_context(cli, tmp_path):
     model = tmp_path / "m"
     model.mkdir()
-    (model / "config.json").write_text('{"max_position_embeddings": 256, "num_hidden_layers": 2, "hidden_size": 64}')
+    (model / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 256, "num_hidden_layers": 2, '
+                                       '"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128, '
+                                       '"vocab_size": 100}')  # a config the memory plan can read
     code, _, err = cli("quantize", str(model), "--method", "rtn", "--seqlen", "512", "--out", str(tmp_path / "o"))
     assert code == 2 and "--seqlen 512 is longer than" in one_line_error(err) and "context of 256" in err
     code, _, err = cli("eval", str(model), "--ppl", "news", "--seqlen", "300")
