@@ -221,3 +221,14 @@ def test_single_seed_report_is_labelled(tmp_path):
     md = to_markdown(build_blocks(col, tmp_path))
     assert "### I.I.D. vs other calibration sources (single seed: not tested against seed noise)" in md
     assert "Calibration source vs seed" not in md and "· seed 42 · perplexity" in md
+
+
+def test_seed_agreement_is_kendall_tau_b_with_ties_in_the_denominator():
+    """The report prints "Kendall τ": with a tie, tau-b is 2/sqrt(6), not Goodman-Kruskal's gamma (1.0)."""
+    from quantshift.studies.diagnostics import kendall_tau, spearman
+
+    assert kendall_tau([1, 2, 3], [1, 1, 2]) == pytest.approx(2 / math.sqrt(6))
+    assert kendall_tau([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert kendall_tau([1, 2, 3], [5, 5, 5]) is None and kendall_tau([1], [1]) is None
+    assert spearman([1, 2, 3, 4], [1, 1, 2, 3]) == pytest.approx(stats.spearmanr([1, 2, 3, 4], [1, 1, 2, 3]).statistic)
+    assert spearman([1, 2, 3], [7, 7, 7]) is None and spearman([1, 2], [2, 1]) is None

@@ -151,45 +151,24 @@ def all_pairs(work: DiagWork, cache_root: Path) -> dict[tuple[str, int, str], di
     return out
 
 
-def ranks(xs: list[float]) -> list[float]:
-    """Average ranks (1-based), ties sharing the mean of their positions."""
-    order = sorted(range(len(xs)), key=lambda i: xs[i])
-    r = [0.0] * len(xs)
-    i = 0
-    while i < len(order):
-        j = i
-        while j + 1 < len(order) and xs[order[j + 1]] == xs[order[i]]:
-            j += 1
-        for k in range(i, j + 1):
-            r[order[k]] = (i + j) / 2 + 1
-        i = j + 1
-    return r
-
-
 def spearman(x: list[float], y: list[float]) -> float | None:
+    """Spearman's rank correlation (scipy; ties take average ranks); None below 3 points or when
+    either side is constant."""
     if len(x) < 3:
         return None
-    rx, ry = ranks(x), ranks(y)
-    mx, my = sum(rx) / len(rx), sum(ry) / len(ry)
-    sxy = sum((a - mx) * (b - my) for a, b in zip(rx, ry))
-    sx = math.sqrt(sum((a - mx) ** 2 for a in rx))
-    sy = math.sqrt(sum((b - my) ** 2 for b in ry))
-    if sx == 0 or sy == 0:
-        return None
-    return sxy / (sx * sy)
+    from scipy.stats import spearmanr
+
+    r = float(spearmanr(x, y).statistic)
+    return None if math.isnan(r) else r
 
 
 def kendall_tau(x: list[float], y: list[float]) -> float | None:
-    n = len(x)
-    if n < 2:
+    """Kendall's tau-b (scipy): tied pairs count in the denominator, as tau-b defines it (dropping
+    them, as this function once did, gives Goodman and Kruskal's gamma, which overstates agreement
+    when there are ties); None below 2 points or when either side is constant."""
+    if len(x) < 2:
         return None
-    s = 0
-    pairs = 0
-    for i in range(n):
-        for j in range(i + 1, n):
-            a, b = x[i] - x[j], y[i] - y[j]
-            if a == 0 or b == 0:
-                continue
-            pairs += 1
-            s += 1 if (a > 0) == (b > 0) else -1
-    return s / pairs if pairs else None
+    from scipy.stats import kendalltau
+
+    t = float(kendalltau(x, y).statistic)
+    return None if math.isnan(t) else t
