@@ -154,7 +154,7 @@ def all_pairs(work: DiagWork, cache_root: Path) -> dict[tuple[str, int, str], di
 def spearman(x: list[float], y: list[float]) -> float | None:
     """Spearman's rank correlation (scipy; ties take average ranks); None below 3 points or when
     either side is constant."""
-    if len(x) < 3:
+    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
         return None
     from scipy.stats import spearmanr
 
@@ -166,7 +166,7 @@ def kendall_tau(x: list[float], y: list[float]) -> float | None:
     """Kendall's tau-b (scipy): tied pairs count in the denominator, as tau-b defines it (dropping
     them, as this function once did, gives Goodman and Kruskal's gamma, which overstates agreement
     when there are ties); None below 2 points or when either side is constant."""
-    if len(x) < 2:
+    if len(x) < 2 or len(set(x)) < 2 or len(set(y)) < 2:
         return None
     from scipy.stats import kendalltau
 
