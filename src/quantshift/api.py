@@ -257,6 +257,24 @@ def _check_quantize_options(propagate: str, activations: str, stats_cache: Any) 
                           "depend on the bit width and method, so its statistics cannot be reused")
 
 
+def _check_before_load(rec: Recipe, *, nsamples: int | None, seqlen: int | None, seed: int, batch_size: int,
+                       dtype: str, device: str | None) -> None:
+    """The CLI's checks of a recipe and the run's numbers (validate.py), before any model loads:
+    a bad regex, a negative group size or a zero batch is one ConfigError, not a failure mid-run."""
+    from . import validate
+
+    validate.check_recipe(rec)
+    if nsamples is not None:
+        validate.int_in("nsamples", nsamples, 1, validate.MAX_COUNT)
+    if seqlen is not None:
+        validate.int_in("seqlen", seqlen, 2, validate.MAX_SEQLEN)
+    validate.check_seed("seed", seed)
+    validate.int_in("batch_size", batch_size, 1, validate.MAX_BATCH)
+    validate.check_dtype("dtype", dtype)
+    if device is not None:
+        validate.check_device("device", device)
+
+
 def _stats_store(model: ModelLike, loaded: LoadedModel, stats_cache: str | Path):
     from .quant.statstore import StatsStore
     from .studies.keys import model_identity
@@ -320,6 +338,8 @@ def quantize(model: ModelLike, recipe: Recipe | dict | list | str | Path, calib:
 
     _check_quantize_options(propagate, activations, stats_cache)
     rec = as_recipe(recipe, method_options)
+    _check_before_load(rec, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size, dtype=dtype,
+                       device=device)
     if rec.needs_calibration and calib is None:
         raise ConfigError(f"recipe {rec.describe()} needs calibration data: pass calib= (a source name such as "
                           "'wikipedia', a list of texts, token ids or a CalibSet)")
