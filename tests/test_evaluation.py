@@ -358,3 +358,44 @@ print(",".join(sorted(it["id"] for it in split_items(task, items).test)))
     test_ids = next(iter(outs)).split(",")
     # a unit's three items go to one side together
     assert all({i.split("-")[0] + s for s in ("-a", "-b", "-c")} <= set(test_ids) for i in test_ids)
+
+
+CHAT = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant]{% endif %}")
+
+
+def test_chat_template_renders_requests_as_the_tokenizer_does(monkeypatch):
+    """--chat-template: each request's context is what tokenizer.apply_chat_template makes of the
+    prompt (few-shot examples as earlier turns); off and template-less tokenizers keep raw prompts."""
+    from lm_eval.models.huggingface import HFLM
+
+    seen = []
+    real = HFLM.loglikelihood
+
+    def spy(self, requests, disable_tqdm=False):
+        seen.extend(r.args for r in requests)
+        return real(self, requests, disable_tqdm)
+
+    monkeypatch.setattr(HFLM, "loglikelihood", spy)
+    chat = loaded_tiny()
+    chat.tokenizer.chat_template = CHAT
+    queries = {it["query"] for it in _toy_items()}
+    r = evaluate(chat, tasks=[TOY], shots=(0, 2), limit=2, progress=False, chat_template="auto")
+    assert r.metrics["task:toy_follow@0"]["chat_template"] is True
+    zero, two = seen[:4], seen[4:]
+    for ctx, _cont in zero:
+        query = next(q for q in queries if f"]{q}\n" in ctx)
+        assert ctx == chat.tokenizer.apply_chat_template([{"role": "user", "content": query}], tokenize=False,
+                                                         add_generation_prompt=True)
+    assert all(ctx.count("[user]") == 3 and ctx.count("[assistant]") == 3 for ctx, _ in two)  # 2 shots as turns
+    seen.clear()
+    r = evaluate(chat, tasks=[TOY], shots=(0,), limit=2, progress=False, chat_template="off")
+    assert r.metrics["task:toy_follow@0"]["chat_template"] is False and all(ctx in queries for ctx, _ in seen)
+    base = loaded_tiny()  # no template: auto is off, on is an error before any scoring
+    seen.clear()
+    assert evaluate(base, tasks=[TOY], limit=2, progress=False, chat_template="auto").metrics[
+        "task:toy_follow@0"]["chat_template"] is False
+    with pytest.raises(ConfigError, match="no chat template"):
+        evaluate(base, tasks=[TOY], limit=2, progress=False, chat_template="on")
+    with pytest.raises(ConfigError, match="--chat-template must be off, auto, on"):
+        evaluate(base, tasks=[TOY], limit=2, progress=False, chat_template="yes")

@@ -437,3 +437,18 @@ def test_fp_propagation_study_reuses_hessians_across_bits_and_unions(tiny_env, t
     assert len(list((tmp_path / "cache" / "stats").rglob("block-*.safetensors"))) == 4
     results = [json.loads(p.read_text()) for p in (tmp_path / "cache" / "results").glob("*.json")]
     assert len(results) == 6 and all(r["metric"]["ppl"] > 1 for r in results)
+
+
+def test_chat_template_is_in_task_keys_only_when_used(tiny_env):
+    """Off (the default) leaves every existing task key as it was; auto/on change the key, so a
+    templated result is never read back as a raw-prompt one. A typo names the allowed values."""
+    from quantshift.studies.keys import unit_settings
+    from quantshift.studies.spec import EvalUnit
+
+    unit = EvalUnit("task", "movie_sentiment", 0)
+    ev = {"ppl": [], "tasks": ["movie_sentiment"]}
+    off = unit_settings(study_from_dict(tiny_study(tiny_env, evaluation=ev)), unit)
+    auto = unit_settings(study_from_dict(tiny_study(tiny_env, evaluation={**ev, "chat_template": "auto"})), unit)
+    assert "chat_template" not in off and auto == {**off, "chat_template": "auto"}
+    with pytest.raises(Exception, match="chat_template"):
+        study_from_dict(tiny_study(tiny_env, evaluation={**ev, "chat_template": "yes"}))

@@ -392,7 +392,7 @@ def evaluate(model: ModelLike, ppl: str | Iterable[str] = (), tasks: str | Itera
              dtype: str = "auto", progress: bool = True, mt_bench: str | Path | None = None,
              judge: str | None = None, max_new_tokens: int = 256,
              json_out: str | Path | None = None, backend: str = "fake", head: str = "float",
-             max_memory: Any = None) -> dict[str, dict]:
+             max_memory: Any = None, chat_template: str = "off") -> dict[str, dict]:
     """Perplexity on text sources, tasks (quantshift's or lm-eval's names, multiple choice by
     log-likelihood) and MT-Bench-style judged dialogue -> the `metrics` map `quantshift eval
     --json` writes: {"ppl:<source>": {"ppl", "tokens", "windows", "seqlen", ...},
@@ -405,11 +405,15 @@ def evaluate(model: ModelLike, ppl: str | Iterable[str] = (), tasks: str | Itera
     directory as fake-quant float weights ("fake") or with packed low-bit kernels ("packed"); head:
     with "packed", the output projection as stored ("float") or in int8 ("int8"). max_memory: the
     memory cap (see quantize): a named model that does not fit stays on disk; perplexity then
-    runs block by block over all windows, tasks through accelerate's offload hooks."""
+    runs block by block over all windows, tasks through accelerate's offload hooks.
+    chat_template: "off" (raw prompts, the default), "auto" (the tokenizer's chat template when it
+    has one) or "on" (it must): task prompts as a chat, few-shot examples as earlier turns."""
     from .evaluation import api as ev
     from .evaluation import judge as mtb
 
     ppl_list, task_list = _names(ppl), _names(tasks)
+    if chat_template not in ev.CHAT_TEMPLATE_MODES:
+        raise ConfigError(f"--chat-template must be {', '.join(ev.CHAT_TEMPLATE_MODES)}, got {chat_template!r}")
     if not ppl_list and not task_list and not suite and mt_bench is None:
         raise ConfigError("nothing to evaluate: give perplexity sources (--ppl), tasks (--tasks), a suite (--suite) "
                           "or MT-Bench questions (--mt-bench)")
@@ -446,7 +450,7 @@ def evaluate(model: ModelLike, ppl: str | Iterable[str] = (), tasks: str | Itera
     if ppl_list or task_list or suite:  # MT-Bench alone is fine too
         res = ev.evaluate(loaded, ppl=ppl_list, tasks=task_list, suite=suite, shots=shot_list, limit=limit,
                           data_dir=data_dir, seqlen=seqlen, max_windows=max_windows or None,
-                          batch_size=batch_size, seed=seed, progress=progress)
+                          batch_size=batch_size, seed=seed, progress=progress, chat_template=chat_template)
     if questions is not None and judge is not None:
         ev.dispatch_streamed(loaded)
         metric, rows = mtb.mt_bench(loaded, questions, mtb.make_judge(judge, device or "auto"), judge, max_new_tokens,

@@ -167,6 +167,8 @@ def eval_cmd(
                                            "(int8, as llama.cpp's 4-bit files store it)")] = "float",
     max_memory: Annotated[str | None, typer.Option(help="memory caps, e.g. cpu=16GiB,cuda:0=70GiB (default: what is "
                                                         "free); a model that does not fit streams from disk")] = None,
+    chat_template: Annotated[str, typer.Option(help="task prompts through the tokenizer's chat template: off, auto "
+                                                    "(when it has one) or on")] = "off",
 ) -> None:
     """Evaluate a model: perplexity on held-out text, lm-eval tasks (multiple choice by log-likelihood),
     MT-Bench-style judged dialogue."""
@@ -184,7 +186,7 @@ def eval_cmd(
                            seqlen=seqlen, max_windows=max_windows, batch_size=batch_size, seed=seed, device=device,
                            dtype=dtype, progress=not quiet, mt_bench=mt_bench, judge=judge,
                            max_new_tokens=max_new_tokens, json_out=json_out, backend=backend, head=head,
-                           max_memory=max_memory)
+                           max_memory=max_memory, chat_template=chat_template)
     for key, m in metrics.items():
         if key.startswith("ppl:"):
             bpb = f"  bpb {m['bpb']:.4f}" if m.get("bpb") is not None else ""  # tokenizer-independent

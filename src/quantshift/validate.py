@@ -753,6 +753,7 @@ def check_eval(o: dict) -> None:
     check_model_name("MODEL", o["model"])
     check_choice("--backend", o.get("backend", "fake"), ("fake", "packed"))
     check_choice("--head", o.get("head", "float"), ("float", "int8"))
+    check_choice("--chat-template", o.get("chat_template", "off"), ("off", "auto", "on"))
     if o.get("head", "float") != "float" and o.get("backend", "fake") != "packed":
         fail("--head int8 needs --backend packed")
     data_dir = o.get("data_dir")

@@ -95,18 +95,36 @@ def preflight(*, tasks: Iterable = (), suite: str | None = None, data_dir: str |
             task_data(name, data_dir)
 
 
+CHAT_TEMPLATE_MODES = ("off", "auto", "on")
+
+
+def use_chat_template(tokenizer, mode: str) -> bool:
+    """Whether task prompts go through the tokenizer's chat template: "on" (the tokenizer must
+    have one), "auto" (when it has one), "off" (raw prompts, as base models are scored)."""
+    if mode not in CHAT_TEMPLATE_MODES:
+        raise ConfigError(f"--chat-template must be {', '.join(CHAT_TEMPLATE_MODES)}, got {mode!r}")
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if mode == "on" and not has:
+        raise ConfigError("--chat-template on: this model's tokenizer has no chat template (a base model?); "
+                          "use auto or off")
+    return has and mode != "off"
+
+
 def evaluate(loaded, *, ppl: Iterable[str] = (), tasks: Iterable = (), suite: str | None = None,
              shots: Sequence[int] = (0,), limit: int | None = None, data_dir: str | Path | None = None,
              seqlen: int = 512, max_windows: int | None = 64, batch_size: int = 4, seed: int = 1234,
-             progress: bool = True) -> EvalResult:
+             progress: bool = True, chat_template: str = "off") -> EvalResult:
     """Perplexity on text sources and lm-eval tasks (ours or lm-eval's own names) for one model.
 
     limit: items scored per task; None = DEFAULT_LIMIT for quantshift's own tasks and all items
     for lm-eval's tasks; 0 = all items everywhere. Scored items are a fixed, seeded-by-name
-    subset, so two models scored with the same limit see the same items.
+    subset, so two models scored with the same limit see the same items. chat_template: task
+    prompts through the tokenizer's chat template (use_chat_template; few-shot examples then as
+    earlier turns, lm-eval's fewshot_as_multiturn); perplexity always scores raw text.
     """
     from .perplexity import perplexity
 
+    chat = use_chat_template(loaded.tokenizer, chat_template)
     ppl_sources, runs = _resolve(tasks, suite, shots, ppl)
     if not ppl_sources and not runs:
         raise ConfigError("nothing to evaluate: give perplexity sources, tasks or a suite")
@@ -120,7 +138,7 @@ def evaluate(loaded, *, ppl: Iterable[str] = (), tasks: Iterable = (), suite: st
         dispatch_streamed(loaded)
         with loaded.compute():
             _run_tasks(loaded, runs, res, limit=limit, data_dir=data_dir, batch_size=batch_size, seed=seed,
-                       progress=progress)
+                       progress=progress, chat=chat)
     return res
 
 
@@ -149,7 +167,7 @@ def dispatch_streamed(loaded) -> None:
     print(loaded.dispatched.line())
 
 
-def _run_tasks(loaded, runs, res: EvalResult, *, limit, data_dir, batch_size, seed, progress) -> None:
+def _run_tasks(loaded, runs, res: EvalResult, *, limit, data_dir, batch_size, seed, progress, chat=False) -> None:
     local: dict[str, TaskData] = {}
     for name, t, _k, _c in runs:
         if isinstance(t, TaskDef) and name not in local:
@@ -173,7 +191,7 @@ def _run_tasks(loaded, runs, res: EvalResult, *, limit, data_dir, batch_size, se
         t0 = time.time()
         raw = harness.run(lm, names, shots=k, limit=local_limit if is_local else (limit or None),
                           include_paths=[dirs[n] for n, *_ in group if n in dirs], offline=is_local, seed=seed,
-                          progress=progress, include_defaults=not is_local)
+                          progress=progress, include_defaults=not is_local, chat=chat)
         took = time.time() - t0
         samples = raw.get("samples") or {}
         for name, _t, _k, cat in group:
@@ -193,10 +211,11 @@ def _run_tasks(loaded, runs, res: EvalResult, *, limit, data_dir, batch_size, se
                         leaf_rows = harness.convert_samples(samples[leaf])
                         res.metrics[f"task:{leaf}@{k}"] = {**harness.summarize(leaf_rows, raw["results"].get(leaf), seed=seed),
                                                            "shots": k, "limit": limit or None, "category": cat,
+                                                           "chat_template": chat,
                                                            "source": "lm-eval", "group": name}
                         res.samples[f"task:{leaf}@{k}"] = leaf_rows
             entry.update({"shots": k, "limit": local_limit if is_local else (limit or None), "category": cat,
-                          "seconds": round(took, 1)})
+                          "chat_template": chat, "seconds": round(took, 1)})
             if is_local:
                 d = local[name]
                 entry.update({"source": "quantshift", "items_test": len(d.test), "pool": len(d.pool),

@@ -125,8 +125,10 @@ def score_continuations(lm, requests, *, batch_size: int, progress: bool) -> lis
 
 
 def run(lm, task_names: list[str], *, shots: int, limit: int | None, include_paths: list[Path], offline: bool,
-        seed: int, progress: bool, include_defaults: bool = True) -> dict:
-    """One lm-eval call; returns its raw result dict (results, samples, configs, group_subtasks)."""
+        seed: int, progress: bool, include_defaults: bool = True, chat: bool = False) -> dict:
+    """One lm-eval call; returns its raw result dict (results, samples, configs, group_subtasks).
+    `chat`: prompts rendered by the tokenizer's chat template (lm-eval's apply_chat_template),
+    few-shot examples as earlier user/assistant turns (fewshot_as_multiturn)."""
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
@@ -138,7 +140,8 @@ def run(lm, task_names: list[str], *, shots: int, limit: int | None, include_pat
                          include_defaults=include_defaults)
         return simple_evaluate(model=lm, tasks=task_names, num_fewshot=shots, limit=limit, task_manager=tm,
                                log_samples=True, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
-                               torch_random_seed=seed, fewshot_random_seed=seed, verbosity="ERROR")
+                               torch_random_seed=seed, fewshot_random_seed=seed, verbosity="ERROR",
+                               apply_chat_template=chat, fewshot_as_multiturn=chat and shots > 0)
 
 
 @contextlib.contextmanager

@@ -67,7 +67,10 @@ def unit_settings(spec: StudySpec, unit: EvalUnit) -> dict:
                 "scorer": PPL_SCORER}
     from ..evaluation.harness import SCORER
 
-    return {"kind": "task", "task": unit.name, "shots": unit.shots, "limit": ev.limit, "seed": 1234, "scorer": SCORER}
+    settings = {"kind": "task", "task": unit.name, "shots": unit.shots, "limit": ev.limit, "seed": 1234, "scorer": SCORER}
+    if ev.chat_template != "off":  # "auto" resolves per model, and the model is part of the key
+        settings["chat_template"] = ev.chat_template
+    return settings
 
 
 def unit_key(qkey: str, settings: dict, versions: dict) -> str:

@@ -572,7 +572,7 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
                         + f"; seeds {', '.join(map(str, cal.seeds))}"],
         ["perplexity", f"{', '.join(map(short_source, ev.ppl)) or '-'}: held-out text, {ev.ppl_windows} windows x {ev.ppl_seqlen} tokens per source"],
         ["tasks", f"{', '.join(tasks) or '-'} (suite {ev.suite or '-'}); shots {', '.join(map(str, ev.shots))}; "
-                  f"limit {ev.limit if ev.limit is not None else 'all'} items per task"],
+                  f"limit {ev.limit if ev.limit is not None else 'all'} items per task; chat template {ev.chat_template}"],
         ["cells", f"{len(cells)} ({sum(c['status'] == 'done' for c in cells)} done, "
                   f"{sum(c['status'] == 'failed' for c in cells)} failed, {sum(c['status'] == 'pending' for c in cells)} pending)"],
         ["precision", _precisions(spec, collected["versions"])],

@@ -238,7 +238,8 @@ def evaluate_units(loaded, batch: list[UnitRecord], options: dict, progress: boo
 
     s = batch[0]["settings"]
     res = evaluate(loaded, tasks=tuple(u["settings"]["task"] for u in batch), shots=(s["shots"],), limit=s["limit"],
-                   data_dir=options["data_dir"], batch_size=options["eval_batch_size"], seed=s["seed"], progress=progress)
+                   data_dir=options["data_dir"], batch_size=options["eval_batch_size"], seed=s["seed"], progress=progress,
+                   chat_template=s.get("chat_template", "off"))
     out = []
     for u in batch:
         name = u["settings"]["task"]
