@@ -399,3 +399,22 @@ def test_chat_template_renders_requests_as_the_tokenizer_does(monkeypatch):
         evaluate(base, tasks=[TOY], limit=2, progress=False, chat_template="on")
     with pytest.raises(ConfigError, match="--chat-template must be off, auto, on"):
         evaluate(base, tasks=[TOY], limit=2, progress=False, chat_template="yes")
+
+
+def test_a_tasks_own_shot_count_is_its_default_not_a_lock(tmp_path):
+    """BOSS-shaped: a task with its own count runs at it when no shots are asked for, and at exactly
+    the asked counts otherwise; a study lists both (its shots and the task's own), so the BOSS
+    preset's 0-shot rows exist beside BOSS's counts."""
+    import dataclasses
+
+    from quantshift.studies.spec import eval_units, study_from_dict
+
+    own = dataclasses.replace(TOY, name="toy_fixed", default_shots=2)
+    assert set(evaluate(loaded_tiny(), tasks=[own], limit=2, progress=False).metrics) == {"task:toy_fixed@2"}
+    assert set(evaluate(loaded_tiny(), tasks=[own], shots=(0,), limit=2, progress=False).metrics) == {"task:toy_fixed@0"}
+    model = tmp_path / "m"
+    model.mkdir()
+    spec = study_from_dict({"name": "b", "models": [str(model)], "methods": [{"method": "rtn", "wbits": [4]}],
+                            "evaluation": {"tasks": ["boss_sa_amazon", "boss_eqa_squad"], "shots": [0]}})
+    assert [(u.name, u.shots) for u in eval_units(spec)] == [
+        ("boss_sa_amazon", 0), ("boss_eqa_squad", 0), ("boss_sa_amazon", 3), ("boss_eqa_squad", 1)]

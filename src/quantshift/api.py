@@ -398,7 +398,8 @@ def evaluate(model: ModelLike, ppl: str | Iterable[str] = (), tasks: str | Itera
     --json` writes: {"ppl:<source>": {"ppl", "tokens", "windows", "seqlen", ...},
     "task:<name>@<shots>": {"acc", "acc_ci", ..., "n"}, ...}.
 
-    ppl / tasks: names or comma-separated strings; shots: an int or a list (default: the
+    ppl / tasks: names or comma-separated strings; shots: an int or a list, applied to every task
+    (default: each task's own count where it has one, as BOSS's tasks do, else the
     suite's, else 0); limit: items per task (None: 200 for quantshift's tasks, all for lm-eval's;
     0: all); max_windows: perplexity windows per source (None or 0: all). json_out: also write
     the CLI's JSON there, item-level samples beside it (<stem>.samples.jsonl). backend: a quantized
@@ -423,13 +424,13 @@ def evaluate(model: ModelLike, ppl: str | Iterable[str] = (), tasks: str | Itera
             raise ConfigError("--mt-bench QUESTIONS.jsonl and --judge SPEC go together")
         mtb.check_judge_spec(judge)
         questions = mtb.load_questions(mt_bench, limit or None)
-    suite_shots = None
     if suite is not None:
         from .evaluation.tasks import SUITES
 
-        suite_shots = list(SUITES.get(suite).shots)  # unknown names fail here, before the model loads
-    shot_list = [shots] if isinstance(shots, int) else list(shots) if shots is not None else (suite_shots or [0])
-    if any(k < 0 for k in shot_list):
+        SUITES.get(suite)  # unknown names fail here, before the model loads
+    # None: each task's own count (BOSS), else the suite's, else 0; given: those counts for every task
+    shot_list = [shots] if isinstance(shots, int) else list(shots) if shots is not None else None
+    if shot_list is not None and any(k < 0 for k in shot_list):
         raise ConfigError("--shots must be >= 0")
     ev.preflight(tasks=task_list, suite=suite, data_dir=data_dir)
     plan = None

@@ -23,6 +23,7 @@ from .tasks import (
     TASKS,
     TaskData,
     TaskDef,
+    fixed_shots,
     item_text,
     materialize,
     split_items,
@@ -65,23 +66,28 @@ def task_root() -> Path:
     return cache_root() / "lm-eval-tasks"
 
 
-def _resolve(tasks: Iterable, suite: str | None, shots: Sequence[int], ppl: Iterable[str]):
-    """-> (ppl sources, [(task key name, TaskDef | lm-eval name, shots, category)])."""
+def _resolve(tasks: Iterable, suite: str | None, shots: Sequence[int] | None, ppl: Iterable[str]):
+    """-> (ppl sources, [(task key name, TaskDef | lm-eval name, shots, category)]).
+    shots None: each task's own count where it has one (fixed_shots), else the suite's counts,
+    else 0; given: exactly those counts for every task."""
     ppl = list(ppl)
     names: list = list(tasks)
     cats: dict[str, str] = {}
-    fixed: dict[str, int] = {}
+    base = list(shots) if shots is not None else [0]
     if suite is not None:
         s = SUITES.get(suite)
         names = list(s.tasks) + [t for t in names if t not in s.tasks]
         ppl = list(s.ppl) + [p for p in ppl if p not in s.ppl]
         cats = {t: s.category_of(t) for t in s.tasks}
-        fixed = dict(s.shots_per_task)
+        base = list(shots) if shots is not None else list(s.shots)
     runs = []
     for t in names:
         tdef = t if isinstance(t, TaskDef) else (TASKS.get(t) if t in TASKS else None)
         name = tdef.name if tdef else str(t)
-        k_list = [fixed[name]] if name in fixed else ([tdef.default_shots] if tdef and tdef.default_shots is not None else list(shots))
+        own = fixed_shots(name, suite)
+        if own is None and tdef is not None:  # a TaskDef passed in, not registered
+            own = tdef.default_shots
+        k_list = [own] if shots is None and own is not None else base
         for k in k_list:
             runs.append((name, tdef or name, int(k), cats.get(name) or (tdef.category if tdef else "")))
     return ppl, runs
@@ -89,7 +95,7 @@ def _resolve(tasks: Iterable, suite: str | None, shots: Sequence[int], ppl: Iter
 
 def preflight(*, tasks: Iterable = (), suite: str | None = None, data_dir: str | Path | None = None) -> None:
     """Load every quantshift task's data now (before a model loads): missing files fail fast."""
-    _ppl, runs = _resolve(tasks, suite, (0,), ())
+    _ppl, runs = _resolve(tasks, suite, None, ())
     for name, t, _k, _c in runs:
         if isinstance(t, TaskDef) and t.name in TASKS:
             task_data(name, data_dir)
@@ -111,14 +117,15 @@ def use_chat_template(tokenizer, mode: str) -> bool:
 
 
 def evaluate(loaded, *, ppl: Iterable[str] = (), tasks: Iterable = (), suite: str | None = None,
-             shots: Sequence[int] = (0,), limit: int | None = None, data_dir: str | Path | None = None,
+             shots: Sequence[int] | None = None, limit: int | None = None, data_dir: str | Path | None = None,
              seqlen: int = 512, max_windows: int | None = 64, batch_size: int = 4, seed: int = 1234,
              progress: bool = True, chat_template: str = "off") -> EvalResult:
     """Perplexity on text sources and lm-eval tasks (ours or lm-eval's own names) for one model.
 
     limit: items scored per task; None = DEFAULT_LIMIT for quantshift's own tasks and all items
     for lm-eval's tasks; 0 = all items everywhere. Scored items are a fixed, seeded-by-name
-    subset, so two models scored with the same limit see the same items. chat_template: task
+    subset, so two models scored with the same limit see the same items. shots: see _resolve
+    (None: each task's own count, BOSS's per-task counts, else the suite's, else 0). chat_template: task
     prompts through the tokenizer's chat template (use_chat_template; few-shot examples then as
     earlier turns, lm-eval's fewshot_as_multiturn); perplexity always scores raw text.
     """

@@ -57,6 +57,16 @@ class SuiteDef:
 
 SUITES: Registry[SuiteDef] = Registry("suite")
 
+
+def fixed_shots(name: str, suite: str | None = None) -> int | None:
+    """A task's own shot count (BOSS's per-task counts: the suite's shots_per_task, else the
+    task's default_shots), or None for a task that takes the caller's. It is the count used when
+    none is asked for, not a lock."""
+    if suite is not None and name in SUITES.get(suite).shots_per_task:
+        return int(SUITES.get(suite).shots_per_task[name])
+    task = TASKS.get(name) if name in TASKS else None
+    return task.default_shots if task is not None else None
+
 # The evaluation dimensions of the quantization-evaluation literature, the one place that groups
 # task categories (TaskDef.category, or a suite's `categories` key) into them: what a model knows
 # and can do, multi-step reasoning, and alignment (social bias: BBQ; helpful/honest/harmless: HHH;

@@ -66,8 +66,12 @@ def unit_settings(spec: StudySpec, unit: EvalUnit) -> dict:
         return {"kind": "ppl", "source": unit.name, "seqlen": ev.ppl_seqlen, "windows": ev.ppl_windows,
                 "scorer": PPL_SCORER}
     from ..evaluation.harness import SCORER
+    from ..evaluation.tasks import fixed_shots
 
     settings = {"kind": "task", "task": unit.name, "shots": unit.shots, "limit": ev.limit, "seed": 1234, "scorer": SCORER}
+    own = fixed_shots(unit.name, ev.suite)
+    if own is not None:  # such results were once filed under the study's shots whatever they ran at
+        settings["own_shots"] = own
     if ev.chat_template != "off":  # "auto" resolves per model, and the model is part of the key
         settings["chat_template"] = ev.chat_template
     return settings

@@ -21,7 +21,7 @@ from ..evaluation.variance import clear_best, decompose, pairwise, source_findin
 from .diagnostics import kendall_tau, spearman
 from .plotting import pyplot as _pyplot
 from .plotting import save_figure as _save
-from .spec import precision_of, short_source
+from .spec import precision_of, short_source, unit_shots
 
 Block = tuple  # ("h1"|"h2"|"h3"|"p", text) | ("table", headers, rows) | ("img", path, alt)
 IID_MARK = "†"
@@ -571,7 +571,9 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
                            else f"examples ({cal.order} {cal.n} per source, each cut to {cal.seqlen} tokens, packed)")
                         + f"; seeds {', '.join(map(str, cal.seeds))}"],
         ["perplexity", f"{', '.join(map(short_source, ev.ppl)) or '-'}: held-out text, {ev.ppl_windows} windows x {ev.ppl_seqlen} tokens per source"],
-        ["tasks", f"{', '.join(tasks) or '-'} (suite {ev.suite or '-'}); shots {', '.join(map(str, ev.shots))}; "
+        ["tasks", f"{', '.join(tasks) or '-'} (suite {ev.suite or '-'}); shots {', '.join(map(str, ev.shots))}"
+                  + (f" (with the tasks' own counts: {', '.join(map(str, unit_shots(units)))})"
+                     if unit_shots(units) != sorted(ev.shots) and unit_shots(units) else "") + "; "
                   f"limit {ev.limit if ev.limit is not None else 'all'} items per task; chat template {ev.chat_template}"],
         ["cells", f"{len(cells)} ({sum(c['status'] == 'done' for c in cells)} done, "
                   f"{sum(c['status'] == 'failed' for c in cells)} failed, {sum(c['status'] == 'pending' for c in cells)} pending)"],
@@ -581,7 +583,7 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
     multi = multi_seed(collected)
     analyses = source_analysis(cells, units)
     if multi:
-        b += _seed_matrices(cells, units, ev.shots, analyses, cal.seeds)
+        b += _seed_matrices(cells, units, unit_shots(units), analyses, cal.seeds)
     else:
         b.append(("p", f"Tables: rows are calibration sets, columns test sets; {IID_MARK} = I.I.D. (calibration and test "
                        "from the same source/task); **bold** = best calibration for that test set (single seed: not tested "
@@ -590,7 +592,7 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
         b.append(("h2", "Calibration x test matrices"))
         for (model, method, wbits, seed), group in group_cells(cells).items():
             refs = references(cells, model, wbits)
-            for shots in [None] + list(ev.shots):
+            for shots in [None] + unit_shots(units):
                 cols = test_columns(units, shots)
                 if not cols:
                     continue

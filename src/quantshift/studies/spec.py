@@ -276,10 +276,24 @@ def suite_tasks(suite: str) -> list[str]:
 
 
 def eval_units(spec: StudySpec) -> list[EvalUnit]:
+    """Perplexity per source; each task at every study shot count, and at its own count where it
+    has one (BOSS's per-task counts: evaluation.tasks.fixed_shots) that the study does not list."""
+    from ..evaluation.tasks import fixed_shots
+
     units = [EvalUnit("ppl", s) for s in spec.evaluation.ppl]
+    tasks = task_names(spec)
     for shots in spec.evaluation.shots:
-        units += [EvalUnit("task", t, shots) for t in task_names(spec)]
+        units += [EvalUnit("task", t, shots) for t in tasks]
+    for t in tasks:
+        own = fixed_shots(t, spec.evaluation.suite)
+        if own is not None and own not in spec.evaluation.shots:
+            units.append(EvalUnit("task", t, own))
     return units
+
+
+def unit_shots(units: list[EvalUnit]) -> list[int]:
+    """The shot counts the task units use, in increasing order."""
+    return sorted({u.shots for u in units if u.kind == "task"})
 
 
 def expand(spec: StudySpec, data_dir: str | None = None) -> list[Cell]:

@@ -243,10 +243,8 @@ def evaluate_units(loaded, batch: list[UnitRecord], options: dict, progress: boo
     out = []
     for u in batch:
         name = u["settings"]["task"]
-        # tasks with fixed shot counts (BOSS) report under their own shots
-        key = next((k for k in res.metrics if k == f"task:{name}@{s['shots']}"),
-                   next((k for k in res.metrics if k.startswith(f"task:{name}@")), None))
-        if key is None:
+        key = f"task:{name}@{s['shots']}"  # given shots apply to every task, BOSS's too
+        if key not in res.metrics:
             raise RuntimeError(f"the evaluation returned no result for task {name!r}")
         out.append((_plain(res.metrics[key]), _plain(res.samples.get(key, []))))
     return out
