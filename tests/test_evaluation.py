@@ -15,7 +15,7 @@ from quantshift.evaluation.leakage import check_leakage, find_overlaps
 from quantshift.evaluation.metrics import exact_match, f1
 from quantshift.evaluation.stats import bootstrap_ci, paired_bootstrap
 from quantshift.evaluation.taskdef import TaskDef
-from quantshift.evaluation.tasks import SUITES, TASKS, split_items
+from quantshift.evaluation.tasks import SUITES, TASKS, dimension_of, split_items
 
 
 def _toy_items(_data_dir=None, n=30):
@@ -201,7 +201,7 @@ def test_boss_local_files_become_tasks(tmp_path):
 
 
 def test_suites_and_tasks_registered():
-    assert {"s1", "boss", "ceval", "cmmlu", "instruct", "ppl", "offline"} <= set(SUITES.names())
+    assert {"s1", "boss", "ceval", "cmmlu", "instruct", "ppl", "offline", "instruct-offline"} <= set(SUITES.names())
     s1 = SUITES.get("s1")
     assert len(s1.tasks) == 26 and len(s1.categories) == 9 and s1.shots == (0, 5)
     boss = SUITES.get("boss")
@@ -247,10 +247,19 @@ def test_bigbench_tasks_from_pypi_sdist():
     """Downloads bigbench==1.0.0 (about 360 MB) once into the cache, then reads task.json files."""
     from quantshift.evaluation.tasks import task_data
 
-    for name in [t for t in SUITES.get("offline").tasks if t.startswith("bb_")]:
+    names = {t for s in ("offline", "instruct-offline") for t in SUITES.get(s).tasks if t.startswith("bb_")}
+    for name in sorted(names):
         d = task_data(name)
-        assert len(d.test) >= 30 and d.pool, name
+        assert len(d.test) >= (20 if name == "bb_known_unknowns" else 30) and d.pool, name
         assert all(0 <= it["gold"] < len(it["choices"]) for it in d.test)
+        ids = [it["id"] for it in d.test + d.pool]
+        assert len(ids) == len(set(ids)), name
+    # the instruct-offline task types, each through its category to a dimension
+    inst = SUITES.get("instruct-offline")
+    types = {inst.category_of(t) for t in inst.tasks}
+    assert types == {"commonsense_qa", "knowledge_language", "hallucination", "mathematics"}
+    assert {dimension_of(c) for c in types} == {"knowledge/capability", "alignment", "reasoning"}
+    assert len(task_data("bb_arithmetic").test) >= 1500 and len(task_data("bb_misconceptions").test) >= 100
 
 
 @pytest.mark.slow

@@ -146,7 +146,7 @@ def eval_cmd(
     model: Annotated[str, typer.Argument(help="quantized directory, bundled alias, local dir or hub id")],
     ppl: Annotated[str | None, typer.Option(help="comma-separated text sources for perplexity")] = None,
     tasks: Annotated[str | None, typer.Option(help="comma-separated tasks: quantshift's (`list tasks`) or lm-eval names")] = None,
-    suite: Annotated[str | None, typer.Option(help="a named suite (`list suites`): offline, s1, boss, ceval, cmmlu, instruct, ppl")] = None,
+    suite: Annotated[str | None, typer.Option(help="a named suite (`list suites`): offline, instruct-offline, s1, boss, ceval, cmmlu, instruct, ppl")] = None,
     shots: Annotated[str | None, typer.Option(help="comma-separated few-shot counts (default: the suite's, else 0)")] = None,
     limit: Annotated[int | None, typer.Option(help="items scored per task (default 200 for quantshift tasks, all for lm-eval's; 0 = all)")] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="local datasets for boss/ceval/cmmlu")] = None,

@@ -61,6 +61,16 @@ BIGBENCH_TASKS = {
     "logical_deduction": (["logical_deduction/three_objects"], "reasoning", "order three objects from clues"),
     "date_understanding": (["date_understanding"], "reasoning", "date arithmetic in MM/DD/YYYY"),
     "causal_judgment": (["causal_judgment"], "reasoning", "how a typical person judges causation"),
+    # hallucination detection and mathematics (instruction-tuned evaluation's task types); BIG-bench's
+    # truthful_qa is a programmatic task (no task.json), so truthfulness comes from these
+    "misconceptions": (["misconceptions"], "truthfulness", "the true statement, not the common misconception"),
+    "fact_checker": (["fact_checker/covid19_scientific", "fact_checker/politifact"], "truthfulness",
+                     "is a scientific or political claim true"),
+    "known_unknowns": (["known_unknowns"], "truthfulness", "answer, or say that the answer is unknown"),
+    "arithmetic": ([f"arithmetic/{n}_digit_{op}" for n in (1, 2)
+                    for op in ("addition", "subtraction", "multiplication", "division")],
+                   "math", "1- and 2-digit arithmetic, the result among candidate numbers"),
+    "elementary_math_qa": (["elementary_math_qa/question_only"], "math", "math word problems (MathQA), choices listed"),
 }
 
 

@@ -75,9 +75,10 @@ DIMENSIONS: dict[str, tuple[str, ...]] = {
     "knowledge/capability": ("knowledge", "qa", "commonsense", "nli", "sentiment", "stem", "humanities",
                              "social science", "other", "boss_eqa", "boss_sa", "boss_nli", "boss_td", "eqa", "sa",
                              "td", "coreference", "dialogue", "scientific_qa", "reading_comprehension",
-                             "nli_classification", "linguistic"),
-    "reasoning": ("reasoning", "math", "logic"),
-    "alignment": ("bias", "toxicity", "bias_toxicity", "ethics_bias", "truthfulness", "instruction"),
+                             "nli_classification", "linguistic", "commonsense_qa", "knowledge_language"),
+    "reasoning": ("reasoning", "math", "logic", "mathematics"),
+    "alignment": ("bias", "toxicity", "bias_toxicity", "ethics_bias", "truthfulness", "instruction",
+                  "hallucination", "instruction_following"),
 }
 LANGUAGE_MODELLING = "language modelling"
 
