@@ -232,3 +232,31 @@ def test_seed_agreement_is_kendall_tau_b_with_ties_in_the_denominator():
     assert kendall_tau([1, 2, 3], [5, 5, 5]) is None and kendall_tau([1], [1]) is None
     assert spearman([1, 2, 3, 4], [1, 1, 2, 3]) == pytest.approx(stats.spearmanr([1, 2, 3, 4], [1, 1, 2, 3]).statistic)
     assert spearman([1, 2, 3], [7, 7, 7]) is None and spearman([1, 2], [2, 1]) is None
+
+
+def _planted(slope: float, n: int = 600, seed: int = 3):
+    """Items of uniform difficulty; the quantized model loses an item the reference gets right with
+    probability 0.1 + slope x difficulty."""
+    rng = np.random.default_rng(seed)
+    ids = [f"i{k}" for k in range(n)]
+    diff = dict(zip(ids, rng.uniform(0, 1, n)))
+    ref = {i: 1.0 for i in ids}
+    quant = {i: float(rng.uniform() >= 0.1 + slope * diff[i]) for i in ids}
+    return diff, ref, quant
+
+
+def test_difficulty_regression_finds_a_planted_slope_and_none_where_there_is_none():
+    from quantshift.evaluation.difficulty import drop_vs_difficulty, item_difficulty
+
+    fit = drop_vs_difficulty(*_planted(0.5))
+    assert fit.significant and fit.ci[0] < 0.5 < fit.ci[1] and fit.slope > 0.3
+    assert fit.verdict().startswith("harder items lose more")
+    flat = drop_vs_difficulty(*_planted(0.0))
+    assert not flat.significant and flat.ci[0] < 0 < flat.ci[1]
+    assert flat.verdict().startswith("no significant relation")
+    # difficulty from the references' correctness: wrong for both -> 1, right for both -> 0
+    assert item_difficulty([{"a": 1, "b": 0, "c": 1}, {"a": 1, "b": 0, "c": 0, "d": 1}]) == {"a": 0.0, "b": 1.0, "c": 0.5}
+    same = drop_vs_difficulty({"a": 0.5, "b": 0.5, "c": 0.5}, {"a": 1, "b": 1, "c": 0}, {"a": 0, "b": 1, "c": 0})
+    assert math.isnan(same.slope) and not same.significant
+    with pytest.raises(ValueError, match="at least 3 shared items"):
+        drop_vs_difficulty({"a": 0.1}, {"a": 1}, {"a": 0})
