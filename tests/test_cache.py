@@ -409,3 +409,17 @@ def test_two_processes_share_one_cache_and_compute_each_entry_once(finished, tin
     for who in ("a", "b"):
         got = json.loads((tmp_path / who / "results.json").read_text())
         assert got["cells"] == ref["cells"] and got["diagnostics"] == ref["diagnostics"]
+
+
+def test_every_writer_uses_the_one_atomic_write():
+    """Checkpoints, study reports, results, statistics, eval samples: one implementation (atomic.py)."""
+    from pathlib import Path
+
+    from quantshift import atomic, checkpoint
+    from quantshift.studies import cache, report
+
+    assert checkpoint.write_json_atomic is atomic.write_json_atomic and cache.write_atomic is atomic.write_atomic
+    assert report.write_text_atomic is atomic.write_text_atomic
+    src = Path(atomic.__file__).parent
+    writers = [p.relative_to(src).as_posix() for p in src.rglob("*.py") if "mkstemp(" in p.read_text()]
+    assert writers == ["atomic.py"]  # a temp file made by hand elsewhere is a second implementation

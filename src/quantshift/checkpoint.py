@@ -40,6 +40,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
+from .atomic import write_json_atomic
 from .errors import ModelError
 from .models.shards import INDEX_FILE, ShardedTensors, ShardWriter, file_sha256
 from .quant.actquant import attach_input_quantizers, attach_output_quantizers
@@ -69,14 +70,6 @@ def versions() -> dict[str, str]:
             "python": platform.python_version()}
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=2, sort_keys=True, default=str)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 @contextmanager

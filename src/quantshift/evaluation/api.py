@@ -41,16 +41,16 @@ class EvalResult:
 
     def write(self, json_path: Path, extra: dict | None = None) -> Path:
         """metrics JSON at json_path, sample-level scores beside it (<stem>.samples.jsonl)."""
-        from ..checkpoint import write_json_atomic
+        from ..atomic import write_atomic, write_json_atomic
 
         samples_path = samples_file(json_path)
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = samples_path.with_suffix(".tmp")
-        with tmp.open("w", encoding="utf-8") as f:
+
+        def lines(f) -> None:
             for key, rows in self.samples.items():
                 for r in rows:
-                    f.write(json.dumps({"key": key, **r}, ensure_ascii=False) + "\n")
-        tmp.replace(samples_path)
+                    f.write((json.dumps({"key": key, **r}, ensure_ascii=False) + "\n").encode("utf-8"))
+
+        write_atomic(samples_path, lines)
         write_json_atomic(json_path, {**(extra or {}), "metrics": self.metrics, "samples_file": samples_path.name})
         return samples_path
 

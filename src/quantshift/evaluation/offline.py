@@ -22,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from ..atomic import write_text_atomic
 from ..errors import DataError
 from .taskdef import TaskDef
 
@@ -138,9 +139,7 @@ def bigbench_tasks_json() -> dict[str, dict]:
     missing = [p for p in wanted if p not in data]
     if missing:
         raise DataError(f"bigbench archive lacks {missing}")
-    tmp = cached.with_suffix(f".tmp{os.getpid()}")
-    tmp.write_text(json.dumps(data), encoding="utf-8")
-    os.replace(tmp, cached)
+    write_text_atomic(cached, json.dumps(data))
     return data
 
 

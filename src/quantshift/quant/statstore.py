@@ -71,9 +71,11 @@ class StatsStore:
             names[name] = [key, int(tokens)]
         from safetensors.torch import save_file
 
-        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        from ..atomic import commit_file
+
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         save_file(tensors, str(tmp), metadata={"names": json.dumps(names)})
-        os.replace(tmp, path)
+        commit_file(tmp, path)
 
     @staticmethod
     def _read(path: Path) -> dict[str, tuple[torch.Tensor, int]] | None:

@@ -27,15 +27,16 @@ import io
 import json
 import os
 import sys
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..atomic import write_atomic
 
 CHECKSUM = "_checksum"  # the field of a payload that holds its checksum
 KINDS = {"calib": (".pt", ".json"), "quant": (".json",), "results": (".json",), "windows": (".pt",), "diag": (".pt",)}
@@ -270,38 +271,6 @@ def _parse(raw: bytes, name: str) -> Any:
         raise CorruptEntry(f"not a readable tensor file, truncated or garbled: {type(err).__name__}: {first}") from None
 
 
-# ---------------------------------------------------------------- atomic writes
-
-def write_atomic(path: Path, write: Callable[[Any], Any]) -> None:
-    """write(f) into a temp file beside `path`, fsync it, rename it over `path`, fsync the directory.
-    On any error (or a kill) the final name keeps its previous content; the temp file is removed
-    (or, after a kill, left as a dot-file that no reader looks at)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(d: Path) -> None:
-    """Make the rename itself durable (a power cut after it must not bring back the old state)."""
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some filesystems do not fsync directories
-        pass
-    finally:
-        os.close(fd)
 
 
 # ---------------------------------------------------------------- verifying a study's cache

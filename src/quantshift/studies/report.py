@@ -15,7 +15,7 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
-from ..checkpoint import write_json_atomic
+from ..atomic import write_json_atomic, write_text_atomic
 from ..evaluation.stats import sign_flip_p
 from ..evaluation.variance import clear_best, decompose, pairwise, source_findings
 from .diagnostics import kendall_tau, spearman
@@ -926,17 +926,9 @@ def write_report(out_dir: Path, collected: dict, cache_root: Path | None = None)
     fig_dir.mkdir(parents=True, exist_ok=True)
     blocks = build_blocks(collected, fig_dir)
     md = to_markdown(blocks)
-    _write_text(out_dir / "report.md", md)
-    _write_text(out_dir / "report.html", to_html(blocks, out_dir, f"quantshift study {collected['spec'].name}"))
+    write_text_atomic(out_dir / "report.md", md)
+    write_text_atomic(out_dir / "report.html", to_html(blocks, out_dir, f"quantshift study {collected['spec'].name}"))
     write_json_atomic(out_dir / "results.json", results_json(collected))
     return out_dir / "report.md"
 
 
-def _write_text(path: Path, text: str) -> None:
-    import os
-    import tempfile
-
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
