@@ -170,3 +170,10 @@ def test_every_module_imports_on_its_own():
     assert r.returncode == 0, r.stderr[-3000:]
     failed = json.loads(r.stdout.strip().splitlines()[-1])
     assert not failed, "\n".join(f"{n}:\n{tb}" for n, tb in failed.items())
+
+
+def test_no_module_imports_the_cli():
+    """The CLI is the top: it loads its sub-commands by string (a cycle check cannot see that edge),
+    so a sub-command importing back from `cli` would be a hidden cycle. Shared helpers live below."""
+    graph = import_graph(modules())
+    assert sorted(m for m, deps in graph.items() if "quantshift.cli" in deps) == []

@@ -31,7 +31,7 @@ def cli(monkeypatch, capsys, tmp_path):
 
     monkeypatch.setattr(load_mod, "load_model", no_load)
     monkeypatch.setattr("quantshift.api.load_model", no_load)  # the API binds the loader by name
-    monkeypatch.setattr(cli_mod, "_threads", lambda: None)
+    monkeypatch.setattr("quantshift.threads.use_all_cores", lambda: None)
     work = tmp_path / "cwd"
     work.mkdir()
     monkeypatch.chdir(work)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -21,13 +20,6 @@ _STATE = {"debug": False}
 @app.callback()
 def _root(debug: Annotated[bool, typer.Option("--debug", help="show full tracebacks")] = False) -> None:
     _STATE["debug"] = debug
-
-
-def _threads() -> None:
-    import torch
-
-    if os.environ.get("OMP_NUM_THREADS") is None:
-        torch.set_num_threads(max(1, os.cpu_count() or 1))
 
 
 @app.command("list")
@@ -113,10 +105,10 @@ def quantize(
 ) -> None:
     """Quantize a model with a method or a recipe and save it."""
     validate.command("quantize", locals())  # every option checked before the model loads
-    from . import api
+    from . import api, threads
     from .errors import ConfigError
 
-    _threads()
+    threads.use_all_cores()
     if (method is None) == (recipe is None):
         raise ConfigError("give exactly one of --method or --recipe")
     options = {"wbits": wbits, "abits": abits, "group_size": group_size, "sym": sym}
@@ -173,11 +165,11 @@ def eval_cmd(
     """Evaluate a model: perplexity on held-out text, lm-eval tasks (multiple choice by log-likelihood),
     MT-Bench-style judged dialogue."""
     validate.command("eval", locals())  # every option checked before the model loads
-    from . import api
+    from . import api, threads
     from .errors import ConfigError
     from .evaluation.api import samples_file
 
-    _threads()
+    threads.use_all_cores()
     try:
         shot_list = [int(k) for k in shots.split(",") if k.strip()] if shots else None
     except ValueError:

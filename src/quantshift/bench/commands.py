@@ -117,8 +117,8 @@ def register(app: typer.Typer) -> None:
         """Size on disk and in memory, peak RSS, prefill and decode tokens/s (median and spread) and the
         decode bandwidth bound, for float and packed variants of a model."""
         validate.command("bench", locals())  # every option checked before anything runs
+        from .. import threads
         from ..checkpoint import is_quantized_dir, versions, write_json_atomic
-        from ..cli import _threads
         from ..errors import ConfigError
         from ..models.load import model_path, resolve_device
 
@@ -138,7 +138,7 @@ def register(app: typer.Typer) -> None:
         opts = {"prefill_batches": pre, "decode_batches": dec, "prompt_len": prompt_len,
                 "decode_prompt_len": decode_prompt_len, "gen_len": gen_len, "repeats": repeats, "cache": cache,
                 "compile": compile, "copy_mib": copy_mib}
-        _threads()
+        threads.use_all_cores()
         dev = resolve_device(device)
         if in_process or len(names) == 1:
             results = [measure_variant(model, v, dev, opts) for v in names]
@@ -154,11 +154,11 @@ def register(app: typer.Typer) -> None:
 
 def _child_main(argv: list[str]) -> None:
     """python -m quantshift.bench.commands MODEL VARIANT DEVICE OPTS_JSON OUT: one variant."""
+    from .. import threads
     from ..checkpoint import write_json_atomic
-    from ..cli import _threads
 
     model, variant, device, opts, out = argv
-    _threads()
+    threads.use_all_cores()
     write_json_atomic(Path(out), measure_variant(model, variant, device, json.loads(opts)))
 
 

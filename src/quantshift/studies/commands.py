@@ -44,10 +44,10 @@ def run_cmd(
 ) -> None:
     """Run a study (grid of models x recipes x calibration sets x evaluations); resumes where it stopped."""
     validate.command("run", locals())  # every option checked before anything runs
+    from .. import threads
     from ..api import run_study
-    from ..cli import _threads
 
-    _threads()
+    threads.use_all_cores()
     if verify:  # a read-only check (bar moving bad entries aside): safe to run beside a running study
         from .spec import load_study
 
