@@ -73,7 +73,7 @@ def test_activation_codes_are_the_fake_quant_grid():
 def test_int8_kernel_and_fallback_without_int8_units(monkeypatch):
     qw = quantize_weight(torch.randn(32, 64), QuantSpec(bits=8, group_size=-1, symmetric=True))
     x = torch.randn(4, 64)
-    assert int8linear.int8_units({"fpu", "avx512_vnni"}) is None and "none of" in (int8linear.int8_units({"fpu"}) or "")
+    assert int8linear.int8_units_missing({"fpu", "avx512_vnni"}) is None and "none of" in (int8linear.int8_units_missing({"fpu"}) or "")
     monkeypatch.setattr(capability, "cpu_flags", lambda path="/proc/cpuinfo": {"fpu", "avx2"})  # a CPU without VNNI/AMX
     emulated = Int8Linear(qw, A8)
     assert emulated.kernel == "int8-emulated" and "none of amx_int8" in (emulated.reason or "")
@@ -98,7 +98,7 @@ W4 = {"wbits": 4, "group_size": 32, "sym": False}
 
 @pytest.mark.parametrize("label,kw,kind", [("w8a8", W8A8, "w8a8:int8-intmm"), ("w4", W4, "w4a16:int4mm-cpu")])
 def test_packed_model_logits_match_fake_quant(tmp_path, label, kw, kind):
-    if kind.startswith("w8a8") and int8linear.int8_units() is not None:
+    if kind.startswith("w8a8") and int8linear.int8_units_missing() is not None:
         kind = "w8a8:int8-emulated"
     q, _, _ = _quantized_dir(tmp_path, label, **kw)
     fake = load_model(str(q), dtype="float32")

@@ -34,11 +34,11 @@ from ..models import capability as _cap
 from ..models.capability import INT8_FLAGS, Capability, Choice
 from .primitives import QuantizedWeight, QuantSpec
 
-__all__ = ["INT8_FLAGS", "Int8Linear", "activation_codes", "int8_choice", "int8_units", "w8a8_problem"]
+__all__ = ["INT8_FLAGS", "Int8Linear", "activation_codes", "int8_choice", "int8_units_missing", "w8a8_problem"]
 _CUDA_MIN_ROWS = 17  # cuBLASLt's int8 GEMM in torch._int_mm takes more than 16 rows
 
 
-def int8_units(flags: set[str] | None = None) -> str | None:
+def int8_units_missing(flags: set[str] | None = None) -> str | None:
     """Why this CPU has no int8 matrix units (None = it has them)."""
     cap = _cap.detect("cpu") if flags is None else _cap.fake("cpu", flags=flags)
     return cap.int8().reason
