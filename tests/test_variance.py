@@ -260,3 +260,20 @@ def test_difficulty_regression_finds_a_planted_slope_and_none_where_there_is_non
     assert math.isnan(same.slope) and not same.significant
     with pytest.raises(ValueError, match="at least 3 shared items"):
         drop_vs_difficulty({"a": 0.1}, {"a": 1}, {"a": 0})
+
+
+def test_source_vs_seed_figure_puts_sds_on_a_log_axis(tmp_path, monkeypatch):
+    """A seed SD of a fraction of a percent beside a source SD of thousands of percent: both visible."""
+    from quantshift.studies import report
+
+    rng = np.random.default_rng(0)
+    y = {s: list(np.log(m) + rng.normal(0, 1e-3, 3)) for s, m in (("wikipedia", 20.0), ("news", 30.0), ("zh-news", 900.0))}
+    a = {"model": "m", "method": "gptq", "wbits": 3, "test": "ppl:news", "decomposition": decompose(y, log=True)}
+    from matplotlib.figure import Figure
+
+    scales = []
+    real_save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (scales.extend(ax.get_xscale() for ax in fig.axes),
+                                                                   real_save(fig, *a, **k)))
+    assert report._fig_source_seed([a], tmp_path / "f.png") and (tmp_path / "f.png").stat().st_size > 0
+    assert scales == ["symlog"]

@@ -540,7 +540,11 @@ def _fig_source_seed(analyses: list[dict], path: Path) -> bool:
         ax.set_yticklabels([(f"{Path(a['model']).name} · " if models > 1 else "") + f"{a['method']} W{a['wbits']} · "
                             f"{test_label(a['test'])}" + ("" if a["decomposition"].significant else " (n.s.)") for a in rs], fontsize=7)
         ax.invert_yaxis()
-        ax.set_xlabel("SD, % of perplexity (from log ppl)" if kind == "ppl" else "SD, accuracy points", fontsize=8)
+        # a seed SD of 0.1% beside a source SD of 3,600%: on a linear axis the former is a dot at 0;
+        # symlog is logarithmic above 0.1 and still shows SDs and CI ends of 0
+        ax.set_xscale("symlog", linthresh=0.1)
+        ax.set_xlabel(("SD, % of perplexity (from log ppl)" if kind == "ppl" else "SD, accuracy points")
+                      + ", log scale above 0.1", fontsize=8)
         ax.legend(fontsize=7)
     _save(fig, path, "Points: estimated SDs; whiskers: 95% CIs. Hollow source SD and (n.s.): the source effect is not "
                      "significant against the seed spread (F test, p >= 0.05). Columns with no replication are not drawn.")
