@@ -23,10 +23,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from ..models import capability as _cap
 from ..models.capability import Capability, Choice
+from .int8linear import ScaledCodesLinear
 from .primitives import FP8_E4M3_MAX, QuantizedWeight, QuantSpec
 
 FP8_GEMM_TOLERANCE = 1e-3  # max error / max |output| of the fp8 GEMM against the fake-quant (see above)
@@ -76,7 +76,7 @@ def fp8_activation_codes(x: torch.Tensor, per_token: bool = True, static_scale: 
     return codes, scale
 
 
-class FP8Linear(nn.Module):
+class FP8Linear(ScaledCodesLinear):
     """y = x @ W^T + b with E4M3 weights and dynamically E4M3-quantized inputs (see module doc)."""
 
     qweight: torch.Tensor  # [N, K] float8_e4m3fn
@@ -116,14 +116,4 @@ class FP8Linear(nn.Module):
         q, s = fp8_activation_codes(x.reshape(-1, shape[-1]), self.per_token, self.static_scale)
         # [K, N] column-major view of the [N, K] row-major codes: what the fp8 GEMM takes
         acc = torch._scaled_mm(q, self.qweight.t(), scale_a=self.one, scale_b=self.one, out_dtype=torch.float32)
-        y = acc * (s * self.wscale)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
-
-    def packed_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
-    def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, W {self.spec.describe()}, "
-                f"A {self.act_spec.describe()}{' per-token' if self.per_token else ''}, kernel={self.kernel}")
+        return self._rescale(acc, s, x)

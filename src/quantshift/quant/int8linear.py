@@ -87,7 +87,34 @@ def activation_codes(x: torch.Tensor, spec: QuantSpec, per_token: bool = True,
     return codes.to(torch.int8), scale
 
 
-class Int8Linear(nn.Module):
+class ScaledCodesLinear(nn.Module):
+    """What a W8A8 linear does after its GEMM of codes (int8 here, fp8 in quant.fp8linear): scale
+    the accumulator by input and weight scales, add the bias, restore the input's shape and dtype."""
+
+    wscale: torch.Tensor
+    bias: torch.Tensor | None
+    in_features: int
+    out_features: int
+    spec: QuantSpec
+    act_spec: QuantSpec
+    per_token: bool
+    kernel: str
+
+    def _rescale(self, acc: torch.Tensor, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        y = acc * (s * self.wscale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def packed_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())
+
+    def extra_repr(self) -> str:
+        return (f"in={self.in_features}, out={self.out_features}, W {self.spec.describe()}, "
+                f"A {self.act_spec.describe()}{' per-token' if self.per_token else ''}, kernel={self.kernel}")
+
+
+class Int8Linear(ScaledCodesLinear):
     """y = x @ W^T + b with int8 weights and dynamically int8-quantized inputs (see module doc)."""
 
     qweight: torch.Tensor  # [N, K] int8: codes - 2**(bits-1)
@@ -146,14 +173,4 @@ class Int8Linear(nn.Module):
             acc = q.float() @ self.qweight.t().float()
         if self.zero_corr is not None:
             acc = acc - q.sum(dim=1, keepdim=True, dtype=torch.int32).float() * self.zero_corr
-        y = acc * (s * self.wscale)
-        if self.bias is not None:
-            y = y + self.bias
-        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
-
-    def packed_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())
-
-    def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, W {self.spec.describe()}, "
-                f"A {self.act_spec.describe()}{' per-token' if self.per_token else ''}, kernel={self.kernel}")
+        return self._rescale(acc, s, x)
