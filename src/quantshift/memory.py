@@ -237,17 +237,17 @@ class MemoryPlan:
 
 def _solver_bytes(shape: ModelShape, calibrated: bool) -> int:
     """One block's solver peak (float32): for the problem solved at once, its Hessian as collected,
-    the solver's permuted copy, the Cholesky factor, the identity it is solved against and the
-    inverse factor (five in x in matrices: methods.gptq, quant.primitives.damped_inverse_cholesky),
+    the solver's permuted copy, the Cholesky factor and the inverse factor, solved in place of an
+    identity (four in x in matrices: methods.gptq, quant.primitives.damped_inverse_cholesky),
     plus the weight's copy, its transpose, the solution and the codes (about four rows x in)."""
     problems = shape.problems or tuple(shape.linears)
     if not problems:
         return 0
     if not calibrated:  # round to nearest: a weight copy and its codes
         return max(3 * r * i * 4 for r, i in problems)
-    # the factorization (five Hessians and the weight) or the column loop (the collected Hessian,
+    # the factorization (four Hessians and the weight) or the column loop (the collected Hessian,
     # the inverse factor, and the weight's copy, transpose, solution and codes): the larger
-    return max(max(5 * i * i * 4 + r * i * 4, 2 * i * i * 4 + 4 * r * i * 4) for r, i in problems)
+    return max(max(4 * i * i * 4 + r * i * 4, 2 * i * i * 4 + 4 * r * i * 4) for r, i in problems)
 
 
 def plan_memory(shape: ModelShape, *, device: str = "cpu", weight_bytes: int = 4, caps: MemoryCaps | None = None,

@@ -368,7 +368,6 @@ def damped_inverse_cholesky(H: torch.Tensor, damp: float, cap: float = DAMP_CAP,
     # diag (a contiguous copy), not diagonal (a strided view): the mean's summation order, and so
     # every GPTQ result, must match the factorization this replaced bit for bit
     mean_diag = torch.mean(torch.diag(H))
-    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     added = 0.0
     for k, d in enumerate(schedule):
         H.diagonal().add_((d - added) * mean_diag)
@@ -379,7 +378,11 @@ def damped_inverse_cholesky(H: torch.Tensor, damp: float, cap: float = DAMP_CAP,
         R, info = torch.linalg.cholesky_ex(H.flip(0, 1))
         if int(info) != 0:
             continue
-        U = torch.linalg.solve_triangular(R, eye, upper=False)
+        # R^-1 overwrites a column-major identity in place: bit for bit the result a new tensor
+        # would hold (LAPACK's layout either way), with one n x n matrix fewer at the peak (the
+        # identity is made only now, after the flipped copy of H is gone)
+        U = torch.eye(H.shape[0], dtype=H.dtype, device=H.device).mT
+        torch.linalg.solve_triangular(R, U, upper=False, out=U)
         del R
         U = U.flip(0, 1)
         if bool(torch.isfinite(U).all()):
