@@ -56,7 +56,7 @@ def sandbox() -> Iterator[Path]:
         mp.setattr(eval_api, "preflight", _stop)  # eval: task data loads right before the model
         mp.setattr(export_pkg, "export", _stop)
         mp.setattr(runner_mod, "run_study", _stop)
-        mp.setattr(cli_mod, "_threads", lambda: None)
+        mp.setattr("quantshift.threads.use_all_cores", lambda: None)
         names = frozenset({"arc_easy", "hellaswag", "mmlu", "piqa"})
         mp.setattr(validate, "_lm_eval_quick_names", lambda: names)
         mp.setattr(validate, "_lm_eval_all_names", lambda: names)
