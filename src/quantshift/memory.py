@@ -309,9 +309,14 @@ def plan_memory(shape: ModelShape, *, device: str = "cpu", weight_bytes: int = 4
     return MemoryPlan(shape, caps, host_cap, device, tuple(stages), shard)
 
 
+def device_cap(caps: MemoryCaps, device: str) -> int | None:
+    """The user's cap for `device` ("cuda" means cuda:0), if any."""
+    return caps.devices.get(device if ":" in device else f"{device}:0")
+
+
 def device_limit(caps: MemoryCaps, device: str) -> int | None:
     """The bytes a plan may use on `device`: the user's cap, else what is free now (None on a CPU)."""
-    cap = caps.devices.get(device if ":" in device else f"{device}:0")
+    cap = device_cap(caps, device)
     return cap if cap is not None else free_device_bytes(device)
 
 
@@ -337,7 +342,7 @@ def _choose(stage: str, in_mem: list[tuple[str, int]], streaming: list[tuple[str
 
 def check_device_cap(plan: MemoryPlan) -> None:
     """A device cap below one block's work fails before any work."""
-    cap = plan.caps.devices.get(plan.device if ":" in plan.device else f"{plan.device}:0")
+    cap = device_cap(plan.caps, plan.device)
     limit = device_limit(plan.caps, plan.device)
     for st in plan.stages:
         if limit is not None and st.device > limit:
