@@ -237,17 +237,17 @@ class MemoryPlan:
 
 def _solver_bytes(shape: ModelShape, calibrated: bool) -> int:
     """One block's solver peak (float32): for the problem solved at once, its Hessian as collected,
-    the solver's permuted copy, the Cholesky factor and the inverse factor, solved in place of an
-    identity (four in x in matrices: methods.gptq, quant.primitives.damped_inverse_cholesky),
-    plus the weight's copy, its transpose, the solution and the codes (about four rows x in)."""
+    the factorization's permuted copy (factored in place) and the inverse factor (three in x in
+    matrices: methods.gptq, quant.primitives.damped_inverse_cholesky), plus the weight as the
+    caller passes it, its transposed copy, the solution and the codes (about four rows x in)."""
     problems = shape.problems or tuple(shape.linears)
     if not problems:
         return 0
     if not calibrated:  # round to nearest: a weight copy and its codes
         return max(3 * r * i * 4 for r, i in problems)
-    # the factorization (four Hessians and the weight) or the column loop (the collected Hessian,
-    # the inverse factor, and the weight's copy, transpose, solution and codes): the larger
-    return max(max(4 * i * i * 4 + r * i * 4, 2 * i * i * 4 + 4 * r * i * 4) for r, i in problems)
+    # the factorization (three Hessians and two copies of the weight) or the column loop (the
+    # collected Hessian, the inverse factor, the weight, its transpose, the solution and codes)
+    return max(max(3 * i * i * 4 + 2 * r * i * 4, 2 * i * i * 4 + 4 * r * i * 4) for r, i in problems)
 
 
 def plan_memory(shape: ModelShape, *, device: str = "cpu", weight_bytes: int = 4, caps: MemoryCaps | None = None,

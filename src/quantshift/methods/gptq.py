@@ -101,32 +101,33 @@ def gptq_solve_rows(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: flo
     """GPTQ with the proxy loss of each output row (rows are solved independently). When no
     damping up to primitives.DAMP_CAP makes H positive definite, W is rounded to nearest."""
     W_in = W
-    W = W.detach().clone().float()
-    H = H.detach().clone().float()
+    H = H.detach().float()  # read, never written: the factorization works on its own copy
     out_f, in_f = W.shape
     gs = spec.group_size if spec.group_size > 0 else 0
     maxq = spec.maxq
 
+    # dead channels (never active) get 1 on H's diagonal and 0 in W
     dead = torch.diag(H) == 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
+    if act_order:
+        diag = torch.diag(H)
+        diag[dead] = 1
+        perm = torch.argsort(diag, descending=True)
+    else:
+        perm = torch.arange(in_f, device=W.device)
+    inv_perm = torch.argsort(perm)
+    # The column loop works on W^T so a column is a contiguous row and the update touches
+    # contiguous memory (~3x faster on a CPU); W^T's rows are gathered in visiting order directly
+    # from the caller's W, the only copy of it the solver makes
+    Wt = torch.index_select(W.detach().t(), 0, perm).float().contiguous()
+    Wt[dead[perm]] = 0
 
     static: list[tuple[torch.Tensor, torch.Tensor]] = []
     if gs and static_groups:
-        static = [_row_params(W[:, s:s + gs], spec) for s in range(0, in_f, gs)]
+        static = [_row_params(Wt[inv_perm[s:s + gs]].t(), spec) for s in range(0, in_f, gs)]
     if not gs:  # per-channel or per-tensor: one set of params from the whole matrix
-        full_scale, full_zero = weight_qparams(W, spec)
+        full_scale, full_zero = weight_qparams(Wt.t(), spec)
 
-    perm = torch.arange(in_f, device=W.device)
-    if act_order:
-        perm = torch.argsort(torch.diag(H), descending=True)
-        W = W[:, perm]
-        H = H[perm]  # permuted in two steps, each copy freed as the next exists: two of H at once, not three
-        H = H[:, perm]
-    inv_perm = torch.argsort(perm)
-
-    fac = damped_inverse_cholesky(H, damp)
-    del H  # only its factor is used from here: a large Hessian's memory goes back before the loop
+    fac = damped_inverse_cholesky(H, damp, order=perm)
     if fac.factor is None:
         return rtn_fallback(W_in, spec, fac.damp, fac.steps)
     Hinv = fac.factor
@@ -151,12 +152,9 @@ def gptq_solve_rows(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: flo
         scales_t, zeros_t = scales.t().contiguous(), zeros.t().contiguous()
 
     # The column loop is the hot path: one iteration per input column, three ops each
-    # (fake-quant, residual, rank-1 update), which on a GPU are launch-bound. It works on W^T so
-    # a column is a contiguous row and the update touches contiguous memory (~3x faster on a
-    # CPU), and it carries unscaled residuals w - q with the rows of Hinv pre-divided by their
-    # diagonal, which is the paper's (w - q) / d update with one op less per column.
-    Wt = W.t().contiguous()
-    del W
+    # (fake-quant, residual, rank-1 update), which on a GPU are launch-bound. It carries
+    # unscaled residuals w - q with the rows of Hinv pre-divided by their diagonal, which is the
+    # paper's (w - q) / d update with one op less per column.
     Qt = torch.empty_like(Wt)
     for i1 in range(0, in_f, B):
         i2 = min(i1 + B, in_f)
@@ -188,27 +186,37 @@ def gptq_solve_rows(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: flo
         Qt[i1:i2] = torch.stack(qs)
         losses += (R1 / d[:, None]).pow(2).sum(dim=0) / 2
         Wt[i2:] -= Hs[:, n:].t() @ R1
-    Q = Qt.t()
+    del Wt, Hinv
+    Q = Qt.t()[:, inv_perm]
+    del Qt
 
-    Q = Q[:, inv_perm]
     g_idx = g_idx[inv_perm]
-    sequential_groups = not gs or torch.equal(g_idx, torch.arange(in_f, device=Wt.device) // gs)
+    sequential_groups = not gs or torch.equal(g_idx, torch.arange(in_f, device=Q.device) // gs)
     qw_g_idx = None if sequential_groups else g_idx
-    if gs:
-        col_s, col_z = (scales[:, g_idx], zeros[:, g_idx])
-    else:
-        col_s, col_z = expand_to_columns(scales, in_f, -1), expand_to_columns(zeros, in_f, -1)
-    codes = torch.clamp(torch.round(Q / col_s) + col_z, 0, maxq).to(torch.uint8)
+    codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=Q.device)
+    band = max(1, 2**22 // max(in_f, 1))  # rows at a time: the per-column params are never whole
+    for r in range(0, out_f, band):
+        rows = slice(r, r + band)
+        if gs:
+            col_s, col_z = scales[rows][:, g_idx], zeros[rows][:, g_idx]
+        else:
+            col_s, col_z = expand_to_columns(scales[rows], in_f, -1), expand_to_columns(zeros[rows], in_f, -1)
+        codes[rows] = torch.clamp(torch.round(Q[rows] / col_s) + col_z, 0, maxq)
     qw = QuantizedWeight(codes, scales, zeros, spec, qw_g_idx)
     return GPTQSolution(Q, qw, losses, fac.damp, fac.steps)
 
 
 def hessian_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
-    """Relative output error tr(dW H dW^T) / tr(W H W^T) on the calibration inputs."""
-    d = (Wq - W).float()
-    num = ((d @ H) * d).sum()
-    den = ((W.float() @ H) * W.float()).sum()
-    return float(num / den.clamp_min(1e-30))
+    """Relative output error tr(dW H dW^T) / tr(W H W^T) on the calibration inputs, a band of
+    rows at a time (W and dW stacked into one product), so no temporary is as large as W."""
+    H = H.float()
+    sums = torch.zeros(2, dtype=torch.float64, device=H.device)
+    band = max(1, 2**23 // max(H.shape[0], 1))
+    for r in range(0, W.shape[0], band):
+        w = W[r:r + band].float()
+        both = torch.stack([Wq[r:r + band].float() - w, w])  # [2, rows, in]: dW, then W
+        sums += ((both @ H) * both).sum(dim=(1, 2), dtype=torch.float64)
+    return float(sums[0] / sums[1].clamp_min(1e-30))
 
 
 class HessianMethod(LinearMethod):

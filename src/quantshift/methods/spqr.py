@@ -276,17 +276,18 @@ def spqr_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, qq_bits: int =
         raise ConfigError(f"SpQR needs group_size > 0, got {spec.group_size}")
     W_in = W
     W = W.detach().clone().float()
-    H = H.detach().clone().float()
+    H = H.detach().float()  # read, never written: the factorization permutes its own copy
     out_f, in_f = W.shape
     gs, bits, maxq = spec.group_size, spec.bits, spec.maxq
     budget = out_f * in_f if max_outliers is None else max_outliers
 
-    dead = torch.diag(H) == 0
-    H[dead, dead] = 1
+    dead = torch.diag(H) == 0  # never active: 1 on H's diagonal (in the factorization), 0 in W
     W[:, dead] = 0
-    perm = torch.argsort(torch.diag(H), descending=True) if act_order else torch.arange(in_f, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
-    fac = damped_inverse_cholesky(H, damp)
+    diag = torch.diag(H)
+    diag[dead] = 1
+    perm = torch.argsort(diag, descending=True) if act_order else torch.arange(in_f, device=W.device)
+    W = W[:, perm]
+    fac = damped_inverse_cholesky(H, damp, order=perm)
     if fac.factor is None:
         # no damping made H positive definite: with H = I there is no error feedback and no
         # sensitivity weighting, so this is round-to-nearest onto SpQR's grid (no outliers)
