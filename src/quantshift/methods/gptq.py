@@ -195,8 +195,8 @@ def gptq_solve_rows(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: flo
     qw_g_idx = None if sequential_groups else g_idx
     codes = torch.empty(out_f, in_f, dtype=torch.uint8, device=Q.device)
     band = max(1, 2**22 // max(in_f, 1))  # rows at a time: the per-column params are never whole
-    for r in range(0, out_f, band):
-        rows = slice(r, r + band)
+    for first in range(0, out_f, band):
+        rows = slice(first, first + band)
         if gs:
             col_s, col_z = scales[rows][:, g_idx], zeros[rows][:, g_idx]
         else:
