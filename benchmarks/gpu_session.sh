@@ -17,6 +17,7 @@
 #
 #   bash benchmarks/gpu_session.sh --dry-run     # on a CPU: the plan, then every step small (< 1 min)
 #   bash benchmarks/gpu_session.sh               # on the GPU machine (device tool: carry [".whl", ".gpucarry"])
+#   bash benchmarks/gpu_session.sh --only pytest,ltm   # some steps (a rerun after a fix)
 #   bash benchmarks/gpu_session.sh --fetch-wheels   # here, once: pydantic wheels and the tokenizer
 #
 # The device image has torch, transformers, safetensors, accelerate, typer, tqdm and pytest but not
@@ -39,12 +40,19 @@ if [[ "${1:-}" == "--fetch-wheels" ]]; then
   exit
 fi
 dry=0
-if [[ "${1:-}" == "--dry-run" ]]; then
-  dry=1
-elif [[ -n "${1:-}" ]]; then
-  echo "error: unknown option ${1}; allowed: --dry-run, --fetch-wheels" >&2
-  exit 2
-fi
+only=""
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --dry-run) dry=1 ;;
+    --only) only="${2:-}"; shift ;;
+    *) echo "error: unknown option $1; allowed: --dry-run, --only STEP[,STEP], --fetch-wheels" >&2; exit 2 ;;
+  esac
+  shift
+done
+for name in ${only//,/ }; do
+  [[ " device pytest kernels gptq decode ltm " == *" $name "* ]] || {
+    echo "error: --only $name: no such step (device, pytest, kernels, gptq, decode, ltm)" >&2; exit 2; }
+done
 
 PY="${PYTHON:-python3}"
 out="${OUT:-gpu-results}"
@@ -83,6 +91,13 @@ plan=(
   "decode|90|$PY benchmarks/decode_speed.py ${decode[*]} --json $out/decode.json"
   "ltm|180|$PY benchmarks/larger_than_memory.py ${ltm[*]} ${tokenizer[*]} --ppl docs/memory.md --stages generate,quantize-rtn,quantize-gptq,ppl --workdir /tmp/quantshift-ltm --json $out/ltm.json"
 )
+if [[ -n "$only" ]]; then
+  kept=()
+  for step in "${plan[@]}"; do
+    [[ ",$only," == *",${step%%|*},"* ]] && kept+=("$step")
+  done
+  plan=("${kept[@]}")
+fi
 echo "gpu session: $mode; output $out/gpu-session.json"
 for step in "${plan[@]}"; do
   IFS='|' read -r name limit cmd <<< "$step"

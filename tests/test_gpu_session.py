@@ -44,4 +44,11 @@ def test_dry_run_prints_the_plan_runs_the_cpu_parts_and_writes_one_json(tmp_path
 def test_unknown_option_is_one_line_exit_2(tmp_path):
     r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "--dryrun"], capture_output=True, text=True,
                        env=dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable), timeout=60)
-    assert r.returncode == 2 and r.stderr.strip() == "error: unknown option --dryrun; allowed: --dry-run, --fetch-wheels"
+    assert r.returncode == 2 and r.stderr.strip() == "error: unknown option --dryrun; allowed: --dry-run, --only STEP[,STEP], --fetch-wheels"
+
+
+def test_only_names_steps_and_rejects_an_unknown_one(tmp_path):
+    r = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_session.sh"), "--only", "device,bogus"], capture_output=True,
+                       text=True, env=dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable), timeout=60)
+    assert r.returncode == 2
+    assert r.stderr.strip() == "error: --only bogus: no such step (device, pytest, kernels, gptq, decode, ltm)"
