@@ -13,7 +13,7 @@
 #   6. ltm       an 8 GB synthetic bf16 model (7B shapes, 18 blocks) quantized RTN and GPTQ W4, saved,
 #                reloaded packed and scored under caps of 6 GiB host, 4 GiB device: peak device memory
 #                (benchmarks/larger_than_memory.py --device cuda)
-# Each step has a time limit; the limits add up to 515 s.
+# Each step has a time limit; the limits add up to 535 s.
 #
 #   bash benchmarks/gpu_session.sh --dry-run     # on a CPU: the plan, then every step small (< 1 min)
 #   bash benchmarks/gpu_session.sh               # on the GPU machine (device tool: carry [".whl", ".gpucarry"])
@@ -87,9 +87,9 @@ plan=(
   "device|20|$PY benchmarks/gpu_session_summary.py --device $device"
   "pytest|80|$PY -m pytest -q -m gpu -p no:cacheprovider --continue-on-collection-errors $gpu_tests"
   "kernels|45|$PY benchmarks/gpu_kernels.py ${kernels[*]} --json $out/kernels.json"
-  "gptq|100|$PY benchmarks/quantize_speed.py ${gptq[*]} --json $out/gptq.json"
+  "gptq|80|$PY benchmarks/quantize_speed.py ${gptq[*]} --json $out/gptq.json"
   "decode|90|$PY benchmarks/decode_speed.py ${decode[*]} --json $out/decode.json"
-  "ltm|180|$PY benchmarks/larger_than_memory.py ${ltm[*]} ${tokenizer[*]} --ppl docs/memory.md --stages generate,quantize-rtn,quantize-gptq,ppl --workdir /tmp/quantshift-ltm --json $out/ltm.json"
+  "ltm|220|$PY benchmarks/larger_than_memory.py ${ltm[*]} ${tokenizer[*]} --ppl docs/memory.md --stages generate,quantize-rtn,quantize-gptq,ppl --workdir /tmp/quantshift-ltm --json $out/ltm.json"
 )
 if [[ -n "$only" ]]; then
   kept=()
