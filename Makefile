@@ -29,6 +29,7 @@ test: setup
 lint: setup
 	$(BIN)/ruff check src tests benchmarks
 	$(BIN)/mypy
+	$(BIN)/lint-imports
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"

@@ -91,7 +91,7 @@ def quantized_dir(kind: str, given: str | None, scratch: Path) -> str:
     if given:
         return given
     from quantshift.models.load import load_model
-    from quantshift.quantize import quantize_model, save
+    from quantshift.pipeline import quantize_model, save
     from quantshift.recipes import recipe_from_cli
 
     opts = {"w4": {"wbits": 4, "group_size": 32, "sym": False},

@@ -28,7 +28,7 @@ from quantshift.data.calibset import build_calibset
 from quantshift.evaluation.perplexity import perplexity
 from quantshift.methods import METHODS
 from quantshift.models.load import load_model
-from quantshift.quantize import quantize_model
+from quantshift.pipeline import quantize_model
 from quantshift.recipes import recipe_from_dict
 
 

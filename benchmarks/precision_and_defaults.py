@@ -50,7 +50,7 @@ def run_one(r: dict, seqlen: int, windows: int) -> dict:
     from quantshift.data.calibset import build_calibset
     from quantshift.evaluation.perplexity import perplexity
     from quantshift.models.load import load_model
-    from quantshift.quantize import quantize_model
+    from quantshift.pipeline import quantize_model
     from quantshift.recipes import recipe_from_dict
 
     lm = load_model("smollm2-135m", "cpu", r["dtype"])

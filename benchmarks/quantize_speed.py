@@ -127,7 +127,7 @@ def run_one(method: str, args) -> dict:
     from quantshift.methods import METHODS
     from quantshift.models.arch import arch_for
     from quantshift.models.load import LoadedModel
-    from quantshift.quantize import quantize_model
+    from quantshift.pipeline import quantize_model
     from quantshift.recipes import recipe_from_dict
 
     if method == "gptq-textbook":

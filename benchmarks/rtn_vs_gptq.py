@@ -21,7 +21,7 @@ from quantshift.checkpoint import versions, write_json_atomic
 from quantshift.data.calibset import build_calibset
 from quantshift.evaluation.perplexity import perplexity
 from quantshift.models.load import load_model
-from quantshift.quantize import quantize_model, save
+from quantshift.pipeline import quantize_model, save
 from quantshift.recipes import recipe_from_cli
 
 

@@ -13,6 +13,7 @@ from quantshift.checkpoint import load_quantized
 from quantshift.errors import ConfigError
 from quantshift.methods.awq import clip_search, scaled_fake_quant, search_scale_layer
 from quantshift.methods.smoothquant import smoothing_scales
+from quantshift.pipeline import quantize_model, save
 from quantshift.quant.primitives import (
     QuantSpec,
     fake_quantize_activation,
@@ -20,7 +21,6 @@ from quantshift.quant.primitives import (
     quantize_weight,
 )
 from quantshift.quant.smoothing import output_error
-from quantshift.quantize import quantize_model, save
 from quantshift.recipes import recipe_from_dict
 
 EVAL_IDS = torch.randint(3, 128, (4, 48), generator=torch.Generator().manual_seed(7))

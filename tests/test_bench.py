@@ -10,7 +10,7 @@ from conftest import loaded_tiny
 
 from quantshift.bench.measure import packed_weight_bytes, prefill_and_decode, run_bench
 from quantshift.checkpoint import load_quantized
-from quantshift.quantize import quantize_model, save
+from quantshift.pipeline import quantize_model, save
 from quantshift.recipes import recipe_from_cli
 
 

@@ -181,7 +181,7 @@ def test_device_command_prints_each_choice_and_reason(monkeypatch, cap, lines):
 
 
 def _fp8_dir(tmp_path):
-    from quantshift.quantize import quantize_model, save
+    from quantshift.pipeline import quantize_model, save
     from quantshift.recipes import recipe_from_cli
 
     lm = loaded_tiny("llama")

@@ -8,7 +8,7 @@ from conftest import loaded_tiny, logits, random_calib
 
 from quantshift.checkpoint import load_quantized
 from quantshift.errors import ModelError
-from quantshift.quantize import quantize_model, save
+from quantshift.pipeline import quantize_model, save
 from quantshift.recipes import recipe_from_cli, recipe_from_dict
 
 EVAL_IDS = torch.randint(3, 128, (4, 48), generator=torch.Generator().manual_seed(7))

@@ -10,9 +10,9 @@ import torch
 from conftest import has_real_models, loaded_tiny
 
 from quantshift.errors import ConfigError, DataError
-from quantshift.evaluation.api import EvalResult, evaluate, preflight
 from quantshift.evaluation.leakage import check_leakage, find_overlaps
 from quantshift.evaluation.metrics import exact_match, f1
+from quantshift.evaluation.run import EvalResult, evaluate, preflight
 from quantshift.evaluation.stats import bootstrap_ci, paired_bootstrap
 from quantshift.evaluation.taskdef import TaskDef
 from quantshift.evaluation.tasks import SUITES, TASKS, dimension_of, split_items
@@ -124,7 +124,7 @@ def test_leakage_guard_catches_planted_overlap():
 
 
 def test_fewshot_guard_names_planted_exemplar():
-    from quantshift.evaluation.api import _guard_fewshot
+    from quantshift.evaluation.run import _guard_fewshot
     from quantshift.evaluation.tasks import TaskData
 
     items = _toy_items(n=20)

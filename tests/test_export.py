@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 
 from quantshift.checkpoint import save_quantized, write_json_atomic
 from quantshift.export import ExportError, export
+from quantshift.pipeline import quantize_model, save
 from quantshift.quant.engine import QuantizedModule
 from quantshift.quant.primitives import QuantSpec, pack_codes, quantize_weight, unpack_codes
-from quantshift.quantize import quantize_model, save
 from quantshift.recipes import recipe_from_cli, recipe_from_dict
 
 IDS = torch.randint(3, 128, (3, 40), generator=torch.Generator().manual_seed(11))

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import VOCAB, _tiny, toy_tokenizer
 
-from quantshift.evaluation.frontier import (
+from quantshift.evaluation.pareto import (
     Candidate,
     PackedSize,
     Stratum,
@@ -326,8 +326,8 @@ def test_report_size_from_shapes_equals_the_recorded_packed_bytes(method, opts):
     (counted on the quantized model itself) are one number, SpQR's measured outliers included."""
     from conftest import loaded_tiny, random_calib
 
+    from quantshift.pipeline import quantize_model
     from quantshift.quant.storage import packed_bytes, specs_from_modules
-    from quantshift.quantize import quantize_model
     from quantshift.recipes import recipe_from_cli
     from quantshift.studies.work import weight_formats
 

@@ -14,6 +14,7 @@ from conftest import loaded_tiny, random_calib
 from quantshift.errors import DependencyError, NumericalError, QuantshiftError
 from quantshift.methods.base import plan_for
 from quantshift.methods.gptq import GPTQ, GPTQConfig, HessianStats, accumulate_hessian, gptq_solve_rows
+from quantshift.pipeline import numerics_line, quantize_model
 from quantshift.quant.primitives import (
     DAMP_CAP,
     QuantSpec,
@@ -21,7 +22,6 @@ from quantshift.quant.primitives import (
     damped_inverse_cholesky,
     quantize_weight,
 )
-from quantshift.quantize import numerics_line, quantize_model
 from quantshift.recipes import recipe_from_cli
 
 # ---------------------------------------------------------------- the pure damping function

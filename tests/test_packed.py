@@ -22,13 +22,13 @@ from conftest import loaded_tiny, logits
 from quantshift.evaluation.perplexity import window_nll
 from quantshift.models import capability
 from quantshift.models.load import load_model
+from quantshift.pipeline import quantize_model, save
 from quantshift.quant import int8linear
 from quantshift.quant.actquant import InputQuantizer, fake_quantize_static
 from quantshift.quant.inference import load_packed
 from quantshift.quant.int8linear import Int8Linear, activation_codes
 from quantshift.quant.primitives import QuantSpec, fake_quantize_activation, quantize_weight
 from quantshift.quant.storage import packed_bytes, specs_from_info, specs_from_modules
-from quantshift.quantize import quantize_model, save
 from quantshift.recipes import recipe_from_cli
 
 A8 = {"spec": QuantSpec(bits=8, group_size=0, symmetric=True).model_dump(), "per_token": True}

@@ -6,9 +6,9 @@ import pytest
 import torch
 from conftest import loaded_tiny, logits, random_calib
 
+from quantshift.pipeline import quantize_model
 from quantshift.quant import engine
 from quantshift.quant.pinned import PinnedPool, active_pool, pinned_pool
-from quantshift.quantize import quantize_model
 from quantshift.recipes import recipe_from_cli
 
 EVAL_IDS = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(5))

@@ -6,7 +6,7 @@ from conftest import loaded_tiny, logits, random_calib
 
 from quantshift.errors import ModelError
 from quantshift.models.precision import Precision, cpu_flags, native_bf16_cpu, resolve_precision
-from quantshift.quantize import quantize_model
+from quantshift.pipeline import quantize_model
 from quantshift.recipes import recipe_from_cli
 
 

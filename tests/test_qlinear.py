@@ -4,9 +4,9 @@ import pytest
 import torch
 from conftest import loaded_tiny, logits, random_calib
 
+from quantshift.pipeline import quantize_model
 from quantshift.quant.primitives import QuantizedWeight, QuantSpec, quantize_weight
 from quantshift.quant.qlinear import PackedLinear, int4mm_unsupported_reason, pack_model
-from quantshift.quantize import quantize_model
 from quantshift.recipes import recipe_from_dict
 
 X = torch.randn(5, 7, 256, generator=torch.Generator().manual_seed(3))

@@ -24,8 +24,8 @@ from quantshift.methods.quip import (
     unrotate_on_device,
 )
 from quantshift.methods.spqr import SpQR, SpQRConfig, bits_used, nominal_bits, quantize_stat, spqr_solve
+from quantshift.pipeline import quantize_model, save
 from quantshift.quant.primitives import QuantSpec, fake_quantize_weight
-from quantshift.quantize import quantize_model, save
 from quantshift.recipes import recipe_from_cli, recipe_from_dict
 
 EVAL_IDS = torch.randint(3, 128, (4, 48), generator=torch.Generator().manual_seed(7))

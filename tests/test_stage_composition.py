@@ -7,8 +7,8 @@ import pytest
 import torch
 from conftest import loaded_tiny, random_calib
 
+from quantshift.pipeline import quantize_model
 from quantshift.quant.engine import BlockEngine
-from quantshift.quantize import quantize_model
 from quantshift.recipes import recipe_from_dict
 
 

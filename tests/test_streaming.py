@@ -26,8 +26,8 @@ from quantshift.memory import (
 from quantshift.models.lazy import CheckpointSource, empty_model, materialize_all
 from quantshift.models.load import load_model
 from quantshift.models.shards import ShardedTensors, ShardWriter
+from quantshift.pipeline import quantize_model, quantize_streaming, save
 from quantshift.quant.primitives import pack_bits, unpack_bits
-from quantshift.quantize import quantize_model, quantize_streaming, save
 from quantshift.recipes import recipe_from_dict
 
 REPO = Path(__file__).resolve().parents[1]
@@ -177,8 +177,8 @@ def test_a_streamed_quantized_directory_evaluates_as_loaded_in_memory(tmp_path):
 
 def test_dispatched_model_scores_tasks_like_the_resident_one(tmp_path):
     """lm-eval on a model left on disk runs through accelerate's offload hooks: same scores."""
-    from quantshift.evaluation.api import dispatch_streamed
     from quantshift.evaluation.harness import make_lm
+    from quantshift.evaluation.run import dispatch_streamed
 
     d = _tiny_dir(tmp_path)
     mem = load_model(str(d), dtype="float32")
@@ -306,7 +306,7 @@ PIPELINE = r"""
 import json, resource, sys
 import torch, transformers
 from transformers.models.llama import modeling_llama
-import quantshift.api, quantshift.evaluation.api
+import quantshift.api, quantshift.evaluation.run
 import psutil
 base_now = psutil.Process().memory_info().rss
 from quantshift import api

@@ -27,7 +27,7 @@ from .data.calibset import CalibManifest, CalibSet, build_calibset, ids_sha256, 
 from .errors import ConfigError, DataError, ModelError
 from .models.load import LoadedModel, load_model, resolve_device
 from .models.precision import resolve_precision
-from .quantize import QuantizationResult as EngineRun
+from .pipeline import PipelineRun
 from .recipes import Recipe, load_recipe, make_stage, recipe_from_dict
 
 __all__ = ["QuantizationResult", "evaluate", "export", "load", "memory_plan", "quantize", "run_study", "save"]
@@ -58,7 +58,7 @@ class QuantizationResult:
     path: Path | None = None
     device: str = "cpu"  # where it computed (quantize) or was loaded to (load)
     loaded: LoadedModel = field(repr=False, default=None)  # type: ignore[assignment]
-    run: EngineRun | None = field(repr=False, default=None)  # None when loaded from a directory
+    run: PipelineRun | None = field(repr=False, default=None)  # None when loaded from a directory
 
     def __repr__(self) -> str:  # the model and report are too big to print
         cal = self.calibration
@@ -334,7 +334,7 @@ def quantize(model: ModelLike, recipe: Recipe | dict | list | str | Path, calib:
     not fit streams from disk a block at a time and is written to `out` as it is quantized
     (out is then required); the result's model is then on disk too (see memory.py).
     """
-    from .quantize import quantize_model
+    from .pipeline import quantize_model
 
     _check_quantize_options(propagate, activations, stats_cache)
     rec = as_recipe(recipe, method_options)
@@ -364,7 +364,7 @@ def quantize(model: ModelLike, recipe: Recipe | dict | list | str | Path, calib:
     cal = _calibset(calib, loaded, nsamples, seqlen, seed, data_dir) if rec.needs_calibration else None
     store = _stats_store(model, loaded, stats_cache) if stats_cache is not None else None
     if stream:
-        from .quantize import quantize_streaming
+        from .pipeline import quantize_streaming
 
         assert out is not None and plan is not None
         run = quantize_streaming(loaded, rec, cal, Path(out), device=dev, batch_size=batch_size, progress=progress,
@@ -409,8 +409,8 @@ def evaluate(model: ModelLike, ppl: str | Iterable[str] = (), tasks: str | Itera
     runs block by block over all windows, tasks through accelerate's offload hooks.
     chat_template: "off" (raw prompts, the default), "auto" (the tokenizer's chat template when it
     has one) or "on" (it must): task prompts as a chat, few-shot examples as earlier turns."""
-    from .evaluation import api as ev
     from .evaluation import judge as mtb
+    from .evaluation import run as ev
 
     ppl_list, task_list = _names(ppl), _names(tasks)
     if chat_template not in ev.CHAT_TEMPLATE_MODES:
@@ -497,7 +497,7 @@ def save(obj: QuantizationResult | nn.Module, path: str | Path, *, tokenizer: An
             with staged_directory(out, overwrite) as tmp:
                 shutil.copytree(obj.path, tmp, dirs_exist_ok=True)
         else:
-            from .quantize import save as save_run
+            from .pipeline import save as save_run
 
             save_run(obj.loaded, obj.run, out, overwrite=overwrite)
         obj.path = out

@@ -64,7 +64,7 @@ __all__ = ["FORMAT_VERSION", "QUANT_FILE", "REPORT_FILE", "QuantizedDir", "Quant
 def versions() -> dict[str, str]:
     import transformers
 
-    from . import __version__
+    from .version import __version__
 
     return {"quantshift": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
             "python": platform.python_version()}

@@ -167,7 +167,7 @@ def eval_cmd(
     validate.command("eval", locals())  # every option checked before the model loads
     from . import api, threads
     from .errors import ConfigError
-    from .evaluation.api import samples_file
+    from .evaluation.run import samples_file
 
     threads.use_all_cores()
     try:
@@ -194,7 +194,7 @@ def eval_cmd(
 
 # Commands owned by other subpackages; each module defines `register(app)`.
 _COMMAND_MODULES = ("quantshift.export.commands", "quantshift.studies.commands", "quantshift.bench.commands",
-                    "quantshift.check")
+                    "quantshift.preview")
 
 
 def _register_commands() -> None:

@@ -5,7 +5,7 @@ Token perplexity depends on the tokenizer (a model with a larger vocabulary pred
 harder tokens), so nothing here compares it across models: quality across models is bits per
 byte of held-out text (language modelling) and task accuracy, grouped into the dimensions of
 evaluation.tasks.DIMENSIONS. A *configuration* is (model, method, bit width[, calibration
-source]); its seeds are its quantized models. The statistics are evaluation.frontier's.
+source]); its seeds are its quantized models. The statistics are evaluation.pareto's.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..evaluation.frontier import (
+from ..evaluation.pareto import (
     Candidate,
     Comparison,
     PackedSize,

@@ -22,7 +22,7 @@ def code_versions() -> dict[str, str]:
     import lm_eval  # a dependency: a broken install must fail here, not drop out of the cache keys
     import transformers
 
-    from .. import __version__
+    from ..version import __version__
 
     return {"quantshift": __version__, "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
             "schema": str(CACHE_SCHEMA), "lm_eval": getattr(lm_eval, "__version__", "?")}

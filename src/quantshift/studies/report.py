@@ -698,7 +698,7 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
                 "–" if c["quant_seconds"] is None else f"{c['quant_seconds']:.1f}", f"{c['eval_seconds']:.1f}",
                 (c["error"] or "")[:200]] for c in cells]))
     b.append(("p", "Quantize/evaluate seconds are those recorded when each result was computed (the cache keeps them)."))
-    from ..quantize import numerics_line
+    from ..pipeline import numerics_line
 
     for c in cells:  # GPTQ-family Hessians that needed more damping, or fell back to RTN
         if (line := numerics_line(c.get("numerics"))) is not None:

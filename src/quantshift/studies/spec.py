@@ -106,7 +106,7 @@ class EvaluationAxis(StrictModel):
     limit: int | None = None  # items per task (None = all)
     batch_size: int = 4
     bench: bool = False  # each kept quantized model: bench.measure.study_bench (packed kernels, small sizes)
-    # task prompts through the tokenizer's chat template (evaluation.api.use_chat_template)
+    # task prompts through the tokenizer's chat template (evaluation.run.use_chat_template)
     chat_template: Literal["off", "auto", "on"] = "off"
 
 

@@ -126,8 +126,8 @@ def obtain_model(work: ModelWork, cache: Cache, options: dict, progress: bool):
             return loaded
         except ModelError as err:  # a damaged kept model: set it aside and quantize again
             cache.quarantine(kept, str(err))
+    from ..pipeline import quantize_model, quantize_streaming, save
     from ..quant.storage import packed_bytes, specs_from_modules
-    from ..quantize import quantize_model, quantize_streaming, save
     from ..recipes import recipe_from_dict
 
     recipe = recipe_from_dict(work["recipe"])
@@ -234,7 +234,7 @@ def evaluate_units(loaded, batch: list[UnitRecord], options: dict, progress: boo
         win = windows.get(loaded, s["source"], s["seqlen"], s["windows"], options["data_dir"]) if windows else None
         return [ppl_with_samples(loaded, s["source"], s["seqlen"], s["windows"], options["eval_batch_size"], progress,
                                  options["data_dir"], win)]
-    from ..evaluation.api import evaluate
+    from ..evaluation.run import evaluate
 
     s = batch[0]["settings"]
     res = evaluate(loaded, tasks=tuple(u["settings"]["task"] for u in batch), shots=(s["shots"],), limit=s["limit"],

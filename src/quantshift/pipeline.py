@@ -1,4 +1,5 @@
-"""The quantization entry point: model + recipe + calibration set -> quantized model + report."""
+"""The quantization pipeline: model + recipe + calibration set -> quantized model + report, in
+memory (quantize_model, then save) or block-streamed into a sharded directory (quantize_streaming)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ from .recipes import Recipe
 
 
 @dataclass
-class QuantizationResult:
+class PipelineRun:
+    """What the engine did to a model under one recipe (api.QuantizationResult wraps it for users)."""
+
     engine: EngineResult
     recipe: Recipe
     calibration: dict | None
@@ -87,7 +90,7 @@ def numerics_line(summary: dict | None, show: int = 5) -> str | None:
 def quantize_model(loaded: LoadedModel, recipe: Recipe, calib: CalibSet | None, device: str | None = None,
                    batch_size: int = 8, progress: bool = True, propagate: str = "quantized",
                    stats_store: StatsStore | None = None, activations: str = "auto",
-                   residency: Any = None) -> QuantizationResult:
+                   residency: Any = None) -> PipelineRun:
     """Quantize `loaded.model` in place, block by block.
 
     propagate "fp" calibrates every block on the unquantized model's activations; only then can
@@ -111,11 +114,11 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, calib: CalibSet | None, 
     line = numerics_line(numerics_summary(result.modules))
     if line is not None:  # stderr, next to the progress bars; the report keeps the details
         tqdm.write(line, file=sys.stderr)
-    return QuantizationResult(result, recipe, calib.manifest.to_dict() if calib is not None and recipe.needs_calibration else None,
+    return PipelineRun(result, recipe, calib.manifest.to_dict() if calib is not None and recipe.needs_calibration else None,
                               propagate, loaded.precision.name)
 
 
-def save(loaded: LoadedModel, qres: QuantizationResult, out: Path, overwrite: bool = False,
+def save(loaded: LoadedModel, qres: PipelineRun, out: Path, overwrite: bool = False,
          max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
     """Write a model quantized in memory as a quantized directory (checkpoint.save_quantized)."""
     if loaded.source is not None:
@@ -151,7 +154,7 @@ class StreamedBlocks(SourceBlocks):
 def quantize_streaming(loaded: LoadedModel, recipe: Recipe, calib: CalibSet | None, out: Path, *,
                        device: str, batch_size: int = 8, progress: bool = True, propagate: str = "quantized",
                        stats_store: StatsStore | None = None, activations: str = "auto", overwrite: bool = False,
-                       max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> QuantizationResult:
+                       max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> PipelineRun:
     """Quantize a model whose weights stay on disk (`loaded.source`; `loaded.model` is a skeleton
     on meta) block by block with one block in memory, writing the quantized directory `out`
     shard by shard as blocks finish (atomically: a temp dir renamed into place at the end).

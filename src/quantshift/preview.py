@@ -207,7 +207,7 @@ def describe_study(spec, cache_root: Path, data_dir: str | None, max_memory: str
         for line in memory_lines(m.name, spec.device, m.dtype, max_memory, cal_tokens if quantizes else 0, quantizes,
                                  quantize=quantizes):
             lines.append(f"  {line}")
-    lines.append(f"  estimate (rough, per-token model for {'GPU' if on_gpu else 'CPU'}, see `quantshift.check`): "
+    lines.append(f"  estimate (rough, per-token model for {'GPU' if on_gpu else 'CPU'}, see `quantshift.preview`): "
                  f"quantization {_duration(q_s)}, evaluation {_duration(e_s)}, total {_duration(q_s + e_s)}"
                  + (f"; shape of {', '.join(guessed)} unknown offline, assumed 30 blocks x {REF_HIDDEN}" if guessed else ""))
     return lines
