@@ -1,6 +1,6 @@
 """Property-based fuzzing of everything a user types: CLI options, recipe YAML, study YAML.
 
-Property: every input either passes validation (the command then reaches its first heavy step,
+Property (the first tests): every input either passes validation (the command then reaches its first heavy step,
 replaced here by a sentinel: the model loader, task data, the exporter, the study runner) or
 fails with exit code 2 and exactly one line `error: ...` on stderr, no traceback; and nothing
 is written to the working directory either way. Runs in process (main() with sys.argv), so
@@ -338,3 +338,125 @@ def test_fuzz_study_yaml(doc):
     with yaml_file(doc) as p:
         assert_clean(["run", str(p), "--out", "out"])
         assert_clean(["check", str(p), "--cache", "cache"], ok_codes=(0,))
+
+
+# ---------------------------------------------------------------- known verdicts
+# The properties above pass whether an input is accepted or rejected. These draw inputs whose
+# verdict is known: a valid command or document with a few edits, each edit known to keep it
+# valid or to break it. A broken input must be rejected with a line naming (one of) the broken
+# options; an unbroken one must reach the sentinel.
+
+# option -> (values that keep the command valid, values that break it, what the error names)
+QUANTIZE_RULES: dict[str, tuple[list[str], list[str], str]] = {
+    "--wbits": (["2", "3", "4", "5", "8", "16"], ["0", "1", "9", "17", "-3", "four"], "--wbits"),
+    "--group-size": (["-1", "32", "48", "128"], ["-5", "-2", "x"], "--group-size"),
+    "--nsamples": (["1", "4", "128"], ["0", "-1", "1.5"], "--nsamples"),
+    "--seqlen": (["8", "128", "512"], ["0", "1"], "--seqlen"),
+    "--calib": (["wikipedia", "news", "wikipedia+pydocs"], ["nope", "wikipedai"], "--calib"),
+    "--propagate": (["quantized", "fp"], ["sideways", ""], "--propagate"),
+    "--dtype": (["auto", "float32", "bfloat16"], ["float33", "int4"], "--dtype"),
+    "--batch-size": (["1", "8"], ["0", "-4"], "--batch-size"),
+    "--device": (["auto", "cpu"], ["tpu", "cuda:x"], "--device"),
+}
+# method -> {option: (values valid with it, the words its error uses)} overriding the table above
+METHOD_RULES: dict[str, dict[str, tuple[list[str], tuple[str, ...]]]] = {
+    "quip": {"--wbits": (["2", "3", "4", "16"], ("--wbits", "QuIP"))},
+    "fp8": {"--wbits": (["8", "16"], ("--wbits", "fp8")), "--group-size": ([], ("group_size", "--group-size"))},
+    "spqr": {"--group-size": (["32", "48", "128"], ("group_size", "--group-size", "SpQR"))},
+}
+
+
+@st.composite
+def quantize_with_verdict(draw) -> tuple[list[str], list[tuple[str, ...]]]:
+    """(argv, the error words of each broken option: empty when the command is valid)."""
+    method = draw(st.sampled_from(["rtn", "gptq", "awq", "zeroquant", "spqr", "quip", "fp8", "gptq,rtn", "gtpq"]))
+    broken: list[tuple[str, ...]] = [("--method",)] if method == "gtpq" else []
+    args = ["quantize", "smollm2-135m", "--method", method, "--out", "out"]
+    for opt in draw(st.lists(st.sampled_from(sorted(QUANTIZE_RULES)), max_size=3, unique=True)):
+        good, bad, word = QUANTIZE_RULES[opt]
+        override = METHOD_RULES.get(method, {}).get(opt)
+        candidates = sorted(set(good + bad))
+        val = draw(st.sampled_from(candidates))
+        if override is not None and val not in override[0]:
+            broken.append(override[1] + (word,))
+        elif val in bad:
+            broken.append((word,))
+        args += [opt, val]
+    return args, broken
+
+
+def assert_verdict(args: list[str], broken: list[tuple[str, ...]]) -> None:
+    code, err, reached = invoke(args)
+    if not broken:
+        assert reached, f"a valid input was rejected: {args}\n{err}"
+        return
+    assert not reached, f"an invalid input was accepted: {args} (broken: {broken})"
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), f"{args}:\n{err}"
+    assert any(w in lines[0] for words in broken for w in words), f"{args}: the error names none of {broken}: {lines[0]}"
+
+
+@FUZZ
+@given(case=quantize_with_verdict())
+def test_fuzz_quantize_verdicts(case):
+    assert_verdict(*case)
+
+
+# (path in the document, value that keeps it valid or breaks it, valid?, what the error names)
+STUDY_EDITS: list[tuple[tuple, object, bool, str]] = [
+    (("calibration", "n"), 8, True, ""), (("calibration", "n"), 0, False, "n must"),
+    (("calibration", "seqlen"), 256, True, ""), (("calibration", "seqlen"), 1, False, "seqlen"),
+    (("calibration", "seeds"), [3], True, ""), (("calibration", "seeds"), [], False, "seeds"),
+    (("calibration", "sources"), ["news"], True, ""), (("calibration", "sources"), ["wikipedai"], False, "wikipedai"),
+    (("evaluation", "shots"), [0, 3], True, ""), (("evaluation", "shots"), [-1], False, "shots"),
+    (("evaluation", "limit"), 10, True, ""), (("evaluation", "limit"), -2, False, "limit"),
+    (("evaluation", "ppl_windows"), 0, True, ""), (("evaluation", "ppl_windows"), -1, False, "ppl_windows"),
+    (("evaluation", "tasks"), ["movie_sentimnt"], False, "movie_sentimnt"),
+    (("models",), ["smollm2-135mm"], False, "smollm2-135mm"), (("device",), "tpu", False, "device"),
+    (("nmae",), "x", False, "nmae"), (("name",), "", False, "name"),
+    (("methods", 1, "wbits"), [5], True, ""), (("methods", 1, "wbits"), [9], False, "wbits"),
+    (("methods", 1, "group_size"), 32, True, ""), (("methods", 1, "group_size"), -5, False, "group_size"),
+    (("methods", 1, "method"), "gptqq", False, "gptqq"),
+    (("methods", 1, "options"), {"damp": 0.1}, True, ""), (("methods", 1, "options"), {"damp": -1}, False, "damp"),
+    (("methods", 1, "options"), {"dmap": 0.1}, False, "dmap"),
+]
+RECIPE_EDITS: list[tuple[tuple, object, bool, str]] = [
+    (("stages", 1, "gptq", "wbits"), 3, True, ""), (("stages", 1, "gptq", "wbits"), 1, False, "wbits"),
+    (("stages", 1, "gptq", "damp"), 0.1, True, ""), (("stages", 1, "gptq", "damp"), -0.5, False, "damp"),
+    (("stages", 1, "gptq", "group_sise"), 64, False, "group_sise"),
+    (("stages", 0, "smoothquant", "alpha"), 0.3, True, ""), (("stages", 0, "smoothquant", "alpha"), 1.5, False, "alpha"),
+    (("stages", 1, "gptq", "block_size"), 0, False, "block_size"),
+    (("stages", 1, "gptq", "act_order"), "maybe", False, "act_order"),
+]
+
+
+@st.composite
+def edited(draw, base: dict, edits: list) -> tuple[dict, list[tuple[str, ...]]]:
+    """`base` with up to three known edits at distinct places, and what the broken ones name."""
+    import copy
+
+    doc = copy.deepcopy(base)
+    chosen = draw(st.lists(st.sampled_from(edits), max_size=3, unique_by=lambda e: e[0]))
+    broken = []
+    for path, val, ok, word in chosen:
+        parent = _get(doc, path[:-1])
+        parent[path[-1]] = copy.deepcopy(val)
+        if not ok:
+            broken.append((word,))
+    return doc, broken
+
+
+@FUZZ
+@given(case=edited(STUDY, STUDY_EDITS))
+def test_fuzz_study_verdicts(case):
+    doc, broken = case
+    with yaml_file(yaml_text(doc)) as p:
+        assert_verdict(["run", str(p), "--out", "out"], broken)
+
+
+@FUZZ
+@given(case=edited(RECIPE, RECIPE_EDITS))
+def test_fuzz_recipe_verdicts(case):
+    doc, broken = case
+    with yaml_file(yaml_text(doc)) as p:
+        assert_verdict(["quantize", "smollm2-135m", "--recipe", str(p), "--out", "out"], broken)
