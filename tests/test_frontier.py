@@ -347,3 +347,31 @@ def test_report_size_from_shapes_equals_the_recorded_packed_bytes(method, opts):
         measured = sum(f["measured_bits"] for f in formats.values())
         quantized = sum(p.numel() for n, p in lm.model.named_parameters() if n[:-len(".weight")] in formats)
         assert recorded != bare and 3 < measured / quantized < 5
+
+
+def test_figure_labels_never_overlap_each_other_markers_or_the_legend():
+    """A crowded cluster: every label placed lies inside the axes and overlaps no other label, no
+    other point's marker and not the legend; the ones with no room are returned, not drawn."""
+    import random
+
+    from quantshift.studies.plotting import place_labels, pyplot
+
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4.4))
+    rng = random.Random(0)
+    pts = [(rng.uniform(0, 10), rng.uniform(0, 1), f"gptq W{rng.choice([2, 3, 4])} s{i}") for i in range(150)]
+    pts += [(5.0, 0.5, "same place a"), (5.0, 0.5, "same place b")]
+    ax.scatter([p[0] for p in pts], [p[1] for p in pts], label="models")
+    ax.legend(fontsize=7)
+    missing = place_labels(ax, pts)
+    renderer = fig.canvas.get_renderer()
+    texts = [t for t in ax.texts]
+    assert len(texts) + len(missing) == len(pts) and len(texts) >= 20 and missing
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    frame = ax.get_window_extent(renderer)
+    legend = ax.get_legend().get_window_extent(renderer)
+    for i, a in enumerate(boxes):
+        assert frame.x0 <= a.x0 and a.x1 <= frame.x1 and frame.y0 <= a.y0 and a.y1 <= frame.y1
+        assert not a.overlaps(legend)
+        assert not any(a.overlaps(b) for b in boxes[i + 1:]), f"{texts[i].get_text()} overlaps another label"
+    plt.close(fig)

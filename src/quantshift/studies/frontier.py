@@ -433,12 +433,15 @@ def _proxy_section(configs: list[Config], dims: dict[str, str], fig_dir: Path) -
 # ---------------------------------------------------------------- figures
 
 def _fig_frontier(fronts: dict, path: Path, multi_calib: bool) -> bool:
+    from .plotting import place_labels as _place
     from .plotting import pyplot as _pyplot
     from .plotting import save_figure as _save
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(fronts), squeeze=False, figsize=(6 * len(fronts), 4.4))
+    labels: list[tuple[object, list[tuple[float, float, str]]]] = []
     for ax, (m, (cs, front)) in zip(axes[0], fronts.items()):
+        mine_labels: list[tuple[float, float, str]] = []
         scale = 1.0 if m == LM else 100.0
         models = list(dict.fromkeys(c.display for c in cs))
         for k, model in enumerate(models):
@@ -448,8 +451,7 @@ def _fig_frontier(fronts: dict, path: Path, multi_calib: bool) -> bool:
             cis = [interval(c.quality[m]) for c in mine]
             err = [[max(0.0, y - scale * lo) for y, (lo, _) in zip(ys, cis)], [max(0.0, scale * hi - y) for y, (_, hi) in zip(ys, cis)]]
             ax.errorbar(xs, ys, yerr=err, fmt="o", color=f"C{k}", capsize=2, ms=5, label=model)
-            for x, y, c in zip(xs, ys, mine):
-                ax.annotate(c.label(False, multi_calib), (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+            mine_labels += [(x, y, f"{c.label(False, multi_calib)}") for x, y, c in zip(xs, ys, mine)]
         fx = [c.size.total_bytes / 1e6 for c in front]
         fy = [scale * estimate(c.quality[m]) for c in front]
         ax.step(fx, fy, where="post", color="grey", lw=1, ls="--", label="frontier")
@@ -458,8 +460,12 @@ def _fig_frontier(fronts: dict, path: Path, multi_calib: bool) -> bool:
         ax.set_ylabel("bits per byte (lower is better)" if m == LM else "accuracy %, mean over tasks", fontsize=8)
         ax.set_title(m, fontsize=9)
         ax.legend(fontsize=7)
+        labels.append((ax, mine_labels))
+    # labelled last, once the axes have their final size: a label goes where it overlaps nothing
+    missing = [lab for ax, pts in labels for lab in _place(ax, pts)]
     _save(fig, path, "Points: configurations (model, method, bits); whiskers: 95% bootstrap intervals over windows/items "
-                     "and seeds. Ringed and dashed: the frontier (configurations no smaller configuration beats).")
+                     "and seeds. Ringed and dashed: the frontier (configurations no smaller configuration beats)."
+                     + (f" Not labelled (no room): {', '.join(dict.fromkeys(missing))}." if missing else ""))
     return True
 
 
