@@ -257,7 +257,7 @@ def test_bigbench_tasks_from_pypi_sdist():
     # the instruct-offline task types, each through its category to a dimension
     inst = SUITES.get("instruct-offline")
     types = {inst.category_of(t) for t in inst.tasks}
-    assert types == {"commonsense_qa", "knowledge_language", "hallucination", "mathematics"}
+    assert types == {"commonsense_qa", "knowledge_language", "hallucination", "mathematics", "instruction_following"}
     assert {dimension_of(c) for c in types} == {"knowledge/capability", "alignment", "reasoning"}
     assert len(task_data("bb_arithmetic").test) >= 1500 and len(task_data("bb_misconceptions").test) >= 100
 
@@ -427,3 +427,93 @@ def test_a_tasks_own_shot_count_is_its_default_not_a_lock(tmp_path):
                             "evaluation": {"tasks": ["boss_sa_amazon", "boss_eqa_squad"], "shots": [0]}})
     assert [(u.name, u.shots) for u in eval_units(spec)] == [
         ("boss_sa_amazon", 0), ("boss_eqa_squad", 0), ("boss_sa_amazon", 3), ("boss_eqa_squad", 1)]
+
+
+# ---------------------------------------------------------------- instruction following (verifiable)
+
+
+def _obeying(checks: list[dict]) -> str:
+    """A response that follows every instruction given (built from the checks alone)."""
+    kinds = {c["kind"]: c for c in checks}
+    words = ["word"] * (kinds["min_words"]["n"] if "min_words" in kinds else 5)
+    if "include_word" in kinds:
+        words[0] = kinds["include_word"]["word"]
+    if "start_word" in kinds:
+        words.insert(0, kinds["start_word"]["word"])
+    body = " ".join(words)
+    if "json" in kinds:
+        return json.dumps({"answer": body})
+    if "placeholders" in kinds:
+        body += " " + " ".join("[name]" for _ in range(kinds["placeholders"]["n"]))
+    if "bullets" in kinds:
+        body = body + "\n" + "\n".join("* point" for _ in range(kinds["bullets"]["n"]))
+    if "sections" in kinds:
+        body = "\n".join(f"SECTION {i + 1}\n{body}" for i in range(kinds["sections"]["n"]))
+    if "title" in kinds:
+        body = "<<A title>>\n" + body
+    if "postscript" in kinds:
+        body += "\nP.S. more"
+    if "end_phrase" in kinds:
+        body += " " + kinds["end_phrase"]["phrase"]
+    if "quoted" in kinds:
+        body = f'"{body}"'
+    if "lowercase" in kinds:
+        body = body.lower()
+    if "uppercase" in kinds:
+        body = body.upper()
+    if "max_words" in kinds:
+        assert len(body.split()) < kinds["max_words"]["n"]
+    return body
+
+
+def test_instruction_following_set_is_offline_deterministic_and_consistent():
+    from quantshift.evaluation.instructions import KINDS, N_PROMPTS, build_items, follows, process_results
+    items = TASKS.get("if_verifiable").load_items(None)
+    assert len(items) == N_PROMPTS == 320 and len({it["id"] for it in items}) == 320
+    assert items == build_items()  # seeded per prompt: the same set on every machine
+    counts: dict[str, int] = {}
+    for it in items:
+        checks = json.loads(it["checks"])
+        assert 1 <= len(checks) <= 2 and it["query"].startswith("Write ")
+        parts = [KINDS[c["kind"]].parts for c in checks]
+        assert len(parts) == 1 or not (parts[0] & parts[1])  # never two instructions on one part of the answer
+        for c in checks:
+            counts[c["kind"]] = counts.get(c["kind"], 0) + 1
+        # a response built to obey passes every check (the test below checks that each check rejects)
+        assert all(follows(_obeying(checks), checks)), (it["query"], _obeying(checks))
+        assert process_results(it, [_obeying(checks)]) == {"acc": 1.0, "inst_acc": 1.0}
+    assert set(counts) == set(KINDS) and min(counts.values()) >= 10  # every kind, each at least 10 times
+    assert process_results({"checks": json.dumps([{"kind": "no_commas"}, {"kind": "lowercase"}])}, ["a, b"]) == \
+        {"acc": 0.0, "inst_acc": 0.5}
+
+
+@pytest.mark.parametrize("kind,params,good,bad", [
+    ("include_word", {"word": "light"}, "The light was soft.", "The lights were soft."),
+    ("exclude_word", {"word": "ocean"}, "Waves and sea.", "The Ocean is wide."),
+    ("lowercase", {}, "all lower here", "Not lower"),
+    ("uppercase", {}, "ALL UPPER 42", "ALL upper"),
+    ("max_words", {"n": 5}, "one two three four", "one two three four five"),
+    ("min_words", {"n": 3}, "one two three", "one two"),
+    ("end_phrase", {"phrase": "That is all."}, "Text. That is all.  ", "That is all. More."),
+    ("postscript", {}, "Body\nP.S. also", "Body PS also"),
+    ("start_word", {"word": "Yes"}, "yes, it is", "Well yes"),
+    ("no_commas", {}, "no commas here", "a, b"),
+    ("bullets", {"n": 2}, "Intro\n* a\n* b", "* a\n* b\n* c"),
+    ("quoted", {}, '"quoted"', 'not "quoted"'),
+    ("title", {}, "<<Title>>\ntext", "<Title>\ntext"),
+    ("placeholders", {"n": 2}, "[a] and [b]", "[a] only"),
+    ("json", {}, '```json\n{"a": 1}\n```', "{a: 1}"),
+    ("sections", {"n": 2}, "SECTION 1\nx\nSECTION 2\ny", "SECTION 1\nx"),
+])
+def test_each_instruction_check_accepts_and_rejects(kind, params, good, bad):
+    from quantshift.evaluation.instructions import follows
+
+    assert follows(good, [{"kind": kind, **params}]) == [True]
+    assert follows(bad, [{"kind": kind, **params}]) == [False]
+
+
+def test_instruction_task_runs_through_lm_eval_with_its_scores():
+    r = evaluate(loaded_tiny(), tasks=[TASKS.get("if_verifiable")], shots=(0,), limit=3, progress=False)
+    m = r.metrics["task:if_verifiable@0"]
+    assert m["n"] == 3 and 0 <= m["acc"] <= m["inst_acc"] <= 1 and "inst_acc_ci" in m
+    assert all(isinstance(s["pred"], str) for s in r.samples["task:if_verifiable@0"])

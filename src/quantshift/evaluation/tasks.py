@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -260,10 +261,13 @@ def materialize(data: TaskData, root: Path, with_pool: bool = True) -> tuple[str
         cfg.update({"output_type": "multiple_choice", "doc_to_choice": "{{choices}}", "doc_to_target": "{{gold}}",
                     "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")]})
     else:
+        # "gen": exact match / F1 against the answers; "instruct": verifiable instructions
+        hook, metrics = (("process_instructions", ("acc", "inst_acc")) if task.kind == "instruct"
+                         else ("process_results", ("exact_match", "f1")))
         cfg.update({"output_type": "generate_until", "doc_to_target": "{{answers[0]}}",
                     "generation_kwargs": {"until": list(task.until), "do_sample": False, "max_gen_toks": task.max_gen_toks},
-                    "process_results": "!function qs_metrics.process_results",
-                    "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("exact_match", "f1")]})
+                    "process_results": f"!function qs_metrics.{hook}",
+                    "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in metrics]})
     if (d / f"{lm_name}.yaml").is_file():
         return lm_name, d
     tmp = d.with_name(d.name + f".tmp{__import__('os').getpid()}")
@@ -274,10 +278,11 @@ def materialize(data: TaskData, root: Path, with_pool: bool = True) -> tuple[str
                 f.write(json.dumps({k: v for k, v in r.items() if k != "split"}, ensure_ascii=False) + "\n")
     text = yaml.safe_dump(cfg, allow_unicode=True, sort_keys=False)
     # lm-eval resolves `!function module.fn` next to the YAML: a two-line shim into our metrics
-    text = text.replace("'!function qs_metrics.process_results'", "!function qs_metrics.process_results")
+    text = re.sub(r"'(!function qs_metrics\.\w+)'", r"\1", text)
     (tmp / f"{lm_name}.yaml").write_text(text, encoding="utf-8")
     if task.kind != "mc":
-        (tmp / "qs_metrics.py").write_text("from quantshift.evaluation.metrics import process_results  # noqa: F401\n")
+        (tmp / "qs_metrics.py").write_text("from quantshift.evaluation.instructions import process_results as process_instructions  # noqa: F401\n"
+                                           "from quantshift.evaluation.metrics import process_results  # noqa: F401\n")
     try:
         tmp.rename(d)
     except OSError:  # another process wrote the same content first
