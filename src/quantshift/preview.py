@@ -7,7 +7,7 @@ recipe: its stages with every setting resolved.
 The estimate is a simple per-token model, labelled as such: a calibrated quantization costs
 blocks x calibration tokens x K_QUANT seconds, an evaluation blocks x scored tokens x K_EVAL,
 both scaled by (hidden / 576)^2 for models of another width. The CPU constants come from the
-README's measurements on 2 CPU cores with smollm2-135m (30 blocks, hidden 576, bf16 autocast):
+measurements in docs/results.md on 2 CPU cores with smollm2-135m (30 blocks, hidden 576, bf16 autocast):
 GPTQ at 128 x 512 tokens in 142 s, evaluation at 965 tokens/s. The GPU factor is an assumption.
 """
 
@@ -22,8 +22,8 @@ import typer
 
 from . import validate
 
-K_QUANT_CPU = 142.0 / (30 * 128 * 512)  # s per calibration token per block (GPTQ, README)
-K_EVAL_CPU = 1.0 / (965 * 30)  # s per scored token per block (evaluation, README)
+K_QUANT_CPU = 142.0 / (30 * 128 * 512)  # s per calibration token per block (GPTQ, docs/results.md)
+K_EVAL_CPU = 1.0 / (965 * 30)  # s per scored token per block (evaluation, docs/results.md)
 K_RTN_BLOCK_CPU = 0.3  # s per block for methods without calibration (round to nearest)
 GPU_SPEEDUP = 50.0  # assumed, not measured here
 REF_HIDDEN = 576

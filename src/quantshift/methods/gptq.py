@@ -39,7 +39,7 @@ class GPTQConfig(StageConfig):
     block_size: int = 128
     # columns by descending Hessian diagonal with group params fixed up front: the widely used
     # tools' default for group-wise GPTQ, and 25-30% lower W3 perplexity than the paper's order
-    # on smollm2-135m (README, docs/results/precision-and-defaults.jsonl); with static groups
+    # on smollm2-135m (docs/results.md, docs/results/precision-and-defaults.jsonl); with static groups
     # every group is still a run of consecutive columns, so exports stay plain g<N> GPTQ
     act_order: bool = True
     static_groups: bool = True
