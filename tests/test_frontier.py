@@ -375,3 +375,58 @@ def test_figure_labels_never_overlap_each_other_markers_or_the_legend():
         assert not a.overlaps(legend)
         assert not any(a.overlaps(b) for b in boxes[i + 1:]), f"{texts[i].get_text()} overlaps another label"
     plt.close(fig)
+
+
+# ---------------------------------------------------------------- the task-type section (instruction-tuned evaluation)
+
+def test_task_type_section_answers_iso_size_methods_and_difficulty(tmp_path, monkeypatch):
+    """Planted: at equal size the larger model wins commonsense QA and loses hallucination
+    detection; AWQ beats GPTQ on mathematics at W4; GPTQ's drops fall on the hard items (hard
+    by the other model's fp16), AWQ's few drops do not."""
+    from quantshift.studies import frontier
+    from quantshift.studies.report import to_markdown
+    from quantshift.studies.spec import EvalUnit
+    from quantshift.studies.task_types import task_type_blocks
+
+    types = {"task:cqa@0": "commonsense_qa", "task:hal@0": "hallucination", "task:math@0": "mathematics"}
+    units = [EvalUnit("task", k.split(":")[1].split("@")[0], 0) for k in types]
+    right = {  # (model, method, bits) -> task -> the items it answers correctly
+        ("small", "fp", 16): {"cqa": lambda i: i < 150, "hal": lambda i: i < 240, "math": lambda i: i < 150},
+        ("small", "gptq", 4): {"cqa": lambda i: i < 140, "hal": lambda i: i < 230, "math": lambda i: i < 140},
+        ("big", "fp", 16): {"cqa": lambda i: i < 250, "hal": lambda i: i < 160, "math": lambda i: i < 240},
+        ("big", "gptq", 4): {"cqa": lambda i: i < 240, "hal": lambda i: i < 150, "math": lambda i: i < 150},
+        ("big", "awq", 4): {"cqa": lambda i: i < 250, "hal": lambda i: i < 160,
+                            "math": lambda i: i < 240 and i not in (0, 50, 100, 150, 200)},
+    }
+
+    def cell(model, method, bits):
+        samples, metrics = {}, {}
+        for key, t in types.items():
+            name = key.split(":")[1].split("@")[0]
+            samples[key] = [{"id": f"q{i}", "acc": float(right[(model, method, bits)][name](i))} for i in range(300)]
+            metrics[key] = {"acc": sum(s["acc"] for s in samples[key]) / 300, "category": t}
+        fp = method == "fp"
+        return {"model": {"name": model}, "method": method, "wbits": bits, "recipe": None if fp else {}, "calib": None,
+                "status": "done", "metrics": metrics, "samples": samples, "weight_formats": {}}
+
+    cells = [cell(*k) for k in right]
+    sizes = {("small", 16): 270, ("small", 4): 75, ("big", 16): 540, ("big", 4): 150}
+    params = {"big": 270, "small": 135}
+    monkeypatch.setattr(frontier, "cell_size", lambda c: (PackedSize(sizes[(c["model"]["name"], c["wbits"])] * 10 ** 6,
+                                                                     params[c["model"]["name"]], 0), ""))
+    configs, _ = frontier.configs_of(cells, units)
+    md = to_markdown(task_type_blocks(configs, cells, units, False))
+    rows = [line.split(" | ") for line in md.splitlines() if line.startswith("| ")]
+    iso = {(r[0][2:], r[1]): r[-1].rstrip(" |") for r in rows if len(r) == 8}
+    assert iso[("commonsense_qa", "270")] == "larger model better"
+    assert iso[("hallucination", "270")] == "smaller model better"
+    methods = {r[2]: r for r in rows if len(r) == 5 and r[1] == "W4"}
+    assert methods["mathematics"][3] == "awq" and "vs awq" in methods["mathematics"][4]
+    assert methods["mathematics"][4].split("vs awq")[1].split("]")[1].startswith(" *")  # GPTQ significantly worse
+    diff = {(r[0][2:], r[1]): r[-1].rstrip(" |") for r in rows if len(r) == 6}
+    assert diff[("big · gptq W4", "all task types")] == "harder items lose more"
+    assert diff[("big · awq W4", "all task types")] == "no significant relation"
+    assert "other models' fp16 references" in md
+    # a study without instruct task types gets no such section
+    plain = [dict(c, metrics={k: dict(v, category="knowledge") for k, v in c["metrics"].items()}) for c in cells]
+    assert task_type_blocks(configs, plain, units, False) == []

@@ -663,9 +663,13 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
         b.append(("p", "One calibration seed only: ranking stability across seeds not measured (see the seed-robustness preset)."))
 
     # across models: packed size, bits per byte, frontier, iso-memory, dimensions (studies/frontier.py)
-    from .frontier import frontier_blocks
+    from .frontier import configs_of, frontier_blocks
+    from .task_types import task_type_blocks
 
     b += frontier_blocks(collected, fig_dir)
+    # per task type (instruction-tuned evaluation: iso-size, methods, difficulty; studies/task_types.py)
+    configs, _dims = configs_of(cells, units)
+    b += task_type_blocks(configs, cells, units, any(c.calib for c in configs))
 
     b.append(("h2", "Calibration–test diagnostics"))
     drows = diag_rows(cells, units, collected["diagnostics"])
