@@ -460,3 +460,37 @@ def test_fuzz_recipe_verdicts(case):
     doc, broken = case
     with yaml_file(yaml_text(doc)) as p:
         assert_verdict(["quantize", "smollm2-135m", "--recipe", str(p), "--out", "out"], broken)
+
+
+def test_the_api_rejects_every_input_the_cli_rejects_before_loading(monkeypatch):
+    """Every broken value of QUANTIZE_RULES (and each method's own rules), given to
+    quantshift.quantize, raises a one-line ConfigError before the model loader is called; every
+    value the CLI accepts reaches it."""
+    from quantshift import quantize
+    from quantshift.errors import ConfigError
+
+    monkeypatch.setattr(load_mod, "load_model", _stop)
+    monkeypatch.setattr(api_mod, "load_model", _stop)
+    monkeypatch.setattr("quantshift.threads.use_all_cores", lambda: None)
+
+    def typed(text: str):
+        try:
+            return int(text)
+        except ValueError:
+            return text
+
+    cases = [("gptq", opt, v, False) for opt, (_good, bad, _w) in QUANTIZE_RULES.items() for v in bad]
+    cases += [("gptq", opt, v, True) for opt, (good, _bad, _w) in QUANTIZE_RULES.items() for v in good]
+    cases += [(m, opt, v, v in ok) for m, rules in METHOD_RULES.items() for opt, (ok, _w) in rules.items()
+              for v in QUANTIZE_RULES[opt][0]]
+    for method, opt, v, valid in cases:
+        kwargs = {"calib": "wikipedia", opt[2:].replace("-", "_"): typed(v)}  # the API has no default calib
+        try:
+            quantize("smollm2-135m", method, out=None, progress=False, **kwargs)
+        except Reached:
+            assert valid, f"quantize({method!r}, {kwargs}) reached the loader; the CLI rejects it"
+        except ConfigError as err:
+            assert not valid, f"quantize({method!r}, {kwargs}) was rejected; the CLI accepts it: {err}"
+            assert "\n" not in str(err)
+        else:
+            raise AssertionError(f"quantize({method!r}, {kwargs}) neither loaded nor failed")

@@ -343,6 +343,10 @@ def quantize(model: ModelLike, recipe: Recipe | dict | list | str | Path, calib:
     if rec.needs_calibration and calib is None:
         raise ConfigError(f"recipe {rec.describe()} needs calibration data: pass calib= (a source name such as "
                           "'wikipedia', a list of texts, token ids or a CalibSet)")
+    if rec.needs_calibration and isinstance(calib, (str, Path)):  # a source name or file: the CLI's --calib check
+        from . import validate
+
+        validate.check_source("calib", calib, data_dir)
     if isinstance(model, QuantizationResult):
         raise ConfigError("this model is already quantized; to stack methods, quantize the original with a recipe of stages")
     dev = _compute_device(model, device)
