@@ -128,7 +128,7 @@ def test_method_list_routes_each_option_to_the_stages_that_have_it():
     ("rtn", {"wbits": 9}, "wbits must be 2..8"),
     ({"stages": [{"gptq": {"wbits": 4, "grup_size": 64}}]}, {}, r"unknown key 'grup_size'"),
     (Recipe((make_stage("rtn", {}),)), {"wbits": 3}, r"method options \(wbits\) go with a method name"),
-    ("rtn", {"propagate": "float"}, "--propagate must be 'quantized' or 'fp'"),
+    ("rtn", {"propagate": "float"}, "--propagate must be quantized or fp"),
     ("rtn", {"activations": "gpu"}, "--activations must be auto, device or offload"),
     ("rtn", {"group_size": -5}, "group_size"),
     ("rtn", {"targets": ["q_proj("]}, r"targets has an invalid regex 'q_proj\('"),

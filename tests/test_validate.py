@@ -117,9 +117,9 @@ def test_recipe_top_level_and_override_typos(tmp_path):
 
 @pytest.mark.parametrize("stages,needle", [
     ([{"rtn": {"group_size": -7}}], "group_size must be -1"),
-    ([{"rtn": {"overrides": [{"pattern": "down", "wbits": 12}]}}], "overrides[0]: wbits must be 2..8"),
-    ([{"rtn": {"overrides": [{"pattern": "down", "group_size": -3}]}}], "overrides[0]: group_size must be -1"),
-    ([{"spqr": {"overrides": [{"pattern": "down", "group_size": -1}]}}], "SpQR needs groups"),
+    ([{"rtn": {"overrides": [{"pattern": "down", "wbits": 12}]}}], "overrides[0].wbits: wbits must be 2..8"),
+    ([{"rtn": {"overrides": [{"pattern": "down", "group_size": -3}]}}], "overrides[0].group_size: group_size must be -1"),
+    ([{"spqr": {"overrides": [{"pattern": "down", "group_size": -1}]}}], "SpQR needs small groups"),
     ([{"rtn": {"targets": ["q_proj("]}}], "invalid regex 'q_proj('"),
     ([{"gptq": {"damp": -0.1}}], "damp must be"),
     ([{"gptq": {"damp": float("nan")}}], "damp must be"),

@@ -34,7 +34,6 @@ __all__ = ["QuantizationResult", "evaluate", "export", "load", "memory_plan", "q
 
 CALIB_NSAMPLES = 128  # windows drawn from a source, a text list or a token stream by default
 CALIB_SEQLEN = 512
-PROPAGATE_MODES = ("quantized", "fp")
 
 ModelLike = Any  # nn.Module (a Hugging Face PreTrainedModel), str/Path name, LoadedModel or QuantizationResult
 
@@ -243,20 +242,6 @@ def _check_shape(ids: torch.Tensor, nsamples: int | None, seqlen: int | None) ->
                           "(leave them out for given windows)")
 
 
-def _check_quantize_options(propagate: str, activations: str, stats_cache: Any) -> None:
-    from .quant.engine import ACTIVATION_MODES
-
-    # worded as the CLI flags: the CLI passes these through unchanged
-    if propagate not in PROPAGATE_MODES:
-        raise ConfigError(f"--propagate must be 'quantized' or 'fp', got {propagate!r}")
-    if activations not in ACTIVATION_MODES:
-        raise ConfigError(f"--activations must be {', '.join(ACTIVATION_MODES[:-1])} or {ACTIVATION_MODES[-1]}, "
-                          f"got {activations!r}")
-    if stats_cache is not None and propagate != "fp":
-        raise ConfigError("--stats-cache needs --propagate fp: with quantized propagation each block's inputs "
-                          "depend on the bit width and method, so its statistics cannot be reused")
-
-
 def _check_before_load(rec: Recipe, *, nsamples: int | None, seqlen: int | None, seed: int, batch_size: int,
                        dtype: str, device: str | None) -> None:
     """The CLI's checks of a recipe and the run's numbers (validate.py), before any model loads:
@@ -334,9 +319,10 @@ def quantize(model: ModelLike, recipe: Recipe | dict | list | str | Path, calib:
     not fit streams from disk a block at a time and is written to `out` as it is quantized
     (out is then required); the result's model is then on disk too (see memory.py).
     """
+    from . import validate
     from .pipeline import quantize_model
 
-    _check_quantize_options(propagate, activations, stats_cache)
+    validate.check_propagation(propagate, activations, stats_cache)  # the CLI's checks, worded as its flags
     rec = as_recipe(recipe, method_options)
     _check_before_load(rec, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size, dtype=dtype,
                        device=device)

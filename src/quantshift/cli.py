@@ -106,14 +106,9 @@ def quantize(
     """Quantize a model with a method or a recipe and save it."""
     validate.command("quantize", locals())  # every option checked before the model loads
     from . import api, threads
-    from .errors import ConfigError
 
     threads.use_all_cores()
-    if (method is None) == (recipe is None):
-        raise ConfigError("give exactly one of --method or --recipe")
-    options = {"wbits": wbits, "abits": abits, "group_size": group_size, "sym": sym}
-    if recipe is not None and any(v is not None for v in options.values()):
-        raise ConfigError("--wbits/--abits/--group-size/--sym go with --method; put them in the recipe file instead")
+    options = {"wbits": wbits, "abits": abits, "group_size": group_size, "sym": sym}  # checked by validate.command
     t0 = time.time()
     res = api.quantize(model, recipe if recipe is not None else method or "", calib, nsamples=nsamples, seqlen=seqlen,
                        seed=seed, device=device, dtype=dtype, batch_size=batch_size, data_dir=data_dir,

@@ -23,12 +23,14 @@ def describe_validation_error(model: type[BaseModel], err: ValidationError, wher
     """Turn pydantic's multi-line error into one line naming the key and what is allowed."""
     parts = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in e["loc"]).lstrip(".")
         if e["type"] == "extra_forbidden":
             allowed = _allowed_keys(model, e["loc"][:-1])
             parts.append(f"unknown key {loc!r} (allowed: {', '.join(allowed)})")
         else:
-            parts.append(f"{loc or 'value'}: {e['msg']}")
+            # a rule's own ValueError reads as written ("wbits must be 2..8 ..."), without pydantic's prefix
+            msg = e["msg"].removeprefix("Value error, ")
+            parts.append(f"{loc or 'value'}: {msg}")
     prefix = f"{where}: " if where else ""
     return prefix + "; ".join(parts)
 
@@ -81,6 +83,32 @@ def load_yaml(path: str | Path) -> Any:
 KEEP_BITS = 16  # wbits / abits 16: that tensor is not quantized, it stays in floating point
 PER_CHANNEL = -1  # group_size -1: one scale (and zero point) per output row
 PER_TENSOR = 0  # group_size 0: one scale for the whole tensor
+
+
+MAX_GROUP = 1 << 20  # the widest group a config accepts
+
+
+# The number-format rules, stated once: the stage configs and their per-layer overrides use them as
+# validators (methods/base.py), and the command line's --wbits/--abits/--group-size checks
+# (validate.py) call them with the option's name. Each returns the value or raises ValueError.
+
+def wbits_rule(v: int, name: str = "wbits") -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not (2 <= v <= 8 or v == KEEP_BITS):
+        raise ValueError(f"{name} must be 2..8 (or {KEEP_BITS} = keep weights), got {v!r}")
+    return v
+
+
+def abits_rule(v: int, name: str = "abits") -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not (4 <= v <= 8 or v == KEEP_BITS):
+        raise ValueError(f"{name} must be 4..8 (or {KEEP_BITS} = no activation quantization), got {v!r}")
+    return v
+
+
+def group_size_rule(v: int, name: str = "group_size") -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not (v in (PER_CHANNEL, PER_TENSOR) or 1 <= v <= MAX_GROUP):
+        raise ValueError(f"{name} must be -1 (per channel), 0 (per tensor) or a group width 1..{MAX_GROUP} "
+                         f"(e.g. 32, 64, 128), got {v!r}")
+    return v
 
 
 def grouped(group_size: int) -> bool:

@@ -99,6 +99,8 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, calib: CalibSet | None, 
     where blocks live between uses (default in memory; StreamedBlocks: on disk)."""
     if recipe.needs_calibration and calib is None:
         raise ConfigError(f"recipe {recipe.describe()} needs calibration data (--calib)")
+    if (problem := recipe.stack_problem()) is not None:
+        raise ConfigError(f"recipe: {problem}")
     if stats_store is not None and propagate != "fp":
         raise ConfigError("a statistics cache needs fp propagation: with quantized propagation each block's "
                           "inputs depend on the bit width and method, so its statistics cannot be reused")

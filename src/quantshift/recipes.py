@@ -46,6 +46,19 @@ class Recipe:
     def needs_calibration(self) -> bool:
         return any(METHODS.get(s.method).needs_calibration for s in self.stages)
 
+    def stack_problem(self) -> str | None:
+        """Why this order of stages cannot work (None when it can): a stage that rounds weights
+        again after a method whose weights are final (Method.final_weights)."""
+        for i, stage in enumerate(self.stages):
+            reason = METHODS.get(stage.method).final_weights
+            if reason is None:
+                continue
+            for later in self.stages[i + 1:]:
+                if METHODS.get(later.method).kind == "quantize" and getattr(later.config, "wbits", KEEP_BITS) != KEEP_BITS:
+                    return (f"stage {later.method!r} after {stage.method!r} would re-quantize its weights: {reason}; "
+                            "put only transform or activation-only (wbits: 16) stages after it")
+        return None
+
     def describe(self) -> str:
         parts = []
         for s in self.stages:

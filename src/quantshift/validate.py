@@ -22,7 +22,8 @@ from functools import cache
 from pathlib import Path
 from typing import Any, NoReturn
 
-from .errors import InvalidInput, QuantshiftError
+from .config import abits_rule, group_size_rule, wbits_rule
+from .errors import ConfigError, InvalidInput, QuantshiftError
 
 # Sanity caps on sizes, far above any real use: a value beyond them is a typo (an extra zero
 # or two), and failing now beats failing after the model loaded, or never finishing.
@@ -31,7 +32,6 @@ MAX_COUNT = 1 << 20  # calibration windows, perplexity windows, items, repeats
 MAX_BATCH = 1 << 16
 MAX_SHOTS = 1000
 MAX_SEED = (1 << 63) - 1  # torch.Generator.manual_seed's range (non-negative part)
-MAX_GROUP = 1 << 20
 # a source with this many bytes of text per needed token has room to spare in any tokenizer
 # seen here (English ~4 bytes per token, Chinese ~2-3); only closer calls are tokenized exactly
 AMPLE_BYTES_PER_TOKEN = 8
@@ -512,10 +512,16 @@ def check_max_memory(option: str, value: Any) -> None:
         parse_max_memory(str(value))  # its message names the option and the part it could not read
 
 
+def _rule(rule, option: str, value: Any) -> None:
+    """A number-format rule of config.py, its message naming the option."""
+    try:
+        rule(value, option)
+    except ValueError as err:
+        fail(str(err))
+
+
 def check_group_size(option: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not (value in (-1, 0) or 1 <= value <= MAX_GROUP):
-        fail(f"{option} must be -1 (per channel), 0 (per tensor) or a group width 1..{MAX_GROUP} "
-             f"(e.g. 32, 64, 128), got {value!r}")
+    _rule(group_size_rule, option, value)
 
 
 def check_recipe(rec, where: str = "recipe") -> None:
@@ -523,10 +529,6 @@ def check_recipe(rec, where: str = "recipe") -> None:
     bits), regexes, out-of-range numbers, and stacks a method refuses."""
     for i, stage in enumerate(rec.stages):
         c, at = stage.config, f"{where} stage {i} ({stage.method})"
-        if stage.method != "kvcache" and "group_size" in type(c).model_fields:
-            check_group_size(f"{at}: group_size", c.group_size)
-        if stage.method == "spqr" and c.group_size <= 0:
-            fail(f"{at}: group_size must be > 0 (SpQR needs groups), got {c.group_size}")
         for key in ("targets", "ignore"):
             for pattern in getattr(c, key, []):
                 try:
@@ -541,26 +543,10 @@ def check_recipe(rec, where: str = "recipe") -> None:
                 check_seed(f"{at}: seed", value)
             else:
                 finite_in(f"{at}: {key}", value, lo, hi, lo_open)
-        for j, rule in enumerate(getattr(c, "overrides", [])):
-            ow = f"{at} overrides[{j}]"
-            if rule.wbits is not None and not (2 <= rule.wbits <= 8 or rule.wbits == 16):
-                fail(f"{ow}: wbits must be 2..8 (or 16 = keep weights), got {rule.wbits}")
-            if rule.abits is not None and not (4 <= rule.abits <= 8 or rule.abits == 16):
-                fail(f"{ow}: abits must be 4..8 (or 16 = no activation quantization), got {rule.abits}")
-            if rule.group_size is not None:
-                check_group_size(f"{ow}: group_size", rule.group_size)
-                if stage.method == "spqr" and rule.group_size <= 0:
-                    fail(f"{ow}: group_size must be > 0 (SpQR needs groups), got {rule.group_size}")
-            if stage.method == "quip" and rule.wbits is not None and not (2 <= rule.wbits <= 4 or rule.wbits == 16):
-                fail(f"{ow}: QuIP is a 2-4 bit method (or 16), got wbits={rule.wbits}")
-    # QuIP rounds in a rotated basis: a later weight-quantizing stage would undo it (methods/quip.py)
-    names = [s.method for s in rec.stages]
-    if "quip" in names:
-        for later in rec.stages[names.index("quip") + 1:]:
-            cls = _methods().get(later.method)
-            if cls.kind == "quantize" and getattr(later.config, "wbits", 16) != 16:
-                fail(f"{where}: stage {later.method!r} after 'quip' would re-quantize QuIP's weights onto an "
-                     "unrotated grid; use quip alone, or put transform / activation-only (wbits: 16) stages after it")
+    # bit widths and group sizes (also per layer) are the configs' own rules (config.py, each
+    # method's Config); what is left is the order of the stages
+    if (problem := rec.stack_problem()) is not None:
+        fail(f"{where}: {problem}")
 
 
 def check_recipe_file(path: Any, option: str = "--recipe"):
@@ -676,18 +662,27 @@ def check_study_file(path: Any, data_dir: Any = None, option: str = "STUDY"):
 
 # ---------------------------------------------------------------- commands
 
-def check_quantize(o: dict) -> None:
-    from .quant.engine import ACTIVATION_MODES
+def check_propagation(propagate: Any, activations: Any, stats_cache: Any) -> None:
+    """--propagate, --activations and --stats-cache (the CLI and quantshift.quantize alike)."""
+    from .quant.engine import ACTIVATION_MODES, PROPAGATE_MODES
 
+    check_choice("--propagate", propagate, PROPAGATE_MODES)
+    check_choice("--activations", activations, ACTIVATION_MODES)
+    if stats_cache is not None and propagate != "fp":
+        fail("--stats-cache needs --propagate fp: with quantized propagation each block's inputs depend on "
+             "the bit width and method, so its statistics cannot be reused")
+
+
+def check_quantize(o: dict) -> None:
     check_model_name("MODEL", o["model"])
     method, recipe = o.get("method"), o.get("recipe")
     if (method is None) == (recipe is None):
-        fail("give exactly one of --method or --recipe")
+        fail("give exactly one of --method or --recipe")  # (a study's methods entry: studies/spec.py)
     fmt = {k: o.get(k) for k in ("wbits", "abits", "group_size", "sym")}
-    if o.get("wbits") is not None and not (2 <= o["wbits"] <= 8 or o["wbits"] == 16):
-        fail(f"--wbits must be 2..8 (or 16 = keep weights), got {o['wbits']}")
-    if o.get("abits") is not None and not (4 <= o["abits"] <= 8 or o["abits"] == 16):
-        fail(f"--abits must be 4..8 (or 16 = keep activations), got {o['abits']}")
+    if o.get("wbits") is not None:
+        _rule(wbits_rule, "--wbits", o["wbits"])
+    if o.get("abits") is not None:
+        _rule(abits_rule, "--abits", o["abits"])
     if o.get("group_size") is not None:
         check_group_size("--group-size", o["group_size"])
     if recipe is not None:
@@ -702,14 +697,10 @@ def check_quantize(o: dict) -> None:
     int_in("--batch-size", o.get("batch_size", 8), 1, MAX_BATCH)
     check_device("--device", o.get("device", "auto"))
     check_dtype("--dtype", o.get("dtype", "auto"))
-    check_choice("--propagate", o.get("propagate", "quantized"), ("quantized", "fp"))
-    check_choice("--activations", o.get("activations", "auto"), ACTIVATION_MODES)
+    check_propagation(o.get("propagate", "quantized"), o.get("activations", "auto"), o.get("stats_cache"))
     if o.get("data_dir") is not None:
         check_existing_dir("--data-dir", o["data_dir"])
     if o.get("stats_cache") is not None:
-        if o.get("propagate", "quantized") != "fp":
-            fail("--stats-cache needs --propagate fp: with quantized propagation each block's inputs depend on "
-                 "the bit width and method, so its statistics cannot be reused")
         if Path(str(o["stats_cache"])).exists() and not Path(str(o["stats_cache"])).is_dir():
             fail(f"--stats-cache {str(o['stats_cache'])!r} is a file, not a directory")
     calib = o.get("calib", "wikipedia")
@@ -739,12 +730,11 @@ def _cli_recipe(method: str, fmt: dict):
         fail(f"--method must name a method, got {method!r}; allowed: {', '.join(_methods().names())}")
     for name in names:
         check_method_name("--method", name)
-    # the bit widths a method takes, named with the option (its config would name the field)
-    if fmt.get("wbits") is not None and "fp8" in names and fmt["wbits"] not in (8, 16):
-        fail(f"--wbits {fmt['wbits']}: fp8 is 8 bits (or 16 = keep floating point)")
-    if fmt.get("wbits") is not None and "quip" in names and not (2 <= fmt["wbits"] <= 4 or fmt["wbits"] == 16):
-        fail(f"--wbits {fmt['wbits']}: QuIP is a 2-4 bit method (or 16 = keep weights)")
-    rec = recipe_from_cli(method, **fmt)
+    # a method's own limits (QuIP's bits, fp8's 8 bits, SpQR's groups) are its Config's validators
+    try:
+        rec = recipe_from_cli(method, **fmt)
+    except ConfigError as err:
+        fail(f"--method {method}: {err}")
     check_recipe(rec, f"--method {method}")
     return rec
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 from pydantic import field_validator
 
-from ..config import KEEP_BITS, PER_TENSOR, StrictModel
+from ..config import KEEP_BITS, PER_TENSOR, StrictModel, abits_rule, group_size_rule, wbits_rule
 from ..quant.primitives import QuantizedWeight, QuantSpec
 from ..registry import Registry
 
@@ -45,6 +45,21 @@ class Override(StrictModel):
             raise ValueError(f"invalid regex {v!r}: {err}") from None
         return v
 
+    @field_validator("wbits")
+    @classmethod
+    def _wbits(cls, v: int | None) -> int | None:
+        return v if v is None else wbits_rule(v)
+
+    @field_validator("abits")
+    @classmethod
+    def _abits(cls, v: int | None) -> int | None:
+        return v if v is None else abits_rule(v)
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int | None) -> int | None:
+        return v if v is None else group_size_rule(v)
+
 
 class StageConfig(StrictModel):
     """Options every stage has: the number format, and which linears it applies to."""
@@ -61,16 +76,17 @@ class StageConfig(StrictModel):
     @field_validator("wbits")
     @classmethod
     def _wbits(cls, v: int) -> int:
-        if not (2 <= v <= 8 or v == KEEP_BITS):
-            raise ValueError(f"wbits must be 2..8 (or {KEEP_BITS} = keep weights), got {v}")
-        return v
+        return wbits_rule(v)
 
     @field_validator("abits")
     @classmethod
     def _abits(cls, v: int) -> int:
-        if not (4 <= v <= 8 or v == KEEP_BITS):
-            raise ValueError(f"abits must be 4..8 (or {KEEP_BITS} = no activation quantization), got {v}")
-        return v
+        return abits_rule(v)
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int) -> int:
+        return group_size_rule(v)
 
 
 @dataclass(frozen=True)
@@ -165,6 +181,9 @@ class Method:
     Config: ClassVar[type[StageConfig]] = StageConfig
     kind: ClassVar[Literal["quantize", "transform"]] = "quantize"
     needs_calibration: ClassVar[bool] = True
+    # set where a later weight-quantizing stage must not round this method's weights again: the
+    # reason, which the recipe check (validate.check_recipe) prints
+    final_weights: ClassVar[str | None] = None
 
     def __init__(self, config: StageConfig) -> None:
         self.config = config

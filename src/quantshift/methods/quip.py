@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn as nn
-from pydantic import field_validator
+from pydantic import field_validator, model_validator
 
 from ..errors import ConfigError
 from ..quant.primitives import fake_quantize_weight
@@ -66,9 +66,20 @@ class QuIPConfig(StageConfig):
     @field_validator("wbits")
     @classmethod
     def _quip_bits(cls, v: int) -> int:
-        if not (2 <= v <= 4 or v == 16):
-            raise ValueError(f"QuIP is a 2-4 bit method (or 16 = keep weights), got wbits={v}")
-        return v
+        return quip_bits_rule(v)
+
+    @model_validator(mode="after")
+    def _override_bits(self) -> QuIPConfig:
+        for rule in self.overrides:
+            if rule.wbits is not None:
+                quip_bits_rule(rule.wbits, f"overrides pattern {rule.pattern!r}: ")
+        return self
+
+
+def quip_bits_rule(v: int, where: str = "") -> int:
+    if not (2 <= v <= 4 or v == 16):
+        raise ValueError(f"{where}QuIP is a 2-4 bit method (or 16 = keep weights), got wbits={v}")
+    return v
 
 
 # --- pure math -------------------------------------------------------------------------------
@@ -189,18 +200,14 @@ def unrotate(Q: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
 class QuIP(HessianMethod):
     Config = QuIPConfig
     config: QuIPConfig
+    final_weights = ("QuIP rounds in a rotated basis with LDLQ (= GPTQ), and a later stage would round them again "
+                     "onto an unrotated grid")
 
     def __init__(self, config: QuIPConfig) -> None:
         super().__init__(config)
         self._prefix = ""  # full-name prefix of the block being processed (for per-module seeds)
 
     def process_block(self, ctx: BlockContext) -> None:
-        for st in ctx.later_stages:
-            if st.kind == "quantize" and getattr(st.config, "wbits", 16) != 16:
-                raise ConfigError(
-                    f"recipe: stage {st.name!r} after 'quip' would re-quantize QuIP's weights onto an unrotated grid; "
-                    "QuIP already rounds with LDLQ (= GPTQ). Use quip alone (rounding: ldlq or nearest), or put "
-                    "transform / activation-only stages (wbits: 16) after it")
         self._prefix = ctx.prefix
         super().process_block(ctx)
 

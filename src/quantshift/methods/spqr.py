@@ -54,6 +54,12 @@ OUTLIER_BITS = 32  # 16-bit value + 16-bit column index, as the paper counts CSR
 SECOND_LEVEL_BITS = 32  # fp16 minimum + fp16 step per second-level run
 
 
+def spqr_groups_rule(v: int, where: str = "") -> int:
+    if v <= 0:
+        raise ValueError(f"{where}SpQR needs small groups (group_size > 0), got {v}")
+    return v
+
+
 class SpQRConfig(StageConfig):
     wbits: int = 3
     group_size: int = 16
@@ -72,9 +78,14 @@ class SpQRConfig(StageConfig):
     @field_validator("group_size")
     @classmethod
     def _gs(cls, v: int) -> int:
-        if v <= 0:
-            raise ValueError(f"SpQR needs small groups (group_size > 0), got {v}")
-        return v
+        return spqr_groups_rule(v)
+
+    @model_validator(mode="after")
+    def _override_groups(self) -> SpQRConfig:
+        for rule in self.overrides:
+            if rule.group_size is not None:
+                spqr_groups_rule(rule.group_size, f"overrides pattern {rule.pattern!r}: ")
+        return self
 
     @field_validator("qq_bits")
     @classmethod

@@ -127,6 +127,7 @@ class FrozenOutputs:
 
 
 ACTIVATION_MODES = ("auto", "device", "offload")
+PROPAGATE_MODES = ("quantized", "fp")  # what the next block is calibrated on: the quantized or the fp outputs
 
 
 def check_activation_mode(mode: str) -> None:
@@ -453,8 +454,8 @@ class BlockEngine:
                  stats_store: StatsStore | None = None, calib: CalibIdentity | None = None,
                  activations: str = "auto", autocast: torch.dtype | None = None,
                  reuse_outputs: bool = True, residency: Any = None) -> None:
-        if propagate not in ("quantized", "fp"):
-            raise ValueError(f"propagate must be 'quantized' or 'fp', got {propagate!r}")
+        if propagate not in PROPAGATE_MODES:
+            raise ValueError(f"propagate must be one of {PROPAGATE_MODES}, got {propagate!r}")
         check_activation_mode(activations)  # before any work, not at capture
         self.activations = activations
         # forwards (capture, statistics passes, propagation) run under autocast to this dtype;
