@@ -61,6 +61,13 @@ class Override(StrictModel):
         return v if v is None else group_size_rule(v)
 
 
+def overrides_obey(overrides: list[Override], key: str, rule: Callable[[int, str], int]) -> None:
+    """Apply a method's own rule for `key` (wbits, group_size) to its per-layer overrides too."""
+    for o in overrides:
+        if (v := getattr(o, key)) is not None:
+            rule(v, f"overrides pattern {o.pattern!r}: ")
+
+
 class StageConfig(StrictModel):
     """Options every stage has: the number format, and which linears it applies to."""
 

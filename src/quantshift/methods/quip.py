@@ -44,7 +44,7 @@ from pydantic import field_validator, model_validator
 
 from ..errors import ConfigError
 from ..quant.primitives import fake_quantize_weight
-from .base import LinearPlan, SolveResult, StageConfig, register
+from .base import LinearPlan, SolveResult, StageConfig, overrides_obey, register
 from .gptq import HessianMethod, HessianStats, gptq_solve_rows, hessian_error, non_negative_damp
 
 if TYPE_CHECKING:
@@ -70,9 +70,7 @@ class QuIPConfig(StageConfig):
 
     @model_validator(mode="after")
     def _override_bits(self) -> QuIPConfig:
-        for rule in self.overrides:
-            if rule.wbits is not None:
-                quip_bits_rule(rule.wbits, f"overrides pattern {rule.pattern!r}: ")
+        overrides_obey(self.overrides, "wbits", quip_bits_rule)
         return self
 
 

@@ -47,7 +47,7 @@ from pydantic import field_validator, model_validator
 
 from ..errors import ConfigError
 from ..quant.primitives import QuantizedWeight, QuantSpec, damped_inverse_cholesky, qparams_from_range
-from .base import LinearPlan, SolveResult, StageConfig, register
+from .base import LinearPlan, SolveResult, StageConfig, overrides_obey, register
 from .gptq import HessianMethod, HessianStats, hessian_error, non_negative_damp
 
 OUTLIER_BITS = 32  # 16-bit value + 16-bit column index, as the paper counts CSR storage
@@ -82,9 +82,7 @@ class SpQRConfig(StageConfig):
 
     @model_validator(mode="after")
     def _override_groups(self) -> SpQRConfig:
-        for rule in self.overrides:
-            if rule.group_size is not None:
-                spqr_groups_rule(rule.group_size, f"overrides pattern {rule.pattern!r}: ")
+        overrides_obey(self.overrides, "group_size", spqr_groups_rule)
         return self
 
     @field_validator("qq_bits")

@@ -135,15 +135,15 @@ def stratum(cells: list[dict], key: str) -> Stratum | None:
                    tuple(ids))
 
 
+def task_categories(cells: list[dict], units: list) -> dict[str, str | None]:
+    """Task unit key -> the category recorded with its results (None when none was)."""
+    return {u.key: next((c["metrics"][u.key].get("category") for c in cells if c["metrics"].get(u.key)), None)
+            for u in units if u.kind == "task"}
+
+
 def task_dimensions(cells: list[dict], units: list) -> dict[str, str]:
     """Task unit key -> dimension (from the category recorded with the results)."""
-    out = {}
-    for u in units:
-        if u.kind != "task":
-            continue
-        cat = next((c["metrics"][u.key].get("category") for c in cells if c["metrics"].get(u.key)), None)
-        out[u.key] = dimension_of(cat)
-    return out
+    return {k: dimension_of(cat) for k, cat in task_categories(cells, units).items()}
 
 
 def metric_names(dims: dict[str, str], units: list) -> list[str]:
@@ -215,10 +215,12 @@ def _unit(metric: str) -> str:
 
 # ---------------------------------------------------------------- the section
 
-def frontier_blocks(collected: dict, fig_dir: Path) -> list[Block]:
-    """The cross-model section of the report (empty when no cell has finished)."""
+def frontier_blocks(collected: dict, fig_dir: Path,
+                    configured: tuple[list[Config], dict[str, str]] | None = None) -> list[Block]:
+    """The cross-model section of the report (empty when no cell has finished); `configured`:
+    configs_of(cells, units) when the caller has it already."""
     cells, units = collected["cells"], collected["units"]
-    configs, dims = configs_of(cells, units)
+    configs, dims = configured or configs_of(cells, units)
     if not configs:
         return []
     metrics = metric_names(dims, units)

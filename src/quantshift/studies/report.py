@@ -666,9 +666,10 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
     from .frontier import configs_of, frontier_blocks
     from .task_types import task_type_blocks
 
-    b += frontier_blocks(collected, fig_dir)
+    configured = configs_of(cells, units)  # sizes and per-item tables, computed once for both sections
+    b += frontier_blocks(collected, fig_dir, configured)
     # per task type (instruction-tuned evaluation: iso-size, methods, difficulty; studies/task_types.py)
-    configs, _dims = configs_of(cells, units)
+    configs = configured[0]
     b += task_type_blocks(configs, cells, units, any(c.calib for c in configs))
 
     b.append(("h2", "Calibration–test diagnostics"))

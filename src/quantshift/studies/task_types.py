@@ -22,7 +22,7 @@ from collections import defaultdict
 
 from ..evaluation.difficulty import drop_vs_difficulty, item_difficulty
 from ..evaluation.pareto import Candidate, Quality, compare, estimate, iso_memory_pairs
-from .frontier import Block, Config, _fmt_diff, _fmt_q, _iso_verdict, _mb, stratum
+from .frontier import Block, Config, _fmt_diff, _fmt_q, _iso_verdict, _mb, stratum, task_categories
 
 INSTRUCT_TYPES = ("commonsense_qa", "knowledge_language", "instruction_following", "hallucination", "mathematics",
                   "dialogue")
@@ -31,14 +31,7 @@ ALL = "all task types"
 
 def unit_types(cells: list[dict], units: list) -> dict[str, str]:
     """Task unit key -> its type (the category recorded with its results)."""
-    out = {}
-    for u in units:
-        if u.kind != "task":
-            continue
-        cat = next((c["metrics"][u.key].get("category") for c in cells if c["metrics"].get(u.key)), None)
-        if cat:
-            out[u.key] = str(cat).strip().lower()
-    return out
+    return {k: str(cat).strip().lower() for k, cat in task_categories(cells, units).items() if cat}
 
 
 def type_qualities(cfg: Config, types: dict[str, str]) -> dict[str, Quality]:
