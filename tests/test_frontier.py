@@ -430,3 +430,40 @@ def test_task_type_section_answers_iso_size_methods_and_difficulty(tmp_path, mon
     # a study without instruct task types gets no such section
     plain = [dict(c, metrics={k: dict(v, category="knowledge") for k, v in c["metrics"].items()}) for c in cells]
     assert task_type_blocks(configs, plain, units, False) == []
+
+
+def test_chat_template_section_pairs_each_fp_model_with_its_raw_run(monkeypatch):
+    """Planted: the template helps the small model on commonsense QA (+20 points on the same items)
+    and changes nothing on hallucination; the big model has no template, which the section says
+    instead of comparing a run with itself."""
+    from quantshift.studies import frontier
+    from quantshift.studies.report import to_markdown
+    from quantshift.studies.spec import RAW_SUFFIX, EvalUnit
+    from quantshift.studies.task_types import _chat_template_section, unit_types
+
+    units = [EvalUnit("task", "cqa", 0), EvalUnit("task", "hal", 0)]
+    cat = {"cqa": "commonsense_qa", "hal": "hallucination"}
+
+    def fp_cell(model, templated, right_on, right_off):
+        samples, metrics = {}, {}
+        for u in units:
+            for key, right in ((u.key, right_on[u.name]), (u.key + RAW_SUFFIX, right_off[u.name])):
+                samples[key] = [{"id": f"q{i}", "acc": float(right(i))} for i in range(200)]
+                metrics[key] = {"acc": 0.5, "category": cat[u.name], "chat_template": templated and key == u.key}
+        return {"model": {"name": model}, "method": "fp", "wbits": 16, "recipe": None, "calib": None,
+                "status": "done", "metrics": metrics, "samples": samples, "weight_formats": {}}
+
+    small = fp_cell("small", True, {"cqa": lambda i: i < 120, "hal": lambda i: i % 2 == 0},
+                    {"cqa": lambda i: i < 80, "hal": lambda i: i % 2 == 0})
+    big = fp_cell("big", False, {"cqa": lambda i: i < 150, "hal": lambda i: i < 90},
+                  {"cqa": lambda i: i < 150, "hal": lambda i: i < 90})
+    monkeypatch.setattr(frontier, "cell_size", lambda c: (PackedSize(10 ** 8, 1, 0), ""))
+    cells = [small, big]
+    configs, _ = frontier.configs_of(cells, units)
+    types = unit_types(cells, units)
+    md = to_markdown(_chat_template_section(configs, types, ["commonsense_qa", "hallucination", "all task types"]))
+    rows = {r.split(" | ")[1]: r.split(" | ") for r in md.splitlines() if r.startswith("| small")}
+    assert rows["commonsense_qa"][2:4] == ["60.0", "40.0"] and rows["commonsense_qa"][4].startswith("+20.0 [")
+    assert rows["commonsense_qa"][4].rstrip(" |").endswith("*")
+    assert rows["hallucination"][4].rstrip(" |") == "+0.0 [+0.0, +0.0]"
+    assert "| big" not in md and "big has no chat template" in md

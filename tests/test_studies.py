@@ -452,3 +452,28 @@ def test_chat_template_is_in_task_keys_only_when_used(tiny_env):
     assert "chat_template" not in off and auto == {**off, "chat_template": "auto"}
     with pytest.raises(Exception, match="chat_template"):
         study_from_dict(tiny_study(tiny_env, evaluation={**ev, "chat_template": "yes"}))
+
+
+def test_chat_template_ablation_adds_raw_twins_to_the_unquantized_works_only(tiny_env):
+    """The ablation plans each task again without the template, for fp works only; the raw twin's
+    key equals a template-off study's key (a result computed once serves both); its own harness
+    call (unit_batches never mixes templated and raw prompts); and asking for it with the
+    template off is an error that names the fix."""
+    from quantshift.studies.keys import unit_settings
+    from quantshift.studies.runner import plan_study
+    from quantshift.studies.work import unit_batches
+
+    ev = {"ppl": [], "tasks": ["movie_sentiment", "emoji_movie"], "chat_template": "auto", "chat_template_ablation": True}
+    spec = study_from_dict(tiny_study(tiny_env, evaluation=ev))
+    plan = plan_study(spec, on_gpu=False)
+    fp = next(w for w in plan.works if w["recipe"] is None)
+    quant = [w for w in plan.works if w["recipe"] is not None]
+    assert [u["name"] for u in fp["units"]] == ["movie_sentiment", "emoji_movie"] * 2
+    assert all(len(w["units"]) == 2 for w in quant)
+    raw = [u for u in fp["units"] if "chat_template" not in u["settings"]]
+    off = study_from_dict(tiny_study(tiny_env, evaluation={**ev, "chat_template": "off", "chat_template_ablation": False}))
+    assert [u["settings"] for u in raw] == [unit_settings(off, u) for u in plan.fp_units]
+    assert sorted(len(b) for b in unit_batches(fp["units"])) == [2, 2]
+    assert {b[0]["settings"].get("chat_template") for b in unit_batches(fp["units"])} == {"auto", None}
+    with pytest.raises(ConfigError, match="chat_template_ablation .*auto or on"):
+        study_from_dict(tiny_study(tiny_env, evaluation={**ev, "chat_template": "off"}))

@@ -72,7 +72,7 @@ def unit_settings(spec: StudySpec, unit: EvalUnit) -> dict:
     own = fixed_shots(unit.name, ev.suite)
     if own is not None:  # such results were once filed under the study's shots whatever they ran at
         settings["own_shots"] = own
-    if ev.chat_template != "off":  # "auto" resolves per model, and the model is part of the key
+    if ev.chat_template != "off" and not unit.raw:  # "auto" resolves per model, and the model is part of the key
         settings["chat_template"] = ev.chat_template
     return settings
 

@@ -16,7 +16,7 @@ from .cache import Cache
 from .diagnostics import all_pairs, diag_work
 from .keys import calib_key, code_versions, quant_key, unit_key, unit_settings
 from .records import ModelWork, Work, WorkResult
-from .spec import Cell, EvalUnit, StudySpec, eval_units, expand, precision_of
+from .spec import Cell, EvalUnit, StudySpec, chat_template_units, eval_units, expand, precision_of
 from .work import has_quant_record, pending_units
 
 
@@ -29,6 +29,10 @@ class Plan:
     units: list[EvalUnit]
     unit_keys: dict[str, dict[str, str]]  # quant key -> unit.key -> result key
     versions: dict = field(default_factory=dict)
+    fp_units: list[EvalUnit] = field(default_factory=list)  # the unquantized models' extra units
+
+    def units_of(self, cell: Cell) -> list[EvalUnit]:
+        return self.units + (self.fp_units if cell.recipe is None else [])
 
 
 def plan_study(spec: StudySpec, data_dir: str | None = None, on_gpu: bool | None = None,
@@ -49,6 +53,7 @@ def plan_study(spec: StudySpec, data_dir: str | None = None, on_gpu: bool | None
     versions["precision_auto"] = precision_auto or resolve_precision("auto", "cuda" if on_gpu else "cpu").name
     cells = expand(spec, data_dir)
     units = eval_units(spec)
+    fp_units = chat_template_units(spec)
     works: dict[str, ModelWork] = {}
     keys: list[str] = []
     ukeys: dict[str, dict[str, str]] = {}
@@ -57,7 +62,8 @@ def plan_study(spec: StudySpec, data_dir: str | None = None, on_gpu: bool | None
         keys.append(qk)
         if qk in works:
             continue
-        ukeys[qk] = {u.key: unit_key(qk, unit_settings(spec, u), versions) for u in units}
+        owed = units + (fp_units if cell.recipe is None else [])
+        ukeys[qk] = {u.key: unit_key(qk, unit_settings(spec, u), versions) for u in owed}
         calib = cell.calib if cell.recipe and cell.recipe.needs_calibration else None
         works[qk] = {
             "kind": "model", "key": qk, "label": cell.label, "model": cell.model.model_dump(),
@@ -66,9 +72,9 @@ def plan_study(spec: StudySpec, data_dir: str | None = None, on_gpu: bool | None
             "calib": calib.to_dict() if calib else None,
             "calib_key": calib_key(cell.model, calib, versions) if calib else None,
             "units": [{"kind": u.kind, "name": u.name, "shots": u.shots, "key": ukeys[qk][u.key],
-                       "settings": unit_settings(spec, u)} for u in units],
+                       "settings": unit_settings(spec, u)} for u in owed],
         }
-    return Plan(spec, cells, keys, list(works.values()), units, ukeys, versions)
+    return Plan(spec, cells, keys, list(works.values()), units, ukeys, versions, fp_units)
 
 
 def options_of(spec: StudySpec, data_dir: str | None, max_memory: str | None = None) -> dict:
@@ -236,16 +242,17 @@ def collect(plan: Plan, works: list[Work], cache: Cache, failures: dict[str, Wor
     cells = []
     for cell, qk in zip(plan.cells, plan.cell_keys):
         metrics, samples = {}, {}
-        evals = [cache.get_json("results", plan.unit_keys[qk][u.key]) for u in plan.units]
-        for u, r in zip(plan.units, evals):
+        owed = plan.units_of(cell)
+        evals = [cache.get_json("results", plan.unit_keys[qk][u.key]) for u in owed]
+        for u, r in zip(owed, evals):
             if r is not None:
                 metrics[u.key] = r["metric"]
                 samples[u.key] = r["samples"]
         q = cache.get_json("quant", qk) if cell.recipe is not None else None
-        status = "done" if len(metrics) == len(plan.units) else ("failed" if qk in failures else "pending")
+        status = "done" if len(metrics) == len(owed) else ("failed" if qk in failures else "pending")
         error = failures.get(qk, {}).get("error") if status == "failed" else None
         corrupt = dict(cache.quarantined)  # a cached but unreadable result is a failure to report, not "pending"
-        bad = [n for n in (f"results/{plan.unit_keys[qk][u.key]}.json" for u in plan.units) if n in corrupt]
+        bad = [n for n in (f"results/{plan.unit_keys[qk][u.key]}.json" for u in owed) if n in corrupt]
         if status != "done" and bad:
             status, error = "failed", (f"cache entry {bad[0]} is corrupt ({corrupt[bad[0]]}); moved to the "
                                        "cache's quarantine, run the study again to recompute it")

@@ -108,6 +108,15 @@ class EvaluationAxis(StrictModel):
     bench: bool = False  # each kept quantized model: bench.measure.study_bench (packed kernels, small sizes)
     # task prompts through the tokenizer's chat template (evaluation.run.use_chat_template)
     chat_template: Literal["off", "auto", "on"] = "off"
+    # the unquantized models also run every task with the template off, for the report's paired
+    # template on-vs-off comparison (chat_template_units)
+    chat_template_ablation: bool = False
+
+    @model_validator(mode="after")
+    def _ablation_needs_template(self) -> EvaluationAxis:
+        if self.chat_template_ablation and self.chat_template == "off":
+            raise ValueError("chat_template_ablation compares the template on with off: set chat_template to auto or on")
+        return self
 
 
 class DiagnosticsAxis(StrictModel):
@@ -164,6 +173,9 @@ class CalibChoice:
         return d
 
 
+RAW_SUFFIX = "/raw"  # a raw-prompt twin's key: its templated unit's key + this
+
+
 @dataclass(frozen=True)
 class EvalUnit:
     """One cacheable evaluation: perplexity on a source, or one task at a shot count."""
@@ -171,10 +183,13 @@ class EvalUnit:
     kind: str  # "ppl" | "task"
     name: str
     shots: int = 0
+    raw: bool = False  # the chat-template ablation: prompts without the template whatever the study sets
 
     @property
     def key(self) -> str:
-        return f"ppl:{self.name}" if self.kind == "ppl" else f"task:{self.name}@{self.shots}"
+        if self.kind == "ppl":
+            return f"ppl:{self.name}"
+        return f"task:{self.name}@{self.shots}" + (RAW_SUFFIX if self.raw else "")
 
 
 @dataclass(frozen=True)
@@ -289,6 +304,14 @@ def eval_units(spec: StudySpec) -> list[EvalUnit]:
         if own is not None and own not in spec.evaluation.shots:
             units.append(EvalUnit("task", t, own))
     return units
+
+
+def chat_template_units(spec: StudySpec) -> list[EvalUnit]:
+    """The unquantized models' extra units when the study asks for the chat-template ablation:
+    every task unit again with raw prompts (paired with its templated twin in the report)."""
+    if not spec.evaluation.chat_template_ablation:
+        return []
+    return [EvalUnit("task", u.name, u.shots, raw=True) for u in eval_units(spec) if u.kind == "task"]
 
 
 def unit_shots(units: list[EvalUnit]) -> list[int]:

@@ -1,12 +1,14 @@
 """The report's task-type section, for instruction-tuned evaluation (the instruct-offline suite's
 task types: commonsense QA, knowledge and language, instruction following, hallucination
-detection, mathematics). It asks three of the questions that evaluation asked, each with
+detection, mathematics). It asks four of the questions that evaluation asked, each with
 intervals, and states a verdict only where an interval excludes "no effect":
 
 - iso-size per task type: a larger model quantized to the size of a smaller one against that
   smaller one (the iso-memory machinery of frontier.py, per type instead of per dimension);
 - methods at equal bit width per task type: each method's drop against the model's fp16, and every
   method against the best one, paired over the same items;
+- chat template on vs off for the unquantized models (when the study ran the ablation,
+  evaluation.chat_template_ablation): the same items with and without the template, paired;
 - does item difficulty predict the drop (evaluation.difficulty): an item's difficulty is the share
   of the *other* models' fp16 references that get it wrong (leaving the model's own reference
   out: with it, items it got right could only lose and items it got wrong only gain, a slope made
@@ -22,6 +24,7 @@ from collections import defaultdict
 
 from ..evaluation.difficulty import drop_vs_difficulty, item_difficulty
 from ..evaluation.pareto import Candidate, Quality, compare, estimate, iso_memory_pairs
+from .spec import RAW_SUFFIX
 from .frontier import Block, Config, _fmt_diff, _fmt_q, _iso_verdict, _mb, stratum, task_categories
 
 INSTRUCT_TYPES = ("commonsense_qa", "knowledge_language", "instruction_following", "hallucination", "mathematics",
@@ -63,6 +66,7 @@ def task_type_blocks(configs: list[Config], cells: list[dict], units: list, mult
     b += _iso_by_type(configs, qual, names, multi_calib)
     b += _methods_by_type(configs, qual, names)
     b += _difficulty_section(configs, types, multi_calib)
+    b += _chat_template_section(configs, types, names)
     return b
 
 
@@ -177,4 +181,33 @@ def _difficulty_section(configs: list[Config], types: dict[str, str], multi_cali
     b.append(("table", ["configuration", "task type", "items", "slope", "95% CI", "verdict"], rows))
     b.append(("p", ("Significant: " + "; ".join(found) + ".") if found else
                    "No configuration shows a significant relation between item difficulty and its drop."))
+    return b
+
+
+def _chat_template_section(configs: list[Config], types: dict[str, str], names: list[str]) -> list[Block]:
+    """Each unquantized model with and without its chat template, per task type (paired over items)."""
+    fps = [c for c in configs if c.fp and any(k + RAW_SUFFIX in c.cells[0]["samples"] for k in types)]
+    if not fps:
+        return []
+    b: list[Block] = [("h3", "Chat template on vs off (unquantized models)")]
+    rows, notes = [], []
+    for fp in fps:
+        applied = {bool((fp.cells[0]["metrics"].get(k) or {}).get("chat_template")) for k in types}
+        if applied == {False}:
+            notes.append(f"{fp.display} has no chat template: both runs fed raw prompts, nothing to compare")
+            continue
+        for t in names:
+            keys = [k for k, kt in types.items() if t in (kt, ALL)]
+            on = {k: s for k in keys if (s := stratum(fp.cells, k)) is not None}
+            off = {k: s for k in keys if (s := stratum(fp.cells, k + RAW_SUFFIX)) is not None}
+            cmp = compare(off, on, paired=True)
+            if cmp is None:
+                continue
+            rows.append([fp.display, t, _fmt_q(estimate(on), t), _fmt_q(estimate(off), t), _fmt_diff(cmp, t)])
+    if rows:
+        b.append(("p", "The same items, prompts through the tokenizer's chat template (lm-eval's apply_chat_template) "
+                       "and raw; Δ = on − off in accuracy points, 95% paired bootstrap over items (* = excludes 0)."))
+        b.append(("table", ["model", "task type", "acc % on", "acc % off", "Δ on − off [95% CI]"], rows))
+    if notes:
+        b.append(("p", "; ".join(notes) + "."))
     return b

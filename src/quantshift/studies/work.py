@@ -176,14 +176,14 @@ def obtain_model(work: ModelWork, cache: Cache, options: dict, progress: bool):
 
 
 def unit_batches(units: list[UnitRecord]) -> list[list[UnitRecord]]:
-    """Perplexity units one by one; task units with the same shots together, as one harness call
-    costs a fixed setup (model wrapper, task files) that should not be paid per task."""
+    """Perplexity units one by one; task units with the same shots and chat template together, as
+    one harness call costs a fixed setup (model wrapper, task files) that should not be paid per task."""
     out: list[list[UnitRecord]] = [[u] for u in units if u["kind"] == "ppl"]
-    by_shots: dict[int, list[UnitRecord]] = {}
+    together: dict[tuple[int, str], list[UnitRecord]] = {}
     for u in units:
         if u["kind"] == "task":
-            by_shots.setdefault(u["shots"], []).append(u)
-    return out + list(by_shots.values())
+            together.setdefault((u["shots"], u["settings"].get("chat_template", "off")), []).append(u)
+    return out + list(together.values())
 
 
 @dataclass(frozen=True)
