@@ -37,11 +37,13 @@ from pathlib import Path
 
 import torch
 
-PROMPT = ("The history of computing is a story of machines that grew smaller and faster while the problems "
-          "they solved grew larger. Early computers filled rooms and were programmed with switches and punched "
-          "cards. Transistors replaced vacuum tubes, integrated circuits replaced transistors, and personal "
-          "computers brought the technology into homes and schools. Today a phone holds more computing power "
-          "than all of the machines of the 1960s together. Explain in simple words why this happened.")
+PROMPT = (
+    "The history of computing is a story of machines that grew smaller and faster while the problems "
+    "they solved grew larger. Early computers filled rooms and were programmed with switches and punched "
+    "cards. Transistors replaced vacuum tubes, integrated circuits replaced transistors, and personal "
+    "computers brought the technology into homes and schools. Today a phone holds more computing power "
+    "than all of the machines of the 1960s together. Explain in simple words why this happened."
+)
 VARIANTS = ("llama.cpp", "fp32", "bf16", "w8a8", "w4", "w4-int8head")
 
 
@@ -66,8 +68,14 @@ def run_llamacpp(ids: list[int], new_tokens: int, threads: int, repeats: int, gg
         import numpy as np
     except ImportError as err:
         return f"llama.cpp skipped: import llama_cpp failed ({err})"
-    llm = llama_cpp.Llama(model_path=str(gguf), n_ctx=len(ids) + new_tokens + 8, n_threads=threads,
-                          n_threads_batch=threads, n_batch=max(512, len(ids)), verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(gguf),
+        n_ctx=len(ids) + new_tokens + 8,
+        n_threads=threads,
+        n_threads_batch=threads,
+        n_batch=max(512, len(ids)),
+        verbose=False,
+    )
     pre, dec, out = [], [], []
     for _ in range(repeats + 1):  # the first run warms up
         llm.reset()
@@ -83,8 +91,13 @@ def run_llamacpp(ids: list[int], new_tokens: int, threads: int, repeats: int, gg
         pre.append(len(ids) / (t1 - t0))
         dec.append((new_tokens - 1) / (t2 - t1))
         out = toks
-    return {"prefill_tok_s": summary(pre[1:]), "decode_tok_s": summary(dec[1:]), "tokens": out[:16],
-            "gguf": gguf.name, "llama_cpp": getattr(llama_cpp, "__version__", "unknown")}
+    return {
+        "prefill_tok_s": summary(pre[1:]),
+        "decode_tok_s": summary(dec[1:]),
+        "tokens": out[:16],
+        "gguf": gguf.name,
+        "llama_cpp": getattr(llama_cpp, "__version__", "unknown"),
+    }
 
 
 def quantized_dir(kind: str, given: str | None, scratch: Path) -> str:
@@ -94,8 +107,10 @@ def quantized_dir(kind: str, given: str | None, scratch: Path) -> str:
     from quantshift.pipeline import quantize_model, save
     from quantshift.recipes import recipe_from_cli
 
-    opts = {"w4": {"wbits": 4, "group_size": 32, "sym": False},
-            "w8a8": {"wbits": 8, "abits": 8, "group_size": -1, "sym": True}}[kind]
+    opts = {
+        "w4": {"wbits": 4, "group_size": 32, "sym": False},
+        "w8a8": {"wbits": 8, "abits": 8, "group_size": -1, "sym": True},
+    }[kind]
     loaded = load_model("smollm2-135m", device="cpu", dtype="float32")
     res = quantize_model(loaded, recipe_from_cli("rtn", **opts), None, device="cpu", progress=False)
     return str(save(loaded, res, scratch / kind, overwrite=True))
@@ -111,8 +126,13 @@ def run_quantshift(variant: str, ids: torch.Tensor, args, scratch: Path) -> dict
     else:
         kind = variant.removesuffix("-int8head")
         path = quantized_dir(kind, args.w4_dir if kind == "w4" else args.w8a8_dir, scratch)
-        loaded = load_model(path, device="cpu", dtype="bfloat16", backend="packed",
-                            head="int8" if variant.endswith("-int8head") else "float")
+        loaded = load_model(
+            path,
+            device="cpu",
+            dtype="bfloat16",
+            backend="packed",
+            head="int8" if variant.endswith("-int8head") else "float",
+        )
     model = loaded.model
     prefill_and_decode(model, ids[:, :8], 3, "static")  # warm-up
     rows = {}
@@ -129,8 +149,13 @@ def run_quantshift(variant: str, ids: torch.Tensor, args, scratch: Path) -> dict
             pre.append(ids.shape[1] / r.prefill_s)
             dec.append((args.new_tokens - 1) / r.decode_s)
             toks = r.tokens[0, 1:17].tolist()
-        row = {"prefill_tok_s": summary(pre), "decode_tok_s": summary(dec), "tokens": toks,
-               "decode_bytes_per_step": decode_bytes_per_step(model), "compile_s": compile_s}
+        row = {
+            "prefill_tok_s": summary(pre),
+            "decode_tok_s": summary(dec),
+            "tokens": toks,
+            "decode_bytes_per_step": decode_bytes_per_step(model),
+            "compile_s": compile_s,
+        }
         if loaded.packing is not None:
             row["packing"] = loaded.packing.counts()
         rows[variant + (" compiled" if compiled else "")] = row
@@ -160,45 +185,74 @@ def main(argv: list[str] | None = None) -> dict:
     load_start = load_avg()
     tok = load_model("smollm2-135m", device="cpu", dtype="float32").tokenizer
     ids = tok(args.prompt, return_tensors="pt").input_ids
-    print(f"SmolLM2-135M, batch 1, {ids.shape[1]}-token prompt, {args.new_tokens} greedy tokens, {args.threads} "
-          f"threads, median of {args.repeats}; torch {torch.__version__}; load average at start {load_start:.2f} "
-          f"on {os.cpu_count()} cores")
+    print(
+        f"SmolLM2-135M, batch 1, {ids.shape[1]}-token prompt, {args.new_tokens} greedy tokens, {args.threads} "
+        f"threads, median of {args.repeats}; torch {torch.__version__}; load average at start {load_start:.2f} "
+        f"on {os.cpu_count()} cores"
+    )
     rows: dict[str, dict] = {}
     notes: list[str] = []
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
             if v == "llama.cpp":
-                res = run_llamacpp(ids[0].tolist(), args.new_tokens, args.threads, args.repeats,
-                                   Path(args.gguf) if args.gguf else llamacpp_gguf())
+                res = run_llamacpp(
+                    ids[0].tolist(),
+                    args.new_tokens,
+                    args.threads,
+                    args.repeats,
+                    Path(args.gguf) if args.gguf else llamacpp_gguf(),
+                )
                 if isinstance(res, str):
                     notes.append(res)
                     print(res)
                     continue
                 rows[v] = res
-                print(f"  {v}: prefill {res['prefill_tok_s']['median']:.1f} tok/s, "
-                      f"decode {res['decode_tok_s']['median']:.1f} tok/s", flush=True)
+                print(
+                    f"  {v}: prefill {res['prefill_tok_s']['median']:.1f} tok/s, "
+                    f"decode {res['decode_tok_s']['median']:.1f} tok/s",
+                    flush=True,
+                )
             else:
                 for name, row in run_quantshift(v, ids, args, Path(tmp)).items():
                     rows[name] = row
-                    print(f"  {name}: prefill {row['prefill_tok_s']['median']:.1f} tok/s, "
-                          f"decode {row['decode_tok_s']['median']:.1f} tok/s", flush=True)
+                    print(
+                        f"  {name}: prefill {row['prefill_tok_s']['median']:.1f} tok/s, "
+                        f"decode {row['decode_tok_s']['median']:.1f} tok/s",
+                        flush=True,
+                    )
     load_end = load_avg()
     ref = rows.get("llama.cpp")
-    print(f"\n{'variant':22s} {'prefill tok/s':>14s} {'(min-max)':>15s} {'decode tok/s':>13s} {'(min-max)':>15s} "
-          f"{'prefill/llama.cpp':>17s} {'decode/llama.cpp':>16s} {'compile s':>9s}")
+    print(
+        f"\n{'variant':22s} {'prefill tok/s':>14s} {'(min-max)':>15s} {'decode tok/s':>13s} {'(min-max)':>15s} "
+        f"{'prefill/llama.cpp':>17s} {'decode/llama.cpp':>16s} {'compile s':>9s}"
+    )
     for v, r in rows.items():
         p, d = r["prefill_tok_s"], r["decode_tok_s"]
         rp = f"{p['median'] / ref['prefill_tok_s']['median']:.2f}x" if ref else "-"
         rd = f"{d['median'] / ref['decode_tok_s']['median']:.2f}x" if ref else "-"
-        r["vs_llamacpp"] = ref and {"prefill": p["median"] / ref["prefill_tok_s"]["median"],
-                                    "decode": d["median"] / ref["decode_tok_s"]["median"]}
+        r["vs_llamacpp"] = ref and {
+            "prefill": p["median"] / ref["prefill_tok_s"]["median"],
+            "decode": d["median"] / ref["decode_tok_s"]["median"],
+        }
         cs = f"{r['compile_s']:.1f}" if r.get("compile_s") else "-"
-        print(f"{v:22s} {p['median']:14.1f} {p['min']:7.1f}-{p['max']:<7.1f} {d['median']:13.1f} "
-              f"{d['min']:7.1f}-{d['max']:<7.1f} {rp:>17s} {rd:>16s} {cs:>9s}")
+        print(
+            f"{v:22s} {p['median']:14.1f} {p['min']:7.1f}-{p['max']:<7.1f} {d['median']:13.1f} "
+            f"{d['min']:7.1f}-{d['max']:<7.1f} {rp:>17s} {rd:>16s} {cs:>9s}"
+        )
     print(f"load average: {load_start:.2f} at start, {load_end:.2f} at end ({os.cpu_count()} cores)")
-    result = {"prompt_tokens": ids.shape[1], "new_tokens": args.new_tokens, "threads": args.threads,
-              "repeats": args.repeats, "compile": args.compile, "load_start": load_start, "load_end": load_end,
-              "cpu_count": os.cpu_count(), "torch": torch.__version__, "rows": rows, "notes": notes}
+    result = {
+        "prompt_tokens": ids.shape[1],
+        "new_tokens": args.new_tokens,
+        "threads": args.threads,
+        "repeats": args.repeats,
+        "compile": args.compile,
+        "load_start": load_start,
+        "load_end": load_end,
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "rows": rows,
+        "notes": notes,
+    }
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2))
         print(f"wrote {args.json}")

@@ -69,10 +69,13 @@ def eval_speed(precision, windows: torch.Tensor, repeats: int) -> dict:
         ts.append(time.perf_counter() - t)
     flops = matrix_flops(run)
     med = statistics.median(ts)
-    return {"precision": lm.precision.name, "tok_s": windows.numel() / med,
-            "tok_s_range": (windows.numel() / max(ts), windows.numel() / min(ts)),
-            "ppl": float(torch.exp(nll.sum() / (windows.shape[0] * (windows.shape[1] - 1)))),
-            "gflops": flops / med / 1e9}
+    return {
+        "precision": lm.precision.name,
+        "tok_s": windows.numel() / med,
+        "tok_s_range": (windows.numel() / max(ts), windows.numel() / min(ts)),
+        "ppl": float(torch.exp(nll.sum() / (windows.shape[0] * (windows.shape[1] - 1)))),
+        "gflops": flops / med / 1e9,
+    }
 
 
 def gptq_speed(variant: str, nsamples: int, seqlen: int) -> dict:
@@ -88,20 +91,34 @@ def gptq_speed(variant: str, nsamples: int, seqlen: int) -> dict:
     def quantize(n: int):
         lm = load_model("smollm2-135m", "cpu", dtype)
         cal = build_calibset("wikipedia", lm.tokenizer, n, seqlen, 42, tokenizer_name="smollm2-135m")
-        eng = BlockEngine(lm.model, lm.arch, [s.build() for s in recipe.stages], "cpu", progress=False,
-                          autocast=lm.precision.autocast, reuse_outputs=variant != "bf16-no-replay")
+        eng = BlockEngine(
+            lm.model,
+            lm.arch,
+            [s.build() for s in recipe.stages],
+            "cpu",
+            progress=False,
+            autocast=lm.precision.autocast,
+            reuse_outputs=variant != "bf16-no-replay",
+        )
         t = time.perf_counter()
         with torch.no_grad():
             res = eng.run(cal.input_ids)
         return time.perf_counter() - t, [b["seconds"] for b in res.blocks], lm
 
     secs, blocks, lm = quantize(nsamples)
-    ppl = perplexity(lm.model, lm.tokenizer, "wikipedia", seqlen=512, max_windows=16, progress=False,
-                     compute=lm.compute).ppl
+    ppl = perplexity(
+        lm.model, lm.tokenizer, "wikipedia", seqlen=512, max_windows=16, progress=False, compute=lm.compute
+    ).ppl
     small = 8
     flops = matrix_flops(lambda: quantize(small)) * nsamples / small
-    return {"variant": variant, "seconds": secs, "block_s": statistics.fmean(blocks), "ppl": ppl,
-            "block_s_range": (min(blocks), max(blocks)), "gflops": flops / secs / 1e9}
+    return {
+        "variant": variant,
+        "seconds": secs,
+        "block_s": statistics.fmean(blocks),
+        "ppl": ppl,
+        "block_s_range": (min(blocks), max(blocks)),
+        "gflops": flops / secs / 1e9,
+    }
 
 
 def main() -> None:
@@ -119,40 +136,57 @@ def main() -> None:
     from quantshift.models.precision import cpu_flags, native_bf16_cpu
 
     load0 = os.getloadavg()[0]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; bf16 matrix units: "
-          f"{native_bf16_cpu()} ({', '.join(sorted(f for f in cpu_flags() if 'bf16' in f or 'amx' in f)) or 'none'})")
-    print(f"load average (1 min) at start: {load0:.2f}" + ("  << the machine is busy: timings describe it, not the code"
-                                                           if load0 > 0.5 else ""))
+    print(
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; bf16 matrix units: "
+        f"{native_bf16_cpu()} ({', '.join(sorted(f for f in cpu_flags() if 'bf16' in f or 'amx' in f)) or 'none'})"
+    )
+    print(
+        f"load average (1 min) at start: {load0:.2f}"
+        + ("  << the machine is busy: timings describe it, not the code" if load0 > 0.5 else "")
+    )
     peak = {"float32": gemm_peak(torch.float32), "bfloat16": gemm_peak(torch.bfloat16)}
-    print(f"\nGEMM 4096x576 @ 576x1536: float32 {peak['float32']:.0f} GFLOP/s, bf16 {peak['bfloat16']:.0f} GFLOP/s "
-          f"({peak['bfloat16'] / peak['float32']:.2f}x)")
+    print(
+        f"\nGEMM 4096x576 @ 576x1536: float32 {peak['float32']:.0f} GFLOP/s, bf16 {peak['bfloat16']:.0f} GFLOP/s "
+        f"({peak['bfloat16'] / peak['float32']:.2f}x)"
+    )
 
     tok = load_model("smollm2-135m", "cpu", "float32").tokenizer
     win = windows_of(token_stream(get_source("wikipedia"), "heldout", tok), args.seqlen, None, 8)
     ev = [eval_speed(p, win, args.repeats) for p in ("float32", "auto")]
-    print(f"\nevaluation: held-out perplexity, {win.shape[0]} x {win.shape[1]} wikipedia tokens, batch 8, "
-          f"median of {args.repeats}")
+    print(
+        f"\nevaluation: held-out perplexity, {win.shape[0]} x {win.shape[1]} wikipedia tokens, batch 8, "
+        f"median of {args.repeats}"
+    )
     print(f"{'precision':28s} {'tokens/s':>9s} {'range':>13s} {'ppl':>8s} {'GFLOP/s':>8s} {'of peak':>8s}")
     for r in ev:
         pk = peak["bfloat16" if "bfloat16" in r["precision"] else "float32"]
         lo, hi = r["tok_s_range"]
-        print(f"{r['precision']:28s} {r['tok_s']:9.0f} {lo:6.0f}-{hi:<6.0f} {r['ppl']:8.3f} {r['gflops']:8.0f} "
-              f"{r['gflops'] / pk:8.0%}")
-    print(f"bf16 / float32: {ev[1]['tok_s'] / ev[0]['tok_s']:.2f}x tokens/s, perplexity "
-          f"{ev[1]['ppl'] / ev[0]['ppl'] - 1:+.3%}")
+        print(
+            f"{r['precision']:28s} {r['tok_s']:9.0f} {lo:6.0f}-{hi:<6.0f} {r['ppl']:8.3f} {r['gflops']:8.0f} "
+            f"{r['gflops'] / pk:8.0%}"
+        )
+    print(
+        f"bf16 / float32: {ev[1]['tok_s'] / ev[0]['tok_s']:.2f}x tokens/s, perplexity "
+        f"{ev[1]['ppl'] / ev[0]['ppl'] - 1:+.3%}"
+    )
 
     rows = []
     variants = [v.strip() for v in args.gptq.split(",") if v.strip()]
     if variants:
         print(f"\nGPTQ W3 g64, smollm2-135m (30 blocks), {args.nsamples} x {args.seqlen} wikipedia calibration tokens")
-        print(f"{'variant':16s} {'s/model':>8s} {'s/block':>8s} {'block range':>12s} {'GFLOP/s':>8s} {'of peak':>8s} "
-              f"{'ppl':>8s}")
+        print(
+            f"{'variant':16s} {'s/model':>8s} {'s/block':>8s} {'block range':>12s} {'GFLOP/s':>8s} {'of peak':>8s} "
+            f"{'ppl':>8s}"
+        )
         for v in variants:
             r = gptq_speed(v, args.nsamples, args.seqlen)
             rows.append(r)
             pk = peak["float32" if v == "fp32" else "bfloat16"]
-            print(f"{v:16s} {r['seconds']:8.1f} {r['block_s']:8.2f} {r['block_s_range'][0]:5.2f}-{r['block_s_range'][1]:<6.2f}"
-                  f" {r['gflops']:8.0f} {r['gflops'] / pk:8.0%} {r['ppl']:8.3f}", flush=True)
+            print(
+                f"{v:16s} {r['seconds']:8.1f} {r['block_s']:8.2f} {r['block_s_range'][0]:5.2f}-{r['block_s_range'][1]:<6.2f}"
+                f" {r['gflops']:8.0f} {r['gflops'] / pk:8.0%} {r['ppl']:8.3f}",
+                flush=True,
+            )
         by = {r["variant"]: r for r in rows}
         if "bf16" in by and "fp32" in by:
             print(f"bf16 vs fp32: {by['fp32']['seconds'] / by['bf16']['seconds']:.2f}x faster per model")

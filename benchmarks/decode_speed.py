@@ -32,14 +32,32 @@ def llama_config(small: bool, layers: int | None, tiny: bool = False):
     from transformers import LlamaConfig
 
     if tiny:  # a smoke test of the same code path (gpu_session.sh --dry-run), not a measurement
-        cfg = dict(hidden_size=128, intermediate_size=384, num_attention_heads=2, num_key_value_heads=2,
-                   num_hidden_layers=1, vocab_size=2048)
+        cfg = dict(
+            hidden_size=128,
+            intermediate_size=384,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            num_hidden_layers=1,
+            vocab_size=2048,
+        )
     elif small:
-        cfg = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=8, num_key_value_heads=8,
-                   num_hidden_layers=4, vocab_size=32000)
+        cfg = dict(
+            hidden_size=1024,
+            intermediate_size=2816,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            num_hidden_layers=4,
+            vocab_size=32000,
+        )
     else:  # Llama-2-7B
-        cfg = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                   num_hidden_layers=32, vocab_size=32000)
+        cfg = dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            num_hidden_layers=32,
+            vocab_size=32000,
+        )
     if layers:
         cfg["num_hidden_layers"] = layers
     return LlamaConfig(**cfg, max_position_embeddings=4096, tie_word_embeddings=False)
@@ -95,8 +113,12 @@ def quantize_w4(model, group_size: int, backend: str) -> dict[str, str]:
     for i, layer in enumerate(model.model.layers):
         names = [n for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
         weights = {n: quantize_weight(layer.get_submodule(n).weight.detach(), spec) for n in names}
-        chosen.update({f"layers.{i}.{k}": v for k, v in pack_model(layer, weights, backend,
-                                                                   next(model.parameters()).dtype).items()})
+        chosen.update(
+            {
+                f"layers.{i}.{k}": v
+                for k, v in pack_model(layer, weights, backend, next(model.parameters()).dtype).items()
+            }
+        )
         gc.collect()
     return chosen
 
@@ -115,15 +137,23 @@ def versions(device: torch.device) -> str:
 
     from quantshift.quant.qlinear import torchao_version
 
-    dev = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-    return (f"device: {dev}; torch {torch.__version__}; transformers {transformers.__version__}; "
-            f"torchao {torchao_version() or 'not installed'}; python {platform.python_version()}")
+    dev = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    )
+    return (
+        f"device: {dev}; torch {torch.__version__}; transformers {transformers.__version__}; "
+        f"torchao {torchao_version() or 'not installed'}; python {platform.python_version()}"
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--small", action="store_true", help="hidden 1024 / mlp 2816 / 8 heads / 4 layers")
-    ap.add_argument("--tiny", action="store_true", help="hidden 128 / mlp 384, 1 layer: a smoke test, not a measurement")
+    ap.add_argument(
+        "--tiny", action="store_true", help="hidden 128 / mlp 384, 1 layer: a smoke test, not a measurement"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float dtype (default float16 on CUDA, float32 on CPU)")
     ap.add_argument("--layers", type=int, default=None, help="override the number of decoder layers")
@@ -131,7 +161,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens before decoding")
     ap.add_argument("--steps", type=int, default=64, help="timed decode steps")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--copy-mib", type=int, default=None, help="bytes for the bandwidth copy (default 1024 GPU / 256 CPU)")
+    ap.add_argument(
+        "--copy-mib", type=int, default=None, help="bytes for the bandwidth copy (default 1024 GPU / 256 CPU)"
+    )
     ap.add_argument("--json", default=None, help="write results here")
     args = ap.parse_args(argv)
 
@@ -141,8 +173,10 @@ def main(argv: list[str] | None = None) -> dict:
     print(versions(device))
     shape = f"hidden {config.hidden_size}, mlp {config.intermediate_size}, {config.num_attention_heads} heads, {config.num_hidden_layers} layers, vocab {config.vocab_size}"
     size = "tiny" if args.tiny else ("small" if args.small else "Llama-2-7B")
-    print(f"model: LlamaForCausalLM random weights ({size} shapes: {shape}); batch 1, "
-          f"prompt {args.prompt}, {args.steps} decode steps, best of {args.repeats}")
+    print(
+        f"model: LlamaForCausalLM random weights ({size} shapes: {shape}); batch 1, "
+        f"prompt {args.prompt}, {args.steps} decode steps, best of {args.repeats}"
+    )
     copy = (args.copy_mib or (1024 if device.type == "cuda" else 256)) * 2**20
     bw = copy_bandwidth(device, copy)
     print(f"copy bandwidth: {bw / 1e9:.1f} GB/s (read+write, {copy >> 20} MiB device copy)")
@@ -163,19 +197,33 @@ def main(argv: list[str] | None = None) -> dict:
         torch.cuda.empty_cache()
     w4_bytes = bytes_read_per_token(model)
     w4_tok = decode_tok_s(model, device, args.prompt, args.steps, args.repeats)
-    rows.append({"variant": f"W4 g{args.group_size} ({backend}, {str(act_dtype).replace('torch.', '')})",
-                 "bytes_per_token": w4_bytes, "tok_s": w4_tok,
-                 "packed_linears": len(chosen)})
+    rows.append(
+        {
+            "variant": f"W4 g{args.group_size} ({backend}, {str(act_dtype).replace('torch.', '')})",
+            "bytes_per_token": w4_bytes,
+            "tok_s": w4_tok,
+            "packed_linears": len(chosen),
+        }
+    )
 
-    print(f"{'variant':36s} {'GB read/token':>13s} {'bound tok/s':>11s} {'measured':>9s} {'measured/bound':>14s} {'vs float':>8s}")
+    print(
+        f"{'variant':36s} {'GB read/token':>13s} {'bound tok/s':>11s} {'measured':>9s} {'measured/bound':>14s} {'vs float':>8s}"
+    )
     for r in rows:
         r["bound_tok_s"] = bw / r["bytes_per_token"]
         r["fraction_of_bound"] = r["tok_s"] / r["bound_tok_s"]
         r["speedup_vs_float"] = r["tok_s"] / rows[0]["tok_s"]
-        print(f"{r['variant']:36s} {r['bytes_per_token'] / 1e9:13.3f} {r['bound_tok_s']:11.1f} {r['tok_s']:9.1f} "
-              f"{r['fraction_of_bound']:14.2f} {r['speedup_vs_float']:7.2f}x")
-    result = {"versions": versions(device), "shape": shape, "copy_bandwidth_bytes_s": bw, "rows": rows,
-              "args": vars(args)}
+        print(
+            f"{r['variant']:36s} {r['bytes_per_token'] / 1e9:13.3f} {r['bound_tok_s']:11.1f} {r['tok_s']:9.1f} "
+            f"{r['fraction_of_bound']:14.2f} {r['speedup_vs_float']:7.2f}x"
+        )
+    result = {
+        "versions": versions(device),
+        "shape": shape,
+        "copy_bandwidth_bytes_s": bw,
+        "rows": rows,
+        "args": vars(args),
+    }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

@@ -51,15 +51,34 @@ def main() -> None:
             continue
         lm = load_model(args.model, "cpu")
         if cal is None:
-            cal = build_calibset("wikipedia", lm.tokenizer, args.nsamples, args.seqlen, 42, add_bos=lm.needs_bos,
-                                 tokenizer_name=args.model)
+            cal = build_calibset(
+                "wikipedia",
+                lm.tokenizer,
+                args.nsamples,
+                args.seqlen,
+                42,
+                add_bos=lm.needs_bos,
+                tokenizer_name=args.model,
+            )
         t0 = time.time()
         cfg = {"wbits": args.wbits, "group_size": args.group_size} | extra
-        quantize_model(lm, recipe_from_dict({"stages": [{method: cfg}]}), cal if method != "rtn" else None,
-                       progress=False)
-        ppl = perplexity(lm.model, lm.tokenizer, "wikipedia", seqlen=args.seqlen, max_windows=args.max_windows,
-                         add_bos=lm.needs_bos, progress=False)
-        results["cells"][name] = {"recipe": {method: cfg}, "ppl": round(ppl.ppl, 3), "seconds": round(time.time() - t0, 1)}
+        quantize_model(
+            lm, recipe_from_dict({"stages": [{method: cfg}]}), cal if method != "rtn" else None, progress=False
+        )
+        ppl = perplexity(
+            lm.model,
+            lm.tokenizer,
+            "wikipedia",
+            seqlen=args.seqlen,
+            max_windows=args.max_windows,
+            add_bos=lm.needs_bos,
+            progress=False,
+        )
+        results["cells"][name] = {
+            "recipe": {method: cfg},
+            "ppl": round(ppl.ppl, 3),
+            "seconds": round(time.time() - t0, 1),
+        }
         write_json_atomic(out, results)
         print(f"{name:32s} ppl {ppl.ppl:8.3f}", flush=True)
 

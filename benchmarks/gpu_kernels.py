@@ -82,15 +82,24 @@ def main(argv: list[str] | None = None) -> dict:
         q4 = quantize_weight(w, QuantSpec(bits=4, group_size=128, symmetric=False))
         q8 = quantize_weight(w, QuantSpec(bits=8, group_size=-1, symmetric=True))
         qf = quantize_weight(w, QuantSpec(bits=8, group_size=-1, symmetric=True, dtype="fp8"))
-        cases = [("int4 w4a16 g128", int4_choice(q4, cap), PackedLinear(q4, None, "auto", device), q4, None),
-                 ("int8 w8a8", int8_choice(out_f, in_f, cap), Int8Linear(q8, a8, device=device), q8, a8)]
+        cases = [
+            ("int4 w4a16 g128", int4_choice(q4, cap), PackedLinear(q4, None, "auto", device), q4, None),
+            ("int8 w8a8", int8_choice(out_f, in_f, cap), Int8Linear(q8, a8, device=device), q8, a8),
+        ]
         cf = fp8_choice(qf, f8, cap)
         if cf.reason is None or device.type == "cpu":  # on a CPU: the arithmetic, by name (auto keeps the fake-quant)
             kernel = "auto" if cf.reason is None else "fp8-scaled-mm"
             cases.append(("fp8 w8a8", cf, FP8Linear(qf, f8, None, kernel, device), qf, f8))
         else:
-            out.append({"kernel": "fp8 w8a8", "shape": [out_f, in_f], "auto": cf.kernel, "reason": cf.reason,
-                        "skipped": "no fp8 GEMM on this device"})
+            out.append(
+                {
+                    "kernel": "fp8 w8a8",
+                    "shape": [out_f, in_f],
+                    "auto": cf.kernel,
+                    "reason": cf.reason,
+                    "skipped": "no fp8 GEMM on this device",
+                }
+            )
         for name, choice, module, qw, act in cases:
             ran = getattr(module, "kernel", getattr(module, "backend", "?"))
             dense = qw.dequantize().to(device)
@@ -105,21 +114,38 @@ def main(argv: list[str] | None = None) -> dict:
                     t_kernel = timed(lambda module=module, x=x: module(x), device, iters)
                     xd = xin.to(dense_dtype)
                     t_dense = timed(lambda xd=xd, w=dense_lp: torch.nn.functional.linear(xd, w), device, iters)
-                row = {"kernel": name, "ran": ran, "auto": choice.kernel, "reason": choice.reason, "shape": [out_f, in_f],
-                       "M": m, "rel_err": err, "ms": t_kernel * 1e3, "dense_ms": t_dense * 1e3,
-                       "speedup_vs_dense": t_dense / t_kernel, "dense_dtype": str(dense_dtype).replace("torch.", "")}
+                row = {
+                    "kernel": name,
+                    "ran": ran,
+                    "auto": choice.kernel,
+                    "reason": choice.reason,
+                    "shape": [out_f, in_f],
+                    "M": m,
+                    "rel_err": err,
+                    "ms": t_kernel * 1e3,
+                    "dense_ms": t_dense * 1e3,
+                    "speedup_vs_dense": t_dense / t_kernel,
+                    "dense_dtype": str(dense_dtype).replace("torch.", ""),
+                }
                 out.append(row)
-                print(f"{name:16s} {ran:14s} {out_f:5d}x{in_f:<5d} M={m:<5d} rel err {err:.2e}  {t_kernel * 1e3:8.3f} ms"
-                      f"  dense {row['dense_ms']:8.3f} ms  {row['speedup_vs_dense']:5.2f}x"
-                      + (f"  (auto: {choice.kernel}, {choice.reason})" if choice.reason else ""))
+                print(
+                    f"{name:16s} {ran:14s} {out_f:5d}x{in_f:<5d} M={m:<5d} rel err {err:.2e}  {t_kernel * 1e3:8.3f} ms"
+                    f"  dense {row['dense_ms']:8.3f} ms  {row['speedup_vs_dense']:5.2f}x"
+                    + (f"  (auto: {choice.kernel}, {choice.reason})" if choice.reason else "")
+                )
         del cases
         if device.type == "cuda":
             torch.cuda.empty_cache()
     # bf16 kernel; exact integer products and sums; exact fp8 products, sums as the tensor cores keep them
     tol = {"int4 w4a16 g128": 2e-2, "int8 w8a8": 1e-4, "fp8 w8a8": FP8_GEMM_TOLERANCE}
     bad = [r for r in out if "rel_err" in r and r["rel_err"] > tol[r["kernel"]]]
-    result = {"device": cap.label, "capability": cap.lines(), "rows": out, "tolerance": tol,
-              "all_within_tolerance": not bad}
+    result = {
+        "device": cap.label,
+        "capability": cap.lines(),
+        "rows": out,
+        "tolerance": tol,
+        "all_within_tolerance": not bad,
+    }
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

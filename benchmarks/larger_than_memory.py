@@ -64,15 +64,18 @@ print("STAGE " + json.dumps(info))
 
 def run_stage(stage: str, model: Path, out: Path, cap: str, device: str, calib: Path, spec: str) -> dict:
     t0 = time.time()
-    r = subprocess.run([sys.executable, "-c", STAGE, stage, str(model), str(out), cap, device, str(calib), spec],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, "-c", STAGE, stage, str(model), str(out), cap, device, str(calib), spec],
+        capture_output=True,
+        text=True,
+    )
     if r.returncode != 0:
         # torch's dispatcher errors list every backend after the message: keep the traceback's head
         err = r.stderr.splitlines()
         head = next((i for i, ln in enumerate(err) if ln.startswith("Traceback")), 0)
-        raise SystemExit(f"stage {stage} failed:\n" + "\n".join(err[head:head + 40])[-4000:])
+        raise SystemExit(f"stage {stage} failed:\n" + "\n".join(err[head : head + 40])[-4000:])
     line = next(ln for ln in reversed(r.stdout.splitlines()) if ln.startswith("STAGE "))
-    info = json.loads(line[len("STAGE "):])
+    info = json.loads(line[len("STAGE ") :])
     info["wall_seconds"] = round(time.time() - t0, 1)
     return info
 
@@ -94,8 +97,12 @@ def main() -> None:
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--stages", default="generate,quantize-rtn,quantize-gptq,ppl,task")
     ap.add_argument("--keep", action="store_true", help="keep the synthetic model and quantized directories")
-    ap.add_argument("--tokenizer", type=Path, default=None,
-                    help="folder with tokenizer.json (default: the bundled SmolLM2's; a bare GPU image passes one)")
+    ap.add_argument(
+        "--tokenizer",
+        type=Path,
+        default=None,
+        help="folder with tokenizer.json (default: the bundled SmolLM2's; a bare GPU image passes one)",
+    )
     ap.add_argument("--ppl", default="wikipedia", help="perplexity data: an offline source or a text file")
     args = ap.parse_args()
 
@@ -108,12 +115,24 @@ def main() -> None:
         ppl = str(work / "eval.txt")
         Path(ppl).write_text(Path(args.ppl).read_text())
     cpu = [ln for ln in Path("/proc/cpuinfo").read_text().splitlines() if ln.startswith("model name")][:1]
-    result: dict = {"args": {k: str(v) for k, v in vars(args).items()}, "cpu": cpu[0].split(":")[1].strip() if cpu else "?",
-                    "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
-                    "load_before": os.getloadavg(), "stages": {}}
-    spec = json.dumps({"params": args.params, "hidden": args.hidden, "intermediate": args.intermediate,
-                       "heads": args.heads, "kv_heads": args.kv_heads,
-                       "tokenizer": str(args.tokenizer) if args.tokenizer else None, "ppl": ppl})
+    result: dict = {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "cpu": cpu[0].split(":")[1].strip() if cpu else "?",
+        "ram_bytes": os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"),
+        "load_before": os.getloadavg(),
+        "stages": {},
+    }
+    spec = json.dumps(
+        {
+            "params": args.params,
+            "hidden": args.hidden,
+            "intermediate": args.intermediate,
+            "heads": args.heads,
+            "kv_heads": args.kv_heads,
+            "tokenizer": str(args.tokenizer) if args.tokenizer else None,
+            "ppl": ppl,
+        }
+    )
     try:
         for stage in args.stages.split(","):
             # ppl and task score the GPTQ directory, or the RTN one when they run before GPTQ
@@ -130,11 +149,15 @@ def main() -> None:
             if args.json:  # after every stage: an interrupted run keeps what it measured
                 args.json.write_text(json.dumps(result, indent=2, default=str))
             gib = 2**30
-            print(f"{stage:14s} wall {info['wall_seconds']:8.1f} s  peak RSS {info['peak_rss'] / gib:6.2f} GiB  "
-                  f"read {info['read_bytes'] / gib:7.2f} GiB  written {info['write_bytes'] / gib:7.2f} GiB"
-                  + (f"  device peak {info['peak_device_bytes'] / gib:.2f} GiB" if "peak_device_bytes" in info else "")
-                  + (f"  ({', '.join(f'{k} {v}' for k, v in info.items() if k in ('ppl', 'acc', 'model_bytes', 'dir_bytes'))})"),
-                  flush=True)
+            print(
+                f"{stage:14s} wall {info['wall_seconds']:8.1f} s  peak RSS {info['peak_rss'] / gib:6.2f} GiB  "
+                f"read {info['read_bytes'] / gib:7.2f} GiB  written {info['write_bytes'] / gib:7.2f} GiB"
+                + (f"  device peak {info['peak_device_bytes'] / gib:.2f} GiB" if "peak_device_bytes" in info else "")
+                + (
+                    f"  ({', '.join(f'{k} {v}' for k, v in info.items() if k in ('ppl', 'acc', 'model_bytes', 'dir_bytes'))})"
+                ),
+                flush=True,
+            )
     finally:
         result["load_after"] = os.getloadavg()
         if args.json:

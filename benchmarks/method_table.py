@@ -44,25 +44,69 @@ def cells_for(bits: list[int], gs: int, act_formats: bool) -> list[tuple[str, st
         if "spqr" in have:
             out.append((f"spqr|w{b}", f"spqr W{b} g16 + 3-bit stats + outliers", {"stages": [{"spqr": {"wbits": b}}]}))
         if {"awq", "gptq"} <= have:
-            out.append((f"awq>gptq|w{b}", f"awq -> gptq {fmt}", {"stages": [
-                {"awq": {"wbits": b, "group_size": gs, "quantize": False}}, {"gptq": {"wbits": b, "group_size": gs}}]}))
+            out.append(
+                (
+                    f"awq>gptq|w{b}",
+                    f"awq -> gptq {fmt}",
+                    {
+                        "stages": [
+                            {"awq": {"wbits": b, "group_size": gs, "quantize": False}},
+                            {"gptq": {"wbits": b, "group_size": gs}},
+                        ]
+                    },
+                )
+            )
     if act_formats:
         # the baseline SmoothQuant is measured against: one scale per tensor for the weights and
         # for each token-batch of activations, no smoothing
-        out.append(("rtn|w8a8-naive", "naive W8A8 (per-tensor W, per-tensor dynamic A)", {"stages": [
-            {"rtn": {"wbits": 8, "group_size": 0, "sym": True, "abits": 8, "act_per_token": False}}]}))
+        out.append(
+            (
+                "rtn|w8a8-naive",
+                "naive W8A8 (per-tensor W, per-tensor dynamic A)",
+                {"stages": [{"rtn": {"wbits": 8, "group_size": 0, "sym": True, "abits": 8, "act_per_token": False}}]},
+            )
+        )
         if "smoothquant" in have:
-            out.append(("smoothquant|w8a8", "smoothquant W8A8 (per-channel W, per-token A)", {"stages": ["smoothquant"]}))
-            out.append(("smoothquant|w4a8", f"smoothquant W4A8 g{gs}", {"stages": [
-                {"smoothquant": {"wbits": 4, "group_size": gs, "sym": False}}]}))
+            out.append(
+                ("smoothquant|w8a8", "smoothquant W8A8 (per-channel W, per-token A)", {"stages": ["smoothquant"]})
+            )
+            out.append(
+                (
+                    "smoothquant|w4a8",
+                    f"smoothquant W4A8 g{gs}",
+                    {"stages": [{"smoothquant": {"wbits": 4, "group_size": gs, "sym": False}}]},
+                )
+            )
         if {"smoothquant", "gptq"} <= have:
-            out.append(("sq>gptq|w8a8", "smoothquant -> gptq W8A8 (per-channel W)", {"stages": [
-                {"smoothquant": {"quantize": False}}, {"gptq": {"wbits": 8, "group_size": -1, "sym": True, "abits": 8}}]}))
-            out.append(("sq>gptq|w4a8", f"smoothquant -> gptq W4A8 g{gs}", {"stages": [
-                {"smoothquant": {"quantize": False}}, {"gptq": {"wbits": 4, "group_size": gs, "abits": 8}}]}))
+            out.append(
+                (
+                    "sq>gptq|w8a8",
+                    "smoothquant -> gptq W8A8 (per-channel W)",
+                    {
+                        "stages": [
+                            {"smoothquant": {"quantize": False}},
+                            {"gptq": {"wbits": 8, "group_size": -1, "sym": True, "abits": 8}},
+                        ]
+                    },
+                )
+            )
+            out.append(
+                (
+                    "sq>gptq|w4a8",
+                    f"smoothquant -> gptq W4A8 g{gs}",
+                    {
+                        "stages": [
+                            {"smoothquant": {"quantize": False}},
+                            {"gptq": {"wbits": 4, "group_size": gs, "abits": 8}},
+                        ]
+                    },
+                )
+            )
         if "zeroquant" in have:
             out.append(("zeroquant|w8a8", f"zeroquant W8A8 g{gs}", {"stages": [{"zeroquant": {"group_size": gs}}]}))
-            out.append(("zeroquant|w4a8", f"zeroquant W4A8 g{gs}", {"stages": [{"zeroquant": {"wbits": 4, "group_size": gs}}]}))
+            out.append(
+                ("zeroquant|w4a8", f"zeroquant W4A8 g{gs}", {"stages": [{"zeroquant": {"wbits": 4, "group_size": gs}}]})
+            )
         if "fp8" in have:
             out.append(("fp8|w8a8", "fp8 E4M3 W8A8 (per-channel W, per-token A)", {"stages": ["fp8"]}))
     return out
@@ -104,8 +148,12 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--max-windows", type=int, default=0, help="0 = every held-out window")
     ap.add_argument("--seed", type=int, default=42)
-    ap.add_argument("--only", default="", help="comma list of cell-key prefixes to run (e.g. fp,rtn,spqr); "
-                    "a prefix matching nothing (e.g. none) just re-renders the Markdown from the JSON")
+    ap.add_argument(
+        "--only",
+        default="",
+        help="comma list of cell-key prefixes to run (e.g. fp,rtn,spqr); "
+        "a prefix matching nothing (e.g. none) just re-renders the Markdown from the JSON",
+    )
     ap.add_argument("--no-act", action="store_true", help="skip the W8A8 / W4A8 cells")
     ap.add_argument("--out", default="docs/results/methods")
     args = ap.parse_args()
@@ -114,9 +162,12 @@ def main() -> None:
     res_file = out.with_suffix(".json")
     results = json.loads(res_file.read_text()) if res_file.is_file() else {"cells": {}}
     settings = {k: v for k, v in vars(args).items() if k not in ("only", "out")}
-    if results.get("settings") and {k: results["settings"].get(k) for k in ("model", "calib", "eval", "group_size",
-                                                                           "nsamples", "seqlen", "max_windows", "seed")} \
-            != {k: settings[k] for k in ("model", "calib", "eval", "group_size", "nsamples", "seqlen", "max_windows", "seed")}:
+    if results.get("settings") and {
+        k: results["settings"].get(k)
+        for k in ("model", "calib", "eval", "group_size", "nsamples", "seqlen", "max_windows", "seed")
+    } != {
+        k: settings[k] for k in ("model", "calib", "eval", "group_size", "nsamples", "seqlen", "max_windows", "seed")
+    }:
         raise SystemExit(f"{res_file} holds results of other settings; pass another --out")
     results["settings"] = settings | {"versions": versions()}
     only = [p for p in args.only.split(",") if p]
@@ -133,23 +184,45 @@ def main() -> None:
             cal = None
             if rec.needs_calibration:
                 if calib is None:
-                    calib = build_calibset(args.calib, lm.tokenizer, args.nsamples, args.seqlen, args.seed,
-                                           add_bos=lm.needs_bos, tokenizer_name=args.model)
+                    calib = build_calibset(
+                        args.calib,
+                        lm.tokenizer,
+                        args.nsamples,
+                        args.seqlen,
+                        args.seed,
+                        add_bos=lm.needs_bos,
+                        tokenizer_name=args.model,
+                    )
                 cal = calib
             res = quantize_model(lm, rec, cal, progress=False)
             qsec = res.engine.seconds
             bits = bits_per_weight(res.engine.modules, recipe)
             n_out = sum(m.info.get("outliers", 0) for m in res.engine.modules.values())
             outliers = n_out or None
-        ppl = perplexity(lm.model, lm.tokenizer, args.eval, seqlen=args.seqlen, max_windows=args.max_windows or None,
-                         add_bos=lm.needs_bos, progress=False)
-        results["cells"][key] = {"label": label, "recipe": recipe, "ppl": ppl.to_dict(), "bits_per_weight": bits,
-                                 "outliers": outliers, "quantize_seconds": round(qsec, 1),
-                                 "seconds": round(time.time() - t0, 1)}
+        ppl = perplexity(
+            lm.model,
+            lm.tokenizer,
+            args.eval,
+            seqlen=args.seqlen,
+            max_windows=args.max_windows or None,
+            add_bos=lm.needs_bos,
+            progress=False,
+        )
+        results["cells"][key] = {
+            "label": label,
+            "recipe": recipe,
+            "ppl": ppl.to_dict(),
+            "bits_per_weight": bits,
+            "outliers": outliers,
+            "quantize_seconds": round(qsec, 1),
+            "seconds": round(time.time() - t0, 1),
+        }
         write_json_atomic(res_file, results)
         out.with_suffix(".md").write_text(render(results, cells))
-        print(f"{key:22s} ppl {ppl.ppl:9.3f}  bits {bits if bits is None else round(bits, 3)}  "
-              f"quantize {qsec:.0f}s", flush=True)
+        print(
+            f"{key:22s} ppl {ppl.ppl:9.3f}  bits {bits if bits is None else round(bits, 3)}  quantize {qsec:.0f}s",
+            flush=True,
+        )
         del lm
     out.with_suffix(".md").write_text(render(results, cells))
 
@@ -200,7 +273,9 @@ def render(results: dict, cells: list[tuple[str, str, dict]]) -> str:
         p = c["ppl"]["ppl"]
         ratio = "" if base is None or not math.isfinite(p) else f"{p / base:.2f}"
         b = c.get("bits_per_weight")
-        lines.append(f"| {label} | {'' if b is None else f'{b:.2f}'} | {p:.2f} | {ratio} | {c['quantize_seconds']:.0f} |")
+        lines.append(
+            f"| {label} | {'' if b is None else f'{b:.2f}'} | {p:.2f} | {ratio} | {c['quantize_seconds']:.0f} |"
+        )
     missing = [label for key, label, _ in cells if key not in got]
     if missing:
         lines += ["", "Not run in this budget: " + ", ".join(missing) + "."]

@@ -33,12 +33,27 @@ ORDERS = {"paper": {}, "act-order+static": {"act_order": True, "static_groups": 
 
 
 def runs(default_order: str | None) -> list[dict]:
-    out = [{"exp": "defaults", "method": "gptq", "order": o, "wbits": b, "seed": s, "dtype": "auto", "nsamples": 128}
-           for b in (3, 4) for s in SEEDS for o in ORDERS]
+    out = [
+        {"exp": "defaults", "method": "gptq", "order": o, "wbits": b, "seed": s, "dtype": "auto", "nsamples": 128}
+        for b in (3, 4)
+        for s in SEEDS
+        for o in ORDERS
+    ]
     if default_order is not None:
-        out += [{"exp": "precision", "method": m, "order": default_order if m == "gptq" else "-", "wbits": 3,
-                 "seed": s, "dtype": d, "nsamples": 32}
-                for m in ("gptq", "awq") for s in SEEDS for d in ("float32", "auto")]
+        out += [
+            {
+                "exp": "precision",
+                "method": m,
+                "order": default_order if m == "gptq" else "-",
+                "wbits": 3,
+                "seed": s,
+                "dtype": d,
+                "nsamples": 32,
+            }
+            for m in ("gptq", "awq")
+            for s in SEEDS
+            for d in ("float32", "auto")
+        ]
     return out
 
 
@@ -60,10 +75,19 @@ def run_one(r: dict, seqlen: int, windows: int) -> dict:
     quantize_model(lm, recipe_from_dict({"stages": [{r["method"]: opts}]}), cal, device="cpu", progress=False)
     secs = time.perf_counter() - t0
     windows = windows if r["exp"] == "defaults" else windows // 2
-    ppl = {s: perplexity(lm.model, lm.tokenizer, s, seqlen=512, max_windows=windows, progress=False,
-                         compute=lm.compute).ppl for s in SOURCES}
-    return {**r, "precision": lm.precision.name, "quant_seconds": round(secs, 1), "load1": os.getloadavg()[0],
-            "ppl": ppl}
+    ppl = {
+        s: perplexity(
+            lm.model, lm.tokenizer, s, seqlen=512, max_windows=windows, progress=False, compute=lm.compute
+        ).ppl
+        for s in SOURCES
+    }
+    return {
+        **r,
+        "precision": lm.precision.name,
+        "quant_seconds": round(secs, 1),
+        "load1": os.getloadavg()[0],
+        "ppl": ppl,
+    }
 
 
 def load(path: Path) -> dict[str, dict]:
@@ -78,17 +102,23 @@ def chosen_order(done: dict[str, dict]) -> str | None:
     rows = [d for d in done.values() if d["exp"] == "defaults"]
     if len(rows) < len(runs(None)):
         return None
-    score = {o: statistics.fmean(math.log(p) for d in rows if d["order"] == o for p in d["ppl"].values()) for o in ORDERS}
+    score = {
+        o: statistics.fmean(math.log(p) for d in rows if d["order"] == o for p in d["ppl"].values()) for o in ORDERS
+    }
     return min(score, key=score.get)
 
 
 def summary(done: dict[str, dict]) -> None:
     groups: dict[tuple, list[dict]] = {}
     for d in done.values():
-        groups.setdefault((d["exp"], d["method"], d["order"], d["wbits"], d["precision"], d.get("nsamples", 128)),
-                          []).append(d)
-    print(f"{'experiment':10s} {'method':5s} {'order':17s} {'bits':4s} {'precision':26s} {'calib':>8s} {'n':>2s} "
-          + " ".join(f"{s:>17s}" for s in SOURCES) + "  quant s")
+        groups.setdefault(
+            (d["exp"], d["method"], d["order"], d["wbits"], d["precision"], d.get("nsamples", 128)), []
+        ).append(d)
+    print(
+        f"{'experiment':10s} {'method':5s} {'order':17s} {'bits':4s} {'precision':26s} {'calib':>8s} {'n':>2s} "
+        + " ".join(f"{s:>17s}" for s in SOURCES)
+        + "  quant s"
+    )
     for (exp, m, o, b, p, ns), ds in sorted(groups.items()):
         cells = []
         for s in SOURCES:
@@ -96,10 +126,15 @@ def summary(done: dict[str, dict]) -> None:
             sd = statistics.stdev(v) if len(v) > 1 else 0.0
             cells.append(f"{statistics.fmean(v):8.2f} ±{sd:6.2f}")
         secs = statistics.fmean(d["quant_seconds"] for d in ds)
-        print(f"{exp:10s} {m:5s} {o:17s} W{b:<3d} {p:26s} {ns:4d}x512 {len(ds):2d} " + " ".join(f"{c:>17s}" for c in cells)
-              + f"  {secs:7.1f}")
-    print("cells: mean ± SD over calibration seeds " + ", ".join(map(str, SEEDS)) + "; held-out ppl, 16 x 512 windows "
-          "(news and pydocs have 14; 8 in the precision experiment)")
+        print(
+            f"{exp:10s} {m:5s} {o:17s} W{b:<3d} {p:26s} {ns:4d}x512 {len(ds):2d} "
+            + " ".join(f"{c:>17s}" for c in cells)
+            + f"  {secs:7.1f}"
+        )
+    print(
+        "cells: mean ± SD over calibration seeds " + ", ".join(map(str, SEEDS)) + "; held-out ppl, 16 x 512 windows "
+        "(news and pydocs have 14; 8 in the precision experiment)"
+    )
 
 
 def fp_table(windows: int) -> None:
@@ -115,15 +150,20 @@ def fp_table(windows: int) -> None:
 
     lm = load_model("smollm2-135m", "cpu", "float32")
     bf16 = Precision(torch.float32, torch.bfloat16)
-    print(f"{'source':10s} {'windows':>7s} {'float32':>9s} {'bf16 autocast':>14s} {'relative':>9s} {'sd dNLL/token':>14s}")
+    print(
+        f"{'source':10s} {'windows':>7s} {'float32':>9s} {'bf16 autocast':>14s} {'relative':>9s} {'sd dNLL/token':>14s}"
+    )
     for src in SOURCES:
         win = windows_of(token_stream(get_source(src), "heldout", lm.tokenizer), 512, None, windows)
         scored = win.shape[0] * (win.shape[1] - 1)
         a = window_nlls(lm.model, win, 8, progress=False)
         b = window_nlls(lm.model, win, 8, progress=False, compute=lambda: bf16.context("cpu"))
         pa, pb = math.exp(float(a.sum()) / scored), math.exp(float(b.sum()) / scored)
-        print(f"{src:10s} {win.shape[0]:7d} {pa:9.3f} {pb:14.3f} {pb / pa - 1:+9.3%} "
-              f"{float(((b - a) / (win.shape[1] - 1)).std()):14.4f}", flush=True)
+        print(
+            f"{src:10s} {win.shape[0]:7d} {pa:9.3f} {pb:14.3f} {pb / pa - 1:+9.3%} "
+            f"{float(((b - a) / (win.shape[1] - 1)).std()):14.4f}",
+            flush=True,
+        )
 
 
 def main() -> None:

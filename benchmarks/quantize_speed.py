@@ -43,8 +43,9 @@ RECIPES = {
 }
 
 
-def gptq_textbook_solve(W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, damp: float = 0.01,
-                        block_size: int = 128) -> torch.Tensor:
+def gptq_textbook_solve(
+    W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, damp: float = 0.01, block_size: int = 128
+) -> torch.Tensor:
     """GPTQ as Algorithm 1 of the paper states it (asymmetric min/max grid, groups in column order)."""
     W, H = W.clone().float(), H.clone().float()
     n = W.shape[1]
@@ -98,8 +99,9 @@ def register_textbook() -> None:
 
         def solve(self, name, linear, stats, plan):
             W = linear.weight.detach().float()
-            Q = gptq_textbook_solve(W, stats.H, plan.weight.bits, plan.weight.group_size, self.config.damp,
-                                    self.config.block_size)
+            Q = gptq_textbook_solve(
+                W, stats.H, plan.weight.bits, plan.weight.group_size, self.config.damp, self.config.block_size
+            )
             return SolveResult(Q, None, {"out_rel_err": hessian_error(W, Q, stats.H)})
 
 
@@ -107,14 +109,32 @@ def config(small: bool, layers: int | None, tiny: bool = False):
     from transformers import LlamaConfig
 
     if tiny:  # a smoke test of the same code path (gpu_session.sh --dry-run), not a measurement
-        cfg = dict(hidden_size=128, intermediate_size=352, num_attention_heads=2, num_key_value_heads=2,
-                   num_hidden_layers=1, vocab_size=2048)
+        cfg = dict(
+            hidden_size=128,
+            intermediate_size=352,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+            num_hidden_layers=1,
+            vocab_size=2048,
+        )
     elif small:
-        cfg = dict(hidden_size=1024, intermediate_size=2752, num_attention_heads=8, num_key_value_heads=8,
-                   num_hidden_layers=2, vocab_size=32000)
+        cfg = dict(
+            hidden_size=1024,
+            intermediate_size=2752,
+            num_attention_heads=8,
+            num_key_value_heads=8,
+            num_hidden_layers=2,
+            vocab_size=32000,
+        )
     else:
-        cfg = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32,
-                   num_hidden_layers=4, vocab_size=32000)
+        cfg = dict(
+            hidden_size=4096,
+            intermediate_size=11008,
+            num_attention_heads=32,
+            num_key_value_heads=32,
+            num_hidden_layers=4,
+            vocab_size=32000,
+        )
     if layers:
         cfg["num_hidden_layers"] = layers
     return LlamaConfig(**cfg, max_position_embeddings=4096, tie_word_embeddings=False)
@@ -137,25 +157,43 @@ def run_one(method: str, args) -> dict:
     device = torch.device(args.device)
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     torch.manual_seed(0)
-    model = LlamaForCausalLM(config(args.small, args.layers, args.tiny)).to(dtype).eval()  # blocks stay on CPU, one at a time on device
-    ids = torch.randint(0, model.config.vocab_size, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0))
-    calib = CalibSet(ids, CalibManifest("random", "calib", 0, args.nsamples, args.seqlen, ids.numel(), "none", ids_sha256(ids)))
+    model = (
+        LlamaForCausalLM(config(args.small, args.layers, args.tiny)).to(dtype).eval()
+    )  # blocks stay on CPU, one at a time on device
+    ids = torch.randint(
+        0, model.config.vocab_size, (args.nsamples, args.seqlen), generator=torch.Generator().manual_seed(0)
+    )
+    calib = CalibSet(
+        ids, CalibManifest("random", "calib", 0, args.nsamples, args.seqlen, ids.numel(), "none", ids_sha256(ids))
+    )
     loaded = LoadedModel(model, None, "random-llama", "memory", arch_for(model))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    res = quantize_model(loaded, recipe_from_dict({"stages": [RECIPES[method]]}), calib, device=str(device),
-                         batch_size=args.batch_size, progress=False)
+    res = quantize_model(
+        loaded,
+        recipe_from_dict({"stages": [RECIPES[method]]}),
+        calib,
+        device=str(device),
+        batch_size=args.batch_size,
+        progress=False,
+    )
     total = time.perf_counter() - t0
     per_layer = [b["seconds"] for b in res.engine.blocks]
     block_errs = [b["out_rel_err"] for b in res.engine.blocks if "out_rel_err" in b]  # none without calibration
     linear_errs = [m.info["out_rel_err"] for m in res.engine.modules.values() if "out_rel_err" in m.info]
-    out = {"method": method, "layers": len(per_layer), "seconds_per_layer": sum(per_layer) / len(per_layer),
-           "block_out_rel_err": sum(block_errs) / len(block_errs) if block_errs else None,
-           "per_layer_out_rel_err": block_errs,
-           "linear_out_rel_err": sum(linear_errs) / len(linear_errs) if linear_errs else None,
-           "per_layer": per_layer, "seconds_total": total, "seconds_outside_layers": total - sum(per_layer),
-           "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    out = {
+        "method": method,
+        "layers": len(per_layer),
+        "seconds_per_layer": sum(per_layer) / len(per_layer),
+        "block_out_rel_err": sum(block_errs) / len(block_errs) if block_errs else None,
+        "per_layer_out_rel_err": block_errs,
+        "linear_out_rel_err": sum(linear_errs) / len(linear_errs) if linear_errs else None,
+        "per_layer": per_layer,
+        "seconds_total": total,
+        "seconds_outside_layers": total - sum(per_layer),
+        "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    }
     if device.type == "cuda":
         out["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
     return out
@@ -164,15 +202,22 @@ def run_one(method: str, args) -> dict:
 def versions(device: str) -> str:
     import transformers
 
-    dev = torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else \
-        f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    dev = (
+        torch.cuda.get_device_name(torch.device(device))
+        if device.startswith("cuda")
+        else f"CPU ({platform.machine()}, {torch.get_num_threads()} threads)"
+    )
     return f"device: {dev}; torch {torch.__version__}; transformers {transformers.__version__}; python {platform.python_version()}"
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--small", action="store_true", help="CPU shapes: hidden 1024 / mlp 2752 / 8 heads, 16 x 512 tokens")
-    ap.add_argument("--tiny", action="store_true", help="hidden 128 / mlp 352, 1 layer: a smoke test, not a measurement")
+    ap.add_argument(
+        "--small", action="store_true", help="CPU shapes: hidden 1024 / mlp 2752 / 8 heads, 16 x 512 tokens"
+    )
+    ap.add_argument(
+        "--tiny", action="store_true", help="hidden 128 / mlp 352, 1 layer: a smoke test, not a measurement"
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--methods", default="gptq,gptq-textbook,awq,rtn")
     ap.add_argument("--layers", type=int, default=None)
@@ -191,13 +236,27 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = config(args.small, args.layers, args.tiny)
     print(versions(args.device))
-    print(f"model: LlamaForCausalLM random weights, hidden {cfg.hidden_size}, mlp {cfg.intermediate_size}, "
-          f"{cfg.num_attention_heads} heads, {cfg.num_hidden_layers} layers; calibration {args.nsamples} x {args.seqlen} "
-          f"tokens, batch {args.batch_size}; W4 g128 asym")
+    print(
+        f"model: LlamaForCausalLM random weights, hidden {cfg.hidden_size}, mlp {cfg.intermediate_size}, "
+        f"{cfg.num_attention_heads} heads, {cfg.num_hidden_layers} layers; calibration {args.nsamples} x {args.seqlen} "
+        f"tokens, batch {args.batch_size}; W4 g128 asym"
+    )
     rows = []
     for method in [m.strip() for m in args.methods.split(",") if m.strip()]:
-        cmd = [sys.executable, __file__, "--only", method, "--device", args.device, "--nsamples", str(args.nsamples),
-               "--seqlen", str(args.seqlen), "--batch-size", str(args.batch_size)]
+        cmd = [
+            sys.executable,
+            __file__,
+            "--only",
+            method,
+            "--device",
+            args.device,
+            "--nsamples",
+            str(args.nsamples),
+            "--seqlen",
+            str(args.seqlen),
+            "--batch-size",
+            str(args.batch_size),
+        ]
         cmd += ["--small"] if args.small else []
         cmd += ["--tiny"] if args.tiny else []
         cmd += ["--layers", str(args.layers)] if args.layers else []
@@ -206,25 +265,33 @@ def main(argv: list[str] | None = None) -> int:
         if r.returncode != 0 or line is None:
             rows.append({"method": method, "error": (r.stderr.strip().splitlines() or ["?"])[-1]})
         else:
-            rows.append(json.loads(line[len("RESULT "):]))
+            rows.append(json.loads(line[len("RESULT ") :]))
     # block error: |block_q(x) - block_fp(x)|^2 / |block_fp(x)|^2 on the calibration batch,
     # averaged over layers; linear error: GPTQ's tr(dW H dW^T) / tr(W H W^T), averaged over linears
-    print(f"{'method':13s} {'s/layer':>9s} {'capture+other s':>15s} {'block err':>10s} {'linear err':>10s} "
-          f"{'peak RSS MiB':>12s} {'peak CUDA MiB':>13s}")
+    print(
+        f"{'method':13s} {'s/layer':>9s} {'capture+other s':>15s} {'block err':>10s} {'linear err':>10s} "
+        f"{'peak RSS MiB':>12s} {'peak CUDA MiB':>13s}"
+    )
     for r in rows:
         if "seconds_per_layer" not in r:
             print(f"{r['method']:13s} {r.get('skipped') or 'error: ' + r.get('error', '')}")
             continue
         cuda = f"{r['peak_cuda_bytes'] / 2**20:13.0f}" if "peak_cuda_bytes" in r else f"{'-':>13s}"
-        blk, lin = (f"{r[k]:10.3e}" if r.get(k) is not None else f"{'-':>10s}"
-                    for k in ("block_out_rel_err", "linear_out_rel_err"))
-        print(f"{r['method']:13s} {r['seconds_per_layer']:9.2f} {r['seconds_outside_layers']:15.2f} "
-              f"{blk} {lin} {r['peak_rss_bytes'] / 2**20:12.0f} {cuda}")
+        blk, lin = (
+            f"{r[k]:10.3e}" if r.get(k) is not None else f"{'-':>10s}"
+            for k in ("block_out_rel_err", "linear_out_rel_err")
+        )
+        print(
+            f"{r['method']:13s} {r['seconds_per_layer']:9.2f} {r['seconds_outside_layers']:15.2f} "
+            f"{blk} {lin} {r['peak_rss_bytes'] / 2**20:12.0f} {cuda}"
+        )
     by = {r["method"]: r for r in rows if "seconds_per_layer" in r}
     if "gptq" in by and "gptq-textbook" in by:
         ours, plain = by["gptq"], by["gptq-textbook"]
-        print(f"gptq vs gptq-textbook: {plain['seconds_per_layer'] / ours['seconds_per_layer']:.2f}x faster per layer, "
-              f"block error ratio {ours['block_out_rel_err'] / plain['block_out_rel_err']:.4f}")
+        print(
+            f"gptq vs gptq-textbook: {plain['seconds_per_layer'] / ours['seconds_per_layer']:.2f}x faster per layer, "
+            f"block error ratio {ours['block_out_rel_err'] / plain['block_out_rel_err']:.4f}"
+        )
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"versions": versions(args.device), "args": vars(args), "rows": rows}, f, indent=2)

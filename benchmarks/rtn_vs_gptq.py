@@ -37,8 +37,12 @@ def main() -> None:
     ap.add_argument("--max-windows", type=int, default=0, help="0 = every held-out window")
     ap.add_argument("--seed", type=int, default=42)
     ap.add_argument("--out", default="docs/results/rtn-vs-gptq")
-    ap.add_argument("--save-models", default="", help="also save each quantized model under this directory "
-                                                       "(e.g. to run `quantshift eval DIR --suite offline` on it)")
+    ap.add_argument(
+        "--save-models",
+        default="",
+        help="also save each quantized model under this directory "
+        "(e.g. to run `quantshift eval DIR --suite offline` on it)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(max(1, torch.get_num_threads()))
 
@@ -49,8 +53,18 @@ def main() -> None:
     evals = args.eval.split(",")
 
     def score(lm) -> dict:
-        return {src: perplexity(lm.model, lm.tokenizer, src, seqlen=args.seqlen, max_windows=args.max_windows or None,
-                                add_bos=lm.needs_bos, progress=False).to_dict() for src in evals}
+        return {
+            src: perplexity(
+                lm.model,
+                lm.tokenizer,
+                src,
+                seqlen=args.seqlen,
+                max_windows=args.max_windows or None,
+                add_bos=lm.needs_bos,
+                progress=False,
+            ).to_dict()
+            for src in evals
+        }
 
     cells = [("fp", 16, "-")]
     for bits in [int(b) for b in args.bits.split(",")]:
@@ -65,15 +79,36 @@ def main() -> None:
         qtime = 0.0
         if method != "fp":
             rec = recipe_from_cli(method, wbits=bits, group_size=args.group_size)
-            cal = None if calib == "-" else build_calibset(calib, lm.tokenizer, args.nsamples, args.seqlen, args.seed,
-                                                           add_bos=lm.needs_bos, tokenizer_name=args.model)
+            cal = (
+                None
+                if calib == "-"
+                else build_calibset(
+                    calib,
+                    lm.tokenizer,
+                    args.nsamples,
+                    args.seqlen,
+                    args.seed,
+                    add_bos=lm.needs_bos,
+                    tokenizer_name=args.model,
+                )
+            )
             qres = quantize_model(lm, rec, cal, progress=False)
             qtime = qres.engine.seconds
             if args.save_models:
-                save(lm, qres, Path(args.save_models) / f"{method}-w{bits}-{calib if calib != '-' else 'none'}",
-                     overwrite=True)
-        results["cells"][key] = {"method": method, "wbits": bits, "calib": calib, "ppl": score(lm),
-                                 "quantize_seconds": round(qtime, 1), "seconds": round(time.time() - t0, 1)}
+                save(
+                    lm,
+                    qres,
+                    Path(args.save_models) / f"{method}-w{bits}-{calib if calib != '-' else 'none'}",
+                    overwrite=True,
+                )
+        results["cells"][key] = {
+            "method": method,
+            "wbits": bits,
+            "calib": calib,
+            "ppl": score(lm),
+            "quantize_seconds": round(qtime, 1),
+            "seconds": round(time.time() - t0, 1),
+        }
         write_json_atomic(res_file, results)
         print(key, {s: round(v["ppl"], 3) for s, v in results["cells"][key]["ppl"].items()}, flush=True)
     out.with_suffix(".md").write_text(render(results, evals))
@@ -82,16 +117,25 @@ def main() -> None:
 def render(results: dict, evals: list[str]) -> str:
     s = results["settings"]
     cells = results["cells"]
-    lines = [f"# RTN vs GPTQ on {s['model']} (group {s['group_size']}, calibration {s['nsamples']} x {s['seqlen']}, seed {s['seed']})", ""]
+    lines = [
+        f"# RTN vs GPTQ on {s['model']} (group {s['group_size']}, calibration {s['nsamples']} x {s['seqlen']}, seed {s['seed']})",
+        "",
+    ]
     for src in evals:
         fp = cells.get("fp|w16|-", {}).get("ppl", {}).get(src, {})
         tokens = fp.get("tokens", "?")
-        lines += [f"## held-out `{src}` perplexity ({tokens} scored tokens; fp32 reference = {fp.get('ppl', float('nan')):.2f})", "",
-                  "| bits | RTN | " + " | ".join(f"GPTQ calib={c}" for c in s["calibs"].split(",")) + " |",
-                  "|---|---|" + "---|" * len(s["calibs"].split(","))]
+        lines += [
+            f"## held-out `{src}` perplexity ({tokens} scored tokens; fp32 reference = {fp.get('ppl', float('nan')):.2f})",
+            "",
+            "| bits | RTN | " + " | ".join(f"GPTQ calib={c}" for c in s["calibs"].split(",")) + " |",
+            "|---|---|" + "---|" * len(s["calibs"].split(",")),
+        ]
         for bits in s["bits"].split(","):
             row = [cells.get(f"rtn|w{bits}|-", {}).get("ppl", {}).get(src, {}).get("ppl")]
-            row += [cells.get(f"gptq|w{bits}|{c}", {}).get("ppl", {}).get(src, {}).get("ppl") for c in s["calibs"].split(",")]
+            row += [
+                cells.get(f"gptq|w{bits}|{c}", {}).get("ppl", {}).get(src, {}).get("ppl")
+                for c in s["calibs"].split(",")
+            ]
             lines.append(f"| W{bits} | " + " | ".join("—" if v is None else f"{v:.2f}" for v in row) + " |")
         lines.append("")
     return "\n".join(lines)

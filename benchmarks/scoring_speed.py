@@ -18,8 +18,13 @@ from quantshift.evaluation import harness
 def lm_eval_scorer(loaded, batch_size):
     from lm_eval.models.huggingface import HFLM
 
-    return HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size,
-                device=str(next(loaded.model.parameters()).device), add_bos_token=True if loaded.needs_bos else None)
+    return HFLM(
+        pretrained=loaded.model,
+        tokenizer=loaded.tokenizer,
+        batch_size=batch_size,
+        device=str(next(loaded.model.parameters()).device),
+        add_bos_token=True if loaded.needs_bos else None,
+    )
 
 
 def main() -> None:
@@ -30,8 +35,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     ours = harness.make_lm
-    print(f"{args.model}, tasks {args.tasks}, {args.limit} items each; load average at start "
-          f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores")
+    print(
+        f"{args.model}, tasks {args.tasks}, {args.limit} items each; load average at start "
+        f"{os.getloadavg()[0]:.2f} on {os.cpu_count()} cores"
+    )
     times: dict[str, list[float]] = {"lm-eval": [], "quantshift": []}
     for _ in range(args.repeats):
         for name, make in (("lm-eval", lm_eval_scorer), ("quantshift", ours)):
@@ -43,9 +50,11 @@ def main() -> None:
             print(f"  {name:10s} {times[name][-1]:6.1f} s  {accs}", flush=True)
     harness.make_lm = ours
     best = {k: min(v) for k, v in times.items()}
-    print(f"best of {args.repeats} (load, model and task setup included): lm-eval {best['lm-eval']:.1f} s, "
-          f"quantshift {best['quantshift']:.1f} s, ratio {best['lm-eval'] / best['quantshift']:.2f}x; "
-          f"load average at end {os.getloadavg()[0]:.2f}")
+    print(
+        f"best of {args.repeats} (load, model and task setup included): lm-eval {best['lm-eval']:.1f} s, "
+        f"quantshift {best['quantshift']:.1f} s, ratio {best['lm-eval'] / best['quantshift']:.2f}x; "
+        f"load average at end {os.getloadavg()[0]:.2f}"
+    )
 
 
 if __name__ == "__main__":

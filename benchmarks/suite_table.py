@@ -35,20 +35,33 @@ def main() -> None:
         for m in runs.values():
             r = m.get(k, {})
             v, ci = r.get(args.metric), r.get(f"{args.metric}_ci")
-            cells.append("–" if v is None else f"{100 * v:.1f} [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]" if ci else f"{100 * v:.1f}")
+            cells.append(
+                "–"
+                if v is None
+                else f"{100 * v:.1f} [{100 * ci[0]:.0f}, {100 * ci[1]:.0f}]"
+                if ci
+                else f"{100 * v:.1f}"
+            )
         n = next(iter(runs.values())).get(k, {}).get("n")
         print(f"| {k[5:]} (n={n}) | " + " | ".join(cells) + " |")
     means = [sum(m[k][args.metric] for k in common) / len(common) for m in runs.values()]
     n_items = sum(next(iter(runs.values()))[k]["n"] for k in common)
-    print(f"| **mean of {len(common)} tasks** ({n_items} items) | " + " | ".join(f"**{100 * v:.1f}**" for v in means) + " |")
+    print(
+        f"| **mean of {len(common)} tasks** ({n_items} items) | "
+        + " | ".join(f"**{100 * v:.1f}**" for v in means)
+        + " |"
+    )
     from quantshift.evaluation.stats import paired_bootstrap
 
     labels = list(runs)
     base = items[labels[0]]
     row = ["—"]
     for label in labels[1:]:
-        ids = [i for i in base if i[0] in common and isinstance(base[i], (int, float))
-               and isinstance(items[label].get(i), (int, float))]
+        ids = [
+            i
+            for i in base
+            if i[0] in common and isinstance(base[i], (int, float)) and isinstance(items[label].get(i), (int, float))
+        ]
         r = paired_bootstrap([base[i] for i in ids], [items[label][i] for i in ids])
         row.append(f"{100 * r.diff:+.1f} [{100 * r.ci[0]:+.1f}, {100 * r.ci[1]:+.1f}], p={r.p_value:.3f}")
     print(f"| paired Δ vs {labels[0]} (same items, points) | " + " | ".join(row) + " |")

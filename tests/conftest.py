@@ -21,14 +21,23 @@ def _seeded_torch():
 def _tiny(kind: str, seed: int = 0) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM, Gemma3TextConfig, LlamaConfig, Qwen2Config
 
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+    )
     if kind == "llama":
         cfg = LlamaConfig(**common, tie_word_embeddings=True)
     elif kind == "qwen2":
         cfg = Qwen2Config(**common)
     elif kind == "gemma3":
-        cfg = Gemma3TextConfig(**common, head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"])
+        cfg = Gemma3TextConfig(
+            **common, head_dim=16, sliding_window=16, layer_types=["sliding_attention", "full_attention"]
+        )
     else:
         raise ValueError(kind)
     torch.manual_seed(seed)

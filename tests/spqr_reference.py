@@ -20,9 +20,18 @@ from quantshift.methods.spqr import (
 from quantshift.quant.primitives import QuantSpec, damped_inverse_cholesky
 
 
-def spqr_solve_per_column_syncs(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, qq_bits: int = 3, qq_group_size: int = 16,
-               outlier_threshold: float = 0.2, max_outliers: int | None = None, damp: float = 0.01,
-               block_size: int = 128, act_order: bool = True) -> SpQRSolution:
+def spqr_solve_per_column_syncs(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    qq_bits: int = 3,
+    qq_group_size: int = 16,
+    outlier_threshold: float = 0.2,
+    max_outliers: int | None = None,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = True,
+) -> SpQRSolution:
     """Quantize W [out, in] given H [in, in] the SpQR way (see the module docstring)."""
     if spec.group_size <= 0:
         raise ConfigError(f"SpQR needs group_size > 0, got {spec.group_size}")
@@ -43,13 +52,17 @@ def spqr_solve_per_column_syncs(W: torch.Tensor, H: torch.Tensor, spec: QuantSpe
         # no damping made H positive definite: with H = I there is no error feedback and no
         # sensitivity weighting, so this is round-to-nearest onto SpQR's grid (no outliers)
         eye = torch.eye(in_f, device=W.device)
-        sol = spqr_solve_per_column_syncs(W_in, eye, spec, qq_bits, qq_group_size, math.inf, 0, 0.0, block_size, act_order=False)
+        sol = spqr_solve_per_column_syncs(
+            W_in, eye, spec, qq_bits, qq_group_size, math.inf, 0, 0.0, block_size, act_order=False
+        )
         return replace(sol, damp=fac.damp, damp_steps=fac.steps, fallback="rtn")
     Hinv = fac.factor
     dHinv = torch.diag(Hinv)
 
     # the layer's typical sensitivity: a weight replaced by its column mean
-    scale_sens = float((W.var(dim=0, unbiased=False) / dHinv**2).mean()) if out_f > 1 else float((W**2 / dHinv**2).mean())
+    scale_sens = (
+        float((W.var(dim=0, unbiased=False) / dHinv**2).mean()) if out_f > 1 else float((W**2 / dHinv**2).mean())
+    )
     thr = outlier_threshold * scale_sens if math.isfinite(outlier_threshold) else float("inf")
     use_outliers = math.isfinite(thr) and budget > 0
 
@@ -72,8 +85,8 @@ def spqr_solve_per_column_syncs(W: torch.Tensor, H: torch.Tensor, spec: QuantSpe
             col = i1 + i
             if col % gs == 0:  # fit the group's statistics on the error-updated weights
                 g = col // gs
-                gw = W1[:, i:i + gs]
-                gd = dHinv[col:col + gw.shape[1]]
+                gw = W1[:, i : i + gs]
+                gd = dHinv[col : col + gw.shape[1]]
                 forced = torch.zeros_like(gw, dtype=torch.bool)
                 if use_outliers and remaining > 0:
                     # weights that spoil the group's range are fitted around and reserved as
@@ -131,6 +144,7 @@ def spqr_solve_per_column_syncs(W: torch.Tensor, H: torch.Tensor, spec: QuantSpe
     if g_idx is not None and torch.equal(g_idx, torch.arange(in_f, device=W.device) // gs):
         g_idx = None
     flat = torch.nonzero(is_out.flatten()).flatten()
-    qw = SparseQuantizedWeight(codes.to(torch.uint8), scales, zeros, spec, g_idx,
-                               flat.to(torch.int32), out_val.flatten()[flat].half())
+    qw = SparseQuantizedWeight(
+        codes.to(torch.uint8), scales, zeros, spec, g_idx, flat.to(torch.int32), out_val.flatten()[flat].half()
+    )
     return SpQRSolution(qw.dequantize(), qw, float(losses.sum()), int(flat.numel()), thr, fac.damp, fac.steps)

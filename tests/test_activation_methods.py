@@ -44,6 +44,7 @@ def _logit_err(kind: str, stages: list, calib=None) -> float:
 
 # --- single layers with planted outlier channels ------------------------------------------
 
+
 def _outlier_layer(seed: int = 0, n_in: int = 256, n_out: int = 128, tokens: int = 2048):
     """Inputs with a few large-magnitude channels (as LLM activations have), plain weights."""
     g = torch.Generator().manual_seed(seed)
@@ -100,7 +101,9 @@ def test_smoothquant_w8a8_beats_naive_w8a8_on_a_layer():
 
 def test_fp8_weight_error_far_below_int4():
     W, _, _ = _outlier_layer()
-    W = W * torch.exp(torch.randn(W.shape[0], 1, generator=torch.Generator().manual_seed(0)))  # rows of different magnitudes
+    W = W * torch.exp(
+        torch.randn(W.shape[0], 1, generator=torch.Generator().manual_seed(0))
+    )  # rows of different magnitudes
     fp8 = QuantSpec(bits=8, group_size=-1, dtype="fp8")
     q = quantize_weight(W, fp8)
     assert q.codes.dtype == torch.float8_e4m3fn
@@ -116,6 +119,7 @@ def test_fp8_weight_error_far_below_int4():
 
 
 # --- whole tiny models --------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("kind", ["llama", "qwen2", "gemma3"])
 def test_awq_beats_rtn_on_whole_models(kind):
@@ -196,22 +200,32 @@ RECIPES = {
     "awq": [{"awq": {"wbits": 3, "group_size": 32}}],
     "awq_w4a8": [{"awq": {"wbits": 4, "group_size": 32, "abits": 8}}],
     "smoothquant": [{"smoothquant": {"alpha": 0.8}}],
-    "smoothquant_static_w4a8": [{"smoothquant": {"wbits": 4, "group_size": 32, "act_static": True, "act_per_token": False}}],
+    "smoothquant_static_w4a8": [
+        {"smoothquant": {"wbits": 4, "group_size": 32, "act_static": True, "act_per_token": False}}
+    ],
     "zeroquant_w4a8": [{"zeroquant": {"wbits": 4, "group_size": 32}}],
     "fp8": [{"fp8": {}}],
     "fp8_tensor": [{"fp8": {"granularity": "tensor", "act_per_token": False}}],
     "kvcache": [{"kvcache": {"bits": 4}}],
-    "sq_gptq_kv": [{"smoothquant": {"alpha": 0.8, "quantize": False}},
-                   {"gptq": {"wbits": 4, "group_size": 32, "abits": 8}}, {"kvcache": {"bits": 8}}],
-    "kv_awq_gptq": [{"kvcache": {"bits": 8}}, {"awq": {"wbits": 3, "group_size": 32, "quantize": False}},
-                    {"gptq": {"wbits": 3, "group_size": 32}}],
+    "sq_gptq_kv": [
+        {"smoothquant": {"alpha": 0.8, "quantize": False}},
+        {"gptq": {"wbits": 4, "group_size": 32, "abits": 8}},
+        {"kvcache": {"bits": 8}},
+    ],
+    "kv_awq_gptq": [
+        {"kvcache": {"bits": 8}},
+        {"awq": {"wbits": 3, "group_size": 32, "quantize": False}},
+        {"gptq": {"wbits": 3, "group_size": 32}},
+    ],
 }
 
 
 # every recipe on llama; the other families (qkv biases, Gemma norms) on one of each method
 CASES = [("llama", n) for n in sorted(RECIPES)] + [
-    (k, n) for k in ("qwen2", "gemma3")
-    for n in ("awq", "smoothquant_static_w4a8", "zeroquant_w4a8", "fp8", "kvcache", "sq_gptq_kv")]
+    (k, n)
+    for k in ("qwen2", "gemma3")
+    for n in ("awq", "smoothquant_static_w4a8", "zeroquant_w4a8", "fp8", "kvcache", "sq_gptq_kv")
+]
 
 
 @pytest.mark.parametrize("kind,name", CASES)
@@ -240,24 +254,28 @@ def test_every_method_saves_and_reloads_exactly(kind, name, tmp_path):
 
 # --- bad options --------------------------------------------------------------------------
 
-@pytest.mark.parametrize("stage,key", [
-    ({"awq": {"alpha_grid": 3}}, "alpha_grid"),
-    ({"awq": {"objective": "blocks"}}, "objective"),
-    ({"awq": {"max_shrink": 1.5}}, "max_shrink"),
-    ({"awq": {"quantize": False, "abits": 8}}, "abits"),
-    ({"smoothquant": {"quantize": False, "abits": 8}}, "abits"),
-    ({"smoothquant": {"alpha": 1.5}}, "alpha"),
-    ({"smoothquant": {"alpah": 0.5}}, "alpah"),
-    ({"smoothquant": {"act_static": True, "act_per_token": True}}, "act_per_token"),
-    ({"zeroquant": {"act_per_token": False}}, "act_per_token"),
-    ({"zeroquant": {"abits": 3}}, "abits"),
-    ({"fp8": {"group_size": 32}}, "group_size"),
-    ({"fp8": {"wbits": 4}}, "wbits"),
-    ({"fp8": {"granularity": "group"}}, "granularity"),
-    ({"kvcache": {"wbits": 4}}, "wbits"),
-    ({"kvcache": {"bits": 1}}, "bits"),
-    ({"kvcache": {"granularity": "channel"}}, "granularity"),
-])
+
+@pytest.mark.parametrize(
+    "stage,key",
+    [
+        ({"awq": {"alpha_grid": 3}}, "alpha_grid"),
+        ({"awq": {"objective": "blocks"}}, "objective"),
+        ({"awq": {"max_shrink": 1.5}}, "max_shrink"),
+        ({"awq": {"quantize": False, "abits": 8}}, "abits"),
+        ({"smoothquant": {"quantize": False, "abits": 8}}, "abits"),
+        ({"smoothquant": {"alpha": 1.5}}, "alpha"),
+        ({"smoothquant": {"alpah": 0.5}}, "alpah"),
+        ({"smoothquant": {"act_static": True, "act_per_token": True}}, "act_per_token"),
+        ({"zeroquant": {"act_per_token": False}}, "act_per_token"),
+        ({"zeroquant": {"abits": 3}}, "abits"),
+        ({"fp8": {"group_size": 32}}, "group_size"),
+        ({"fp8": {"wbits": 4}}, "wbits"),
+        ({"fp8": {"granularity": "group"}}, "granularity"),
+        ({"kvcache": {"wbits": 4}}, "wbits"),
+        ({"kvcache": {"bits": 1}}, "bits"),
+        ({"kvcache": {"granularity": "channel"}}, "granularity"),
+    ],
+)
 def test_bad_options_name_the_key(stage, key):
     with pytest.raises(ConfigError, match=key):
         recipe_from_dict({"stages": [stage]})

@@ -39,19 +39,23 @@ def _same(a, b) -> bool:
 
 def qs_cli(*args, cwd=None):
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "quantshift.cli", *args], capture_output=True, text=True,
-                          timeout=600, cwd=cwd, env=env)
+    return subprocess.run(
+        [sys.executable, "-m", "quantshift.cli", *args], capture_output=True, text=True, timeout=600, cwd=cwd, env=env
+    )
 
 
 def test_package_root_exports_the_verbs():
     import quantshift.pipeline  # noqa: F401  the quantization pipeline's module: no submodule shadows a verb
 
     assert quantshift.quantize is quantize and callable(quantshift.quantize)
-    assert {"quantize", "evaluate", "save", "load", "export", "run_study", "QuantizationResult"} <= set(quantshift.__all__)
+    assert {"quantize", "evaluate", "save", "load", "export", "run_study", "QuantizationResult"} <= set(
+        quantshift.__all__
+    )
     assert all(hasattr(quantshift, name) for name in quantshift.__all__)
 
 
 # ---- calibration forms -------------------------------------------------------------------------
+
 
 def test_token_windows_give_what_the_engine_gives_on_the_same_ids():
     """calib as [n, seqlen] ids is exactly the internal pipeline on a CalibSet of those ids."""
@@ -97,15 +101,23 @@ def test_calibration_errors_are_one_line():
 
 # ---- recipe forms ------------------------------------------------------------------------------
 
+
 def test_recipe_forms_agree(tmp_path):
     stage = {"rtn": {"wbits": 3, "group_size": 32, "sym": True}}
     yaml_path = tmp_path / "r.yaml"
     yaml_path.write_text("stages:\n  - rtn: {wbits: 3, group_size: 32, sym: true}\n")
-    forms = [("rtn", {"wbits": 3, "group_size": 32, "sym": True}), ({"stages": [stage]}, {}), ([stage], {}),
-             (str(yaml_path), {}), (yaml_path, {}), (Recipe((make_stage("rtn", stage["rtn"]),)), {})]
+    forms = [
+        ("rtn", {"wbits": 3, "group_size": 32, "sym": True}),
+        ({"stages": [stage]}, {}),
+        ([stage], {}),
+        (str(yaml_path), {}),
+        (yaml_path, {}),
+        (Recipe((make_stage("rtn", stage["rtn"]),)), {}),
+    ]
     before = repr(forms)
-    results = [quantize(_tiny("llama"), r, tokenizer=toy_tokenizer(), progress=False, device="cpu", **o)
-               for r, o in forms]
+    results = [
+        quantize(_tiny("llama"), r, tokenizer=toy_tokenizer(), progress=False, device="cpu", **o) for r, o in forms
+    ]
     assert repr(forms) == before  # callers' recipes are never changed
     first = results[0]
     assert first.recipe.describe() == "rtn(w3g32)"
@@ -121,21 +133,24 @@ def test_method_list_routes_each_option_to_the_stages_that_have_it():
     assert (gq.method, gq.config.act_order, gq.config.group_size) == ("gptq", False, 32)
 
 
-@pytest.mark.parametrize("recipe,opts,needle", [
-    ("gptq", {"grup_size": 64}, r"unknown key 'grup_size' \(allowed: .*group_size"),
-    ("smoothquant,gptq", {"alpah": 0.5}, r"unknown key 'alpah'"),
-    ("gptqq", {}, r"unknown method 'gptqq'; allowed: .*gptq"),
-    ("rtn", {"wbits": 9}, "wbits must be 2..8"),
-    ({"stages": [{"gptq": {"wbits": 4, "grup_size": 64}}]}, {}, r"unknown key 'grup_size'"),
-    (Recipe((make_stage("rtn", {}),)), {"wbits": 3}, r"method options \(wbits\) go with a method name"),
-    ("rtn", {"propagate": "float"}, "--propagate must be quantized or fp"),
-    ("rtn", {"activations": "gpu"}, "--activations must be auto, device or offload"),
-    ("rtn", {"group_size": -5}, "group_size"),
-    ("rtn", {"targets": ["q_proj("]}, r"targets has an invalid regex 'q_proj\('"),
-    ("rtn", {"batch_size": 0}, "batch_size must be"),
-    ("rtn", {"nsamples": 0}, "nsamples must be"),
-    ("rtn", {"dtype": "fp13"}, "dtype"),
-])
+@pytest.mark.parametrize(
+    "recipe,opts,needle",
+    [
+        ("gptq", {"grup_size": 64}, r"unknown key 'grup_size' \(allowed: .*group_size"),
+        ("smoothquant,gptq", {"alpah": 0.5}, r"unknown key 'alpah'"),
+        ("gptqq", {}, r"unknown method 'gptqq'; allowed: .*gptq"),
+        ("rtn", {"wbits": 9}, "wbits must be 2..8"),
+        ({"stages": [{"gptq": {"wbits": 4, "grup_size": 64}}]}, {}, r"unknown key 'grup_size'"),
+        (Recipe((make_stage("rtn", {}),)), {"wbits": 3}, r"method options \(wbits\) go with a method name"),
+        ("rtn", {"propagate": "float"}, "--propagate must be quantized or fp"),
+        ("rtn", {"activations": "gpu"}, "--activations must be auto, device or offload"),
+        ("rtn", {"group_size": -5}, "group_size"),
+        ("rtn", {"targets": ["q_proj("]}, r"targets has an invalid regex 'q_proj\('"),
+        ("rtn", {"batch_size": 0}, "batch_size must be"),
+        ("rtn", {"nsamples": 0}, "nsamples must be"),
+        ("rtn", {"dtype": "fp13"}, "dtype"),
+    ],
+)
 def test_bad_options_fail_before_the_model_loads(recipe, opts, needle):
     # the model name does not exist: an error about the options proves they were checked first
     with pytest.raises(ConfigError, match=needle) as err:
@@ -151,6 +166,7 @@ def test_yaml_recipe_typo_names_the_key(tmp_path):
 
 
 # ---- models and precision ----------------------------------------------------------------------
+
 
 def test_in_memory_model_is_quantized_in_place_in_the_resolved_precision():
     model = _tiny("llama").to(torch.bfloat16)
@@ -176,6 +192,7 @@ def test_tokenizer_goes_only_with_an_in_memory_model(tmp_path):
 
 # ---- the CLI is the API -------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory) -> Path:
     d = tmp_path_factory.mktemp("api") / "tiny-llama"
@@ -194,8 +211,23 @@ def one_thread():
 
 
 def test_cli_quantize_and_eval_equal_the_api(tiny_dir, tmp_path, one_thread):
-    args = ["--method", "gptq", "--wbits", "4", "--group-size", "32", "--calib", "news", "--nsamples", "4",
-            "--seqlen", "32", "--device", "cpu", "--quiet"]
+    args = [
+        "--method",
+        "gptq",
+        "--wbits",
+        "4",
+        "--group-size",
+        "32",
+        "--calib",
+        "news",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "32",
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
     r = qs_cli("quantize", str(tiny_dir), *args, "--out", str(tmp_path / "cli"))
     assert r.returncode == 0, r.stderr
     res = quantize(str(tiny_dir), "gptq", "news", nsamples=4, seqlen=32, device="cpu", progress=False, **GPTQ)
@@ -231,13 +263,17 @@ def test_evaluate_errors_before_loading():
 
 # ---- save, load, export --------------------------------------------------------------------------
 
+
 def test_export_save_load_round_trips(tmp_path, tiny_dir):
     from transformers import AutoModelForCausalLM
 
     res = _q(random_calib(n=4, seqlen=32), sym=True)
     ref = logits(res.model, IDS)
     ct = res.export(tmp_path / "ct", dtype="float32")  # never saved: goes through a temporary directory
-    assert res.path is None and json.loads((ct / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    assert (
+        res.path is None
+        and json.loads((ct / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    )
     hf = AutoModelForCausalLM.from_pretrained(ct, dtype=torch.float32).eval()  # transformers' own loader
     assert float((logits(hf, IDS) - ref).abs().max() / ref.abs().max()) < 1e-5
 
@@ -248,7 +284,10 @@ def test_export_save_load_round_trips(tmp_path, tiny_dir):
     assert back.report["modules"].keys() == res.report["modules"].keys()
     assert torch.equal(logits(back.model, IDS), ref)
     copy = back.save(tmp_path / "copy")  # a loaded result saves by copying its directory
-    assert json.loads((copy / "quantshift.json").read_text())["files"] == json.loads((saved / "quantshift.json").read_text())["files"]
+    assert (
+        json.loads((copy / "quantshift.json").read_text())["files"]
+        == json.loads((saved / "quantshift.json").read_text())["files"]
+    )
     g = export(str(copy), tmp_path / "g", format="gptq")
     assert json.loads((g / "config.json").read_text())["quantization_config"]["quant_method"] == "gptq"
 
@@ -264,16 +303,24 @@ def test_calibset_is_exported_from_the_root():
 
 # ---- studies ----------------------------------------------------------------------------------
 
+
 def test_run_study_from_a_dict(tmp_path, tiny_dir):
     text = tmp_path / "prose.txt"
     text.write_text("\n\n".join(f"{i} " + TEXT * 3 for i in range(25)))
-    spec = {"name": "api-tiny", "models": [str(tiny_dir)], "methods": [{"method": "rtn", "wbits": [4], "group_size": 32}],
-            "calibration": {"sources": [str(text)], "n": 2, "seqlen": 32},
-            "evaluation": {"ppl": [str(text)], "ppl_seqlen": 32, "ppl_windows": 2},
-            "diagnostics": {"enabled": False}, "device": "auto"}
+    spec = {
+        "name": "api-tiny",
+        "models": [str(tiny_dir)],
+        "methods": [{"method": "rtn", "wbits": [4], "group_size": 32}],
+        "calibration": {"sources": [str(text)], "n": 2, "seqlen": 32},
+        "evaluation": {"ppl": [str(text)], "ppl_seqlen": 32, "ppl_windows": 2},
+        "diagnostics": {"enabled": False},
+        "device": "auto",
+    }
     before = json.dumps(spec, sort_keys=True)
     lines: list[str] = []
-    summary = run_study(spec, tmp_path / "run", cache=tmp_path / "cache", device="cpu", progress=False, echo=lines.append)
+    summary = run_study(
+        spec, tmp_path / "run", cache=tmp_path / "cache", device="cpu", progress=False, echo=lines.append
+    )
     assert summary["failed"] == 0 and summary["units_computed"] == 2  # fp and rtn, one ppl each
     assert Path(summary["report"]).is_file() and json.dumps(spec, sort_keys=True) == before
     assert json.loads((tmp_path / "run" / "study.json").read_text())["spec"]["device"] == "cpu"
@@ -285,6 +332,7 @@ def test_run_study_from_a_dict(tmp_path, tiny_dir):
 
 
 # ---- the README's example ----------------------------------------------------------------------
+
 
 def readme_example() -> str:
     text = (Path(__file__).resolve().parents[1] / "README.md").read_text()

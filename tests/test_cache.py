@@ -22,7 +22,9 @@ from quantshift.studies.cache import Cache, checksum
 
 def _entry(tmp_path: Path) -> tuple[Cache, Path]:
     cache = Cache(tmp_path / "c", warn=False)
-    cache.put_json("results", "k1", {"metric": {"ppl": 12.5, "nan": float("nan")}, "samples": [{"id": "w0", "nll": 2.5}]})
+    cache.put_json(
+        "results", "k1", {"metric": {"ppl": 12.5, "nan": float("nan")}, "samples": [{"id": "w0", "nll": 2.5}]}
+    )
     return cache, cache.path("results", "k1")
 
 
@@ -96,7 +98,9 @@ def test_checksum_depends_on_name_and_content():
     assert checksum("diag/a.pt", a) != checksum("diag/a.pt", {"x": torch.ones(3).double(), "y": [1, 2.0, "z"]})
     assert checksum("diag/a.pt", a) != checksum("diag/a.pt", {"x": torch.ones(3), "y": [1, 2, "z"]})
     j = {"metric": {"ppl": 1.5, "n": 3}, "samples": [{"id": "w0"}]}
-    assert checksum("results/a.json", j) == checksum("results/a.json", {"samples": [{"id": "w0"}], "metric": {"n": 3, "ppl": 1.5}})
+    assert checksum("results/a.json", j) == checksum(
+        "results/a.json", {"samples": [{"id": "w0"}], "metric": {"n": 3, "ppl": 1.5}}
+    )
     assert checksum("results/a.json", j) != checksum("results/b.json", j)
     assert checksum("results/a.json", j) != checksum("results/a.json", {**j, "metric": {"ppl": 1.5, "n": 4}})
 
@@ -118,6 +122,7 @@ def test_kept_model_with_a_damaged_file_is_moved_aside(tmp_path):
 
 
 # ---------------------------------------------------------------- atomic writes
+
 
 class _DiskFull:
     """A file that takes half of what is written to it, then fails as a full disk does."""
@@ -178,6 +183,7 @@ def test_write_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypatch)
 
 # ---------------------------------------------------------------- a finished tiny study
 
+
 @pytest.fixture(scope="module")
 def tiny_env(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("cachestudy")
@@ -195,9 +201,12 @@ def tiny_env(tmp_path_factory) -> dict:
 
 def small_study(env: dict, name: str) -> dict:
     """fp, RTN and GPTQ on two calibration sources: 4 models x 2 perplexities, plus 4 diagnostic sets."""
-    return tiny_study(env, name=name, methods=[{"method": "rtn", "wbits": [4], "group_size": 32},
-                                               {"method": "gptq", "wbits": [4], "group_size": 32}],
-                      evaluation={"ppl": list(env["sources"].values()), "ppl_seqlen": 32, "ppl_windows": 2})
+    return tiny_study(
+        env,
+        name=name,
+        methods=[{"method": "rtn", "wbits": [4], "group_size": 32}, {"method": "gptq", "wbits": [4], "group_size": 32}],
+        evaluation={"ppl": list(env["sources"].values()), "ppl_seqlen": 32, "ppl_windows": 2},
+    )
 
 
 @pytest.fixture(scope="module")
@@ -245,8 +254,10 @@ def test_damaged_entries_are_recomputed_exactly_and_the_report_is_unchanged(fini
     truncated = rng.choice(results)
     i, j = sorted(rng.sample(range(len(diag)), 2))
     deleted, garbled = diag[i], diag[j]
-    owners = {json.loads((cache / e).read_text())["model_key"] if e.startswith("results/") else "diag"
-              for e in (truncated, deleted, garbled)}
+    owners = {
+        json.loads((cache / e).read_text())["model_key"] if e.startswith("results/") else "diag"
+        for e in (truncated, deleted, garbled)
+    }
     p = cache / truncated
     p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])
     (cache / deleted).unlink()
@@ -257,20 +268,26 @@ def test_damaged_entries_are_recomputed_exactly_and_the_report_is_unchanged(fini
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        summary = run_study(study_from_dict(finished["spec"]), tmp_path / "out", cache, progress=False, echo=logs.append)
+        summary = run_study(
+            study_from_dict(finished["spec"]), tmp_path / "out", cache, progress=False, echo=logs.append
+        )
     finally:
         torch.set_num_threads(threads)
     assert summary["failed"] == 0
     recomputed = sorted(n for n in _written(tmp_path / "out") if n.split("/")[0] in ("results", "diag"))
     assert recomputed == sorted([truncated, deleted, garbled])  # those, once each, and nothing else
     assert sorted(summary["quarantined"]) == sorted([truncated, garbled])
-    assert sorted(f"{p.parent.name}/{p.name}" for p in (cache / "quarantine").glob("*/*")) == sorted([truncated, garbled])
+    assert sorted(f"{p.parent.name}/{p.name}" for p in (cache / "quarantine").glob("*/*")) == sorted(
+        [truncated, garbled]
+    )
     assert f"{len(owners)} to run" in logs[0], logs[0]  # the works owning them, found at planning
     a = json.loads((finished["out"] / "results.json").read_text())
     b = json.loads((tmp_path / "out" / "results.json").read_text())
     assert a["cells"] == b["cells"] and a["diagnostics"] == b["diagnostics"]
     assert all(c["status"] == "done" for c in b["cells"])
-    assert strip_times((finished["out"] / "report.md").read_text()) == strip_times((tmp_path / "out" / "report.md").read_text())
+    assert strip_times((finished["out"] / "report.md").read_text()) == strip_times(
+        (tmp_path / "out" / "report.md").read_text()
+    )
 
 
 def test_lost_quantization_record_is_made_again_without_evaluating_again(finished, tmp_path):
@@ -285,8 +302,9 @@ def test_lost_quantization_record_is_made_again_without_evaluating_again(finishe
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        summary = run_study(study_from_dict(finished["spec"]), tmp_path / "out", cache, progress=False,
-                            echo=lambda *_: None)
+        summary = run_study(
+            study_from_dict(finished["spec"]), tmp_path / "out", cache, progress=False, echo=lambda *_: None
+        )
     finally:
         torch.set_num_threads(threads)
     assert summary["quarantined"] == [f"quant/{victim.name}"] and summary["units_computed"] == 0
@@ -357,20 +375,25 @@ def test_run_with_a_failed_cell_exits_non_zero(tiny_env, tmp_path, monkeypatch, 
     """`run` raises typer.Exit(1) on failures; through main() that must reach the shell (it exited 0)."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     spec = small_study(tiny_env, "fails")
-    spec.update(methods=[{"method": "gptq", "wbits": [4], "group_size": 32}], include_fp=False,
-                diagnostics={"enabled": False})
+    spec.update(
+        methods=[{"method": "gptq", "wbits": [4], "group_size": 32}], include_fp=False, diagnostics={"enabled": False}
+    )
 
     def broken(*_a, **_k):  # a fault validation cannot see: the cell fails while running
         raise RuntimeError("out of disk")
 
     monkeypatch.setattr("quantshift.studies.work.obtain_model", broken)
     study = write_study({"root": tmp_path}, spec)
-    code, out = _quantshift(["run", str(study), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--quiet"],
-                            capsys, monkeypatch)
+    code, out = _quantshift(
+        ["run", str(study), "--cache", str(tmp_path / "c"), "--out", str(tmp_path / "o"), "--quiet"],
+        capsys,
+        monkeypatch,
+    )
     assert code == 1 and "2 failed" in out, out
 
 
 # ---------------------------------------------------------------- two processes, one cache
+
 
 def test_two_processes_share_one_cache_and_compute_each_entry_once(finished, tiny_env, tmp_path):
     """Both processes plan every work (the first work's lock is held until both have), then split
@@ -385,8 +408,9 @@ def test_two_processes_share_one_cache_and_compute_each_entry_once(finished, tin
     procs = []
     with Cache(cache).claim("work", works[0]["key"]):
         for who in ("a", "b"):
-            procs.append(cli(["run", str(study), "--out", str(tmp_path / who), "--cache", str(cache), "--quiet"],
-                             tmp_path))
+            procs.append(
+                cli(["run", str(study), "--out", str(tmp_path / who), "--cache", str(cache), "--quiet"], tmp_path)
+            )
         heads = []
         for p in procs:  # each prints its plan once it has checked the cache
             assert p.stdout is not None

@@ -16,9 +16,16 @@ from quantshift.quant.int8linear import Int8Linear, int8_choice
 from quantshift.quant.primitives import QuantSpec, fake_quantize_activation, quantize_weight
 from quantshift.quant.qlinear import PackedLinear, int4_choice
 
-V100, T4, A100, L4, H100 = (fake("cuda", sm, name) for sm, name in (((7, 0), "Tesla V100-SXM2-16GB"), ((7, 5), "Tesla T4"),
-                                                                     ((8, 0), "NVIDIA A100"), ((8, 9), "NVIDIA L4"),
-                                                                     ((9, 0), "NVIDIA H100")))
+V100, T4, A100, L4, H100 = (
+    fake("cuda", sm, name)
+    for sm, name in (
+        ((7, 0), "Tesla V100-SXM2-16GB"),
+        ((7, 5), "Tesla T4"),
+        ((8, 0), "NVIDIA A100"),
+        ((8, 9), "NVIDIA L4"),
+        ((9, 0), "NVIDIA H100"),
+    )
+)
 NO_GPU = fake("cuda")
 VNNI_BF16 = fake("cpu", flags={"avx2", "avx512f", "avx512_vnni", "avx512_bf16"})
 PLAIN_CPU = fake("cpu", flags={"avx2", "avx512f"})
@@ -27,8 +34,10 @@ INT8_A = {"spec": QuantSpec(bits=8, group_size=0, symmetric=True).model_dump(), 
 
 
 def _int4(out_f=96, in_f=256, gs=64):
-    return quantize_weight(torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(0)),
-                           QuantSpec(bits=4, group_size=gs, symmetric=False))
+    return quantize_weight(
+        torch.randn(out_f, in_f, generator=torch.Generator().manual_seed(0)),
+        QuantSpec(bits=4, group_size=gs, symmetric=False),
+    )
 
 
 def _fp8(out_f=48, in_f=96, granularity=-1):
@@ -43,13 +52,17 @@ def _rel(a, b):
 
 # --- dtype auto --------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("cap,weights,words", [
-    (V100, torch.float16, ["float16", "Tesla V100", "sm70", "no bf16 units", "sm80+"]),
-    (T4, torch.float16, ["float16", "sm75", "no bf16 units"]),
-    (A100, torch.bfloat16, ["bfloat16", "sm80 has bf16 tensor cores"]),
-    (H100, torch.bfloat16, ["bfloat16", "sm90"]),
-    (NO_GPU, torch.bfloat16, ["no CUDA device visible", "sm80+ assumed"]),
-])
+
+@pytest.mark.parametrize(
+    "cap,weights,words",
+    [
+        (V100, torch.float16, ["float16", "Tesla V100", "sm70", "no bf16 units", "sm80+"]),
+        (T4, torch.float16, ["float16", "sm75", "no bf16 units"]),
+        (A100, torch.bfloat16, ["bfloat16", "sm80 has bf16 tensor cores"]),
+        (H100, torch.bfloat16, ["bfloat16", "sm90"]),
+        (NO_GPU, torch.bfloat16, ["no CUDA device visible", "sm80+ assumed"]),
+    ],
+)
 def test_dtype_auto_on_gpus_follows_bf16_support(cap, weights, words):
     p = resolve_precision("auto", "cuda", capability=cap)
     assert p == Precision(weights) and p.autocast is None
@@ -76,6 +89,7 @@ def test_detect_reads_this_machine():
 
 
 # --- int4 ----------------------------------------------------------------------------------------
+
 
 def test_int4_kernel_needs_sm80_and_falls_back_with_the_reason():
     qw = _int4()
@@ -104,9 +118,14 @@ def test_packed_linear_without_the_int4_kernel_dequantizes_and_is_exact():
 
 # --- int8 ----------------------------------------------------------------------------------------
 
+
 def test_int8_gemm_needs_sm75_or_int8_cpu_units():
     c = int8_choice(64, 128, V100)
-    assert c.kernel == "int8-emulated" and "torch._int_mm (int8 tensor cores) needs sm75+" in c.reason and "sm70" in c.reason
+    assert (
+        c.kernel == "int8-emulated"
+        and "torch._int_mm (int8 tensor cores) needs sm75+" in c.reason
+        and "sm70" in c.reason
+    )
     assert int8_choice(64, 128, T4).kernel == "int8-intmm" and int8_choice(64, 128, H100).reason is None
     assert "multiples of 8" in int8_choice(60, 128, A100).reason  # cuBLAS int8 GEMM shapes
     assert int8_choice(60, 128, VNNI_BF16).kernel == "int8-intmm"  # oneDNN has no such rule
@@ -126,6 +145,7 @@ def test_int8_linear_takes_the_capability_kernel_and_stays_exact(cap, kernel):
 
 
 # --- fp8 -----------------------------------------------------------------------------------------
+
 
 def test_fp8_gemm_needs_sm89_else_fake_quant_with_the_reason():
     qw = _fp8()
@@ -161,13 +181,32 @@ def test_fp8_linear_auto_refuses_a_device_without_the_gemm():
 
 # --- the reasons, printed ---------------------------------------------------------------------
 
-@pytest.mark.parametrize("cap,lines", [
-    (V100, ["device: cuda Tesla V100-SXM2-16GB (sm70)", "dtype auto: float16", "int4 weights (W4A16): dequant (the tinygemm",
-            "int8 W8A8: int8-emulated (torch._int_mm (int8 tensor cores) needs sm75+", "fp8 W8A8: float (torch._scaled_mm"]),
-    (A100, ["dtype auto: bfloat16: sm80 has bf16 tensor cores", "int4 weights (W4A16): int4mm-cuda",
-            "int8 W8A8: int8-intmm", "fp8 W8A8: float (torch._scaled_mm (fp8 tensor cores) needs sm89+"]),
-    (H100, ["int4 weights (W4A16): int4mm-cuda", "int8 W8A8: int8-intmm", "fp8 W8A8: fp8-scaled-mm"]),
-])
+
+@pytest.mark.parametrize(
+    "cap,lines",
+    [
+        (
+            V100,
+            [
+                "device: cuda Tesla V100-SXM2-16GB (sm70)",
+                "dtype auto: float16",
+                "int4 weights (W4A16): dequant (the tinygemm",
+                "int8 W8A8: int8-emulated (torch._int_mm (int8 tensor cores) needs sm75+",
+                "fp8 W8A8: float (torch._scaled_mm",
+            ],
+        ),
+        (
+            A100,
+            [
+                "dtype auto: bfloat16: sm80 has bf16 tensor cores",
+                "int4 weights (W4A16): int4mm-cuda",
+                "int8 W8A8: int8-intmm",
+                "fp8 W8A8: float (torch._scaled_mm (fp8 tensor cores) needs sm89+",
+            ],
+        ),
+        (H100, ["int4 weights (W4A16): int4mm-cuda", "int8 W8A8: int8-intmm", "fp8 W8A8: fp8-scaled-mm"]),
+    ],
+)
 def test_device_command_prints_each_choice_and_reason(monkeypatch, cap, lines):
     from quantshift.cli import app
 
@@ -204,7 +243,9 @@ def test_packed_fp8_model_runs_the_fp8_gemm_where_capable_and_prints_why_not_els
     monkeypatch.setattr(capability, "detect", lambda device="cpu", flags=None: H100)
     model, _, _, report = load_packed(q, torch.float32, "cpu")
     assert report.counts() == {"w8a8:fp8-scaled-mm": 14} and len(report.lines()) == 1
-    assert not any(m._forward_pre_hooks for m in model.modules() if isinstance(m, FP8Linear))  # quantizes its own inputs
+    assert not any(
+        m._forward_pre_hooks for m in model.modules() if isinstance(m, FP8Linear)
+    )  # quantizes its own inputs
     assert _rel(logits(model, ids), ref) < 1e-3
 
 
@@ -219,7 +260,9 @@ def test_capability_is_plain_data():
 def test_this_gpu_runs_the_kernels_its_capability_names_and_they_equal_fake_quant():
     cap = capability.detect("cuda")
     sm = torch.cuda.get_device_capability()
-    assert cap.sm == sm and resolve_precision("auto", "cuda").weights == (torch.bfloat16 if sm >= (8, 0) else torch.float16)
+    assert cap.sm == sm and resolve_precision("auto", "cuda").weights == (
+        torch.bfloat16 if sm >= (8, 0) else torch.float16
+    )
     w = torch.randn(256, 512, generator=torch.Generator().manual_seed(0)) * 0.02
     x = torch.randn(5, 512, generator=torch.Generator().manual_seed(1))
     q4 = quantize_weight(w, QuantSpec(bits=4, group_size=128))
@@ -230,12 +273,16 @@ def test_this_gpu_runs_the_kernels_its_capability_names_and_they_equal_fake_quan
     i8 = Int8Linear(q8, INT8_A, device="cuda")
     assert i8.kernel == ("int8-intmm" if sm >= (7, 5) else "int8-emulated")
     xc = x.cuda()  # references on the device: CPU and GPU may round a boundary input to different codes
-    ref8 = torch.nn.functional.linear(InputQuantizer(QuantSpec(**INT8_A["spec"]), True)(None, (xc,))[0], q8.dequantize().cuda())
+    ref8 = torch.nn.functional.linear(
+        InputQuantizer(QuantSpec(**INT8_A["spec"]), True)(None, (xc,))[0], q8.dequantize().cuda()
+    )
     assert _rel(i8(xc), ref8) < 1e-5
     qf = quantize_weight(w, QuantSpec(bits=8, group_size=-1, symmetric=True, dtype="fp8"))
     if fp8_choice(qf, FP8_A, cap).reason is None:
         f8 = FP8Linear(qf, FP8_A, device="cuda")
-        reff = torch.nn.functional.linear(InputQuantizer(QuantSpec(**FP8_A["spec"]), True)(None, (xc,))[0], qf.dequantize().cuda())
+        reff = torch.nn.functional.linear(
+            InputQuantizer(QuantSpec(**FP8_A["spec"]), True)(None, (xc,))[0], qf.dequantize().cuda()
+        )
         # fp8 tensor cores accumulate with fewer bits than float32 (an H200: 1.2-1.7e-4 of the largest output)
         assert f8.kernel == "fp8-scaled-mm" and _rel(f8(xc), reff) < FP8_GEMM_TOLERANCE
     else:
@@ -246,9 +293,17 @@ def test_device_command_runs_here_and_refuses_a_bad_device():
     import subprocess
     import sys
 
-    r = subprocess.run([sys.executable, "-m", "quantshift.cli", "device", "--device", "cpu"], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "quantshift.cli", "device", "--device", "cpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0 and r.stdout.splitlines()[0].startswith("device: cpu") and "dtype auto:" in r.stdout
-    r = subprocess.run([sys.executable, "-m", "quantshift.cli", "device", "--device", "gpu"], capture_output=True, text=True,
-                       timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "quantshift.cli", "device", "--device", "gpu"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and r.stderr.strip() == "error: --device must be auto, cpu, cuda or cuda:N, got 'gpu'"

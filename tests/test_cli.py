@@ -9,21 +9,31 @@ from conftest import has_real_models
 
 
 def qs(*args, timeout=600):
-    return subprocess.run([sys.executable, "-m", "quantshift.cli", *args], capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "quantshift.cli", *args], capture_output=True, text=True, timeout=timeout
+    )
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["quantize", "smollm2-135m", "--method", "gptqq", "--out", "x"], "unknown method 'gptqq'"),
-    (["quantize", "smollm2-135m", "--method", "rtn", "--wbits", "9", "--out", "x"], "wbits must be 2..8"),
-    (["quantize", "smollm2-135m", "--method", "gptq", "--stats-cache", "st", "--out", "x"], "--stats-cache needs --propagate fp"),
-    (["quantize", "smollm2-135m", "--method", "gptq", "--propagate", "float", "--out", "x"], "--propagate must be"),
-    (["quantize", "smollm2-135m", "--method", "gptq", "--activations", "gpu", "--out", "x"],
-     "--activations must be auto, device or offload"),
-    (["quantize", "no-such-model", "--method", "rtn", "--out", "x"], "unknown model 'no-such-model'"),
-    (["quantize", "./missing/dir", "--method", "rtn", "--out", "x"], "does not exist"),
-    (["eval", "smollm2-135m"], "nothing to evaluate"),
-    (["list", "stuff"], "cannot list 'stuff'"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["quantize", "smollm2-135m", "--method", "gptqq", "--out", "x"], "unknown method 'gptqq'"),
+        (["quantize", "smollm2-135m", "--method", "rtn", "--wbits", "9", "--out", "x"], "wbits must be 2..8"),
+        (
+            ["quantize", "smollm2-135m", "--method", "gptq", "--stats-cache", "st", "--out", "x"],
+            "--stats-cache needs --propagate fp",
+        ),
+        (["quantize", "smollm2-135m", "--method", "gptq", "--propagate", "float", "--out", "x"], "--propagate must be"),
+        (
+            ["quantize", "smollm2-135m", "--method", "gptq", "--activations", "gpu", "--out", "x"],
+            "--activations must be auto, device or offload",
+        ),
+        (["quantize", "no-such-model", "--method", "rtn", "--out", "x"], "unknown model 'no-such-model'"),
+        (["quantize", "./missing/dir", "--method", "rtn", "--out", "x"], "does not exist"),
+        (["eval", "smollm2-135m"], "nothing to evaluate"),
+        (["list", "stuff"], "cannot list 'stuff'"),
+    ],
+)
 def test_bad_input_is_one_line_exit_2(args, needle, tmp_path):
     r = qs(*args)
     assert r.returncode == 2, r.stderr
@@ -60,8 +70,25 @@ def test_real_bundled_model_quantize_and_eval(tmp_path):
     fp_json, q_json = tmp_path / "fp.json", tmp_path / "q.json"
     r = qs("eval", "smollm2-135m", "--ppl", "news", "--max-windows", "4", "--quiet", "--json", str(fp_json))
     assert r.returncode == 0, r.stderr
-    r = qs("quantize", "smollm2-135m", "--method", "gptq", "--wbits", "4", "--group-size", "64", "--calib", "wikipedia",
-           "--nsamples", "4", "--seqlen", "256", "--quiet", "--out", str(tmp_path / "g4"))
+    r = qs(
+        "quantize",
+        "smollm2-135m",
+        "--method",
+        "gptq",
+        "--wbits",
+        "4",
+        "--group-size",
+        "64",
+        "--calib",
+        "wikipedia",
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "256",
+        "--quiet",
+        "--out",
+        str(tmp_path / "g4"),
+    )
     assert r.returncode == 0, r.stderr
     r = qs("eval", str(tmp_path / "g4"), "--ppl", "news", "--max-windows", "4", "--quiet", "--json", str(q_json))
     assert r.returncode == 0, r.stderr

@@ -33,7 +33,9 @@ def test_bad_regex_and_bad_recipe_shapes():
 
 
 def test_plan_resolution_order():
-    rec = recipe_from_dict([{"gptq": {"wbits": 3, "overrides": [{"pattern": "down_proj", "wbits": 8, "group_size": -1}]}}])
+    rec = recipe_from_dict(
+        [{"gptq": {"wbits": 3, "overrides": [{"pattern": "down_proj", "wbits": 8, "group_size": -1}]}}]
+    )
     cfg = rec.stages[0].config
     assert plan_for(cfg, "model.layers.0.mlp.down_proj").weight.bits == 8
     assert plan_for(cfg, "model.layers.0.mlp.down_proj").weight.group_size == -1
@@ -63,9 +65,12 @@ def test_granularity_labels_name_the_group_size_sentinels():
 
 def test_recipe_labels_keep_their_format():
     """Unquantized activations (abits 16) and ungrouped weights print nothing; groups print gN."""
-    rec = recipe_from_dict([{"rtn": {"wbits": 4, "group_size": 128}}, {"smoothquant": {"wbits": 8, "abits": 8,
-                                                                                         "group_size": -1}}])
+    rec = recipe_from_dict(
+        [{"rtn": {"wbits": 4, "group_size": 128}}, {"smoothquant": {"wbits": 8, "abits": 8, "group_size": -1}}]
+    )
     assert rec.describe() == "rtn(w4g128) -> smoothquant(w8a8)"
     assert recipe_from_dict([{"rtn": {"wbits": 4, "group_size": 0}}]).describe() == "rtn(w4)"
-    plan = plan_for(recipe_from_dict([{"rtn": {"wbits": 16, "abits": 8}}]).stages[0].config, "model.layers.0.mlp.up_proj")
+    plan = plan_for(
+        recipe_from_dict([{"rtn": {"wbits": 16, "abits": 8}}]).stages[0].config, "model.layers.0.mlp.up_proj"
+    )
     assert plan is not None and plan.weight is None and plan.act is not None and plan.act.group_size == 0

@@ -22,7 +22,9 @@ def _quantized_err(kind, method, wbits, gs=32, calib=None, seed=0, **opts):
     fp = loaded_tiny(kind, seed)
     ref = logits(fp.model, EVAL_IDS)
     lm = loaded_tiny(kind, seed)
-    res = quantize_model(lm, recipe_from_cli(method, wbits=wbits, group_size=gs, **opts), calib or random_calib(), progress=False)
+    res = quantize_model(
+        lm, recipe_from_cli(method, wbits=wbits, group_size=gs, **opts), calib or random_calib(), progress=False
+    )
     return _rel_logit_err(logits(lm.model, EVAL_IDS), ref), res, lm
 
 
@@ -60,9 +62,22 @@ def test_group_size_not_dividing_width():
 
 
 def test_overrides_and_skips():
-    rec = recipe_from_dict({"stages": [{"gptq": {"wbits": 3, "group_size": 32, "overrides": [
-        {"pattern": r"layers\.0\.mlp\.down_proj", "wbits": 8},
-        {"pattern": r"layers\.1\.self_attn\.o_proj", "skip": True}]}}]})
+    rec = recipe_from_dict(
+        {
+            "stages": [
+                {
+                    "gptq": {
+                        "wbits": 3,
+                        "group_size": 32,
+                        "overrides": [
+                            {"pattern": r"layers\.0\.mlp\.down_proj", "wbits": 8},
+                            {"pattern": r"layers\.1\.self_attn\.o_proj", "skip": True},
+                        ],
+                    }
+                }
+            ]
+        }
+    )
     lm = loaded_tiny("llama")
     before = lm.model.model.layers[1].self_attn.o_proj.weight.clone()
     res = quantize_model(lm, rec, random_calib(), progress=False)
@@ -126,11 +141,14 @@ def test_linears_reading_the_same_input_share_statistics(monkeypatch):
     calls = []
     original = GPTQ.new_stats
     monkeypatch.setattr(GPTQ, "new_stats", lambda self, lin: calls.append(lin) or original(self, lin))
-    quantize_model(loaded_tiny("llama"), recipe_from_cli("gptq", wbits=4, group_size=32), random_calib(), progress=False)
+    quantize_model(
+        loaded_tiny("llama"), recipe_from_cli("gptq", wbits=4, group_size=32), random_calib(), progress=False
+    )
     assert len(calls) == 2 * 4  # per block: one for q/k/v, o, gate/up, down
 
 
 # ---------------------------------------------------------------- fp propagation and the statistics cache
+
 
 def _gptq(bits: int):
     return recipe_from_dict([{"gptq": {"wbits": bits, "group_size": 32}}])
@@ -243,8 +261,12 @@ def test_one_pass_statistics_share_only_truly_shared_inputs(propagate):
         quantize_model(loaded_tiny(), rec, random_calib(n=4, seqlen=32), propagate=propagate, progress=False)
     finally:
         GPTQ.solve_shared = original
-    assert sorted(map(tuple, batches[:4])) == [("down_proj",), ("gate_proj", "up_proj"), ("o_proj",),
-                                               ("q_proj", "k_proj", "v_proj")]
+    assert sorted(map(tuple, batches[:4])) == [
+        ("down_proj",),
+        ("gate_proj", "up_proj"),
+        ("o_proj",),
+        ("q_proj", "k_proj", "v_proj"),
+    ]
 
 
 def test_activations_stay_on_the_gpu_only_when_they_fit_easily():
@@ -273,17 +295,28 @@ def test_gpu_engine_matches_cpu_wherever_activations_live(kind):
     ref = logits(cpu.model, EVAL_IDS)
     for mode in ("device", "offload", "auto"):
         lm = loaded_tiny(kind)
-        res = quantize_model(lm, recipe_from_cli("gptq", wbits=4, group_size=32), random_calib(), device="cuda",
-                             progress=False, activations=mode)
+        res = quantize_model(
+            lm,
+            recipe_from_cli("gptq", wbits=4, group_size=32),
+            random_calib(),
+            device="cuda",
+            progress=False,
+            activations=mode,
+        )
         assert next(lm.model.parameters()).device.type == "cpu"  # blocks went back home
         assert all(b["out_rel_err"] < 0.1 for b in res.engine.blocks)
         assert _rel_logit_err(logits(lm.model, EVAL_IDS), ref) < 1e-3, mode
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
-@pytest.mark.parametrize("recipe", [{"gptq": {"wbits": 3, "group_size": 16}},
-                                    {"gptq": {"wbits": 4, "group_size": 16, "abits": 8}},
-                                    [{"smoothquant": {"alpha": 0.5, "quantize": False}}, {"gptq": {"wbits": 3}}]])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        {"gptq": {"wbits": 3, "group_size": 16}},
+        {"gptq": {"wbits": 4, "group_size": 16, "abits": 8}},
+        [{"smoothquant": {"alpha": 0.5, "quantize": False}}, {"gptq": {"wbits": 3}}],
+    ],
+)
 def test_replaying_finished_sub_modules_changes_nothing_and_skips_attention(kind, recipe):
     # FrozenOutputs: once q/k/v/o are solved, the MLP passes and the propagation pass replay the
     # attention output; the result must be bit-identical to recomputing it, with fewer forwards
@@ -297,8 +330,9 @@ def test_replaying_finished_sub_modules_changes_nothing_and_skips_attention(kind
         n = [0]
         for blk in lm.arch.blocks(lm.model):
             blk.self_attn.register_forward_hook(lambda *_, n=n: n.__setitem__(0, n[0] + 1))
-        eng = BlockEngine(lm.model, lm.arch, [s.build() for s in rec.stages], "cpu", batch_size=2, progress=False,
-                          reuse_outputs=reuse)
+        eng = BlockEngine(
+            lm.model, lm.arch, [s.build() for s in rec.stages], "cpu", batch_size=2, progress=False, reuse_outputs=reuse
+        )
         eng.run(random_calib(6, 24).input_ids)
         results[reuse] = {k: v.clone() for k, v in lm.model.state_dict().items()}
         calls[reuse] = n[0]

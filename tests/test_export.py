@@ -35,13 +35,15 @@ def _rel(a, b):
 def _quantized(tmp_path, method="rtn", calib=None, name="q", recipe=None, kind="llama", **opts):
     lm = loaded_tiny(kind)
     rec = recipe or recipe_from_cli(method, **opts)
-    res = quantize_model(lm, rec, calib if calib is not None else (random_calib() if rec.needs_calibration else None),
-                         progress=False)
+    res = quantize_model(
+        lm, rec, calib if calib is not None else (random_calib() if rec.needs_calibration else None), progress=False
+    )
     out = save(lm, res, tmp_path / name)
     return out, logits(lm.model, IDS), res
 
 
 # --- independent loaders --------------------------------------------------------------------
+
 
 def _model_from(export_dir, state):
     from transformers import AutoConfig, AutoModelForCausalLM
@@ -62,7 +64,9 @@ def ct_decompress(export_dir):
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.quantization import QuantizationConfig
 
-    qcfg = QuantizationConfig.model_validate(json.loads((export_dir / "config.json").read_text())["quantization_config"])
+    qcfg = QuantizationConfig.model_validate(
+        json.loads((export_dir / "config.json").read_text())["quantization_config"]
+    )
     state = read_state(export_dir)
     modules = sorted({k.rsplit(".", 1)[0] for k in state if k.endswith(".weight_scale")})
     for mod in modules:
@@ -70,7 +74,7 @@ def ct_decompress(export_dir):
         named = [s for s in qcfg.config_groups.values() if mod in s.targets]
         scheme = (named or [s for s in qcfg.config_groups.values() if "Linear" in s.targets])[0]
         assert mod not in qcfg.ignore
-        local = {k[len(mod) + 1:]: state.pop(k) for k in list(state) if k.startswith(mod + ".")}
+        local = {k[len(mod) + 1 :]: state.pop(k) for k in list(state) if k.startswith(mod + ".")}
         dec = BaseCompressor.get_value_from_registry(scheme.format).decompress(local, scheme)
         state[f"{mod}.weight"] = dec["weight"]
     return _model_from(export_dir, state), qcfg
@@ -99,6 +103,7 @@ def gptq_unpack(export_dir):
 
 
 # --- compressed-tensors -----------------------------------------------------------------------
+
 
 def test_ct_symmetric_int4_loads_in_transformers_exactly(tmp_path):
     from transformers import AutoModelForCausalLM
@@ -147,9 +152,23 @@ def test_ct_w8a8_activation_quantization_is_exported(tmp_path):
 
 
 def test_ct_default_fp16_and_mixed_precision(tmp_path):
-    rec = recipe_from_dict({"stages": [{"rtn": {"wbits": 4, "group_size": 32, "sym": True, "overrides": [
-        {"pattern": r"mlp\.down_proj", "wbits": 8, "group_size": -1},
-        {"pattern": r"layers\.1\.self_attn\.o_proj", "skip": True}]}}]})
+    rec = recipe_from_dict(
+        {
+            "stages": [
+                {
+                    "rtn": {
+                        "wbits": 4,
+                        "group_size": 32,
+                        "sym": True,
+                        "overrides": [
+                            {"pattern": r"mlp\.down_proj", "wbits": 8, "group_size": -1},
+                            {"pattern": r"layers\.1\.self_attn\.o_proj", "skip": True},
+                        ],
+                    }
+                }
+            ]
+        }
+    )
     q, ref, _ = _quantized(tmp_path, recipe=rec)
     out = export(q, "compressed-tensors", tmp_path / "ct")
     cfg = json.loads((out / "config.json").read_text())
@@ -164,10 +183,21 @@ def test_ct_default_fp16_and_mixed_precision(tmp_path):
 
 # --- GPTQ ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("sym,version,act_order", [(True, 1, False), (False, 1, False), (False, 2, True), (True, 1, True)])
+
+@pytest.mark.parametrize(
+    "sym,version,act_order", [(True, 1, False), (False, 1, False), (False, 2, True), (True, 1, True)]
+)
 def test_gptq_round_trip(tmp_path, sym, version, act_order):
-    q, ref, res = _quantized(tmp_path, recipe=recipe_from_dict(
-        {"stages": [{"gptq": {"wbits": 4, "group_size": 32, "sym": sym, "act_order": act_order, "static_groups": False}}]}))
+    q, ref, res = _quantized(
+        tmp_path,
+        recipe=recipe_from_dict(
+            {
+                "stages": [
+                    {"gptq": {"wbits": 4, "group_size": 32, "sym": sym, "act_order": act_order, "static_groups": False}}
+                ]
+            }
+        ),
+    )
     out = export(q, "gptq", tmp_path / "g", gptq_version=version)
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qcfg["desc_act"] is act_order and qcfg["sym"] is sym
@@ -200,6 +230,7 @@ def test_gptq_v1_refuses_zero_point_zero(tmp_path):
 
 # --- FP8 -------------------------------------------------------------------------------------------
 
+
 def _fp8_dir(tmp_path, group_size):
     lm = loaded_tiny("llama")
     modules = {}
@@ -209,8 +240,16 @@ def _fp8_dir(tmp_path, group_size):
             with torch.no_grad():
                 m.weight.copy_(qw.dequantize())
             modules[name] = QuantizedModule("fp8", qw, None, {})
-    out = save_quantized(lm.model, lm.tokenizer, tmp_path / f"fp8{group_size}", base_model="tiny",
-                         recipe={"stages": [{"fp8": {}}]}, calibration=None, modules=modules, report={})
+    out = save_quantized(
+        lm.model,
+        lm.tokenizer,
+        tmp_path / f"fp8{group_size}",
+        base_model="tiny",
+        recipe={"stages": [{"fp8": {}}]},
+        calibration=None,
+        modules=modules,
+        report={},
+    )
     return out, logits(lm.model, IDS)
 
 
@@ -221,7 +260,9 @@ def test_fp8_round_trip(tmp_path, group_size):
     q, ref = _fp8_dir(tmp_path, group_size)
     out = export(q, "fp8", tmp_path / "f", dtype="float32")
     cfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert cfg["format"] == "naive-quantized"  # the library's pick for weight-only fp8 (float-quantized with fp8 inputs)
+    assert (
+        cfg["format"] == "naive-quantized"
+    )  # the library's pick for weight-only fp8 (float-quantized with fp8 inputs)
 
     st_ = read_state(out)
     assert st_["model.layers.0.self_attn.q_proj.weight"].dtype == torch.float8_e4m3fn
@@ -239,22 +280,26 @@ def test_fp8_format_refuses_integer_grids(tmp_path):
 
 # --- refusals -----------------------------------------------------------------------------------
 
+
 def _edit_info(q, fn):
     info = json.loads((q / "quantshift.json").read_text())
     fn(info)
     write_json_atomic(q / "quantshift.json", info)
 
 
-@pytest.mark.parametrize("fmt,opts,needle", [
-    ("compressed-tensors", dict(wbits=3, group_size=32), "--allow-unservable"),
-    ("gptq", dict(wbits=3, group_size=32), "only 2, 4 and 8 bits"),
-    ("compressed-tensors", dict(wbits=4, group_size=48), "not a multiple of group_size 48"),
-    ("gptq", dict(wbits=4, group_size=48), "not a multiple of group_size 48"),
-    ("compressed-tensors", dict(wbits=16, abits=8), "quantize only their inputs"),
-    ("compressed-tensors", dict(wbits=4, group_size=32, abits=8), "W8A8"),
-    ("gptq", dict(wbits=8, group_size=-1, sym=True, abits=8), "weight-only"),
-    ("compressed-tensors", dict(wbits=4, group_size=32, abits=6), "8-bit activations only"),
-])
+@pytest.mark.parametrize(
+    "fmt,opts,needle",
+    [
+        ("compressed-tensors", dict(wbits=3, group_size=32), "--allow-unservable"),
+        ("gptq", dict(wbits=3, group_size=32), "only 2, 4 and 8 bits"),
+        ("compressed-tensors", dict(wbits=4, group_size=48), "not a multiple of group_size 48"),
+        ("gptq", dict(wbits=4, group_size=48), "not a multiple of group_size 48"),
+        ("compressed-tensors", dict(wbits=16, abits=8), "quantize only their inputs"),
+        ("compressed-tensors", dict(wbits=4, group_size=32, abits=8), "W8A8"),
+        ("gptq", dict(wbits=8, group_size=-1, sym=True, abits=8), "weight-only"),
+        ("compressed-tensors", dict(wbits=4, group_size=32, abits=6), "8-bit activations only"),
+    ],
+)
 def test_unservable_formats_are_refused(tmp_path, fmt, opts, needle):
     q, _, _ = _quantized(tmp_path, "rtn", **opts)
     with pytest.raises(ExportError, match=needle):
@@ -270,8 +315,12 @@ def test_unservable_bits_written_when_asked(tmp_path):
 
 
 def test_act_order_g_idx_refused_by_compressed_tensors(tmp_path):
-    q, _, _ = _quantized(tmp_path, recipe=recipe_from_dict(
-        {"stages": [{"gptq": {"wbits": 4, "group_size": 32, "act_order": True, "static_groups": False}}]}))
+    q, _, _ = _quantized(
+        tmp_path,
+        recipe=recipe_from_dict(
+            {"stages": [{"gptq": {"wbits": 4, "group_size": 32, "act_order": True, "static_groups": False}}]}
+        ),
+    )
     with pytest.raises(ExportError, match="static_groups"):
         export(q, "compressed-tensors", tmp_path / "ct")
 
@@ -291,7 +340,9 @@ def test_default_gptq_is_act_order_with_static_groups_and_exports_to_both_format
     assert _rel(logits(model, IDS), ref) < 5e-3
 
 
-@pytest.mark.parametrize("stage,needle", [("spqr", "outliers"), ("quip", "rotations"), ("mystery", "exportable = True")])
+@pytest.mark.parametrize(
+    "stage,needle", [("spqr", "outliers"), ("quip", "rotations"), ("mystery", "exportable = True")]
+)
 def test_methods_without_an_engine_format_are_refused(tmp_path, stage, needle):
     q, _, _ = _quantized(tmp_path, "rtn", wbits=4, group_size=32)
     _edit_info(q, lambda i: i["recipe"]["stages"].insert(0, {stage: {}}))
@@ -302,18 +353,38 @@ def test_methods_without_an_engine_format_are_refused(tmp_path, stage, needle):
 
 def test_output_quantizers_refused(tmp_path):
     q, _, _ = _quantized(tmp_path, "rtn", wbits=4, group_size=32)
-    _edit_info(q, lambda i: i.__setitem__("output_quantizers", {"model.layers.0.self_attn.k_proj": {
-        "spec": QuantSpec(bits=8, group_size=0, symmetric=True).model_dump(), "head_dim": 16}}))
+    _edit_info(
+        q,
+        lambda i: i.__setitem__(
+            "output_quantizers",
+            {
+                "model.layers.0.self_attn.k_proj": {
+                    "spec": QuantSpec(bits=8, group_size=0, symmetric=True).model_dump(),
+                    "head_dim": 16,
+                }
+            },
+        ),
+    )
     with pytest.raises(ExportError, match="kv-cache-dtype"):
         export(q, "compressed-tensors", tmp_path / "ct")
 
 
 def test_transform_only_modules_stay_float_and_are_listed(tmp_path):
-    q, ref, _ = _quantized(tmp_path, "rtn", wbits=4, group_size=32, sym=True,
-                           recipe=recipe_from_dict({"stages": [{"rtn": {"wbits": 4, "group_size": 32, "sym": True,
-                                                                         "ignore": ["lm_head", r"layers\.1\.mlp"]}}]}))
+    q, ref, _ = _quantized(
+        tmp_path,
+        "rtn",
+        wbits=4,
+        group_size=32,
+        sym=True,
+        recipe=recipe_from_dict(
+            {"stages": [{"rtn": {"wbits": 4, "group_size": 32, "sym": True, "ignore": ["lm_head", r"layers\.1\.mlp"]}}]}
+        ),
+    )
     # a transform stage (e.g. smoothing) records modules whose float weights it changed
-    _edit_info(q, lambda i: i["modules"].update({"model.layers.1.mlp.up_proj": {"stage": "smoothquant", "info": {"alpha": 0.5}}}))
+    _edit_info(
+        q,
+        lambda i: i["modules"].update({"model.layers.1.mlp.up_proj": {"stage": "smoothquant", "info": {"alpha": 0.5}}}),
+    )
     for fmt, loader in (("compressed-tensors", ct_decompress), ("gptq", gptq_unpack)):
         out = export(q, fmt, tmp_path / fmt, dtype="float16")
         summary = json.loads((out / "quantshift_export.json").read_text())
@@ -339,20 +410,34 @@ def test_cli_export_and_error(tmp_path):
     import subprocess
 
     q, _, _ = _quantized(tmp_path, "rtn", wbits=4, group_size=32, sym=True)
-    r = subprocess.run([sys.executable, "-m", "quantshift.cli", "export", str(q), "--format", "gptq", "--out",
-                        str(tmp_path / "g")], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "quantshift.cli", "export", str(q), "--format", "gptq", "--out", str(tmp_path / "g")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "vllm serve" in r.stdout and (tmp_path / "g" / "quantize_config.json").is_file()
-    r = subprocess.run([sys.executable, "-m", "quantshift.cli", "export", str(q), "--format", "gptq", "--out",
-                        str(tmp_path / "g")], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "quantshift.cli", "export", str(q), "--format", "gptq", "--out", str(tmp_path / "g")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 2 and r.stderr.startswith("error:") and "Traceback" not in r.stderr
 
 
 # --- packing ----------------------------------------------------------------------------------------
 
+
 @settings(max_examples=50, deadline=None)
-@given(bits=st.sampled_from([2, 4, 8]), rows=st.integers(1, 9), cols=st.integers(1, 70), dim=st.sampled_from([0, 1]),
-       seed=st.integers(0, 1000))
+@given(
+    bits=st.sampled_from([2, 4, 8]),
+    rows=st.integers(1, 9),
+    cols=st.integers(1, 70),
+    dim=st.sampled_from([0, 1]),
+    seed=st.integers(0, 1000),
+)
 def test_pack_unpack_exact(bits, rows, cols, dim, seed):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 2**bits, (rows, cols), generator=g).to(torch.uint8)
@@ -372,6 +457,7 @@ def test_packing_matches_compressed_tensors(bits):
 
 
 # --- the registered methods end to end ----------------------------------------------------------
+
 
 @pytest.mark.parametrize("granularity", ["channel", "tensor"])
 def test_fp8_method_w8a8_loads_in_transformers(tmp_path, granularity):
@@ -394,8 +480,11 @@ def test_smoothquant_w8a8_and_awq_w4_export(tmp_path):
     out = export(q, "compressed-tensors", tmp_path / "sq_ct", dtype="float32")
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert _rel(logits(model, IDS), ref) < 1e-5
-    q, ref, _ = _quantized(tmp_path, recipe=recipe_from_dict({"stages": [{"awq": {"wbits": 4, "group_size": 32, "grid": 4,
-                                                                                  "clip_grid": 4}}]}), name="awq")
+    q, ref, _ = _quantized(
+        tmp_path,
+        recipe=recipe_from_dict({"stages": [{"awq": {"wbits": 4, "group_size": 32, "grid": 4, "clip_grid": 4}}]}),
+        name="awq",
+    )
     out = export(q, "gptq", tmp_path / "awq_g", gptq_version=2)
     model, _ = gptq_unpack(out)
     assert _rel(logits(model, IDS), ref) < 5e-3

@@ -61,7 +61,7 @@ def test_bits_per_byte_of_a_uniform_model_is_log2_vocab_times_tokens_over_bytes(
     assert n == len(TEXT) // body
     # the characters a window scores: every body character with BOS, all but the first without
     first = 0 if bos is not None else 1
-    want = [TEXT[w * body + first:(w + 1) * body] for w in range(n)]
+    want = [TEXT[w * body + first : (w + 1) * body] for w in range(n)]
     assert hw.bytes == [len(t.encode("utf-8")) for t in want] and hw.chars == [len(t) for t in want]
     assert sum(hw.bytes) > sum(hw.chars)  # the 2-byte characters are counted as 2
     nll = window_nlls(Uniform(VOCAB), hw.ids, progress=False)
@@ -99,6 +99,7 @@ def test_perplexity_reports_bits_per_byte(tmp_path):
 
 # ---------------------------------------------------------------- packed size and frontier
 
+
 def test_packed_size_counts_codes_scales_zeros_and_dense_params():
     shapes = {"l.weight": (4, 256), "emb.weight": (10, 8), "norm.weight": (8,)}
     asym = packed_size_bytes(shapes, {"l": WeightFormat(4, 128, False)})
@@ -128,11 +129,21 @@ def test_iso_memory_budgets_pick_the_best_that_fits():
     small = [Candidate("small", f"small-w{b}", s, q) for b, s, q in ((16, 269, 0.50), (8, 166, 0.49), (4, 113, 0.45))]
     rows = iso_memory_pairs(big + small, {"big": 270, "small": 135})
     assert [(r["budget"], r["larger"].key, r["smaller"].key) for r in rows] == [
-        (363, "big-w2", "small-w16"), (375, "big-w3", "small-w16"), (390, "big-w4", "small-w16")]
+        (363, "big-w2", "small-w16"),
+        (375, "big-w3", "small-w16"),
+        (390, "big-w4", "small-w16"),
+    ]
     # lower is better (bits per byte): the pick is the lowest value within the budget
-    rows = iso_memory_pairs([Candidate("big", "b2", 10, 1.0), Candidate("big", "b4", 20, 0.8),
-                             Candidate("small", "s8", 5, 0.9), Candidate("small", "s16", 9, 1.1)],
-                            {"big": 2, "small": 1}, higher_better=False)
+    rows = iso_memory_pairs(
+        [
+            Candidate("big", "b2", 10, 1.0),
+            Candidate("big", "b4", 20, 0.8),
+            Candidate("small", "s8", 5, 0.9),
+            Candidate("small", "s16", 9, 1.1),
+        ],
+        {"big": 2, "small": 1},
+        higher_better=False,
+    )
     assert [(r["budget"], r["larger"].key, r["smaller"].key) for r in rows] == [(10, "b2", "s8"), (20, "b4", "s8")]
 
 
@@ -159,7 +170,7 @@ def test_compare_finds_a_real_gap_and_not_an_absent_one():
 
 def test_spearman_interval_monotone_vs_noise():
     x = np.arange(12, dtype=float)
-    r = spearman_ci(x, x ** 3)
+    r = spearman_ci(x, x**3)
     assert r.rho == pytest.approx(1.0) and r.ci == (pytest.approx(1.0), pytest.approx(1.0)) and r.excludes_zero
     assert r.p < 0.001 and r.finding
     assert spearman_ci(x, -x).ci[1] == pytest.approx(-1.0)
@@ -176,31 +187,66 @@ def test_spearman_interval_monotone_vs_noise():
 
 # ---------------------------------------------------------------- the report section on synthetic results
 
+
 def _synthetic_collected(tmp_path):
     from quantshift.studies.spec import EvalUnit, study_from_dict
 
-    spec = study_from_dict({"name": "iso", "models": ["big", "small"], "methods": [{"method": "rtn", "wbits": [4]}],
-                            "evaluation": {"ppl": ["wikipedia"], "tasks": ["k", "bias"]}})
+    spec = study_from_dict(
+        {
+            "name": "iso",
+            "models": ["big", "small"],
+            "methods": [{"method": "rtn", "wbits": [4]}],
+            "evaluation": {"ppl": ["wikipedia"], "tasks": ["k", "bias"]},
+        }
+    )
     units = [EvalUnit("ppl", "wikipedia"), EvalUnit("task", "k", 0), EvalUnit("task", "bias", 0)]
     cats = {"task:k@0": "knowledge", "task:bias@0": "bias"}
 
     def cell(model, wbits, bpb, acc_k, acc_b, seed=0):
         rng = np.random.default_rng(seed + wbits + 100 * len(model))
-        samples = {"ppl:wikipedia": [{"id": f"w{i}", "nll": bpb * math.log(2) * 400 / 100 + 0.001 * rng.normal(),
-                                      "tokens": 100, "bytes": 400} for i in range(20)]}
+        samples = {
+            "ppl:wikipedia": [
+                {
+                    "id": f"w{i}",
+                    "nll": bpb * math.log(2) * 400 / 100 + 0.001 * rng.normal(),
+                    "tokens": 100,
+                    "bytes": 400,
+                }
+                for i in range(20)
+            ]
+        }
         metrics = {"ppl:wikipedia": {"ppl": 1.0, "bpb": bpb}}
         for key, p in (("task:k@0", acc_k), ("task:bias@0", acc_b)):
             scores = (rng.random(300) < p).astype(float)
             samples[key] = [{"id": f"q{i}", "acc": float(s)} for i, s in enumerate(scores)]
             metrics[key] = {"acc": float(scores.mean()), "category": cats[key]}
         fp = wbits == 16
-        return {"model": {"name": model}, "method": "fp" if fp else "rtn", "wbits": wbits, "recipe": None if fp else {},
-                "calib": None, "label": f"{model}/{wbits}", "key": f"{model}{wbits}", "status": "done",
-                "metrics": metrics, "samples": samples, "error": None, "calib_manifest": None, "quant_seconds": 1.0,
-                "eval_seconds": 1.0, "weight_formats": {}}
+        return {
+            "model": {"name": model},
+            "method": "fp" if fp else "rtn",
+            "wbits": wbits,
+            "recipe": None if fp else {},
+            "calib": None,
+            "label": f"{model}/{wbits}",
+            "key": f"{model}{wbits}",
+            "status": "done",
+            "metrics": metrics,
+            "samples": samples,
+            "error": None,
+            "calib_manifest": None,
+            "quant_seconds": 1.0,
+            "eval_seconds": 1.0,
+            "weight_formats": {},
+        }
 
-    cells = [cell("big", 16, 0.90, 0.80, 0.70), cell("big", 4, 0.95, 0.78, 0.70), cell("big", 2, 1.60, 0.40, 0.50),
-             cell("small", 16, 1.10, 0.60, 0.60), cell("small", 8, 1.10, 0.60, 0.60, seed=8), cell("small", 4, 1.20, 0.50, 0.58)]
+    cells = [
+        cell("big", 16, 0.90, 0.80, 0.70),
+        cell("big", 4, 0.95, 0.78, 0.70),
+        cell("big", 2, 1.60, 0.40, 0.50),
+        cell("small", 16, 1.10, 0.60, 0.60),
+        cell("small", 8, 1.10, 0.60, 0.60, seed=8),
+        cell("small", 4, 1.20, 0.50, 0.58),
+    ]
     sizes = {("big", 16): 540, ("big", 4): 150, ("big", 2): 80, ("small", 16): 270, ("small", 8): 140, ("small", 4): 75}
     return {"spec": spec, "units": units, "cells": cells, "diagnostics": {}, "versions": {}}, sizes
 
@@ -211,27 +257,43 @@ def test_report_section_on_synthetic_results_answers_iso_memory(tmp_path, monkey
 
     collected, sizes = _synthetic_collected(tmp_path)
     params = {"big": 270, "small": 135}
-    monkeypatch.setattr(frontier, "cell_size", lambda c: (PackedSize(sizes[(c["model"]["name"], c["wbits"])] * 10 ** 6,
-                                                                     params[c["model"]["name"]], 0), ""))
+    monkeypatch.setattr(
+        frontier,
+        "cell_size",
+        lambda c: (PackedSize(sizes[(c["model"]["name"], c["wbits"])] * 10**6, params[c["model"]["name"]], 0), ""),
+    )
     md = to_markdown(frontier.frontier_blocks(collected, tmp_path))
     # frontier by bits per byte: big W2 (80 MB, 1.60) is beaten by the smaller small W4 (75 MB, 1.20)
-    assert "language modelling (bits per byte, lower is better): the frontier (no other configuration is as small " \
-           "and better) is small · rtn W4 (75 MB, 1.200), small · rtn W8 (140 MB, 1.100), big · rtn W4 (150 MB, 0.950), " \
-           "big · fp16 (540 MB, 0.900)." in md
-    iso = {(r[0], r[1]): r for r in (line.split(" | ") for line in md.splitlines() if line.startswith("| language") or
-                                     line.startswith("| knowledge"))}
+    assert (
+        "language modelling (bits per byte, lower is better): the frontier (no other configuration is as small "
+        "and better) is small · rtn W4 (75 MB, 1.200), small · rtn W8 (140 MB, 1.100), big · rtn W4 (150 MB, 0.950), "
+        "big · fp16 (540 MB, 0.900)." in md
+    )
+    iso = {
+        (r[0], r[1]): r
+        for r in (
+            line.split(" | ")
+            for line in md.splitlines()
+            if line.startswith("| language") or line.startswith("| knowledge")
+        )
+    }
     # 80 MB: big W2 against small W4 -> the smaller model at higher precision wins (bpb 1.60 vs 1.20)
     assert iso[("| language modelling", "80")][-1] == "smaller model better |"
     # 150 MB: big W4 against small W8 -> the larger model at low bits wins on both
     assert iso[("| language modelling", "150")][-1] == "larger model better |"
     assert iso[("| knowledge/capability", "150")][-1] == "larger model better |"
-    drops = {line.split(" | ")[0]: line for line in md.splitlines() if line.startswith("| big · rtn") or line.startswith("| small · rtn")}
+    drops = {
+        line.split(" | ")[0]: line
+        for line in md.splitlines()
+        if line.startswith("| big · rtn") or line.startswith("| small · rtn")
+    }
     assert drops["| big · rtn W2"].count("*") == 3  # every dimension drops significantly at W2
     assert "*" not in drops["| small · rtn W8"]  # W8 (here: the same scores as fp16) changes nothing
     assert (tmp_path / "frontier.png").is_file() and (tmp_path / "proxy.png").is_file()
 
 
 # ---------------------------------------------------------------- a tiny study across two tokenizers
+
 
 def _bpe_tokenizer(texts: list[str]):
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
@@ -260,10 +322,17 @@ def test_tiny_study_across_tokenizers_compares_models_only_by_bits_per_byte(tmp_
         _tiny(kind).save_pretrained(d)
         tok.save_pretrained(d)
         dirs.append(str(d))
-    spec = {"name": "two-tokenizers", "models": dirs, "device": "cpu", "diagnostics": {"enabled": False},
-            "methods": [{"method": "rtn", "wbits": [4, 2], "group_size": 32}],
-            "evaluation": {"ppl": sources[:2], "ppl_seqlen": 32, "ppl_windows": 3}}
-    summary = run_study(study_from_dict(spec), tmp_path / "out", tmp_path / "cache", progress=False, echo=lambda *_: None)
+    spec = {
+        "name": "two-tokenizers",
+        "models": dirs,
+        "device": "cpu",
+        "diagnostics": {"enabled": False},
+        "methods": [{"method": "rtn", "wbits": [4, 2], "group_size": 32}],
+        "evaluation": {"ppl": sources[:2], "ppl_seqlen": 32, "ppl_windows": 3},
+    }
+    summary = run_study(
+        study_from_dict(spec), tmp_path / "out", tmp_path / "cache", progress=False, echo=lambda *_: None
+    )
     assert summary["failed"] == 0
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     tokens = {}
@@ -298,8 +367,9 @@ def test_tiny_study_across_tokenizers_compares_models_only_by_bits_per_byte(tmp_
             tables.append(cur)
             cur = []
     ppl_tables = [t for t in tables if "ppl" in t[0].lower()]
-    assert ppl_tables and all(sum(any(f"tiny-{k}" in row for row in t) for k in ("llama", "qwen2")) == 1
-                              for t in ppl_tables), ppl_tables
+    assert ppl_tables and all(
+        sum(any(f"tiny-{k}" in row for row in t) for k in ("llama", "qwen2")) == 1 for t in ppl_tables
+    ), ppl_tables
     # the sensitivity tables (fp token perplexity and its relative increase): one per model
     sens = [t for t in tables if t[0].startswith("| test | category | fp")]
     assert len(sens) == 2 and all(len(t) == 2 + 2 for t in sens), sens
@@ -311,16 +381,30 @@ def test_iso_memory_preset_quantizes_each_model_to_its_own_bit_widths():
 
     spec = load_study(Path(__file__).parent.parent / "studies" / "iso-memory.yaml")
     grid = sorted((c.model.name, c.wbits) for c in expand(spec))
-    assert grid == [("gemma3-270m", 2), ("gemma3-270m", 3), ("gemma3-270m", 4), ("gemma3-270m", 16),
-                    ("smollm2-135m", 4), ("smollm2-135m", 8), ("smollm2-135m", 16)]
+    assert grid == [
+        ("gemma3-270m", 2),
+        ("gemma3-270m", 3),
+        ("gemma3-270m", 4),
+        ("gemma3-270m", 16),
+        ("smollm2-135m", 4),
+        ("smollm2-135m", 8),
+        ("smollm2-135m", 16),
+    ]
     bad = spec.model_dump()
     bad["methods"][0]["models"] = ["gemma-3"]
     with pytest.raises(ConfigError, match=r"methods\[0\].models: 'gemma-3' is not one of the study's models"):
         expand(study_from_dict(bad))
 
 
-@pytest.mark.parametrize("method,opts", [("rtn", dict(wbits=4, group_size=32)), ("rtn", dict(wbits=3, group_size=-1, sym=True)),
-                                         ("fp8", {}), ("spqr", dict(wbits=3, group_size=16))])
+@pytest.mark.parametrize(
+    "method,opts",
+    [
+        ("rtn", dict(wbits=4, group_size=32)),
+        ("rtn", dict(wbits=3, group_size=-1, sym=True)),
+        ("fp8", {}),
+        ("spqr", dict(wbits=3, group_size=16)),
+    ],
+)
 def test_report_size_from_shapes_equals_the_recorded_packed_bytes(method, opts):
     """The report's size (shapes + recorded formats) and the study's recorded `packed_bytes`
     (counted on the quantized model itself) are one number, SpQR's measured outliers included."""
@@ -334,18 +418,26 @@ def test_report_size_from_shapes_equals_the_recorded_packed_bytes(method, opts):
     lm = loaded_tiny("llama")
     res = quantize_model(lm, recipe_from_cli(method, **opts), random_calib(), progress=False)
     formats = weight_formats(res.engine.modules)
-    recorded = packed_bytes(lm.model, specs_from_modules(res.engine.modules),
-                            measured_bits={n: f["measured_bits"] for n, f in formats.items()})
+    recorded = packed_bytes(
+        lm.model,
+        specs_from_modules(res.engine.modules),
+        measured_bits={n: f["measured_bits"] for n, f in formats.items()},
+    )
     shapes = {n: tuple(p.shape) for n, p in lm.model.named_parameters()}
-    from_shapes = packed_size_bytes(shapes, {m: WeightFormat(f["bits"], f["group_size"], f["sym"], f["measured_bits"],
-                                                             f["dtype"]) for m, f in formats.items()})
+    from_shapes = packed_size_bytes(
+        shapes,
+        {
+            m: WeightFormat(f["bits"], f["group_size"], f["sym"], f["measured_bits"], f["dtype"])
+            for m, f in formats.items()
+        },
+    )
     assert from_shapes.total_bytes == recorded
     fp = packed_size_bytes(shapes, {}).total_bytes
     assert recorded < fp * (0.5 if method != "fp8" else 0.75)
     if method == "spqr":  # SpQR's own count (3-bit second-level statistics, outliers) replaces the generic one
         bare = packed_bytes(lm.model, specs_from_modules(res.engine.modules))
         measured = sum(f["measured_bits"] for f in formats.values())
-        quantized = sum(p.numel() for n, p in lm.model.named_parameters() if n[:-len(".weight")] in formats)
+        quantized = sum(p.numel() for n, p in lm.model.named_parameters() if n[: -len(".weight")] in formats)
         assert recorded != bare and 3 < measured / quantized < 5
 
 
@@ -373,11 +465,12 @@ def test_figure_labels_never_overlap_each_other_markers_or_the_legend():
     for i, a in enumerate(boxes):
         assert frame.x0 <= a.x0 and a.x1 <= frame.x1 and frame.y0 <= a.y0 and a.y1 <= frame.y1
         assert not a.overlaps(legend)
-        assert not any(a.overlaps(b) for b in boxes[i + 1:]), f"{texts[i].get_text()} overlaps another label"
+        assert not any(a.overlaps(b) for b in boxes[i + 1 :]), f"{texts[i].get_text()} overlaps another label"
     plt.close(fig)
 
 
 # ---------------------------------------------------------------- the task-type section (instruction-tuned evaluation)
+
 
 def test_task_type_section_answers_iso_size_methods_and_difficulty(tmp_path, monkeypatch):
     """Planted: at equal size the larger model wins commonsense QA and loses hallucination
@@ -395,8 +488,11 @@ def test_task_type_section_answers_iso_size_methods_and_difficulty(tmp_path, mon
         ("small", "gptq", 4): {"cqa": lambda i: i < 140, "hal": lambda i: i < 230, "math": lambda i: i < 140},
         ("big", "fp", 16): {"cqa": lambda i: i < 250, "hal": lambda i: i < 160, "math": lambda i: i < 240},
         ("big", "gptq", 4): {"cqa": lambda i: i < 240, "hal": lambda i: i < 150, "math": lambda i: i < 150},
-        ("big", "awq", 4): {"cqa": lambda i: i < 250, "hal": lambda i: i < 160,
-                            "math": lambda i: i < 240 and i not in (0, 50, 100, 150, 200)},
+        ("big", "awq", 4): {
+            "cqa": lambda i: i < 250,
+            "hal": lambda i: i < 160,
+            "math": lambda i: i < 240 and i not in (0, 50, 100, 150, 200),
+        },
     }
 
     def cell(model, method, bits):
@@ -406,14 +502,26 @@ def test_task_type_section_answers_iso_size_methods_and_difficulty(tmp_path, mon
             samples[key] = [{"id": f"q{i}", "acc": float(right[(model, method, bits)][name](i))} for i in range(300)]
             metrics[key] = {"acc": sum(s["acc"] for s in samples[key]) / 300, "category": t}
         fp = method == "fp"
-        return {"model": {"name": model}, "method": method, "wbits": bits, "recipe": None if fp else {}, "calib": None,
-                "status": "done", "metrics": metrics, "samples": samples, "weight_formats": {}}
+        return {
+            "model": {"name": model},
+            "method": method,
+            "wbits": bits,
+            "recipe": None if fp else {},
+            "calib": None,
+            "status": "done",
+            "metrics": metrics,
+            "samples": samples,
+            "weight_formats": {},
+        }
 
     cells = [cell(*k) for k in right]
     sizes = {("small", 16): 270, ("small", 4): 75, ("big", 16): 540, ("big", 4): 150}
     params = {"big": 270, "small": 135}
-    monkeypatch.setattr(frontier, "cell_size", lambda c: (PackedSize(sizes[(c["model"]["name"], c["wbits"])] * 10 ** 6,
-                                                                     params[c["model"]["name"]], 0), ""))
+    monkeypatch.setattr(
+        frontier,
+        "cell_size",
+        lambda c: (PackedSize(sizes[(c["model"]["name"], c["wbits"])] * 10**6, params[c["model"]["name"]], 0), ""),
+    )
     configs, _ = frontier.configs_of(cells, units)
     md = to_markdown(task_type_blocks(configs, cells, units, False))
     rows = [line.split(" | ") for line in md.splitlines() if line.startswith("| ")]
@@ -450,14 +558,31 @@ def test_chat_template_section_pairs_each_fp_model_with_its_raw_run(monkeypatch)
             for key, right in ((u.key, right_on[u.name]), (u.key + RAW_SUFFIX, right_off[u.name])):
                 samples[key] = [{"id": f"q{i}", "acc": float(right(i))} for i in range(200)]
                 metrics[key] = {"acc": 0.5, "category": cat[u.name], "chat_template": templated and key == u.key}
-        return {"model": {"name": model}, "method": "fp", "wbits": 16, "recipe": None, "calib": None,
-                "status": "done", "metrics": metrics, "samples": samples, "weight_formats": {}}
+        return {
+            "model": {"name": model},
+            "method": "fp",
+            "wbits": 16,
+            "recipe": None,
+            "calib": None,
+            "status": "done",
+            "metrics": metrics,
+            "samples": samples,
+            "weight_formats": {},
+        }
 
-    small = fp_cell("small", True, {"cqa": lambda i: i < 120, "hal": lambda i: i % 2 == 0},
-                    {"cqa": lambda i: i < 80, "hal": lambda i: i % 2 == 0})
-    big = fp_cell("big", False, {"cqa": lambda i: i < 150, "hal": lambda i: i < 90},
-                  {"cqa": lambda i: i < 150, "hal": lambda i: i < 90})
-    monkeypatch.setattr(frontier, "cell_size", lambda c: (PackedSize(10 ** 8, 1, 0), ""))
+    small = fp_cell(
+        "small",
+        True,
+        {"cqa": lambda i: i < 120, "hal": lambda i: i % 2 == 0},
+        {"cqa": lambda i: i < 80, "hal": lambda i: i % 2 == 0},
+    )
+    big = fp_cell(
+        "big",
+        False,
+        {"cqa": lambda i: i < 150, "hal": lambda i: i < 90},
+        {"cqa": lambda i: i < 150, "hal": lambda i: i < 90},
+    )
+    monkeypatch.setattr(frontier, "cell_size", lambda c: (PackedSize(10**8, 1, 0), ""))
     cells = [small, big]
     configs, _ = frontier.configs_of(cells, units)
     types = unit_types(cells, units)

@@ -32,8 +32,12 @@ import quantshift.studies.runner as runner_mod
 from quantshift import validate
 
 # QS_FUZZ_EXAMPLES=500 for a deeper run by hand; the suite keeps to 40 per property
-FUZZ = settings(max_examples=int(os.environ.get("QS_FUZZ_EXAMPLES", "40")), deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
+FUZZ = settings(
+    max_examples=int(os.environ.get("QS_FUZZ_EXAMPLES", "40")),
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+)
 
 
 class Reached(Exception):
@@ -98,8 +102,22 @@ def assert_clean(args: list[str], ok_codes: tuple[int, ...] = ()) -> None:
 
 NO_NUL = st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",))  # argv cannot hold NUL
 TEXT = st.text(NO_NUL, max_size=12)
-BAD_NAMES = st.sampled_from(["smoothquant+gptq", "./nope", "a/b/c", "ünïcode", "", "missing.txt", "task:boss_*",
-                             "task:", "+", "org//x", "--", "-1"])
+BAD_NAMES = st.sampled_from(
+    [
+        "smoothquant+gptq",
+        "./nope",
+        "a/b/c",
+        "ünïcode",
+        "",
+        "missing.txt",
+        "task:boss_*",
+        "task:",
+        "+",
+        "org//x",
+        "--",
+        "-1",
+    ]
+)
 
 
 @st.composite
@@ -110,14 +128,14 @@ def typo(draw, word: str) -> str:
     i = draw(st.integers(0, len(word) - 1))
     op = draw(st.sampled_from(["delete", "double", "swap", "replace", "case"]))
     if op == "delete":
-        return word[:i] + word[i + 1:]
+        return word[:i] + word[i + 1 :]
     if op == "double":
         return word[:i] + word[i] + word[i:]
     if op == "swap" and i + 1 < len(word):
-        return word[:i] + word[i + 1] + word[i] + word[i + 2:]
+        return word[:i] + word[i + 1] + word[i] + word[i + 2 :]
     if op == "case":
         return word.upper()
-    return word[:i] + draw(st.characters(min_codepoint=33, max_codepoint=0x2FF)) + word[i + 1:]
+    return word[:i] + draw(st.characters(min_codepoint=33, max_codepoint=0x2FF)) + word[i + 1 :]
 
 
 def name_like(valid: list[str]) -> st.SearchStrategy[str]:
@@ -126,10 +144,11 @@ def name_like(valid: list[str]) -> st.SearchStrategy[str]:
     return st.one_of(*[good] * 6, good.flatmap(typo), TEXT, BAD_NAMES)
 
 
-NUMBER = st.one_of(st.sampled_from([0, -1, 1, 2, 3, 4, 8, 16, 64, 128, 513, 2**31, 2**63, -2**63, 10**30]),
-                   st.integers(-10**6, 10**6)).map(str)
+NUMBER = st.one_of(
+    st.sampled_from([0, -1, 1, 2, 3, 4, 8, 16, 64, 128, 513, 2**31, 2**63, -(2**63), 10**30]),
+    st.integers(-(10**6), 10**6),
+).map(str)
 NUMBER_OR_JUNK = st.one_of(NUMBER, TEXT, st.sampled_from(["", " ", "1e3", "4.5", "nan", "٣", "0x10"]))
-
 
 
 def value(good: list) -> st.SearchStrategy[str]:
@@ -139,8 +158,16 @@ def value(good: list) -> st.SearchStrategy[str]:
 
 
 METHODS = ["rtn", "gptq", "awq", "smoothquant", "spqr", "zeroquant", "quip", "fp8", "kvcache", "gptq,rtn"]
-SOURCES = ["wikipedia", "pydocs", "zh-news", "wikipedia+pydocs", "hf:some/dataset", "news", "c4",
-           "task:movie_sentiment"]
+SOURCES = [
+    "wikipedia",
+    "pydocs",
+    "zh-news",
+    "wikipedia+pydocs",
+    "hf:some/dataset",
+    "news",
+    "c4",
+    "task:movie_sentiment",
+]
 MODELS = ["smollm2-135m", "gemma3-270m", "org/name"]
 
 
@@ -161,11 +188,19 @@ def options(draw, spec: dict[str, st.SearchStrategy[str]], flags: tuple[str, ...
 # ---------------------------------------------------------------- CLI options
 
 QUANTIZE = {
-    "--wbits": value([2, 3, 4, 8, 16]), "--abits": value([4, 8, 16]), "--group-size": value([-1, 0, 32, 64, 128]),
-    "--calib": name_like(SOURCES), "--nsamples": value([1, 4, 16]), "--seqlen": value([16, 128, 512]),
-    "--seed": value([0, 42]), "--device": name_like(["auto", "cpu"]), "--dtype": name_like(["auto", "float32", "bfloat16"]),
-    "--batch-size": value([1, 8]), "--propagate": name_like(["quantized", "fp"]),
-    "--activations": name_like(["auto", "device", "offload"]), "--data-dir": name_like(["."]),
+    "--wbits": value([2, 3, 4, 8, 16]),
+    "--abits": value([4, 8, 16]),
+    "--group-size": value([-1, 0, 32, 64, 128]),
+    "--calib": name_like(SOURCES),
+    "--nsamples": value([1, 4, 16]),
+    "--seqlen": value([16, 128, 512]),
+    "--seed": value([0, 42]),
+    "--device": name_like(["auto", "cpu"]),
+    "--dtype": name_like(["auto", "float32", "bfloat16"]),
+    "--batch-size": value([1, 8]),
+    "--propagate": name_like(["quantized", "fp"]),
+    "--activations": name_like(["auto", "device", "offload"]),
+    "--data-dir": name_like(["."]),
     "--stats-cache": name_like(["stats"]),
 }
 
@@ -179,11 +214,20 @@ def test_fuzz_quantize_options(model, method, opts):
 EVAL = {
     "--ppl": name_like(["wikipedia", "news", "pydocs,news"]),
     "--tasks": name_like(["movie_sentiment", "arc_easy", "hellaswag,mmlu_dev"]),
-    "--suite": name_like(["offline", "ppl", "boss"]), "--shots": value(["0", "0,5"]), "--limit": value([0, 10]),
-    "--seqlen": value([128, 512]), "--max-windows": value([0, 4]), "--batch-size": value([1, 4]),
-    "--seed": value([0, 1234]), "--device": name_like(["auto", "cpu"]), "--dtype": name_like(["auto", "float32"]),
-    "--json": name_like(["m.json"]), "--mt-bench": TEXT, "--judge": name_like(["hf:org/judge", "openai:gpt@http://x"]),
-    "--max-new-tokens": value([16, 256]), "--data-dir": name_like(["."]),
+    "--suite": name_like(["offline", "ppl", "boss"]),
+    "--shots": value(["0", "0,5"]),
+    "--limit": value([0, 10]),
+    "--seqlen": value([128, 512]),
+    "--max-windows": value([0, 4]),
+    "--batch-size": value([1, 4]),
+    "--seed": value([0, 1234]),
+    "--device": name_like(["auto", "cpu"]),
+    "--dtype": name_like(["auto", "float32"]),
+    "--json": name_like(["m.json"]),
+    "--mt-bench": TEXT,
+    "--judge": name_like(["hf:org/judge", "openai:gpt@http://x"]),
+    "--max-new-tokens": value([16, 256]),
+    "--data-dir": name_like(["."]),
 }
 
 
@@ -193,9 +237,15 @@ def test_fuzz_eval_options(model, opts):
     assert_clean(["eval", model, *opts])
 
 
-BENCH = {"--batch-sizes": value(["1,8,32", "4", "1,,2"]), "--prompt-len": value([1, 128]), "--gen-len": value([2, 32]),
-         "--repeats": value([1, 3]), "--device": name_like(["auto", "cpu"]), "--dtype": name_like(["auto", "float16"]),
-         "--json": name_like(["b.json"])}
+BENCH = {
+    "--batch-sizes": value(["1,8,32", "4", "1,,2"]),
+    "--prompt-len": value([1, 128]),
+    "--gen-len": value([2, 32]),
+    "--repeats": value([1, 3]),
+    "--device": name_like(["auto", "cpu"]),
+    "--dtype": name_like(["auto", "float16"]),
+    "--json": name_like(["b.json"]),
+}
 EXPORT = {"--dtype": name_like(["auto", "bfloat16"]), "--gptq-version": value([1, 2])}
 
 
@@ -215,15 +265,27 @@ def quantized_dir(tmp_path_factory) -> Path:
 
 
 @FUZZ
-@given(src=st.one_of(st.just("QDIR"), st.just("QDIR"), TEXT), opts=options(EXPORT, ("--overwrite", "--allow-unservable")),
-       fmt=name_like(["compressed-tensors", "gptq", "fp8"]))
+@given(
+    src=st.one_of(st.just("QDIR"), st.just("QDIR"), TEXT),
+    opts=options(EXPORT, ("--overwrite", "--allow-unservable")),
+    fmt=name_like(["compressed-tensors", "gptq", "fp8"]),
+)
 def test_fuzz_export_options(quantized_dir, src, opts, fmt):
     assert_clean(["export", str(quantized_dir) if src == "QDIR" else src, "--format", fmt, "--out", "out", *opts])
 
 
 @FUZZ
-@given(args=st.lists(st.one_of(TEXT, st.sampled_from(["quantize", "eval", "run", "check", "--out", "--wbits",
-                                                      "--help", "list", "methods", "--debug"])), max_size=6))
+@given(
+    args=st.lists(
+        st.one_of(
+            TEXT,
+            st.sampled_from(
+                ["quantize", "eval", "run", "check", "--out", "--wbits", "--help", "list", "methods", "--debug"]
+            ),
+        ),
+        max_size=6,
+    )
+)
 def test_fuzz_raw_argv(args):
     """Arbitrary words: help and listings exit 0, the rest is a clean exit 2 or reaches the sentinel."""
     if "--debug" in args:  # --debug deliberately shows tracebacks
@@ -238,11 +300,15 @@ def test_fuzz_raw_argv(args):
 # ---------------------------------------------------------------- YAML files
 
 JUNK = st.one_of(
-    st.none(), st.booleans(), st.integers(-2**70, 2**70),
-    st.sampled_from([0, -1, 1, 2, 3, 16, 64, 128, 10**9, -10**9, 0.5, -0.0]),
-    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=15),
+    st.none(),
+    st.booleans(),
+    st.integers(-(2**70), 2**70),
+    st.sampled_from([0, -1, 1, 2, 3, 16, 64, 128, 10**9, -(10**9), 0.5, -0.0]),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=15),
     st.sampled_from(["", "wikipedia", "news", "gptq", "auto", "cuda:0", "../x", "ünï", "a" * 300, "(", "x\0y"]),
-    st.lists(st.integers(-5, 300), max_size=3), st.dictionaries(st.text(max_size=6), st.integers(), max_size=2),
+    st.lists(st.integers(-5, 300), max_size=3),
+    st.dictionaries(st.text(max_size=6), st.integers(), max_size=2),
 )
 
 
@@ -293,17 +359,31 @@ def yaml_text(data) -> str:
     return yaml.safe_dump(data, allow_unicode=True, sort_keys=False)
 
 
-RAW_YAML = st.one_of(st.text(max_size=60), st.sampled_from(["stages: [", "{a: b", ":\n  - ]", "\t- x", "- - - -",
-                                                             "[" * 200, "&a [*a]", "!!python/object:os.system x"]))
-RECIPE = {"stages": [{"smoothquant": {"alpha": 0.8, "quantize": False}},
-                     {"gptq": {"wbits": 4, "group_size": 128, "overrides": [{"pattern": "down_proj", "wbits": 8}]}}]}
-STUDY = {"name": "fuzz", "models": ["smollm2-135m"],
-         "methods": [{"method": "rtn", "wbits": [4], "group_size": 64},
-                     {"method": "gptq", "wbits": [3, 4], "options": {"damp": 0.01}},
-                     {"name": "sq", "recipe": [{"smoothquant": {"alpha": 0.5}}, {"rtn": {"wbits": 8}}]}],
-         "calibration": {"sources": ["wikipedia", "pydocs"], "n": 4, "seqlen": 128, "seeds": [1, 2]},
-         "evaluation": {"ppl": ["news"], "ppl_windows": 2, "tasks": ["movie_sentiment"], "shots": [0], "limit": 5},
-         "diagnostics": {"enabled": False}, "device": "cpu"}
+RAW_YAML = st.one_of(
+    st.text(max_size=60),
+    st.sampled_from(
+        ["stages: [", "{a: b", ":\n  - ]", "\t- x", "- - - -", "[" * 200, "&a [*a]", "!!python/object:os.system x"]
+    ),
+)
+RECIPE = {
+    "stages": [
+        {"smoothquant": {"alpha": 0.8, "quantize": False}},
+        {"gptq": {"wbits": 4, "group_size": 128, "overrides": [{"pattern": "down_proj", "wbits": 8}]}},
+    ]
+}
+STUDY = {
+    "name": "fuzz",
+    "models": ["smollm2-135m"],
+    "methods": [
+        {"method": "rtn", "wbits": [4], "group_size": 64},
+        {"method": "gptq", "wbits": [3, 4], "options": {"damp": 0.01}},
+        {"name": "sq", "recipe": [{"smoothquant": {"alpha": 0.5}}, {"rtn": {"wbits": 8}}]},
+    ],
+    "calibration": {"sources": ["wikipedia", "pydocs"], "n": 4, "seqlen": 128, "seeds": [1, 2]},
+    "evaluation": {"ppl": ["news"], "ppl_windows": 2, "tasks": ["movie_sentiment"], "shots": [0], "limit": 5},
+    "diagnostics": {"enabled": False},
+    "device": "cpu",
+}
 
 
 @contextmanager
@@ -393,7 +473,9 @@ def assert_verdict(args: list[str], broken: list[tuple[str, ...]]) -> None:
     assert not reached, f"an invalid input was accepted: {args} (broken: {broken})"
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), f"{args}:\n{err}"
-    assert any(w in lines[0] for words in broken for w in words), f"{args}: the error names none of {broken}: {lines[0]}"
+    assert any(w in lines[0] for words in broken for w in words), (
+        f"{args}: the error names none of {broken}: {lines[0]}"
+    )
 
 
 @FUZZ
@@ -404,27 +486,42 @@ def test_fuzz_quantize_verdicts(case):
 
 # (path in the document, value that keeps it valid or breaks it, valid?, what the error names)
 STUDY_EDITS: list[tuple[tuple, object, bool, str]] = [
-    (("calibration", "n"), 8, True, ""), (("calibration", "n"), 0, False, "n must"),
-    (("calibration", "seqlen"), 256, True, ""), (("calibration", "seqlen"), 1, False, "seqlen"),
-    (("calibration", "seeds"), [3], True, ""), (("calibration", "seeds"), [], False, "seeds"),
-    (("calibration", "sources"), ["news"], True, ""), (("calibration", "sources"), ["wikipedai"], False, "wikipedai"),
-    (("evaluation", "shots"), [0, 3], True, ""), (("evaluation", "shots"), [-1], False, "shots"),
-    (("evaluation", "limit"), 10, True, ""), (("evaluation", "limit"), -2, False, "limit"),
-    (("evaluation", "ppl_windows"), 0, True, ""), (("evaluation", "ppl_windows"), -1, False, "ppl_windows"),
+    (("calibration", "n"), 8, True, ""),
+    (("calibration", "n"), 0, False, "n must"),
+    (("calibration", "seqlen"), 256, True, ""),
+    (("calibration", "seqlen"), 1, False, "seqlen"),
+    (("calibration", "seeds"), [3], True, ""),
+    (("calibration", "seeds"), [], False, "seeds"),
+    (("calibration", "sources"), ["news"], True, ""),
+    (("calibration", "sources"), ["wikipedai"], False, "wikipedai"),
+    (("evaluation", "shots"), [0, 3], True, ""),
+    (("evaluation", "shots"), [-1], False, "shots"),
+    (("evaluation", "limit"), 10, True, ""),
+    (("evaluation", "limit"), -2, False, "limit"),
+    (("evaluation", "ppl_windows"), 0, True, ""),
+    (("evaluation", "ppl_windows"), -1, False, "ppl_windows"),
     (("evaluation", "tasks"), ["movie_sentimnt"], False, "movie_sentimnt"),
-    (("models",), ["smollm2-135mm"], False, "smollm2-135mm"), (("device",), "tpu", False, "device"),
-    (("nmae",), "x", False, "nmae"), (("name",), "", False, "name"),
-    (("methods", 1, "wbits"), [5], True, ""), (("methods", 1, "wbits"), [9], False, "wbits"),
-    (("methods", 1, "group_size"), 32, True, ""), (("methods", 1, "group_size"), -5, False, "group_size"),
+    (("models",), ["smollm2-135mm"], False, "smollm2-135mm"),
+    (("device",), "tpu", False, "device"),
+    (("nmae",), "x", False, "nmae"),
+    (("name",), "", False, "name"),
+    (("methods", 1, "wbits"), [5], True, ""),
+    (("methods", 1, "wbits"), [9], False, "wbits"),
+    (("methods", 1, "group_size"), 32, True, ""),
+    (("methods", 1, "group_size"), -5, False, "group_size"),
     (("methods", 1, "method"), "gptqq", False, "gptqq"),
-    (("methods", 1, "options"), {"damp": 0.1}, True, ""), (("methods", 1, "options"), {"damp": -1}, False, "damp"),
+    (("methods", 1, "options"), {"damp": 0.1}, True, ""),
+    (("methods", 1, "options"), {"damp": -1}, False, "damp"),
     (("methods", 1, "options"), {"dmap": 0.1}, False, "dmap"),
 ]
 RECIPE_EDITS: list[tuple[tuple, object, bool, str]] = [
-    (("stages", 1, "gptq", "wbits"), 3, True, ""), (("stages", 1, "gptq", "wbits"), 1, False, "wbits"),
-    (("stages", 1, "gptq", "damp"), 0.1, True, ""), (("stages", 1, "gptq", "damp"), -0.5, False, "damp"),
+    (("stages", 1, "gptq", "wbits"), 3, True, ""),
+    (("stages", 1, "gptq", "wbits"), 1, False, "wbits"),
+    (("stages", 1, "gptq", "damp"), 0.1, True, ""),
+    (("stages", 1, "gptq", "damp"), -0.5, False, "damp"),
     (("stages", 1, "gptq", "group_sise"), 64, False, "group_sise"),
-    (("stages", 0, "smoothquant", "alpha"), 0.3, True, ""), (("stages", 0, "smoothquant", "alpha"), 1.5, False, "alpha"),
+    (("stages", 0, "smoothquant", "alpha"), 0.3, True, ""),
+    (("stages", 0, "smoothquant", "alpha"), 1.5, False, "alpha"),
     (("stages", 1, "gptq", "block_size"), 0, False, "block_size"),
     (("stages", 1, "gptq", "act_order"), "maybe", False, "act_order"),
 ]
@@ -481,8 +578,12 @@ def test_the_api_rejects_every_input_the_cli_rejects_before_loading(monkeypatch)
 
     cases = [("gptq", opt, v, False) for opt, (_good, bad, _w) in QUANTIZE_RULES.items() for v in bad]
     cases += [("gptq", opt, v, True) for opt, (good, _bad, _w) in QUANTIZE_RULES.items() for v in good]
-    cases += [(m, opt, v, v in ok) for m, rules in METHOD_RULES.items() for opt, (ok, _w) in rules.items()
-              for v in QUANTIZE_RULES[opt][0]]
+    cases += [
+        (m, opt, v, v in ok)
+        for m, rules in METHOD_RULES.items()
+        for opt, (ok, _w) in rules.items()
+        for v in QUANTIZE_RULES[opt][0]
+    ]
     for method, opt, v, valid in cases:
         kwargs = {"calib": "wikipedia", opt[2:].replace("-", "_"): typed(v)}  # the API has no default calib
         try:

@@ -21,8 +21,17 @@ def _out_err(w, wq, x):
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4])
-@pytest.mark.parametrize("gs,act_order,static", [(32, False, False), (64, False, False), (-1, False, False),
-                                                  (32, True, False), (32, True, True), (0, False, False)])
+@pytest.mark.parametrize(
+    "gs,act_order,static",
+    [
+        (32, False, False),
+        (64, False, False),
+        (-1, False, False),
+        (32, True, False),
+        (32, True, True),
+        (0, False, False),
+    ],
+)
 def test_gptq_beats_rtn_on_output_error(bits, gs, act_order, static):
     w, x = _layer_with_outliers()
     stats = HessianStats(torch.zeros(w.shape[1], w.shape[1]))

@@ -165,8 +165,9 @@ def test_every_module_imports_on_its_own():
     every module must import first, without the help of an earlier import (third-party packages
     stay loaded, so this stays fast)."""
     names = sorted(modules())
-    r = subprocess.run([sys.executable, "-c", _IMPORT_EACH, json.dumps(names)], capture_output=True, text=True,
-                       timeout=600)
+    r = subprocess.run(
+        [sys.executable, "-c", _IMPORT_EACH, json.dumps(names)], capture_output=True, text=True, timeout=600
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     failed = json.loads(r.stdout.strip().splitlines()[-1])
     assert not failed, "\n".join(f"{n}:\n{tb}" for n, tb in failed.items())

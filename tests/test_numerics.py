@@ -109,8 +109,9 @@ def test_gptq_on_a_planted_singular_hessian_raises_the_damping_and_records_it():
     assert res.info["damp"] == pytest.approx(0.01) and res.info["damp_steps"] == 1 and res.info["fallback"] is None
     assert torch.isfinite(res.weight).all() and math.isfinite(res.info["gptq_loss"])
     # exactly GPTQ at the damping that worked
-    ref = gptq_solve_rows(lin.weight.detach(), stats.H, plan.weight, 0.01, cfg.block_size, cfg.act_order,
-                          cfg.static_groups)
+    ref = gptq_solve_rows(
+        lin.weight.detach(), stats.H, plan.weight, 0.01, cfg.block_size, cfg.act_order, cfg.static_groups
+    )
     assert torch.equal(res.weight, ref.weight)
     # linears sharing the input (q/k/v) are solved stacked; each records the same numerics
     shared = GPTQ(cfg).solve_shared(["a", "b"], [lin, _linear(4, 16, seed=1)], stats, plan)
@@ -220,14 +221,20 @@ def test_engine_records_damping_and_rtn_fallback_and_prints_one_line(monkeypatch
     rcfg = RTNConfig(wbits=4, group_size=32)
     rtn = RTN(rcfg).solve("mlp.down_proj", lin, None, plan_for(rcfg, "model.layers.1.mlp.down_proj"))
     assert torch.equal(lm.model.model.layers[1].mlp.down_proj.weight, rtn.weight)
-    assert torch.equal(res.engine.modules["model.layers.1.mlp.down_proj"].qweight.codes,
-                       quantize_weight(original, spec).codes)
-    assert report["numerics"] == {"linears": 14, "damp_raised": {"model.layers.0.mlp.down_proj": pytest.approx(0.1)},
-                                  "fallback_rtn": ["model.layers.1.mlp.down_proj"]}
+    assert torch.equal(
+        res.engine.modules["model.layers.1.mlp.down_proj"].qweight.codes, quantize_weight(original, spec).codes
+    )
+    assert report["numerics"] == {
+        "linears": 14,
+        "damp_raised": {"model.layers.0.mlp.down_proj": pytest.approx(0.1)},
+        "fallback_rtn": ["model.layers.1.mlp.down_proj"],
+    }
     json.dumps(report["numerics"])  # plain JSON for the saved report and the study cache
     err = capsys.readouterr().err.strip().splitlines()
-    line = ("1 of 14 linears needed more damping (up to 0.1 of the mean Hessian diagonal); "
-            "1 fell back to RTN: model.layers.1.mlp.down_proj")
+    line = (
+        "1 of 14 linears needed more damping (up to 0.1 of the mean Hessian diagonal); "
+        "1 fell back to RTN: model.layers.1.mlp.down_proj"
+    )
     assert err == [line]
 
 
@@ -235,8 +242,9 @@ def test_numerics_line_is_quiet_when_nothing_happened_and_short_when_much_did():
     assert numerics_line(None) is None
     assert numerics_line({"linears": 3, "damp_raised": {}, "fallback_rtn": []}) is None
     many = {"linears": 9, "damp_raised": {}, "fallback_rtn": [f"l{i}" for i in range(8)]}
-    assert numerics_line(many) == ("0 of 9 linears needed more damping; "
-                                   "8 fell back to RTN: l0, l1, l2, l3, l4 and 3 more")
+    assert numerics_line(many) == (
+        "0 of 9 linears needed more damping; 8 fell back to RTN: l0, l1, l2, l3, l4 and 3 more"
+    )
 
 
 def test_study_keeps_the_numerics_in_the_quant_record_and_the_report(monkeypatch, tmp_path):
@@ -249,13 +257,18 @@ def test_study_keeps_the_numerics_in_the_quant_record_and_the_report(monkeypatch
     lm.model.save_pretrained(model_dir)
     lm.tokenizer.save_pretrained(model_dir)
     text = tmp_path / "prose.txt"
-    text.write_text("\n\n".join(f"{i} The river bends slowly past the old mill, where farmers bring grain. " * 3
-                                for i in range(25)))
-    spec = {"name": "numerics", "models": [str(model_dir)], "device": "cpu",
-            "methods": [{"method": "gptq", "wbits": [4], "group_size": 32}],
-            "calibration": {"sources": [str(text)], "n": 2, "seqlen": 32, "seeds": [42]},
-            "evaluation": {"ppl": [str(text)], "ppl_seqlen": 32, "ppl_windows": 2},
-            "diagnostics": {"enabled": False}}
+    text.write_text(
+        "\n\n".join(f"{i} The river bends slowly past the old mill, where farmers bring grain. " * 3 for i in range(25))
+    )
+    spec = {
+        "name": "numerics",
+        "models": [str(model_dir)],
+        "device": "cpu",
+        "methods": [{"method": "gptq", "wbits": [4], "group_size": 32}],
+        "calibration": {"sources": [str(text)], "n": 2, "seqlen": 32, "seeds": [42]},
+        "evaluation": {"ppl": [str(text)], "ppl_seqlen": 32, "ppl_windows": 2},
+        "diagnostics": {"enabled": False},
+    }
     run_study(study_from_dict(spec), tmp_path / "out", tmp_path / "cache", progress=False, echo=lambda *_: None)
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     cell = next(c for c in res["cells"] if c["method"] == "gptq")
@@ -272,8 +285,11 @@ def test_nan_in_calibration_inputs_names_the_block_and_linear():
     lm = loaded_tiny("llama")
     with torch.no_grad():
         lm.model.model.layers[1].input_layernorm.weight[5] = float("nan")  # block 1's q/k/v inputs
-    with pytest.raises(NumericalError, match=r"model\.layers\.1\.self_attn\.q_proj \(block 1, stage gptq\) "
-                                             r"contain NaN/inf") as info:
+    with pytest.raises(
+        NumericalError,
+        match=r"model\.layers\.1\.self_attn\.q_proj \(block 1, stage gptq\) "
+        r"contain NaN/inf",
+    ) as info:
         quantize_model(lm, recipe_from_cli("gptq", wbits=4, group_size=32), random_calib(n=2), progress=False)
     assert isinstance(info.value, QuantshiftError) and "\n" not in str(info.value)
 
@@ -291,8 +307,9 @@ def test_nonfinite_block_outputs_and_embeddings_stop_the_run():
     recipe = recipe_from_cli("gptq", wbits=4, group_size=32)
     lm = loaded_tiny("llama")
     # the last block's outputs (no later linear would see them), with every linear input finite
-    lm.model.model.layers[1].register_forward_hook(lambda _m, _a, out: (out[0] * float("inf"),) + tuple(out[1:])
-                                                   if isinstance(out, tuple) else out * float("inf"))
+    lm.model.model.layers[1].register_forward_hook(
+        lambda _m, _a, out: (out[0] * float("inf"),) + tuple(out[1:]) if isinstance(out, tuple) else out * float("inf")
+    )
     with pytest.raises(NumericalError, match=r"block 1 \(model\.layers\.1\) outputs NaN/inf"):
         quantize_model(lm, recipe, random_calib(n=2), progress=False)
     lm = loaded_tiny("llama")
@@ -323,10 +340,13 @@ def test_missing_optional_extra_says_what_to_install(monkeypatch):
         connect_ray(RaySettings(), "cpu")
 
 
-@pytest.mark.parametrize("body,own", [
-    ("import grpc_not_here_xyz\n", "No module named 'grpc_not_here_xyz'"),  # a dependency of ray missing
-    ("raise ImportError('libray.so: undefined symbol: foo')\n", "undefined symbol: foo"),  # a bad build
-])
+@pytest.mark.parametrize(
+    "body,own",
+    [
+        ("import grpc_not_here_xyz\n", "No module named 'grpc_not_here_xyz'"),  # a dependency of ray missing
+        ("raise ImportError('libray.so: undefined symbol: foo')\n", "undefined symbol: foo"),  # a bad build
+    ],
+)
 def test_broken_optional_extra_is_not_reported_as_missing(tmp_path, monkeypatch, body, own):
     from quantshift.studies.executors import RaySettings, connect_ray
 

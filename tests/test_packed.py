@@ -62,7 +62,9 @@ def test_activation_codes_are_the_fake_quant_grid():
     for bits in (4, 8):
         spec = QuantSpec(bits=bits, group_size=0, symmetric=True)
         codes, scale = activation_codes(x, spec)
-        assert codes.dtype == torch.int8 and int(codes.min()) >= -2 ** (bits - 1) and int(codes.max()) < 2 ** (bits - 1)
+        assert (
+            codes.dtype == torch.int8 and int(codes.min()) >= -(2 ** (bits - 1)) and int(codes.max()) < 2 ** (bits - 1)
+        )
         assert torch.equal(codes.float() * scale, fake_quantize_activation(x, spec))
     spec8 = QuantSpec(bits=8, group_size=0, symmetric=True)
     codes, scale = activation_codes(x, spec8, static_scale=0.05)
@@ -73,7 +75,9 @@ def test_activation_codes_are_the_fake_quant_grid():
 def test_int8_kernel_and_fallback_without_int8_units(monkeypatch):
     qw = quantize_weight(torch.randn(32, 64), QuantSpec(bits=8, group_size=-1, symmetric=True))
     x = torch.randn(4, 64)
-    assert int8linear.int8_units_missing({"fpu", "avx512_vnni"}) is None and "none of" in (int8linear.int8_units_missing({"fpu"}) or "")
+    assert int8linear.int8_units_missing({"fpu", "avx512_vnni"}) is None and "none of" in (
+        int8linear.int8_units_missing({"fpu"}) or ""
+    )
     monkeypatch.setattr(capability, "cpu_flags", lambda path="/proc/cpuinfo": {"fpu", "avx2"})  # a CPU without VNNI/AMX
     emulated = Int8Linear(qw, A8)
     assert emulated.kernel == "int8-emulated" and "none of amx_int8" in (emulated.reason or "")
@@ -158,10 +162,38 @@ def test_packed_bytes_of_a_known_model(tmp_path):
 def test_bench_report_structure(tmp_path):
     q, _, _ = _quantized_dir(tmp_path, "w4", **W4)
     out = tmp_path / "bench.json"
-    r = subprocess.run([sys.executable, "-m", "quantshift.cli", "bench", str(q), "--variants", "fp32,packed-bf16",
-                        "--prefill-batches", "1", "--decode-batches", "1,2", "--prompt-len", "8",
-                        "--decode-prompt-len", "4", "--gen-len", "3", "--repeats", "2", "--copy-mib", "8",
-                        "--device", "cpu", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "quantshift.cli",
+            "bench",
+            str(q),
+            "--variants",
+            "fp32,packed-bf16",
+            "--prefill-batches",
+            "1",
+            "--decode-batches",
+            "1,2",
+            "--prompt-len",
+            "8",
+            "--decode-prompt-len",
+            "4",
+            "--gen-len",
+            "3",
+            "--repeats",
+            "2",
+            "--copy-mib",
+            "8",
+            "--device",
+            "cpu",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "== packed-bf16 (packed, bfloat16) ==" in r.stdout and "14 w4a16:int4mm-cpu" in r.stdout
     data = json.loads(out.read_text())
@@ -169,8 +201,15 @@ def test_bench_report_structure(tmp_path):
     assert (fp["variant"], pk["variant"]) == ("fp32", "packed-bf16")
     for v in (fp, pk):
         m = v["metrics"]
-        assert {"bench:prefill@1", "bench:decode@1", "bench:decode@2", "bench:size", "bench:memory",
-                "bench:bandwidth", "bench:load"} <= set(m)
+        assert {
+            "bench:prefill@1",
+            "bench:decode@1",
+            "bench:decode@2",
+            "bench:size",
+            "bench:memory",
+            "bench:bandwidth",
+            "bench:load",
+        } <= set(m)
         d = m["bench:decode@2"]
         assert d["tokens"] == 4 and len(d["runs_s"]) == 2 and d["tokens_per_s_min"] <= d["tokens_per_s_max"]
         assert d["bound_tokens_per_s"] > 0 and m["bench:memory"]["peak_rss_bytes"] > 0
@@ -226,11 +265,19 @@ def test_study_records_packed_bytes_and_bench_of_each_quantized_model(tmp_path):
     lm.tokenizer.save_pretrained(tmp_path / "tiny")
     text = tmp_path / "t.txt"
     text.write_text("\n\n".join(f"{i} the river bends past the old mill. " * 4 for i in range(20)))
-    spec = study_from_dict({"name": "pb", "models": [str(tmp_path / "tiny")], "device": "cpu", "include_fp": False,
-                            "methods": [{"method": "rtn", "wbits": [4, 2], "group_size": 32}],
-                            "calibration": {"sources": [str(text)], "n": 2, "seqlen": 32},
-                            "evaluation": {"ppl": [str(text)], "ppl_seqlen": 32, "ppl_windows": 1, "bench": True},
-                            "diagnostics": {"enabled": False}, "keep_models": True})
+    spec = study_from_dict(
+        {
+            "name": "pb",
+            "models": [str(tmp_path / "tiny")],
+            "device": "cpu",
+            "include_fp": False,
+            "methods": [{"method": "rtn", "wbits": [4, 2], "group_size": 32}],
+            "calibration": {"sources": [str(text)], "n": 2, "seqlen": 32},
+            "evaluation": {"ppl": [str(text)], "ppl_seqlen": 32, "ppl_windows": 1, "bench": True},
+            "diagnostics": {"enabled": False},
+            "keep_models": True,
+        }
+    )
     run_study(spec, tmp_path / "out", tmp_path / "cache", progress=False, echo=lambda *a, **k: None)
     records = [json.loads(p.read_text()) for p in sorted((tmp_path / "cache" / "quant").glob("*.json"))]
     shapes = [(64, 64), (32, 64), (32, 64), (64, 64), (160, 64), (160, 64), (64, 160)] * 2
@@ -241,7 +288,9 @@ def test_study_records_packed_bytes_and_bench_of_each_quantized_model(tmp_path):
     benches = [json.loads(p.read_text()) for p in sorted((tmp_path / "cache" / "bench").glob("*.json"))]
     assert len(benches) == 2 and all(b["variant"] == "packed-bf16" for b in benches)
     assert {b["metrics"]["bench:packing"]["modules"]["model.layers.0.mlp.down_proj"]["kernel"] for b in benches} == {
-        "int4mm-cpu", "dequant"}  # 4-bit on the int4 kernel, 2-bit dequantized on the fly
+        "int4mm-cpu",
+        "dequant",
+    }  # 4-bit on the int4 kernel, 2-bit dequantized on the fly
     assert all(b["metrics"]["bench:decode@1"]["tokens_per_s"] > 0 for b in benches)
     with pytest.raises(ConfigError, match="keep_models"):
         study_from_dict({"name": "pb", "models": ["x"], "methods": [{"method": "rtn"}], "evaluation": {"bench": True}})
@@ -264,14 +313,39 @@ def test_compiled_decode_step_gives_the_same_tokens():
 def test_cli_eval_backend_packed_reports_kernels_and_matches_fake(tmp_path):
     q, _, _ = _quantized_dir(tmp_path, "w4", **W4)
     text = tmp_path / "t.txt"
-    text.write_text("\n\n".join(f"{i} the river bends past the old mill, where farmers bring grain. " * 3
-                                for i in range(30)))
+    text.write_text(
+        "\n\n".join(f"{i} the river bends past the old mill, where farmers bring grain. " * 3 for i in range(30))
+    )
 
     def ppl(backend):
         out = tmp_path / f"{backend}.json"
-        r = subprocess.run([sys.executable, "-m", "quantshift.cli", "eval", str(q), "--ppl", str(text), "--seqlen", "32",
-                            "--max-windows", "4", "--device", "cpu", "--dtype", "float32", "--backend", backend,
-                            "--quiet", "--json", str(out)], capture_output=True, text=True, timeout=300)
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "quantshift.cli",
+                "eval",
+                str(q),
+                "--ppl",
+                str(text),
+                "--seqlen",
+                "32",
+                "--max-windows",
+                "4",
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+                "--backend",
+                backend,
+                "--quiet",
+                "--json",
+                str(out),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 0, r.stderr
         [m] = [v for k, v in json.loads(out.read_text())["metrics"].items() if k.startswith("ppl:")]
         return m["ppl"], r.stdout
@@ -291,8 +365,20 @@ def test_cpu_decode_benchmark_script_runs_small(tmp_path):
     spec = importlib.util.spec_from_file_location("cpu_decode_vs_llamacpp", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
-    res = mod.main(["--variants", "llama.cpp,fp32,w4", "--new-tokens", "3", "--repeats", "1", "--threads", "1",
-                    "--json", str(tmp_path / "cd.json")])
+    res = mod.main(
+        [
+            "--variants",
+            "llama.cpp,fp32,w4",
+            "--new-tokens",
+            "3",
+            "--repeats",
+            "1",
+            "--threads",
+            "1",
+            "--json",
+            str(tmp_path / "cd.json"),
+        ]
+    )
     assert {"fp32", "w4"} <= set(res["rows"]) and res["rows"]["w4"]["packing"] == {"w4a16:int4mm-cpu": 210}
     assert res["rows"]["w4"]["decode_bytes_per_step"] < res["rows"]["fp32"]["decode_bytes_per_step"] / 3
     assert ("llama.cpp" in res["rows"]) != any("llama.cpp skipped" in n for n in res["notes"])
@@ -305,7 +391,9 @@ def test_int8_head_quantizes_only_the_output_projection(tmp_path):
     from quantshift.errors import ModelError
 
     lm = loaded_tiny("llama")
-    q = save(lm, quantize_model(lm, recipe_from_cli("rtn", wbits=4, group_size=32), None, progress=False), tmp_path / "q")
+    q = save(
+        lm, quantize_model(lm, recipe_from_cli("rtn", wbits=4, group_size=32), None, progress=False), tmp_path / "q"
+    )
     ref, _, _, rep_f = load_packed(q, torch.float32, "cpu")
     model, _, _, rep = load_packed(q, torch.float32, "cpu", head="int8")
     assert isinstance(model.lm_head, Int8Linear) and not isinstance(ref.lm_head, Int8Linear)

@@ -92,5 +92,8 @@ def test_solvers_on_the_gpu_match_the_cpu(method, kw):
     for a, b in zip(rc.engine.blocks, rg.engine.blocks):
         assert b["out_rel_err"] == pytest.approx(a["out_rel_err"], rel=0.05)
     ref = logits(loaded_tiny("llama").model, EVAL_IDS)
-    err = {k: float((logits(m.model, EVAL_IDS) - ref).pow(2).sum() / ref.pow(2).sum()) for k, m in (("cpu", cpu), ("gpu", gpu))}
+    err = {
+        k: float((logits(m.model, EVAL_IDS) - ref).pow(2).sum() / ref.pow(2).sum())
+        for k, m in (("cpu", cpu), ("gpu", gpu))
+    }
     assert err["gpu"] == pytest.approx(err["cpu"], rel=0.1)

@@ -102,8 +102,15 @@ def test_per_token_activation_quant():
     assert expand_to_columns(torch.ones(3, 1), 10, -1).shape == (3, 10)
 
 
-@pytest.mark.parametrize("bad,msg", [({"bits": 9}, "bits must be between 2 and 8"), ({"bits": 1}, "between 2 and 8"),
-                                     ({"group_size": -5}, "group_size"), ({"bitz": 4}, "unknown key 'bitz'")])
+@pytest.mark.parametrize(
+    "bad,msg",
+    [
+        ({"bits": 9}, "bits must be between 2 and 8"),
+        ({"bits": 1}, "between 2 and 8"),
+        ({"group_size": -5}, "group_size"),
+        ({"bitz": 4}, "unknown key 'bitz'"),
+    ],
+)
 def test_bad_specs_name_the_problem(bad, msg):
     with pytest.raises(ConfigError, match=msg):
         parse(QuantSpec, bad)

@@ -85,8 +85,12 @@ def test_int4mm_refuses_what_it_cannot_run():
 @pytest.mark.parametrize("backend", ["dequant", "auto"])
 def test_whole_model_packed_matches_fake_quant(backend):
     lm = loaded_tiny("llama")
-    res = quantize_model(lm, recipe_from_dict({"stages": [{"gptq": {"wbits": 4, "group_size": 32, "sym": False}}]}),
-                         random_calib(), progress=False)
+    res = quantize_model(
+        lm,
+        recipe_from_dict({"stages": [{"gptq": {"wbits": 4, "group_size": 32, "sym": False}}]}),
+        random_calib(),
+        progress=False,
+    )
     ids = torch.randint(3, 128, (2, 24), generator=torch.Generator().manual_seed(0))
     ref = logits(lm.model, ids)
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -45,16 +45,21 @@ def env(tmp_path_factory) -> dict:
 
 
 def study(env: dict, name: str, **over) -> dict:
-    spec = {"name": name, "models": [env["model"]], "device": "cpu",
-            "methods": [{"method": "gptq", "wbits": [4], "group_size": 32}],
-            "calibration": {"sources": env["sources"], "n": 4, "seqlen": 32, "seeds": [42]},
-            "evaluation": {"ppl": env["sources"], "ppl_seqlen": 32, "ppl_windows": 3},
-            "diagnostics": {"windows": 2, "seqlen": 32}}
+    spec = {
+        "name": name,
+        "models": [env["model"]],
+        "device": "cpu",
+        "methods": [{"method": "gptq", "wbits": [4], "group_size": 32}],
+        "calibration": {"sources": env["sources"], "n": 4, "seqlen": 32, "seeds": [42]},
+        "evaluation": {"ppl": env["sources"], "ppl_seqlen": 32, "ppl_windows": 3},
+        "diagnostics": {"windows": 2, "seqlen": 32},
+    }
     spec.update(over)
     return spec
 
 
 # --- what a cell asks for ----------------------------------------------------------------------
+
 
 def test_gpus_per_cell_default_to_one_where_the_cluster_has_gpus():
     assert cells_gpus(None, "auto", cluster_gpus=8, node_gpus=4) == 1.0
@@ -62,9 +67,13 @@ def test_gpus_per_cell_default_to_one_where_the_cluster_has_gpus():
     assert cells_gpus(None, "auto", 0, 0) == 0.0  # a CPU cluster
     assert cells_gpus(None, "cpu", 8, 4) == 0.0  # the study says cpu: no GPU held idle
     assert cells_gpus(0.25, "auto", 8, 4) == 0.25 and cells_gpus(2, "auto", 8, 4) == 2.0
-    for asked, device, gpus, word in ((None, "cuda", 0, "has no GPUs"), (1, "cpu", 8, "do not use"),
-                                      (1.5, "auto", 8, "fractions below 1"), (8, "auto", 8, "no node"),
-                                      (0, "cuda", 8, "no GPU")):
+    for asked, device, gpus, word in (
+        (None, "cuda", 0, "has no GPUs"),
+        (1, "cpu", 8, "do not use"),
+        (1.5, "auto", 8, "fractions below 1"),
+        (8, "auto", 8, "no node"),
+        (0, "cuda", 8, "no GPU"),
+    ):
         with pytest.raises(ConfigError, match=word):
             cells_gpus(asked, device, gpus, 4)
 
@@ -83,12 +92,19 @@ def test_memory_request_is_the_plan_else_the_weights_else_nothing(env):
 
 # --- the worker's check ----------------------------------------------------------------------
 
+
 def test_a_worker_that_would_compute_otherwise_than_planned_fails_the_cell_clearly(env, tmp_path):
     spec = study_from_dict(study(env, "check"))
     plan = plan_study(spec)
     work = next(w for w in all_works(plan) if w["kind"] == "model" and w["recipe"] is None)
-    options = {"device": "cpu", "batch_size": 4, "eval_batch_size": 4, "keep_models": False, "data_dir": None,
-               "bench": False}
+    options = {
+        "device": "cpu",
+        "batch_size": 4,
+        "eval_batch_size": 4,
+        "keep_models": False,
+        "data_dir": None,
+        "bench": False,
+    }
     res = execute_work(work, str(tmp_path / "c"), {**options, "planned_device": "cuda"})
     assert not res["ok"] and res["error"].startswith("PlacementError: planned on cuda, but worker")
     assert "computes on cpu" in res["error"] and "--gpus-per-cell" in res["error"] and not res["computed"]
@@ -103,14 +119,22 @@ def test_a_worker_that_would_compute_otherwise_than_planned_fails_the_cell_clear
 
 # --- lock waits and retries, driver side --------------------------------------------------------
 
+
 def test_a_task_gives_a_held_work_back_after_the_lock_timeout(env, tmp_path):
     spec = study_from_dict(study(env, "lock"))
     work = all_works(plan_study(spec))[0]
     lock = tmp_path / "c" / "locks" / f"work-{work['key']}.lock"
     lock.parent.mkdir(parents=True)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from filelock import FileLock\n"
-                               f"held = FileLock({str(lock)!r}); held.acquire(); print('held', flush=True); time.sleep(60)"],
-                              stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from filelock import FileLock\n"
+            f"held = FileLock({str(lock)!r}); held.acquire(); print('held', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
         t0 = time.time()
@@ -139,7 +163,9 @@ class FakeRay:
                     def remote(self, work, *args):
                         fake.submitted.append((work["label"], opts))
                         return FakeRay.Ref(fake.script[work["label"]].pop(0))
+
                 return Bound()
+
         self._remote = Remote()
 
     def remote(self, fn):
@@ -162,8 +188,11 @@ def test_run_ray_requeues_deferred_works_and_refuses_what_no_node_can_hold(monke
     from quantshift.studies import placement
 
     works = [{"key": k, "label": k, "kind": "model", "model": {"name": k}} for k in ("held", "big", "lost", "fine")]
-    script = {"held": [_result("held", ok=False, deferred=True, error="x")] * 2 + [_result("held")],
-              "lost": [RuntimeError("The node running this task died\nmore")], "fine": [_result("fine")]}
+    script = {
+        "held": [_result("held", ok=False, deferred=True, error="x")] * 2 + [_result("held")],
+        "lost": [RuntimeError("The node running this task died\nmore")],
+        "fine": [_result("fine")],
+    }
     sizes = {"held": 10, "big": 10 * 2**30, "lost": None, "fine": 20}
     monkeypatch.setattr(placement, "memory_request", lambda w, counts=None: sizes[w["key"]])
     fake = FakeRay(script)
@@ -189,11 +218,14 @@ def test_a_lock_held_too_long_fails_the_work_naming_it(monkeypatch):
     fake = FakeRay({"held": [_result("held", ok=False, deferred=True, error="x")] * 3})
     cluster = RayCluster(fake, RaySettings(lock_timeout=2.0, lock_tries=3), False, 0.0, [{"CPU": 1}], {})
     done = []
-    run_ray([{"key": "held", "label": "held", "kind": "model", "model": {"name": "m"}}], "/cache", {}, done.append, cluster)
+    run_ray(
+        [{"key": "held", "label": "held", "kind": "model", "model": {"name": "m"}}], "/cache", {}, done.append, cluster
+    )
     assert len(done) == 1 and not done[0]["ok"] and "for over 6s" in done[0]["error"] and "deferred" not in done[0]
 
 
 # --- a real two-node cluster that loses a node ------------------------------------------------
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -209,12 +241,33 @@ RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 def _ray_start(args: list[str], temp: str) -> None:
     ray_bin = Path(sys.executable).parent / "ray"
     env = dict(os.environ, **RAY_ENV)
-    ports = ["--node-manager-port", "--object-manager-port", "--dashboard-agent-listen-port",
-             "--dashboard-agent-grpc-port", "--metrics-export-port", "--runtime-env-agent-port"]
+    ports = [
+        "--node-manager-port",
+        "--object-manager-port",
+        "--dashboard-agent-listen-port",
+        "--dashboard-agent-grpc-port",
+        "--metrics-export-port",
+        "--runtime-env-agent-port",
+    ]
     fixed = [f"{p}={_free_port()}" for p in ports]
-    r = subprocess.run([str(ray_bin), "start", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-                        "--num-cpus=1", "--num-gpus=0", "--object-store-memory=80000000", *fixed, *args],
-                       env=env, capture_output=True, text=True, timeout=180, cwd=temp)
+    r = subprocess.run(
+        [
+            str(ray_bin),
+            "start",
+            "--node-ip-address=127.0.0.1",
+            "--disable-usage-stats",
+            "--num-cpus=1",
+            "--num-gpus=0",
+            "--object-store-memory=80000000",
+            *fixed,
+            *args,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=temp,
+    )
     if r.returncode != 0:
         raise RuntimeError(f"ray start failed: {r.stderr[-2000:]}")
 
@@ -266,14 +319,31 @@ def test_two_node_cluster_loses_a_node_mid_study_and_finishes_with_equal_results
     killed: list[str] = []
     stop = threading.Event()
     try:
-        _ray_start(["--head", f"--port={port}", "--include-dashboard=false", f"--dashboard-port={_free_port()}",
-                    f"--temp-dir={temp}", '--resources={"head": 1}'], temp)
+        _ray_start(
+            [
+                "--head",
+                f"--port={port}",
+                "--include-dashboard=false",
+                f"--dashboard-port={_free_port()}",
+                f"--temp-dir={temp}",
+                '--resources={"head": 1}',
+            ],
+            temp,
+        )
         worker_port = _free_port()
-        _ray_start([f"--address=127.0.0.1:{port}", f"--node-manager-port={worker_port}", '--resources={"worker": 1}'], temp)
+        _ray_start(
+            [f"--address=127.0.0.1:{port}", f"--node-manager-port={worker_port}", '--resources={"worker": 1}'], temp
+        )
 
         def worker_raylet():
-            return next((p for p in _ours(temp) if p.name() == "raylet"
-                         and any(a == f"--node_manager_port={worker_port}" for a in p.cmdline())), None)
+            return next(
+                (
+                    p
+                    for p in _ours(temp)
+                    if p.name() == "raylet" and any(a == f"--node_manager_port={worker_port}" for a in p.cmdline())
+                ),
+                None,
+            )
 
         def kill_the_worker_node_mid_work():
             """Power-cut the second node as soon as it is inside a cell: its raylet and every
@@ -282,8 +352,11 @@ def test_two_node_cluster_loses_a_node_mid_study_and_finishes_with_equal_results
             assert raylet is not None
             while not stop.wait(0.05):
                 try:
-                    busy = [c for c in raylet.children(recursive=True) if c.name().startswith("ray::_ray_work")
-                            or any("ray::_ray_work" in a for a in c.cmdline())]
+                    busy = [
+                        c
+                        for c in raylet.children(recursive=True)
+                        if c.name().startswith("ray::_ray_work") or any("ray::_ray_work" in a for a in c.cmdline())
+                    ]
                 except psutil.Error:
                     return
                 if busy:  # a fresh worker spends its first seconds importing torch: surely mid-cell
@@ -296,11 +369,34 @@ def test_two_node_cluster_loses_a_node_mid_study_and_finishes_with_equal_results
         path = tmp_path / "nodes.yaml"
         path.write_text(yaml.safe_dump(study(env, "nodes")))
         # the driver in its own process, as a user runs it, with the cluster's environment
-        driver = subprocess.run([sys.executable, "-m", "quantshift.cli", "run", str(path), "--out", str(tmp_path / "ray"),
-                                 "--cache", str(tmp_path / "c2"), "--executor", "ray", "--ray-address", f"127.0.0.1:{port}",
-                                 "--cpus-per-cell", "1", "--max-retries", "3", "--lock-timeout", "30", "--quiet"],
-                                env=dict(os.environ, OMP_NUM_THREADS="1", **RAY_ENV), capture_output=True, text=True,
-                                timeout=600)
+        driver = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "quantshift.cli",
+                "run",
+                str(path),
+                "--out",
+                str(tmp_path / "ray"),
+                "--cache",
+                str(tmp_path / "c2"),
+                "--executor",
+                "ray",
+                "--ray-address",
+                f"127.0.0.1:{port}",
+                "--cpus-per-cell",
+                "1",
+                "--max-retries",
+                "3",
+                "--lock-timeout",
+                "30",
+                "--quiet",
+            ],
+            env=dict(os.environ, OMP_NUM_THREADS="1", **RAY_ENV),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         stop.set()
         watcher.join(timeout=30)
     finally:
@@ -313,18 +409,25 @@ def test_two_node_cluster_loses_a_node_mid_study_and_finishes_with_equal_results
     b = json.loads((tmp_path / "ray" / "results.json").read_text())
     assert all(c["status"] == "done" for c in b["cells"])
     assert a["cells"] == b["cells"] and a["diagnostics"] == b["diagnostics"]
-    assert (tmp_path / "local" / "report.md").read_text().split("## Cells")[0] == \
-        (tmp_path / "ray" / "report.md").read_text().split("## Cells")[0]
+    assert (tmp_path / "local" / "report.md").read_text().split("## Cells")[0] == (
+        tmp_path / "ray" / "report.md"
+    ).read_text().split("## Cells")[0]
 
 
 def test_the_run_command_checks_the_ray_options_before_anything_runs(env, tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text(yaml.safe_dump(study(env, "opts")))
-    for args, needle in ((["--cpus-per-cell", "2"], "--cpus-per-cell goes with --executor ray"),
-                         (["--executor", "ray", "--cpus-per-cell", "0"], "--cpus-per-cell must be a number > 0"),
-                         (["--executor", "ray", "--gpus-per-cell", "1.5"], "fractions below 1 or whole numbers"),
-                         (["--executor", "ray", "--max-retries", "-1"], "--max-retries must be an integer 0..100"),
-                         (["--executor", "ray", "--lock-timeout", "0"], "--lock-timeout must be a number > 0")):
-        r = subprocess.run([sys.executable, "-m", "quantshift.cli", "run", str(path), *args], capture_output=True,
-                           text=True, timeout=300)
+    for args, needle in (
+        (["--cpus-per-cell", "2"], "--cpus-per-cell goes with --executor ray"),
+        (["--executor", "ray", "--cpus-per-cell", "0"], "--cpus-per-cell must be a number > 0"),
+        (["--executor", "ray", "--gpus-per-cell", "1.5"], "fractions below 1 or whole numbers"),
+        (["--executor", "ray", "--max-retries", "-1"], "--max-retries must be an integer 0..100"),
+        (["--executor", "ray", "--lock-timeout", "0"], "--lock-timeout must be a number > 0"),
+    ):
+        r = subprocess.run(
+            [sys.executable, "-m", "quantshift.cli", "run", str(path), *args],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert r.returncode == 2 and needle in r.stderr, (args, r.stderr)

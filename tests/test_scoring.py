@@ -63,8 +63,9 @@ def test_scorer_projects_only_scored_positions():
     hook = head.register_forward_hook(lambda m, i, o: rows.append(i[0].reshape(-1, i[0].shape[-1]).shape[0]))
     try:
         ctx = list(range(3, 43))
-        lm._loglikelihood_tokens([(("q", str(a)), ctx, [3 + a]) for a in range(4)] + [(("q", "long"), ctx, [7, 8, 9])],
-                                 disable_tqdm=True)
+        lm._loglikelihood_tokens(
+            [(("q", str(a)), ctx, [3 + a]) for a in range(4)] + [(("q", "long"), ctx, [7, 8, 9])], disable_tqdm=True
+        )
     finally:
         hook.remove()
     # one forward for the four one-token answers (same input: 1 row), one for the 3-token answer (3 rows)

@@ -18,7 +18,7 @@ def test_offline_source_splits_are_disjoint_and_real(name):
     # no long verbatim passage of held-out text appears in the calibration part
     calib_text = src.text("calib")
     for doc in held[:20]:
-        probe = doc[len(doc) // 2: len(doc) // 2 + 120]
+        probe = doc[len(doc) // 2 : len(doc) // 2 + 120]
         if len(probe) == 120:
             assert probe not in calib_text
 
@@ -76,7 +76,7 @@ def test_task_source_with_and_without_answers():
 
     full = task_source("movie_sentiment").documents("calib")[:20]
     prompts = task_source("movie_sentiment", answers=False).documents("calib")[:20]
-    assert all(f.startswith(p) and f[len(p):].strip() in ("positive", "negative") for f, p in zip(full, prompts))
+    assert all(f.startswith(p) and f[len(p) :].strip() in ("positive", "negative") for f, p in zip(full, prompts))
     assert all(p.rstrip().endswith("Sentiment:") for p in prompts)
 
 

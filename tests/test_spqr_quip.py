@@ -63,6 +63,7 @@ def _solve(method, w, stats, spec, name="layers.0.mlp.up_proj"):
 
 # --- SpQR --------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("bits", [2, 3])
 def test_spqr_beats_rtn_at_same_bits(bits):
     w, x = _layer()
@@ -194,12 +195,16 @@ def test_spqr_selection_helpers_match_their_host_versions():
     mask = score > 1.5
     assert top_within(score, mask, torch.tensor(2), 6).tolist() == [False, False, False, True, False, True]
     assert top_within(score, mask, torch.tensor(10), 6).tolist() == mask.tolist()
-    assert not top_within(score, mask, torch.tensor(0), 6).any() and not top_within(score, mask, torch.tensor(5), 0).any()
+    assert (
+        not top_within(score, mask, torch.tensor(0), 6).any() and not top_within(score, mask, torch.tensor(5), 0).any()
+    )
 
 
 def test_spqr_statistics_are_themselves_quantized():
     w, x = _layer()
-    res = _solve(SpQR(SpQRConfig(wbits=3, qq_bits=3, qq_group_size=16)), w, _hessian(x), QuantSpec(bits=3, group_size=16))
+    res = _solve(
+        SpQR(SpQRConfig(wbits=3, qq_bits=3, qq_group_size=16)), w, _hessian(x), QuantSpec(bits=3, group_size=16)
+    )
     for stat in (res.qweight.scale, res.qweight.zero):
         for g in range(stat.shape[1]):
             for run in stat[:, g].split(16):
@@ -210,6 +215,7 @@ def test_spqr_statistics_are_themselves_quantized():
 
 
 # --- QuIP --------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("n", [64, 96, 160, 576])
 def test_quip_transforms_are_orthogonal_and_incoherent(n):
@@ -307,6 +313,7 @@ def test_quip_ldlq_beats_nearest_rounding():
 
 # --- whole tiny models -------------------------------------------------------------------------
 
+
 def _rel(a, b):
     return float((a - b).pow(2).sum() / b.pow(2).sum())
 
@@ -339,6 +346,7 @@ def test_whole_model_beats_rtn_and_reloads_exactly(kind, method, gs, tmp_path):
 
 # --- configuration -----------------------------------------------------------------------------
 
+
 def test_quip_followed_by_a_weight_quantizer_is_rejected():
     rec = recipe_from_dict({"stages": [{"quip": {"wbits": 3}}, {"gptq": {"wbits": 3}}]})
     with pytest.raises(ConfigError, match="'gptq' after 'quip'"):
@@ -348,16 +356,19 @@ def test_quip_followed_by_a_weight_quantizer_is_rejected():
     quantize_model(loaded_tiny("llama"), rec, random_calib(), progress=False)
 
 
-@pytest.mark.parametrize("stage,key", [
-    ({"spqr": {"outlier_thresh": 0.2}}, "outlier_thresh"),
-    ({"spqr": {"qq_bits": 1}}, "qq_bits"),
-    ({"spqr": {"max_outlier_fraction": 1.5}}, "max_outlier_fraction"),
-    ({"spqr": {"group_size": -1}}, "group_size"),
-    ({"spqr": {"wbits": 3, "max_bits_per_param": 3.5}}, "max_bits_per_param"),
-    ({"quip": {"rounding": "stochastic"}}, "rounding"),
-    ({"quip": {"wbits": 6}}, "wbits"),
-    ({"quip": {"sed": 1}}, "sed"),
-])
+@pytest.mark.parametrize(
+    "stage,key",
+    [
+        ({"spqr": {"outlier_thresh": 0.2}}, "outlier_thresh"),
+        ({"spqr": {"qq_bits": 1}}, "qq_bits"),
+        ({"spqr": {"max_outlier_fraction": 1.5}}, "max_outlier_fraction"),
+        ({"spqr": {"group_size": -1}}, "group_size"),
+        ({"spqr": {"wbits": 3, "max_bits_per_param": 3.5}}, "max_bits_per_param"),
+        ({"quip": {"rounding": "stochastic"}}, "rounding"),
+        ({"quip": {"wbits": 6}}, "wbits"),
+        ({"quip": {"sed": 1}}, "sed"),
+    ],
+)
 def test_bad_options_name_the_key(stage, key):
     with pytest.raises(ConfigError, match=key):
         recipe_from_dict({"stages": [stage]})

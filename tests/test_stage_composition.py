@@ -20,14 +20,18 @@ def _run(kind: str, stages: list, calib=None, seed: int = 0):
 
 # --- composition: a transform stage changes what the next stage sees ---------------------
 
+
 def _block_weights(model, i: int = 0) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.model.layers[i].state_dict().items()}
 
 
-@pytest.mark.parametrize("transform", [
-    {"smoothquant": {"alpha": 0.8, "quantize": False}},
-    {"awq": {"wbits": 4, "group_size": 32, "quantize": False}},
-])
+@pytest.mark.parametrize(
+    "transform",
+    [
+        {"smoothquant": {"alpha": 0.8, "quantize": False}},
+        {"awq": {"wbits": 4, "group_size": 32, "quantize": False}},
+    ],
+)
 def test_transform_then_gptq_equals_gptq_on_transformed_model(transform):
     gptq = {"gptq": {"wbits": 4, "group_size": 32, "abits": 8}}
     calib = random_calib()

@@ -35,6 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # --- pure pieces -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("bits", range(1, 9))
 def test_bit_packing_is_dense_and_exact_for_every_width(bits):
     g = torch.Generator().manual_seed(bits)
@@ -52,7 +53,12 @@ def test_sizes_and_caps_parse_or_fail_with_one_line():
     caps = parse_max_memory("cpu=16GiB, cuda:0=70GiB")
     assert caps == MemoryCaps(16 * 2**30, {"cuda:0": 70 * 2**30})
     assert parse_max_memory("cuda=1GB").devices == {"cuda:0": 10**9}
-    for bad, what in [("cpu16GiB", "DEVICE=SIZE"), ("gpu=1GiB", "'gpu=1GiB'"), ("cpu=12XB", "12XB"), ("cpu=0", "more than 0")]:
+    for bad, what in [
+        ("cpu16GiB", "DEVICE=SIZE"),
+        ("gpu=1GiB", "'gpu=1GiB'"),
+        ("cpu=12XB", "12XB"),
+        ("cpu=0", "more than 0"),
+    ]:
         with pytest.raises(ConfigError, match=what) as err:
             parse_max_memory(bad)
         assert "\n" not in str(err.value)
@@ -88,6 +94,7 @@ def test_shards_are_cut_by_size_indexed_and_checked_on_open(tmp_path):
 
 # --- a tiny model on disk: streaming == in memory ----------------------------------------------
 
+
 def _tiny_dir(tmp_path, kind="llama", dtype=torch.bfloat16, shard=20_000) -> Path:
     """A tiny model saved as a sharded checkpoint in `dtype` (bf16: the float32 master copies
     must be exact casts)."""
@@ -111,11 +118,14 @@ def _both(tmp_path, d: Path, recipe: dict, calib) -> tuple[Path, Path]:
 
 
 @pytest.mark.parametrize("kind", ["llama", "gemma3"])
-@pytest.mark.parametrize("recipe", [
-    {"stages": [{"rtn": {"wbits": 4, "group_size": 32}}]},
-    {"stages": [{"gptq": {"wbits": 3, "group_size": 32, "act_order": True, "static_groups": False}}]},
-    {"stages": [{"smoothquant": {"alpha": 0.8, "quantize": False}}, {"gptq": {"wbits": 4, "abits": 8}}]},
-])
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        {"stages": [{"rtn": {"wbits": 4, "group_size": 32}}]},
+        {"stages": [{"gptq": {"wbits": 3, "group_size": 32, "act_order": True, "static_groups": False}}]},
+        {"stages": [{"smoothquant": {"alpha": 0.8, "quantize": False}}, {"gptq": {"wbits": 4, "abits": 8}}]},
+    ],
+)
 def test_streaming_writes_the_same_directory_as_in_memory(tmp_path, kind, recipe):
     d = _tiny_dir(tmp_path, kind)
     a, b = _both(tmp_path, d, recipe, random_calib(8, 32))
@@ -204,8 +214,14 @@ def test_a_failed_streaming_run_leaves_nothing_behind(tmp_path, monkeypatch):
 
     monkeypatch.setattr(CheckpointSource, "read", poisoned)
     with pytest.raises(NumericalError):
-        quantize_streaming(disk, recipe_from_dict({"stages": [{"gptq": {"wbits": 4, "group_size": 32}}]}),
-                           random_calib(4, 16), tmp_path / "out", device="cpu", progress=False)
+        quantize_streaming(
+            disk,
+            recipe_from_dict({"stages": [{"gptq": {"wbits": 4, "group_size": 32}}]}),
+            random_calib(4, 16),
+            tmp_path / "out",
+            device="cpu",
+            progress=False,
+        )
     assert not (tmp_path / "out").exists() and [p.name for p in tmp_path.iterdir()] == ["tiny-llama"]
 
 
@@ -222,11 +238,19 @@ def test_skeleton_and_materialized_model_match_from_pretrained(tmp_path):
 
 # --- the memory plan ---------------------------------------------------------------------------
 
+
 def _shape():
     from transformers import LlamaConfig
 
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        vocab_size=32000,
+        hidden_size=4096,
+        intermediate_size=11008,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=32,
+        tie_word_embeddings=False,
+    )
     return shape_of_config(cfg, "llama-7b-shaped")
 
 
@@ -252,13 +276,28 @@ def test_gpu_plan_evaluates_in_memory_only_where_the_model_fits_the_device_cap()
     from quantshift.memory import device_resident_budget
 
     s = _shape()
-    gptq = plan_memory(s, device="cuda", weight_bytes=2, caps=MemoryCaps(64 * 2**30, {"cuda:0": 8 * 2**30}),
-                       calib_tokens=4 * 128, evaluate=False, baseline=2**28)
+    gptq = plan_memory(
+        s,
+        device="cuda",
+        weight_bytes=2,
+        caps=MemoryCaps(64 * 2**30, {"cuda:0": 8 * 2**30}),
+        calib_tokens=4 * 128,
+        evaluate=False,
+        baseline=2**28,
+    )
     assert 2.4 * 2**30 < gptq.stage("quantize").device < 4.5 * 2**30  # one block, its solver and Hessians
     packed = dataclasses.replace(s, stored_bytes=int(3.9e9))
     for cap, mode in [(8 * 2**30, "in memory"), (2 * 2**30, "streaming")]:
-        plan = plan_memory(packed, device="cuda", weight_bytes=2, caps=MemoryCaps(64 * 2**30, {"cuda:0": cap}),
-                           quantize=False, packed_eval=True, eval_seqlen=128, baseline=2**28)
+        plan = plan_memory(
+            packed,
+            device="cuda",
+            weight_bytes=2,
+            caps=MemoryCaps(64 * 2**30, {"cuda:0": cap}),
+            quantize=False,
+            packed_eval=True,
+            eval_seqlen=128,
+            baseline=2**28,
+        )
         ev = plan.stage("evaluate")
         assert ev.mode == mode and ev.device <= cap
         assert (ev.device > 3.9e9) == (mode == "in memory")  # in memory, the whole model is on the device
@@ -268,9 +307,23 @@ def test_gpu_plan_evaluates_in_memory_only_where_the_model_fits_the_device_cap()
 
 def test_cli_refuses_a_cap_below_one_block_and_a_bad_cap(tmp_path):
     d = _tiny_dir(tmp_path)
-    base = [sys.executable, "-m", "quantshift.cli", "quantize", str(d), "--method", "rtn", "--seqlen", "32",
-            "--out", str(tmp_path / "q")]
-    for cap, msg in [("cpu=10MB", "even streaming one block at a time"), ("cpu=lots", "cannot read memory size 'lots'")]:
+    base = [
+        sys.executable,
+        "-m",
+        "quantshift.cli",
+        "quantize",
+        str(d),
+        "--method",
+        "rtn",
+        "--seqlen",
+        "32",
+        "--out",
+        str(tmp_path / "q"),
+    ]
+    for cap, msg in [
+        ("cpu=10MB", "even streaming one block at a time"),
+        ("cpu=lots", "cannot read memory size 'lots'"),
+    ]:
         r = subprocess.run([*base, "--max-memory", cap], capture_output=True, text=True)
         assert r.returncode == 2 and msg in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert not (tmp_path / "q").exists()
@@ -282,8 +335,17 @@ def test_local_executor_never_runs_works_whose_plans_exceed_the_budget_together(
     works = [{"kind": "model", "key": f"w{i}", "label": f"w{i}", "memory_bytes": 6 * 2**30} for i in range(3)]
     log = tmp_path / "log"
     done = []
-    _run_pool(works, str(tmp_path), {"max_memory": "cpu=10GiB"}, done.append, 2, 1, str(tmp_path),
-              run=_overlap_probe, progress=False)
+    _run_pool(
+        works,
+        str(tmp_path),
+        {"max_memory": "cpu=10GiB"},
+        done.append,
+        2,
+        1,
+        str(tmp_path),
+        run=_overlap_probe,
+        progress=False,
+    )
     spans = [tuple(map(float, line.split())) for line in log.read_text().splitlines()]
     assert len(done) == 3 and all(r["ok"] for r in done)
     spans.sort()
@@ -348,14 +410,17 @@ def test_a_model_quantizes_saves_reloads_and_scores_in_a_third_of_its_size(tmp_p
     script.write_text(PIPELINE)
     import resource
 
-    r = subprocess.run([sys.executable, str(script), str(model), str(tmp_path / "q"), cap, str(calib)],
-                       capture_output=True, text=True)
+    r = subprocess.run(
+        [sys.executable, str(script), str(model), str(tmp_path / "q"), cap, str(calib)], capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     peak = out["peak_rss"]  # the child's own getrusage; the parent's RUSAGE_CHILDREN covers it
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024 >= peak
     used = peak - out["base_rss"]
-    assert used < 0.50 * bf16, f"peak {fmt_bytes(peak)} - base {fmt_bytes(out['base_rss'])} = {fmt_bytes(used)} vs {fmt_bytes(bf16)}"
+    assert used < 0.50 * bf16, (
+        f"peak {fmt_bytes(peak)} - base {fmt_bytes(out['base_rss'])} = {fmt_bytes(used)} vs {fmt_bytes(bf16)}"
+    )
     for method in ("rtn", "gptq"):
         q = QuantizedDir(tmp_path / f"q-{method}")
         assert q.tensors.total_bytes() <= 0.40 * bf16
@@ -364,6 +429,7 @@ def test_a_model_quantizes_saves_reloads_and_scores_in_a_third_of_its_size(tmp_p
 
 
 # --- studies ---------------------------------------------------------------------------------------
+
 
 def test_a_study_whose_models_exceed_the_budget_streams_with_equal_results(tmp_path, monkeypatch):
     """The same study with every model streamed (as when it does not fit --max-memory) gives the
@@ -374,13 +440,21 @@ def test_a_study_whose_models_exceed_the_budget_streams_with_equal_results(tmp_p
 
     d = _tiny_dir(tmp_path, dtype=torch.float32)
     text = tmp_path / "prose.txt"
-    text.write_text("\n\n".join(f"{i} The river bends slowly past the old mill, where farmers bring grain. " * 3
-                                for i in range(25)))
-    spec = {"name": "s", "models": [str(d)], "device": "cpu", "keep_models": True,
-            "methods": [{"method": "rtn", "wbits": [4], "group_size": 32},
-                        {"method": "gptq", "wbits": [3], "group_size": 32}],
-            "calibration": {"sources": [str(text)], "n": 4, "seqlen": 32, "seeds": [42]},
-            "evaluation": {"ppl": [str(text)], "ppl_seqlen": 32, "ppl_windows": 3}}
+    text.write_text(
+        "\n\n".join(f"{i} The river bends slowly past the old mill, where farmers bring grain. " * 3 for i in range(25))
+    )
+    spec = {
+        "name": "s",
+        "models": [str(d)],
+        "device": "cpu",
+        "keep_models": True,
+        "methods": [
+            {"method": "rtn", "wbits": [4], "group_size": 32},
+            {"method": "gptq", "wbits": [3], "group_size": 32},
+        ],
+        "calibration": {"sources": [str(text)], "n": 4, "seqlen": 32, "seeds": [42]},
+        "evaluation": {"ppl": [str(text)], "ppl_seqlen": 32, "ppl_windows": 3},
+    }
 
     def metrics(cache):
         out = {}
@@ -391,8 +465,14 @@ def test_a_study_whose_models_exceed_the_budget_streams_with_equal_results(tmp_p
 
     run_study(study_from_dict(spec), tmp_path / "a", cache=tmp_path / "ca", progress=False, echo=lambda *_: None)
     monkeypatch.setattr(MemoryPlan, "streams", lambda self, stage: True)
-    run_study(study_from_dict(spec), tmp_path / "b", cache=tmp_path / "cb", progress=False, echo=lambda *_: None,
-              max_memory="cpu=64GiB")
+    run_study(
+        study_from_dict(spec),
+        tmp_path / "b",
+        cache=tmp_path / "cb",
+        progress=False,
+        echo=lambda *_: None,
+        max_memory="cpu=64GiB",
+    )
     assert metrics(tmp_path / "ca") == metrics(tmp_path / "cb") and len(metrics(tmp_path / "ca")) == 3
     for cache in ("ca", "cb"):
         kept = [p for p in (tmp_path / cache / "models").iterdir() if p.is_dir()]

@@ -46,8 +46,10 @@ def tiny_study(env: dict, name: str = "tiny", **over) -> dict:
     spec = {
         "name": name,
         "models": [env["model"]],
-        "methods": [{"method": "rtn", "wbits": [4], "group_size": 32},
-                    {"method": "gptq", "wbits": [4, 3], "group_size": 32}],
+        "methods": [
+            {"method": "rtn", "wbits": [4], "group_size": 32},
+            {"method": "gptq", "wbits": [4, 3], "group_size": 32},
+        ],
         "calibration": {"sources": src, "n": 4, "seqlen": 32, "seeds": [42]},
         "evaluation": {"ppl": src, "ppl_seqlen": 32, "ppl_windows": 3},
         "diagnostics": {"windows": 2, "seqlen": 32},
@@ -65,8 +67,14 @@ def write_study(env: dict, spec: dict) -> Path:
 
 def cli(args: list[str], cwd: Path) -> subprocess.Popen:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    return subprocess.Popen([sys.executable, "-m", "quantshift.cli", *args], cwd=cwd, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "quantshift.cli", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def run_cli(args: list[str], cwd: Path) -> str:
@@ -87,6 +95,7 @@ def result_files(cache: Path) -> dict[str, tuple[float, str]]:
 
 
 # ---------------------------------------------------------------- spec validation
+
 
 def test_unknown_key_is_named(tiny_env):
     spec = tiny_study(tiny_env)
@@ -155,11 +164,14 @@ def test_task_glob_is_iid():
 
 # ---------------------------------------------------------------- running
 
+
 def test_kill_resume_and_byte_identical_rerun(tiny_env, tmp_path):
     spec = tiny_study(tiny_env, name="killme")
     study = write_study(tiny_env, spec)
     # the reference: an uninterrupted run in its own directory and cache
-    run_cli(["run", str(study), "--out", str(tmp_path / "ref"), "--cache", str(tmp_path / "ref-cache"), "--quiet"], tmp_path)
+    run_cli(
+        ["run", str(study), "--out", str(tmp_path / "ref"), "--cache", str(tmp_path / "ref-cache"), "--quiet"], tmp_path
+    )
     ref = json.loads((tmp_path / "ref" / "results.json").read_text())
 
     out, cache = tmp_path / "run", tmp_path / "cache"
@@ -191,7 +203,9 @@ def test_kill_resume_and_byte_identical_rerun(tiny_env, tmp_path):
         assert (out / p).read_bytes() == data, p
     report = (out / "report.md").read_text()
     assert "†" in report and "**" in report and "Findings (computed)" in report
-    assert strip_times((tmp_path / "ref" / "report.md").read_text()) == strip_times(report), "interrupted and clean runs differ"
+    assert strip_times((tmp_path / "ref" / "report.md").read_text()) == strip_times(report), (
+        "interrupted and clean runs differ"
+    )
     # `report` alone rebuilds the same report from the cache
     (out / "report.md").unlink()
     run_cli(["report", str(out)], tmp_path)
@@ -206,7 +220,9 @@ def test_failed_cell_is_recorded_and_others_finish(tiny_env, tmp_path):
     spec = tiny_study(tiny_env, name="fails", diagnostics={"enabled": False})
     spec["methods"] = [{"method": "gptq", "wbits": [4], "group_size": 32}]
     spec["calibration"]["sources"] = [tiny_env["sources"]["prose"], str(short)]
-    summary = run_study(study_from_dict(spec), tmp_path / "out", tmp_path / "cache", progress=False, echo=lambda *_: None)
+    summary = run_study(
+        study_from_dict(spec), tmp_path / "out", tmp_path / "cache", progress=False, echo=lambda *_: None
+    )
     assert summary["failed"] == 1
     res = json.loads((tmp_path / "out" / "results.json").read_text())
     status = {c["label"].split("/", 1)[1]: c["status"] for c in res["cells"]}
@@ -247,8 +263,9 @@ def test_local_worker_processes_match_in_process_run(tiny_env, tmp_path, monkeyp
     b = json.loads((tmp_path / "two" / "results.json").read_text())
     assert all(c["status"] == "done" for c in a["cells"]) and len(a["cells"]) == len(b["cells"])
     assert a["cells"] == b["cells"] and a["diagnostics"] == b["diagnostics"]
-    assert (tmp_path / "one" / "report.md").read_text().split("## Cells")[0] == \
-        (tmp_path / "two" / "report.md").read_text().split("## Cells")[0]
+    assert (tmp_path / "one" / "report.md").read_text().split("## Cells")[0] == (
+        tmp_path / "two" / "report.md"
+    ).read_text().split("## Cells")[0]
 
 
 def _dies_on_crash_label(work, cache_root, options, flight, progress=False):
@@ -265,7 +282,9 @@ def test_dead_worker_fails_only_the_work_it_was_running(tmp_path):
     works not yet started run in a new pool."""
     from quantshift.studies import executors
 
-    works = [{"key": k, "label": label} for k, label in (("a", "first"), ("b", "crash"), ("c", "third"), ("d", "fourth"))]
+    works = [
+        {"key": k, "label": label} for k, label in (("a", "first"), ("b", "crash"), ("c", "third"), ("d", "fourth"))
+    ]
     done: list[dict] = []
     todo, rounds = works, 0
     while todo:  # as run_local does; one worker, so the order is fixed
@@ -297,7 +316,8 @@ def test_interrupt_stops_worker_processes_at_once(tmp_path):
         "from quantshift.studies import executors\n"
         "if __name__ == '__main__':\n"
         f"    executors._run_pool([{{'key': k, 'label': k}} for k in 'abcd'], {str(tmp_path)!r}, {{}}, print, 2, 1,\n"
-        f"                        {str(tmp_path)!r}, run=_sleeps)\n")
+        f"                        {str(tmp_path)!r}, run=_sleeps)\n"
+    )
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + 120
@@ -357,8 +377,9 @@ def test_ray_executor_matches_local(tiny_env, tmp_path):
     b = json.loads((tmp_path / "ray" / "results.json").read_text())
     assert all(c["status"] == "done" for c in a["cells"])
     assert a["cells"] == b["cells"] and a["diagnostics"] == b["diagnostics"]
-    assert (tmp_path / "local" / "report.md").read_text().split("## Cells")[0] == \
-        (tmp_path / "ray" / "report.md").read_text().split("## Cells")[0]
+    assert (tmp_path / "local" / "report.md").read_text().split("## Cells")[0] == (
+        tmp_path / "ray" / "report.md"
+    ).read_text().split("## Cells")[0]
 
 
 def test_report_on_task_results_marks_iid_best_and_significance(tmp_path):
@@ -366,8 +387,15 @@ def test_report_on_task_results_marks_iid_best_and_significance(tmp_path):
     from quantshift.studies.report import build_blocks, iid_findings, sensitivity, to_markdown
     from quantshift.studies.spec import EvalUnit
 
-    spec = study_from_dict({"name": "synthetic", "models": ["m"], "methods": [{"method": "gptq", "wbits": [4]}],
-                            "calibration": {"sources": ["task:a", "wikipedia"]}, "evaluation": {"tasks": ["a", "b"]}})
+    spec = study_from_dict(
+        {
+            "name": "synthetic",
+            "models": ["m"],
+            "methods": [{"method": "gptq", "wbits": [4]}],
+            "calibration": {"sources": ["task:a", "wikipedia"]},
+            "evaluation": {"tasks": ["a", "b"]},
+        }
+    )
     units = [EvalUnit("task", "a", 0), EvalUnit("task", "b", 0)]
 
     def cell(method, wbits, calib, accs):
@@ -376,16 +404,31 @@ def test_report_on_task_results_marks_iid_best_and_significance(tmp_path):
             scores = [1.0] * int(40 * acc) + [0.0] * (40 - int(40 * acc))
             metrics[u.key] = {"acc": acc, "acc_ci": [acc - 0.1, acc + 0.1], "n": 40, "category": cat}
             samples[u.key] = [{"id": str(i), "acc": s} for i, s in enumerate(scores)]
-        return {"model": {"name": "m"}, "method": method, "wbits": wbits, "recipe": None if method == "fp" else {},
-                "calib": None if calib is None else {"source": calib, "seed": 42}, "label": f"{method}/{calib}",
-                "key": method + str(calib), "status": "done", "metrics": metrics, "samples": samples, "error": None,
-                "calib_manifest": None, "quant_seconds": 1.0, "eval_seconds": 1.0}
+        return {
+            "model": {"name": "m"},
+            "method": method,
+            "wbits": wbits,
+            "recipe": None if method == "fp" else {},
+            "calib": None if calib is None else {"source": calib, "seed": 42},
+            "label": f"{method}/{calib}",
+            "key": method + str(calib),
+            "status": "done",
+            "metrics": metrics,
+            "samples": samples,
+            "error": None,
+            "calib_manifest": None,
+            "quant_seconds": 1.0,
+            "eval_seconds": 1.0,
+        }
 
-    cells = [cell("fp", 16, None, [(0.9, "qa"), (0.6, "nli")]),
-             cell("gptq", 4, "task:a", [(0.85, "qa"), (0.5, "nli")]),
-             cell("gptq", 4, "wikipedia", [(0.4, "qa"), (0.55, "nli")])]
-    md = to_markdown(build_blocks({"spec": spec, "units": units, "cells": cells, "diagnostics": {}, "versions": {}},
-                                  tmp_path))
+    cells = [
+        cell("fp", 16, None, [(0.9, "qa"), (0.6, "nli")]),
+        cell("gptq", 4, "task:a", [(0.85, "qa"), (0.5, "nli")]),
+        cell("gptq", 4, "wikipedia", [(0.4, "qa"), (0.55, "nli")]),
+    ]
+    md = to_markdown(
+        build_blocks({"spec": spec, "units": units, "cells": cells, "diagnostics": {}, "versions": {}}, tmp_path)
+    )
     assert "| task:a | **85.0±10.0†** | 50.0±10.0 |" in md
     assert "| wikipedia | 40.0±10.0 | **55.0±10.0** |" in md
     (row,) = iid_findings(cells, units)
@@ -423,12 +466,15 @@ def test_fp_propagation_study_reuses_hessians_across_bits_and_unions(tiny_env, t
     from quantshift.studies.runner import run_study
 
     a, b = list(tiny_env["sources"].values())[:2]
-    spec = tiny_study(tiny_env, name="fp-stats",
-                      methods=[{"method": "gptq", "wbits": [4, 3], "group_size": 32}],
-                      calibration={"sources": [a, b, f"{a}+{b}"], "n": 4, "seqlen": 32, "seeds": [42],
-                                   "propagate": "fp"},
-                      evaluation={"ppl": [a], "ppl_seqlen": 32, "ppl_windows": 2}, include_fp=False,
-                      diagnostics={"enabled": False})
+    spec = tiny_study(
+        tiny_env,
+        name="fp-stats",
+        methods=[{"method": "gptq", "wbits": [4, 3], "group_size": 32}],
+        calibration={"sources": [a, b, f"{a}+{b}"], "n": 4, "seqlen": 32, "seeds": [42], "propagate": "fp"},
+        evaluation={"ppl": [a], "ppl_seqlen": 32, "ppl_windows": 2},
+        include_fp=False,
+        diagnostics={"enabled": False},
+    )
     calls = []
     original = BlockEngine.capture
     monkeypatch.setattr(BlockEngine, "capture", lambda self, ids: (calls.append(ids.shape), original(self, ids))[1])
@@ -463,7 +509,12 @@ def test_chat_template_ablation_adds_raw_twins_to_the_unquantized_works_only(tin
     from quantshift.studies.runner import plan_study
     from quantshift.studies.work import unit_batches
 
-    ev = {"ppl": [], "tasks": ["movie_sentiment", "emoji_movie"], "chat_template": "auto", "chat_template_ablation": True}
+    ev = {
+        "ppl": [],
+        "tasks": ["movie_sentiment", "emoji_movie"],
+        "chat_template": "auto",
+        "chat_template_ablation": True,
+    }
     spec = study_from_dict(tiny_study(tiny_env, evaluation=ev))
     plan = plan_study(spec, on_gpu=False)
     fp = next(w for w in plan.works if w["recipe"] is None)
@@ -471,7 +522,9 @@ def test_chat_template_ablation_adds_raw_twins_to_the_unquantized_works_only(tin
     assert [u["name"] for u in fp["units"]] == ["movie_sentiment", "emoji_movie"] * 2
     assert all(len(w["units"]) == 2 for w in quant)
     raw = [u for u in fp["units"] if "chat_template" not in u["settings"]]
-    off = study_from_dict(tiny_study(tiny_env, evaluation={**ev, "chat_template": "off", "chat_template_ablation": False}))
+    off = study_from_dict(
+        tiny_study(tiny_env, evaluation={**ev, "chat_template": "off", "chat_template_ablation": False})
+    )
     assert [u["settings"] for u in raw] == [unit_settings(off, u) for u in plan.fp_units]
     assert sorted(len(b) for b in unit_batches(fp["units"])) == [2, 2]
     assert {b[0]["settings"].get("chat_template") for b in unit_batches(fp["units"])} == {"auto", None}

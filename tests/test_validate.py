@@ -59,10 +59,12 @@ def one_line_error(err: str) -> str:
 
 # ---------------------------------------------------------------- the two reported examples
 
+
 def test_negative_group_size_fails_before_load(cli, tmp_path):
     out = tmp_path / "X"
-    code, _, err = cli("quantize", "smollm2-135m", "--method", "rtn", "--wbits", "4", "--group-size", "-7",
-                       "--out", str(out))
+    code, _, err = cli(
+        "quantize", "smollm2-135m", "--method", "rtn", "--wbits", "4", "--group-size", "-7", "--out", str(out)
+    )
     line = one_line_error(err)
     assert code == 2
     assert "--group-size" in line and "-7" in line and "-1 (per channel)" in line
@@ -80,21 +82,33 @@ def test_unknown_task_fails_before_load(cli, monkeypatch):
     assert code == 2 and "did you mean 'hellaswag'" in one_line_error(err)
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["quantize", "smollm2-135m", "--method", "rtn", "--wbits", "4", "--group-size", "-7", "--out", "X"],
-     "--group-size must be -1 (per channel), 0 (per tensor)"),
-    (["eval", "smollm2-135m", "--tasks", "no_such_task_xyz"], "unknown task 'no_such_task_xyz'"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (
+            ["quantize", "smollm2-135m", "--method", "rtn", "--wbits", "4", "--group-size", "-7", "--out", "X"],
+            "--group-size must be -1 (per channel), 0 (per tensor)",
+        ),
+        (["eval", "smollm2-135m", "--tasks", "no_such_task_xyz"], "unknown task 'no_such_task_xyz'"),
+    ],
+)
 def test_reported_examples_as_a_user_runs_them(args, needle, tmp_path):
     """The real console entry point, real lm-eval task index: exit 2, one line, nothing written."""
-    r = subprocess.run([sys.executable, "-m", "quantshift.cli", *args], capture_output=True, text=True,
-                       timeout=600, cwd=tmp_path, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+    r = subprocess.run(
+        [sys.executable, "-m", "quantshift.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+        env={**__import__("os").environ, "OMP_NUM_THREADS": "1"},
+    )
     assert r.returncode == 2, r.stderr
     assert needle in one_line_error(r.stderr)
     assert not any(tmp_path.iterdir())
 
 
 # ---------------------------------------------------------------- recipes
+
 
 def test_recipe_typo_names_key_and_suggestion(cli, tmp_path):
     rec = tmp_path / "r.yaml"
@@ -115,21 +129,27 @@ def test_recipe_top_level_and_override_typos(tmp_path):
         validate.check_recipe_data([{"gptqq": {"wbits": 4}}])
 
 
-@pytest.mark.parametrize("stages,needle", [
-    ([{"rtn": {"group_size": -7}}], "group_size must be -1"),
-    ([{"rtn": {"overrides": [{"pattern": "down", "wbits": 12}]}}], "overrides[0].wbits: wbits must be 2..8"),
-    ([{"rtn": {"overrides": [{"pattern": "down", "group_size": -3}]}}], "overrides[0].group_size: group_size must be -1"),
-    ([{"spqr": {"overrides": [{"pattern": "down", "group_size": -1}]}}], "SpQR needs small groups"),
-    ([{"rtn": {"targets": ["q_proj("]}}], "invalid regex 'q_proj('"),
-    ([{"gptq": {"damp": -0.1}}], "damp must be"),
-    ([{"gptq": {"damp": float("nan")}}], "damp must be"),
-    ([{"gptq": {"block_size": 0}}], "block_size must be a number >= 1"),
-    ([{"quip": {"seed": -1}}], "seed must be an integer 0.."),
-    ([{"quip": {}}, {"gptq": {"wbits": 4}}], "after 'quip' would re-quantize"),
-    ([{"gptq": 4}], "options must be a mapping"),
-    ([{"rtn": {}, "gptq": {}}], "one-key mapping"),
-    ([], "non-empty list of stages"),
-])
+@pytest.mark.parametrize(
+    "stages,needle",
+    [
+        ([{"rtn": {"group_size": -7}}], "group_size must be -1"),
+        ([{"rtn": {"overrides": [{"pattern": "down", "wbits": 12}]}}], "overrides[0].wbits: wbits must be 2..8"),
+        (
+            [{"rtn": {"overrides": [{"pattern": "down", "group_size": -3}]}}],
+            "overrides[0].group_size: group_size must be -1",
+        ),
+        ([{"spqr": {"overrides": [{"pattern": "down", "group_size": -1}]}}], "SpQR needs small groups"),
+        ([{"rtn": {"targets": ["q_proj("]}}], "invalid regex 'q_proj('"),
+        ([{"gptq": {"damp": -0.1}}], "damp must be"),
+        ([{"gptq": {"damp": float("nan")}}], "damp must be"),
+        ([{"gptq": {"block_size": 0}}], "block_size must be a number >= 1"),
+        ([{"quip": {"seed": -1}}], "seed must be an integer 0.."),
+        ([{"quip": {}}, {"gptq": {"wbits": 4}}], "after 'quip' would re-quantize"),
+        ([{"gptq": 4}], "options must be a mapping"),
+        ([{"rtn": {}, "gptq": {}}], "one-key mapping"),
+        ([], "non-empty list of stages"),
+    ],
+)
 def test_recipe_values_the_engine_would_refuse_late(stages, needle):
     with pytest.raises(ConfigError) as info:  # InvalidInput, or the method config's own check (damp)
         validate.check_recipe_data(stages)
@@ -137,19 +157,28 @@ def test_recipe_values_the_engine_would_refuse_late(stages, needle):
 
 
 def test_valid_recipes_pass():
-    rec = validate.check_recipe_data({"stages": [{"smoothquant": {"alpha": 0.8, "quantize": False}},
-                                                 {"gptq": {"wbits": 4, "group_size": 128, "abits": 8}}]})
+    rec = validate.check_recipe_data(
+        {
+            "stages": [
+                {"smoothquant": {"alpha": 0.8, "quantize": False}},
+                {"gptq": {"wbits": 4, "group_size": 128, "abits": 8}},
+            ]
+        }
+    )
     assert [s.method for s in rec.stages] == ["smoothquant", "gptq"]
     validate.check_recipe_data([{"kvcache": {"bits": 8}}, {"quip": {"wbits": 2}}])
     validate.check_recipe_data([{"quip": {"wbits": 2}}, {"rtn": {"wbits": 16, "abits": 8}}])  # activations only
     validate.check_recipe_data(["rtn"])
 
 
-@pytest.mark.parametrize("text,needle", [
-    ("stages: [", "not valid YAML"),
-    ("42\n", "non-empty list of stages"),
-    ("", "non-empty list of stages"),
-])
+@pytest.mark.parametrize(
+    "text,needle",
+    [
+        ("stages: [", "not valid YAML"),
+        ("42\n", "non-empty list of stages"),
+        ("", "non-empty list of stages"),
+    ],
+)
 def test_recipe_files_that_are_not_recipes(text, needle, tmp_path):
     p = tmp_path / "r.yaml"
     p.write_text(text)
@@ -166,25 +195,29 @@ def test_binary_recipe_file_is_one_line(tmp_path):
 
 # ---------------------------------------------------------------- options
 
-@pytest.mark.parametrize("args,needle", [
-    (["--method", "rtn", "--wbits", "9"], "--wbits must be 2..8"),
-    (["--method", "fp8", "--wbits", "4"], "fp8 is 8 bits"),
-    (["--method", "quip", "--wbits", "8"], "QuIP is a 2-4 bit method"),
-    (["--method", "smoothquant+gptq"], "stacks are a comma list"),
-    (["--method", ","], "--method must name a method"),
-    (["--method", "rtn", "--nsamples", "0"], "--nsamples must be an integer 1.."),
-    (["--method", "rtn", "--seqlen", "1"], "--seqlen must be an integer 2.."),
-    (["--method", "rtn", "--seed", "-1"], "--seed must be an integer 0.."),
-    (["--method", "rtn", "--batch-size", "0"], "--batch-size must be an integer 1.."),
-    (["--method", "rtn", "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
-    (["--method", "rtn", "--dtype", "float64"], "--dtype: unknown dtype 'float64'"),
-    (["--method", "rtn", "--calib", "wikipeda"], "did you mean 'wikipedia'"),
-    (["--method", "rtn", "--calib", "wikipedia+"], "empty source name in a '+' union"),
-    (["--method", "rtn", "--calib", "missing.txt"], "text file 'missing.txt' does not exist"),
-    (["--method", "rtn", "--calib", "task:no_such_*"], "unknown task 'no_such_*'"),
-    (["--method", "rtn", "--data-dir", "nowhere"], "--data-dir 'nowhere' does not exist"),
-    (["--method", "gptq", "--calib", "news", "--nsamples", "100000"], "calibration"),
-])
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--method", "rtn", "--wbits", "9"], "--wbits must be 2..8"),
+        (["--method", "fp8", "--wbits", "4"], "fp8 is 8 bits"),
+        (["--method", "quip", "--wbits", "8"], "QuIP is a 2-4 bit method"),
+        (["--method", "smoothquant+gptq"], "stacks are a comma list"),
+        (["--method", ","], "--method must name a method"),
+        (["--method", "rtn", "--nsamples", "0"], "--nsamples must be an integer 1.."),
+        (["--method", "rtn", "--seqlen", "1"], "--seqlen must be an integer 2.."),
+        (["--method", "rtn", "--seed", "-1"], "--seed must be an integer 0.."),
+        (["--method", "rtn", "--batch-size", "0"], "--batch-size must be an integer 1.."),
+        (["--method", "rtn", "--device", "gpu"], "--device must be auto, cpu, cuda or cuda:N"),
+        (["--method", "rtn", "--dtype", "float64"], "--dtype: unknown dtype 'float64'"),
+        (["--method", "rtn", "--calib", "wikipeda"], "did you mean 'wikipedia'"),
+        (["--method", "rtn", "--calib", "wikipedia+"], "empty source name in a '+' union"),
+        (["--method", "rtn", "--calib", "missing.txt"], "text file 'missing.txt' does not exist"),
+        (["--method", "rtn", "--calib", "task:no_such_*"], "unknown task 'no_such_*'"),
+        (["--method", "rtn", "--data-dir", "nowhere"], "--data-dir 'nowhere' does not exist"),
+        (["--method", "gptq", "--calib", "news", "--nsamples", "100000"], "calibration"),
+    ],
+)
 def test_quantize_options(cli, args, needle, tmp_path):
     code, _, err = cli("quantize", "smollm2-135m", *args, "--out", str(tmp_path / "o"))
     assert code == 2 and needle in one_line_error(err)
@@ -203,24 +236,41 @@ def test_quantize_refuses_a_nonempty_out_dir_before_the_work(cli, tmp_path):
 def test_valid_quantize_reaches_the_loader(cli, tmp_path):
     """Validation must not reject what is fine: this run gets as far as loading the model."""
     with pytest.raises(ModelLoaded):
-        cli("quantize", "smollm2-135m", "--method", "gptq", "--wbits", "3", "--group-size", "64",
-            "--calib", "wikipedia+news", "--nsamples", "16", "--out", str(tmp_path / "o"))
+        cli(
+            "quantize",
+            "smollm2-135m",
+            "--method",
+            "gptq",
+            "--wbits",
+            "3",
+            "--group-size",
+            "64",
+            "--calib",
+            "wikipedia+news",
+            "--nsamples",
+            "16",
+            "--out",
+            str(tmp_path / "o"),
+        )
 
 
-@pytest.mark.parametrize("args,needle", [
-    (["eval", "smollm2-135m", "--ppl", "wikipedai"], "did you mean 'wikipedia'"),
-    (["eval", "smollm2-135m", "--suite", "ofline"], "did you mean 'offline'"),
-    (["eval", "smollm2-135m", "--ppl", "news", "--shots", "a,b"], "--shots takes comma-separated integers"),
-    (["eval", "smollm2-135m", "--ppl", "news", "--limit", "-1"], "--limit must be an integer 0.."),
-    (["eval", "smollm2-135m", "--ppl", "news", "--max-windows", "-5"], "--max-windows must be"),
-    (["eval", "smollm2-135m", "--ppl", "news", "--judge", "hf:x"], "go together"),
-    (["eval", "org/name with space", "--ppl", "news"], "hub id like org/name"),
-    (["eval", "smollm2-135m", "--ppl", "news", "--head", "int8"], "--head int8 needs --backend packed"),
-    (["eval", "smollm2-135m", "--ppl", "news", "--backend", "packed", "--head", "int4"], "--head"),
-    (["bench", "smollm2-135m", "--batch-sizes", "0"], "--batch-sizes must be an integer 1.."),
-    (["bench", "smollm2-135m", "--gen-len", "1"], "--gen-len must be an integer 2.."),
-    (["export", "nowhere", "--format", "gptq", "--out", "o"], "SRC 'nowhere': no such directory"),
-])
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["eval", "smollm2-135m", "--ppl", "wikipedai"], "did you mean 'wikipedia'"),
+        (["eval", "smollm2-135m", "--suite", "ofline"], "did you mean 'offline'"),
+        (["eval", "smollm2-135m", "--ppl", "news", "--shots", "a,b"], "--shots takes comma-separated integers"),
+        (["eval", "smollm2-135m", "--ppl", "news", "--limit", "-1"], "--limit must be an integer 0.."),
+        (["eval", "smollm2-135m", "--ppl", "news", "--max-windows", "-5"], "--max-windows must be"),
+        (["eval", "smollm2-135m", "--ppl", "news", "--judge", "hf:x"], "go together"),
+        (["eval", "org/name with space", "--ppl", "news"], "hub id like org/name"),
+        (["eval", "smollm2-135m", "--ppl", "news", "--head", "int8"], "--head int8 needs --backend packed"),
+        (["eval", "smollm2-135m", "--ppl", "news", "--backend", "packed", "--head", "int4"], "--head"),
+        (["bench", "smollm2-135m", "--batch-sizes", "0"], "--batch-sizes must be an integer 1.."),
+        (["bench", "smollm2-135m", "--gen-len", "1"], "--gen-len must be an integer 2.."),
+        (["export", "nowhere", "--format", "gptq", "--out", "o"], "SRC 'nowhere': no such directory"),
+    ],
+)
 def test_other_command_options(cli, args, needle):
     code, _, err = cli(*args)
     assert code == 2 and needle in one_line_error(err)
@@ -261,18 +311,21 @@ def test_study_unknown_source(cli, tmp_path, cmd):
     assert not any(cli.cwd.iterdir())  # no runs/ directory
 
 
-@pytest.mark.parametrize("old,new,needle", [
-    ("calibration:", "calibraton:", "unknown key 'calibraton' (did you mean 'calibration'?)"),
-    ("ppl_windows: 2", "ppl_window: 2", "unknown key 'ppl_window' (did you mean 'ppl_windows'?)"),
-    ("{method: rtn,", "{method: rtm,", "unknown method 'rtm' (did you mean 'rtn'?)"),
-    ("group_size: 64}", "group_size: -7}", "group_size must be -1"),
-    ("group_size: 64}", "group_size: 64, options: {dmp: 1}}", "unknown key 'dmp'"),
-    ("n: 2,", "n: 0,", "calibration n must be an integer 1.."),
-    ("[smollm2-135m]", "[smollm2-136m]", "did you mean 'smollm2-135m'"),
-    ("name: tiny", "name: ../escape", "must be a plain directory name"),
-    ("ppl: [news]", "ppl: [news], shots: []", "shots is empty"),
-    ("ppl: [news]", "ppl: [news], suite: ofline", "did you mean 'offline'"),
-])
+@pytest.mark.parametrize(
+    "old,new,needle",
+    [
+        ("calibration:", "calibraton:", "unknown key 'calibraton' (did you mean 'calibration'?)"),
+        ("ppl_windows: 2", "ppl_window: 2", "unknown key 'ppl_window' (did you mean 'ppl_windows'?)"),
+        ("{method: rtn,", "{method: rtm,", "unknown method 'rtm' (did you mean 'rtn'?)"),
+        ("group_size: 64}", "group_size: -7}", "group_size must be -1"),
+        ("group_size: 64}", "group_size: 64, options: {dmp: 1}}", "unknown key 'dmp'"),
+        ("n: 2,", "n: 0,", "calibration n must be an integer 1.."),
+        ("[smollm2-135m]", "[smollm2-136m]", "did you mean 'smollm2-135m'"),
+        ("name: tiny", "name: ../escape", "must be a plain directory name"),
+        ("ppl: [news]", "ppl: [news], shots: []", "shots is empty"),
+        ("ppl: [news]", "ppl: [news], suite: ofline", "did you mean 'offline'"),
+    ],
+)
 def test_study_values(old, new, needle, tmp_path):
     assert old in STUDY
     with pytest.raises(InvalidInput) as info:
@@ -281,7 +334,9 @@ def test_study_values(old, new, needle, tmp_path):
 
 
 def test_study_calibration_too_short(tmp_path):
-    text = STUDY.replace("method: rtn", "method: gptq").replace("[wikipedia], n: 2, seqlen: 64", "[news], n: 200, seqlen: 4096")
+    text = STUDY.replace("method: rtn", "method: gptq").replace(
+        "[wikipedia], n: 2, seqlen: 64", "[news], n: 200, seqlen: 4096"
+    )
     with pytest.raises(InvalidInput, match="'news' has [0-9]+ (bytes of )?calibration (tokens|text).*200"):
         validate.check_study_file(write(tmp_path, text))
     validate.check_study_file(write(tmp_path, text.replace("seqlen: 4096", "seqlen: 64")))
@@ -297,7 +352,8 @@ def test_study_examples_mode_needs_enough_documents(tmp_path):
     docs = tmp_path / "few.txt"
     docs.write_text("\n\n".join(f"document {i} " * 20 for i in range(10)))  # 8 calibration documents
     text = STUDY.replace("method: rtn", "method: gptq").replace(
-        "sources: [wikipedia], n: 2, seqlen: 64", f"sources: [{docs}], n: 9, seqlen: 64, mode: examples")
+        "sources: [wikipedia], n: 2, seqlen: 64", f"sources: [{docs}], n: 9, seqlen: 64, mode: examples"
+    )
     with pytest.raises(InvalidInput, match="has 8 calibration examples; asked for n = 9"):
         validate.check_study_file(write(tmp_path, text))
     validate.check_study_file(write(tmp_path, text.replace("n: 9", "n: 8")))
@@ -306,9 +362,11 @@ def test_study_examples_mode_needs_enough_documents(tmp_path):
 def test_windows_longer_than_the_model_context(cli, tmp_path):
     model = tmp_path / "m"
     model.mkdir()
-    (model / "config.json").write_text('{"model_type": "llama", "max_position_embeddings": 256, "num_hidden_layers": 2, '
-                                       '"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128, '
-                                       '"vocab_size": 100}')  # a config the memory plan can read
+    (model / "config.json").write_text(
+        '{"model_type": "llama", "max_position_embeddings": 256, "num_hidden_layers": 2, '
+        '"hidden_size": 64, "num_attention_heads": 4, "intermediate_size": 128, '
+        '"vocab_size": 100}'
+    )  # a config the memory plan can read
     code, _, err = cli("quantize", str(model), "--method", "rtn", "--seqlen", "512", "--out", str(tmp_path / "o"))
     assert code == 2 and "--seqlen 512 is longer than" in one_line_error(err) and "context of 256" in err
     code, _, err = cli("eval", str(model), "--ppl", "news", "--seqlen", "300")
@@ -379,11 +437,18 @@ def test_check_file_neither_recipe_nor_study(cli, tmp_path):
 
 # ---------------------------------------------------------------- pure helpers
 
+
 def test_model_names():
     validate.check_model_name("MODEL", "smollm2-135m")
     validate.check_model_name("MODEL", "meta-llama/Llama-2-7b-hf")  # hub ids: accepted, checked on load
-    for bad, needle in [("smolm2-135m", "did you mean 'smollm2-135m'"), ("./nope", "does not exist"),
-                        ("a/b/c", "does not exist"), ("org/na me", "hub id"), ("org--x/y", "hub id"), ("", "unknown model")]:
+    for bad, needle in [
+        ("smolm2-135m", "did you mean 'smollm2-135m'"),
+        ("./nope", "does not exist"),
+        ("a/b/c", "does not exist"),
+        ("org/na me", "hub id"),
+        ("org--x/y", "hub id"),
+        ("", "unknown model"),
+    ]:
         with pytest.raises(InvalidInput, match=needle):
             validate.check_model_name("MODEL", bad)
 

@@ -17,6 +17,7 @@ SEEDS = [42, 567, 1234]
 
 # ---------------------------------------------------------------- math
 
+
 def test_hand_computed_anova_matches_f_oneway():
     y = {"a": [1.0, 2.0, 3.0], "b": [2.0, 4.0, 3.5], "c": [7.0, 6.0, 8.0]}
     d = decompose(y)
@@ -31,7 +32,9 @@ def test_hand_computed_anova_matches_f_oneway():
     assert d.source_sd == pytest.approx(math.sqrt((739 / 36 - 37 / 36) / 3))
     assert d.source_share == pytest.approx((702 / 108) / (702 / 108 + 37 / 36))
     # chi-square interval of the seed SD
-    assert d.seed_sd_ci == pytest.approx((math.sqrt(37 / 6 / stats.chi2.ppf(0.975, 6)), math.sqrt(37 / 6 / stats.chi2.ppf(0.025, 6))))
+    assert d.seed_sd_ci == pytest.approx(
+        (math.sqrt(37 / 6 / stats.chi2.ppf(0.975, 6)), math.sqrt(37 / 6 / stats.chi2.ppf(0.025, 6)))
+    )
     # exact interval of the ratio theta: F / (1 + 3 theta) ~ F(2, 6)
     lo = (d.f / stats.f.ppf(0.975, 2, 6) - 1) / 3
     hi = (d.f / stats.f.ppf(0.025, 2, 6) - 1) / 3
@@ -78,7 +81,7 @@ def test_large_sample_estimates_and_intervals_cover_the_truth():
     d = decompose(y)
     assert d.seed_sd == pytest.approx(seed_sd, rel=0.05) and d.source_sd == pytest.approx(source_sd, rel=0.25)
     assert d.seed_sd_ci[0] <= seed_sd <= d.seed_sd_ci[1] and d.source_sd_ci[0] <= source_sd <= d.source_sd_ci[1]
-    share = source_sd ** 2 / (source_sd ** 2 + seed_sd ** 2)
+    share = source_sd**2 / (source_sd**2 + seed_sd**2)
     assert d.source_share_ci[0] <= share <= d.source_share_ci[1] and d.p < 1e-10
 
 
@@ -87,17 +90,21 @@ def test_interval_coverage_in_the_default_study_shape():
     source-SD interval (ratio interval times MSW) must not be optimistic."""
     rng = np.random.default_rng(1)
     source_sd, seed_sd, reps = 0.03, 0.02, 600
-    share = source_sd ** 2 / (source_sd ** 2 + seed_sd ** 2)
+    share = source_sd**2 / (source_sd**2 + seed_sd**2)
     hits = np.zeros(3)
     for _ in range(reps):
         d = decompose({s: list(rng.normal(rng.normal(0, source_sd), seed_sd, 3)) for s in SOURCES})
-        hits += [d.seed_sd_ci[0] <= seed_sd <= d.seed_sd_ci[1], d.source_share_ci[0] <= share <= d.source_share_ci[1],
-                 d.source_sd_ci[0] <= source_sd <= d.source_sd_ci[1]]
+        hits += [
+            d.seed_sd_ci[0] <= seed_sd <= d.seed_sd_ci[1],
+            d.source_share_ci[0] <= share <= d.source_share_ci[1],
+            d.source_sd_ci[0] <= source_sd <= d.source_sd_ci[1],
+        ]
     cov = hits / reps
     assert abs(cov[0] - 0.95) < 0.03 and abs(cov[1] - 0.95) < 0.03 and cov[2] > 0.92
 
 
 # ---------------------------------------------------------------- findings
+
 
 def _ppl(rng, means: dict[str, float], noise: float) -> dict[str, list[float]]:
     return {s: [m * math.exp(rng.normal(0, noise)) for _ in SEEDS] for s, m in means.items()}
@@ -148,11 +155,24 @@ def test_one_seed_per_source_states_no_finding_and_says_why():
 
 # ---------------------------------------------------------------- the report
 
+
 def _cell(method, wbits, calib, seed, metrics):
-    return {"model": {"name": "m"}, "method": method, "wbits": wbits, "recipe": None if method == "fp" else {},
-            "calib": None if calib is None else {"source": calib, "seed": seed},
-            "label": f"{method}/{calib}/{seed}", "key": f"{method}{calib}{seed}", "status": "done", "metrics": metrics,
-            "samples": {}, "error": None, "calib_manifest": None, "quant_seconds": 1.0, "eval_seconds": 1.0}
+    return {
+        "model": {"name": "m"},
+        "method": method,
+        "wbits": wbits,
+        "recipe": None if method == "fp" else {},
+        "calib": None if calib is None else {"source": calib, "seed": seed},
+        "label": f"{method}/{calib}/{seed}",
+        "key": f"{method}{calib}{seed}",
+        "status": "done",
+        "metrics": metrics,
+        "samples": {},
+        "error": None,
+        "calib_manifest": None,
+        "quant_seconds": 1.0,
+        "eval_seconds": 1.0,
+    }
 
 
 def synthetic_multi_seed(seeds=SEEDS) -> dict:
@@ -160,22 +180,42 @@ def synthetic_multi_seed(seeds=SEEDS) -> dict:
     seed noise 8%."""
     from quantshift.studies.spec import EvalUnit, study_from_dict
 
-    spec = study_from_dict({"name": "w3-sources", "models": ["m"],
-                            "methods": [{"method": "gptq", "wbits": [3], "group_size": 64},
-                                        {"method": "awq", "wbits": [3], "group_size": 64}],
-                            "calibration": {"sources": SOURCES, "seeds": list(seeds)},
-                            "evaluation": {"ppl": SOURCES}})
+    spec = study_from_dict(
+        {
+            "name": "w3-sources",
+            "models": ["m"],
+            "methods": [
+                {"method": "gptq", "wbits": [3], "group_size": 64},
+                {"method": "awq", "wbits": [3], "group_size": 64},
+            ],
+            "calibration": {"sources": SOURCES, "seeds": list(seeds)},
+            "evaluation": {"ppl": SOURCES},
+        }
+    )
     units = [EvalUnit("ppl", s) for s in SOURCES]
     rng = np.random.default_rng(5)
     base = {"wikipedia": 30.0, "news": 35.0, "pydocs": 12.0, "zh-news": 80.0}
-    cells = [_cell("fp", 16, None, None, {f"ppl:{t}": {"ppl": v * 0.7} for t, v in base.items()}),
-             _cell("rtn", 3, None, None, {f"ppl:{t}": {"ppl": v * 1.6} for t, v in base.items()})]
+    cells = [
+        _cell("fp", 16, None, None, {f"ppl:{t}": {"ppl": v * 0.7} for t, v in base.items()}),
+        _cell("rtn", 3, None, None, {f"ppl:{t}": {"ppl": v * 1.6} for t, v in base.items()}),
+    ]
     for method, own, shift, noise in (("gptq", 0.85, 0.0, 0.003), ("awq", 1.0, 0.01, 0.08)):
         for i, src in enumerate(SOURCES):
             for seed in seeds:
-                cells.append(_cell(method, 3, src, seed, {
-                    f"ppl:{t}": {"ppl": v * (own if t == src else 1.0) * (1 + shift * i) * math.exp(rng.normal(0, noise))}
-                    for t, v in base.items()}))
+                cells.append(
+                    _cell(
+                        method,
+                        3,
+                        src,
+                        seed,
+                        {
+                            f"ppl:{t}": {
+                                "ppl": v * (own if t == src else 1.0) * (1 + shift * i) * math.exp(rng.normal(0, noise))
+                            }
+                            for t, v in base.items()
+                        },
+                    )
+                )
     return {"spec": spec, "units": units, "cells": cells, "diagnostics": {}, "versions": {}}
 
 
@@ -186,7 +226,11 @@ def test_report_decomposes_source_vs_seed(tmp_path):
     section = md.split("### Calibration source vs seed")[1].split("### Sensitivity")[0]
     print(section)
     table = section.split("### Source findings")[0]
-    rows = {tuple(c.strip() for c in line.split("|")[1:3]): line for line in table.splitlines() if line.startswith(("| gptq", "| awq"))}
+    rows = {
+        tuple(c.strip() for c in line.split("|")[1:3]): line
+        for line in table.splitlines()
+        if line.startswith(("| gptq", "| awq"))
+    }
     assert all("source effect" in rows[("gptq W3", f"ppl {s}")] for s in SOURCES)
     assert all("within seed spread" in rows[("awq W3", f"ppl {s}")] for s in SOURCES)
     assert all(f"| gptq W3 | ppl {s} | I.I.D. calibration ({s}) is best for ppl {s}" in section for s in SOURCES)
@@ -208,7 +252,9 @@ def test_report_with_one_seed_of_several_left_states_no_finding(tmp_path):
     from quantshift.studies.report import build_blocks, to_markdown
 
     col = synthetic_multi_seed()
-    col["cells"] = [c for c in col["cells"] if not (c["calib"] and c["calib"]["source"] == "news" and c["calib"]["seed"] != 42)]
+    col["cells"] = [
+        c for c in col["cells"] if not (c["calib"] and c["calib"]["source"] == "news" and c["calib"]["seed"] != 42)
+    ]
     md = to_markdown(build_blocks(col, tmp_path))
     assert "not testable: no replication: fewer than 2 seeds for news (1)" in md
     assert "I.I.D. calibration (" not in md and "(best, untested)" in md and "25.49 (n=1)" not in md
@@ -255,7 +301,11 @@ def test_difficulty_regression_finds_a_planted_slope_and_none_where_there_is_non
     assert not flat.significant and flat.ci[0] < 0 < flat.ci[1]
     assert flat.verdict().startswith("no significant relation")
     # difficulty from the references' correctness: wrong for both -> 1, right for both -> 0
-    assert item_difficulty([{"a": 1, "b": 0, "c": 1}, {"a": 1, "b": 0, "c": 0, "d": 1}]) == {"a": 0.0, "b": 1.0, "c": 0.5}
+    assert item_difficulty([{"a": 1, "b": 0, "c": 1}, {"a": 1, "b": 0, "c": 0, "d": 1}]) == {
+        "a": 0.0,
+        "b": 1.0,
+        "c": 0.5,
+    }
     same = drop_vs_difficulty({"a": 0.5, "b": 0.5, "c": 0.5}, {"a": 1, "b": 1, "c": 0}, {"a": 0, "b": 1, "c": 0})
     assert math.isnan(same.slope) and not same.significant
     with pytest.raises(ValueError, match="at least 3 shared items"):
@@ -267,13 +317,19 @@ def test_source_vs_seed_figure_puts_sds_on_a_log_axis(tmp_path, monkeypatch):
     from quantshift.studies import report
 
     rng = np.random.default_rng(0)
-    y = {s: list(np.log(m) + rng.normal(0, 1e-3, 3)) for s, m in (("wikipedia", 20.0), ("news", 30.0), ("zh-news", 900.0))}
+    y = {
+        s: list(np.log(m) + rng.normal(0, 1e-3, 3))
+        for s, m in (("wikipedia", 20.0), ("news", 30.0), ("zh-news", 900.0))
+    }
     a = {"model": "m", "method": "gptq", "wbits": 3, "test": "ppl:news", "decomposition": decompose(y, log=True)}
     from matplotlib.figure import Figure
 
     scales = []
     real_save = Figure.savefig
-    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (scales.extend(ax.get_xscale() for ax in fig.axes),
-                                                                   real_save(fig, *a, **k)))
+    monkeypatch.setattr(
+        Figure,
+        "savefig",
+        lambda fig, *a, **k: (scales.extend(ax.get_xscale() for ax in fig.axes), real_save(fig, *a, **k)),
+    )
     assert report._fig_source_seed([a], tmp_path / "f.png") and (tmp_path / "f.png").stat().st_size > 0
     assert scales == ["symlog"]

@@ -10,5 +10,15 @@ from .data.calibset import CalibSet  # noqa: E402
 from .recipes import Recipe  # noqa: E402
 from .version import __version__  # noqa: E402
 
-__all__ = ["CalibSet", "QuantizationResult", "Recipe", "__version__", "evaluate", "export", "load", "quantize",
-           "run_study", "save"]
+__all__ = [
+    "CalibSet",
+    "QuantizationResult",
+    "Recipe",
+    "__version__",
+    "evaluate",
+    "export",
+    "load",
+    "quantize",
+    "run_study",
+    "save",
+]

@@ -62,8 +62,10 @@ class QuantizationResult:
     def __repr__(self) -> str:  # the model and report are too big to print
         cal = self.calibration
         where = f"{cal['source']} {cal['n']}x{cal['seqlen']}" if cal else None
-        return (f"QuantizationResult({self.recipe.describe()}, precision={self.precision!r}, device={self.device!r}, "
-                f"calibration={where!r}, modules={len(self.report.get('modules', {}))}, path={self.path!r})")
+        return (
+            f"QuantizationResult({self.recipe.describe()}, precision={self.precision!r}, device={self.device!r}, "
+            f"calibration={where!r}, modules={len(self.report.get('modules', {}))}, path={self.path!r})"
+        )
 
     def save(self, path: str | Path, *, overwrite: bool = False) -> Path:
         return save(self, path, overwrite=overwrite)
@@ -76,6 +78,7 @@ class QuantizationResult:
 
 
 # ---- models --------------------------------------------------------------------------------
+
 
 def _model_device(model: nn.Module) -> torch.device:
     p = next(model.parameters(), None)
@@ -108,9 +111,18 @@ def _rewrap(loaded: LoadedModel, dtype: str, compute_device: str, place: bool) -
     return replace(loaded, precision=fresh.precision)  # keeps name, path and quant_info
 
 
-def _as_loaded(model: ModelLike, tokenizer: Any, device: str | None, dtype: str, *, place: bool,
-               weights_device: str | None = None, backend: str = "fake", head: str = "float",
-               stream: bool = False) -> LoadedModel:
+def _as_loaded(
+    model: ModelLike,
+    tokenizer: Any,
+    device: str | None,
+    dtype: str,
+    *,
+    place: bool,
+    weights_device: str | None = None,
+    backend: str = "fake",
+    head: str = "float",
+    stream: bool = False,
+) -> LoadedModel:
     """Any accepted model form -> LoadedModel. Names load as the CLI loads them: onto
     `weights_device` (default: the compute device) in the precision "auto" means there."""
     dev = _compute_device(model, device)
@@ -125,14 +137,22 @@ def _as_loaded(model: ModelLike, tokenizer: Any, device: str | None, dtype: str,
         return _rewrap(model, dtype, dev, place)
     if isinstance(model, (str, Path)):
         _no_tokenizer(tokenizer, "a model name, which loads its own tokenizer")
-        return load_model(str(model), device=dev if stream else (weights_device or dev), dtype=dtype, compute_device=dev,
-                          backend=backend, head=head, stream=stream)
+        return load_model(
+            str(model),
+            device=dev if stream else (weights_device or dev),
+            dtype=dtype,
+            compute_device=dev,
+            backend=backend,
+            head=head,
+            stream=stream,
+        )
     if backend != "fake":
         raise ConfigError("backend='packed' loads a quantized directory by its path; this model is already in memory")
     if isinstance(model, nn.Module):
         return _wrap(model, tokenizer, dtype, dev, place)
-    raise ConfigError(f"model must be a Hugging Face model, a name or path, or a QuantizationResult; "
-                      f"got {type(model).__name__}")
+    raise ConfigError(
+        f"model must be a Hugging Face model, a name or path, or a QuantizationResult; got {type(model).__name__}"
+    )
 
 
 def _no_tokenizer(tokenizer: Any, what: str) -> None:
@@ -147,6 +167,7 @@ def _need_tokenizer(tokenizer: Any, why: str) -> None:
 
 # ---- recipes and calibration ----------------------------------------------------------------
 
+
 def as_recipe(recipe: Recipe | dict | list | str | Path, options: dict[str, Any] | None = None) -> Recipe:
     """A Recipe, its dict/list form, a YAML path, or method name(s) with options.
 
@@ -156,8 +177,9 @@ def as_recipe(recipe: Recipe | dict | list | str | Path, options: dict[str, Any]
     if isinstance(recipe, str) and not _looks_like_file(recipe):
         return _method_recipe(recipe, opts)
     if opts:
-        raise ConfigError(f"method options ({', '.join(sorted(opts))}) go with a method name; "
-                          "put them in the recipe instead")
+        raise ConfigError(
+            f"method options ({', '.join(sorted(opts))}) go with a method name; put them in the recipe instead"
+        )
     if isinstance(recipe, Recipe):
         return recipe
     if isinstance(recipe, (dict, list)):
@@ -202,13 +224,21 @@ def _texts_calibset(texts: list[str], loaded: LoadedModel, n: int, seqlen: int, 
 
 def _manifest(source: str, seed: int, ids: torch.Tensor, loaded: LoadedModel, split: str = "given") -> CalibManifest:
     n, seqlen = ids.shape
-    return CalibManifest(source=source, split=split, seed=seed, n=n, seqlen=seqlen, tokens=ids.numel(),
-                         tokenizer=getattr(loaded.tokenizer, "name_or_path", "") or loaded.name,
-                         sha256=ids_sha256(ids))
+    return CalibManifest(
+        source=source,
+        split=split,
+        seed=seed,
+        n=n,
+        seqlen=seqlen,
+        tokens=ids.numel(),
+        tokenizer=getattr(loaded.tokenizer, "name_or_path", "") or loaded.name,
+        sha256=ids_sha256(ids),
+    )
 
 
-def _calibset(calib: Any, loaded: LoadedModel, nsamples: int | None, seqlen: int | None, seed: int,
-              data_dir: str | Path | None) -> CalibSet:
+def _calibset(
+    calib: Any, loaded: LoadedModel, nsamples: int | None, seqlen: int | None, seed: int, data_dir: str | Path | None
+) -> CalibSet:
     n, sl = nsamples or CALIB_NSAMPLES, seqlen or CALIB_SEQLEN
     if n <= 0 or sl <= 1:
         raise DataError(f"calibration needs nsamples >= 1 and seqlen >= 2, got nsamples={n}, seqlen={sl}")
@@ -222,28 +252,43 @@ def _calibset(calib: Any, loaded: LoadedModel, nsamples: int | None, seqlen: int
             rows = sample_windows(ids, n, sl, seed, bos, f"calib (a stream of {ids.numel()} tokens)")
             return CalibSet(rows, _manifest("tokens", seed, rows, loaded))
         if ids.dim() != 2:
-            raise ConfigError(f"calib token ids must be [n, seqlen] windows or a 1-D stream, got shape {tuple(ids.shape)}")
+            raise ConfigError(
+                f"calib token ids must be [n, seqlen] windows or a 1-D stream, got shape {tuple(ids.shape)}"
+            )
         _check_shape(ids, nsamples, seqlen)
         return CalibSet(ids, _manifest("tokens", seed, ids, loaded))
     if isinstance(calib, (list, tuple)):
         return _texts_calibset(list(calib), loaded, n, sl, seed)
     if isinstance(calib, (str, Path)):
         _need_tokenizer(loaded.tokenizer, f"calibration source {str(calib)!r}")
-        return build_calibset(str(calib), loaded.tokenizer, n, sl, seed, add_bos=loaded.needs_bos,
-                              tokenizer_name=loaded.name, data_dir=str(data_dir) if data_dir else None)
-    raise ConfigError(f"calib must be a source name, a list of texts, token ids or a CalibSet; got {type(calib).__name__}")
+        return build_calibset(
+            str(calib),
+            loaded.tokenizer,
+            n,
+            sl,
+            seed,
+            add_bos=loaded.needs_bos,
+            tokenizer_name=loaded.name,
+            data_dir=str(data_dir) if data_dir else None,
+        )
+    raise ConfigError(
+        f"calib must be a source name, a list of texts, token ids or a CalibSet; got {type(calib).__name__}"
+    )
 
 
 def _check_shape(ids: torch.Tensor, nsamples: int | None, seqlen: int | None) -> None:
     """Given windows are used as they are: a differing nsamples/seqlen would be silently ignored."""
     n, sl = ids.shape
     if (nsamples is not None and nsamples != n) or (seqlen is not None and seqlen != sl):
-        raise ConfigError(f"calib holds {n} x {sl} token windows; nsamples={nsamples}, seqlen={seqlen} disagree "
-                          "(leave them out for given windows)")
+        raise ConfigError(
+            f"calib holds {n} x {sl} token windows; nsamples={nsamples}, seqlen={seqlen} disagree "
+            "(leave them out for given windows)"
+        )
 
 
-def _check_before_load(rec: Recipe, *, nsamples: int | None, seqlen: int | None, seed: int, batch_size: int,
-                       dtype: str, device: str | None) -> None:
+def _check_before_load(
+    rec: Recipe, *, nsamples: int | None, seqlen: int | None, seed: int, batch_size: int, dtype: str, device: str | None
+) -> None:
     """The CLI's checks of a recipe and the run's numbers (validate.py), before any model loads:
     a bad regex, a negative group size or a zero batch is one ConfigError, not a failure mid-run."""
     from . import validate
@@ -266,25 +311,50 @@ def _stats_store(model: ModelLike, loaded: LoadedModel, stats_cache: str | Path)
     from .studies.spec import ModelAxis, digest
 
     if not isinstance(model, (str, Path)):
-        raise ConfigError("stats_cache needs the model by name or path: its statistics are keyed by the model's identity")
+        raise ConfigError(
+            "stats_cache needs the model by name or path: its statistics are keyed by the model's identity"
+        )
     # keyed like a study's cache: a local model directory by a fingerprint of its files
-    return StatsStore(Path(stats_cache), digest({"model": model_identity(ModelAxis(name=str(model))),
-                                                 "dtype": loaded.precision.name}))
+    return StatsStore(
+        Path(stats_cache), digest({"model": model_identity(ModelAxis(name=str(model))), "dtype": loaded.precision.name})
+    )
 
 
-def memory_plan(model: str | Path, *, device: str | None = None, dtype: str = "auto", max_memory: Any = None,
-                quantize: bool = True, evaluate: bool = True, calib_tokens: int = 0, calibrated: bool = True,
-                batch_size: int = 4, seqlen: int = 512, max_windows: int | None = 64, backend: str = "fake") -> Any:
+def memory_plan(
+    model: str | Path,
+    *,
+    device: str | None = None,
+    dtype: str = "auto",
+    max_memory: Any = None,
+    quantize: bool = True,
+    evaluate: bool = True,
+    calib_tokens: int = 0,
+    calibrated: bool = True,
+    batch_size: int = 4,
+    seqlen: int = 512,
+    max_windows: int | None = 64,
+    backend: str = "fake",
+) -> Any:
     """The memory plan (memory.MemoryPlan) of quantizing and/or evaluating a model by name: each
     stage's estimated peak host/device bytes and whether it runs in memory or streams, within
     `max_memory` ("cpu=16GiB,cuda:0=70GiB", a memory.MemoryCaps, or None: what is free).
     Raises a ConfigError when even streaming does not fit."""
     from .memory import plan_for_model
 
-    return plan_for_model(str(model), device=resolve_device(device or "auto"), dtype=dtype, max_memory=max_memory,
-                          quantize=quantize, evaluate=evaluate, calib_tokens=calib_tokens, calibrated=calibrated,
-                          batch_size=batch_size,
-                          seqlen=seqlen, max_windows=max_windows, backend=backend)
+    return plan_for_model(
+        str(model),
+        device=resolve_device(device or "auto"),
+        dtype=dtype,
+        max_memory=max_memory,
+        quantize=quantize,
+        evaluate=evaluate,
+        calib_tokens=calib_tokens,
+        calibrated=calibrated,
+        batch_size=batch_size,
+        seqlen=seqlen,
+        max_windows=max_windows,
+        backend=backend,
+    )
 
 
 def _show_plan(plan: Any, progress: bool) -> None:
@@ -297,12 +367,29 @@ def _show_plan(plan: Any, progress: bool) -> None:
 
 # ---- the verbs ------------------------------------------------------------------------------
 
-def quantize(model: ModelLike, recipe: Recipe | dict | list | str | Path, calib: Any = None, *,
-             tokenizer: Any = None, nsamples: int | None = None, seqlen: int | None = None, seed: int = 42,
-             device: str | None = None, dtype: str = "auto", batch_size: int = 8,
-             data_dir: str | Path | None = None, propagate: str = "quantized", stats_cache: str | Path | None = None,
-             activations: str = "auto", progress: bool = True, out: str | Path | None = None, overwrite: bool = False,
-             max_memory: Any = None, **method_options: Any) -> QuantizationResult:
+
+def quantize(
+    model: ModelLike,
+    recipe: Recipe | dict | list | str | Path,
+    calib: Any = None,
+    *,
+    tokenizer: Any = None,
+    nsamples: int | None = None,
+    seqlen: int | None = None,
+    seed: int = 42,
+    device: str | None = None,
+    dtype: str = "auto",
+    batch_size: int = 8,
+    data_dir: str | Path | None = None,
+    propagate: str = "quantized",
+    stats_cache: str | Path | None = None,
+    activations: str = "auto",
+    progress: bool = True,
+    out: str | Path | None = None,
+    overwrite: bool = False,
+    max_memory: Any = None,
+    **method_options: Any,
+) -> QuantizationResult:
     """Quantize `model` with `recipe`, calibrating on `calib` when the recipe needs it.
 
     recipe: a Recipe, a dict ({"stages": [{"gptq": {"wbits": 4}}]}), a YAML path, or a method name
@@ -324,30 +411,44 @@ def quantize(model: ModelLike, recipe: Recipe | dict | list | str | Path, calib:
 
     validate.check_propagation(propagate, activations, stats_cache)  # the CLI's checks, worded as its flags
     rec = as_recipe(recipe, method_options)
-    _check_before_load(rec, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size, dtype=dtype,
-                       device=device)
+    _check_before_load(
+        rec, nsamples=nsamples, seqlen=seqlen, seed=seed, batch_size=batch_size, dtype=dtype, device=device
+    )
     if rec.needs_calibration and calib is None:
-        raise ConfigError(f"recipe {rec.describe()} needs calibration data: pass calib= (a source name such as "
-                          "'wikipedia', a list of texts, token ids or a CalibSet)")
+        raise ConfigError(
+            f"recipe {rec.describe()} needs calibration data: pass calib= (a source name such as "
+            "'wikipedia', a list of texts, token ids or a CalibSet)"
+        )
     if rec.needs_calibration and isinstance(calib, (str, Path)):  # a source name or file: the CLI's --calib check
         from . import validate
 
         validate.check_source("calib", calib, data_dir)
     if isinstance(model, QuantizationResult):
-        raise ConfigError("this model is already quantized; to stack methods, quantize the original with a recipe of stages")
+        raise ConfigError(
+            "this model is already quantized; to stack methods, quantize the original with a recipe of stages"
+        )
     dev = _compute_device(model, device)
     plan = None
     if isinstance(model, (str, Path)):
         parts = len(str(calib).split("+")) if isinstance(calib, str) else 1
         tokens = (nsamples or CALIB_NSAMPLES) * (seqlen or CALIB_SEQLEN) * parts if rec.needs_calibration else 0
-        plan = memory_plan(model, device=dev, dtype=dtype, max_memory=max_memory, calib_tokens=tokens,
-                           calibrated=rec.needs_calibration, evaluate=False)
+        plan = memory_plan(
+            model,
+            device=dev,
+            dtype=dtype,
+            max_memory=max_memory,
+            calib_tokens=tokens,
+            calibrated=rec.needs_calibration,
+            evaluate=False,
+        )
         _show_plan(plan, progress)
     stream = plan is not None and plan.streams("quantize")
     if stream and out is None:
         assert plan is not None
-        raise ConfigError(f"{model} needs ~{plan.stage('quantize').host / 2**30:.1f} GiB to quantize in memory, over the "
-                          "memory cap: it streams from disk, so pass out= to write the quantized directory as it goes")
+        raise ConfigError(
+            f"{model} needs ~{plan.stage('quantize').host / 2**30:.1f} GiB to quantize in memory, over the "
+            "memory cap: it streams from disk, so pass out= to write the quantized directory as it goes"
+        )
     # like the CLI: a named model's weights stay on the CPU (or on disk), the engine moves one block at a time
     loaded = _as_loaded(model, tokenizer, dev, dtype, place=False, weights_device="cpu", stream=stream)
     loaded.memory = plan
@@ -357,32 +458,89 @@ def quantize(model: ModelLike, recipe: Recipe | dict | list | str | Path, calib:
         from .pipeline import quantize_streaming
 
         assert out is not None and plan is not None
-        run = quantize_streaming(loaded, rec, cal, Path(out), device=dev, batch_size=batch_size, progress=progress,
-                                 propagate=propagate, stats_store=store, activations=activations, overwrite=overwrite,
-                                 max_shard_bytes=plan.shard_bytes)
+        run = quantize_streaming(
+            loaded,
+            rec,
+            cal,
+            Path(out),
+            device=dev,
+            batch_size=batch_size,
+            progress=progress,
+            propagate=propagate,
+            stats_store=store,
+            activations=activations,
+            overwrite=overwrite,
+            max_shard_bytes=plan.shard_bytes,
+        )
         written = load_model(str(out), device=dev, dtype=dtype, stream=True)  # the quantized model stays on disk
         written.memory = plan
-        return QuantizationResult(written.model, written.tokenizer, rec, run.report(), run.calibration, run.precision,
-                                  path=Path(out), device=dev, loaded=written, run=run)
-    run = quantize_model(loaded, rec, cal, device=dev, batch_size=batch_size, progress=progress,
-                         propagate=propagate, stats_store=store, activations=activations)
+        return QuantizationResult(
+            written.model,
+            written.tokenizer,
+            rec,
+            run.report(),
+            run.calibration,
+            run.precision,
+            path=Path(out),
+            device=dev,
+            loaded=written,
+            run=run,
+        )
+    run = quantize_model(
+        loaded,
+        rec,
+        cal,
+        device=dev,
+        batch_size=batch_size,
+        progress=progress,
+        propagate=propagate,
+        stats_store=store,
+        activations=activations,
+    )
     # what a saved directory's quantshift.json would tell evaluation (its calibration leakage guard)
     loaded.quant_info = {"recipe": rec.to_dict(), "calibration": run.calibration, "base_model": loaded.name}
-    result = QuantizationResult(loaded.model, loaded.tokenizer, rec, run.report(), run.calibration, run.precision,
-                                device=dev, loaded=loaded, run=run)
+    result = QuantizationResult(
+        loaded.model,
+        loaded.tokenizer,
+        rec,
+        run.report(),
+        run.calibration,
+        run.precision,
+        device=dev,
+        loaded=loaded,
+        run=run,
+    )
     if out is not None:
         save(result, out, overwrite=overwrite)
     return result
 
 
-def evaluate(model: ModelLike, ppl: str | Iterable[str] = (), tasks: str | Iterable = (), *,
-             suite: str | None = None, shots: int | Sequence[int] | None = None, limit: int | None = None,
-             tokenizer: Any = None, data_dir: str | Path | None = None, seqlen: int = 512,
-             max_windows: int | None = 64, batch_size: int = 4, seed: int = 1234, device: str | None = None,
-             dtype: str = "auto", progress: bool = True, mt_bench: str | Path | None = None,
-             judge: str | None = None, max_new_tokens: int = 256,
-             json_out: str | Path | None = None, backend: str = "fake", head: str = "float",
-             max_memory: Any = None, chat_template: str = "off") -> dict[str, dict]:
+def evaluate(
+    model: ModelLike,
+    ppl: str | Iterable[str] = (),
+    tasks: str | Iterable = (),
+    *,
+    suite: str | None = None,
+    shots: int | Sequence[int] | None = None,
+    limit: int | None = None,
+    tokenizer: Any = None,
+    data_dir: str | Path | None = None,
+    seqlen: int = 512,
+    max_windows: int | None = 64,
+    batch_size: int = 4,
+    seed: int = 1234,
+    device: str | None = None,
+    dtype: str = "auto",
+    progress: bool = True,
+    mt_bench: str | Path | None = None,
+    judge: str | None = None,
+    max_new_tokens: int = 256,
+    json_out: str | Path | None = None,
+    backend: str = "fake",
+    head: str = "float",
+    max_memory: Any = None,
+    chat_template: str = "off",
+) -> dict[str, dict]:
     """Perplexity on text sources, tasks (quantshift's or lm-eval's names, multiple choice by
     log-likelihood) and MT-Bench-style judged dialogue -> the `metrics` map `quantshift eval
     --json` writes: {"ppl:<source>": {"ppl", "tokens", "windows", "seqlen", ...},
@@ -406,8 +564,10 @@ def evaluate(model: ModelLike, ppl: str | Iterable[str] = (), tasks: str | Itera
     if chat_template not in ev.CHAT_TEMPLATE_MODES:
         raise ConfigError(f"--chat-template must be {', '.join(ev.CHAT_TEMPLATE_MODES)}, got {chat_template!r}")
     if not ppl_list and not task_list and not suite and mt_bench is None:
-        raise ConfigError("nothing to evaluate: give perplexity sources (--ppl), tasks (--tasks), a suite (--suite) "
-                          "or MT-Bench questions (--mt-bench)")
+        raise ConfigError(
+            "nothing to evaluate: give perplexity sources (--ppl), tasks (--tasks), a suite (--suite) "
+            "or MT-Bench questions (--mt-bench)"
+        )
     questions = None
     if mt_bench is not None or judge is not None:
         if mt_bench is None or judge is None:
@@ -425,8 +585,17 @@ def evaluate(model: ModelLike, ppl: str | Iterable[str] = (), tasks: str | Itera
     ev.preflight(tasks=task_list, suite=suite, data_dir=data_dir)
     plan = None
     if isinstance(model, (str, Path)):
-        plan = memory_plan(model, device=device, dtype=dtype, max_memory=max_memory, quantize=False,
-                           batch_size=batch_size, seqlen=seqlen, max_windows=max_windows, backend=backend)
+        plan = memory_plan(
+            model,
+            device=device,
+            dtype=dtype,
+            max_memory=max_memory,
+            quantize=False,
+            batch_size=batch_size,
+            seqlen=seqlen,
+            max_windows=max_windows,
+            backend=backend,
+        )
         _show_plan(plan, progress)
     stream = plan is not None and plan.streams("evaluate")
     loaded = _as_loaded(model, tokenizer, device, dtype, place=True, backend=backend, head=head, stream=stream)
@@ -439,13 +608,32 @@ def evaluate(model: ModelLike, ppl: str | Iterable[str] = (), tasks: str | Itera
         model.device = str(loaded.device if loaded.source is not None else _model_device(loaded.model))
     res = ev.EvalResult()
     if ppl_list or task_list or suite:  # MT-Bench alone is fine too
-        res = ev.evaluate(loaded, ppl=ppl_list, tasks=task_list, suite=suite, shots=shot_list, limit=limit,
-                          data_dir=data_dir, seqlen=seqlen, max_windows=max_windows or None,
-                          batch_size=batch_size, seed=seed, progress=progress, chat_template=chat_template)
+        res = ev.evaluate(
+            loaded,
+            ppl=ppl_list,
+            tasks=task_list,
+            suite=suite,
+            shots=shot_list,
+            limit=limit,
+            data_dir=data_dir,
+            seqlen=seqlen,
+            max_windows=max_windows or None,
+            batch_size=batch_size,
+            seed=seed,
+            progress=progress,
+            chat_template=chat_template,
+        )
     if questions is not None and judge is not None:
         ev.dispatch_streamed(loaded)
-        metric, rows = mtb.mt_bench(loaded, questions, mtb.make_judge(judge, device or "auto"), judge, max_new_tokens,
-                                    progress=progress, seed=seed)
+        metric, rows = mtb.mt_bench(
+            loaded,
+            questions,
+            mtb.make_judge(judge, device or "auto"),
+            judge,
+            max_new_tokens,
+            progress=progress,
+            seed=seed,
+        )
         metric["questions"] = str(mt_bench)
         res.metrics[mtb.METRIC_KEY], res.samples[mtb.METRIC_KEY] = metric, rows
     if json_out is not None:
@@ -454,7 +642,7 @@ def evaluate(model: ModelLike, ppl: str | Iterable[str] = (), tasks: str | Itera
 
 
 def _names(value: str | Iterable) -> list:
-    """"a,b" or ["a", "b"] -> ["a", "b"]; task definitions pass through."""
+    """ "a,b" or ["a", "b"] -> ["a", "b"]; task definitions pass through."""
     items = value.split(",") if isinstance(value, str) else list(value)
     return [x.strip() if isinstance(x, str) else x for x in items if not isinstance(x, str) or x.strip()]
 
@@ -465,14 +653,21 @@ def _write_eval_json(res: Any, path: Path, model: ModelLike, loaded: LoadedModel
     from .checkpoint import versions
 
     info = loaded.quant_info
-    return res.write(path, {"model": str(model) if isinstance(model, (str, Path)) else loaded.name,
-                            "path": loaded.path, "lm_eval": version("lm-eval"),
-                            "quantization": info and {k: info.get(k) for k in ("recipe", "calibration", "base_model")},
-                            "versions": versions()})
+    return res.write(
+        path,
+        {
+            "model": str(model) if isinstance(model, (str, Path)) else loaded.name,
+            "path": loaded.path,
+            "lm_eval": version("lm-eval"),
+            "quantization": info and {k: info.get(k) for k in ("recipe", "calibration", "base_model")},
+            "versions": versions(),
+        },
+    )
 
 
-def save(obj: QuantizationResult | nn.Module, path: str | Path, *, tokenizer: Any = None,
-         overwrite: bool = False) -> Path:
+def save(
+    obj: QuantizationResult | nn.Module, path: str | Path, *, tokenizer: Any = None, overwrite: bool = False
+) -> Path:
     """A quantized model directory (what `quantshift quantize --out` writes; `load`, `evaluate`
     and `export` read it), or a plain Hugging Face checkpoint for an unquantized model."""
     from .checkpoint import staged_directory
@@ -501,8 +696,9 @@ def save(obj: QuantizationResult | nn.Module, path: str | Path, *, tokenizer: An
     raise ConfigError(f"save takes a QuantizationResult or a Hugging Face model; got {type(obj).__name__}")
 
 
-def load(path: str | Path, *, device: str | None = None, dtype: str = "auto",
-         max_memory: Any = None) -> QuantizationResult | tuple[Any, Any]:
+def load(
+    path: str | Path, *, device: str | None = None, dtype: str = "auto", max_memory: Any = None
+) -> QuantizationResult | tuple[Any, Any]:
     """A quantized directory -> QuantizationResult (recipe, report and calibration from its files);
     any other model (name or path) -> (model, tokenizer). Loaded as `quantshift eval` loads it;
     a quantized directory that does not fit `max_memory` stays on disk (evaluate streams it)."""
@@ -521,14 +717,29 @@ def load(path: str | Path, *, device: str | None = None, dtype: str = "auto",
         return loaded.model, loaded.tokenizer
     report_path = Path(loaded.path) / REPORT_FILE
     report = json.loads(report_path.read_text()) if report_path.is_file() else {}
-    return QuantizationResult(loaded.model, loaded.tokenizer, recipe_from_dict(info["recipe"], f"{path}: recipe"),
-                              report, info.get("calibration"), loaded.precision.name, Path(loaded.path), device=dev,
-                              loaded=loaded)
+    return QuantizationResult(
+        loaded.model,
+        loaded.tokenizer,
+        recipe_from_dict(info["recipe"], f"{path}: recipe"),
+        report,
+        info.get("calibration"),
+        loaded.precision.name,
+        Path(loaded.path),
+        device=dev,
+        loaded=loaded,
+    )
 
 
-def export(source: QuantizationResult | str | Path, path: str | Path, format: str = "compressed-tensors", *,
-           dtype: str = "auto", gptq_version: int = 1, allow_unservable: bool = False,
-           overwrite: bool = False) -> Path:
+def export(
+    source: QuantizationResult | str | Path,
+    path: str | Path,
+    format: str = "compressed-tensors",
+    *,
+    dtype: str = "auto",
+    gptq_version: int = 1,
+    allow_unservable: bool = False,
+    overwrite: bool = False,
+) -> Path:
     """Write a quantized model in a serving format: "compressed-tensors", "gptq" or "fp8".
     `source`: a QuantizationResult (saved first to a temporary directory if it never was) or a
     quantized directory. dtype: of scales and float tensors ("auto": bf16 if the base model was)."""
@@ -536,8 +747,15 @@ def export(source: QuantizationResult | str | Path, path: str | Path, format: st
     from .export.common import ExportError
 
     def from_dir(src: str | Path) -> Path:
-        return export_dir(src, format, path, dtype=dtype, gptq_version=gptq_version,
-                          allow_unservable=allow_unservable, overwrite=overwrite)
+        return export_dir(
+            src,
+            format,
+            path,
+            dtype=dtype,
+            gptq_version=gptq_version,
+            allow_unservable=allow_unservable,
+            overwrite=overwrite,
+        )
 
     if isinstance(source, QuantizationResult):
         if source.path is not None and source.path.is_dir():
@@ -548,15 +766,30 @@ def export(source: QuantizationResult | str | Path, path: str | Path, format: st
             return from_dir(Path(tmp) / "q")
     if isinstance(source, (str, Path)):
         return from_dir(source)
-    raise ExportError(f"export needs a quantized model (a QuantizationResult or a quantized directory); "
-                      f"got {type(source).__name__}: quantize it first")
+    raise ExportError(
+        f"export needs a quantized model (a QuantizationResult or a quantized directory); "
+        f"got {type(source).__name__}: quantize it first"
+    )
 
 
-def run_study(spec: Any, out_dir: str | Path | None = None, *, cache: str | Path | None = None, jobs: int = 1,
-              executor: str = "local", ray_address: str | None = None, gpus_per_cell: float | None = None,
-              cpus_per_cell: float | None = None, max_retries: int | None = None, lock_timeout: float | None = None,
-              data_dir: str | Path | None = None, device: str | None = None, progress: bool = True,
-              echo: Callable[[str], Any] = print, max_memory: str | None = None) -> dict:
+def run_study(
+    spec: Any,
+    out_dir: str | Path | None = None,
+    *,
+    cache: str | Path | None = None,
+    jobs: int = 1,
+    executor: str = "local",
+    ray_address: str | None = None,
+    gpus_per_cell: float | None = None,
+    cpus_per_cell: float | None = None,
+    max_retries: int | None = None,
+    lock_timeout: float | None = None,
+    data_dir: str | Path | None = None,
+    device: str | None = None,
+    progress: bool = True,
+    echo: Callable[[str], Any] = print,
+    max_memory: str | None = None,
+) -> dict:
     """Run a study (a StudySpec, its dict form or a YAML path): every cell its cache lacks, then the
     report. out_dir defaults to runs/<study name>, cache to <out_dir>/../.cache; `device`
     overrides the study's. Returns the summary (works run, results computed, failures, seconds)
@@ -575,8 +808,20 @@ def run_study(spec: Any, out_dir: str | Path | None = None, *, cache: str | Path
     if device:
         study.device = device
     run_dir = Path(out_dir) if out_dir is not None else Path("runs") / study.name
-    summary = run(study, run_dir, Path(cache) if cache is not None else run_dir.parent / ".cache", executor=executor,
-                  ray_address=ray_address, gpus_per_cell=gpus_per_cell, cpus_per_cell=cpus_per_cell,
-                  max_retries=max_retries, lock_timeout=lock_timeout, data_dir=str(data_dir) if data_dir else None,
-                  progress=progress, echo=echo, jobs=jobs, max_memory=max_memory)
+    summary = run(
+        study,
+        run_dir,
+        Path(cache) if cache is not None else run_dir.parent / ".cache",
+        executor=executor,
+        ray_address=ray_address,
+        gpus_per_cell=gpus_per_cell,
+        cpus_per_cell=cpus_per_cell,
+        max_retries=max_retries,
+        lock_timeout=lock_timeout,
+        data_dir=str(data_dir) if data_dir else None,
+        progress=progress,
+        echo=echo,
+        jobs=jobs,
+        max_memory=max_memory,
+    )
     return {**summary, "out_dir": str(run_dir), "report": str(run_dir / "report.md")}

@@ -56,9 +56,20 @@ DEFAULT_SHARD_BYTES = 512 * 2**20
 # tensors stored beside each quantized linear, by suffix
 QUANT_PARTS = ("qweight", "codes", "scales", "zeros", "g_idx", "outlier_idx", "outlier_values")
 
-__all__ = ["FORMAT_VERSION", "QUANT_FILE", "REPORT_FILE", "QuantizedDir", "QuantizedDirWriter", "file_sha256",
-           "is_quantized_dir", "load_quantized", "read_quant_info", "save_quantized", "staged_directory",
-           "write_json_atomic"]
+__all__ = [
+    "FORMAT_VERSION",
+    "QUANT_FILE",
+    "REPORT_FILE",
+    "QuantizedDir",
+    "QuantizedDirWriter",
+    "file_sha256",
+    "is_quantized_dir",
+    "load_quantized",
+    "read_quant_info",
+    "save_quantized",
+    "staged_directory",
+    "write_json_atomic",
+]
 
 
 def versions() -> dict[str, str]:
@@ -66,10 +77,12 @@ def versions() -> dict[str, str]:
 
     from .version import __version__
 
-    return {"quantshift": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": platform.python_version()}
-
-
+    return {
+        "quantshift": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
 
 
 @contextmanager
@@ -89,7 +102,6 @@ def staged_directory(out: Path, overwrite: bool, error: type[Exception] = ModelE
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
 
 
 StoredDtype = Callable[[str], "torch.dtype | None"]
@@ -144,8 +156,9 @@ class QuantizedDirWriter:
     a whole module by `add_module`; `finish` closes the shards and writes quantshift.json.
     `stored_dtype(name)`: the dtype the source checkpoint stored a tensor in (None: unknown)."""
 
-    def __init__(self, out: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 stored_dtype: StoredDtype | None = None) -> None:
+    def __init__(
+        self, out: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES, stored_dtype: StoredDtype | None = None
+    ) -> None:
         self.out = Path(out)
         self.shards = ShardWriter(self.out, max_shard_bytes)
         self.stored_dtype = stored_dtype or (lambda _name: None)
@@ -180,8 +193,17 @@ class QuantizedDirWriter:
             if name.startswith(prefix) and name not in done:
                 self.entries[name] = module_entry(m)
 
-    def finish(self, *, config: Any, tokenizer: Any, base_model: str, recipe: dict, calibration: dict | None,
-               report: dict, dtype: str) -> None:
+    def finish(
+        self,
+        *,
+        config: Any,
+        tokenizer: Any,
+        base_model: str,
+        recipe: dict,
+        calibration: dict | None,
+        report: dict,
+        dtype: str,
+    ) -> None:
         digests = self.shards.close()
         config.save_pretrained(self.out)
         tokenizer.save_pretrained(self.out)
@@ -204,9 +226,20 @@ class QuantizedDirWriter:
         write_json_atomic(self.out / REPORT_FILE, report)
 
 
-def save_quantized(model: nn.Module, tokenizer: Any, out: Path, *, base_model: str, recipe: dict,
-                   calibration: dict | None, modules: dict, report: dict, overwrite: bool = False,
-                   max_shard_bytes: int = DEFAULT_SHARD_BYTES, stored_dtype: StoredDtype | None = None) -> Path:
+def save_quantized(
+    model: nn.Module,
+    tokenizer: Any,
+    out: Path,
+    *,
+    base_model: str,
+    recipe: dict,
+    calibration: dict | None,
+    modules: dict,
+    report: dict,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    stored_dtype: StoredDtype | None = None,
+) -> Path:
     """Write a quantized model held in memory as a directory, atomically (a temp dir renamed
     into place); tensors go to the shards in state-dict order, one at a time."""
     out = Path(out)
@@ -219,8 +252,15 @@ def save_quantized(model: nn.Module, tokenizer: Any, out: Path, *, base_model: s
                 tied.add(key)
             seen.add(p.data_ptr())
         writer.add_module(model, "", modules, skip=tied)
-        writer.finish(config=model.config, tokenizer=tokenizer, base_model=base_model, recipe=recipe,
-                      calibration=calibration, report=report, dtype=_dtype_name(next(model.parameters()).dtype))
+        writer.finish(
+            config=model.config,
+            tokenizer=tokenizer,
+            base_model=base_model,
+            recipe=recipe,
+            calibration=calibration,
+            report=report,
+            dtype=_dtype_name(next(model.parameters()).dtype),
+        )
     return out
 
 
@@ -251,10 +291,12 @@ class QuantizedDir:
         if not files:
             raise ModelError(f"corrupt quantized model directory {self.path}: {QUANT_FILE} lists no files")
         self.version = int(self.info.get("format_version", 1))
-        self.tensors = ShardedTensors(self.path, list(files), files if verify else None,
-                                      what="quantized model directory")
-        self.specs: dict[str, QuantSpec] = {n: QuantSpec(**e["weight"]) for n, e in self.info["modules"].items()
-                                            if "weight" in e}
+        self.tensors = ShardedTensors(
+            self.path, list(files), files if verify else None, what="quantized model directory"
+        )
+        self.specs: dict[str, QuantSpec] = {
+            n: QuantSpec(**e["weight"]) for n, e in self.info["modules"].items() if "weight" in e
+        }
         for name in self.specs:
             if f"{name}.qweight" not in self.tensors and f"{name}.codes" not in self.tensors:
                 raise ModelError(f"corrupt quantized model directory {self.path}: no codes for {name}")
@@ -304,8 +346,13 @@ class QuantizedDir:
         meta = torch.device("meta")
         codes_dtype = torch.uint8 if spec.dtype == "int" else torch.float8_e4m3fn
         g_idx = torch.empty(in_f, dtype=torch.int64, device=meta) if self.has(name, "g_idx") else None
-        return QuantizedWeight(torch.empty(out_f, in_f, dtype=codes_dtype, device=meta),
-                               torch.empty(groups, device=meta), torch.empty(groups, device=meta), spec, g_idx)
+        return QuantizedWeight(
+            torch.empty(out_f, in_f, dtype=codes_dtype, device=meta),
+            torch.empty(groups, device=meta),
+            torch.empty(groups, device=meta),
+            spec,
+            g_idx,
+        )
 
     # ---- reading
     def quantized_weight(self, name: str) -> QuantizedWeight:
@@ -319,8 +366,13 @@ class QuantizedDir:
         else:
             codes = got[f"{name}.codes"]
         g_idx = got.get(f"{name}.g_idx")
-        qw = QuantizedWeight(codes, got[f"{name}.scales"].float(), got[f"{name}.zeros"].float(), spec,
-                             g_idx.long() if g_idx is not None else None)
+        qw = QuantizedWeight(
+            codes,
+            got[f"{name}.scales"].float(),
+            got[f"{name}.zeros"].float(),
+            spec,
+            g_idx.long() if g_idx is not None else None,
+        )
         if f"{name}.outlier_idx" in got:
             qw.outlier_idx = got[f"{name}.outlier_idx"]  # type: ignore[attr-defined]
             qw.outlier_values = got[f"{name}.outlier_values"]  # type: ignore[attr-defined]

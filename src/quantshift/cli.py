@@ -12,8 +12,12 @@ import typer
 from . import validate
 from .errors import QuantshiftError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Quantize causal LMs and study how calibration data shapes the result.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Quantize causal LMs and study how calibration data shapes the result.",
+)
 _STATE = {"debug": False}
 
 
@@ -40,8 +44,10 @@ def list_cmd(what: Annotated[str, typer.Argument(help="models | methods | calib 
     elif what == "calib":
         for name, s in SOURCES.items():
             typer.echo(f"{name:12s} {'online ' if s.online else 'offline'} {s.language}  {s.description}")
-        typer.echo("task:<task or glob>  text of tasks' calibration parts, e.g. task:movie_sentiment, task:ceval_*"
-                   " (see `list tasks`; data-dir tasks need --data-dir)")
+        typer.echo(
+            "task:<task or glob>  text of tasks' calibration parts, e.g. task:movie_sentiment, task:ceval_*"
+            " (see `list tasks`; data-dir tasks need --data-dir)"
+        )
         typer.echo("(also: a local .txt / .jsonl file, or hf:<dataset>[:<config>])")
     else:
         from .registry import Registry
@@ -84,23 +90,44 @@ def quantize(
     abits: Annotated[int | None, typer.Option(help="activation bits 4..8 (16 = keep)")] = None,
     group_size: Annotated[int | None, typer.Option(help="group size; -1 per channel, 0 per tensor")] = None,
     sym: Annotated[bool | None, typer.Option("--sym/--asym", help="symmetric grid")] = None,
-    calib: Annotated[str, typer.Option(help="calibration source (see `list calib`); a+b = n windows from each")] = "wikipedia",
+    calib: Annotated[
+        str, typer.Option(help="calibration source (see `list calib`); a+b = n windows from each")
+    ] = "wikipedia",
     nsamples: Annotated[int, typer.Option(help="calibration windows")] = 128,
     seqlen: Annotated[int, typer.Option(help="tokens per calibration window")] = 512,
     seed: Annotated[int, typer.Option(help="calibration sampling seed")] = 42,
     device: Annotated[str, typer.Option(help="compute device: auto, cpu, cuda, cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16")] = "auto",
     batch_size: Annotated[int, typer.Option(help="calibration batch size")] = 8,
-    data_dir: Annotated[str | None, typer.Option(help="directory with local task data, for --calib task:<name>")] = None,
-    propagate: Annotated[str, typer.Option(help="calibrate each block on the quantized model's activations "
-                                                "(quantized, GPTQ's way) or the fp model's (fp: cacheable)")] = "quantized",
-    stats_cache: Annotated[Path | None, typer.Option(help="with --propagate fp: keep GPTQ-family Hessians here "
-                                                              "per calibration set and reuse them")] = None,
-    activations: Annotated[str, typer.Option(help="where calibration activations live on a GPU: auto (on it when "
-                                                  "they fit in a quarter of its free memory), device, offload (CPU)")] = "auto",
+    data_dir: Annotated[
+        str | None, typer.Option(help="directory with local task data, for --calib task:<name>")
+    ] = None,
+    propagate: Annotated[
+        str,
+        typer.Option(
+            help="calibrate each block on the quantized model's activations "
+            "(quantized, GPTQ's way) or the fp model's (fp: cacheable)"
+        ),
+    ] = "quantized",
+    stats_cache: Annotated[
+        Path | None,
+        typer.Option(help="with --propagate fp: keep GPTQ-family Hessians here per calibration set and reuse them"),
+    ] = None,
+    activations: Annotated[
+        str,
+        typer.Option(
+            help="where calibration activations live on a GPU: auto (on it when "
+            "they fit in a quarter of its free memory), device, offload (CPU)"
+        ),
+    ] = "auto",
     overwrite: Annotated[bool, typer.Option(help="replace an existing output directory")] = False,
-    max_memory: Annotated[str | None, typer.Option(help="memory caps, e.g. cpu=16GiB,cuda:0=70GiB (default: what is "
-                                                        "free); a model that does not fit streams from disk")] = None,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="memory caps, e.g. cpu=16GiB,cuda:0=70GiB (default: what is "
+            "free); a model that does not fit streams from disk"
+        ),
+    ] = None,
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
 ) -> None:
     """Quantize a model with a method or a recipe and save it."""
@@ -110,13 +137,31 @@ def quantize(
     threads.use_all_cores()
     options = {"wbits": wbits, "abits": abits, "group_size": group_size, "sym": sym}  # checked by validate.command
     t0 = time.time()
-    res = api.quantize(model, recipe if recipe is not None else method or "", calib, nsamples=nsamples, seqlen=seqlen,
-                       seed=seed, device=device, dtype=dtype, batch_size=batch_size, data_dir=data_dir,
-                       propagate=propagate, stats_cache=stats_cache, activations=activations, progress=not quiet,
-                       out=out, overwrite=overwrite, max_memory=max_memory, **(options if recipe is None else {}))
+    res = api.quantize(
+        model,
+        recipe if recipe is not None else method or "",
+        calib,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        batch_size=batch_size,
+        data_dir=data_dir,
+        propagate=propagate,
+        stats_cache=stats_cache,
+        activations=activations,
+        progress=not quiet,
+        out=out,
+        overwrite=overwrite,
+        max_memory=max_memory,
+        **(options if recipe is None else {}),
+    )
     path = res.path
     why = _precision_reason(dtype, res.device)
-    typer.echo(f"quantized {model} with {res.recipe.describe()} ({res.precision}{why}) in {time.time() - t0:.1f}s -> {path}")
+    typer.echo(
+        f"quantized {model} with {res.recipe.describe()} ({res.precision}{why}) in {time.time() - t0:.1f}s -> {path}"
+    )
 
 
 def _precision_reason(dtype: str, device: str) -> str:
@@ -132,10 +177,22 @@ def _precision_reason(dtype: str, device: str) -> str:
 def eval_cmd(
     model: Annotated[str, typer.Argument(help="quantized directory, bundled alias, local dir or hub id")],
     ppl: Annotated[str | None, typer.Option(help="comma-separated text sources for perplexity")] = None,
-    tasks: Annotated[str | None, typer.Option(help="comma-separated tasks: quantshift's (`list tasks`) or lm-eval names")] = None,
-    suite: Annotated[str | None, typer.Option(help="a named suite (`list suites`): offline, instruct-offline, s1, boss, ceval, cmmlu, instruct, ppl")] = None,
-    shots: Annotated[str | None, typer.Option(help="comma-separated few-shot counts (default: the suite's, else 0)")] = None,
-    limit: Annotated[int | None, typer.Option(help="items scored per task (default 200 for quantshift tasks, all for lm-eval's; 0 = all)")] = None,
+    tasks: Annotated[
+        str | None, typer.Option(help="comma-separated tasks: quantshift's (`list tasks`) or lm-eval names")
+    ] = None,
+    suite: Annotated[
+        str | None,
+        typer.Option(
+            help="a named suite (`list suites`): offline, instruct-offline, s1, boss, ceval, cmmlu, instruct, ppl"
+        ),
+    ] = None,
+    shots: Annotated[
+        str | None, typer.Option(help="comma-separated few-shot counts (default: the suite's, else 0)")
+    ] = None,
+    limit: Annotated[
+        int | None,
+        typer.Option(help="items scored per task (default 200 for quantshift tasks, all for lm-eval's; 0 = all)"),
+    ] = None,
     data_dir: Annotated[Path | None, typer.Option("--data-dir", help="local datasets for boss/ceval/cmmlu")] = None,
     json_out: Annotated[Path | None, typer.Option("--json", help="write metrics JSON here (samples beside it)")] = None,
     seqlen: Annotated[int, typer.Option(help="perplexity window length")] = 512,
@@ -145,17 +202,37 @@ def eval_cmd(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto, float32, float16, bfloat16")] = "auto",
     quiet: Annotated[bool, typer.Option(help="no progress bars")] = False,
-    mt_bench: Annotated[Path | None, typer.Option("--mt-bench", help="MT-Bench-layout questions JSONL: answer, then grade with --judge")] = None,
-    judge: Annotated[str | None, typer.Option(help="MT-Bench judge: hf:<hub id or dir> or openai:<model>@<base url>")] = None,
+    mt_bench: Annotated[
+        Path | None, typer.Option("--mt-bench", help="MT-Bench-layout questions JSONL: answer, then grade with --judge")
+    ] = None,
+    judge: Annotated[
+        str | None, typer.Option(help="MT-Bench judge: hf:<hub id or dir> or openai:<model>@<base url>")
+    ] = None,
     max_new_tokens: Annotated[int, typer.Option(help="MT-Bench answer length cap")] = 256,
-    backend: Annotated[str, typer.Option(help="quantized directory as fake-quant float weights (fake) or with "
-                                              "low-bit kernels (packed, see quant.inference)")] = "fake",
-    head: Annotated[str, typer.Option(help="packed backend: the output projection as stored (float) or in int8 "
-                                           "(int8, as llama.cpp's 4-bit files store it)")] = "float",
-    max_memory: Annotated[str | None, typer.Option(help="memory caps, e.g. cpu=16GiB,cuda:0=70GiB (default: what is "
-                                                        "free); a model that does not fit streams from disk")] = None,
-    chat_template: Annotated[str, typer.Option(help="task prompts through the tokenizer's chat template: off, auto "
-                                                    "(when it has one) or on")] = "off",
+    backend: Annotated[
+        str,
+        typer.Option(
+            help="quantized directory as fake-quant float weights (fake) or with "
+            "low-bit kernels (packed, see quant.inference)"
+        ),
+    ] = "fake",
+    head: Annotated[
+        str,
+        typer.Option(
+            help="packed backend: the output projection as stored (float) or in int8 "
+            "(int8, as llama.cpp's 4-bit files store it)"
+        ),
+    ] = "float",
+    max_memory: Annotated[
+        str | None,
+        typer.Option(
+            help="memory caps, e.g. cpu=16GiB,cuda:0=70GiB (default: what is "
+            "free); a model that does not fit streams from disk"
+        ),
+    ] = None,
+    chat_template: Annotated[
+        str, typer.Option(help="task prompts through the tokenizer's chat template: off, auto (when it has one) or on")
+    ] = "off",
 ) -> None:
     """Evaluate a model: perplexity on held-out text, lm-eval tasks (multiple choice by log-likelihood),
     MT-Bench-style judged dialogue."""
@@ -169,27 +246,55 @@ def eval_cmd(
         shot_list = [int(k) for k in shots.split(",") if k.strip()] if shots else None
     except ValueError:
         raise ConfigError(f"--shots must be comma-separated integers, got {shots!r}") from None
-    metrics = api.evaluate(model, ppl or (), tasks or (), suite=suite, shots=shot_list, limit=limit, data_dir=data_dir,
-                           seqlen=seqlen, max_windows=max_windows, batch_size=batch_size, seed=seed, device=device,
-                           dtype=dtype, progress=not quiet, mt_bench=mt_bench, judge=judge,
-                           max_new_tokens=max_new_tokens, json_out=json_out, backend=backend, head=head,
-                           max_memory=max_memory, chat_template=chat_template)
+    metrics = api.evaluate(
+        model,
+        ppl or (),
+        tasks or (),
+        suite=suite,
+        shots=shot_list,
+        limit=limit,
+        data_dir=data_dir,
+        seqlen=seqlen,
+        max_windows=max_windows,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        dtype=dtype,
+        progress=not quiet,
+        mt_bench=mt_bench,
+        judge=judge,
+        max_new_tokens=max_new_tokens,
+        json_out=json_out,
+        backend=backend,
+        head=head,
+        max_memory=max_memory,
+        chat_template=chat_template,
+    )
     for key, m in metrics.items():
         if key.startswith("ppl:"):
             bpb = f"  bpb {m['bpb']:.4f}" if m.get("bpb") is not None else ""  # tokenizer-independent
-            typer.echo(f"{key:34s} ppl {m['ppl']:10.3f}{bpb}  ({m['tokens']} tokens, {m['bytes']} bytes, "
-                       f"{m['windows']} x {m['seqlen']})")
+            typer.echo(
+                f"{key:34s} ppl {m['ppl']:10.3f}{bpb}  ({m['tokens']} tokens, {m['bytes']} bytes, "
+                f"{m['windows']} x {m['seqlen']})"
+            )
         else:
-            parts = [f"{k} {m[k]:.4f} [{m[k + '_ci'][0]:.3f}, {m[k + '_ci'][1]:.3f}]" for k in ("acc", "acc_norm", "f1", "exact_match", "score")
-                     if isinstance(m.get(k), float) and m.get(k + "_ci")]
+            parts = [
+                f"{k} {m[k]:.4f} [{m[k + '_ci'][0]:.3f}, {m[k + '_ci'][1]:.3f}]"
+                for k in ("acc", "acc_norm", "f1", "exact_match", "score")
+                if isinstance(m.get(k), float) and m.get(k + "_ci")
+            ]
             typer.echo(f"{key:34s} {'  '.join(parts)}  n={m.get('n')}")
     if json_out is not None:
         typer.echo(f"wrote {json_out} and {samples_file(json_out)}")
 
 
 # Commands owned by other subpackages; each module defines `register(app)`.
-_COMMAND_MODULES = ("quantshift.export.commands", "quantshift.studies.commands", "quantshift.bench.commands",
-                    "quantshift.preview")
+_COMMAND_MODULES = (
+    "quantshift.export.commands",
+    "quantshift.studies.commands",
+    "quantshift.bench.commands",
+    "quantshift.preview",
+)
 
 
 def _register_commands() -> None:

@@ -92,6 +92,7 @@ MAX_GROUP = 1 << 20  # the widest group a config accepts
 # validators (methods/base.py), and the command line's --wbits/--abits/--group-size checks
 # (validate.py) call them with the option's name. Each returns the value or raises ValueError.
 
+
 def wbits_rule(v: int, name: str = "wbits") -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not (2 <= v <= 8 or v == KEEP_BITS):
         raise ValueError(f"{name} must be 2..8 (or {KEEP_BITS} = keep weights), got {v!r}")
@@ -106,8 +107,10 @@ def abits_rule(v: int, name: str = "abits") -> int:
 
 def group_size_rule(v: int, name: str = "group_size") -> int:
     if isinstance(v, bool) or not isinstance(v, int) or not (v in (PER_CHANNEL, PER_TENSOR) or 1 <= v <= MAX_GROUP):
-        raise ValueError(f"{name} must be -1 (per channel), 0 (per tensor) or a group width 1..{MAX_GROUP} "
-                         f"(e.g. 32, 64, 128), got {v!r}")
+        raise ValueError(
+            f"{name} must be -1 (per channel), 0 (per tensor) or a group width 1..{MAX_GROUP} "
+            f"(e.g. 32, 64, 128), got {v!r}"
+        )
     return v
 
 

@@ -31,5 +31,7 @@ def import_optional(module: str, install: str, feature: str) -> ModuleType:
     except ImportError as err:
         if is_not_installed(err, module):
             raise DependencyError(f"{feature} needs the {module!r} package: {install}") from None
-        raise DependencyError(f"{module!r} is installed but cannot be imported ({type(err).__name__}: {err}); "
-                              f"{feature} needs it working: reinstall it ({install})") from err
+        raise DependencyError(
+            f"{module!r} is installed but cannot be imported ({type(err).__name__}: {err}); "
+            f"{feature} needs it working: reinstall it ({install})"
+        ) from err

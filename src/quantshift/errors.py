@@ -23,6 +23,8 @@ class NumericalError(QuantshiftError):
 
 class DependencyError(QuantshiftError):
     """A package a feature needs is missing, or installed but failing to import."""
+
+
 class InvalidInput(ConfigError):
     """An option, recipe or study value rejected before any model loads or file is written."""
 

@@ -32,8 +32,22 @@ from typing import Any
 
 from .errors import ConfigError
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*$")
 HOST = "cpu"
 
@@ -62,7 +76,7 @@ class MemoryCaps:
     devices: dict[str, int] = field(default_factory=dict)
 
     def text(self) -> str:
-        parts = ([f"cpu={fmt_bytes(self.host)}"] if self.host is not None else [])
+        parts = [f"cpu={fmt_bytes(self.host)}"] if self.host is not None else []
         parts += [f"{d}={fmt_bytes(v)}" for d, v in self.devices.items()]
         return ",".join(parts) or "none"
 
@@ -79,8 +93,10 @@ def parse_max_memory(text: str | None) -> MemoryCaps:
         key, sep, value = part.partition("=")
         key = key.strip().lower()
         if not sep or not re.fullmatch(r"cpu|cuda(:\d+)?|\d+", key):
-            raise ConfigError(f"--max-memory {text!r}: each part is DEVICE=SIZE with DEVICE cpu, cuda or cuda:N "
-                              f"(e.g. cpu=16GiB,cuda:0=70GiB); got {part.strip()!r}")
+            raise ConfigError(
+                f"--max-memory {text!r}: each part is DEVICE=SIZE with DEVICE cpu, cuda or cuda:N "
+                f"(e.g. cpu=16GiB,cuda:0=70GiB); got {part.strip()!r}"
+            )
         size = parse_size(value)
         if size <= 0:
             raise ConfigError(f"--max-memory {text!r}: {key} must be more than 0 bytes")
@@ -166,8 +182,20 @@ def shape_of_config(config: Any, name: str, stored_bytes: int | None = None) -> 
     per = 2 if ("16" in dtype) else 4
     if stored_bytes:
         per = min(4, max(1, round(stored_bytes / max(1, params))))
-    return ModelShape(name, params, max(sizes), len(blocks), int(text.hidden_size), int(emb.weight.shape[0]),
-                      emb.weight.numel(), head_params, linears, tuple(problems), stored_bytes, per)
+    return ModelShape(
+        name,
+        params,
+        max(sizes),
+        len(blocks),
+        int(text.hidden_size),
+        int(emb.weight.shape[0]),
+        emb.weight.numel(),
+        head_params,
+        linears,
+        tuple(problems),
+        stored_bytes,
+        per,
+    )
 
 
 def model_shape(name: str) -> ModelShape:
@@ -189,7 +217,9 @@ def model_shape(name: str) -> ModelShape:
         raise ModelError(f"{what}: {str(err).splitlines()[0]}") from None
     stored = None
     if info is not None:  # a missing or truncated shard fails here, before anything is printed or loaded
-        stored = ShardedTensors(Path(path), list(info.get("files") or {}), what="quantized model directory").total_bytes()
+        stored = ShardedTensors(
+            Path(path), list(info.get("files") or {}), what="quantized model directory"
+        ).total_bytes()
     elif isinstance(path, Path):
         try:
             stored = ShardedTensors(path).total_bytes()
@@ -230,8 +260,10 @@ class MemoryPlan:
     def lines(self) -> list[str]:
         s = self.shape
         stored = f", {fmt_bytes(s.stored_bytes)} on disk" if s.stored_bytes else ""
-        head = (f"memory plan for {s.name} ({s.params / 1e9:.2f}B params, {s.blocks} blocks{stored}); "
-                f"host cap {fmt_bytes(self.host_cap)}" + ("" if self.caps.host is not None else " (available now)"))
+        head = (
+            f"memory plan for {s.name} ({s.params / 1e9:.2f}B params, {s.blocks} blocks{stored}); "
+            f"host cap {fmt_bytes(self.host_cap)}" + ("" if self.caps.host is not None else " (available now)")
+        )
         return [head] + [f"  {st.line()}" for st in self.stages]
 
 
@@ -250,11 +282,22 @@ def _solver_bytes(shape: ModelShape, calibrated: bool) -> int:
     return max(max(3 * i * i * 4 + 2 * r * i * 4, 2 * i * i * 4 + 4 * r * i * 4) for r, i in problems)
 
 
-def plan_memory(shape: ModelShape, *, device: str = "cpu", weight_bytes: int = 4, caps: MemoryCaps | None = None,
-                calib_tokens: int = 0, calibrated: bool = True, quantize: bool = True, evaluate: bool = True,
-                eval_batch: int = 4,
-                eval_seqlen: int = 512, eval_windows: int = 64, packed_eval: bool = False,
-                baseline: int | None = None) -> MemoryPlan:
+def plan_memory(
+    shape: ModelShape,
+    *,
+    device: str = "cpu",
+    weight_bytes: int = 4,
+    caps: MemoryCaps | None = None,
+    calib_tokens: int = 0,
+    calibrated: bool = True,
+    quantize: bool = True,
+    evaluate: bool = True,
+    eval_batch: int = 4,
+    eval_seqlen: int = 512,
+    eval_windows: int = 64,
+    packed_eval: bool = False,
+    baseline: int | None = None,
+) -> MemoryPlan:
     """Estimates (see the module doc) and the mode of each stage within the caps; raises a
     ConfigError naming the stage when even streaming does not fit."""
     caps = caps or MemoryCaps()
@@ -273,16 +316,24 @@ def plan_memory(shape: ModelShape, *, device: str = "cpu", weight_bytes: int = 4
         # loading converts the stored copy into the compute dtype (both exist for a moment); saving
         # holds one shard and its serialized copy
         load = s.params * s.stored_dtype_bytes if s.stored_dtype_bytes != weight_bytes else 0
-        in_mem = [("model", s.params * weight_bytes), ("codes", codes),
-                  ("load or save", max(load, 2 * shard, solver + acts)), ("process", base)]
+        in_mem = [
+            ("model", s.params * weight_bytes),
+            ("codes", codes),
+            ("load or save", max(load, 2 * shard, solver + acts)),
+            ("process", base),
+        ]
         # a block is read a module at a time; on the CPU the capture fills only the embedding rows
         # it looks up (models.lazy.materialize_rows), elsewhere the whole table
         stored_module = max((o * i for o, i in s.linears), default=0) * s.stored_dtype_bytes
         capture = s.embed_params * weight_bytes if on_gpu else 0
         # while a block is solved, the output shard being filled waits beside it; a shard is
         # written (and serialized once more) between blocks, when the solver's memory is free
-        streaming = [("block", block), ("block work", max(solver + shard, stored_module, capture, 2 * shard)),
-                     ("activations", acts), ("process", base)]
+        streaming = [
+            ("block", block),
+            ("block work", max(solver + shard, stored_module, capture, 2 * shard)),
+            ("activations", acts),
+            ("process", base),
+        ]
         # on a GPU every Hessian of the block is collected there before the first is solved
         # (an H200, 7B shapes: 3.85 GiB peak against 2.8 GiB estimated without them)
         hessians = sum(i * i * 4 for _r, i in (s.problems or ())) if calibrated else 0
@@ -291,21 +342,36 @@ def plan_memory(shape: ModelShape, *, device: str = "cpu", weight_bytes: int = 4
         return MemoryPlan(shape, caps, host_cap, device, tuple(stages), shard)
     # evaluation.scoring: one tile of logits and its exponentials
     tile = 3 * min(1024, eval_batch * eval_seqlen) * 16384 * 4
-    per_batch = eval_batch * eval_seqlen * max(s.hidden * 8, s.hidden + 3 * max((o for o, _ in s.linears), default=0)) * act
+    per_batch = (
+        eval_batch * eval_seqlen * max(s.hidden * 8, s.hidden + 3 * max((o for o, _ in s.linears), default=0)) * act
+    )
     model_bytes = (s.stored_bytes or s.params * 2) if packed_eval else s.params * weight_bytes
     in_mem = [("model", model_bytes), ("activations", per_batch), ("scoring", tile), ("process", base)]
     hidden = 2 * eval_windows * eval_seqlen * s.hidden * act
     head_slice = 16384 * s.hidden * weight_bytes
-    streaming = [("block", block), ("hidden states", hidden), ("activations", per_batch),
-                 ("head slice", max(s.embed_params * weight_bytes if on_gpu else 0, head_slice + tile)),
-                 ("process", base)]
+    streaming = [
+        ("block", block),
+        ("hidden states", hidden),
+        ("activations", per_batch),
+        ("head slice", max(s.embed_params * weight_bytes if on_gpu else 0, head_slice + tile)),
+        ("process", base),
+    ]
     # in memory on a GPU the whole model sits on the device: only where it fits the device's cap
     # (or its free memory); else its blocks stream through it like the quantizer's
     whole = model_bytes + per_batch + tile
     dev_limit = device_limit(caps, device) if on_gpu else None
     fits_device = dev_limit is None or whole <= dev_limit
-    stages.append(_choose("evaluate", in_mem, streaming, host_cap, on_gpu, block + per_batch + tile,
-                          whole_on_device=whole if fits_device else None))
+    stages.append(
+        _choose(
+            "evaluate",
+            in_mem,
+            streaming,
+            host_cap,
+            on_gpu,
+            block + per_batch + tile,
+            whole_on_device=whole if fits_device else None,
+        )
+    )
     return MemoryPlan(shape, caps, host_cap, device, tuple(stages), shard)
 
 
@@ -320,8 +386,15 @@ def device_limit(caps: MemoryCaps, device: str) -> int | None:
     return cap if cap is not None else free_device_bytes(device)
 
 
-def _choose(stage: str, in_mem: list[tuple[str, int]], streaming: list[tuple[str, int]], host_cap: int,
-            on_gpu: bool, device_need: int, whole_on_device: int | None = -1) -> StagePlan:
+def _choose(
+    stage: str,
+    in_mem: list[tuple[str, int]],
+    streaming: list[tuple[str, int]],
+    host_cap: int,
+    on_gpu: bool,
+    device_need: int,
+    whole_on_device: int | None = -1,
+) -> StagePlan:
     """`whole_on_device`: on a GPU, what the device holds when the stage runs in memory (-1: the
     weights stay on the host and the device holds one block's work either way; None: the whole
     model does not fit the device, so the stage streams)."""
@@ -329,15 +402,22 @@ def _choose(stage: str, in_mem: list[tuple[str, int]], streaming: list[tuple[str
     if on_gpu:
         in_memory = mem <= host_cap and whole_on_device is not None
         device = whole_on_device if in_memory and whole_on_device is not None and whole_on_device >= 0 else device_need
-        return StagePlan(stage, "in memory" if in_memory else "streaming", mem if in_memory else min(mem, stream),
-                         device, tuple(in_mem if in_memory else streaming))
+        return StagePlan(
+            stage,
+            "in memory" if in_memory else "streaming",
+            mem if in_memory else min(mem, stream),
+            device,
+            tuple(in_mem if in_memory else streaming),
+        )
     if mem <= host_cap:
         return StagePlan(stage, "in memory", mem, 0, tuple(in_mem))
     if stream <= host_cap:
         return StagePlan(stage, "streaming", stream, 0, tuple(streaming))
-    raise ConfigError(f"{stage} needs ~{fmt_bytes(stream)} of host memory even streaming one block at a time "
-                      f"(~{fmt_bytes(mem)} in memory), over the cap of {fmt_bytes(host_cap)}: raise --max-memory, "
-                      "or use fewer calibration tokens / a smaller --batch-size")
+    raise ConfigError(
+        f"{stage} needs ~{fmt_bytes(stream)} of host memory even streaming one block at a time "
+        f"(~{fmt_bytes(mem)} in memory), over the cap of {fmt_bytes(host_cap)}: raise --max-memory, "
+        "or use fewer calibration tokens / a smaller --batch-size"
+    )
 
 
 def check_device_cap(plan: MemoryPlan) -> None:
@@ -346,8 +426,10 @@ def check_device_cap(plan: MemoryPlan) -> None:
     limit = device_limit(plan.caps, plan.device)
     for st in plan.stages:
         if limit is not None and st.device > limit:
-            raise ConfigError(f"{st.stage} needs ~{fmt_bytes(st.device)} on {plan.device} for one block, over "
-                              f"{'the cap' if cap is not None else 'the free memory'} of {fmt_bytes(limit)}")
+            raise ConfigError(
+                f"{st.stage} needs ~{fmt_bytes(st.device)} on {plan.device} for one block, over "
+                f"{'the cap' if cap is not None else 'the free memory'} of {fmt_bytes(limit)}"
+            )
 
 
 def windows_per_pass(plan: MemoryPlan, seqlen: int, batch: int) -> int | None:
@@ -382,18 +464,39 @@ def device_resident_budget(plan: MemoryPlan) -> int | None:
     return max(0, int(limit * 0.9) - work)
 
 
-def plan_for_model(name: str, *, device: str = "cpu", dtype: str = "auto", max_memory: Any = None,
-                   quantize: bool = True, evaluate: bool = True, calib_tokens: int = 0, calibrated: bool = True,
-                   batch_size: int = 4, seqlen: int = 512, max_windows: int | None = 64,
-                   backend: str = "fake") -> MemoryPlan:
+def plan_for_model(
+    name: str,
+    *,
+    device: str = "cpu",
+    dtype: str = "auto",
+    max_memory: Any = None,
+    quantize: bool = True,
+    evaluate: bool = True,
+    calib_tokens: int = 0,
+    calibrated: bool = True,
+    batch_size: int = 4,
+    seqlen: int = 512,
+    max_windows: int | None = 64,
+    backend: str = "fake",
+) -> MemoryPlan:
     """plan_memory for a model by name on a resolved `device` (see quantshift.memory_plan)."""
     from .models.precision import resolve_precision
 
     caps = max_memory if isinstance(max_memory, MemoryCaps) else parse_max_memory(max_memory)
     precision = resolve_precision(dtype, device)
-    plan = plan_memory(model_shape(name), device=device, weight_bytes=precision.weights.itemsize, caps=caps,
-                       calib_tokens=calib_tokens, calibrated=calibrated, quantize=quantize, evaluate=evaluate,
-                       eval_batch=batch_size,
-                       eval_seqlen=seqlen, eval_windows=max_windows or 64, packed_eval=backend == "packed")
+    plan = plan_memory(
+        model_shape(name),
+        device=device,
+        weight_bytes=precision.weights.itemsize,
+        caps=caps,
+        calib_tokens=calib_tokens,
+        calibrated=calibrated,
+        quantize=quantize,
+        evaluate=evaluate,
+        eval_batch=batch_size,
+        eval_seqlen=seqlen,
+        eval_windows=max_windows or 64,
+        packed_eval=backend == "packed",
+    )
     check_device_cap(plan)
     return plan

@@ -57,8 +57,13 @@ def measured_bits(modules: dict) -> dict | None:
     if not infos:
         return None
     bits, params = sum(i["bits"] for i in infos), sum(i["params"] for i in infos)
-    return {"avg_bits": bits / params, "bits": bits, "params": params, "modules": len(infos),
-            "outliers": sum(i.get("outliers", 0) for i in infos)}
+    return {
+        "avg_bits": bits / params,
+        "bits": bits,
+        "params": params,
+        "modules": len(infos),
+        "outliers": sum(i.get("outliers", 0) for i in infos),
+    }
 
 
 def numerics_summary(modules: dict) -> dict | None:
@@ -68,9 +73,11 @@ def numerics_summary(modules: dict) -> dict | None:
     infos = {name: m.info for name, m in modules.items() if "damp" in m.info}
     if not infos:
         return None
-    return {"linears": len(infos),
-            "damp_raised": {n: i["damp"] for n, i in infos.items() if i.get("damp_steps") and not i.get("fallback")},
-            "fallback_rtn": [n for n, i in infos.items() if i.get("fallback") == "rtn"]}
+    return {
+        "linears": len(infos),
+        "damp_raised": {n: i["damp"] for n, i in infos.items() if i.get("damp_steps") and not i.get("fallback")},
+        "fallback_rtn": [n for n, i in infos.items() if i.get("fallback") == "rtn"],
+    }
 
 
 def numerics_line(summary: dict | None, show: int = 5) -> str | None:
@@ -87,10 +94,18 @@ def numerics_line(summary: dict | None, show: int = 5) -> str | None:
     return line
 
 
-def quantize_model(loaded: LoadedModel, recipe: Recipe, calib: CalibSet | None, device: str | None = None,
-                   batch_size: int = 8, progress: bool = True, propagate: str = "quantized",
-                   stats_store: StatsStore | None = None, activations: str = "auto",
-                   residency: Any = None) -> PipelineRun:
+def quantize_model(
+    loaded: LoadedModel,
+    recipe: Recipe,
+    calib: CalibSet | None,
+    device: str | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    propagate: str = "quantized",
+    stats_store: StatsStore | None = None,
+    activations: str = "auto",
+    residency: Any = None,
+) -> PipelineRun:
     """Quantize `loaded.model` in place, block by block.
 
     propagate "fp" calibrates every block on the unquantized model's activations; only then can
@@ -102,33 +117,64 @@ def quantize_model(loaded: LoadedModel, recipe: Recipe, calib: CalibSet | None, 
     if (problem := recipe.stack_problem()) is not None:
         raise ConfigError(f"recipe: {problem}")
     if stats_store is not None and propagate != "fp":
-        raise ConfigError("a statistics cache needs fp propagation: with quantized propagation each block's "
-                          "inputs depend on the bit width and method, so its statistics cannot be reused")
+        raise ConfigError(
+            "a statistics cache needs fp propagation: with quantized propagation each block's "
+            "inputs depend on the bit width and method, so its statistics cannot be reused"
+        )
     model = loaded.model
     dev = device or ("cpu" if loaded.source is not None else str(next(model.parameters()).device))
     stages = [s.build() for s in recipe.stages]
     calib_id = CalibIdentity.of(calib.manifest) if calib is not None else None
-    engine = BlockEngine(model, loaded.arch, stages, dev, batch_size=batch_size, progress=progress,
-                         propagate=propagate, stats_store=stats_store, calib=calib_id, activations=activations,
-                         autocast=loaded.precision.autocast, residency=residency)
+    engine = BlockEngine(
+        model,
+        loaded.arch,
+        stages,
+        dev,
+        batch_size=batch_size,
+        progress=progress,
+        propagate=propagate,
+        stats_store=stats_store,
+        calib=calib_id,
+        activations=activations,
+        autocast=loaded.precision.autocast,
+        residency=residency,
+    )
     with torch.no_grad(), pinned_pool():  # offloaded activations reuse their pinned buffers
         result = engine.run(calib.input_ids if (calib is not None and recipe.needs_calibration) else None)
     line = numerics_line(numerics_summary(result.modules))
     if line is not None:  # stderr, next to the progress bars; the report keeps the details
         tqdm.write(line, file=sys.stderr)
-    return PipelineRun(result, recipe, calib.manifest.to_dict() if calib is not None and recipe.needs_calibration else None,
-                              propagate, loaded.precision.name)
+    return PipelineRun(
+        result,
+        recipe,
+        calib.manifest.to_dict() if calib is not None and recipe.needs_calibration else None,
+        propagate,
+        loaded.precision.name,
+    )
 
 
-def save(loaded: LoadedModel, qres: PipelineRun, out: Path, overwrite: bool = False,
-         max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+def save(
+    loaded: LoadedModel,
+    qres: PipelineRun,
+    out: Path,
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
     """Write a model quantized in memory as a quantized directory (checkpoint.save_quantized)."""
     if loaded.source is not None:
         raise ConfigError("this model was quantized streaming: its directory was written as it was quantized")
     return save_quantized(
-        loaded.model, loaded.tokenizer, out, base_model=loaded.name, recipe=qres.recipe.to_dict(),
-        calibration=qres.calibration, modules=qres.engine.modules, report=qres.report(), overwrite=overwrite,
-        max_shard_bytes=max_shard_bytes, stored_dtype=loaded.stored_dtype,
+        loaded.model,
+        loaded.tokenizer,
+        out,
+        base_model=loaded.name,
+        recipe=qres.recipe.to_dict(),
+        calibration=qres.calibration,
+        modules=qres.engine.modules,
+        report=qres.report(),
+        overwrite=overwrite,
+        max_shard_bytes=max_shard_bytes,
+        stored_dtype=loaded.stored_dtype,
     )
 
 
@@ -153,10 +199,21 @@ class StreamedBlocks(SourceBlocks):
         return_freed_memory()
 
 
-def quantize_streaming(loaded: LoadedModel, recipe: Recipe, calib: CalibSet | None, out: Path, *,
-                       device: str, batch_size: int = 8, progress: bool = True, propagate: str = "quantized",
-                       stats_store: StatsStore | None = None, activations: str = "auto", overwrite: bool = False,
-                       max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> PipelineRun:
+def quantize_streaming(
+    loaded: LoadedModel,
+    recipe: Recipe,
+    calib: CalibSet | None,
+    out: Path,
+    *,
+    device: str,
+    batch_size: int = 8,
+    progress: bool = True,
+    propagate: str = "quantized",
+    stats_store: StatsStore | None = None,
+    activations: str = "auto",
+    overwrite: bool = False,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> PipelineRun:
     """Quantize a model whose weights stay on disk (`loaded.source`; `loaded.model` is a skeleton
     on meta) block by block with one block in memory, writing the quantized directory `out`
     shard by shard as blocks finish (atomically: a temp dir renamed into place at the end).
@@ -170,15 +227,30 @@ def quantize_streaming(loaded: LoadedModel, recipe: Recipe, calib: CalibSet | No
     with staged_directory(Path(out), overwrite) as tmp:
         writer = QuantizedDirWriter(tmp, max_shard_bytes, source.stored_dtype)
         residency = StreamedBlocks(source, writer, loaded.arch)
-        qres = quantize_model(loaded, recipe, calib, device=device, batch_size=batch_size, progress=progress,
-                              propagate=propagate, stats_store=stats_store, activations=activations,
-                              residency=residency)
+        qres = quantize_model(
+            loaded,
+            recipe,
+            calib,
+            device=device,
+            batch_size=batch_size,
+            progress=progress,
+            propagate=propagate,
+            stats_store=stats_store,
+            activations=activations,
+            residency=residency,
+        )
         blocks_prefix = f"{loaded.arch.blocks_path}."
         aliased = set(getattr(source, "aliases", {}))
         for name in loaded.model.state_dict(keep_vars=True):  # embeddings, final norm, head: as stored
             if not name.startswith(blocks_prefix) and name not in aliased:
                 writer.add_float(name, source.read([name])[name])
-        writer.finish(config=loaded.model.config, tokenizer=loaded.tokenizer, base_model=loaded.name,
-                      recipe=recipe.to_dict(), calibration=qres.calibration, report=qres.report(),
-                      dtype=str(loaded.precision.weights).replace("torch.", ""))
+        writer.finish(
+            config=loaded.model.config,
+            tokenizer=loaded.tokenizer,
+            base_model=loaded.name,
+            recipe=recipe.to_dict(),
+            calibration=qres.calibration,
+            report=qres.report(),
+            dtype=str(loaded.precision.weights).replace("torch.", ""),
+        )
     return qres

@@ -40,12 +40,16 @@ def register(app: typer.Typer) -> None:
 def check_cmd(
     path: Annotated[Path, typer.Argument(help="a study YAML (see studies/) or a recipe YAML (stages: [...])")],
     data_dir: Annotated[Path | None, typer.Option(help="directory with offline task data (as for run)")] = None,
-    cache: Annotated[Path | None, typer.Option(help="study cache to count finished work in "
-                                                    "(default: the one `run` would use, runs/.cache)")] = None,
+    cache: Annotated[
+        Path | None,
+        typer.Option(help="study cache to count finished work in (default: the one `run` would use, runs/.cache)"),
+    ] = None,
     device: Annotated[str | None, typer.Option(help="plan and estimate for this device: auto, cpu, cuda")] = None,
     model: Annotated[str | None, typer.Option(help="with a recipe: the model whose memory plan to print")] = None,
-    max_memory: Annotated[str | None, typer.Option(help="memory caps to plan within, e.g. cpu=16GiB,cuda:0=70GiB "
-                                                        "(default: what is free now)")] = None,
+    max_memory: Annotated[
+        str | None,
+        typer.Option(help="memory caps to plan within, e.g. cpu=16GiB,cuda:0=70GiB (default: what is free now)"),
+    ] = None,
 ) -> None:
     """Validate a study or recipe file and say what it would run (works, cached results, memory
     plans, a time estimate)."""
@@ -61,8 +65,14 @@ def check_cmd(
             typer.echo(line)
         if model is not None:
             validate.check_model_name("--model", model)
-            for line in memory_lines(model, device or "auto", "auto", max_memory, 128 * 512 if rec.needs_calibration else 0,
-                                     rec.needs_calibration):
+            for line in memory_lines(
+                model,
+                device or "auto",
+                "auto",
+                max_memory,
+                128 * 512 if rec.needs_calibration else 0,
+                rec.needs_calibration,
+            ):
                 typer.echo(line)
         return
     if model is not None:
@@ -75,16 +85,30 @@ def check_cmd(
         typer.echo(line)
 
 
-def memory_lines(model: str, device: str, dtype: str, max_memory: str | None, calib_tokens: int,
-                 calibrated: bool, quantize: bool = True) -> list[str]:
+def memory_lines(
+    model: str,
+    device: str,
+    dtype: str,
+    max_memory: str | None,
+    calib_tokens: int,
+    calibrated: bool,
+    quantize: bool = True,
+) -> list[str]:
     """The memory plan of quantizing and evaluating `model` (memory.py), as printed lines."""
     from .errors import ConfigError, QuantshiftError
     from .memory import plan_for_model
     from .models.load import resolve_device
 
     try:
-        plan = plan_for_model(model, device=resolve_device(device), dtype=dtype, max_memory=max_memory,
-                              quantize=quantize, calib_tokens=calib_tokens, calibrated=calibrated)
+        plan = plan_for_model(
+            model,
+            device=resolve_device(device),
+            dtype=dtype,
+            max_memory=max_memory,
+            quantize=quantize,
+            calib_tokens=calib_tokens,
+            calibrated=calibrated,
+        )
     except ConfigError as err:  # over the cap even streaming: what `run` would fail the model's works with
         return [f"memory plan for {model}: does not fit: {err}"]
     except QuantshiftError as err:  # e.g. a hub model whose config is not cached offline
@@ -99,28 +123,36 @@ def file_kind(data: Any, where: str) -> str:
     if isinstance(data, list):
         return "recipe"
     if not isinstance(data, dict) or not data:
-        validate.fail(f"{where}: neither a recipe (a list of stages, or stages: [...]) nor a study "
-                      f"(a mapping with models, methods, calibration, evaluation); got {validate._short(data)}")
+        validate.fail(
+            f"{where}: neither a recipe (a list of stages, or stages: [...]) nor a study "
+            f"(a mapping with models, methods, calibration, evaluation); got {validate._short(data)}"
+        )
     study_keys = set(StudySpec.model_fields)
     if "stages" in data:
         return "recipe"
     if any(k in study_keys for k in data):
         return "study"
     key = str(next(iter(data)))
-    validate.fail(f"{where}: unknown key {key!r}{validate.closest(key, [*study_keys, 'stages'])}; a recipe has "
-                  f"stages, a study has {', '.join(sorted(study_keys))}")
+    validate.fail(
+        f"{where}: unknown key {key!r}{validate.closest(key, [*study_keys, 'stages'])}; a recipe has "
+        f"stages, a study has {', '.join(sorted(study_keys))}"
+    )
 
 
 def describe_recipe(rec) -> list[str]:
     from .methods import METHODS
 
-    lines = [f"recipe: valid, {len(rec.stages)} stage{'s' * (len(rec.stages) != 1)}: {rec.describe()} "
-             f"(digest {rec.digest()}); calibration data {'needed' if rec.needs_calibration else 'not needed'}"]
+    lines = [
+        f"recipe: valid, {len(rec.stages)} stage{'s' * (len(rec.stages) != 1)}: {rec.describe()} "
+        f"(digest {rec.digest()}); calibration data {'needed' if rec.needs_calibration else 'not needed'}"
+    ]
     for i, stage in enumerate(rec.stages):
         cls = METHODS.get(stage.method)
         settings = stage.config.model_dump(mode="json")
         shown = " ".join(f"{k}={json.dumps(v)}" for k, v in settings.items())
-        lines.append(f"  stage {i}: {stage.method} ({cls.kind}{', calibrated' if cls.needs_calibration else ''}) {shown}")
+        lines.append(
+            f"  stage {i}: {stage.method} ({cls.kind}{', calibrated' if cls.needs_calibration else ''}) {shown}"
+        )
     return lines
 
 
@@ -139,7 +171,9 @@ def model_shape(name: str) -> tuple[int, int, bool]:
     return 30, REF_HIDDEN, False
 
 
-def work_estimate(work: Mapping[str, Any], spec, pending: Sequence[Mapping[str, Any]], on_gpu: bool) -> tuple[float, float]:
+def work_estimate(
+    work: Mapping[str, Any], spec, pending: Sequence[Mapping[str, Any]], on_gpu: bool
+) -> tuple[float, float]:
     """(quantization seconds, evaluation seconds) of one model work, as estimated (see module doc)."""
     blocks, hidden, _ = model_shape(work["model"]["name"])
     scale = (hidden / REF_HIDDEN) ** 2 / (GPU_SPEEDUP if on_gpu else 1.0)
@@ -204,12 +238,15 @@ def describe_study(spec, cache_root: Path, data_dir: str | None, max_memory: str
     cal_tokens = cal.n * cal.seqlen * max((len(src.split("+")) for src in cal.sources), default=1)
     quantizes = bool(quant)
     for m in spec.models:
-        for line in memory_lines(m.name, spec.device, m.dtype, max_memory, cal_tokens if quantizes else 0, quantizes,
-                                 quantize=quantizes):
+        for line in memory_lines(
+            m.name, spec.device, m.dtype, max_memory, cal_tokens if quantizes else 0, quantizes, quantize=quantizes
+        ):
             lines.append(f"  {line}")
-    lines.append(f"  estimate (rough, per-token model for {'GPU' if on_gpu else 'CPU'}, see `quantshift.preview`): "
-                 f"quantization {_duration(q_s)}, evaluation {_duration(e_s)}, total {_duration(q_s + e_s)}"
-                 + (f"; shape of {', '.join(guessed)} unknown offline, assumed 30 blocks x {REF_HIDDEN}" if guessed else ""))
+    lines.append(
+        f"  estimate (rough, per-token model for {'GPU' if on_gpu else 'CPU'}, see `quantshift.preview`): "
+        f"quantization {_duration(q_s)}, evaluation {_duration(e_s)}, total {_duration(q_s + e_s)}"
+        + (f"; shape of {', '.join(guessed)} unknown offline, assumed 30 blocks x {REF_HIDDEN}" if guessed else "")
+    )
     return lines
 
 

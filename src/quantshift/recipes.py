@@ -53,18 +53,26 @@ class Recipe:
             reason = METHODS.get(stage.method).final_weights
             if reason is None:
                 continue
-            for later in self.stages[i + 1:]:
-                if METHODS.get(later.method).kind == "quantize" and getattr(later.config, "wbits", KEEP_BITS) != KEEP_BITS:
-                    return (f"stage {later.method!r} after {stage.method!r} would re-quantize its weights: {reason}; "
-                            "put only transform or activation-only (wbits: 16) stages after it")
+            for later in self.stages[i + 1 :]:
+                if (
+                    METHODS.get(later.method).kind == "quantize"
+                    and getattr(later.config, "wbits", KEEP_BITS) != KEEP_BITS
+                ):
+                    return (
+                        f"stage {later.method!r} after {stage.method!r} would re-quantize its weights: {reason}; "
+                        "put only transform or activation-only (wbits: 16) stages after it"
+                    )
         return None
 
     def describe(self) -> str:
         parts = []
         for s in self.stages:
             c = s.config
-            fmt = (f"w{c.wbits}" + (f"a{c.abits}" if c.abits != KEEP_BITS else "")
-                   + (granularity(c.group_size) if grouped(c.group_size) else ""))
+            fmt = (
+                f"w{c.wbits}"
+                + (f"a{c.abits}" if c.abits != KEEP_BITS else "")
+                + (granularity(c.group_size) if grouped(c.group_size) else "")
+            )
             parts.append(f"{s.method}({fmt})")
         return " -> ".join(parts)
 
@@ -88,7 +96,7 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> Recipe:
             item = {item: {}}
         if not isinstance(item, dict) or len(item) != 1:
             raise ConfigError(f"{where}: stage {i} must be a one-key mapping 'method: {{options}}'")
-        (method, options), = item.items()
+        ((method, options),) = item.items()
         stages.append(make_stage(method, options, f"{where} stage {i} ({method})"))
     return Recipe(tuple(stages))
 

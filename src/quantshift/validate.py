@@ -59,6 +59,7 @@ def unknown(what: str, name: Any, options: Iterable[str], hint: str = "", where:
 
 # ---------------------------------------------------------------- scalar options
 
+
 def int_in(option: str, value: Any, lo: int, hi: int, extra: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
         fail(f"{option} must be an integer {lo}..{hi}{extra}, got {value!r}")
@@ -109,6 +110,7 @@ def int_list(option: str, text: str, lo: int, hi: int) -> list[int]:
 
 # ---------------------------------------------------------------- paths
 
+
 def check_existing_file(option: str, path: Any) -> Path:
     p = Path(str(path)).expanduser()
     if not p.is_file():
@@ -148,6 +150,7 @@ def check_out_file(option: str, path: Any) -> None:
 
 # ---------------------------------------------------------------- models
 
+
 def check_model_name(option: str, name: Any) -> None:
     """A bundled alias, an existing model directory, or a well-formed hub id (checked on load).
     Mirrors models.load.model_path without its side effect (converting a bundled model)."""
@@ -166,8 +169,10 @@ def check_model_name(option: str, name: Any) -> None:
     if "/" not in name:
         unknown("model", name, BUNDLED.names(), " (or a local model directory, or a hub id org/name)")
     if len(name) > 96 or "--" in name or ".." in name or not HUB_ID_RE.match(name):
-        fail(f"{option}: {name!r} is neither a bundled model ({', '.join(BUNDLED.names())}), "
-             "an existing directory, nor a hub id like org/name")
+        fail(
+            f"{option}: {name!r} is neither a bundled model ({', '.join(BUNDLED.names())}), "
+            "an existing directory, nor a hub id like org/name"
+        )
 
 
 def local_model_dir(name: str) -> Path | None:
@@ -205,6 +210,7 @@ def check_context(option: str, tokens: int, model: str) -> None:
 
 # ---------------------------------------------------------------- text sources and tasks
 
+
 def _task_registry():
     try:
         from .evaluation.tasks import SUITES, TASKS
@@ -232,8 +238,13 @@ def check_source(option: str, name: Any, data_dir: Any = None, union: bool = Tru
             pattern = part[5:]
             names = [n for n in tasks.names() if fnmatch.fnmatchcase(n, pattern)] if tasks is not None else []
             if not names:
-                unknown("task", pattern, tasks.names() if tasks is not None else [],
-                        " (task:<name or glob>, see `quantshift list tasks`)", where=f"{option} {part!r}")
+                unknown(
+                    "task",
+                    pattern,
+                    tasks.names() if tasks is not None else [],
+                    " (task:<name or glob>, see `quantshift list tasks`)",
+                    where=f"{option} {part!r}",
+                )
             if _needs_data_dir(names) and not data_dir:
                 fail(f"{option} {part!r} reads data-dir tasks: give --data-dir (or data_dir) too")
         elif part in SOURCES:
@@ -245,8 +256,13 @@ def check_source(option: str, name: Any, data_dir: Any = None, union: bool = Tru
             if not part[3:].split(":")[0].strip():
                 fail(f"{option} {part!r}: give a dataset, hf:<dataset>[:<config>]")
         else:
-            unknown("source", part, SOURCES.names(), " (or task:<name>, a .txt/.jsonl file, hf:<dataset>[:<config>])",
-                    where=option)
+            unknown(
+                "source",
+                part,
+                SOURCES.names(),
+                " (or task:<name>, a .txt/.jsonl file, hf:<dataset>[:<config>])",
+                where=option,
+            )
     return parts
 
 
@@ -302,8 +318,9 @@ def _calib_tokens(name: str, tokenizer_dir: str) -> int | None:
         return None
 
 
-def check_calib_budget(option: str, source: str, n: int, seqlen: int, model: str | None = None,
-                       exact: bool = True) -> str:
+def check_calib_budget(
+    option: str, source: str, n: int, seqlen: int, model: str | None = None, exact: bool = True
+) -> str:
     """Fail when a calibration source cannot hold n windows of seqlen tokens; returns a note on
     how that was known. Exact with the model's tokenizer when it is already on disk; otherwise a
     sound bound (a token is at least one byte of text) that only rejects what surely fails."""
@@ -318,15 +335,19 @@ def check_calib_budget(option: str, source: str, n: int, seqlen: int, model: str
         tokens = _calib_tokens(part, str(local)) if local is not None else None
         if tokens is not None:
             if tokens // body < n:
-                fail(f"{option} {part!r} has {tokens} calibration tokens = {tokens // body} windows of {seqlen}; "
-                     f"asked for {n} (use a smaller --nsamples/n or --seqlen)")
+                fail(
+                    f"{option} {part!r} has {tokens} calibration tokens = {tokens // body} windows of {seqlen}; "
+                    f"asked for {n} (use a smaller --nsamples/n or --seqlen)"
+                )
             notes.append(f"{part}: {tokens} tokens")
             continue
         if nbytes is None:
             notes.append(f"{part}: size not checked (needs a download or the task data)")
         elif nbytes // body < n:
-            fail(f"{option} {part!r} has {nbytes} bytes of calibration text, fewer than {n} x {seqlen} tokens "
-                 f"need (use a smaller --nsamples/n or --seqlen)")
+            fail(
+                f"{option} {part!r} has {nbytes} bytes of calibration text, fewer than {n} x {seqlen} tokens "
+                f"need (use a smaller --nsamples/n or --seqlen)"
+            )
         else:
             notes.append(f"{part}: {nbytes} bytes (tokens counted when the tokenizer loads)")
     return "; ".join(notes)
@@ -384,8 +405,10 @@ def check_task(option: str, name: str, data_dir: Any = None) -> None:
         return
     ours = tasks.names() if tasks is not None else []
     match = closest(name, [*ours, *_lm_eval_quick_names()])
-    fail(f"{option}: unknown task {name!r}{match}; allowed: quantshift's tasks (`quantshift list tasks`) "
-         "or an lm-eval task, group or tag name")
+    fail(
+        f"{option}: unknown task {name!r}{match}; allowed: quantshift's tasks (`quantshift list tasks`) "
+        "or an lm-eval task, group or tag name"
+    )
 
 
 def check_suite(option: str, name: Any, data_dir: Any = None) -> None:
@@ -399,6 +422,7 @@ def check_suite(option: str, name: Any, data_dir: Any = None) -> None:
 
 
 # ---------------------------------------------------------------- YAML files and unknown keys
+
 
 def read_yaml(option: str, path: Any) -> Any:
     """A YAML file's data; every way reading or parsing it can fail is one line."""
@@ -450,6 +474,7 @@ def check_keys(model: Any, data: Any, where: str) -> None:
 
 # ---------------------------------------------------------------- recipes
 
+
 def _methods():
     from .methods import METHODS
 
@@ -476,7 +501,7 @@ def check_recipe_data(data: Any, where: str = "recipe"):
         item = {item: {}} if isinstance(item, str) else item
         if not isinstance(item, dict) or len(item) != 1:
             fail(f"{where}: stage {i} must be a one-key mapping 'method: {{options}}', got {_short(item)}")
-        (method, options), = item.items()
+        ((method, options),) = item.items()
         check_method_name(f"{where} stage {i}", method)
         if options is not None and not isinstance(options, dict):
             fail(f"{where} stage {i} ({method}): options must be a mapping like {{wbits: 4}}, got {_short(options)}")
@@ -555,6 +580,7 @@ def check_recipe_file(path: Any, option: str = "--recipe"):
 
 # ---------------------------------------------------------------- studies
 
+
 def check_study_data(data: Any, where: str, data_dir: Any = None, stem: str = "study"):
     """Raw study data -> StudySpec, every axis checked (names, ranges, sources, their size)."""
     from .studies.spec import StudySpec, method_recipes
@@ -574,8 +600,10 @@ def check_study_data(data: Any, where: str, data_dir: Any = None, stem: str = "s
             check_recipe_data(m["recipe"], f"{where} methods[{i}] recipe")
     for key in ("models", "methods"):
         if key in data and not isinstance(data[key], list):
-            fail(f"{where}: {key} must be a list like [{'smollm2-135m' if key == 'models' else '{method: gptq}'}], "
-                 f"got {_short(data[key])}")
+            fail(
+                f"{where}: {key} must be a list like [{'smollm2-135m' if key == 'models' else '{method: gptq}'}], "
+                f"got {_short(data[key])}"
+            )
     spec = _parse(StudySpec, data, where)
     name = spec.name
     if not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
@@ -662,6 +690,7 @@ def check_study_file(path: Any, data_dir: Any = None, option: str = "STUDY"):
 
 # ---------------------------------------------------------------- commands
 
+
 def check_propagation(propagate: Any, activations: Any, stats_cache: Any) -> None:
     """--propagate, --activations and --stats-cache (the CLI and quantshift.quantize alike)."""
     from .quant.engine import ACTIVATION_MODES, PROPAGATE_MODES
@@ -669,8 +698,10 @@ def check_propagation(propagate: Any, activations: Any, stats_cache: Any) -> Non
     check_choice("--propagate", propagate, PROPAGATE_MODES)
     check_choice("--activations", activations, ACTIVATION_MODES)
     if stats_cache is not None and propagate != "fp":
-        fail("--stats-cache needs --propagate fp: with quantized propagation each block's inputs depend on "
-             "the bit width and method, so its statistics cannot be reused")
+        fail(
+            "--stats-cache needs --propagate fp: with quantized propagation each block's inputs depend on "
+            "the bit width and method, so its statistics cannot be reused"
+        )
 
 
 def check_quantize(o: dict) -> None:
@@ -710,14 +741,22 @@ def check_quantize(o: dict) -> None:
     check_context("--seqlen", o.get("seqlen", 512), str(o["model"]))
     if rec.needs_calibration:
         check_calib_budget("--calib", calib, o.get("nsamples", 128), o.get("seqlen", 512), str(o["model"]))
-    if o.get("max_memory") is not None and local_model_dir(str(o["model"])) is not None:  # a plan over the cap: exit 2 now
+    if (
+        o.get("max_memory") is not None and local_model_dir(str(o["model"])) is not None
+    ):  # a plan over the cap: exit 2 now
         from .memory import plan_for_model
         from .models.load import resolve_device
 
         parts = len(str(calib).split("+"))
-        plan_for_model(str(o["model"]), device=resolve_device(o.get("device", "auto")), dtype=o.get("dtype", "auto"),
-                    max_memory=o["max_memory"], calib_tokens=o.get("nsamples", 128) * o.get("seqlen", 512) * parts
-                    if rec.needs_calibration else 0, calibrated=rec.needs_calibration, evaluate=False)
+        plan_for_model(
+            str(o["model"]),
+            device=resolve_device(o.get("device", "auto")),
+            dtype=o.get("dtype", "auto"),
+            max_memory=o["max_memory"],
+            calib_tokens=o.get("nsamples", 128) * o.get("seqlen", 512) * parts if rec.needs_calibration else 0,
+            calibrated=rec.needs_calibration,
+            evaluate=False,
+        )
 
 
 def _cli_recipe(method: str, fmt: dict):
@@ -785,9 +824,17 @@ def check_eval(o: dict) -> None:
         from .memory import plan_for_model
         from .models.load import resolve_device
 
-        plan_for_model(str(o["model"]), device=resolve_device(o.get("device", "auto")), dtype=o.get("dtype", "auto"),
-                    max_memory=o["max_memory"], quantize=False, batch_size=o.get("batch_size", 4),
-                    seqlen=o.get("seqlen", 512), max_windows=o.get("max_windows", 64), backend=o.get("backend", "fake"))
+        plan_for_model(
+            str(o["model"]),
+            device=resolve_device(o.get("device", "auto")),
+            dtype=o.get("dtype", "auto"),
+            max_memory=o["max_memory"],
+            quantize=False,
+            batch_size=o.get("batch_size", 4),
+            seqlen=o.get("seqlen", 512),
+            max_windows=o.get("max_windows", 64),
+            backend=o.get("backend", "fake"),
+        )
 
 
 def check_export(o: dict) -> None:
@@ -814,8 +861,11 @@ def check_export(o: dict) -> None:
 
 def check_bench(o: dict) -> None:
     check_model_name("MODEL", o["model"])
-    for opt, key, default in (("--batch-sizes", "batch_sizes", None), ("--prefill-batches", "prefill_batches", "1,8"),
-                              ("--decode-batches", "decode_batches", "1,8,32")):
+    for opt, key, default in (
+        ("--batch-sizes", "batch_sizes", None),
+        ("--prefill-batches", "prefill_batches", "1,8"),
+        ("--decode-batches", "decode_batches", "1,8,32"),
+    ):
         if o.get(key, default) is not None:
             int_list(opt, str(o.get(key, default)), 1, MAX_BATCH)
     int_in("--prompt-len", o.get("prompt_len", 512), 1, MAX_SEQLEN)
@@ -827,8 +877,9 @@ def check_bench(o: dict) -> None:
         check_choice("--backend", o["backend"], ("fake", "packed"))
     check_choice("--cache", o.get("cache", "static"), ("static", "dynamic"))
     check_context("--prompt-len", o.get("prompt_len", 512), str(o["model"]))
-    check_context("--decode-prompt-len + --gen-len", o.get("decode_prompt_len", 128) + o.get("gen_len", 64),
-                  str(o["model"]))
+    check_context(
+        "--decode-prompt-len + --gen-len", o.get("decode_prompt_len", 128) + o.get("gen_len", 64), str(o["model"])
+    )
     check_device("--device", o.get("device", "auto"))
     check_dtype("--dtype", o.get("dtype", "auto"))
     if o.get("json_out") is not None:
@@ -850,7 +901,11 @@ def check_run(o: dict) -> None:
         finite_in("--gpus-per-cell", o["gpus_per_cell"], 0.0, 1024.0)
         if o["gpus_per_cell"] > 1 and o["gpus_per_cell"] != int(o["gpus_per_cell"]):
             fail(f"--gpus-per-cell takes fractions below 1 or whole numbers, got {o['gpus_per_cell']!r}")
-    for opt, key in (("--cpus-per-cell", "cpus_per_cell"), ("--max-retries", "max_retries"), ("--lock-timeout", "lock_timeout")):
+    for opt, key in (
+        ("--cpus-per-cell", "cpus_per_cell"),
+        ("--max-retries", "max_retries"),
+        ("--lock-timeout", "lock_timeout"),
+    ):
         if o.get(key) is not None and executor != "ray":
             fail(f"{opt} goes with --executor ray")
     if o.get("cpus_per_cell") is not None:
@@ -870,7 +925,11 @@ def check_run(o: dict) -> None:
 
 
 COMMANDS: dict[str, Callable[[dict], None]] = {
-    "quantize": check_quantize, "eval": check_eval, "export": check_export, "bench": check_bench, "run": check_run,
+    "quantize": check_quantize,
+    "eval": check_eval,
+    "export": check_export,
+    "bench": check_bench,
+    "run": check_run,
 }
 
 

@@ -74,19 +74,29 @@ def print_report(results: list[dict[str, Any]]) -> None:
         size, load = m["bench:size"], m["bench:load"]
         typer.echo(f"\n== {res['variant']} ({res['backend']}, {res['dtype']}) ==")
         disk = f"{_mib(size['disk_bytes'])} on disk, " if "disk_bytes" in size else ""
-        typer.echo(f"size: {disk}{_mib(size['memory_bytes'])} in memory, {_mib(size['packed_weight_bytes'])} packed; "
-                   f"peak RSS {_mib(m['bench:memory']['peak_rss_bytes'])}")
-        typer.echo(f"copy bandwidth {m['bench:bandwidth']['copy_bytes_per_s'] / 1e9:.1f} GB/s; decode reads "
-                   f"{_mib(size['decode_bytes_per_step'])}/step; load {load['start']:.2f} -> {load['end']:.2f} "
-                   f"on {load['cores']} cores")
+        typer.echo(
+            f"size: {disk}{_mib(size['memory_bytes'])} in memory, {_mib(size['packed_weight_bytes'])} packed; "
+            f"peak RSS {_mib(m['bench:memory']['peak_rss_bytes'])}"
+        )
+        typer.echo(
+            f"copy bandwidth {m['bench:bandwidth']['copy_bytes_per_s'] / 1e9:.1f} GB/s; decode reads "
+            f"{_mib(size['decode_bytes_per_step'])}/step; load {load['start']:.2f} -> {load['end']:.2f} "
+            f"on {load['cores']} cores"
+        )
         typer.echo(f"{'':8s} {'batch':>5s} {'tok/s':>9s} {'min-max':>19s} {'bound tok/s':>11s} {'ms/step':>8s}")
-        rows = [(k.split(":")[1].split("@")[0], d) for k, d in m.items() if k.startswith(("bench:prefill@", "bench:decode@"))]
+        rows = [
+            (k.split(":")[1].split("@")[0], d)
+            for k, d in m.items()
+            if k.startswith(("bench:prefill@", "bench:decode@"))
+        ]
         for kind, d in sorted(rows, key=lambda r: (r[0] != "prefill", r[1]["batch"])):
             span = f"{d['tokens_per_s_min']:.1f}-{d['tokens_per_s_max']:.1f}"
             bound = f"{d['bound_tokens_per_s']:11.1f}" if "bound_tokens_per_s" in d else f"{'':11s}"
             ms = f"{d['ms_per_step']:8.2f}" if "ms_per_step" in d else ""
-            typer.echo(f"{kind:8s} {d['batch']:5d} {d['tokens_per_s']:9.1f} {span:>19s} {bound} {ms}"
-                       + (f"  (compile {d['compile_s']:.1f}s)" if "compile_s" in d else ""))
+            typer.echo(
+                f"{kind:8s} {d['batch']:5d} {d['tokens_per_s']:9.1f} {span:>19s} {bound} {ms}"
+                + (f"  (compile {d['compile_s']:.1f}s)" if "compile_s" in d else "")
+            )
         for note in res["notes"]:
             typer.echo(f"note: {note}")
 
@@ -95,22 +105,35 @@ def register(app: typer.Typer) -> None:
     @app.command("bench")
     def bench_cmd(
         model: Annotated[str, typer.Argument(help="quantized directory, bundled alias, local dir or hub id")],
-        variants: Annotated[str | None, typer.Option(help=f"comma-separated: {', '.join(VARIANTS)} (default: all "
-                                                          "for a quantized directory, fp32,bf16 otherwise)")] = None,
-        backend: Annotated[str | None, typer.Option(help="fake or packed: shorthand for --variants fp32 or "
-                                                         "packed-bf16")] = None,
-        batch_sizes: Annotated[str | None, typer.Option(help="comma-separated batch sizes for prefill and decode")] = None,
+        variants: Annotated[
+            str | None,
+            typer.Option(
+                help=f"comma-separated: {', '.join(VARIANTS)} (default: all "
+                "for a quantized directory, fp32,bf16 otherwise)"
+            ),
+        ] = None,
+        backend: Annotated[
+            str | None, typer.Option(help="fake or packed: shorthand for --variants fp32 or packed-bf16")
+        ] = None,
+        batch_sizes: Annotated[
+            str | None, typer.Option(help="comma-separated batch sizes for prefill and decode")
+        ] = None,
         prefill_batches: Annotated[str, typer.Option(help="prefill batch sizes")] = "1,8",
         decode_batches: Annotated[str, typer.Option(help="decode batch sizes")] = "1,8,32",
         prompt_len: Annotated[int, typer.Option(help="prompt tokens per sequence (prefill)")] = 512,
         decode_prompt_len: Annotated[int, typer.Option(help="prompt tokens before decoding")] = 128,
-        gen_len: Annotated[int, typer.Option(help="generated tokens per sequence (1 from prefill + decode steps)")] = 64,
+        gen_len: Annotated[
+            int, typer.Option(help="generated tokens per sequence (1 from prefill + decode steps)")
+        ] = 64,
         repeats: Annotated[int, typer.Option(help="runs per measurement: median and min-max/quartiles reported")] = 5,
         cache: Annotated[str, typer.Option(help="decode KV cache: static or dynamic")] = "static",
-        compile: Annotated[bool, typer.Option("--compile", help="torch.compile the decode step (time reported apart)")] = False,
+        compile: Annotated[
+            bool, typer.Option("--compile", help="torch.compile the decode step (time reported apart)")
+        ] = False,
         copy_mib: Annotated[int, typer.Option(help="MiB copied to measure memory bandwidth")] = 256,
-        in_process: Annotated[bool, typer.Option("--in-process", help="all variants in this process (peak RSS "
-                                                                      "then covers them all)")] = False,
+        in_process: Annotated[
+            bool, typer.Option("--in-process", help="all variants in this process (peak RSS then covers them all)")
+        ] = False,
         device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N")] = "auto",
         json_out: Annotated[Path | None, typer.Option("--json", help="write metrics JSON here")] = None,
     ) -> None:
@@ -135,9 +158,17 @@ def register(app: typer.Typer) -> None:
         names = _variants({"fake": "fp32", "packed": "packed-bf16"}.get(backend or "", variants), quantized)
         pre = _sizes(batch_sizes, "--batch-sizes") if batch_sizes else _sizes(prefill_batches, "--prefill-batches")
         dec = _sizes(batch_sizes, "--batch-sizes") if batch_sizes else _sizes(decode_batches, "--decode-batches")
-        opts = {"prefill_batches": pre, "decode_batches": dec, "prompt_len": prompt_len,
-                "decode_prompt_len": decode_prompt_len, "gen_len": gen_len, "repeats": repeats, "cache": cache,
-                "compile": compile, "copy_mib": copy_mib}
+        opts = {
+            "prefill_batches": pre,
+            "decode_batches": dec,
+            "prompt_len": prompt_len,
+            "decode_prompt_len": decode_prompt_len,
+            "gen_len": gen_len,
+            "repeats": repeats,
+            "cache": cache,
+            "compile": compile,
+            "copy_mib": copy_mib,
+        }
         threads.use_all_cores()
         dev = resolve_device(device)
         if in_process or len(names) == 1:
@@ -146,10 +177,17 @@ def register(app: typer.Typer) -> None:
             results = [_in_child(model, v, dev, opts) for v in names]
         print_report(results)
         if json_out is not None:
-            write_json_atomic(json_out, {"model": model, "path": str(path), "options": opts, "variants": results,
-                                         "metrics": {f"{r['variant']}/{k}": v for r in results
-                                                     for k, v in r["metrics"].items()},
-                                         "versions": versions()})
+            write_json_atomic(
+                json_out,
+                {
+                    "model": model,
+                    "path": str(path),
+                    "options": opts,
+                    "variants": results,
+                    "metrics": {f"{r['variant']}/{k}": v for r in results for k, v in r["metrics"].items()},
+                    "versions": versions(),
+                },
+            )
 
 
 def _child_main(argv: list[str]) -> None:

@@ -34,13 +34,24 @@ import torch.nn as nn
 
 LOAD_FRACTION = 0.5  # warn when the 1-minute load average exceeds this fraction of the cores
 # variant -> (load_model backend, dtype of the float parts)
-VARIANTS = {"fp32": ("fake", "float32"), "bf16": ("fake", "bfloat16"),
-            "packed-fp32": ("packed", "float32"), "packed-bf16": ("packed", "bfloat16"),
-            # + the output projection in int8 (llama.cpp's 4-bit files keep it at 8 bits: Q8_0)
-            "packed-bf16-int8head": ("packed", "bfloat16")}
+VARIANTS = {
+    "fp32": ("fake", "float32"),
+    "bf16": ("fake", "bfloat16"),
+    "packed-fp32": ("packed", "float32"),
+    "packed-bf16": ("packed", "bfloat16"),
+    # + the output projection in int8 (llama.cpp's 4-bit files keep it at 8 bits: Q8_0)
+    "packed-bf16-int8head": ("packed", "bfloat16"),
+}
 # a study's bench (evaluation.bench): small, so it adds seconds per model, not minutes
-STUDY_BENCH = {"prefill_batches": [1], "decode_batches": [1], "prompt_len": 128, "decode_prompt_len": 32,
-               "gen_len": 16, "repeats": 3, "copy_mib": 64}
+STUDY_BENCH = {
+    "prefill_batches": [1],
+    "decode_batches": [1],
+    "prompt_len": 128,
+    "decode_prompt_len": 32,
+    "gen_len": 16,
+    "repeats": 3,
+    "copy_mib": 64,
+}
 
 
 def dir_bytes(path: str | Path | None) -> int | None:
@@ -148,8 +159,7 @@ class GenResult:
 
 def _forward(model: nn.Module, ids: torch.Tensor, cache: Any, pos: torch.Tensor) -> torch.Tensor:
     """One forward with the cache (positions continue from it); argmax of the last logits."""
-    out = model(input_ids=ids, cache=cache, position_ids=pos.expand(ids.shape[0], -1), use_cache=True,
-                logits_to_keep=1)
+    out = model(input_ids=ids, cache=cache, position_ids=pos.expand(ids.shape[0], -1), use_cache=True, logits_to_keep=1)
     return out.logits[:, -1].argmax(-1, keepdim=True)
 
 
@@ -165,8 +175,13 @@ def make_cache(model: nn.Module, kind: str, max_len: int) -> Any:
 
 
 @torch.no_grad()
-def prefill_and_decode(model: nn.Module, input_ids: torch.Tensor, gen_len: int, cache: str = "dynamic",
-                       step: Callable[..., torch.Tensor] | None = None) -> GenResult:
+def prefill_and_decode(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    gen_len: int,
+    cache: str = "dynamic",
+    step: Callable[..., torch.Tensor] | None = None,
+) -> GenResult:
     """Greedy generation with a KV cache: one timed prefill, then gen_len - 1 timed decode steps.
     `step(model, ids, cache, positions) -> next ids` runs a decode step (e.g. a compiled one)."""
     device = input_ids.device
@@ -212,17 +227,38 @@ def compiled_step(model: nn.Module) -> Callable[..., torch.Tensor]:
 
 def _speed(tokens: int, seconds: list[float], common: dict) -> dict[str, Any]:
     s = spread(seconds)
-    return {"tokens_per_s": tokens / s["median"], "seconds": s["median"], "tokens": tokens,
-            "tokens_per_s_min": tokens / s["max"], "tokens_per_s_max": tokens / s["min"],
-            "tokens_per_s_q1": tokens / s["q3"], "tokens_per_s_q3": tokens / s["q1"],
-            "runs_s": seconds, **common}
+    return {
+        "tokens_per_s": tokens / s["median"],
+        "seconds": s["median"],
+        "tokens": tokens,
+        "tokens_per_s_min": tokens / s["max"],
+        "tokens_per_s_max": tokens / s["min"],
+        "tokens_per_s_q1": tokens / s["q3"],
+        "tokens_per_s_q3": tokens / s["q1"],
+        "runs_s": seconds,
+        **common,
+    }
 
 
-def run_bench(model: nn.Module, *, batch_sizes: list[int] | None = None, prefill_batches: list[int] | None = None,
-              decode_batches: list[int] | None = None, prompt_len: int = 512, decode_prompt_len: int | None = None,
-              gen_len: int = 32, repeats: int = 1, quant_info: dict | None = None, path: str | None = None,
-              seed: int = 0, cache: str = "static", compile: bool = False, copy_mib: int = 256,
-              fake_quant: bool | None = None, vocab_size: int | None = None) -> tuple[dict[str, dict], list[str]]:
+def run_bench(
+    model: nn.Module,
+    *,
+    batch_sizes: list[int] | None = None,
+    prefill_batches: list[int] | None = None,
+    decode_batches: list[int] | None = None,
+    prompt_len: int = 512,
+    decode_prompt_len: int | None = None,
+    gen_len: int = 32,
+    repeats: int = 1,
+    quant_info: dict | None = None,
+    path: str | None = None,
+    seed: int = 0,
+    cache: str = "static",
+    compile: bool = False,
+    copy_mib: int = 256,
+    fake_quant: bool | None = None,
+    vocab_size: int | None = None,
+) -> tuple[dict[str, dict], list[str]]:
     """Metrics keyed like other quantshift metrics ("bench:decode@8": {...}) and notes for humans.
     `batch_sizes` sets both prefill and decode batch sizes; `fake_quant` defaults to "a
     quantized directory" (pass False for a packed model)."""
@@ -240,11 +276,15 @@ def run_bench(model: nn.Module, *, batch_sizes: list[int] | None = None, prefill
     notes = []
     start = load_state()
     if start["loaded"]:
-        notes.append(f"WARNING: load average {start['load1']:.2f} on {start['cores']} cores at start (> "
-                     f"{LOAD_FRACTION} x cores): other processes compete for the CPU; speeds are not the machine's")
+        notes.append(
+            f"WARNING: load average {start['load1']:.2f} on {start['cores']} cores at start (> "
+            f"{LOAD_FRACTION} x cores): other processes compete for the CPU; speeds are not the machine's"
+        )
     if fake:
-        notes.append("quantized directory loaded as fake-quant (dequantized float weights): prefill/decode speed and "
-                     "memory are the float model's; packed_weight_bytes is what a packed export stores")
+        notes.append(
+            "quantized directory loaded as fake-quant (dequantized float weights): prefill/decode speed and "
+            "memory are the float model's; packed_weight_bytes is what a packed export stores"
+        )
     bw = copy_bandwidth(device, copy_mib << 20)
     warm = torch.randint(0, vocab, (1, min(prompt_len, 8)), generator=g).to(device)
     prefill_and_decode(model, warm, 2, cache)  # first-call allocations and kernel selection
@@ -253,7 +293,9 @@ def run_bench(model: nn.Module, *, batch_sizes: list[int] | None = None, prefill
     for bs in prefill_batches:
         ids = torch.randint(0, vocab, (bs, prompt_len), generator=g).to(device)
         runs = [prefill_and_decode(model, ids, 2, "dynamic").prefill_s for _ in range(reps)]
-        metrics[f"bench:prefill@{bs}"] = _speed(bs * prompt_len, runs, {"batch": bs, "prompt_len": prompt_len, **common})
+        metrics[f"bench:prefill@{bs}"] = _speed(
+            bs * prompt_len, runs, {"batch": bs, "prompt_len": prompt_len, **common}
+        )
     read = decode_bytes_per_step(model)
     for bs in decode_batches:
         ids = torch.randint(0, vocab, (bs, decode_prompt_len), generator=g).to(device)
@@ -267,9 +309,11 @@ def run_bench(model: nn.Module, *, batch_sizes: list[int] | None = None, prefill
             extra["compile_s"] = time.perf_counter() - t0
         res = [prefill_and_decode(model, ids, gen_len, "static" if compile else cache, step) for _ in range(reps)]
         steps = gen_len - 1
-        m = _speed(bs * steps, [r.decode_s for r in res],
-                   {"batch": bs, "prompt_len": decode_prompt_len, "gen_len": gen_len, "compiled": compile, **common,
-                    **extra})
+        m = _speed(
+            bs * steps,
+            [r.decode_s for r in res],
+            {"batch": bs, "prompt_len": decode_prompt_len, "gen_len": gen_len, "compiled": compile, **common, **extra},
+        )
         m["ms_per_step"] = 1000 * m["seconds"] / steps
         m["bound_tokens_per_s"] = bs * bw / read
         m["fraction_of_bound"] = m["tokens_per_s"] / m["bound_tokens_per_s"]
@@ -277,9 +321,13 @@ def run_bench(model: nn.Module, *, batch_sizes: list[int] | None = None, prefill
             m["peak_cuda_bytes"] = max(r.peak_cuda_bytes or 0 for r in res)
         metrics[f"bench:decode@{bs}"] = m
     float_bytes = 2
-    size: dict[str, Any] = {"param_bytes": param_bytes(model), "memory_bytes": memory_bytes(model),
-                            **packed_weight_bytes(model, quant_info, float_bytes), "float_bytes_per_param": float_bytes,
-                            "decode_bytes_per_step": read}
+    size: dict[str, Any] = {
+        "param_bytes": param_bytes(model),
+        "memory_bytes": memory_bytes(model),
+        **packed_weight_bytes(model, quant_info, float_bytes),
+        "float_bytes_per_param": float_bytes,
+        "decode_bytes_per_step": read,
+    }
     disk = dir_bytes(path)
     if disk is not None:
         size["disk_bytes"] = disk
@@ -290,16 +338,27 @@ def run_bench(model: nn.Module, *, batch_sizes: list[int] | None = None, prefill
     metrics["bench:memory"] = mem
     metrics["bench:bandwidth"] = {"copy_bytes_per_s": bw, "copy_bytes": copy_mib << 20}
     end = load_state()
-    metrics["bench:load"] = {"start": start["load1"], "end": end["load1"], "cores": start["cores"],
-                             "loaded": start["loaded"], "threshold": LOAD_FRACTION * start["cores"]}
+    metrics["bench:load"] = {
+        "start": start["load1"],
+        "end": end["load1"],
+        "cores": start["cores"],
+        "loaded": start["loaded"],
+        "threshold": LOAD_FRACTION * start["cores"],
+    }
     return metrics, notes
 
 
 def environment(device: torch.device | str) -> dict[str, Any]:
     import transformers
 
-    env = {"device": str(device), "torch": torch.__version__, "transformers": transformers.__version__,
-           "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "platform": platform.platform()}
+    env = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
+        "platform": platform.platform(),
+    }
     if str(device).startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
     return env
@@ -310,16 +369,28 @@ def measure_variant(model: str, variant: str, device: str, opts: dict[str, Any])
     from ..models.load import load_model
 
     backend, dtype = VARIANTS[variant]
-    loaded = load_model(model, device=device, dtype=dtype, backend=backend,
-                        head="int8" if variant.endswith("-int8head") else "float")
+    loaded = load_model(
+        model, device=device, dtype=dtype, backend=backend, head="int8" if variant.endswith("-int8head") else "float"
+    )
     dev = next(loaded.model.parameters()).device
-    metrics, notes = run_bench(loaded.model, quant_info=loaded.quant_info, path=loaded.path,
-                               fake_quant=loaded.quant_info is not None and backend == "fake", **opts)
+    metrics, notes = run_bench(
+        loaded.model,
+        quant_info=loaded.quant_info,
+        path=loaded.path,
+        fake_quant=loaded.quant_info is not None and backend == "fake",
+        **opts,
+    )
     if loaded.packing is not None:
         notes = loaded.packing.lines() + notes
         metrics["bench:packing"] = loaded.packing.to_dict()
-    return {"variant": variant, "backend": backend, "dtype": dtype, "metrics": metrics, "notes": notes,
-            "environment": environment(dev)}
+    return {
+        "variant": variant,
+        "backend": backend,
+        "dtype": dtype,
+        "metrics": metrics,
+        "notes": notes,
+        "environment": environment(dev),
+    }
 
 
 def study_bench(model_dir: str | Path, device: str) -> dict[str, Any]:

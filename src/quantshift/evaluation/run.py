@@ -111,15 +111,28 @@ def use_chat_template(tokenizer, mode: str) -> bool:
         raise ConfigError(f"--chat-template must be {', '.join(CHAT_TEMPLATE_MODES)}, got {mode!r}")
     has = bool(getattr(tokenizer, "chat_template", None))
     if mode == "on" and not has:
-        raise ConfigError("--chat-template on: this model's tokenizer has no chat template (a base model?); "
-                          "use auto or off")
+        raise ConfigError(
+            "--chat-template on: this model's tokenizer has no chat template (a base model?); use auto or off"
+        )
     return has and mode != "off"
 
 
-def evaluate(loaded, *, ppl: Iterable[str] = (), tasks: Iterable = (), suite: str | None = None,
-             shots: Sequence[int] | None = None, limit: int | None = None, data_dir: str | Path | None = None,
-             seqlen: int = 512, max_windows: int | None = 64, batch_size: int = 4, seed: int = 1234,
-             progress: bool = True, chat_template: str = "off") -> EvalResult:
+def evaluate(
+    loaded,
+    *,
+    ppl: Iterable[str] = (),
+    tasks: Iterable = (),
+    suite: str | None = None,
+    shots: Sequence[int] | None = None,
+    limit: int | None = None,
+    data_dir: str | Path | None = None,
+    seqlen: int = 512,
+    max_windows: int | None = 64,
+    batch_size: int = 4,
+    seed: int = 1234,
+    progress: bool = True,
+    chat_template: str = "off",
+) -> EvalResult:
     """Perplexity on text sources and lm-eval tasks (ours or lm-eval's own names) for one model.
 
     limit: items scored per task; None = DEFAULT_LIMIT for quantshift's own tasks and all items
@@ -137,15 +150,32 @@ def evaluate(loaded, *, ppl: Iterable[str] = (), tasks: Iterable = (), suite: st
         raise ConfigError("nothing to evaluate: give perplexity sources, tasks or a suite")
     res = EvalResult()
     for src in ppl_sources:
-        r = perplexity(loaded, loaded.tokenizer, src, seqlen=seqlen, max_windows=max_windows or None,
-                       add_bos=loaded.needs_bos, batch_size=batch_size, progress=progress,
-                       max_windows_per_pass=_windows_per_pass(loaded, seqlen, batch_size))
+        r = perplexity(
+            loaded,
+            loaded.tokenizer,
+            src,
+            seqlen=seqlen,
+            max_windows=max_windows or None,
+            add_bos=loaded.needs_bos,
+            batch_size=batch_size,
+            progress=progress,
+            max_windows_per_pass=_windows_per_pass(loaded, seqlen, batch_size),
+        )
         res.metrics[f"ppl:{src}"] = r.to_dict()
     if runs:
         dispatch_streamed(loaded)
         with loaded.compute():
-            _run_tasks(loaded, runs, res, limit=limit, data_dir=data_dir, batch_size=batch_size, seed=seed,
-                       progress=progress, chat=chat)
+            _run_tasks(
+                loaded,
+                runs,
+                res,
+                limit=limit,
+                data_dir=data_dir,
+                batch_size=batch_size,
+                seed=seed,
+                progress=progress,
+                chat=chat,
+            )
     return res
 
 
@@ -169,8 +199,9 @@ def dispatch_streamed(loaded) -> None:
     host = resident_budget(loaded.memory) if loaded.memory is not None else 0
     on_device = device_resident_budget(loaded.memory) if loaded.memory is not None else None
     block = type(loaded.arch.blocks(loaded.model)[0]).__name__
-    loaded.dispatched = dispatch(loaded.model, loaded.source, loaded.device, host if on_device is None else on_device,
-                                 host, no_split=[block])
+    loaded.dispatched = dispatch(
+        loaded.model, loaded.source, loaded.device, host if on_device is None else on_device, host, no_split=[block]
+    )
     print(loaded.dispatched.line())
 
 
@@ -178,8 +209,11 @@ def _run_tasks(loaded, runs, res: EvalResult, *, limit, data_dir, batch_size, se
     local: dict[str, TaskData] = {}
     for name, t, _k, _c in runs:
         if isinstance(t, TaskDef) and name not in local:
-            local[name] = split_items(t, t.load_items(Path(data_dir) if data_dir else None)) if t.name not in TASKS \
+            local[name] = (
+                split_items(t, t.load_items(Path(data_dir) if data_dir else None))
+                if t.name not in TASKS
                 else task_data(name, data_dir)
+            )
     local_limit = DEFAULT_LIMIT if limit is None else (limit or None)
     for data in local.values():
         _guard_fewshot(data, local_limit)
@@ -196,9 +230,18 @@ def _run_tasks(loaded, runs, res: EvalResult, *, limit, data_dir, batch_size, se
     for (k, is_local), group in groups.items():
         names = [lm_names[n] if is_local else n for n, *_ in group]
         t0 = time.time()
-        raw = harness.run(lm, names, shots=k, limit=local_limit if is_local else (limit or None),
-                          include_paths=[dirs[n] for n, *_ in group if n in dirs], offline=is_local, seed=seed,
-                          progress=progress, include_defaults=not is_local, chat=chat)
+        raw = harness.run(
+            lm,
+            names,
+            shots=k,
+            limit=local_limit if is_local else (limit or None),
+            include_paths=[dirs[n] for n, *_ in group if n in dirs],
+            offline=is_local,
+            seed=seed,
+            progress=progress,
+            include_defaults=not is_local,
+            chat=chat,
+        )
         took = time.time() - t0
         samples = raw.get("samples") or {}
         for name, _t, _k, cat in group:
@@ -216,17 +259,36 @@ def _run_tasks(loaded, runs, res: EvalResult, *, limit, data_dir, batch_size, se
                 for leaf in leaves:
                     if leaf in samples:
                         leaf_rows = harness.convert_samples(samples[leaf])
-                        res.metrics[f"task:{leaf}@{k}"] = {**harness.summarize(leaf_rows, raw["results"].get(leaf), seed=seed),
-                                                           "shots": k, "limit": limit or None, "category": cat,
-                                                           "chat_template": chat,
-                                                           "source": "lm-eval", "group": name}
+                        res.metrics[f"task:{leaf}@{k}"] = {
+                            **harness.summarize(leaf_rows, raw["results"].get(leaf), seed=seed),
+                            "shots": k,
+                            "limit": limit or None,
+                            "category": cat,
+                            "chat_template": chat,
+                            "source": "lm-eval",
+                            "group": name,
+                        }
                         res.samples[f"task:{leaf}@{k}"] = leaf_rows
-            entry.update({"shots": k, "limit": local_limit if is_local else (limit or None), "category": cat,
-                          "chat_template": chat, "seconds": round(took, 1)})
+            entry.update(
+                {
+                    "shots": k,
+                    "limit": local_limit if is_local else (limit or None),
+                    "category": cat,
+                    "chat_template": chat,
+                    "seconds": round(took, 1),
+                }
+            )
             if is_local:
                 d = local[name]
-                entry.update({"source": "quantshift", "items_test": len(d.test), "pool": len(d.pool),
-                              "pool_dropped_overlap": d.dropped, "data": d.task.source_note})
+                entry.update(
+                    {
+                        "source": "quantshift",
+                        "items_test": len(d.test),
+                        "pool": len(d.pool),
+                        "pool_dropped_overlap": d.dropped,
+                        "data": d.task.source_note,
+                    }
+                )
             else:
                 entry["source"] = "lm-eval"
             res.metrics[f"task:{name}@{k}"] = entry
@@ -261,13 +323,17 @@ def _check_fewshot(data: TaskData, limit: int | None) -> None:
     scored = [(it["id"], item_text(data.task, it, with_answer=False)) for it in data.scored(limit)]
     # template n-grams are judged on the whole task, as when the split was made
     population = [item_text(data.task, it) for it in data.test + data.pool]
-    check_leakage(scored, [(it["id"], item_text(data.task, it)) for it in data.pool],
-                  f"the few-shot pool of task {data.task.name}", population=population)
+    check_leakage(
+        scored,
+        [(it["id"], item_text(data.task, it)) for it in data.pool],
+        f"the few-shot pool of task {data.task.name}",
+        population=population,
+    )
 
 
 def _guard_calibration(loaded, local: dict[str, TaskData], limit: int | None) -> None:
     """A quantized model must not have been calibrated on text it is now scored on."""
-    cal = ((getattr(loaded, "quant_info", None) or {}).get("calibration") or {})
+    cal = (getattr(loaded, "quant_info", None) or {}).get("calibration") or {}
     src_name = cal.get("source")
     if not src_name or not local:
         return
@@ -289,8 +355,10 @@ def _guard_calibration(loaded, local: dict[str, TaskData], limit: int | None) ->
         scored = [(it["id"], item_text(data.task, it, with_answer=False)) for it in data.scored(limit)]
         found = find_overlaps(scored, others)
         if found:
-            msg = (f"leakage: calibration source {src_name!r} overlaps {len(found)} scored item(s) of task {name}: "
-                   + "; ".join(str(o) for o in found[:3]))
+            msg = (
+                f"leakage: calibration source {src_name!r} overlaps {len(found)} scored item(s) of task {name}: "
+                + "; ".join(str(o) for o in found[:3])
+            )
             if src_name.startswith("task:"):
                 raise DataError(msg)
             warnings.warn(msg, stacklevel=3)

@@ -94,21 +94,29 @@ class RunningNLL:
         return self.max + torch.log(self.sum) - self.target_logit
 
 
-def update_slice(state: RunningNLL, hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                 start: int, softcap: float | None, compute: Callable[[], AbstractContextManager] | None) -> None:
+def update_slice(
+    state: RunningNLL,
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    start: int,
+    softcap: float | None,
+    compute: Callable[[], AbstractContextManager] | None,
+) -> None:
     """One vocabulary slice [start, start + rows) over every position of `hidden` [P, H]."""
     for p0 in range(0, hidden.shape[0], TILE_POSITIONS):
         sl = slice(p0, min(p0 + TILE_POSITIONS, hidden.shape[0]))
         with compute() if compute is not None else contextlib.nullcontext():
-            logits = F.linear(hidden[sl], weight, None if bias is None else bias[start:start + weight.shape[0]])
+            logits = F.linear(hidden[sl], weight, None if bias is None else bias[start : start + weight.shape[0]])
         logits = logits.float()
         if softcap is not None:
             logits = torch.tanh(logits / softcap) * softcap
         state.update(logits, start, sl)
 
 
-def batch_nlls(hidden: torch.Tensor, ids: torch.Tensor, head: Head,
-               compute: Callable[[], AbstractContextManager] | None = None) -> torch.Tensor:
+def batch_nlls(
+    hidden: torch.Tensor, ids: torch.Tensor, head: Head, compute: Callable[[], AbstractContextManager] | None = None
+) -> torch.Tensor:
     """Summed NLL of each window of one batch (float64 [b]) from its final hidden states
     [b, seqlen, H]: position t predicts token t + 1."""
     b, s, h = hidden.shape
@@ -120,8 +128,12 @@ def batch_nlls(hidden: torch.Tensor, ids: torch.Tensor, head: Head,
     return state.nll().reshape(b, s - 1).sum(dim=1).double().cpu()
 
 
-def batches_nlls(hiddens: list[torch.Tensor], ids: list[torch.Tensor], head: Head,
-                 compute: Callable[[], AbstractContextManager] | None = None) -> list[torch.Tensor]:
+def batches_nlls(
+    hiddens: list[torch.Tensor],
+    ids: list[torch.Tensor],
+    head: Head,
+    compute: Callable[[], AbstractContextManager] | None = None,
+) -> list[torch.Tensor]:
     """batch_nlls of several batches with each vocabulary slice read once (head streamed from
     disk): the same tiles as batch by batch, in the other loop order (see the module doc)."""
     flats = [h[:, :-1].reshape(-1, h.shape[-1]) for h in hiddens]
@@ -132,4 +144,7 @@ def batches_nlls(hiddens: list[torch.Tensor], ids: list[torch.Tensor], head: Hea
             update_slice(state, flat, w, head.bias, start, head.softcap, compute)
         del w
         return_freed_memory()  # a slice of the head read from disk
-    return [st.nll().reshape(h.shape[0], h.shape[1] - 1).sum(dim=1).double().cpu() for st, h in zip(states, hiddens, strict=True)]
+    return [
+        st.nll().reshape(h.shape[0], h.shape[1] - 1).sum(dim=1).double().cpu()
+        for st, h in zip(states, hiddens, strict=True)
+    ]

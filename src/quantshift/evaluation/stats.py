@@ -75,7 +75,7 @@ def sign_flip_p(diffs, n_perm: int = 10000, seed: int = 0) -> float:
         return 1.0
     tol = 1e-12 * max(1.0, observed)
     if d.size <= 14:
-        patterns = ((np.arange(2 ** d.size)[:, None] >> np.arange(d.size)) & 1) * 2 - 1
+        patterns = ((np.arange(2**d.size)[:, None] >> np.arange(d.size)) & 1) * 2 - 1
         return float((np.abs((patterns * d).mean(axis=1)) >= observed - tol).mean())
     rng = np.random.default_rng(seed)
     hits = 0

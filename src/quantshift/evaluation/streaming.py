@@ -21,8 +21,14 @@ from ..models.shards import return_freed_memory
 from .scoring import CHUNKED_MODEL_TYPES, Head, batches_nlls, softcap_of
 
 
-def streamed_window_nlls(loaded, windows: torch.Tensor, batch_size: int = 8, progress: bool = True,
-                         desc: str = "perplexity", max_windows_per_pass: int | None = None) -> torch.Tensor:
+def streamed_window_nlls(
+    loaded,
+    windows: torch.Tensor,
+    batch_size: int = 8,
+    progress: bool = True,
+    desc: str = "perplexity",
+    max_windows_per_pass: int | None = None,
+) -> torch.Tensor:
     """Each window's NLL summed over its predicted tokens (float64 [windows]) for a LoadedModel
     whose weights are on disk (`loaded.source`); `max_windows_per_pass` bounds the hidden states
     held at once (more windows: several passes over the weights)."""
@@ -30,14 +36,16 @@ def streamed_window_nlls(loaded, windows: torch.Tensor, batch_size: int = 8, pro
 
     config = loaded.model.config
     if getattr(config, "model_type", None) not in CHUNKED_MODEL_TYPES:
-        raise ModelError(f"streamed evaluation supports model types {', '.join(CHUNKED_MODEL_TYPES)}; "
-                         f"{getattr(config, 'model_type', '?')} must fit in memory (raise --max-memory)")
+        raise ModelError(
+            f"streamed evaluation supports model types {', '.join(CHUNKED_MODEL_TYPES)}; "
+            f"{getattr(config, 'model_type', '?')} must fit in memory (raise --max-memory)"
+        )
     per_pass = max_windows_per_pass or windows.shape[0]
     per_pass = max(batch_size, per_pass - per_pass % batch_size)  # whole batches: the same shapes as in memory
     out = []
     with tqdm(total=windows.numel(), desc=desc, disable=not progress, unit="tok", unit_scale=True, leave=False) as bar:
         for s in range(0, windows.shape[0], per_pass):
-            part = windows[s:s + per_pass]
+            part = windows[s : s + per_pass]
             out.append(_one_pass(loaded, part, batch_size))
             bar.update(part.numel())
     return torch.cat(out)
@@ -48,8 +56,16 @@ def _one_pass(loaded, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
 
     model, arch, device = loaded.model, loaded.arch, loaded.device
     residency = SourceBlocks(loaded.source, arch.blocks_path, arch.backbone_path)
-    engine = BlockEngine(model, arch, [], device, batch_size=batch_size, progress=False,
-                         autocast=loaded.precision.autocast, residency=residency)
+    engine = BlockEngine(
+        model,
+        arch,
+        [],
+        device,
+        batch_size=batch_size,
+        progress=False,
+        autocast=loaded.precision.autocast,
+        residency=residency,
+    )
     with torch.no_grad():
         engine.capture(windows)
         hidden = engine.inputs
@@ -69,7 +85,7 @@ def _one_pass(loaded, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
             hidden = [norm(h) for h in hidden]
         release(norm)
         return_freed_memory()
-        ids = [windows[b:b + batch_size] for b in range(0, windows.shape[0], batch_size)]
+        ids = [windows[b : b + batch_size] for b in range(0, windows.shape[0], batch_size)]
         nlls = batches_nlls(hidden, ids, streamed_head(loaded), lambda: loaded.compute(device))
     return torch.cat(nlls)
 
@@ -83,5 +99,9 @@ def streamed_head(loaded) -> Head:
     bias = None
     if getattr(head, "bias", None) is not None:
         bias = loaded.source.read([f"{name}.bias"])[f"{name}.bias"].to(device, dtype)
-    return Head(lambda a, b: loaded.source.read_rows(f"{name}.weight", a, b).to(device, dtype),
-                head.weight.shape[0], bias, softcap_of(model.config))
+    return Head(
+        lambda a, b: loaded.source.read_rows(f"{name}.weight", a, b).to(device, dtype),
+        head.weight.shape[0],
+        bias,
+        softcap_of(model.config),
+    )

@@ -68,18 +68,49 @@ def fixed_shots(name: str, suite: str | None = None) -> int | None:
     task = TASKS.get(name) if name in TASKS else None
     return task.default_shots if task is not None else None
 
+
 # The evaluation dimensions of the quantization-evaluation literature, the one place that groups
 # task categories (TaskDef.category, or a suite's `categories` key) into them: what a model knows
 # and can do, multi-step reasoning, and alignment (social bias: BBQ; helpful/honest/harmless: HHH;
 # truthfulness; instruction following). Held-out text is the fourth dimension, language modelling.
 DIMENSIONS: dict[str, tuple[str, ...]] = {
-    "knowledge/capability": ("knowledge", "qa", "commonsense", "nli", "sentiment", "stem", "humanities",
-                             "social science", "other", "boss_eqa", "boss_sa", "boss_nli", "boss_td", "eqa", "sa",
-                             "td", "coreference", "dialogue", "scientific_qa", "reading_comprehension",
-                             "nli_classification", "linguistic", "commonsense_qa", "knowledge_language"),
+    "knowledge/capability": (
+        "knowledge",
+        "qa",
+        "commonsense",
+        "nli",
+        "sentiment",
+        "stem",
+        "humanities",
+        "social science",
+        "other",
+        "boss_eqa",
+        "boss_sa",
+        "boss_nli",
+        "boss_td",
+        "eqa",
+        "sa",
+        "td",
+        "coreference",
+        "dialogue",
+        "scientific_qa",
+        "reading_comprehension",
+        "nli_classification",
+        "linguistic",
+        "commonsense_qa",
+        "knowledge_language",
+    ),
     "reasoning": ("reasoning", "math", "logic", "mathematics"),
-    "alignment": ("bias", "toxicity", "bias_toxicity", "ethics_bias", "truthfulness", "instruction",
-                  "hallucination", "instruction_following"),
+    "alignment": (
+        "bias",
+        "toxicity",
+        "bias_toxicity",
+        "ethics_bias",
+        "truthfulness",
+        "instruction",
+        "hallucination",
+        "instruction_following",
+    ),
 }
 LANGUAGE_MODELLING = "language modelling"
 
@@ -89,7 +120,19 @@ def dimension_of(category: str | None) -> str:
     c = (category or "").strip().lower()
     return next((d for d, cats in DIMENSIONS.items() if c in cats), "unassigned")
 
-_SUITE_KEYS = {"name", "description", "tasks", "ppl", "shots", "categories", "shots_per_task", "needs", "metrics", "notes"}
+
+_SUITE_KEYS = {
+    "name",
+    "description",
+    "tasks",
+    "ppl",
+    "shots",
+    "categories",
+    "shots_per_task",
+    "needs",
+    "metrics",
+    "notes",
+}
 
 
 def _load_suites() -> None:
@@ -99,16 +142,29 @@ def _load_suites() -> None:
         raw = yaml.safe_load(path.read_text(encoding="utf-8"))
         unknown = set(raw) - _SUITE_KEYS
         if unknown:
-            raise ConfigError(f"{path.name}: unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(_SUITE_KEYS))}")
+            raise ConfigError(
+                f"{path.name}: unknown key {sorted(unknown)[0]!r}; allowed: {', '.join(sorted(_SUITE_KEYS))}"
+            )
         cats = {str(k): list(v) for k, v in (raw.get("categories") or {}).items()}
         tasks = list(raw.get("tasks") or [])
         for names in cats.values():  # categories list tasks too; keep their order
             tasks += [t for t in names if t not in tasks]
-        SUITES.add(raw["name"], SuiteDef(raw["name"], " ".join(str(raw["description"]).split()), tuple(tasks),
-                                         tuple(raw.get("ppl") or ()), tuple(raw.get("shots") or (0,)), cats,
-                                         dict(raw.get("shots_per_task") or {}), tuple(raw.get("needs") or ()),
-                                         tuple(raw.get("metrics") or ("acc", "acc_norm")), str(raw.get("notes") or ""),
-                                         str(path)))
+        SUITES.add(
+            raw["name"],
+            SuiteDef(
+                raw["name"],
+                " ".join(str(raw["description"]).split()),
+                tuple(tasks),
+                tuple(raw.get("ppl") or ()),
+                tuple(raw.get("shots") or (0,)),
+                cats,
+                dict(raw.get("shots_per_task") or {}),
+                tuple(raw.get("needs") or ()),
+                tuple(raw.get("metrics") or ("acc", "acc_norm")),
+                str(raw.get("notes") or ""),
+                str(path),
+            ),
+        )
 
 
 # ---------------------------------------------------------------- splitting
@@ -165,7 +221,7 @@ def split_items(task: TaskDef, items: list[dict]) -> TaskData:
     if task.calib_from_test:
         order = sorted(test, key=lambda it: str(it["id"]))
         random.Random(CALIB_CARVE_SEED).shuffle(order)
-        calib = order[:min(task.calib_from_test, len(order) // 2)]
+        calib = order[: min(task.calib_from_test, len(order) // 2)]
         carved = {it["id"] for it in calib}
         test = [it for it in test if it["id"] not in carved]
     return TaskData(task, test, pool, dropped, calib)
@@ -235,7 +291,9 @@ def materialize(data: TaskData, root: Path, with_pool: bool = True) -> tuple[str
 
     task = data.task
     body = {"test": data.test, **({"train": data.pool} if with_pool and data.pool else {})}
-    digest = hashlib.sha256(json.dumps([task.name, body, task.preamble, task.kind], sort_keys=True).encode()).hexdigest()[:12]
+    digest = hashlib.sha256(
+        json.dumps([task.name, body, task.preamble, task.kind], sort_keys=True).encode()
+    ).hexdigest()[:12]
     lm_name = f"qs_{task.name}"
     d = root / f"{task.name}-{digest}"
     files = {sp: d / f"{sp}.jsonl" for sp in body}
@@ -258,16 +316,32 @@ def materialize(data: TaskData, root: Path, with_pool: bool = True) -> tuple[str
     elif any(it.get("preamble") for it in data.test):
         cfg["description"] = "{{preamble}}"  # per-item (BIG-bench task_prefix)
     if task.kind == "mc":
-        cfg.update({"output_type": "multiple_choice", "doc_to_choice": "{{choices}}", "doc_to_target": "{{gold}}",
-                    "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")]})
+        cfg.update(
+            {
+                "output_type": "multiple_choice",
+                "doc_to_choice": "{{choices}}",
+                "doc_to_target": "{{gold}}",
+                "metric_list": [
+                    {"metric": m, "aggregation": "mean", "higher_is_better": True} for m in ("acc", "acc_norm")
+                ],
+            }
+        )
     else:
         # "gen": exact match / F1 against the answers; "instruct": verifiable instructions
-        hook, metrics = (("process_instructions", ("acc", "inst_acc")) if task.kind == "instruct"
-                         else ("process_results", ("exact_match", "f1")))
-        cfg.update({"output_type": "generate_until", "doc_to_target": "{{answers[0]}}",
-                    "generation_kwargs": {"until": list(task.until), "do_sample": False, "max_gen_toks": task.max_gen_toks},
-                    "process_results": f"!function qs_metrics.{hook}",
-                    "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in metrics]})
+        hook, metrics = (
+            ("process_instructions", ("acc", "inst_acc"))
+            if task.kind == "instruct"
+            else ("process_results", ("exact_match", "f1"))
+        )
+        cfg.update(
+            {
+                "output_type": "generate_until",
+                "doc_to_target": "{{answers[0]}}",
+                "generation_kwargs": {"until": list(task.until), "do_sample": False, "max_gen_toks": task.max_gen_toks},
+                "process_results": f"!function qs_metrics.{hook}",
+                "metric_list": [{"metric": m, "aggregation": "mean", "higher_is_better": True} for m in metrics],
+            }
+        )
     if (d / f"{lm_name}.yaml").is_file():
         return lm_name, d
     tmp = d.with_name(d.name + f".tmp{__import__('os').getpid()}")
@@ -281,8 +355,10 @@ def materialize(data: TaskData, root: Path, with_pool: bool = True) -> tuple[str
     text = re.sub(r"'(!function qs_metrics\.\w+)'", r"\1", text)
     (tmp / f"{lm_name}.yaml").write_text(text, encoding="utf-8")
     if task.kind != "mc":
-        (tmp / "qs_metrics.py").write_text("from quantshift.evaluation.instructions import process_results as process_instructions  # noqa: F401\n"
-                                           "from quantshift.evaluation.metrics import process_results  # noqa: F401\n")
+        (tmp / "qs_metrics.py").write_text(
+            "from quantshift.evaluation.instructions import process_results as process_instructions  # noqa: F401\n"
+            "from quantshift.evaluation.metrics import process_results  # noqa: F401\n"
+        )
     try:
         tmp.rename(d)
     except OSError:  # another process wrote the same content first
@@ -313,8 +389,9 @@ def task_source(pattern: str, data_dir: Path | str | None = None, answers: bool 
         docs: list[str] = []
         for n in names:
             data = task_data(n, data_dir)
-            docs += [item_text(data.task, it, with_answer=answers)
-                     for it in (data.calib if split == "calib" else data.test)]
+            docs += [
+                item_text(data.task, it, with_answer=answers) for it in (data.calib if split == "calib" else data.test)
+            ]
         return docs
 
     first = TASKS.get(names[0])

@@ -83,6 +83,7 @@ class _Layout:
 
 # ---------------------------------------------------------------- layout
 
+
 def _layout(y: dict[str, list[float]], log: bool) -> _Layout:
     """Finite values per source (log taken when asked); the reason it is untestable, if any."""
     groups = {}
@@ -97,12 +98,19 @@ def _layout(y: dict[str, list[float]], log: bool) -> _Layout:
     if len(groups) < 2:
         return _Layout(groups, "fewer than 2 calibration sources", means)
     if short:
-        return _Layout(groups, "no replication: fewer than 2 seeds for " + ", ".join(
-            f"{s} ({groups[s].size})" for s in short), means)
+        return _Layout(
+            groups,
+            "no replication: fewer than 2 seeds for " + ", ".join(f"{s} ({groups[s].size})" for s in short),
+            means,
+        )
     if all(np.ptp(x) == 0 for x in groups.values()):
         # seeds that change nothing are not replicates: there is no seed noise to test against
-        return _Layout(groups, "every seed gave the same value within each source (the seed does not "
-                               "change this column): no replication noise to test against", means)
+        return _Layout(
+            groups,
+            "every seed gave the same value within each source (the seed does not "
+            "change this column): no replication noise to test against",
+            means,
+        )
     return _Layout(groups, "", means)
 
 
@@ -115,9 +123,17 @@ def _anova(groups: dict[str, np.ndarray]) -> dict:
     ssb = float(sum(x.size * (x.mean() - grand) ** 2 for x in xs))
     ssw = float(sum(((x - x.mean()) ** 2).sum() for x in xs))
     dfb, dfw = k - 1, int(big_n) - k
-    n0 = (big_n - float((n_i ** 2).sum()) / big_n) / dfb
-    return {"ssb": ssb, "ssw": ssw, "dfb": dfb, "dfw": dfw, "msb": ssb / dfb, "msw": ssw / dfw, "n0": n0,
-            "balanced": bool(np.all(n_i == n_i[0]))}
+    n0 = (big_n - float((n_i**2).sum()) / big_n) / dfb
+    return {
+        "ssb": ssb,
+        "ssw": ssw,
+        "dfb": dfb,
+        "dfw": dfw,
+        "msb": ssb / dfb,
+        "msw": ssw / dfw,
+        "n0": n0,
+        "balanced": bool(np.all(n_i == n_i[0])),
+    }
 
 
 def _ratio_ci(f_obs: float, dfb: int, dfw: int, n0: float, alpha: float) -> tuple[float, float]:
@@ -128,6 +144,7 @@ def _ratio_ci(f_obs: float, dfb: int, dfw: int, n0: float, alpha: float) -> tupl
 
 
 # ---------------------------------------------------------------- public
+
 
 def decompose(y: dict[str, list[float]], alpha: float = 0.05, *, log: bool = False) -> Decomposition:
     """Source vs seed decomposition of one column (sources = groups, seeds = replicates).
@@ -144,13 +161,36 @@ def decompose(y: dict[str, list[float]], alpha: float = 0.05, *, log: bool = Fal
     msb, msw, dfb, dfw, n0 = a["msb"], a["msw"], a["dfb"], a["dfw"], a["n0"]  # msw > 0: _layout saw seed spread
     f_obs = msb / msw
     p = float(stats.f.sf(f_obs, dfb, dfw))
-    seed_ci = (math.sqrt(a["ssw"] / stats.chi2.ppf(1 - alpha / 2, dfw)), math.sqrt(a["ssw"] / stats.chi2.ppf(alpha / 2, dfw)))
+    seed_ci = (
+        math.sqrt(a["ssw"] / stats.chi2.ppf(1 - alpha / 2, dfw)),
+        math.sqrt(a["ssw"] / stats.chi2.ppf(alpha / 2, dfw)),
+    )
     s2_source = max(0.0, (msb - msw) / n0)
     t_lo, t_hi = _ratio_ci(f_obs, dfb, dfw, n0, alpha)
     return Decomposition(
-        True, "", lay.means, counts, alpha, log, a["balanced"], n0, msb, msw, dfb, dfw, f_obs, p,
-        math.sqrt(msw), seed_ci, math.sqrt(s2_source), (math.sqrt(t_lo * msw), math.sqrt(t_hi * msw)),
-        s2_source / (s2_source + msw), (t_lo / (1 + t_lo), t_hi / (1 + t_hi)), a["balanced"], p < alpha)
+        True,
+        "",
+        lay.means,
+        counts,
+        alpha,
+        log,
+        a["balanced"],
+        n0,
+        msb,
+        msw,
+        dfb,
+        dfw,
+        f_obs,
+        p,
+        math.sqrt(msw),
+        seed_ci,
+        math.sqrt(s2_source),
+        (math.sqrt(t_lo * msw), math.sqrt(t_hi * msw)),
+        s2_source / (s2_source + msw),
+        (t_lo / (1 + t_lo), t_hi / (1 + t_hi)),
+        a["balanced"],
+        p < alpha,
+    )
 
 
 def holm(ps: list[float]) -> list[float]:
@@ -170,8 +210,10 @@ def pairwise(y: dict[str, list[float]], alpha: float = 0.05, *, log: bool = Fals
     lay = _layout(y, log)
     names = list(lay.groups)
     if lay.reason:
-        return [_pair(a, b, lay.means[a] - lay.means[b], (NAN, NAN), None, None, alpha, log)
-                for a, b in combinations(names, 2)]
+        return [
+            _pair(a, b, lay.means[a] - lay.means[b], (NAN, NAN), None, None, alpha, log)
+            for a, b in combinations(names, 2)
+        ]
     an = _anova(lay.groups)
     q = stats.t.ppf(1 - alpha / 2, an["dfw"])
     raw = []
@@ -198,19 +240,32 @@ def oriented(pair: Pair, first: str) -> Pair:
     return Pair(pair.b, pair.a, -pair.diff, ci, pair.p, pair.p_holm, pair.significant, pair.log, *ratio)
 
 
-def clear_best(y: dict[str, list[float]], lower_is_better: bool, alpha: float = 0.05, *, log: bool = False) -> str | None:
+def clear_best(
+    y: dict[str, list[float]], lower_is_better: bool, alpha: float = 0.05, *, log: bool = False
+) -> str | None:
     """The source with the best mean when the F test is significant and it beats every other
     source significantly (Holm); None otherwise. The only "best" a report may highlight."""
     dec = decompose(y, alpha, log=log)
     if not (dec.testable and dec.significant):
         return None
     best = _best(dec.means, lower_is_better)
-    return best if all(_beats(oriented(p, best), lower_is_better) for p in pairwise(y, alpha, log=log)
-                       if best in (p.a, p.b)) else None
+    return (
+        best
+        if all(_beats(oriented(p, best), lower_is_better) for p in pairwise(y, alpha, log=log) if best in (p.a, p.b))
+        else None
+    )
 
 
-def source_findings(y: dict[str, list[float]], iid_source: str | None, lower_is_better: bool, alpha: float = 0.05,
-                    *, log: bool = False, test: str = "this test set", unit: str = "") -> list[dict]:
+def source_findings(
+    y: dict[str, list[float]],
+    iid_source: str | None,
+    lower_is_better: bool,
+    alpha: float = 0.05,
+    *,
+    log: bool = False,
+    test: str = "this test set",
+    unit: str = "",
+) -> list[dict]:
     """Statements about calibration sources that the seed spread supports, as dicts with
     `finding` (bool), `kind` and `text`. A finding needs a significant F test AND Holm-significant
     pairs; everything else comes back as one non-finding line saying why."""
@@ -218,35 +273,67 @@ def source_findings(y: dict[str, list[float]], iid_source: str | None, lower_is_
     if not dec.testable:
         return [{"finding": False, "kind": "untestable", "text": f"no finding for {test}: {dec.reason}"}]
     if not dec.significant:
-        return [{"finding": False, "kind": "within_seed_spread", "p": dec.p,
-                 "text": f"no finding for {test}: the source effect is within the seed spread "
-                         f"(F = {dec.f:.2f}, p = {dec.p:.3g})"}]
+        return [
+            {
+                "finding": False,
+                "kind": "within_seed_spread",
+                "p": dec.p,
+                "text": f"no finding for {test}: the source effect is within the seed spread "
+                f"(F = {dec.f:.2f}, p = {dec.p:.3g})",
+            }
+        ]
     pairs = pairwise(y, alpha, log=log)
     effect = lambda p: _effect(p, alpha, unit)  # noqa: E731
     best = clear_best(y, lower_is_better, alpha, log=log)
     if iid_source is not None and best == iid_source:
         vs = [oriented(p, best) for p in pairs if best in (p.a, p.b)]
         closest = max(vs, key=lambda p: p.p_holm if p.p_holm is not None else -1.0)
-        return [{"finding": True, "kind": "iid_best", "source": best, "p": dec.p, "closest": closest.b,
-                 "p_holm_max": closest.p_holm,
-                 "text": f"I.I.D. calibration ({best}) is best for {test}: it beats every other source "
-                         f"(F p = {dec.p:.3g}; closest {closest.b}: {effect(closest)}, Holm p = {closest.p_holm:.3g})"}]
+        return [
+            {
+                "finding": True,
+                "kind": "iid_best",
+                "source": best,
+                "p": dec.p,
+                "closest": closest.b,
+                "p_holm_max": closest.p_holm,
+                "text": f"I.I.D. calibration ({best}) is best for {test}: it beats every other source "
+                f"(F p = {dec.p:.3g}; closest {closest.b}: {effect(closest)}, Holm p = {closest.p_holm:.3g})",
+            }
+        ]
     out = []
     for p in pairs:
         if not p.significant:
             continue
         w = p if _beats(p, lower_is_better) else oriented(p, p.b)
-        out.append({"finding": True, "kind": "pair", "winner": w.a, "loser": w.b, "diff": w.diff, "ci": w.ci,
-                    "ratio": w.ratio, "ratio_ci": w.ratio_ci, "p_holm": w.p_holm,
-                    "text": f"{w.a} beats {w.b} on {test}: {effect(w)}, Holm p = {w.p_holm:.3g}"})
+        out.append(
+            {
+                "finding": True,
+                "kind": "pair",
+                "winner": w.a,
+                "loser": w.b,
+                "diff": w.diff,
+                "ci": w.ci,
+                "ratio": w.ratio,
+                "ratio_ci": w.ratio_ci,
+                "p_holm": w.p_holm,
+                "text": f"{w.a} beats {w.b} on {test}: {effect(w)}, Holm p = {w.p_holm:.3g}",
+            }
+        )
     if not out:
-        out.append({"finding": False, "kind": "no_pair", "p": dec.p,
-                    "text": f"no finding for {test}: the F test finds a source effect (p = {dec.p:.3g}) "
-                            f"but no pair of sources differs after Holm correction"})
+        out.append(
+            {
+                "finding": False,
+                "kind": "no_pair",
+                "p": dec.p,
+                "text": f"no finding for {test}: the F test finds a source effect (p = {dec.p:.3g}) "
+                f"but no pair of sources differs after Holm correction",
+            }
+        )
     return out
 
 
 # ---------------------------------------------------------------- small helpers
+
 
 def _best(means: dict[str, float], lower_is_better: bool) -> str:
     return (min if lower_is_better else max)(means, key=lambda s: means[s])

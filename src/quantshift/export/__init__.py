@@ -1,8 +1,8 @@
 """Exporters: quantshift's quantized directories -> formats serving engines load.
 
-    compressed-tensors   packed int4/int8 (and W8A8) via the compressed-tensors library (vLLM, transformers)
-    gptq                 qweight/qzeros/scales/g_idx int32-packed (vLLM, GPTQModel, AutoGPTQ)
-    fp8                  E4M3 weights with per-channel/per-tensor scales (compressed-tensors float-quantized)
+compressed-tensors   packed int4/int8 (and W8A8) via the compressed-tensors library (vLLM, transformers)
+gptq                 qweight/qzeros/scales/g_idx int32-packed (vLLM, GPTQModel, AutoGPTQ)
+fp8                  E4M3 weights with per-channel/per-tensor scales (compressed-tensors float-quantized)
 """
 
 from __future__ import annotations
@@ -14,8 +14,16 @@ from .common import ExportError, read_checkpoint
 FORMATS = ("compressed-tensors", "gptq", "fp8")
 
 
-def export(src: str | Path, fmt: str, out: str | Path, *, dtype: str = "auto", gptq_version: int = 1,
-           allow_unservable: bool = False, overwrite: bool = False) -> Path:
+def export(
+    src: str | Path,
+    fmt: str,
+    out: str | Path,
+    *,
+    dtype: str = "auto",
+    gptq_version: int = 1,
+    allow_unservable: bool = False,
+    overwrite: bool = False,
+) -> Path:
     """Re-encode a quantized directory `src` in format `fmt` under `out`."""
     if fmt not in FORMATS:
         raise ExportError(f"unknown export format {fmt!r}; allowed: {', '.join(FORMATS)}")
@@ -23,8 +31,9 @@ def export(src: str | Path, fmt: str, out: str | Path, *, dtype: str = "auto", g
     if fmt == "compressed-tensors":
         from .compressed_tensors import export_compressed_tensors
 
-        return export_compressed_tensors(ckpt, Path(out), dtype=dtype, allow_unservable=allow_unservable,
-                                         overwrite=overwrite)
+        return export_compressed_tensors(
+            ckpt, Path(out), dtype=dtype, allow_unservable=allow_unservable, overwrite=overwrite
+        )
     if fmt == "gptq":
         from .gptq_format import export_gptq
 

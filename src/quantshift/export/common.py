@@ -35,19 +35,24 @@ class ExportError(QuantshiftError):
 # setting a class attribute `exportable = True` or `export_blocker = "reason"`.
 PLAIN_GRID_STAGES = {"rtn", "gptq", "awq", "smoothquant", "zeroquant", "fp8"}
 KNOWN_BLOCKERS = {
-    "spqr": "SpQR keeps fp16 outliers (CSR) and 3-bit quantized group statistics that no serving "
-            "engine format holds",
+    "spqr": "SpQR keeps fp16 outliers (CSR) and 3-bit quantized group statistics that no serving engine format holds",
     "quip": "QuIP's incoherence rotations must be applied to activations at run time, which no "
-            "export format here encodes",
+    "export format here encodes",
     "kvcache": "KV-cache quantization is a run-time setting of the engine (e.g. vLLM --kv-cache-dtype fp8), "
-               "not part of these weight formats",
+    "not part of these weight formats",
 }
 
 # vLLM fuses these sibling projections into one matrix: they must share one format
 FUSED_SIBLINGS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 
-DTYPES = {"float16": torch.float16, "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float32": torch.float32, "fp32": torch.float32}
+DTYPES = {
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float32": torch.float32,
+    "fp32": torch.float32,
+}
 
 
 class MetaWeights(Mapping):
@@ -130,12 +135,16 @@ def check_methods(ckpt: QuantizedCheckpoint, fmt: str) -> None:
         if blocker:
             raise ExportError(f"cannot export method {stage!r} to {fmt}: {blocker}")
         if stage not in PLAIN_GRID_STAGES and not getattr(cls, "exportable", False):
-            raise ExportError(f"cannot export method {stage!r} to {fmt}: export does not know that its result is a "
-                              "plain per-linear grid (a method declares this with `exportable = True`)")
+            raise ExportError(
+                f"cannot export method {stage!r} to {fmt}: export does not know that its result is a "
+                "plain per-linear grid (a method declares this with `exportable = True`)"
+            )
     if ckpt.info.get("output_quantizers"):
-        raise ExportError(f"cannot export to {fmt}: the recipe fake-quantizes module outputs "
-                          f"({len(ckpt.info['output_quantizers'])} modules, e.g. the KV cache); serve with the engine's "
-                          "own KV-cache setting (vLLM --kv-cache-dtype fp8) on a weights-only export instead")
+        raise ExportError(
+            f"cannot export to {fmt}: the recipe fake-quantizes module outputs "
+            f"({len(ckpt.info['output_quantizers'])} modules, e.g. the KV cache); serve with the engine's "
+            "own KV-cache setting (vLLM --kv-cache-dtype fp8) on a weights-only export instead"
+        )
 
 
 def check_fused_siblings(names: dict[str, Any], describe: Callable[[str], str], fmt: str) -> None:
@@ -148,8 +157,10 @@ def check_fused_siblings(names: dict[str, Any], describe: Callable[[str], str], 
             prefix = name[: -len(leaf)]
             kinds = {describe(prefix + s) for s in group}
             if len(kinds) > 1:
-                raise ExportError(f"cannot export to {fmt}: {prefix}{{{','.join(group)}}} are fused by vLLM and must "
-                                  f"share one format, got {sorted(kinds)}")
+                raise ExportError(
+                    f"cannot export to {fmt}: {prefix}{{{','.join(group)}}} are fused by vLLM and must "
+                    f"share one format, got {sorted(kinds)}"
+                )
 
 
 def export_dtype(ckpt: QuantizedCheckpoint, dtype: str) -> torch.dtype:
@@ -171,22 +182,34 @@ def dense_tensors(ckpt: QuantizedCheckpoint, dtype: torch.dtype) -> Iterator[tup
 
 def linear_names_in_blocks(ckpt: QuantizedCheckpoint) -> list[str]:
     """Every 2-D `<name>.weight` among the float tensors or quantized: candidate linears."""
-    names = {k[: -len(".weight")] for k in ckpt.dense_names() if k.endswith(".weight") and len(ckpt.dense_shape(k)) == 2}
+    names = {
+        k[: -len(".weight")] for k in ckpt.dense_names() if k.endswith(".weight") and len(ckpt.dense_shape(k)) == 2
+    }
     names |= set(ckpt.weights)
     return sorted(n for n in names if "embed" not in n)
 
 
-def write_export(out: Path, ckpt: QuantizedCheckpoint, tensors: Iterable[tuple[str, torch.Tensor]],
-                 quantization_config: dict | None, extra_files: dict[str, Any], summary: dict,
-                 overwrite: bool = False, config_writer: Callable[[Path], None] | None = None,
-                 max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Path:
+def write_export(
+    out: Path,
+    ckpt: QuantizedCheckpoint,
+    tensors: Iterable[tuple[str, torch.Tensor]],
+    quantization_config: dict | None,
+    extra_files: dict[str, Any],
+    summary: dict,
+    overwrite: bool = False,
+    config_writer: Callable[[Path], None] | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+) -> Path:
     """Write config + tokenizer + sharded safetensors (with an index, the Hugging Face layout)
     into a temp dir, a tensor at a time, then rename it into place."""
     out = Path(out)
     with staged_directory(out, overwrite, ExportError) as tmp:
         for f in ckpt.path.iterdir():  # tokenizer and generation files travel unchanged
-            if f.is_file() and f.suffix != ".safetensors" and f.name not in {INDEX_FILE, QUANT_FILE, "report.json",
-                                                                              "config.json"}:
+            if (
+                f.is_file()
+                and f.suffix != ".safetensors"
+                and f.name not in {INDEX_FILE, QUANT_FILE, "report.json", "config.json"}
+            ):
                 shutil.copy2(f, tmp / f.name)
         config = dict(ckpt.config)
         if quantization_config is not None:
@@ -203,8 +226,13 @@ def write_export(out: Path, ckpt: QuantizedCheckpoint, tensors: Iterable[tuple[s
         digests = writer.close()
         for fname, data in extra_files.items():
             (tmp / fname).write_text(json.dumps(data, indent=2, sort_keys=True))
-        summary = {**summary, "source": str(ckpt.path), "recipe": ckpt.info.get("recipe"),
-                   "calibration": ckpt.info.get("calibration"), "base_model": ckpt.info.get("base_model"),
-                   "files": digests}
+        summary = {
+            **summary,
+            "source": str(ckpt.path),
+            "recipe": ckpt.info.get("recipe"),
+            "calibration": ckpt.info.get("calibration"),
+            "base_model": ckpt.info.get("base_model"),
+            "files": digests,
+        }
         (tmp / EXPORT_INFO).write_text(json.dumps(summary, indent=2, sort_keys=True, default=str))
     return out

@@ -50,12 +50,15 @@ def _weight_args(spec, fmt: str):
     if spec.dtype == "fp8":
         strategy = "tensor" if spec.group_size == PER_TENSOR else "channel"
         if spec.group_size > 0:
-            raise ExportError(f"cannot export to {fmt}: group-wise fp8 weights (g{spec.group_size}) are not a "
-                              "compressed-tensors fp8 layout (per-tensor or per-channel)")
+            raise ExportError(
+                f"cannot export to {fmt}: group-wise fp8 weights (g{spec.group_size}) are not a "
+                "compressed-tensors fp8 layout (per-tensor or per-channel)"
+            )
         return QuantizationArgs(num_bits=8, type="float", symmetric=True, strategy=strategy)
     if spec.group_size > 0:
-        return QuantizationArgs(num_bits=spec.bits, type="int", symmetric=spec.symmetric, strategy="group",
-                                group_size=spec.group_size)
+        return QuantizationArgs(
+            num_bits=spec.bits, type="int", symmetric=spec.symmetric, strategy="group", group_size=spec.group_size
+        )
     return QuantizationArgs(num_bits=spec.bits, type="int", symmetric=spec.symmetric, strategy="channel")
 
 
@@ -66,36 +69,48 @@ def _act_args(act: dict, name: str, fmt: str):
 
     spec = QuantSpec(**act["spec"])
     if spec.bits != 8:
-        raise ExportError(f"cannot export to {fmt}: {name} quantizes its inputs to {spec.bits} bits; engines run "
-                          "8-bit activations only (int8 or fp8)")
+        raise ExportError(
+            f"cannot export to {fmt}: {name} quantizes its inputs to {spec.bits} bits; engines run "
+            "8-bit activations only (int8 or fp8)"
+        )
     kind = "float" if spec.dtype == "fp8" else "int"
     if act.get("static_scale") is not None:
         return QuantizationArgs(num_bits=8, type=kind, symmetric=True, strategy="tensor", dynamic=False)
     if not act.get("per_token", True):
-        raise ExportError(f"cannot export to {fmt}: {name} uses dynamic per-tensor activation ranges; engines "
-                          "compute dynamic ranges per token")
+        raise ExportError(
+            f"cannot export to {fmt}: {name} uses dynamic per-tensor activation ranges; engines "
+            "compute dynamic ranges per token"
+        )
     return QuantizationArgs(num_bits=8, type=kind, symmetric=True, strategy="token", dynamic=True)
 
 
 def _check_servable(name: str, qw: QuantizedWeight, act: dict | None, fmt: str, allow_unservable: bool) -> None:
     spec = qw.spec
     if qw.g_idx is not None:
-        raise ExportError(f"cannot export to {fmt}: {name} was quantized with act-order groups (a scattered g_idx), "
-                          "which compressed-tensors no longer encodes; use --format gptq, or GPTQ with "
-                          "static_groups: true")
+        raise ExportError(
+            f"cannot export to {fmt}: {name} was quantized with act-order groups (a scattered g_idx), "
+            "which compressed-tensors no longer encodes; use --format gptq, or GPTQ with "
+            "static_groups: true"
+        )
     in_f = qw.codes.shape[1]
     if spec.group_size > 0 and in_f % spec.group_size:
-        raise ExportError(f"cannot export to {fmt}: {name} has {in_f} input features, not a multiple of group_size "
-                          f"{spec.group_size} (engines need whole groups)")
+        raise ExportError(
+            f"cannot export to {fmt}: {name} has {in_f} input features, not a multiple of group_size "
+            f"{spec.group_size} (engines need whole groups)"
+        )
     if allow_unservable:
         return
     if spec.dtype == "int" and act is None and (spec.bits, spec.symmetric) not in SERVABLE_WEIGHT_ONLY:
-        raise ExportError(f"cannot export to {fmt}: {name} is {spec.describe()}; vLLM's compressed-tensors W{spec.bits}A16 "
-                          "kernels take 4 or 8 bits symmetric, or 4 bits asymmetric (--allow-unservable writes it "
-                          "anyway for transformers)")
+        raise ExportError(
+            f"cannot export to {fmt}: {name} is {spec.describe()}; vLLM's compressed-tensors W{spec.bits}A16 "
+            "kernels take 4 or 8 bits symmetric, or 4 bits asymmetric (--allow-unservable writes it "
+            "anyway for transformers)"
+        )
     if act is not None and spec.dtype == "int" and not (spec.bits == 8 and spec.symmetric and spec.group_size <= 0):
-        raise ExportError(f"cannot export to {fmt}: {name} has {spec.describe()} weights with quantized inputs; vLLM runs "
-                          "int8 activations only with int8 symmetric per-channel or per-tensor weights (W8A8)")
+        raise ExportError(
+            f"cannot export to {fmt}: {name} has {spec.describe()} weights with quantized inputs; vLLM runs "
+            "int8 activations only with int8 symmetric per-channel or per-tensor weights (W8A8)"
+        )
 
 
 def _compress_module(qw: QuantizedWeight, scheme, dtype: torch.dtype, name: str) -> dict[str, torch.Tensor]:
@@ -135,14 +150,24 @@ def _compress_module(qw: QuantizedWeight, scheme, dtype: torch.dtype, name: str)
     else:
         exact = torch.equal(got, expected)
     if not exact:
-        raise ExportError(f"internal: compressed-tensors did not reproduce the codes of {name} exactly; refusing to "
-                          "write an inexact export")
+        raise ExportError(
+            f"internal: compressed-tensors did not reproduce the codes of {name} exactly; refusing to "
+            "write an inexact export"
+        )
     out["weight_scale"] = out["weight_scale"].to(dtype)
     return out
 
 
-def export_compressed_tensors(ckpt: QuantizedCheckpoint, out: Path, *, dtype: str = "auto", fmt: str = "compressed-tensors",
-                              only_fp8: bool = False, allow_unservable: bool = False, overwrite: bool = False) -> Path:
+def export_compressed_tensors(
+    ckpt: QuantizedCheckpoint,
+    out: Path,
+    *,
+    dtype: str = "auto",
+    fmt: str = "compressed-tensors",
+    only_fp8: bool = False,
+    allow_unservable: bool = False,
+    overwrite: bool = False,
+) -> Path:
     import compressed_tensors
     from compressed_tensors.compressors.format import infer_module_format
     from compressed_tensors.compressors.model_compressors import ModelCompressor
@@ -151,15 +176,19 @@ def export_compressed_tensors(ckpt: QuantizedCheckpoint, out: Path, *, dtype: st
     check_methods(ckpt, fmt)
     act_only = sorted(set(ckpt.acts) - set(ckpt.weights))
     if act_only:
-        raise ExportError(f"cannot export to {fmt}: {len(act_only)} linears quantize only their inputs (e.g. "
-                          f"{act_only[0]}); engines have no W16A8 scheme")
+        raise ExportError(
+            f"cannot export to {fmt}: {len(act_only)} linears quantize only their inputs (e.g. "
+            f"{act_only[0]}); engines have no W16A8 scheme"
+        )
     if not ckpt.weights:
         raise ExportError(f"cannot export to {fmt}: no linear has quantized weights (nothing to compress)")
     if only_fp8:
         non_fp8 = [n for n, q in ckpt.weights.items() if q.spec.dtype != "fp8"]
         if non_fp8:
-            raise ExportError(f"--format fp8 needs fp8 weights; {non_fp8[0]} is {ckpt.weights[non_fp8[0]].spec.describe()} "
-                              "(use --format compressed-tensors for integer grids)")
+            raise ExportError(
+                f"--format fp8 needs fp8 weights; {non_fp8[0]} is {ckpt.weights[non_fp8[0]].spec.describe()} "
+                "(use --format compressed-tensors for integer grids)"
+            )
     tdtype = export_dtype(ckpt, dtype)
 
     schemes: dict[str, tuple[Any, Any]] = {}  # key -> (weight args, act args)
@@ -204,16 +233,32 @@ def export_compressed_tensors(ckpt: QuantizedCheckpoint, out: Path, *, dtype: st
             for k, v in comp.items():
                 yield f"{name}.{k}", v
 
-    qconfig = QuantizationConfig(config_groups=config_groups, ignore=ignore,
-                                 quantization_status=QuantizationStatus.COMPRESSED,
-                                 format=_summary_format(by_scheme))
+    qconfig = QuantizationConfig(
+        config_groups=config_groups,
+        ignore=ignore,
+        quantization_status=QuantizationStatus.COMPRESSED,
+        format=_summary_format(by_scheme),
+    )
     compressor = ModelCompressor(quantization_config=qconfig)
-    summary = {"format": fmt, "dtype": str(tdtype).replace("torch.", ""), "compressed_tensors": compressed_tensors.__version__,
-               "quantized_linears": len(ckpt.weights), "float_linears": ignore,
-               "transform_only_modules": ckpt.transform_only,
-               "schemes": {f"group_{i}": len(members[k]) for i, k in enumerate(sorted(schemes, key=lambda k: k != largest))}}
-    return write_export(out, ckpt, tensors(), None, {}, summary, overwrite=overwrite,
-                        config_writer=lambda d: compressor.update_config(str(d)))
+    summary = {
+        "format": fmt,
+        "dtype": str(tdtype).replace("torch.", ""),
+        "compressed_tensors": compressed_tensors.__version__,
+        "quantized_linears": len(ckpt.weights),
+        "float_linears": ignore,
+        "transform_only_modules": ckpt.transform_only,
+        "schemes": {f"group_{i}": len(members[k]) for i, k in enumerate(sorted(schemes, key=lambda k: k != largest))},
+    }
+    return write_export(
+        out,
+        ckpt,
+        tensors(),
+        None,
+        {},
+        summary,
+        overwrite=overwrite,
+        config_writer=lambda d: compressor.update_config(str(d)),
+    )
 
 
 def _summary_format(by_scheme: dict[str, Any]) -> str:

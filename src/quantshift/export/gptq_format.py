@@ -57,18 +57,25 @@ def gptq_tensors(qw: QuantizedWeight, version: int, name: str) -> dict[str, torc
     zeros = zero.round().to(torch.int64)
     if version == 1:
         if (zeros == 0).any():
-            raise ExportError(f"cannot export {name} as GPTQ v1: it has zero points equal to 0, which v1's "
-                              "'stored zero + 1' convention cannot represent; use --gptq-version 2 (vLLM and "
-                              "GPTQModel read checkpoint_format gptq_v2) or a symmetric grid")
+            raise ExportError(
+                f"cannot export {name} as GPTQ v1: it has zero points equal to 0, which v1's "
+                "'stored zero + 1' convention cannot represent; use --gptq-version 2 (vLLM and "
+                "GPTQModel read checkpoint_format gptq_v2) or a symmetric grid"
+            )
         zeros = zeros - 1
     qweight = pack_codes(qw.codes.t().contiguous(), spec.bits, dim=0)  # [in/p, out]
     qzeros = pack_codes(zeros.t().contiguous() & spec.maxq, spec.bits, dim=1)  # [groups, out/p]
-    return {"qweight": qweight, "qzeros": qzeros, "scales": scale.t().contiguous(),
-            "g_idx": g_idx.to(torch.int32).contiguous()}
+    return {
+        "qweight": qweight,
+        "qzeros": qzeros,
+        "scales": scale.t().contiguous(),
+        "g_idx": g_idx.to(torch.int32).contiguous(),
+    }
 
 
-def export_gptq(ckpt: QuantizedCheckpoint, out: Path, *, dtype: str = "auto", version: int = 1,
-                overwrite: bool = False) -> Path:
+def export_gptq(
+    ckpt: QuantizedCheckpoint, out: Path, *, dtype: str = "auto", version: int = 1, overwrite: bool = False
+) -> Path:
     fmt = "gptq"
     check_methods(ckpt, fmt)
     if version not in (1, 2):
@@ -76,32 +83,44 @@ def export_gptq(ckpt: QuantizedCheckpoint, out: Path, *, dtype: str = "auto", ve
     if not ckpt.weights:
         raise ExportError("cannot export to gptq: no linear has quantized weights")
     if ckpt.acts:
-        raise ExportError(f"cannot export to gptq: the recipe quantizes the inputs of {len(ckpt.acts)} linears; GPTQ "
-                          "checkpoints are weight-only (W{b}A16); use --format compressed-tensors for W8A8")
-    specs = {(q.spec.bits, q.spec.group_size if grouped(q.spec.group_size) else PER_CHANNEL, q.spec.symmetric, q.spec.dtype)
-             for q in ckpt.weights.values()}
+        raise ExportError(
+            f"cannot export to gptq: the recipe quantizes the inputs of {len(ckpt.acts)} linears; GPTQ "
+            "checkpoints are weight-only (W{b}A16); use --format compressed-tensors for W8A8"
+        )
+    specs = {
+        (q.spec.bits, q.spec.group_size if grouped(q.spec.group_size) else PER_CHANNEL, q.spec.symmetric, q.spec.dtype)
+        for q in ckpt.weights.values()
+    }
     if len(specs) > 1:
-        raise ExportError(f"cannot export to gptq: linears use {len(specs)} different formats {sorted(specs)}; the GPTQ "
-                          "config has one bits/group_size/sym for the model (use --format compressed-tensors)")
+        raise ExportError(
+            f"cannot export to gptq: linears use {len(specs)} different formats {sorted(specs)}; the GPTQ "
+            "config has one bits/group_size/sym for the model (use --format compressed-tensors)"
+        )
     bits, group_size, sym, kind = specs.pop()
     if kind != "int":
         raise ExportError("cannot export fp8 weights to gptq (integer grids only); use --format fp8")
     if 32 % bits:
-        raise ExportError(f"cannot export {bits}-bit weights to gptq: only 2, 4 and 8 bits pack into int32 words "
-                          "without straddling (3-bit GPTQ packing is not written)")
+        raise ExportError(
+            f"cannot export {bits}-bit weights to gptq: only 2, 4 and 8 bits pack into int32 words "
+            "without straddling (3-bit GPTQ packing is not written)"
+        )
     for name, qw in ckpt.weights.items():
         out_f, in_f = qw.codes.shape
         if group_size > 0 and in_f % group_size:
-            raise ExportError(f"cannot export to gptq: {name} has {in_f} input features, not a multiple of group_size "
-                              f"{group_size}")
+            raise ExportError(
+                f"cannot export to gptq: {name} has {in_f} input features, not a multiple of group_size {group_size}"
+            )
         if in_f % (32 // bits) or out_f % (32 // bits):
-            raise ExportError(f"cannot export to gptq: {name} is {out_f}x{in_f}; both dims must be multiples of "
-                              f"{32 // bits} to pack {bits}-bit codes into int32")
+            raise ExportError(
+                f"cannot export to gptq: {name} is {out_f}x{in_f}; both dims must be multiples of "
+                f"{32 // bits} to pack {bits}-bit codes into int32"
+            )
     desc_act = any(q.g_idx is not None for q in ckpt.weights.values())
 
     tdtype = export_dtype(ckpt, dtype)
     if tdtype == torch.float32:
         raise ExportError("GPTQ checkpoints store float16 scales; choose --dtype float16 or bfloat16")
+
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         yield from dense_tensors(ckpt, tdtype)
         for name in ckpt.weights:  # one linear read, packed and written at a time
@@ -112,18 +131,37 @@ def export_gptq(ckpt: QuantizedCheckpoint, out: Path, *, dtype: str = "auto", ve
     skipped = [n for n in linear_names_in_blocks(ckpt) if n not in ckpt.weights and ".layers." in n]
     dynamic: dict[str, dict] = {f"-:^{n.replace('.', '[.]')}$": {} for n in skipped}
     checkpoint_format = "gptq" if version == 1 else "gptq_v2"
-    qcfg = {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act, "sym": sym,
-            "checkpoint_format": checkpoint_format, "lm_head": False, "true_sequential": True,
-            "static_groups": False, "damp_percent": _damp(ckpt), "pack_dtype": "int32"}
+    qcfg = {
+        "quant_method": "gptq",
+        "bits": bits,
+        "group_size": group_size,
+        "desc_act": desc_act,
+        "sym": sym,
+        "checkpoint_format": checkpoint_format,
+        "lm_head": False,
+        "true_sequential": True,
+        "static_groups": False,
+        "damp_percent": _damp(ckpt),
+        "pack_dtype": "int32",
+    }
     if dynamic:
         qcfg["dynamic"] = dynamic
     quantize_config = {k: v for k, v in qcfg.items() if k != "quant_method"}
-    quantize_config.update(quant_method="gptq", model_file_base_name="model", model_name_or_path=None,
-                           meta={"quantizer": ["quantshift"]})
-    summary = {"format": fmt, "checkpoint_format": checkpoint_format, "dtype": str(tdtype).replace("torch.", ""),
-               "quantized_linears": len(ckpt.weights), "float_linears_in_blocks": skipped,
-               "transform_only_modules": ckpt.transform_only, "desc_act": desc_act}
-    return write_export(out, ckpt, tensors(), qcfg, {"quantize_config.json": quantize_config}, summary, overwrite=overwrite)
+    quantize_config.update(
+        quant_method="gptq", model_file_base_name="model", model_name_or_path=None, meta={"quantizer": ["quantshift"]}
+    )
+    summary = {
+        "format": fmt,
+        "checkpoint_format": checkpoint_format,
+        "dtype": str(tdtype).replace("torch.", ""),
+        "quantized_linears": len(ckpt.weights),
+        "float_linears_in_blocks": skipped,
+        "transform_only_modules": ckpt.transform_only,
+        "desc_act": desc_act,
+    }
+    return write_export(
+        out, ckpt, tensors(), qcfg, {"quantize_config.json": quantize_config}, summary, overwrite=overwrite
+    )
 
 
 def _damp(ckpt: QuantizedCheckpoint) -> float:

@@ -65,8 +65,10 @@ class AWQConfig(StageConfig):
     @model_validator(mode="after")
     def _transform_only(self) -> AWQConfig:
         if not self.quantize and self.abits != KEEP_BITS:
-            raise ValueError("abits: a transform-only awq stage (quantize: false) quantizes nothing; "
-                             "set abits on the stage that quantizes")
+            raise ValueError(
+                "abits: a transform-only awq stage (quantize: false) quantizes nothing; "
+                "set abits on the stage that quantizes"
+            )
         return self
 
 
@@ -83,8 +85,9 @@ def scaled_fake_quant(W: torch.Tensor, s: torch.Tensor, spec: QuantSpec) -> torc
     return fake_quantize_weight(W.float() * s[None, :], spec) / s[None, :]
 
 
-def search_scale_layer(weights: list[torch.Tensor], specs: list[QuantSpec], x_mean: torch.Tensor,
-                       H: torch.Tensor, grid: int) -> tuple[torch.Tensor, float, list[float]]:
+def search_scale_layer(
+    weights: list[torch.Tensor], specs: list[QuantSpec], x_mean: torch.Tensor, H: torch.Tensor, grid: int
+) -> tuple[torch.Tensor, float, list[float]]:
     """Best s over the alpha grid by the mapping's output error (exact, through H)."""
     # linears of one format are stacked by rows: one error GEMM per format and alpha
     stacks: list[tuple[QuantSpec, list[torch.Tensor]]] = []
@@ -106,8 +109,9 @@ def search_scale_layer(weights: list[torch.Tensor], specs: list[QuantSpec], x_me
     return best[2], best[1], errs
 
 
-def clip_search(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, grid: int = 20,
-                max_shrink: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+def clip_search(
+    W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, grid: int = 20, max_shrink: float = 0.5
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Clamp each (row, group) of W to a shrunk range r * [min, max], r chosen from a grid in
     [1 - max_shrink, 1] by that group's output error d^T H_gg d (H_gg: the group's diagonal block
     of H). Returns the clamped weight and the chosen ratios [out, ngroups]."""
@@ -120,7 +124,7 @@ def clip_search(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, grid: int = 2
     ng = Wg.shape[1]
     pad = ng * gs - in_f
     Hp = torch.nn.functional.pad(H.float(), (0, pad, 0, pad))
-    Hb = torch.stack([Hp[g * gs:(g + 1) * gs, g * gs:(g + 1) * gs] for g in range(ng)])  # [ng, gs, gs]
+    Hb = torch.stack([Hp[g * gs : (g + 1) * gs, g * gs : (g + 1) * gs] for g in range(ng)])  # [ng, gs, gs]
     lo, hi = Wg.amin(dim=2, keepdim=True), Wg.amax(dim=2, keepdim=True)
     best_err = torch.full((out_f, ng), float("inf"), device=W.device)
     best_r = torch.ones(out_f, ng, device=W.device)
@@ -158,8 +162,11 @@ class AWQ(Method):
         if not plans:
             return
         modules = dict(ctx.block.named_modules())
-        mappings = [r for r in resolve_mappings(modules, ctx.arch.smooth)
-                    if any(self._search_spec(plans.get(n)) is not None for n in r.into)]
+        mappings = [
+            r
+            for r in resolve_mappings(modules, ctx.arch.smooth)
+            if any(self._search_spec(plans.get(n)) is not None for n in r.into)
+        ]
         rep = representatives(names, [r for r in mappings if r.skipped is None])
         observed = sorted({rep[n] for n in plans} | {r.into[0] for r in mappings if r.skipped is None})
         stats: dict[str, InputStats] = collect_input_stats(ctx, observed, with_h=True)
@@ -182,8 +189,7 @@ class AWQ(Method):
             specs = [self._search_spec(plans.get(n)) for n in r.into]
             q = [(lin.weight.detach().float(), sp) for lin, sp in zip(lins, specs) if sp is not None]
             if block_ref is None:
-                s, alpha, errs = search_scale_layer([w for w, _ in q], [sp for _, sp in q], st.absmean, st.H,
-                                                    c.grid)
+                s, alpha, errs = search_scale_layer([w for w, _ in q], [sp for _, sp in q], st.absmean, st.H, c.grid)
             else:
                 s, alpha, errs = self._search_scale_block(ctx, r, specs, st.absmean, block_ref)
             fold_scale(r.prev, lins, s)
@@ -216,8 +222,9 @@ class AWQ(Method):
                     lin.weight.copy_(Wc.to(lin.weight.dtype))
                 ctx.note(n, **info[n])
 
-    def _search_scale_block(self, ctx, r: ResolvedMapping, specs: list[QuantSpec | None], x_mean: torch.Tensor,
-                            ref: list[torch.Tensor]) -> tuple[torch.Tensor, float, list[float]]:
+    def _search_scale_block(
+        self, ctx, r: ResolvedMapping, specs: list[QuantSpec | None], x_mean: torch.Tensor, ref: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, float, list[float]]:
         """Best s by the block output MSE: the mapping's linears temporarily hold Q(W s)/s, which
         on the unscaled input equals the scaled-and-folded quantized block."""
         lins = [ctx.linear(n) for n in r.into]
@@ -231,8 +238,9 @@ class AWQ(Method):
                     for lin, W, sp in zip(lins, originals, specs):
                         if sp is not None:
                             lin.weight.copy_(scaled_fake_quant(W, s, sp).to(W.dtype))
-                    err = sum(float((ctx.run_block(i).float() - ref[i].float()).pow(2).mean())
-                              for i in range(ctx.num_batches))
+                    err = sum(
+                        float((ctx.run_block(i).float() - ref[i].float()).pow(2).mean()) for i in range(ctx.num_batches)
+                    )
                 errs.append(err)
                 if err < best[0]:
                     best = (err, alpha, s)

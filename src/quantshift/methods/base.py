@@ -164,8 +164,9 @@ class BlockContext(Protocol):
     def run_block(self, i: int, block: nn.Module | None = None) -> torch.Tensor: ...
     def freeze_solved(self, solved: set[str]) -> None: ...
     def matmul_input(self, x: torch.Tensor) -> torch.Tensor: ...
-    def collect_inputs(self, names: list[str], fn: Callable[[str, torch.Tensor], None],
-                       modules: dict[str, nn.Module] | None = None) -> None: ...
+    def collect_inputs(
+        self, names: list[str], fn: Callable[[str, torch.Tensor], None], modules: dict[str, nn.Module] | None = None
+    ) -> None: ...
 
     # --- the statistics cache: on only where the engine decided this stage's statistics are
     # reusable (stats_cacheable, fp propagation, a store, the recipe's only stage)
@@ -175,8 +176,9 @@ class BlockContext(Protocol):
     def save_stats(self, stats: dict[str, tuple[torch.Tensor, int]]) -> None: ...
 
     # --- results
-    def commit(self, name: str, result: SolveResult | None, plan: LinearPlan,
-               act_scale: float | None = None) -> None: ...
+    def commit(
+        self, name: str, result: SolveResult | None, plan: LinearPlan, act_scale: float | None = None
+    ) -> None: ...
     def quantize_output(self, name: str, q: OutputQuantizer) -> None: ...
     def note(self, name: str, **info: Any) -> None: ...
 
@@ -254,8 +256,9 @@ class LinearMethod(Method):
                 for n, result in zip(batch, results):
                     ctx.commit(n, result, plan)
 
-    def solve_shared(self, names: list[str], linears: list[nn.Linear], stats: Any,
-                     plan: LinearPlan) -> list[SolveResult]:
+    def solve_shared(
+        self, names: list[str], linears: list[nn.Linear], stats: Any, plan: LinearPlan
+    ) -> list[SolveResult]:
         """Solve linears that share one statistics object and one plan (q/k/v, gate/up).
         Solvers whose rows are independent may override this to solve them as one matrix."""
         return [self.solve(n, lin, stats, plan) for n, lin in zip(names, linears)]
@@ -267,8 +270,10 @@ class LinearMethod(Method):
             got = ctx.load_stats()
             if got is not None and all(n in got for n in names):
                 shared: dict[int, Any] = {}
-                return {n: shared.setdefault(id(got[n][0]), self.stats_from_cache(got[n][0], got[n][1], ctx.device))
-                        for n in names}
+                return {
+                    n: shared.setdefault(id(got[n][0]), self.stats_from_cache(got[n][0], got[n][1], ctx.device))
+                    for n in names
+                }
         stats = self._collect_stats(ctx, names)
         if ctx.caches_stats:
             ctx.save_stats({n: self.stats_to_cache(s) for n, s in stats.items()})
@@ -308,8 +313,14 @@ def _shared_batches(plans: dict[str, LinearPlan], stats: dict[str, Any]) -> list
     batches: list[list[str]] = []
     for name, plan in plans.items():
         st = stats.get(name)
-        mate = next((b for b in batches if plan.weight is not None and st is not None
-                     and stats.get(b[0]) is st and plans[b[0]] == plan), None)
+        mate = next(
+            (
+                b
+                for b in batches
+                if plan.weight is not None and st is not None and stats.get(b[0]) is st and plans[b[0]] == plan
+            ),
+            None,
+        )
         if mate is None:
             batches.append([name])
         else:

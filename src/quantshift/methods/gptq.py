@@ -81,8 +81,15 @@ class GPTQSolution:
         return {"damp": self.damp, "damp_steps": self.damp_steps, "fallback": self.fallback}
 
 
-def gptq_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 0.01, block_size: int = 128,
-               act_order: bool = False, static_groups: bool = False) -> tuple[torch.Tensor, QuantizedWeight, float]:
+def gptq_solve(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    static_groups: bool = False,
+) -> tuple[torch.Tensor, QuantizedWeight, float]:
     """Quantize W [out, in] given H [in, in]. Returns (W_q, codes+qparams, proxy loss); the loss
     is NaN when H could not be factored and W was rounded to nearest (see gptq_solve_rows)."""
     sol = gptq_solve_rows(W, H, spec, damp, block_size, act_order, static_groups)
@@ -96,8 +103,15 @@ def rtn_fallback(W: torch.Tensor, spec: QuantSpec, damp: float, steps: int) -> G
     return GPTQSolution(qw.dequantize(), qw, nan, damp, steps, "rtn")
 
 
-def gptq_solve_rows(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: float = 0.01, block_size: int = 128,
-                    act_order: bool = False, static_groups: bool = False) -> GPTQSolution:
+def gptq_solve_rows(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = False,
+    static_groups: bool = False,
+) -> GPTQSolution:
     """GPTQ with the proxy loss of each output row (rows are solved independently). When no
     damping up to primitives.DAMP_CAP makes H positive definite, W is rounded to nearest."""
     W_in = W
@@ -123,7 +137,7 @@ def gptq_solve_rows(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: flo
 
     static: list[tuple[torch.Tensor, torch.Tensor]] = []
     if gs and static_groups:
-        static = [_row_params(Wt[inv_perm[s:s + gs]].t(), spec) for s in range(0, in_f, gs)]
+        static = [_row_params(Wt[inv_perm[s : s + gs]].t(), spec) for s in range(0, in_f, gs)]
     if not gs:  # per-channel or per-tensor: one set of params from the whole matrix
         full_scale, full_zero = weight_qparams(Wt.t(), spec)
 
@@ -140,7 +154,7 @@ def gptq_solve_rows(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: flo
     zeros = torch.zeros(out_f, n_groups, device=W.device)
     if gs and static_groups:
         for g, (s, z) in enumerate(static):
-            scales[:, g:g + 1], zeros[:, g:g + 1] = s, z
+            scales[:, g : g + 1], zeros[:, g : g + 1] = s, z
         g_idx = perm // gs  # group of each visited column, in visiting order
     else:
         g_idx = torch.arange(in_f, device=W.device) // max(gs, 1) if gs else torch.zeros_like(perm)
@@ -172,8 +186,8 @@ def gptq_solve_rows(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: flo
                     scale, zero = scales_t[g], zeros_t[g]
                 elif col % gs == 0:
                     g = col // gs
-                    sc, z = _row_params(W1[i:i + gs].t(), spec)
-                    scales[:, g:g + 1], zeros[:, g:g + 1] = sc, z
+                    sc, z = _row_params(W1[i : i + gs].t(), spec)
+                    scales[:, g : g + 1], zeros[:, g : g + 1] = sc, z
                     scale, zero = sc.flatten(), z.flatten()
             # q = scale * (clamp(round(w / scale) + zero, 0, maxq) - zero) in one op; a float
             # zero point (integer-valued) because with int32 ones torch range-checks them on
@@ -181,7 +195,7 @@ def gptq_solve_rows(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, damp: flo
             w, r = W1[i], R1[i]
             q = torch.fake_quantize_per_channel_affine(w, scale, zero, 0, 0, maxq)
             torch.sub(w, q, out=r)
-            W1[i + 1:].addr_(Hs[i, i + 1:n], r, alpha=-1)
+            W1[i + 1 :].addr_(Hs[i, i + 1 : n], r, alpha=-1)
             qs.append(q)
         Qt[i1:i2] = torch.stack(qs)
         losses += (R1 / d[:, None]).pow(2).sum(dim=0) / 2
@@ -213,8 +227,8 @@ def hessian_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
     sums = torch.zeros(2, dtype=torch.float64, device=H.device)
     band = max(1, 2**23 // max(H.shape[0], 1))
     for r in range(0, W.shape[0], band):
-        w = W[r:r + band].float()
-        both = torch.stack([Wq[r:r + band].float() - w, w])  # [2, rows, in]: dW, then W
+        w = W[r : r + band].float()
+        both = torch.stack([Wq[r : r + band].float() - w, w])  # [2, rows, in]: dW, then W
         sums += ((both @ H) * both).sum(dim=(1, 2), dtype=torch.float64)
     return float(sums[0] / sums[1].clamp_min(1e-30))
 
@@ -250,8 +264,9 @@ class GPTQ(HessianMethod):
         sol = gptq_solve_rows(W, stats.H, plan.weight, c.damp, c.block_size, c.act_order, c.static_groups)
         return SolveResult(sol.weight, sol.qweight, _info(W, sol, sol.row_losses, stats.H))
 
-    def solve_shared(self, names: list[str], linears: list[nn.Linear], stats: HessianStats,
-                     plan: LinearPlan) -> list[SolveResult]:
+    def solve_shared(
+        self, names: list[str], linears: list[nn.Linear], stats: HessianStats, plan: LinearPlan
+    ) -> list[SolveResult]:
         """Linears fed the same input (q/k/v, gate/up) are one GPTQ problem stacked by rows: each
         row is solved independently given H, so this is exact and runs the column loop once.
         Per-tensor grids couple rows, so they are solved one linear at a time."""
@@ -260,22 +275,25 @@ class GPTQ(HessianMethod):
             return super().solve_shared(names, linears, stats, plan)
         c = self.config
         weights = [lin.weight.detach().float() for lin in linears]
-        sol = gptq_solve_rows(torch.cat(weights), stats.H, plan.weight, c.damp, c.block_size, c.act_order,
-                              c.static_groups)
+        sol = gptq_solve_rows(
+            torch.cat(weights), stats.H, plan.weight, c.damp, c.block_size, c.act_order, c.static_groups
+        )
         Q, qw = sol.weight, sol.qweight
         results, r0 = [], 0
         for W in weights:
             rows = slice(r0, r0 + W.shape[0])
             r0 = rows.stop
             # clones: saved tensors must not share storage
-            part = QuantizedWeight(qw.codes[rows].clone(), qw.scale[rows].clone(), qw.zero[rows].clone(), qw.spec,
-                                   qw.g_idx)
+            part = QuantizedWeight(
+                qw.codes[rows].clone(), qw.scale[rows].clone(), qw.zero[rows].clone(), qw.spec, qw.g_idx
+            )
             results.append(SolveResult(Q[rows].clone(), part, _info(W, sol, sol.row_losses[rows], stats.H, Q[rows])))
         return results
 
 
-def _info(W: torch.Tensor, sol: GPTQSolution, row_losses: torch.Tensor, H: torch.Tensor,
-          Q: torch.Tensor | None = None) -> dict:
+def _info(
+    W: torch.Tensor, sol: GPTQSolution, row_losses: torch.Tensor, H: torch.Tensor, Q: torch.Tensor | None = None
+) -> dict:
     """The per-layer report of one GPTQ-solved linear (Q: its rows of a stacked solution)."""
     Q = sol.weight if Q is None else Q
     info = {"out_rel_err": hessian_error(W, Q, H), **sol.numerics()}

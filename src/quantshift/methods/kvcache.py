@@ -41,7 +41,9 @@ class KVCacheConfig(StageConfig):
     def _only_cache_options(self) -> KVCacheConfig:
         for key in _NOT_USED:
             if key in self.model_fields_set:
-                raise ValueError(f"{key} does not apply to kvcache (options: bits, granularity, kv_sym, targets, ignore)")
+                raise ValueError(
+                    f"{key} does not apply to kvcache (options: bits, granularity, kv_sym, targets, ignore)"
+                )
         return self
 
 
@@ -67,5 +69,7 @@ class KVCache(Method):
             if not any(re.search(p, full) for p in c.targets) or any(re.search(p, full) for p in c.ignore):
                 continue
             if head_dim is not None and ctx.linear(n).out_features % head_dim:
-                raise ValueError(f"{full}: output width {ctx.linear(n).out_features} is not a multiple of head_dim {head_dim}")
+                raise ValueError(
+                    f"{full}: output width {ctx.linear(n).out_features} is not a multiple of head_dim {head_dim}"
+                )
             ctx.quantize_output(n, OutputQuantizer(spec, head_dim))

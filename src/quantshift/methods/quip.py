@@ -82,6 +82,7 @@ def quip_bits_rule(v: int, where: str = "") -> int:
 
 # --- pure math -------------------------------------------------------------------------------
 
+
 def hadamard(n: int) -> torch.Tensor:
     """Sylvester Hadamard matrix of order n (a power of two), entries +-1, float64."""
     if n < 1 or n & (n - 1):
@@ -164,8 +165,9 @@ class Incoherence:
         return self.apply(torch.eye(self.n, device=self.signs.device))
 
 
-def rotate_on_device(W: torch.Tensor, H: torch.Tensor, U: Incoherence, V: Incoherence
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def rotate_on_device(
+    W: torch.Tensor, H: torch.Tensor, U: Incoherence, V: Incoherence
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(U W V^T, V H V^T) in float32 where W and H are, H' symmetrized so Cholesky sees an exact SPD."""
     Wr = V.apply(U.apply(W.float()).t()).t()
     Hr = V.apply(V.apply(H.float()).t()).t()
@@ -198,8 +200,10 @@ def unrotate(Q: torch.Tensor, U: torch.Tensor, V: torch.Tensor) -> torch.Tensor:
 class QuIP(HessianMethod):
     Config = QuIPConfig
     config: QuIPConfig
-    final_weights = ("QuIP rounds in a rotated basis with LDLQ (= GPTQ), and a later stage would round them again "
-                     "onto an unrotated grid")
+    final_weights = (
+        "QuIP rounds in a rotated basis with LDLQ (= GPTQ), and a later stage would round them again "
+        "onto an unrotated grid"
+    )
 
     def __init__(self, config: QuIPConfig) -> None:
         super().__init__(config)
@@ -208,7 +212,6 @@ class QuIP(HessianMethod):
     def process_block(self, ctx: BlockContext) -> None:
         self._prefix = ctx.prefix
         super().process_block(ctx)
-
 
     def solve(self, name: str, linear: nn.Linear, stats: HessianStats, plan: LinearPlan) -> SolveResult:
         assert plan.weight is not None
@@ -233,9 +236,18 @@ class QuIP(HessianMethod):
         else:
             Qr, loss = fake_quantize_weight(Wr, spec), float("nan")
         Wq = unrotate_on_device(Qr, U, V)
-        info = {"out_rel_err": hessian_error(W, Wq, stats.H), "ldlq_loss": loss, "rounding": c.rounding, **numerics,
-                "transform": {"kind": "randomized-hadamard(x)orthogonal", "seed_out": seeds["out"],
-                              "seed_in": seeds["in"], "grid_basis": "rotated",
-                              "stored": "dense fake-quant weight U^T Q V; packed export needs the transforms"}}
+        info = {
+            "out_rel_err": hessian_error(W, Wq, stats.H),
+            "ldlq_loss": loss,
+            "rounding": c.rounding,
+            **numerics,
+            "transform": {
+                "kind": "randomized-hadamard(x)orthogonal",
+                "seed_out": seeds["out"],
+                "seed_in": seeds["in"],
+                "grid_basis": "rotated",
+                "stored": "dense fake-quant weight U^T Q V; packed export needs the transforms",
+            },
+        }
         # no codes: the codes live in the rotated basis; the dense weight is what reloads exactly
         return SolveResult(Wq, None, info)

@@ -46,8 +46,10 @@ class SmoothQuantConfig(StageConfig):
         if self.act_static and self.act_per_token and "act_per_token" in self.model_fields_set:
             raise ValueError("act_static uses one per-tensor scale: act_per_token must be false")
         if not self.quantize and {"abits", "act_static"} & self.model_fields_set:
-            raise ValueError("abits/act_static: a smoothing-only stage (quantize: false) quantizes nothing; "
-                             "set abits on the stage that quantizes")
+            raise ValueError(
+                "abits/act_static: a smoothing-only stage (quantize: false) quantizes nothing; "
+                "set abits on the stage that quantizes"
+            )
         return self
 
 
@@ -82,9 +84,13 @@ class SmoothQuant(Method):
         if not plans:
             return
         modules = dict(ctx.block.named_modules())
-        mappings = [r for r in resolve_mappings(modules, ctx.arch.smooth) if r.skipped is None
-                    and (c.fold_into_linears or not isinstance(r.prev, torch.nn.Linear))
-                    and any(n in plans for n in r.into)]
+        mappings = [
+            r
+            for r in resolve_mappings(modules, ctx.arch.smooth)
+            if r.skipped is None
+            and (c.fold_into_linears or not isinstance(r.prev, torch.nn.Linear))
+            and any(n in plans for n in r.into)
+        ]
         rep = representatives(names, mappings)
         need = {r.into[0] for r in mappings}
         if c.quantize and c.act_static:

@@ -118,13 +118,16 @@ class SpQRConfig(StageConfig):
         if self.max_bits_per_param is not None and self.wbits != 16:
             base = nominal_bits(self.wbits, self.group_size, self.qq_bits, self.qq_group_size, self.sym)
             if self.max_bits_per_param < base:
-                raise ValueError(f"max_bits_per_param={self.max_bits_per_param} is below the {base:.3f} bits the "
-                                 f"codes and statistics alone take (wbits={self.wbits}, group_size={self.group_size}, "
-                                 f"qq_bits={self.qq_bits}, qq_group_size={self.qq_group_size})")
+                raise ValueError(
+                    f"max_bits_per_param={self.max_bits_per_param} is below the {base:.3f} bits the "
+                    f"codes and statistics alone take (wbits={self.wbits}, group_size={self.group_size}, "
+                    f"qq_bits={self.qq_bits}, qq_group_size={self.qq_group_size})"
+                )
         return self
 
 
 # --- pure math -------------------------------------------------------------------------------
+
 
 def nominal_bits(wbits: int, gs: int, qq_bits: int, qq_gs: int, sym: bool = False) -> float:
     """Bits per parameter of codes + statistics for a large layer (no partial groups, no outliers).
@@ -133,15 +136,20 @@ def nominal_bits(wbits: int, gs: int, qq_bits: int, qq_gs: int, sym: bool = Fals
     return wbits + n_stats * (qq_bits / gs + SECOND_LEVEL_BITS / (gs * qq_gs))
 
 
-def bits_used(out_f: int, in_f: int, wbits: int, gs: int, qq_bits: int, qq_gs: int, n_outliers: int,
-              sym: bool = False) -> dict:
+def bits_used(
+    out_f: int, in_f: int, wbits: int, gs: int, qq_bits: int, qq_gs: int, n_outliers: int, sym: bool = False
+) -> dict:
     """Exact storage of one layer, counted as in the paper (partial groups counted whole)."""
     n_stats = 1 if sym else 2  # scales (and zeros)
     n_groups = math.ceil(in_f / gs)
     first = out_f * n_groups  # first-level statistics per kind
     second = math.ceil(out_f / qq_gs) * n_groups  # second-level runs per kind
-    parts = {"codes": out_f * in_f * wbits, "first_level_stats": n_stats * first * qq_bits,
-             "second_level_stats": n_stats * second * SECOND_LEVEL_BITS, "outliers": OUTLIER_BITS * n_outliers}
+    parts = {
+        "codes": out_f * in_f * wbits,
+        "first_level_stats": n_stats * first * qq_bits,
+        "second_level_stats": n_stats * second * SECOND_LEVEL_BITS,
+        "outliers": OUTLIER_BITS * n_outliers,
+    }
     total = sum(parts.values())
     return {"bits": total, "params": out_f * in_f, "avg_bits": total / (out_f * in_f), **parts}
 
@@ -161,7 +169,9 @@ def quantize_stat(v: torch.Tensor, bits: int, group: int) -> torch.Tensor:
     return (lo + q * step).reshape(-1)[:n]
 
 
-def masked_minmax_params(w: torch.Tensor, keep: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def masked_minmax_params(
+    w: torch.Tensor, keep: torch.Tensor, bits: int, sym: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row (scale, zero) from the min/max of the kept weights of w [out, g] (range holds 0;
     zero may be fractional, as second-level quantization leaves it)."""
     kept = torch.where(keep, w, torch.zeros_like(w))
@@ -275,9 +285,19 @@ class SparseQuantizedWeight(QuantizedWeight):
         return w.to(dtype)
 
 
-def spqr_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, qq_bits: int = 3, qq_group_size: int = 16,
-               outlier_threshold: float = 0.2, max_outliers: int | None = None, damp: float = 0.01,
-               block_size: int = 128, act_order: bool = True, sync_free: bool | None = None) -> SpQRSolution:
+def spqr_solve(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    qq_bits: int = 3,
+    qq_group_size: int = 16,
+    outlier_threshold: float = 0.2,
+    max_outliers: int | None = None,
+    damp: float = 0.01,
+    block_size: int = 128,
+    act_order: bool = True,
+    sync_free: bool | None = None,
+) -> SpQRSolution:
     """Quantize W [out, in] given H [in, in] the SpQR way (see the module docstring).
     `sync_free`: select outliers with masks, reading nothing back per column (default: off the
     CPU); on the CPU, where a read costs nothing, by index (fewer, cheaper ops). Same result."""
@@ -307,7 +327,9 @@ def spqr_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, qq_bits: int =
     dHinv = torch.diag(Hinv)
 
     # the layer's typical sensitivity: a weight replaced by its column mean
-    scale_sens = float((W.var(dim=0, unbiased=False) / dHinv**2).mean()) if out_f > 1 else float((W**2 / dHinv**2).mean())
+    scale_sens = (
+        float((W.var(dim=0, unbiased=False) / dHinv**2).mean()) if out_f > 1 else float((W**2 / dHinv**2).mean())
+    )
     thr = outlier_threshold * scale_sens if math.isfinite(outlier_threshold) else float("inf")
     use_outliers = math.isfinite(thr) and budget > 0
 
@@ -339,8 +361,8 @@ def spqr_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, qq_bits: int =
             col = i1 + i
             if col % gs == 0:  # fit the group's statistics on the error-updated weights
                 g = col // gs
-                gw = W1[:, i:i + gs]
-                gd = dHinv[col:col + gw.shape[1]]
+                gw = W1[:, i : i + gs]
+                gd = dHinv[col : col + gw.shape[1]]
                 forced = torch.zeros_like(gw, dtype=torch.bool)
                 if use_outliers and (left is not None or remaining > 0):
                     # weights that spoil the group's range are fitted around and reserved as
@@ -407,8 +429,9 @@ def spqr_solve(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, qq_bits: int =
     if g_idx is not None and torch.equal(g_idx, torch.arange(in_f, device=W.device) // gs):
         g_idx = None
     flat = torch.nonzero(is_out.flatten()).flatten()
-    qw = SparseQuantizedWeight(codes.to(torch.uint8), scales, zeros, spec, g_idx,
-                               flat.to(torch.int32), out_val.flatten()[flat].half())
+    qw = SparseQuantizedWeight(
+        codes.to(torch.uint8), scales, zeros, spec, g_idx, flat.to(torch.int32), out_val.flatten()[flat].half()
+    )
     return SpQRSolution(qw.dequantize(), qw, float(losses.sum()), int(flat.numel()), thr, fac.damp, fac.steps)
 
 
@@ -417,25 +440,35 @@ class SpQR(HessianMethod):
     Config = SpQRConfig
     config: SpQRConfig
 
-
     def outlier_cap(self, out_f: int, in_f: int, spec: QuantSpec) -> int:
         """Most outliers this layer may keep: the fraction, tightened by the bits budget."""
         c = self.config
         cap = math.floor(c.max_outlier_fraction * out_f * in_f)
         if c.max_bits_per_param is not None:
-            base = bits_used(out_f, in_f, spec.bits, spec.group_size, c.qq_bits, c.qq_group_size, 0,
-                             spec.symmetric)["bits"]
+            base = bits_used(out_f, in_f, spec.bits, spec.group_size, c.qq_bits, c.qq_group_size, 0, spec.symmetric)[
+                "bits"
+            ]
             spare = c.max_bits_per_param * out_f * in_f - base
             if spare < 0:
-                raise ConfigError(f"spqr: max_bits_per_param={c.max_bits_per_param} is below the "
-                                  f"{base / (out_f * in_f):.3f} bits codes and statistics take for a {out_f}x{in_f} layer")
+                raise ConfigError(
+                    f"spqr: max_bits_per_param={c.max_bits_per_param} is below the "
+                    f"{base / (out_f * in_f):.3f} bits codes and statistics take for a {out_f}x{in_f} layer"
+                )
             cap = min(cap, math.floor(spare / OUTLIER_BITS))
         return cap
 
     def budget_bits(self, out_f: int, in_f: int, spec: QuantSpec) -> float:
         c = self.config
-        allowed = bits_used(out_f, in_f, spec.bits, spec.group_size, c.qq_bits, c.qq_group_size,
-                            self.outlier_cap(out_f, in_f, spec), spec.symmetric)["avg_bits"]
+        allowed = bits_used(
+            out_f,
+            in_f,
+            spec.bits,
+            spec.group_size,
+            c.qq_bits,
+            c.qq_group_size,
+            self.outlier_cap(out_f, in_f, spec),
+            spec.symmetric,
+        )["avg_bits"]
         return allowed
 
     def solve(self, name: str, linear: nn.Linear, stats: HessianStats, plan: LinearPlan) -> SolveResult:
@@ -446,17 +479,33 @@ class SpQR(HessianMethod):
             raise ConfigError(f"spqr: {name} resolves to group_size={spec.group_size}; SpQR needs groups (> 0)")
         W = linear.weight.detach().float()
         out_f, in_f = W.shape
-        sol = spqr_solve(W, stats.H, spec, c.qq_bits, c.qq_group_size, c.outlier_threshold,
-                         self.outlier_cap(out_f, in_f, spec), c.damp, c.block_size, c.act_order)
-        used = bits_used(out_f, in_f, spec.bits, spec.group_size, c.qq_bits, c.qq_group_size, sol.n_outliers,
-                         spec.symmetric)
-        info = {"out_rel_err": hessian_error(W, sol.weight, stats.H), "gptq_loss": sol.loss,
-                "outliers": sol.n_outliers, "outlier_fraction": sol.n_outliers / (out_f * in_f),
-                "avg_bits": used["avg_bits"], "bits": used["bits"], "params": used["params"],
-                "budget_bits": self.budget_bits(out_f, in_f, spec),
-                "format": f"{spec.describe()} + {c.qq_bits}bit stats/{c.qq_group_size} + fp16 outliers",
-                **sol.numerics()}
+        sol = spqr_solve(
+            W,
+            stats.H,
+            spec,
+            c.qq_bits,
+            c.qq_group_size,
+            c.outlier_threshold,
+            self.outlier_cap(out_f, in_f, spec),
+            c.damp,
+            c.block_size,
+            c.act_order,
+        )
+        used = bits_used(
+            out_f, in_f, spec.bits, spec.group_size, c.qq_bits, c.qq_group_size, sol.n_outliers, spec.symmetric
+        )
+        info = {
+            "out_rel_err": hessian_error(W, sol.weight, stats.H),
+            "gptq_loss": sol.loss,
+            "outliers": sol.n_outliers,
+            "outlier_fraction": sol.n_outliers / (out_f * in_f),
+            "avg_bits": used["avg_bits"],
+            "bits": used["bits"],
+            "params": used["params"],
+            "budget_bits": self.budget_bits(out_f, in_f, spec),
+            "format": f"{spec.describe()} + {c.qq_bits}bit stats/{c.qq_group_size} + fp16 outliers",
+            **sol.numerics(),
+        }
         if sol.fallback is not None:  # no Hessian-weighted loss after the RTN fallback
             del info["gptq_loss"]
         return SolveResult(sol.weight, sol.qweight, info)
-

@@ -33,4 +33,3 @@ class ZeroQuant(RTN):
     """Group-wise symmetric RTN weights + per-token dynamic activation fake-quant."""
 
     Config = ZeroQuantConfig  # RTN's solver; the format and the activation quantizer differ
-

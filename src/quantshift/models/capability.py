@@ -63,9 +63,12 @@ def native_bf16_cpu(flags: set[str] | None = None) -> bool:
 def torch_ops() -> frozenset[str]:
     """Which of OPS this torch build has."""
     aten = torch.ops.aten
-    have = {"int_mm": hasattr(torch, "_int_mm"), "scaled_mm": hasattr(torch, "_scaled_mm"),
-            "int4mm_cuda": hasattr(aten, "_weight_int4pack_mm"),
-            "int4mm_cpu": hasattr(aten, "_weight_int4pack_mm_for_cpu")}
+    have = {
+        "int_mm": hasattr(torch, "_int_mm"),
+        "scaled_mm": hasattr(torch, "_scaled_mm"),
+        "int4mm_cuda": hasattr(aten, "_weight_int4pack_mm"),
+        "int4mm_cpu": hasattr(aten, "_weight_int4pack_mm_for_cpu"),
+    }
     return frozenset(k for k, v in have.items() if v)
 
 
@@ -123,17 +126,28 @@ class Capability:
     def auto_dtype(self) -> AutoDtype:
         if self.kind == "cpu":
             if native_bf16_cpu(set(self.flags)):
-                return AutoDtype(torch.float32, torch.bfloat16, "float32 weights, bf16 autocast: this CPU has "
-                                 + "/".join(f for f in NATIVE_BF16_FLAGS if f in self.flags))
-            return AutoDtype(torch.float32, None, "float32: this CPU has no bf16 matrix instructions "
-                             f"({', '.join(NATIVE_BF16_FLAGS)}); emulated bf16 is slower")
+                return AutoDtype(
+                    torch.float32,
+                    torch.bfloat16,
+                    "float32 weights, bf16 autocast: this CPU has "
+                    + "/".join(f for f in NATIVE_BF16_FLAGS if f in self.flags),
+                )
+            return AutoDtype(
+                torch.float32,
+                None,
+                "float32: this CPU has no bf16 matrix instructions "
+                f"({', '.join(NATIVE_BF16_FLAGS)}); emulated bf16 is slower",
+            )
         if self.kind == "cuda":
             if self.sm is None:  # planning for GPUs this process cannot see: workers check it (studies)
                 return AutoDtype(torch.bfloat16, None, "bfloat16: no CUDA device visible here, sm80+ assumed")
             if self.sm >= BF16_SM:
                 return AutoDtype(torch.bfloat16, None, f"bfloat16: {self.sm_text} has bf16 tensor cores")
-            return AutoDtype(torch.float16, None, f"float16: {self.name} ({self.sm_text}) has no bf16 units "
-                             f"(bf16 needs sm{BF16_SM[0]}{BF16_SM[1]}+)")
+            return AutoDtype(
+                torch.float16,
+                None,
+                f"float16: {self.name} ({self.sm_text}) has no bf16 units (bf16 needs sm{BF16_SM[0]}{BF16_SM[1]}+)",
+            )
         return AutoDtype(torch.bfloat16, None, f"bfloat16 on {self.kind}")
 
     def int4(self) -> Choice:
@@ -166,8 +180,10 @@ class Capability:
         if self.kind == "cuda":
             why = self._gpu_below(FP8_SM, "torch._scaled_mm (fp8 tensor cores)")
         else:
-            why = (f"fp8 GEMMs run on sm{FP8_SM[0]}{FP8_SM[1]}+ GPUs (torch._scaled_mm); on {self.kind} fp8 runs as "
-                   "the exact fake-quant")
+            why = (
+                f"fp8 GEMMs run on sm{FP8_SM[0]}{FP8_SM[1]}+ GPUs (torch._scaled_mm); on {self.kind} fp8 runs as "
+                "the exact fake-quant"
+            )
         if why is None and "scaled_mm" not in self.ops:
             why = "this torch has no torch._scaled_mm"
         return Choice("float", why) if why else Choice("fp8-scaled-mm")
@@ -175,19 +191,27 @@ class Capability:
     def lines(self) -> list[str]:
         """Every choice with its reason, as `quantshift device` prints them."""
         auto = self.auto_dtype()
-        return [f"device: {self.label}",
-                f"dtype auto: {auto.reason}",
-                f"int4 weights (W4A16): {self.int4().text()}",
-                f"int8 W8A8: {self.int8().text()}",
-                f"fp8 W8A8: {self.fp8().text()}"]
+        return [
+            f"device: {self.label}",
+            f"dtype auto: {auto.reason}",
+            f"int4 weights (W4A16): {self.int4().text()}",
+            f"int8 W8A8: {self.int8().text()}",
+            f"fp8 W8A8: {self.fp8().text()}",
+        ]
 
 
-def fake(kind: str = "cuda", sm: tuple[int, int] | None = None, name: str | None = None,
-         flags: set[str] | frozenset[str] = frozenset(), ops: set[str] | frozenset[str] | None = None) -> Capability:
+def fake(
+    kind: str = "cuda",
+    sm: tuple[int, int] | None = None,
+    name: str | None = None,
+    flags: set[str] | frozenset[str] = frozenset(),
+    ops: set[str] | frozenset[str] | None = None,
+) -> Capability:
     """A capability made by hand (tests; planning for a device this process cannot see)."""
     default = {"cuda": f"GPU sm{sm[0]}{sm[1]}" if sm else "no CUDA device visible", "cpu": "CPU"}
-    return Capability(kind, name or default.get(kind, kind), sm, frozenset(flags),
-                      frozenset(OPS if ops is None else ops))
+    return Capability(
+        kind, name or default.get(kind, kind), sm, frozenset(flags), frozenset(OPS if ops is None else ops)
+    )
 
 
 def _cpu_name() -> str:

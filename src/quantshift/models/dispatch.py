@@ -55,8 +55,14 @@ class Dispatch:
         return "dispatched (accelerate): " + ", ".join(f"{n} modules on {d}" for d, n in sorted(self.counts().items()))
 
 
-def dispatch(model: nn.Module, source: WeightSource, device: torch.device, budget: int,
-             host_budget: int | None = None, no_split: list[str] | None = None) -> Dispatch:
+def dispatch(
+    model: nn.Module,
+    source: WeightSource,
+    device: torch.device,
+    budget: int,
+    host_budget: int | None = None,
+    no_split: list[str] | None = None,
+) -> Dispatch:
     """Attach accelerate's offload hooks to a skeleton whose weights are in `source`: modules
     worth `budget` bytes stay resident on `device` (beside a GPU, `host_budget` more stay in CPU
     memory), the rest are read from disk at each forward."""
@@ -70,8 +76,14 @@ def dispatch(model: nn.Module, source: WeightSource, device: torch.device, budge
     if on_gpu:
         max_memory["cpu"] = max(0, host_budget or 0)
     dmap = infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split or [])
-    device_map = {name: ("disk" if d == "disk" else ("cpu" if d == "cpu" else str(torch.device("cuda", d) if isinstance(d, int) else d)))
-                  for name, d in dmap.items()}
+    device_map = {
+        name: (
+            "disk"
+            if d == "disk"
+            else ("cpu" if d == "cpu" else str(torch.device("cuda", d) if isinstance(d, int) else d))
+        )
+        for name, d in dmap.items()
+    }
     modules = dict(model.named_modules())
     resident: dict[str, torch.Tensor] = {}
     for name, where in device_map.items():
@@ -91,7 +103,12 @@ def dispatch(model: nn.Module, source: WeightSource, device: torch.device, budge
     offloaded = ("disk",) if not on_gpu else ("cpu", "disk")
     offload = {name: where in offloaded for name, where in device_map.items()}
     names = list(model.state_dict(keep_vars=True))
-    attach_align_device_hook_on_blocks(model, execution_device=execution, offload=offload, offload_buffers=True,
-                                       weights_map=SourceMap(source, names, resident),
-                                       skip_keys=getattr(model, "_skip_keys_device_placement", None))
+    attach_align_device_hook_on_blocks(
+        model,
+        execution_device=execution,
+        offload=offload,
+        offload_buffers=True,
+        weights_map=SourceMap(source, names, resident),
+        skip_keys=getattr(model, "_skip_keys_device_placement", None),
+    )
     return Dispatch(device_map)

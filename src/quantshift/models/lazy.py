@@ -84,8 +84,10 @@ class CheckpointSource(WeightSource):
         expected = set(model.state_dict(keep_vars=True))
         missing = sorted(n for n in expected if self._stored(n) not in self.tensors)
         if missing:
-            raise ModelError(f"checkpoint {root} lacks {len(missing)} tensors the model needs, e.g. {missing[0]} "
-                             "(an architecture whose checkpoint names need conversion cannot stream)")
+            raise ModelError(
+                f"checkpoint {root} lacks {len(missing)} tensors the model needs, e.g. {missing[0]} "
+                "(an architecture whose checkpoint names need conversion cannot stream)"
+            )
 
     def _stored(self, name: str) -> str:
         return self.aliases.get(name, name)
@@ -118,8 +120,9 @@ class FakeQuantSource(WeightSource):
         missing = sorted(n for n in expected if n not in self.quantized and self.aliases.get(n, n) not in floats)
         unexpected = sorted(floats - expected - set(self.aliases.values()))
         if missing or unexpected:
-            raise ModelError(f"corrupt quantized model directory {qdir.path}: missing {missing[:3]} unexpected "
-                             f"{unexpected[:3]}")
+            raise ModelError(
+                f"corrupt quantized model directory {qdir.path}: missing {missing[:3]} unexpected {unexpected[:3]}"
+            )
 
     def read(self, names: list[str]) -> dict[str, torch.Tensor]:
         out = {n: self.qdir.dense_weight(self.quantized[n]) for n in names if n in self.quantized}
@@ -179,7 +182,9 @@ def materialize(module: nn.Module, prefix: str, source: WeightSource, device: to
                 continue
             value = got.pop(full)
             if tuple(value.shape) != tuple(meta.shape):
-                raise ModelError(f"{full} has shape {tuple(value.shape)} on disk, the model expects {tuple(meta.shape)}")
+                raise ModelError(
+                    f"{full} has shape {tuple(value.shape)} on disk, the model expects {tuple(meta.shape)}"
+                )
             value = value.to(device=device, dtype=meta.dtype if value.is_floating_point() else value.dtype)
             shared[id(meta)] = _set(mod, attr, value)
             total += value.numel() * value.element_size()
@@ -191,8 +196,9 @@ def materialize(module: nn.Module, prefix: str, source: WeightSource, device: to
 EMBEDDING_ROWS = 4096  # rows of a stored embedding read at a time
 
 
-def materialize_rows(embedding: nn.Embedding, prefix: str, source: WeightSource, device: torch.device | str,
-                     ids: torch.Tensor) -> None:
+def materialize_rows(
+    embedding: nn.Embedding, prefix: str, source: WeightSource, device: torch.device | str, ids: torch.Tensor
+) -> None:
     """An input embedding filled only at the rows of the token ids `ids` (all the capture looks
     up). On the CPU the rest of the table is allocated but never written, so its pages are never
     resident: a 128k x 8192 float32 table costs the few MB of the rows used instead of 4 GB. On

@@ -56,8 +56,9 @@ class LoadedModel:
         return self.arch.needs_bos
 
     @classmethod
-    def from_hf(cls, model: nn.Module, tokenizer: object, *, name: str | None = None,
-                precision: Precision | None = None) -> LoadedModel:
+    def from_hf(
+        cls, model: nn.Module, tokenizer: object, *, name: str | None = None, precision: Precision | None = None
+    ) -> LoadedModel:
         """Wrap a Hugging Face causal LM held in memory: the engine then works on this very object.
         `precision` defaults to the dtype the model's weights are in, without autocast."""
         try:
@@ -90,15 +91,24 @@ def model_path(name: str) -> Path | str:
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise ModelError(f"model path {name!r} does not exist")
     if "/" not in name:
-        raise ModelError(f"unknown model {name!r}; bundled: {', '.join(BUNDLED.names())}, or a local path, or a hub id org/name")
+        raise ModelError(
+            f"unknown model {name!r}; bundled: {', '.join(BUNDLED.names())}, or a local path, or a hub id org/name"
+        )
     return name
 
 
 BACKENDS = ("fake", "packed")
 
 
-def load_model(name: str, device: str = "cpu", dtype: str = "auto", compute_device: str | None = None,
-               backend: str = "fake", head: str = "float", stream: bool = False) -> LoadedModel:
+def load_model(
+    name: str,
+    device: str = "cpu",
+    dtype: str = "auto",
+    compute_device: str | None = None,
+    backend: str = "fake",
+    head: str = "float",
+    stream: bool = False,
+) -> LoadedModel:
     """`compute_device`: where forwards will run when that is not where the weights load (the
     quantizer loads on the CPU and moves one block at a time); it decides what "auto" means.
     `backend` of a quantized directory: "fake" (dequantized float weights, the research model)
@@ -138,8 +148,16 @@ def load_model(name: str, device: str = "cpu", dtype: str = "auto", compute_devi
         raise ModelError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from None
     model.eval().to(device)
     stored = _stored_dtypes(path)
-    return LoadedModel(model, tok, name, str(path), arch_for(model), precision=precision, device=torch.device(device),
-                       stored_dtype=stored.get if stored else None)
+    return LoadedModel(
+        model,
+        tok,
+        name,
+        str(path),
+        arch_for(model),
+        precision=precision,
+        device=torch.device(device),
+        stored_dtype=stored.get if stored else None,
+    )
 
 
 def local_checkpoint(path: Path | str) -> Path:
@@ -149,8 +167,11 @@ def local_checkpoint(path: Path | str) -> Path:
     try:
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(str(path), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt",
-                                                                 "*.jinja", "*.tiktoken"]))
+        return Path(
+            snapshot_download(
+                str(path), allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "*.tiktoken"]
+            )
+        )
     except Exception as err:  # network, authentication, unknown repo: one line for the user
         raise ModelError(f"cannot fetch model {path!r}: {str(err).splitlines()[0]}") from None
 
@@ -180,12 +201,22 @@ def _skeleton(name: str, path: Path, device: str, precision: Precision) -> Loade
         raise ModelError(f"cannot load model {name!r}: {str(err).splitlines()[0]}") from None
     model = empty_model(config, precision.weights)
     source = CheckpointSource(path, model)
-    return LoadedModel(model, tok, name, str(path), arch_for(model), precision=precision, source=source,
-                       device=torch.device(device), stored_dtype=source.stored_dtype)
+    return LoadedModel(
+        model,
+        tok,
+        name,
+        str(path),
+        arch_for(model),
+        precision=precision,
+        source=source,
+        device=torch.device(device),
+        stored_dtype=source.stored_dtype,
+    )
 
 
-def _load_quantized(name: str, path: Path, device: str, precision: Precision, backend: str, head: str,
-                    stream: bool) -> LoadedModel:
+def _load_quantized(
+    name: str, path: Path, device: str, precision: Precision, backend: str, head: str, stream: bool
+) -> LoadedModel:
     from ..checkpoint import QuantizedDir
     from ..quant.actquant import attach_input_quantizers, attach_output_quantizers
     from ..quant.inference import (
@@ -217,5 +248,16 @@ def _load_quantized(name: str, path: Path, device: str, precision: Precision, ba
     else:
         attach_input_quantizers(model, qdir.acts)
         attach_output_quantizers(model, qdir.info.get("output_quantizers", {}))
-    return LoadedModel(model, qdir.tokenizer(), name, str(path), arch_for(model), qdir.info, precision, report,
-                       source=source if stream else None, device=dev, stored_dtype=source.stored_dtype)
+    return LoadedModel(
+        model,
+        qdir.tokenizer(),
+        name,
+        str(path),
+        arch_for(model),
+        qdir.info,
+        precision,
+        report,
+        source=source if stream else None,
+        device=dev,
+        stored_dtype=source.stored_dtype,
+    )

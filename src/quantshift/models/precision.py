@@ -23,8 +23,14 @@ from .capability import NATIVE_BF16_FLAGS, Capability, cpu_flags, native_bf16_cp
 
 __all__ = ["NATIVE_BF16_FLAGS", "Precision", "compute_context", "cpu_flags", "native_bf16_cpu", "resolve_precision"]
 
-_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16, "fp16": torch.float16,
-           "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
 _SHORT = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
@@ -51,8 +57,9 @@ def compute_context(device: torch.device | str, autocast: torch.dtype | None) ->
     return torch.autocast(torch.device(device).type, dtype=autocast)
 
 
-def resolve_precision(dtype: str, device: str, flags: set[str] | None = None,
-                      capability: Capability | None = None) -> Precision:
+def resolve_precision(
+    dtype: str, device: str, flags: set[str] | None = None, capability: Capability | None = None
+) -> Precision:
     """`dtype` as the user gave it (auto or a dtype name) on the compute `device`; "auto" asks
     the device's capability (`capability`, else detected; `flags`: CPU flags to use instead)."""
     if dtype == "auto":

@@ -32,9 +32,20 @@ SINGLE_FILE = "model.safetensors"
 _HEADER_LIMIT = 100 * 2**20  # a header larger than this is garbage, not a header
 
 # safetensors dtype names -> torch dtypes (the ones a model checkpoint holds)
-DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-          "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-          "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
 
 
 def file_sha256(path: Path) -> str:
@@ -94,8 +105,10 @@ def checkpoint_files(root: Path) -> list[str]:
         return [SINGLE_FILE]
     found = sorted(p.name for p in root.glob("*.safetensors"))
     if not found:
-        raise ModelError(f"{root} has no safetensors weights (streaming reads safetensors only; convert "
-                         ".bin checkpoints with save_pretrained first)")
+        raise ModelError(
+            f"{root} has no safetensors weights (streaming reads safetensors only; convert "
+            ".bin checkpoints with save_pretrained first)"
+        )
     return found
 
 
@@ -115,8 +128,13 @@ class ShardedTensors:
     `digests`: file -> expected sha256, checked on a file's first read; `what` names the
     directory in error messages ("model directory", "quantized model directory")."""
 
-    def __init__(self, root: Path, files: Iterable[str] | None = None, digests: dict[str, str] | None = None,
-                 what: str = "model directory") -> None:
+    def __init__(
+        self,
+        root: Path,
+        files: Iterable[str] | None = None,
+        digests: dict[str, str] | None = None,
+        what: str = "model directory",
+    ) -> None:
         self.root = Path(root)
         self.what = what
         self.files = list(files) if files is not None else checkpoint_files(self.root)
@@ -134,7 +152,9 @@ class ShardedTensors:
             for name, fname in read_index(index).items():
                 got = self.infos.get(name)
                 if got is None or got.file != fname:
-                    raise ModelError(f"corrupt {what} {self.root}: the index puts {name} in {fname}, which does not hold it")
+                    raise ModelError(
+                        f"corrupt {what} {self.root}: the index puts {name} in {fname}, which does not hold it"
+                    )
 
     def __contains__(self, name: object) -> bool:
         return name in self.infos

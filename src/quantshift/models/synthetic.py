@@ -44,8 +44,16 @@ class SyntheticShape:
         return self.layers * block + embed + self.hidden
 
     @classmethod
-    def for_params(cls, target: float, hidden: int, intermediate: int | None = None, heads: int | None = None,
-                   kv_heads: int | None = None, vocab: int = 49152, tie_embeddings: bool = False) -> SyntheticShape:
+    def for_params(
+        cls,
+        target: float,
+        hidden: int,
+        intermediate: int | None = None,
+        heads: int | None = None,
+        kv_heads: int | None = None,
+        vocab: int = 49152,
+        tie_embeddings: bool = False,
+    ) -> SyntheticShape:
         """The depth that brings a model of this width closest to `target` parameters."""
         inter = intermediate or int(round(hidden * 8 / 3 / 256)) * 256
         h = heads or max(1, hidden // 128)
@@ -57,12 +65,26 @@ class SyntheticShape:
 
 
 def _config(shape: SyntheticShape) -> dict:
-    return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": shape.hidden,
-            "intermediate_size": shape.intermediate, "num_hidden_layers": shape.layers,
-            "num_attention_heads": shape.heads, "num_key_value_heads": shape.kv_heads, "vocab_size": shape.vocab,
-            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "hidden_act": "silu",
-            "tie_word_embeddings": shape.tie_embeddings, "bos_token_id": 1, "eos_token_id": 2, "dtype": "bfloat16",
-            "attention_bias": False, "mlp_bias": False}
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": shape.hidden,
+        "intermediate_size": shape.intermediate,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads,
+        "vocab_size": shape.vocab,
+        "max_position_embeddings": 4096,
+        "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0,
+        "hidden_act": "silu",
+        "tie_word_embeddings": shape.tie_embeddings,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "dtype": "bfloat16",
+        "attention_bias": False,
+        "mlp_bias": False,
+    }
 
 
 def tensor_specs(shape: SyntheticShape) -> Iterator[tuple[str, tuple[int, ...], float]]:
@@ -95,12 +117,18 @@ def make_tensor(name: str, dims: tuple[int, ...], std: float, seed: int) -> torc
     step = 1 << 24  # float32 temporaries of 64 MB at most
     for s in range(0, flat.numel(), step):
         n = min(step, flat.numel() - s)
-        flat[s:s + n] = torch.randn(n, generator=g).mul_(std).to(torch.bfloat16)
+        flat[s : s + n] = torch.randn(n, generator=g).mul_(std).to(torch.bfloat16)
     return out
 
 
-def write_synthetic(out: Path, shape: SyntheticShape, seed: int = 0, shard_bytes: int = 2 * 2**30,
-                    progress: bool = True, tokenizer_dir: Path | None = None) -> Path:
+def write_synthetic(
+    out: Path,
+    shape: SyntheticShape,
+    seed: int = 0,
+    shard_bytes: int = 2 * 2**30,
+    progress: bool = True,
+    tokenizer_dir: Path | None = None,
+) -> Path:
     """Write the checkpoint directory `out` (config, tokenizer, sharded bf16 weights + index).
 
     The tokenizer is copied from `tokenizer_dir`, else from the bundled SmolLM2 (converted once);
@@ -126,6 +154,7 @@ def write_synthetic(out: Path, shape: SyntheticShape, seed: int = 0, shard_bytes
             writer.add(name, make_tensor(name, dims, std, seed))
             bar.update(math.prod(dims) * 2)
     writer.close()
-    (out / "synthetic.json").write_text(json.dumps({"shape": asdict(shape), "seed": seed, "params": shape.params()},
-                                                   indent=2))
+    (out / "synthetic.json").write_text(
+        json.dumps({"shape": asdict(shape), "seed": seed, "params": shape.params()}, indent=2)
+    )
     return out

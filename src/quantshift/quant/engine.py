@@ -55,8 +55,9 @@ class _StandIn(nn.Module):
 class _Recorder(_StandIn):
     """Stands in for a decoder block during capture: records inputs, returns them unchanged."""
 
-    def __init__(self, inner: nn.Module, index: int, sink: Callable[[int, torch.Tensor, dict], None],
-                 stop: bool = False) -> None:
+    def __init__(
+        self, inner: nn.Module, index: int, sink: Callable[[int, torch.Tensor, dict], None], stop: bool = False
+    ) -> None:
         super().__init__(inner)
         self._index = index
         self._sink = sink
@@ -114,8 +115,10 @@ class FrozenOutputs:
                 swapped[name] = child
                 setattr(block, name, _Replay(child, _to(outs[batch], device)))
             elif len(outs) == batch:  # recording, in batch order
+
                 def keep(_m, _a, out, outs=outs):
                     outs.append(_map_tensors(out, lambda t: _to_home(t.detach(), self.home)))
+
                 handles.append(child.register_forward_hook(keep))
         try:
             yield
@@ -223,8 +226,9 @@ class EngineContext:
     """The engine's methods.base.BlockContext: one block, as one stage (`method`) processes it;
     `stage` names what made the changes in the report ("propagate" for the engine's own passes)."""
 
-    def __init__(self, engine: BlockEngine, index: int, block: nn.Module, stage: str,
-                 method: Method | None = None) -> None:
+    def __init__(
+        self, engine: BlockEngine, index: int, block: nn.Module, stage: str, method: Method | None = None
+    ) -> None:
         self.engine = engine
         self.index = index
         self.block = block
@@ -265,7 +269,7 @@ class EngineContext:
     def later_stages(self) -> list[Method]:
         stages = self.engine.stages
         at = next((i for i, s in enumerate(stages) if s is self.method), None)
-        return stages[at + 1:] if at is not None else []
+        return stages[at + 1 :] if at is not None else []
 
     # --- calibration data ----------------------------------------------------------
     @property
@@ -300,7 +304,7 @@ class EngineContext:
         children of the block being quantized replayed, see FrozenOutputs)."""
         x, kw = self.batch(i)
         frozen = self.engine.frozen if block is None else None
-        with self.engine.compute(), (frozen.applied(self.block, i, self.device) if frozen else contextlib.nullcontext()):
+        with self.engine.compute(), frozen.applied(self.block, i, self.device) if frozen else contextlib.nullcontext():
             return _block_output((block or self.block)(x, **kw))
 
     def freeze_solved(self, solved: set[str]) -> None:
@@ -314,8 +318,9 @@ class EngineContext:
         dt = self.engine.autocast
         return x if dt is None or x.dtype == dt else x.to(dt)
 
-    def collect_inputs(self, names: list[str], fn: Callable[[str, torch.Tensor], None],
-                       modules: dict[str, nn.Module] | None = None) -> None:
+    def collect_inputs(
+        self, names: list[str], fn: Callable[[str, torch.Tensor], None], modules: dict[str, nn.Module] | None = None
+    ) -> None:
         """Run the block over every calibration batch, calling fn(name, x[tokens, in]) for the
         input of each named module; the forward stops once all of them have fired."""
         if self.engine.from_store_only:
@@ -352,20 +357,23 @@ class EngineContext:
                 h.remove()
         for name in names:
             if name in nonfinite and bool(nonfinite[name]):
-                raise NumericalError(f"calibration inputs of {self.full_name(name)} (block {self.index}, stage "
-                                     f"{self.stage}) contain NaN/inf{self.engine.nonfinite_hint()}")
+                raise NumericalError(
+                    f"calibration inputs of {self.full_name(name)} (block {self.index}, stage "
+                    f"{self.stage}) contain NaN/inf{self.engine.nonfinite_hint()}"
+                )
 
     # --- results -------------------------------------------------------------------
-    def commit(self, name: str, result: SolveResult | None, plan: LinearPlan,
-               act_scale: float | None = None) -> None:
+    def commit(self, name: str, result: SolveResult | None, plan: LinearPlan, act_scale: float | None = None) -> None:
         """Write a solved weight into the linear and attach its input quantizer if any
         (`act_scale`: a calibrated static per-tensor input scale instead of dynamic ranges)."""
         lin = self.linear(name)
         full = self.full_name(name)
         prev = self.engine.modules.get(full)
         if result is not None and not bool(torch.isfinite(result.weight).all()):
-            raise NumericalError(f"stage {self.stage} solved NaN/inf weights for {full} (block {self.index})"
-                                 f"{self.engine.nonfinite_hint()}")
+            raise NumericalError(
+                f"stage {self.stage} solved NaN/inf weights for {full} (block {self.index})"
+                f"{self.engine.nonfinite_hint()}"
+            )
         if result is not None:
             # swap in the solved tensor instead of copying into the old one: a freshly loaded
             # checkpoint is memory-mapped, and writing into it page by page (copy on write)
@@ -386,9 +394,14 @@ class EngineContext:
             info["abits"] = act["spec"]["bits"]
         self.engine.residency.settle()  # the solver's temporaries are free now
         self.engine.modules[full] = QuantizedModule(
-            self.stage, result.qweight if result is not None else (prev.qweight if prev else None), act, info,
-            prev.out if prev is not None else None, (lin.out_features, lin.in_features),
-            prev.spec if prev is not None and result is None else None)
+            self.stage,
+            result.qweight if result is not None else (prev.qweight if prev else None),
+            act,
+            info,
+            prev.out if prev is not None else None,
+            (lin.out_features, lin.in_features),
+            prev.spec if prev is not None and result is None else None,
+        )
 
     def quantize_output(self, name: str, q: OutputQuantizer) -> None:
         """Attach a run-time output quantizer (forward hook) to a module and record it."""
@@ -449,11 +462,22 @@ class InMemoryBlocks:
 
 
 class BlockEngine:
-    def __init__(self, model: nn.Module, arch: ArchSpec, stages: list[Method], device: str | torch.device,
-                 batch_size: int = 8, progress: bool = True, propagate: str = "quantized",
-                 stats_store: StatsStore | None = None, calib: CalibIdentity | None = None,
-                 activations: str = "auto", autocast: torch.dtype | None = None,
-                 reuse_outputs: bool = True, residency: Any = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        arch: ArchSpec,
+        stages: list[Method],
+        device: str | torch.device,
+        batch_size: int = 8,
+        progress: bool = True,
+        propagate: str = "quantized",
+        stats_store: StatsStore | None = None,
+        calib: CalibIdentity | None = None,
+        activations: str = "auto",
+        autocast: torch.dtype | None = None,
+        reuse_outputs: bool = True,
+        residency: Any = None,
+    ) -> None:
         if propagate not in PROPAGATE_MODES:
             raise ValueError(f"propagate must be one of {PROPAGATE_MODES}, got {propagate!r}")
         check_activation_mode(activations)  # before any work, not at capture
@@ -494,8 +518,12 @@ class BlockEngine:
 
     def _store_has_everything(self, n_blocks: int) -> bool:
         """True when the only stage takes cacheable statistics and the store holds all blocks'."""
-        return (self.cached_stage is not None and self.stats_store is not None and self.calib is not None
-                and self.stats_store.complete(self.calib, n_blocks))
+        return (
+            self.cached_stage is not None
+            and self.stats_store is not None
+            and self.calib is not None
+            and self.stats_store.complete(self.calib, n_blocks)
+        )
 
     def compute(self) -> contextlib.AbstractContextManager:
         return compute_context(self.device, self.autocast)
@@ -554,7 +582,7 @@ class BlockEngine:
             for i in range(n_blocks):
                 blocks[i] = _Recorder(originals[i], i, sink, stop=i == n_blocks - 1)
             for start in range(0, input_ids.shape[0], self.batch_size):
-                ids = input_ids[start:start + self.batch_size].to(self.device)
+                ids = input_ids[start : start + self.batch_size].to(self.device)
                 with self.compute():
                     try:
                         backbone(input_ids=ids, use_cache=False)
@@ -571,8 +599,11 @@ class BlockEngine:
     def _non_block_modules(backbone: nn.Module, blocks: nn.ModuleList) -> dict[str, nn.Module]:
         """The backbone's children other than the blocks (embeddings, rotary tables, final norm)."""
         block_ids = {id(b) for b in blocks}
-        return {name: child for name, child in backbone.named_children()
-                if child is not blocks and id(child) not in block_ids}
+        return {
+            name: child
+            for name, child in backbone.named_children()
+            if child is not blocks and id(child) not in block_ids
+        }
 
     def run(self, input_ids: torch.Tensor | None) -> EngineResult:
         t0 = time.time()
@@ -585,8 +616,10 @@ class BlockEngine:
                 raise ValueError("this recipe needs calibration data")
             self.capture(input_ids)
             if not _all_finite(self.inputs):
-                raise NumericalError(f"the calibration inputs of block 0 ({self.arch.blocks_path}.0) contain NaN/inf: "
-                                     f"the embeddings produced them{self.nonfinite_hint()}")
+                raise NumericalError(
+                    f"the calibration inputs of block 0 ({self.arch.blocks_path}.0) contain NaN/inf: "
+                    f"the embeddings produced them{self.nonfinite_hint()}"
+                )
         report: list[dict[str, Any]] = []
         bar = tqdm(range(len(blocks)), desc="quantizing blocks", disable=not self.progress, unit="block")
         for i in bar:
@@ -616,8 +649,10 @@ class BlockEngine:
                         outs = [ctx.run_block(b) for b in range(len(self.inputs))]
                         q_out = outs[0]
                 if not _all_finite(outs):  # the next block's calibration inputs
-                    raise NumericalError(f"block {i} ({self.arch.blocks_path}.{i}) outputs NaN/inf on the calibration "
-                                         f"data after quantization{self.nonfinite_hint()}")
+                    raise NumericalError(
+                        f"block {i} ({self.arch.blocks_path}.{i}) outputs NaN/inf on the calibration "
+                        f"data after quantization{self.nonfinite_hint()}"
+                    )
                 ref_out = reference[0].to(q_out.device)
                 err = (q_out.float() - ref_out.float()).pow(2).sum() / ref_out.float().pow(2).sum().clamp_min(1e-30)
                 entry["out_rel_err"] = float(err)

@@ -62,8 +62,9 @@ def fp8_choice(qw: QuantizedWeight, act: dict[str, Any] | None, capability: Capa
     return choice
 
 
-def fp8_activation_codes(x: torch.Tensor, per_token: bool = True, static_scale: float | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor]:
+def fp8_activation_codes(
+    x: torch.Tensor, per_token: bool = True, static_scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """E4M3 codes and float32 scales of x [M, K], rounded exactly as quant.primitives'
     fp8 fake quant rounds them: fake(x) == codes * scale."""
     xf = x.float()
@@ -84,8 +85,15 @@ class FP8Linear(ScaledCodesLinear):
     one: torch.Tensor  # unit scale of the GEMM (the real scales are applied to its float32 output)
     bias: torch.Tensor | None
 
-    def __init__(self, qw: QuantizedWeight, act: dict[str, Any], bias: torch.Tensor | None = None,
-                 kernel: str = "auto", device: torch.device | str = "cpu", capability: Capability | None = None) -> None:
+    def __init__(
+        self,
+        qw: QuantizedWeight,
+        act: dict[str, Any],
+        bias: torch.Tensor | None = None,
+        kernel: str = "auto",
+        device: torch.device | str = "cpu",
+        capability: Capability | None = None,
+    ) -> None:
         super().__init__()
         why = fp8_problem(qw, act)
         if why is not None:

@@ -85,8 +85,11 @@ class PackReport:
         return lines
 
     def to_dict(self) -> dict[str, Any]:
-        return {"counts": self.counts(), "fallbacks": self.fallbacks(),
-                "modules": {n: asdict(c) for n, c in self.choices.items()}}
+        return {
+            "counts": self.counts(),
+            "fallbacks": self.fallbacks(),
+            "modules": {n: asdict(c) for n, c in self.choices.items()},
+        }
 
 
 def w8a8_choice(lin: Int8Linear | FP8Linear, device: torch.device | None = None) -> LinearChoice:
@@ -94,8 +97,14 @@ def w8a8_choice(lin: Int8Linear | FP8Linear, device: torch.device | None = None)
     return LinearChoice("w8a8", lin.kernel, lin.reason)
 
 
-def choose_linear(name: str, qw: QuantizedWeight, act: dict | None, device: torch.device,
-                  has_outliers: bool = False, capability: Capability | None = None) -> LinearChoice:
+def choose_linear(
+    name: str,
+    qw: QuantizedWeight,
+    act: dict | None,
+    device: torch.device,
+    has_outliers: bool = False,
+    capability: Capability | None = None,
+) -> LinearChoice:
     """What one quantized linear runs as on `device` (see the module doc), from the format, the
     shapes and the device's capability (default: detected), never from values, so a skeleton on
     meta gets the same choice."""
@@ -124,8 +133,15 @@ def choose_linear(name: str, qw: QuantizedWeight, act: dict | None, device: torc
     return LinearChoice("float", "float", reason)
 
 
-def make_linear(choice: LinearChoice, qw: QuantizedWeight, act: dict | None, bias: torch.Tensor | None,
-                device: torch.device | str, dtype: torch.dtype, dense: torch.Tensor | None = None) -> nn.Module:
+def make_linear(
+    choice: LinearChoice,
+    qw: QuantizedWeight,
+    act: dict | None,
+    bias: torch.Tensor | None,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    dense: torch.Tensor | None = None,
+) -> nn.Module:
     """The inference module `choice` names, built from `qw` (meta tensors build a skeleton);
     `dense`: the float weight of a "float" choice (None: left empty, to be filled later)."""
     device = torch.device(device)
@@ -151,7 +167,9 @@ def make_linear(choice: LinearChoice, qw: QuantizedWeight, act: dict | None, bia
     return lin_f
 
 
-def plan_packed(model: nn.Module, qdir: QuantizedDir, dtype: torch.dtype, device: torch.device) -> dict[str, LinearChoice]:
+def plan_packed(
+    model: nn.Module, qdir: QuantizedDir, dtype: torch.dtype, device: torch.device
+) -> dict[str, LinearChoice]:
     """Replace each quantized linear of a skeleton (on meta) by the inference module it will run
     as on `device`, still on meta; returns name -> choice."""
     modules = dict(model.named_modules())
@@ -171,8 +189,9 @@ def plan_packed(model: nn.Module, qdir: QuantizedDir, dtype: torch.dtype, device
     return choices
 
 
-def build_linear(qdir: QuantizedDir, name: str, device: torch.device, dtype: torch.dtype,
-                 choice: LinearChoice) -> tuple[nn.Module, LinearChoice]:
+def build_linear(
+    qdir: QuantizedDir, name: str, device: torch.device, dtype: torch.dtype, choice: LinearChoice
+) -> tuple[nn.Module, LinearChoice]:
     """The inference module of one stored linear, built from its codes on `device`."""
     from ..checkpoint import dense_weight
 
@@ -206,8 +225,14 @@ class PackedSource(WeightSource):
     reading any buffer of such a module builds the module from its codes on the compute device and
     returns that buffer on the host (the last built module is kept, as a module's buffers are read together)."""
 
-    def __init__(self, qdir: QuantizedDir, model: nn.Module, choices: dict[str, LinearChoice],
-                 dtype: torch.dtype, device: torch.device) -> None:
+    def __init__(
+        self,
+        qdir: QuantizedDir,
+        model: nn.Module,
+        choices: dict[str, LinearChoice],
+        dtype: torch.dtype,
+        device: torch.device,
+    ) -> None:
         self.packed = {n for n, c in choices.items() if c.kind != "float"}
         self.floats = FakeQuantSource(qdir, model, skip_owners=self.packed)
         self.qdir, self.choices, self.dtype, self.device = qdir, choices, dtype, device
@@ -233,7 +258,7 @@ class PackedSource(WeightSource):
             if owner is None:
                 rest.append(n)
             else:
-                out[n] = self._module_state(owner)[n[len(owner) + 1:]]
+                out[n] = self._module_state(owner)[n[len(owner) + 1 :]]
         out.update(self.floats.read(rest))
         return out
 
@@ -244,8 +269,9 @@ class PackedSource(WeightSource):
         return self.floats.read_rows(name, start, stop)
 
 
-def load_packed(path: Path, dtype: torch.dtype, device: str, verify: bool = True, head: str = "float"
-                ) -> tuple[nn.Module, Any, dict, PackReport]:
+def load_packed(
+    path: Path, dtype: torch.dtype, device: str, verify: bool = True, head: str = "float"
+) -> tuple[nn.Module, Any, dict, PackReport]:
     """(model, tokenizer, quantshift.json, report) of a quantized directory with packed linears,
     built module by module (a quantized linear's float weight never exists); `head`: "float"
     (the output projection as stored) or "int8" (see quantize_head)."""
@@ -264,8 +290,9 @@ def load_packed(path: Path, dtype: torch.dtype, device: str, verify: bool = True
     return model, qdir.tokenizer(), qdir.info, PackReport(choices)
 
 
-def packed_skeleton(qdir: QuantizedDir, dtype: torch.dtype, device: torch.device
-                    ) -> tuple[nn.Module, dict[str, LinearChoice]]:
+def packed_skeleton(
+    qdir: QuantizedDir, dtype: torch.dtype, device: torch.device
+) -> tuple[nn.Module, dict[str, LinearChoice]]:
     """The packed model of a quantized directory on meta, and each quantized linear's choice."""
     from ..models.lazy import empty_model
 
@@ -276,5 +303,7 @@ def packed_skeleton(qdir: QuantizedDir, dtype: torch.dtype, device: torch.device
 def attach_packed_quantizers(model: nn.Module, qdir: QuantizedDir, choices: dict[str, LinearChoice]) -> None:
     """The fake input quantizer stays on linears that run in float; Int8Linear quantizes its own inputs."""
     acts = qdir.acts
-    attach_input_quantizers(model, {n: a for n, a in acts.items() if choices.get(n, LinearChoice("", "")).kind != "w8a8"})
+    attach_input_quantizers(
+        model, {n: a for n, a in acts.items() if choices.get(n, LinearChoice("", "")).kind != "w8a8"}
+    )
     attach_output_quantizers(model, qdir.info.get("output_quantizers", {}))

@@ -67,8 +67,9 @@ def w8a8_problem(qw: QuantizedWeight, act: dict[str, Any]) -> str | None:
     return None
 
 
-def activation_codes(x: torch.Tensor, spec: QuantSpec, per_token: bool = True,
-                     static_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def activation_codes(
+    x: torch.Tensor, spec: QuantSpec, per_token: bool = True, static_scale: float | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Signed int8 codes and scales of x [M, K] exactly as quant.actquant's symmetric fake quant
     rounds them: fake(x) == scale * codes."""
     xf = x.float()
@@ -110,8 +111,10 @@ class ScaledCodesLinear(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def extra_repr(self) -> str:
-        return (f"in={self.in_features}, out={self.out_features}, W {self.spec.describe()}, "
-                f"A {self.act_spec.describe()}{' per-token' if self.per_token else ''}, kernel={self.kernel}")
+        return (
+            f"in={self.in_features}, out={self.out_features}, W {self.spec.describe()}, "
+            f"A {self.act_spec.describe()}{' per-token' if self.per_token else ''}, kernel={self.kernel}"
+        )
 
 
 class Int8Linear(ScaledCodesLinear):
@@ -122,8 +125,15 @@ class Int8Linear(ScaledCodesLinear):
     zero_corr: torch.Tensor | None  # [N] weight zero point - 2**(bits-1); None on symmetric grids
     bias: torch.Tensor | None
 
-    def __init__(self, qw: QuantizedWeight, act: dict[str, Any], bias: torch.Tensor | None = None,
-                 kernel: str = "auto", device: torch.device | str = "cpu", capability: Capability | None = None) -> None:
+    def __init__(
+        self,
+        qw: QuantizedWeight,
+        act: dict[str, Any],
+        bias: torch.Tensor | None = None,
+        kernel: str = "auto",
+        device: torch.device | str = "cpu",
+        capability: Capability | None = None,
+    ) -> None:
         super().__init__()
         why = w8a8_problem(qw, act)
         if why is not None:
@@ -151,8 +161,9 @@ class Int8Linear(ScaledCodesLinear):
         self.register_buffer("qweight", codes)
         scale = qw.scale.float().reshape(-1)
         zero = qw.zero.float().reshape(-1)
-        self.register_buffer("wscale", scale.expand(out_f).contiguous().to(device) if scale.numel() == 1
-                             else scale.to(device))
+        self.register_buffer(
+            "wscale", scale.expand(out_f).contiguous().to(device) if scale.numel() == 1 else scale.to(device)
+        )
         corr = (zero - off).expand(out_f).contiguous() if zero.numel() == 1 else zero - off
         # decided by the format, not the values, so a skeleton on meta has the same buffers (an
         # asymmetric grid whose zeros all equal the offset subtracts exact zeros)

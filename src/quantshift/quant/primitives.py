@@ -174,8 +174,9 @@ def fake_quantize_weight(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         return quantize_weight(w, spec).dequantize(w.dtype)
     out_f, in_f = w.shape
     g = _grouped(w.float(), spec.group_size)  # [out, ngroups, gs]; per-channel: one group per row
-    scale, zero = qparams_from_range(g.amin(dim=2, keepdim=True), g.amax(dim=2, keepdim=True), spec.bits,
-                                     spec.symmetric)
+    scale, zero = qparams_from_range(
+        g.amin(dim=2, keepdim=True), g.amax(dim=2, keepdim=True), spec.bits, spec.symmetric
+    )
     q = (torch.clamp(torch.round(g / scale) + zero, 0, spec.maxq) - zero) * scale
     return q.reshape(out_f, -1)[:, :in_f].to(w.dtype)
 
@@ -248,12 +249,12 @@ def pack_bits(codes: torch.Tensor, bits: int, rows_per_chunk: int | None = None)
     step = rows_per_chunk or max(1, (1 << 20) // max(1, n))
     pad = (-n) % per
     for r0 in range(0, rows, step):
-        c = codes[r0:r0 + step].to(torch.int64)
+        c = codes[r0 : r0 + step].to(torch.int64)
         if pad:
             c = torch.nn.functional.pad(c, (0, pad))
         words = (c.reshape(c.shape[0], -1, per) << shifts).sum(dim=-1)
         b = (words.unsqueeze(-1) >> byte_shifts) & 0xFF
-        out[r0:r0 + step] = b.reshape(c.shape[0], -1)[:, :width].to(torch.uint8)
+        out[r0 : r0 + step] = b.reshape(c.shape[0], -1)[:, :width].to(torch.uint8)
     return out
 
 
@@ -273,11 +274,11 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int, rows_per_chunk: int | N
     out = torch.empty(rows, n, dtype=torch.uint8, device=packed.device)
     step = rows_per_chunk or max(1, (1 << 20) // max(1, n))
     for r0 in range(0, rows, step):
-        b = packed[r0:r0 + step].to(torch.int64)
+        b = packed[r0 : r0 + step].to(torch.int64)
         b = torch.nn.functional.pad(b, (0, groups * nbytes - width))
         words = (b.reshape(b.shape[0], groups, nbytes) << byte_shifts).sum(dim=-1)
         c = (words.unsqueeze(-1) >> shifts) & (2**bits - 1)
-        out[r0:r0 + step] = c.reshape(b.shape[0], -1)[:, :n].to(torch.uint8)
+        out[r0 : r0 + step] = c.reshape(b.shape[0], -1)[:, :n].to(torch.uint8)
     return out
 
 
@@ -373,12 +374,13 @@ def reversed_gather_cm(H: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
     out = torch.empty(n, n, dtype=H.dtype, device=H.device)  # holds the transpose, row by row
     band = max(1, 2**24 // max(n, 1))
     for s in range(0, n, band):
-        out[s:s + band] = H.index_select(1, rev[s:s + band]).index_select(0, rev).t()
+        out[s : s + band] = H.index_select(1, rev[s : s + band]).index_select(0, rev).t()
     return out.mT
 
 
-def damped_inverse_cholesky(H: torch.Tensor, damp: float, cap: float = DAMP_CAP, step: float = DAMP_STEP,
-                            order: torch.Tensor | None = None) -> DampedFactor:
+def damped_inverse_cholesky(
+    H: torch.Tensor, damp: float, cap: float = DAMP_CAP, step: float = DAMP_STEP, order: torch.Tensor | None = None
+) -> DampedFactor:
     """Upper Cholesky factor of (P H P^T + d * mean(diag H) * I)^-1, P the permutation that visits
     channels in `order` (identity when None), for the first d of damp_schedule(damp, cap, step)
     that makes the damped H positive definite. Dead channels (zero diagonal: never active) get 1

@@ -43,8 +43,9 @@ def torchao_version() -> str | None:
     return getattr(torchao, "__version__", "unknown")
 
 
-def int4mm_unsupported_reason(qw: QuantizedWeight, device: torch.device, capability: Capability | None = None
-                              ) -> str | None:
+def int4mm_unsupported_reason(
+    qw: QuantizedWeight, device: torch.device, capability: Capability | None = None
+) -> str | None:
     """Why the int4mm kernels cannot run this weight on `device` (None = they can); the device's
     part of the answer comes from its capability (models.capability: sm80+ on CUDA)."""
     out_f, in_f = qw.codes.shape
@@ -74,8 +75,9 @@ def int4_cpu_shape_problem(out_f: int, device: torch.device) -> str | None:
 def int4_problem(qw: QuantizedWeight, device: torch.device, capability: Capability | None = None) -> str | None:
     """Why no int4mm kernel can run `qw` on `device` (None = one can)."""
     cap = capability or _cap.detect(device)
-    return (int4mm_unsupported_reason(qw, device, cap)
-            or int4_cpu_shape_problem(qw.codes.shape[0], torch.device(cap.kind)))
+    return int4mm_unsupported_reason(qw, device, cap) or int4_cpu_shape_problem(
+        qw.codes.shape[0], torch.device(cap.kind)
+    )
 
 
 def int4_choice(qw: QuantizedWeight, capability: Capability) -> Choice:
@@ -88,9 +90,15 @@ def int4_choice(qw: QuantizedWeight, capability: Capability) -> Choice:
 class PackedLinear(nn.Module):
     """y = x @ dequant(codes, scales, zeros)^T + bias, from packed codes."""
 
-    def __init__(self, qw: QuantizedWeight, bias: torch.Tensor | None = None, backend: Backend = "auto",
-                 device: torch.device | str = "cpu", compute_dtype: torch.dtype | None = None,
-                 capability: Capability | None = None) -> None:
+    def __init__(
+        self,
+        qw: QuantizedWeight,
+        bias: torch.Tensor | None = None,
+        backend: Backend = "auto",
+        device: torch.device | str = "cpu",
+        compute_dtype: torch.dtype | None = None,
+        capability: Capability | None = None,
+    ) -> None:
         super().__init__()
         device = torch.device(device)
         out_f, in_f = qw.codes.shape
@@ -174,8 +182,12 @@ class PackedLinear(nn.Module):
         return f"in={self.in_features}, out={self.out_features}, {self.spec.describe()}, backend={self.backend}"
 
 
-def pack_model(model: nn.Module, weights: dict[str, QuantizedWeight], backend: Backend = "auto",
-               compute_dtype: torch.dtype | None = None) -> dict[str, str]:
+def pack_model(
+    model: nn.Module,
+    weights: dict[str, QuantizedWeight],
+    backend: Backend = "auto",
+    compute_dtype: torch.dtype | None = None,
+) -> dict[str, str]:
     """Replace each named nn.Linear that has codes by a PackedLinear; returns name -> backend."""
     modules = dict(model.named_modules())
     chosen: dict[str, str] = {}

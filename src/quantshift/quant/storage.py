@@ -20,8 +20,9 @@ import torch.nn as nn
 from .primitives import QuantSpec, num_groups
 
 
-def quantized_linear_bytes(out_f: int, in_f: int, spec: QuantSpec, float_bytes: int = 2,
-                           measured_bits: float | None = None) -> int:
+def quantized_linear_bytes(
+    out_f: int, in_f: int, spec: QuantSpec, float_bytes: int = 2, measured_bits: float | None = None
+) -> int:
     """Stored bytes of one [out_f, in_f] weight in format `spec`; `measured_bits`: the total a
     method that stores more than codes, scales and zeros counted itself (SpQR's outliers)."""
     if measured_bits is not None:
@@ -47,8 +48,12 @@ def specs_from_modules(modules: Mapping[str, Any]) -> dict[str, QuantSpec]:
     return {n: m.weight_spec for n, m in modules.items() if m.weight_spec is not None}
 
 
-def packed_size(model: nn.Module, specs: Mapping[str, QuantSpec], float_bytes: int = 2,
-                measured_bits: Mapping[str, float | None] | None = None) -> dict[str, int]:
+def packed_size(
+    model: nn.Module,
+    specs: Mapping[str, QuantSpec],
+    float_bytes: int = 2,
+    measured_bits: Mapping[str, float | None] | None = None,
+) -> dict[str, int]:
     """{"packed_weight_bytes": all parameters packed, "quantized_linear_bytes": the quantized part}."""
     modules = dict(model.named_modules())
     measured = measured_bits or {}
@@ -67,8 +72,12 @@ def packed_size(model: nn.Module, specs: Mapping[str, QuantSpec], float_bytes: i
     return {"packed_weight_bytes": total, "quantized_linear_bytes": quant}
 
 
-def packed_bytes(model: nn.Module, specs: Mapping[str, QuantSpec], float_bytes: int = 2,
-                 measured_bits: Mapping[str, float | None] | None = None) -> int:
+def packed_bytes(
+    model: nn.Module,
+    specs: Mapping[str, QuantSpec],
+    float_bytes: int = 2,
+    measured_bits: Mapping[str, float | None] | None = None,
+) -> int:
     """Bytes a packed export of `model` stores when the linears named in `specs` have those
     formats (see the module docstring); e.g. a study's metric `packed_bytes`."""
     return packed_size(model, specs, float_bytes, measured_bits)["packed_weight_bytes"]

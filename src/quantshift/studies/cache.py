@@ -94,8 +94,9 @@ class Cache:
         except CorruptEntry as err:
             return self._corrupt(p, seen, str(err), kind, key, suffix, retry)
 
-    def _corrupt(self, p: Path, seen: os.stat_result | None, why: str, kind: str, key: str, suffix: str,
-                 retry: bool) -> dict | None:
+    def _corrupt(
+        self, p: Path, seen: os.stat_result | None, why: str, kind: str, key: str, suffix: str, retry: bool
+    ) -> dict | None:
         if entry_name(kind, key, suffix) in dict(self.quarantined):  # found before and left in place
             return None
         if seen is not None and not _same_file(p, seen):
@@ -135,8 +136,11 @@ class Cache:
         self.quarantined.append((str(rel), why))
         if self.warn:
             where = f"moved to {dest}" if dest else "left in place"
-            print(f"warning: cache entry {rel} is corrupt ({why}); {where}, it will be recomputed",
-                  file=sys.stderr, flush=True)
+            print(
+                f"warning: cache entry {rel} is corrupt ({why}); {where}, it will be recomputed",
+                file=sys.stderr,
+                flush=True,
+            )
         return dest
 
     def _move_aside(self, p: Path, rel: Path, why: str) -> Path:
@@ -204,11 +208,16 @@ def _same_file(p: Path, seen: os.stat_result) -> bool:
         now = p.stat()
     except FileNotFoundError:
         return False
-    return (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) == \
-        (seen.st_dev, seen.st_ino, seen.st_size, seen.st_mtime_ns)
+    return (now.st_dev, now.st_ino, now.st_size, now.st_mtime_ns) == (
+        seen.st_dev,
+        seen.st_ino,
+        seen.st_size,
+        seen.st_mtime_ns,
+    )
 
 
 # ---------------------------------------------------------------- checksums
+
 
 def checksum(name: str, data: Any) -> str:
     """sha256 of the entry's name and payload: a payload copied under another key fails too."""
@@ -271,16 +280,17 @@ def _parse(raw: bytes, name: str) -> Any:
         raise CorruptEntry(f"not a readable tensor file, truncated or garbled: {type(err).__name__}: {first}") from None
 
 
-
-
 # ---------------------------------------------------------------- verifying a study's cache
+
 
 def work_entries(work: Mapping[str, Any]) -> list[tuple[str, str, str]]:
     """(kind, key, suffix) of every entry a finished work leaves in the cache (windows excepted:
     their keys depend on the tokenizer, known only once a model is loaded)."""
     if work["kind"] == "diag":
         out = [("diag", s["key"], ".pt") for s in work["sets"]]
-        out += [("calib", s["calib_key"], suf) for s in work["sets"] if s["kind"] == "calib" for suf in (".pt", ".json")]
+        out += [
+            ("calib", s["calib_key"], suf) for s in work["sets"] if s["kind"] == "calib" for suf in (".pt", ".json")
+        ]
         return out
     out = [("results", u["key"], ".json") for u in work["units"]]
     if work["recipe"] is not None:

@@ -7,8 +7,9 @@ from .cache import Cache
 from .spec import CalibChoice, ModelAxis
 
 
-def obtain_calibset(loaded, model: ModelAxis, calib: CalibChoice, key: str, cache: Cache,
-                    data_dir: str | None = None) -> CalibSet:
+def obtain_calibset(
+    loaded, model: ModelAxis, calib: CalibChoice, key: str, cache: Cache, data_dir: str | None = None
+) -> CalibSet:
     """The calibration set from the cache, or built and stored (tokens mode or examples mode)."""
     with cache.claim("calib", key):  # works sharing a calibration set build it once
         got = cache.get_tensors("calib", key)

@@ -39,10 +39,22 @@ def diag_work(spec: StudySpec, model: ModelAxis, versions: dict) -> DiagWork | N
     sets += [{"kind": "task", "name": t} for t in task_names(spec)]
     ident = model_identity(model)
     for s in sets:
-        s["key"] = digest({"model": ident, "set": {k: v for k, v in s.items() if k != "key"}, "settings": settings,
-                           "versions": versions})
-    return {"kind": "diag", "key": digest({"diag": [s["key"] for s in sets]}), "label": f"{model.display}/diagnostics",
-            "model": model.model_dump(), "sets": sets, "settings": settings}
+        s["key"] = digest(
+            {
+                "model": ident,
+                "set": {k: v for k, v in s.items() if k != "key"},
+                "settings": settings,
+                "versions": versions,
+            }
+        )
+    return {
+        "kind": "diag",
+        "key": digest({"diag": [s["key"] for s in sets]}),
+        "label": f"{model.display}/diagnostics",
+        "model": model.model_dump(),
+        "sets": sets,
+        "settings": settings,
+    }
 
 
 def run_diag_work(work: DiagWork, cache: Cache, options: dict, progress: bool) -> list[str]:
@@ -67,7 +79,9 @@ def run_diag_work(work: DiagWork, cache: Cache, options: dict, progress: bool) -
     return done
 
 
-def set_tokens(loaded, model: ModelAxis, s: dict, settings: dict, cache: Cache, data_dir: str | None = None) -> torch.Tensor:
+def set_tokens(
+    loaded, model: ModelAxis, s: dict, settings: dict, cache: Cache, data_dir: str | None = None
+) -> torch.Tensor:
     from ..data.calibset import token_stream
     from ..evaluation.perplexity import windows_of
     from .spec import resolve_source
@@ -88,11 +102,17 @@ def set_stats(model: torch.nn.Module, ids: torch.Tensor) -> dict:
     out = model(input_ids=ids.to(device), output_hidden_states=True, use_cache=False)
     hs = torch.stack([h.float().reshape(-1, h.shape[-1]) for h in out.hidden_states[1:]]).cpu()  # [L, T, d]
     uniq, counts = ids.flatten().unique(return_counts=True)
-    return {"token_ids": uniq, "token_counts": counts, "hidden_mean": hs.mean(dim=1),
-            "range_min": hs.amin(dim=1), "range_max": hs.amax(dim=1)}
+    return {
+        "token_ids": uniq,
+        "token_counts": counts,
+        "hidden_mean": hs.mean(dim=1),
+        "range_min": hs.amin(dim=1),
+        "range_max": hs.amax(dim=1),
+    }
 
 
 # ---------------------------------------------------------------- pure pair metrics
+
 
 def token_js(a: dict, b: dict) -> float:
     ids = torch.cat([a["token_ids"], b["token_ids"]]).unique()
@@ -129,8 +149,11 @@ def range_cover(calib: dict, test: dict) -> float:
 def pair_metrics(calib: dict, test: dict) -> dict | None:
     if "unavailable" in calib or "unavailable" in test:
         return None
-    return {"token_js": round(token_js(calib, test), 6), "hidden_dist": round(hidden_dist(calib, test), 6),
-            "range_cover": round(range_cover(calib, test), 6)}
+    return {
+        "token_js": round(token_js(calib, test), 6),
+        "hidden_dist": round(hidden_dist(calib, test), 6),
+        "range_cover": round(range_cover(calib, test), 6),
+    }
 
 
 def all_pairs(work: DiagWork, cache_root: Path) -> dict[tuple[str, int, str], dict]:

@@ -39,8 +39,9 @@ from .work import execute_work
 OnDone = Callable[[WorkResult], None]
 
 
-def run_claimed(work: Work, cache_root: str, options: dict, progress: bool = True,
-                wait: bool | float = True) -> WorkResult | None:
+def run_claimed(
+    work: Work, cache_root: str, options: dict, progress: bool = True, wait: bool | float = True
+) -> WorkResult | None:
     """execute_work holding the work's lock; None (nothing run) if another process holds it and
     `wait` is False, or seconds that passed without it coming free."""
     with Cache(Path(cache_root)).claim("work", work["key"], wait) as mine:
@@ -52,8 +53,15 @@ def run_waiting(work: Work, cache_root: str, options: dict, progress: bool = Tru
     return run_claimed(work, cache_root, options, progress) or _failed(work, "could not take its lock")
 
 
-def run_local(works: list[Work], cache_root: str, options: dict, on_done: OnDone, progress: bool = True,
-              jobs: int = 1, threads: int | None = None) -> None:
+def run_local(
+    works: list[Work],
+    cache_root: str,
+    options: dict,
+    on_done: OnDone,
+    progress: bool = True,
+    jobs: int = 1,
+    threads: int | None = None,
+) -> None:
     if jobs <= 1:
         held: list[Work] = []
         for w in works:
@@ -79,8 +87,17 @@ def run_local(works: list[Work], cache_root: str, options: dict, on_done: OnDone
         shutil.rmtree(flight, ignore_errors=True)
 
 
-def _run_pool(works: list[Work], cache_root: str, options: dict, on_done: OnDone, jobs: int, threads: int,
-              flight: str, run: Callable | None = None, progress: bool = False) -> list[Work]:
+def _run_pool(
+    works: list[Work],
+    cache_root: str,
+    options: dict,
+    on_done: OnDone,
+    jobs: int,
+    threads: int,
+    flight: str,
+    run: Callable | None = None,
+    progress: bool = False,
+) -> list[Work]:
     """Run works in one process pool. A worker that dies (killed, out of memory) breaks the whole
     pool, which stops the other workers too: the works in flight at that moment are recorded as
     failed (their finished units stay cached), and the ones not yet started are returned to run in
@@ -99,8 +116,9 @@ def _run_pool(works: list[Work], cache_root: str, options: dict, on_done: OnDone
         for i in range(jobs):
             slots.put(i + 1)
         tqdm.set_lock(lock)  # one lock for every process writing to the terminal
-    pool = cf.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, initializer=_worker_init,
-                                  initargs=(threads, slots, lock))
+    pool = cf.ProcessPoolExecutor(
+        max_workers=jobs, mp_context=ctx, initializer=_worker_init, initargs=(threads, slots, lock)
+    )
     finished: set[str] = set()
     budget = host_budget(options)
     queue = list(works)
@@ -238,7 +256,9 @@ def cells_gpus(asked: float | None, study_device: str, cluster_gpus: float, node
     if asked > 1 and asked != int(asked):
         raise ConfigError(f"--gpus-per-cell {asked:g}: Ray takes fractions below 1 or whole numbers of GPUs")
     if asked > node_gpus:
-        raise ConfigError(f"--gpus-per-cell {asked:g}: no node of the Ray cluster has that many GPUs (most: {node_gpus:g})")
+        raise ConfigError(
+            f"--gpus-per-cell {asked:g}: no node of the Ray cluster has that many GPUs (most: {node_gpus:g})"
+        )
     if asked == 0 and study_device.startswith("cuda"):
         raise ConfigError(f"--gpus-per-cell 0 with device {study_device}: the cells would get no GPU")
     return float(asked)
@@ -265,10 +285,12 @@ class RayCluster:
     def describe(self) -> str:
         s = self.settings
         total = {k: sum(n.get(k, 0.0) for n in self.nodes) for k in ("CPU", "GPU")}
-        return (f"ray: {len(self.nodes)} nodes ({total['CPU']:g} CPUs, {total['GPU']:g} GPUs); each cell asks for "
-                f"{s.cpus_per_cell:g} CPUs, {self.gpus:g} GPUs and its model's memory; up to {s.max_retries} retries; "
-                f"a worker sees {self.probe.get('device')} ({self.probe.get('capability')}), dtype auto = "
-                f"{self.precision_auto}")
+        return (
+            f"ray: {len(self.nodes)} nodes ({total['CPU']:g} CPUs, {total['GPU']:g} GPUs); each cell asks for "
+            f"{s.cpus_per_cell:g} CPUs, {self.gpus:g} GPUs and its model's memory; up to {s.max_retries} retries; "
+            f"a worker sees {self.probe.get('device')} ({self.probe.get('capability')}), dtype auto = "
+            f"{self.precision_auto}"
+        )
 
     def close(self) -> None:
         if self.started_here:
@@ -284,25 +306,40 @@ def connect_ray(settings: RaySettings, study_device: str) -> RayCluster:
     ray = import_optional("ray", "pip install 'quantshift[ray]'", "the ray executor")
     started_here = not ray.is_initialized()
     if started_here:
-        kwargs = {"address": settings.address} if settings.address else {"num_cpus": settings.local_cpus,
-                                                                          "include_dashboard": False}
+        kwargs = (
+            {"address": settings.address}
+            if settings.address
+            else {"num_cpus": settings.local_cpus, "include_dashboard": False}
+        )
         ray.init(log_to_driver=False, **kwargs)
     try:
         nodes = [dict(n["Resources"]) for n in ray.nodes() if n.get("Alive")]
-        gpus = cells_gpus(settings.gpus_per_cell, study_device, sum(n.get("GPU", 0.0) for n in nodes),
-                          max((n.get("GPU", 0.0) for n in nodes), default=0.0))
+        gpus = cells_gpus(
+            settings.gpus_per_cell,
+            study_device,
+            sum(n.get("GPU", 0.0) for n in nodes),
+            max((n.get("GPU", 0.0) for n in nodes), default=0.0),
+        )
         if settings.cpus_per_cell > max((n.get("CPU", 0.0) for n in nodes), default=0.0):
-            raise ConfigError(f"--cpus-per-cell {settings.cpus_per_cell:g}: no node of the Ray cluster has that many CPUs")
-        task = ray.remote(probe).options(num_cpus=settings.cpus_per_cell, num_gpus=gpus, max_retries=settings.max_retries)
+            raise ConfigError(
+                f"--cpus-per-cell {settings.cpus_per_cell:g}: no node of the Ray cluster has that many CPUs"
+            )
+        task = ray.remote(probe).options(
+            num_cpus=settings.cpus_per_cell, num_gpus=gpus, max_retries=settings.max_retries
+        )
         ref = task.remote(study_device)
         try:
             seen = ray.get(ref, timeout=settings.probe_timeout)
         except ray.exceptions.GetTimeoutError:
             ray.cancel(ref, force=True)
-            raise ConfigError(f"no Ray worker could take a cell's resources ({settings.cpus_per_cell:g} CPUs, {gpus:g} "
-                              f"GPUs) within {settings.probe_timeout:g}s") from None
+            raise ConfigError(
+                f"no Ray worker could take a cell's resources ({settings.cpus_per_cell:g} CPUs, {gpus:g} "
+                f"GPUs) within {settings.probe_timeout:g}s"
+            ) from None
         except ray.exceptions.RayError as err:
-            raise ConfigError(f"probing a Ray worker failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}") from None
+            raise ConfigError(
+                f"probing a Ray worker failed: {type(err).__name__}: {str(err).splitlines()[0][:300]}"
+            ) from None
         if "error" in seen:
             raise ConfigError(f"a Ray worker ({seen['host']}) cannot compute this study: {seen['error']}")
         return RayCluster(ray, settings, started_here, gpus, nodes, seen)
@@ -343,8 +380,13 @@ def run_ray(works: list[Work], cache_root: str, options: dict, on_done: OnDone, 
     for w in works:
         memory = memory_request(w, counts)
         if memory and largest and memory > largest:
-            on_done(_failed(w, f"needs {memory / 2**30:.1f} GiB of memory (its model's weights), more than any node of "
-                               f"the Ray cluster offers (largest: {largest / 2**30:.1f} GiB)"))
+            on_done(
+                _failed(
+                    w,
+                    f"needs {memory / 2**30:.1f} GiB of memory (its model's weights), more than any node of "
+                    f"the Ray cluster offers (largest: {largest / 2**30:.1f} GiB)",
+                )
+            )
             continue
         pending[submit(w, memory)] = (w, memory)
     tries: dict[str, int] = {}
@@ -355,14 +397,20 @@ def run_ray(works: list[Work], cache_root: str, options: dict, on_done: OnDone, 
         try:
             result = ray.get(ref)
         except Exception as err:  # every retry failed (worker killed, node lost, out of memory)
-            result = _failed(w, f"ray task failed after {s.max_retries} retries: {type(err).__name__}: "
-                                f"{str(err).splitlines()[0][:300]}")
+            result = _failed(
+                w,
+                f"ray task failed after {s.max_retries} retries: {type(err).__name__}: "
+                f"{str(err).splitlines()[0][:300]}",
+            )
         if result.get("deferred"):
             tries[w["key"]] = tries.get(w["key"], 0) + 1
             if tries[w["key"]] < s.lock_tries:  # after the others already queued
                 pending[submit(w, memory)] = (w, memory)
                 continue
-            result = _failed(w, f"another process has held its lock in {cache_root}/locks for over "
-                                f"{s.lock_timeout * s.lock_tries:g}s (another run on this cache?)")
+            result = _failed(
+                w,
+                f"another process has held its lock in {cache_root}/locks for over "
+                f"{s.lock_timeout * s.lock_tries:g}s (another run on this cache?)",
+            )
             result.pop("deferred", None)
         on_done(result)

@@ -43,6 +43,7 @@ ALL_TASKS = "all tasks"
 
 # ---------------------------------------------------------------- sizes
 
+
 @cache
 def param_shapes(model_name: str) -> dict[str, tuple[int, ...]] | None:
     """Every parameter's shape (tied weights once), from the model's config on the meta device:
@@ -71,8 +72,10 @@ def cell_size(cell: dict) -> tuple[PackedSize | None, str]:
     recorded = cell.get("weight_formats")
     if recorded is None:
         return None, "quantized before formats were recorded (fresh cache needed)"
-    formats = {m: WeightFormat(f["bits"], f["group_size"], f["sym"], f.get("measured_bits"),
-                              f.get("dtype", "int")) for m, f in recorded.items()}
+    formats = {
+        m: WeightFormat(f["bits"], f["group_size"], f["sym"], f.get("measured_bits"), f.get("dtype", "int"))
+        for m, f in recorded.items()
+    }
     try:
         return packed_size_bytes(shapes, formats), ""
     except ValueError as err:
@@ -86,6 +89,7 @@ def packed_bytes(cell: dict) -> int | None:
 
 
 # ---------------------------------------------------------------- configurations and qualities
+
 
 @dataclass
 class Config:
@@ -114,8 +118,11 @@ class Config:
 
 
 def _window_bits(samples: list[dict]) -> dict[str, tuple[float, float]]:
-    return {s["id"]: (s["nll"] * s["tokens"] / math.log(2), float(s["bytes"])) for s in samples
-            if s.get("bytes") and s.get("tokens")}
+    return {
+        s["id"]: (s["nll"] * s["tokens"] / math.log(2), float(s["bytes"]))
+        for s in samples
+        if s.get("bytes") and s.get("tokens")
+    }
 
 
 def _item_scores(samples: list[dict]) -> dict[str, tuple[float, float]]:
@@ -131,14 +138,18 @@ def stratum(cells: list[dict], key: str) -> Stratum | None:
     ids = [i for i in rows[0] if all(i in r for r in rows[1:])]
     if not ids:
         return None
-    return Stratum(np.array([[r[i][0] for i in ids] for r in rows]), np.array([[r[i][1] for i in ids] for r in rows]),
-                   tuple(ids))
+    return Stratum(
+        np.array([[r[i][0] for i in ids] for r in rows]), np.array([[r[i][1] for i in ids] for r in rows]), tuple(ids)
+    )
 
 
 def task_categories(cells: list[dict], units: list) -> dict[str, str | None]:
     """Task unit key -> the category recorded with its results (None when none was)."""
-    return {u.key: next((c["metrics"][u.key].get("category") for c in cells if c["metrics"].get(u.key)), None)
-            for u in units if u.kind == "task"}
+    return {
+        u.key: next((c["metrics"][u.key].get("category") for c in cells if c["metrics"].get(u.key)), None)
+        for u in units
+        if u.kind == "task"
+    }
 
 
 def task_dimensions(cells: list[dict], units: list) -> dict[str, str]:
@@ -186,6 +197,7 @@ def configs_of(cells: list[dict], units: list) -> tuple[list[Config], dict[str, 
 
 # ---------------------------------------------------------------- formatting
 
+
 def _fmt_q(v: float, metric: str) -> str:
     if math.isnan(v):
         return "–"
@@ -215,8 +227,10 @@ def _unit(metric: str) -> str:
 
 # ---------------------------------------------------------------- the section
 
-def frontier_blocks(collected: dict, fig_dir: Path,
-                    configured: tuple[list[Config], dict[str, str]] | None = None) -> list[Block]:
+
+def frontier_blocks(
+    collected: dict, fig_dir: Path, configured: tuple[list[Config], dict[str, str]] | None = None
+) -> list[Block]:
     """The cross-model section of the report (empty when no cell has finished); `configured`:
     configs_of(cells, units) when the caller has it already."""
     cells, units = collected["cells"], collected["units"]
@@ -225,23 +239,34 @@ def frontier_blocks(collected: dict, fig_dir: Path,
         return []
     metrics = metric_names(dims, units)
     multi_calib = any(c.calib for c in configs)
-    b: list[Block] = [("h2", "Size, quality and evaluation dimensions (across models)"),
-                      ("p", "Different tokenizers cut the same text into different tokens, so token perplexity is not "
-                            "comparable across models and is never compared across models here (it appears only in the "
-                            "per-model tables above). Across models this section uses bits per byte (bpb = total NLL in "
-                            "nats / (ln 2 × UTF-8 bytes of exactly the scored text: each scored token owns the text from "
-                            "the end of the previous token to its own end)) and task accuracy. Packed size = bytes a "
-                            "packed export stores: quantized weights as codes + one fp16 scale per group (+ a zero point "
-                            "per group for asymmetric grids), every other parameter (embeddings, norms, unquantized "
-                            "layers) at 16 bits, tied weights once; fp16 = the unquantized model at 16 bits. "
-                            "MB = 10⁶ bytes. Intervals: 95% percentile bootstrap over held-out windows / task items "
-                            "and over calibration seeds where a configuration has several.")]
+    b: list[Block] = [
+        ("h2", "Size, quality and evaluation dimensions (across models)"),
+        (
+            "p",
+            "Different tokenizers cut the same text into different tokens, so token perplexity is not "
+            "comparable across models and is never compared across models here (it appears only in the "
+            "per-model tables above). Across models this section uses bits per byte (bpb = total NLL in "
+            "nats / (ln 2 × UTF-8 bytes of exactly the scored text: each scored token owns the text from "
+            "the end of the previous token to its own end)) and task accuracy. Packed size = bytes a "
+            "packed export stores: quantized weights as codes + one fp16 scale per group (+ a zero point "
+            "per group for asymmetric grids), every other parameter (embeddings, norms, unquantized "
+            "layers) at 16 bits, tied weights once; fp16 = the unquantized model at 16 bits. "
+            "MB = 10⁶ bytes. Intervals: 95% percentile bootstrap over held-out windows / task items "
+            "and over calibration seeds where a configuration has several.",
+        ),
+    ]
     if dims:
         used = defaultdict(list)
         for k, d in dims.items():
             used[d].append(k.split(":", 1)[1].split("@")[0])
-        b.append(("p", "Dimensions (evaluation.tasks.DIMENSIONS): " + "; ".join(
-            f"{d}: {', '.join(ts)}" for d, ts in sorted(used.items())) + f"; {LM}: bits per byte on the held-out sources."))
+        b.append(
+            (
+                "p",
+                "Dimensions (evaluation.tasks.DIMENSIONS): "
+                + "; ".join(f"{d}: {', '.join(ts)}" for d, ts in sorted(used.items()))
+                + f"; {LM}: bits per byte on the held-out sources.",
+            )
+        )
     b += _table_blocks(configs, metrics, units, multi_calib)
     b += _frontier_section(configs, metrics, fig_dir, multi_calib)
     b += _iso_memory_section(configs, metrics, multi_calib)
@@ -252,12 +277,19 @@ def frontier_blocks(collected: dict, fig_dir: Path,
 
 def _table_blocks(configs: list[Config], metrics: list[str], units: list, multi_calib: bool) -> list[Block]:
     sources = [u.key for u in units if u.kind == "ppl"]
-    headers = ["model", "configuration", "packed MB", "bits/param"] + [f"bpb {short_source(k[4:])}" for k in sources] \
+    headers = (
+        ["model", "configuration", "packed MB", "bits/param"]
+        + [f"bpb {short_source(k[4:])}" for k in sources]
         + [f"{m} ({'bpb' if m == LM else 'acc %'})" for m in metrics]
+    )
     rows = []
     for cfg in configs:
-        row = [cfg.display, cfg.label(False, multi_calib), _mb(cfg.size),
-               "–" if cfg.size is None else f"{cfg.size.bits_per_param:.2f}"]
+        row = [
+            cfg.display,
+            cfg.label(False, multi_calib),
+            _mb(cfg.size),
+            "–" if cfg.size is None else f"{cfg.size.bits_per_param:.2f}",
+        ]
         for k in sources:
             s = cfg.quality.get(LM, {}).get(k)
             row.append("–" if s is None else f"{s.num.sum() / s.den.sum():.3f}")
@@ -285,12 +317,26 @@ def _frontier_section(configs: list[Config], metrics: list[str], fig_dir: Path, 
         cs = _sized(configs, m)
         if not cs:
             continue
-        front = [cs[i] for i in pareto_front([c.size.total_bytes for c in cs], [estimate(c.quality[m]) for c in cs],  # type: ignore[union-attr]
-                                             higher_better(m))]
+        front = [
+            cs[i]
+            for i in pareto_front(
+                [c.size.total_bytes for c in cs],  # type: ignore[union-attr]  # _sized: every size known
+                [estimate(c.quality[m]) for c in cs],
+                higher_better(m),
+            )
+        ]
         fronts[m] = (cs, front)
-        b.append(("p", f"{m} ({_unit(m)}): the frontier (no other configuration is as small and better) is "
-                       + ", ".join(f"{c.label(True, multi_calib)} ({_mb(c.size)} MB, {_fmt_q(estimate(c.quality[m]), m)})"
-                                   for c in front) + "."))
+        b.append(
+            (
+                "p",
+                f"{m} ({_unit(m)}): the frontier (no other configuration is as small and better) is "
+                + ", ".join(
+                    f"{c.label(True, multi_calib)} ({_mb(c.size)} MB, {_fmt_q(estimate(c.quality[m]), m)})"
+                    for c in front
+                )
+                + ".",
+            )
+        )
     if not fronts:
         return b + [("p", "No configuration with both a packed size and a quality yet.")]
     if _fig_frontier(fronts, fig_dir / "frontier.png", multi_calib):
@@ -303,11 +349,16 @@ def _iso_memory_section(configs: list[Config], metrics: list[str], multi_calib: 
     params = {c.model: c.size.quantized_params + c.size.dense_params for c in configs if c.size is not None}
     if len(params) < 2:
         return b + [("p", "Needs two or more models with known sizes.")]
-    b.append(("p", "For each byte budget (each configuration's packed size) and pair of models: the best configuration "
-                   "of each model that fits in the budget (by point estimate), and the difference larger − smaller with "
-                   "its 95% bootstrap interval (bits per byte: windows of the two tokenizers are different text, "
-                   "resampled independently; accuracy: paired over the same task items). * = interval excludes 0. "
-                   "Budgets where neither pick changes are left out."))
+    b.append(
+        (
+            "p",
+            "For each byte budget (each configuration's packed size) and pair of models: the best configuration "
+            "of each model that fits in the budget (by point estimate), and the difference larger − smaller with "
+            "its 95% bootstrap interval (bits per byte: windows of the two tokenizers are different text, "
+            "resampled independently; accuracy: paired over the same task items). * = interval excludes 0. "
+            "Budgets where neither pick changes are left out.",
+        )
+    )
     rows = []
     for m in [x for x in metrics if x != "unassigned"]:
         cands = [Candidate(c.model, c.key, c.size.total_bytes, estimate(c.quality[m])) for c in _sized(configs, m)]  # type: ignore[union-attr]
@@ -315,13 +366,36 @@ def _iso_memory_section(configs: list[Config], metrics: list[str], multi_calib: 
         for r in iso_memory_pairs(cands, params, higher_better(m)):
             big, small = by_key[r["larger"].key], by_key[r["smaller"].key]
             cmp = compare(small.quality[m], big.quality[m], paired=m != LM)
-            rows.append([m, f"{r['budget'] / 1e6:.3g}", f"{big.label(True, multi_calib)} ({_mb(big.size)} MB)",
-                         _fmt_q(r["larger"].quality, m), f"{small.label(True, multi_calib)} ({_mb(small.size)} MB)",
-                         _fmt_q(r["smaller"].quality, m), _fmt_diff(cmp, m), _iso_verdict(cmp, m)])
+            rows.append(
+                [
+                    m,
+                    f"{r['budget'] / 1e6:.3g}",
+                    f"{big.label(True, multi_calib)} ({_mb(big.size)} MB)",
+                    _fmt_q(r["larger"].quality, m),
+                    f"{small.label(True, multi_calib)} ({_mb(small.size)} MB)",
+                    _fmt_q(r["smaller"].quality, m),
+                    _fmt_diff(cmp, m),
+                    _iso_verdict(cmp, m),
+                ]
+            )
     if not rows:
         return b + [("p", "No budget fits a configuration of two models.")]
-    b.append(("table", ["quality", "budget MB", "larger model", "value", "smaller model", "value",
-                        "Δ larger − smaller [95% CI]", "verdict"], rows))
+    b.append(
+        (
+            "table",
+            [
+                "quality",
+                "budget MB",
+                "larger model",
+                "value",
+                "smaller model",
+                "value",
+                "Δ larger − smaller [95% CI]",
+                "verdict",
+            ],
+            rows,
+        )
+    )
     answers = []
     for m in dict.fromkeys(row[0] for row in rows):
         by: dict[str, list[str]] = defaultdict(list)
@@ -357,14 +431,20 @@ def _drops_section(configs: list[Config], metrics: list[str], multi_calib: bool)
         rows.append(row)
     if not rows:
         return b + [("p", "Needs an fp reference and a quantized configuration of the same model.")]
-    b.append(("p", f"Δ = quantized − fp16: {LM} in bits per byte (positive = worse), dimensions in accuracy points "
-                   "(negative = worse; mean over the dimension's tasks); paired bootstrap over the same windows/items, "
-                   "seeds resampled; * = 95% interval excludes 0."))
+    b.append(
+        (
+            "p",
+            f"Δ = quantized − fp16: {LM} in bits per byte (positive = worse), dimensions in accuracy points "
+            "(negative = worse; mean over the dimension's tasks); paired bootstrap over the same windows/items, "
+            "seeds resampled; * = 95% interval excludes 0.",
+        )
+    )
     b.append(("table", ["configuration", "seeds"] + [f"Δ {m}" for m in dims], rows))
     return b
 
 
 # ---------------------------------------------------------------- perplexity as a proxy
+
 
 def proxy_points(configs: list[Config], dims: dict[str, str]) -> tuple[list[dict], list[str]]:
     """One point per quantized model (cell) with an fp of its model: the bits-per-byte increase
@@ -413,26 +493,39 @@ def _proxy_section(configs: list[Config], dims: dict[str, str], fig_dir: Path) -
         kind = "task" if t.startswith("task:") else "dimension"
         ci = "–" if math.isnan(r.ci[0]) else f"[{r.ci[0]:+.2f}, {r.ci[1]:+.2f}]"
         pv = "–" if math.isnan(r.p) else f"{r.p:.3g}"
-        rows.append([name, kind, str(r.n), "–" if math.isnan(r.rho) else f"{r.rho:+.2f}", ci, pv,
-                     "yes" if r.finding else "no"])
+        rows.append(
+            [name, kind, str(r.n), "–" if math.isnan(r.rho) else f"{r.rho:+.2f}", ci, pv, "yes" if r.finding else "no"]
+        )
         if r.finding:
             found.append(f"{name} ({kind}): ρ = {r.rho:+.2f} {ci}, permutation p = {pv}")
-    b.append(("p", "x: increase in bits per byte over the model's own fp16 (mean over held-out sources; tokenizer-"
-                   "independent, so models of different tokenizers share one axis); y: accuracy drop in points "
-                   "(fp16 − quantized). Spearman ρ over the quantized models (each calibration seed is one model), "
-                   "95% percentile bootstrap interval over models, and the permutation p of \"no association\" "
-                   "(exact up to 8 models); a finding only where the interval excludes 0 and p < 0.05 (with a "
-                   "handful of models and tied drops the bootstrap interval alone is too narrow)."))
+    b.append(
+        (
+            "p",
+            "x: increase in bits per byte over the model's own fp16 (mean over held-out sources; tokenizer-"
+            "independent, so models of different tokenizers share one axis); y: accuracy drop in points "
+            "(fp16 − quantized). Spearman ρ over the quantized models (each calibration seed is one model), "
+            '95% percentile bootstrap interval over models, and the permutation p of "no association" '
+            "(exact up to 8 models); a finding only where the interval excludes 0 and p < 0.05 (with a "
+            "handful of models and tied drops the bootstrap interval alone is too narrow).",
+        )
+    )
     b.append(("table", ["target", "kind", "models", "Spearman ρ", "95% CI", "permutation p", "finding"], rows))
-    b.append(("p", ("Findings: " + "; ".join(found) + ".") if found else
-                   "No finding: for no task or dimension do the interval and the permutation test both exclude "
-                   "no association (with few quantized models neither can)."))
+    b.append(
+        (
+            "p",
+            ("Findings: " + "; ".join(found) + ".")
+            if found
+            else "No finding: for no task or dimension do the interval and the permutation test both exclude "
+            "no association (with few quantized models neither can).",
+        )
+    )
     if _fig_proxy(pts, [t for t in targets if not t.startswith("task:")], res, fig_dir / "proxy.png"):
         b.append(("img", "figures/proxy.png", "accuracy drop against bits-per-byte increase per dimension"))
     return b
 
 
 # ---------------------------------------------------------------- figures
+
 
 def _fig_frontier(fronts: dict, path: Path, multi_calib: bool) -> bool:
     from .plotting import place_labels as _place
@@ -451,7 +544,10 @@ def _fig_frontier(fronts: dict, path: Path, multi_calib: bool) -> bool:
             xs = [c.size.total_bytes / 1e6 for c in mine]
             ys = [scale * estimate(c.quality[m]) for c in mine]
             cis = [interval(c.quality[m]) for c in mine]
-            err = [[max(0.0, y - scale * lo) for y, (lo, _) in zip(ys, cis)], [max(0.0, scale * hi - y) for y, (_, hi) in zip(ys, cis)]]
+            err = [
+                [max(0.0, y - scale * lo) for y, (lo, _) in zip(ys, cis)],
+                [max(0.0, scale * hi - y) for y, (_, hi) in zip(ys, cis)],
+            ]
             ax.errorbar(xs, ys, yerr=err, fmt="o", color=f"C{k}", capsize=2, ms=5, label=model)
             mine_labels += [(x, y, f"{c.label(False, multi_calib)}") for x, y, c in zip(xs, ys, mine)]
         fx = [c.size.total_bytes / 1e6 for c in front]
@@ -465,9 +561,13 @@ def _fig_frontier(fronts: dict, path: Path, multi_calib: bool) -> bool:
         labels.append((ax, mine_labels))
     # labelled last, once the axes have their final size: a label goes where it overlaps nothing
     missing = [lab for ax, pts in labels for lab in _place(ax, pts)]
-    _save(fig, path, "Points: configurations (model, method, bits); whiskers: 95% bootstrap intervals over windows/items "
-                     "and seeds. Ringed and dashed: the frontier (configurations no smaller configuration beats)."
-                     + (f" Not labelled (no room): {', '.join(dict.fromkeys(missing))}." if missing else ""))
+    _save(
+        fig,
+        path,
+        "Points: configurations (model, method, bits); whiskers: 95% bootstrap intervals over windows/items "
+        "and seeds. Ringed and dashed: the frontier (configurations no smaller configuration beats)."
+        + (f" Not labelled (no room): {', '.join(dict.fromkeys(missing))}." if missing else ""),
+    )
     return True
 
 

@@ -24,8 +24,13 @@ def code_versions() -> dict[str, str]:
 
     from ..version import __version__
 
-    return {"quantshift": __version__, "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__,
-            "schema": str(CACHE_SCHEMA), "lm_eval": getattr(lm_eval, "__version__", "?")}
+    return {
+        "quantshift": __version__,
+        "torch": torch.__version__.split("+")[0],
+        "transformers": transformers.__version__,
+        "schema": str(CACHE_SCHEMA),
+        "lm_eval": getattr(lm_eval, "__version__", "?"),
+    }
 
 
 def model_identity(model: ModelAxis) -> dict:
@@ -51,8 +56,12 @@ def calib_key(model: ModelAxis, calib: CalibChoice, versions: dict) -> str:
 def quant_key(cell: Cell, versions: dict) -> str:
     uses_calib = bool(cell.calib and cell.recipe and cell.recipe.needs_calibration)
     ck = calib_key(cell.model, cell.calib, versions) if uses_calib else None  # type: ignore[arg-type]
-    key = {"model": model_identity(cell.model), "recipe": cell.recipe.to_dict() if cell.recipe else None,
-           "calib": ck, "versions": versions}
+    key = {
+        "model": model_identity(cell.model),
+        "recipe": cell.recipe.to_dict() if cell.recipe else None,
+        "calib": ck,
+        "versions": versions,
+    }
     if uses_calib and cell.calib.propagate != "quantized":  # type: ignore[union-attr]
         key["propagate"] = cell.calib.propagate  # type: ignore[union-attr]
     return digest(key)
@@ -63,12 +72,24 @@ def unit_settings(spec: StudySpec, unit: EvalUnit) -> dict:
     if unit.kind == "ppl":
         from ..evaluation.scoring import PPL_SCORER
 
-        return {"kind": "ppl", "source": unit.name, "seqlen": ev.ppl_seqlen, "windows": ev.ppl_windows,
-                "scorer": PPL_SCORER}
+        return {
+            "kind": "ppl",
+            "source": unit.name,
+            "seqlen": ev.ppl_seqlen,
+            "windows": ev.ppl_windows,
+            "scorer": PPL_SCORER,
+        }
     from ..evaluation.harness import SCORER
     from ..evaluation.tasks import fixed_shots
 
-    settings = {"kind": "task", "task": unit.name, "shots": unit.shots, "limit": ev.limit, "seed": 1234, "scorer": SCORER}
+    settings = {
+        "kind": "task",
+        "task": unit.name,
+        "shots": unit.shots,
+        "limit": ev.limit,
+        "seed": 1234,
+        "scorer": SCORER,
+    }
     own = fixed_shots(unit.name, ev.suite)
     if own is not None:  # such results were once filed under the study's shots whatever they ran at
         settings["own_shots"] = own

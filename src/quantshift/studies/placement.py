@@ -31,7 +31,7 @@ class PlacementError(QuantshiftError):
 
 
 def planned_device_kind(versions: dict) -> str:
-    """"cuda" or "cpu": what a plan's cache keys say its works compute on (runner.plan_study)."""
+    """ "cuda" or "cpu": what a plan's cache keys say its works compute on (runner.plan_study)."""
     return "cuda" if versions.get("device") == "cuda" else "cpu"
 
 
@@ -54,9 +54,12 @@ def check_placement(work: Work, options: dict) -> None:
         raise PlacementError(f"planned on {planned}, but on {where}: {err}") from None
     kind = "cuda" if device.startswith("cuda") else "cpu"
     if kind != planned:
-        hint = ("this worker was given no GPU, or CUDA is not visible on its node: ask for GPUs per cell "
-                "(--gpus-per-cell) or plan for the CPU (device: cpu)" if planned == "cuda" else
-                "a GPU is visible to this worker: set device: cpu in the study, or plan for GPUs (--gpus-per-cell)")
+        hint = (
+            "this worker was given no GPU, or CUDA is not visible on its node: ask for GPUs per cell "
+            "(--gpus-per-cell) or plan for the CPU (device: cpu)"
+            if planned == "cuda"
+            else "a GPU is visible to this worker: set device: cpu in the study, or plan for GPUs (--gpus-per-cell)"
+        )
         raise PlacementError(f"planned on {planned}, but {where} computes on {device} ({hint})")
     if work["kind"] != "model":
         return
@@ -68,7 +71,8 @@ def check_placement(work: Work, options: dict) -> None:
             f"planned in {work['precision']}, but on {where} ({cap.label}) dtype {model.dtype} resolves to {got.name}"
             + (f" ({got.reason})" if got.reason else "")
             + "; its results would be filed under the wrong precision. Give the model an explicit dtype in the "
-            "study, or run the study on machines of one kind")
+            "study, or run the study on machines of one kind"
+        )
 
 
 def _bytes_per_param(precision: str | None) -> int:
@@ -132,5 +136,9 @@ def probe(device: str) -> dict:
         dev = resolve_device(device)
     except QuantshiftError as err:
         return {"host": socket.gethostname(), "error": str(err)}
-    return {"host": socket.gethostname(), "device": dev, "capability": capability.detect(dev).label,
-            "precision_auto": resolve_precision("auto", dev).name}
+    return {
+        "host": socket.gethostname(),
+        "device": dev,
+        "capability": capability.detect(dev).label,
+        "precision_auto": resolve_precision("auto", dev).name,
+    }

@@ -7,10 +7,22 @@ from pathlib import Path
 
 CAPTION_RECT = (0, 0.06, 1, 1)  # the figure area above the caption line
 # where a label may go around its point: (dx, dy) in points and the text's alignment there
-LABEL_SLOTS = [(3, 3, "left", "bottom"), (3, -3, "left", "top"), (-3, 3, "right", "bottom"), (-3, -3, "right", "top"),
-               (0, 6, "center", "bottom"), (0, -6, "center", "top"), (8, 0, "left", "center"), (-8, 0, "right", "center"),
-               (6, 12, "left", "bottom"), (6, -12, "left", "top"), (-6, 12, "right", "bottom"), (-6, -12, "right", "top"),
-               (0, 18, "center", "bottom"), (0, -18, "center", "top")]
+LABEL_SLOTS = [
+    (3, 3, "left", "bottom"),
+    (3, -3, "left", "top"),
+    (-3, 3, "right", "bottom"),
+    (-3, -3, "right", "top"),
+    (0, 6, "center", "bottom"),
+    (0, -6, "center", "top"),
+    (8, 0, "left", "center"),
+    (-8, 0, "right", "center"),
+    (6, 12, "left", "bottom"),
+    (6, -12, "left", "top"),
+    (-6, 12, "right", "bottom"),
+    (-6, -12, "right", "top"),
+    (0, 18, "center", "bottom"),
+    (0, -18, "center", "top"),
+]
 
 
 def pyplot():
@@ -49,7 +61,7 @@ def place_labels(ax, points: Sequence[tuple[float, float, str]], fontsize: float
         taken.append((lb.x0, lb.y0, lb.x1, lb.y1))
     missing = []
     for i, (x, y, label) in enumerate(points):
-        others = markers[:i] + markers[i + 1:]
+        others = markers[:i] + markers[i + 1 :]
         for dx, dy, ha, va in LABEL_SLOTS:
             t = ax.annotate(label, (x, y), xytext=(dx, dy), textcoords="offset points", fontsize=fontsize, ha=ha, va=va)
             t.set_in_layout(False)  # placed for this layout: a later tight_layout must not move the axes for it

@@ -30,6 +30,7 @@ ALPHA = 0.05
 
 # ---------------------------------------------------------------- small pure helpers
 
+
 def is_iid(calib_source: str, test_key: str) -> bool:
     """A calibration source is I.I.D. for a test set when both are the same source or task."""
     import fnmatch
@@ -87,6 +88,7 @@ def test_label(test_key: str) -> str:
 
 # ---------------------------------------------------------------- grouping
 
+
 def group_cells(cells: list[dict]) -> dict[tuple, dict[str, dict]]:
     """(model, method, wbits, seed) -> calibration source -> cell, for calibrated cells."""
     out: dict[tuple, dict[str, dict]] = defaultdict(dict)
@@ -98,7 +100,11 @@ def group_cells(cells: list[dict]) -> dict[tuple, dict[str, dict]]:
 
 def references(cells: list[dict], model: str, wbits: int) -> list[dict]:
     """fp and calibration-free cells of the same model (and bit width), shown as reference rows."""
-    return [c for c in cells if c["model"]["name"] == model and c["calib"] is None and (c["recipe"] is None or c["wbits"] == wbits)]
+    return [
+        c
+        for c in cells
+        if c["model"]["name"] == model and c["calib"] is None and (c["recipe"] is None or c["wbits"] == wbits)
+    ]
 
 
 def test_columns(units: list, shots: int | None) -> list[str]:
@@ -116,8 +122,7 @@ def matrix_table(group: dict[str, dict], refs: list[dict], cols: list[str]) -> t
     rows = []
     for ref in refs:
         name = ref["method"] if ref["recipe"] is None else f"{ref['method']} W{ref['wbits']}"
-        rows.append([f"*{name} (no calibration)*"]
-                    + [fmt_value(ref["metrics"].get(col), col) for col in cols])
+        rows.append([f"*{name} (no calibration)*"] + [fmt_value(ref["metrics"].get(col), col) for col in cols])
     for src, c in group.items():
         row = [short_source(src)]
         for col in cols:
@@ -131,6 +136,7 @@ def matrix_table(group: dict[str, dict], refs: list[dict], cols: list[str]) -> t
 
 
 # ---------------------------------------------------------------- several seeds: source vs seed
+
 
 def seed_groups(cells: list[dict]) -> dict[tuple, dict[str, dict[int, dict]]]:
     """(model, method, wbits) -> calibration source -> seed -> cell, for calibrated cells."""
@@ -176,12 +182,24 @@ def source_analysis(cells: list[dict], units: list, alpha: float = ALPHA) -> lis
             iid = next((names[s] for s in by_src if is_iid(s, col)), None)
             present = {s: v for s, v in y.items() if v}
             means = {s: _mean([math.log(x) for x in v]) if ppl else _mean(v) for s, v in present.items()}
-            out.append({"model": model, "method": method, "wbits": wbits, "test": col, "y": y, "names": names,
-                        "iid": iid, "decomposition": decompose(y, alpha, log=ppl), "pairs": pairwise(y, alpha, log=ppl),
-                        "best": (min if ppl else max)(means, key=lambda s: means[s]) if means else None,
-                        "clear_best": clear_best(y, ppl, alpha, log=ppl),
-                        "findings": source_findings(y, iid, ppl, alpha, log=ppl, test=test_label(col),
-                                                        unit="" if ppl else " pts")})
+            out.append(
+                {
+                    "model": model,
+                    "method": method,
+                    "wbits": wbits,
+                    "test": col,
+                    "y": y,
+                    "names": names,
+                    "iid": iid,
+                    "decomposition": decompose(y, alpha, log=ppl),
+                    "pairs": pairwise(y, alpha, log=ppl),
+                    "best": (min if ppl else max)(means, key=lambda s: means[s]) if means else None,
+                    "clear_best": clear_best(y, ppl, alpha, log=ppl),
+                    "findings": source_findings(
+                        y, iid, ppl, alpha, log=ppl, test=test_label(col), unit="" if ppl else " pts"
+                    ),
+                }
+            )
     return out
 
 
@@ -210,8 +228,9 @@ def fmt_seeds(vals: list[float], test_key: str) -> str:
     return f"{m:.{digits}f} ±{sd:.{digits}f}"
 
 
-def seed_matrix_table(by_src: dict[str, dict[int, dict]], refs: list[dict], cols: list[str],
-                      analyses: dict[str, dict]) -> tuple[list[str], list[list[str]], list[str]]:
+def seed_matrix_table(
+    by_src: dict[str, dict[int, dict]], refs: list[dict], cols: list[str], analyses: dict[str, dict]
+) -> tuple[list[str], list[list[str]], list[str]]:
     """Calibration x test table of mean ± SD over seeds; the best mean is bold only when the
     seed spread supports it (F test and Holm pairs), otherwise marked "(best, n.s.)". Also
     returns the notes the marks need."""
@@ -239,6 +258,7 @@ def seed_matrix_table(by_src: dict[str, dict[int, dict]], refs: list[dict], cols
 
 # ---------------------------------------------------------------- findings
 
+
 def iid_findings(cells: list[dict], units: list) -> list[dict]:
     rows = []
     for (model, method, wbits, seed), group in group_cells(cells).items():
@@ -253,12 +273,26 @@ def iid_findings(cells: list[dict], units: list) -> list[dict]:
                 continue
             order = sorted(vals, key=lambda s: -goodness(vals[s], col))
             other = next(s for s in order if s != iid)
-            boot = paired_test(sample_scores(group[iid]["samples"].get(col, []), col),
-                                    sample_scores(group[other]["samples"].get(col, []), col))
-            rows.append({"model": model, "method": method, "wbits": wbits, "seed": seed, "test": col,
-                         "iid": iid, "best": order[0], "iid_rank": order.index(iid) + 1, "n_calib": len(order),
-                         "vs": other, "delta": goodness(vals[iid], col) - goodness(vals[other], col),
-                         "p": boot[1] if boot else None})
+            boot = paired_test(
+                sample_scores(group[iid]["samples"].get(col, []), col),
+                sample_scores(group[other]["samples"].get(col, []), col),
+            )
+            rows.append(
+                {
+                    "model": model,
+                    "method": method,
+                    "wbits": wbits,
+                    "seed": seed,
+                    "test": col,
+                    "iid": iid,
+                    "best": order[0],
+                    "iid_rank": order.index(iid) + 1,
+                    "n_calib": len(order),
+                    "vs": other,
+                    "delta": goodness(vals[iid], col) - goodness(vals[other], col),
+                    "p": boot[1] if boot else None,
+                }
+            )
     return rows
 
 
@@ -271,19 +305,35 @@ def sensitivity(cells: list[dict], units: list) -> list[dict]:
         fp = next((c for c in cells if c["model"]["name"] == model and c["recipe"] is None), None)
         if fp is None:
             continue
-        bits = sorted({c["wbits"] for c in cells if c["recipe"] is not None and c["model"]["name"] == model}, reverse=True)
+        bits = sorted(
+            {c["wbits"] for c in cells if c["recipe"] is not None and c["model"]["name"] == model}, reverse=True
+        )
         for u in task_units:
             f = value(fp["metrics"].get(u.key), u.key)
             if f is None:
                 continue
             ci = fp["metrics"][u.key].get("acc_ci") if u.kind == "task" else None
-            row = {"model": model, "test": u.key, "shots": u.shots, "kind": u.kind, "fp": f,
-                   "fp_ci": tuple(ci) if ci and None not in ci else None,
-                   "category": (fp["metrics"][u.key].get("category") or "-") if u.kind == "task" else "text",
-                   "drops": {}, "range": {}, "n": {}}
+            row = {
+                "model": model,
+                "test": u.key,
+                "shots": u.shots,
+                "kind": u.kind,
+                "fp": f,
+                "fp_ci": tuple(ci) if ci and None not in ci else None,
+                "category": (fp["metrics"][u.key].get("category") or "-") if u.kind == "task" else "text",
+                "drops": {},
+                "range": {},
+                "n": {},
+            }
             for b in bits:
-                vs = [v for c in cells if c["model"]["name"] == model and c["recipe"] is not None and c["wbits"] == b
-                      and (v := value(c["metrics"].get(u.key), u.key)) is not None]
+                vs = [
+                    v
+                    for c in cells
+                    if c["model"]["name"] == model
+                    and c["recipe"] is not None
+                    and c["wbits"] == b
+                    and (v := value(c["metrics"].get(u.key), u.key)) is not None
+                ]
                 if vs:
                     drops = [(f - v) if u.kind == "task" else (v / f - 1) for v in vs]
                     mean = sum(vs) / len(vs)
@@ -309,8 +359,13 @@ def seed_stability(cells: list[dict], units: list) -> list[dict]:
             for i in range(len(ss)):
                 for j in range(i + 1, len(ss)):
                     a, b = seeds[ss[i]], seeds[ss[j]]
-                    srcs = [s for s in a if s in b and value(a[s]["metrics"].get(u.key), u.key) is not None
-                            and value(b[s]["metrics"].get(u.key), u.key) is not None]
+                    srcs = [
+                        s
+                        for s in a
+                        if s in b
+                        and value(a[s]["metrics"].get(u.key), u.key) is not None
+                        and value(b[s]["metrics"].get(u.key), u.key) is not None
+                    ]
                     if len(srcs) < 2:
                         continue
                     va = [goodness(v, u.key) for s in srcs if (v := value(a[s]["metrics"][u.key], u.key)) is not None]
@@ -320,8 +375,16 @@ def seed_stability(cells: list[dict], units: list) -> list[dict]:
                         taus.append(t)
                     same.append(srcs[va.index(max(va))] == srcs[vb.index(max(vb))])
             if taus or same:
-                out.append({"model": model, "method": method, "wbits": wbits, "test": u.key,
-                            "tau": sum(taus) / len(taus) if taus else None, "same_best": sum(same) / len(same) if same else None})
+                out.append(
+                    {
+                        "model": model,
+                        "method": method,
+                        "wbits": wbits,
+                        "test": u.key,
+                        "tau": sum(taus) / len(taus) if taus else None,
+                        "same_best": sum(same) / len(same) if same else None,
+                    }
+                )
     return out
 
 
@@ -342,8 +405,17 @@ def diag_rows(cells: list[dict], units: list, diagnostics: dict) -> list[dict]:
             if d is None or q is None or f is None:
                 continue
             drop = math.log(q / f) if u.kind == "ppl" else f - q
-            rows.append({"method": c["method"], "wbits": c["wbits"], "kind": u.kind, "test": u.key,
-                         "calib": c["calib"]["source"], "drop": drop, **d})
+            rows.append(
+                {
+                    "method": c["method"],
+                    "wbits": c["wbits"],
+                    "kind": u.kind,
+                    "test": u.key,
+                    "calib": c["calib"]["source"],
+                    "drop": drop,
+                    **d,
+                }
+            )
     return rows
 
 
@@ -353,7 +425,9 @@ def diag_correlations(rows: list[dict]) -> list[dict]:
         groups[(r["method"], r["wbits"], r["kind"])].append(r)
     out = []
     for (method, wbits, kind), rs in groups.items():
-        corr = {m: spearman([r[m] for r in rs], [r["drop"] for r in rs]) for m in ("token_js", "hidden_dist", "range_cover")}
+        corr = {
+            m: spearman([r[m] for r in rs], [r["drop"] for r in rs]) for m in ("token_js", "hidden_dist", "range_cover")
+        }
         # within each test set across calibration sources, then averaged: test difficulty cancels out
         within: dict[str, list[float]] = defaultdict(list)
         for t in dict.fromkeys(r["test"] for r in rs):
@@ -362,12 +436,22 @@ def diag_correlations(rows: list[dict]) -> list[dict]:
                 s = spearman([r[m] for r in sub], [r["drop"] for r in sub])
                 if s is not None:
                     within[m].append(s)
-        out.append({"method": method, "wbits": wbits, "kind": kind, "n": len(rs), "pooled": corr,
-                    "within": {m: (sum(v) / len(v) if v else None) for m, v in within.items()} | {m: None for m in corr if m not in within}})
+        out.append(
+            {
+                "method": method,
+                "wbits": wbits,
+                "kind": kind,
+                "n": len(rs),
+                "pooled": corr,
+                "within": {m: (sum(v) / len(v) if v else None) for m, v in within.items()}
+                | {m: None for m in corr if m not in within},
+            }
+        )
     return out
 
 
 # ---------------------------------------------------------------- figures
+
 
 def _fig_sensitivity(sens: list[dict], path: Path) -> bool:
     """Bars per test set: fp (with its 95% CI for tasks) and each bit width's mean over its cells,
@@ -376,7 +460,9 @@ def _fig_sensitivity(sens: list[dict], path: Path) -> bool:
     if not sens:
         return False
     shots = sorted({r["shots"] for r in sens})
-    fig, axes = plt.subplots(len(shots), 1, figsize=(max(6, 0.9 * len(sens) / len(shots) + 3), 3.4 * len(shots) + 0.4), squeeze=False)
+    fig, axes = plt.subplots(
+        len(shots), 1, figsize=(max(6, 0.9 * len(sens) / len(shots) + 3), 3.4 * len(shots) + 0.4), squeeze=False
+    )
     for ax, s in zip(axes[:, 0], shots):
         rs = sorted([r for r in sens if r["shots"] == s], key=lambda r: (r["category"], r["test"]))
         bits = sorted({b for r in rs for b in r["drops"]}, reverse=True)
@@ -387,16 +473,29 @@ def _fig_sensitivity(sens: list[dict], path: Path) -> bool:
             ax.text(0.5, 0.5, "no quantized result yet", ha="center", va="center", transform=ax.transAxes, fontsize=8)
         width = 0.8 / max(1, len(series))
         for k, (label, vals, err) in enumerate(series):
-            ax.bar([x - 0.4 + width * (k + 0.5) for x in range(len(rs))], vals, width, yerr=err, capsize=2,
-                   error_kw={"elinewidth": 0.8}, label=label)
+            ax.bar(
+                [x - 0.4 + width * (k + 0.5) for x in range(len(rs))],
+                vals,
+                width,
+                yerr=err,
+                capsize=2,
+                error_kw={"elinewidth": 0.8},
+                label=label,
+            )
         ax.set_xticks(list(range(len(rs))))
-        ax.set_xticklabels([f"{test_label(r['test'])}\n[{r['category']}]" for r in rs], fontsize=7, rotation=30, ha="right")
+        ax.set_xticklabels(
+            [f"{test_label(r['test'])}\n[{r['category']}]" for r in rs], fontsize=7, rotation=30, ha="right"
+        )
         ax.set_ylabel("accuracy %" if kind == "task" else "ppl increase vs fp %")
         ax.set_title(f"{s}-shot" if kind == "task" else "perplexity", fontsize=9)
         ax.legend(fontsize=7)
     fp_note = "; fp whiskers: 95% CI" if any(r["kind"] == "task" for r in sens) else ""
-    _save(fig, path, "Bars: mean over methods, calibration sets and seeds of each bit width; whiskers: min to max of those "
-                     f"cells (the spread, not a CI){fp_note}. No significance test is made on these bars.")
+    _save(
+        fig,
+        path,
+        "Bars: mean over methods, calibration sets and seeds of each bit width; whiskers: min to max of those "
+        f"cells (the spread, not a CI){fp_note}. No significance test is made on these bars.",
+    )
     return True
 
 
@@ -417,8 +516,11 @@ def _bit_bars(rs: list[dict], b: int, kind: str) -> tuple[list[float], list[list
             hi.append(0.0)
             continue
         d, (dmin, dmax) = r["drops"][b], r["range"][b]
-        v, vmin, vmax = (100 * (r["fp"] - d), 100 * (r["fp"] - dmax), 100 * (r["fp"] - dmin)) if kind == "task" \
+        v, vmin, vmax = (
+            (100 * (r["fp"] - d), 100 * (r["fp"] - dmax), 100 * (r["fp"] - dmin))
+            if kind == "task"
             else (100 * d, 100 * dmin, 100 * dmax)
+        )
         vals.append(v)
         lo.append(max(0.0, v - vmin))
         hi.append(max(0.0, vmax - v))
@@ -442,7 +544,10 @@ def _heat_panel(a_by_col: dict[str, dict], srcs: list[str], cols: list[str], mul
             means = {x: _mean([math.log(v) for v in vs]) if ppl else _mean(vs) for x, vs in a["y"].items() if vs}
             m, best = means[s], means[a["best"]]
             grow.append(100 * (math.exp(m - best) - 1) if ppl else best - m)
-            trow.append(fmt_seeds(vals, col).replace(" ±", "\n±").replace(" (n=1)", "") + (IID_MARK if is_iid_name(a, s, col) else ""))
+            trow.append(
+                fmt_seeds(vals, col).replace(" ±", "\n±").replace(" (n=1)", "")
+                + (IID_MARK if is_iid_name(a, s, col) else "")
+            )
             hrow.append(multi and tied_with_best(a, s))
         grid.append(grow)
         text.append(trow)
@@ -471,8 +576,12 @@ def _fig_heatmaps(analyses: list[dict], path: Path, multi: bool) -> bool:
     kinds = [k for k in ("ppl", "task") if any(t.startswith(k + ":") for g in groups.values() for t in g)]
     n_src = max(len(a["y"]) for a in analyses)
     n_col = max(sum(t.startswith(k + ":") for t in g) for g in groups.values() for k in kinds)
-    fig, axes = plt.subplots(len(kinds), len(groups), squeeze=False,
-                             figsize=(len(groups) * (1.1 * n_col + 2.8), len(kinds) * (0.55 * n_src + 2.2) + 0.5))
+    fig, axes = plt.subplots(
+        len(kinds),
+        len(groups),
+        squeeze=False,
+        figsize=(len(groups) * (1.1 * n_col + 2.8), len(kinds) * (0.55 * n_src + 2.2) + 0.5),
+    )
     panels = {}
     for j, ((model, method, wbits), by_col) in enumerate(groups.items()):
         srcs = list(next(iter(by_col.values()))["y"])
@@ -483,13 +592,17 @@ def _fig_heatmaps(analyses: list[dict], path: Path, multi: bool) -> bool:
             else:
                 axes[i][j].axis("off")
     # one colour scale per kind across methods: a small n.s. spread does not look like a large effect
-    top = {i: max([v for (pi, _), pn in panels.items() if pi == i for r in pn[6] for v in r if not math.isnan(v)] + [1e-9])
-           for i in range(len(kinds))}
+    top = {
+        i: max([v for (pi, _), pn in panels.items() if pi == i for r in pn[6] for v in r if not math.isnan(v)] + [1e-9])
+        for i in range(len(kinds))
+    }
     for (i, j), (model, method, wbits, by_col, srcs, cols, grid, text, hatch) in panels.items():
         ax, kind = axes[i][j], kinds[i]
         im = ax.imshow(grid, cmap="YlOrRd", aspect="auto", vmin=0, vmax=top[i])
         bar = fig.colorbar(im, ax=ax, fraction=0.05, pad=0.03)
-        bar.set_label("% ppl above the column's best" if kind == "ppl" else "accuracy points below the column's best", fontsize=7)
+        bar.set_label(
+            "% ppl above the column's best" if kind == "ppl" else "accuracy points below the column's best", fontsize=7
+        )
         bar.ax.tick_params(labelsize=6)
         for r, row in enumerate(text):
             for c, t in enumerate(row):
@@ -498,14 +611,19 @@ def _fig_heatmaps(analyses: list[dict], path: Path, multi: bool) -> bool:
                 if hatch[r][c]:
                     ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, hatch="///", edgecolor="grey", lw=0))
         ax.set_xticks(range(len(cols)))
-        ax.set_xticklabels([test_label(c) + _col_tag(by_col[c], multi) for c in cols], rotation=45, ha="right", fontsize=7)
+        ax.set_xticklabels(
+            [test_label(c) + _col_tag(by_col[c], multi) for c in cols], rotation=45, ha="right", fontsize=7
+        )
         ax.set_yticks(range(len(srcs)))
         ax.set_yticklabels(srcs, fontsize=7)
         seeds = "mean over seeds" if multi else "single seed: not tested against seed noise"
         ax.set_title(f"{Path(model).name} · {method} W{wbits} ({seeds})", fontsize=8)
-    caption = (f"{IID_MARK} = I.I.D. Hatched: not significantly different from the column's best (F test of the source "
-               "effect or Holm pairwise test n.s.): colour differences there are within the seed spread."
-               if multi else f"{IID_MARK} = I.I.D. One calibration seed: colour differences are not tested against seed noise.")
+    caption = (
+        f"{IID_MARK} = I.I.D. Hatched: not significantly different from the column's best (F test of the source "
+        "effect or Holm pairwise test n.s.): colour differences there are within the seed spread."
+        if multi
+        else f"{IID_MARK} = I.I.D. One calibration seed: colour differences are not tested against seed noise."
+    )
     _save(fig, path, caption)
     return True
 
@@ -531,23 +649,47 @@ def _fig_source_seed(analyses: list[dict], path: Path) -> bool:
         rs = [a for a in rows if a["test"].startswith(kind + ":")]
         for i, a in enumerate(rs):
             d = a["decomposition"]
-            for off, (sd, ci, colour, label) in zip((-0.15, 0.15), ((d.source_sd, d.source_sd_ci, "C0", "source SD"),
-                                                                     (d.seed_sd, d.seed_sd_ci, "C1", "seed SD"))):
+            for off, (sd, ci, colour, label) in zip(
+                (-0.15, 0.15),
+                ((d.source_sd, d.source_sd_ci, "C0", "source SD"), (d.seed_sd, d.seed_sd_ci, "C1", "seed SD")),
+            ):
                 x, lo, hi = (_sd_unit(v, d.log) for v in (sd, *ci))
-                ax.errorbar([x], [i + off], xerr=[[x - lo], [hi - x]], fmt="o", color=colour, capsize=2, ms=4,
-                            mfc=colour if d.significant else "white", label=label if i == 0 else None)
+                ax.errorbar(
+                    [x],
+                    [i + off],
+                    xerr=[[x - lo], [hi - x]],
+                    fmt="o",
+                    color=colour,
+                    capsize=2,
+                    ms=4,
+                    mfc=colour if d.significant else "white",
+                    label=label if i == 0 else None,
+                )
         ax.set_yticks(range(len(rs)))
-        ax.set_yticklabels([(f"{Path(a['model']).name} · " if models > 1 else "") + f"{a['method']} W{a['wbits']} · "
-                            f"{test_label(a['test'])}" + ("" if a["decomposition"].significant else " (n.s.)") for a in rs], fontsize=7)
+        ax.set_yticklabels(
+            [
+                (f"{Path(a['model']).name} · " if models > 1 else "") + f"{a['method']} W{a['wbits']} · "
+                f"{test_label(a['test'])}" + ("" if a["decomposition"].significant else " (n.s.)")
+                for a in rs
+            ],
+            fontsize=7,
+        )
         ax.invert_yaxis()
         # a seed SD of 0.1% beside a source SD of 3,600%: on a linear axis the former is a dot at 0;
         # symlog is logarithmic above 0.1 and still shows SDs and CI ends of 0
         ax.set_xscale("symlog", linthresh=0.1)
-        ax.set_xlabel(("SD, % of perplexity (from log ppl)" if kind == "ppl" else "SD, accuracy points")
-                      + ", log scale above 0.1", fontsize=8)
+        ax.set_xlabel(
+            ("SD, % of perplexity (from log ppl)" if kind == "ppl" else "SD, accuracy points")
+            + ", log scale above 0.1",
+            fontsize=8,
+        )
         ax.legend(fontsize=7)
-    _save(fig, path, "Points: estimated SDs; whiskers: 95% CIs. Hollow source SD and (n.s.): the source effect is not "
-                     "significant against the seed spread (F test, p >= 0.05). Columns with no replication are not drawn.")
+    _save(
+        fig,
+        path,
+        "Points: estimated SDs; whiskers: 95% CIs. Hollow source SD and (n.s.): the source effect is not "
+        "significant against the seed spread (F test, p >= 0.05). Columns with no replication are not drawn.",
+    )
     return True
 
 
@@ -557,6 +699,7 @@ def _sd_unit(sd: float, log: bool) -> float:
 
 
 # ---------------------------------------------------------------- the document
+
 
 def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
     spec = collected["spec"]
@@ -568,31 +711,61 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
     if spec.paper:
         b.append(("p", f"Protocol: {spec.paper}"))
     tasks = sorted({u.name for u in units if u.kind == "task"})
-    b.append(("table", ["setting", "value"], [
-        ["models", ", ".join(m.name for m in spec.models)],
-        ["calibration", f"{', '.join(map(short_source, cal.sources))}; {cal.n} x {cal.seqlen} "
-                        + ("tokens (token budget: same tokens per source)" if cal.mode == "tokens"
-                           else f"examples ({cal.order} {cal.n} per source, each cut to {cal.seqlen} tokens, packed)")
-                        + f"; seeds {', '.join(map(str, cal.seeds))}"],
-        ["perplexity", f"{', '.join(map(short_source, ev.ppl)) or '-'}: held-out text, {ev.ppl_windows} windows x {ev.ppl_seqlen} tokens per source"],
-        ["tasks", f"{', '.join(tasks) or '-'} (suite {ev.suite or '-'}); shots {', '.join(map(str, ev.shots))}"
-                  + (f" (with the tasks' own counts: {', '.join(map(str, unit_shots(units)))})"
-                     if unit_shots(units) != sorted(ev.shots) and unit_shots(units) else "") + "; "
-                  f"limit {ev.limit if ev.limit is not None else 'all'} items per task; chat template {ev.chat_template}"],
-        ["cells", f"{len(cells)} ({sum(c['status'] == 'done' for c in cells)} done, "
-                  f"{sum(c['status'] == 'failed' for c in cells)} failed, {sum(c['status'] == 'pending' for c in cells)} pending)"],
-        ["precision", _precisions(spec, collected["versions"])],
-        ["versions", ", ".join(f"{k} {v}" for k, v in sorted(collected["versions"].items()))],
-    ]))
+    b.append(
+        (
+            "table",
+            ["setting", "value"],
+            [
+                ["models", ", ".join(m.name for m in spec.models)],
+                [
+                    "calibration",
+                    f"{', '.join(map(short_source, cal.sources))}; {cal.n} x {cal.seqlen} "
+                    + (
+                        "tokens (token budget: same tokens per source)"
+                        if cal.mode == "tokens"
+                        else f"examples ({cal.order} {cal.n} per source, each cut to {cal.seqlen} tokens, packed)"
+                    )
+                    + f"; seeds {', '.join(map(str, cal.seeds))}",
+                ],
+                [
+                    "perplexity",
+                    f"{', '.join(map(short_source, ev.ppl)) or '-'}: held-out text, {ev.ppl_windows} windows x {ev.ppl_seqlen} tokens per source",
+                ],
+                [
+                    "tasks",
+                    f"{', '.join(tasks) or '-'} (suite {ev.suite or '-'}); shots {', '.join(map(str, ev.shots))}"
+                    + (
+                        f" (with the tasks' own counts: {', '.join(map(str, unit_shots(units)))})"
+                        if unit_shots(units) != sorted(ev.shots) and unit_shots(units)
+                        else ""
+                    )
+                    + "; "
+                    f"limit {ev.limit if ev.limit is not None else 'all'} items per task; chat template {ev.chat_template}",
+                ],
+                [
+                    "cells",
+                    f"{len(cells)} ({sum(c['status'] == 'done' for c in cells)} done, "
+                    f"{sum(c['status'] == 'failed' for c in cells)} failed, {sum(c['status'] == 'pending' for c in cells)} pending)",
+                ],
+                ["precision", _precisions(spec, collected["versions"])],
+                ["versions", ", ".join(f"{k} {v}" for k, v in sorted(collected["versions"].items()))],
+            ],
+        )
+    )
     multi = multi_seed(collected)
     analyses = source_analysis(cells, units)
     if multi:
         b += _seed_matrices(cells, units, unit_shots(units), analyses, cal.seeds)
     else:
-        b.append(("p", f"Tables: rows are calibration sets, columns test sets; {IID_MARK} = I.I.D. (calibration and test "
-                       "from the same source/task); **bold** = best calibration for that test set (single seed: not tested "
-                       "against seed noise); perplexity lower is better, accuracy (%) higher is better, ± = half width of "
-                       "the 95% CI."))
+        b.append(
+            (
+                "p",
+                f"Tables: rows are calibration sets, columns test sets; {IID_MARK} = I.I.D. (calibration and test "
+                "from the same source/task); **bold** = best calibration for that test set (single seed: not tested "
+                "against seed noise); perplexity lower is better, accuracy (%) higher is better, ± = half width of "
+                "the 95% CI.",
+            )
+        )
         b.append(("h2", "Calibration x test matrices"))
         for (model, method, wbits, seed), group in group_cells(cells).items():
             refs = references(cells, model, wbits)
@@ -610,9 +783,17 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
         for model in models:  # one table per model: token perplexities of two tokenizers never side by side
             if len(models) > 1:
                 b.append(("h3", Path(model).name))
-            b.append(("table", ["cell"] + [test_label(c) for c in cols],
-                      [[c["label"]] + [fmt_value(c["metrics"].get(col), col) for col in cols]
-                       for c in cells if c["model"]["name"] == model]))
+            b.append(
+                (
+                    "table",
+                    ["cell"] + [test_label(c) for c in cols],
+                    [
+                        [c["label"]] + [fmt_value(c["metrics"].get(col), col) for col in cols]
+                        for c in cells
+                        if c["model"]["name"] == model
+                    ],
+                )
+            )
 
     b.append(("h2", "Findings (computed)"))
     if multi:
@@ -625,42 +806,88 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
         kind = sens[0]["kind"]
         unit = "accuracy points lost vs fp" if kind == "task" else "relative ppl increase vs fp"
         b.append(("h3", f"Sensitivity ({unit}, mean over methods, calibration sets and seeds)"))
-        b.append(("p", "Each W column: the mean drop and, in brackets, the min…max over the cells behind it "
-                       "(methods x calibration sets x seeds); a spread, not a significance test."))
+        b.append(
+            (
+                "p",
+                "Each W column: the mean drop and, in brackets, the min…max over the cells behind it "
+                "(methods x calibration sets x seeds); a spread, not a significance test.",
+            )
+        )
         sens_models = list(dict.fromkeys(r["model"] for r in sens))
         for model in sens_models:  # one table per model: fp values of two tokenizers never side by side
             if len(sens_models) > 1:
                 b.append(("p", f"{Path(model).name}:"))
-            b.append(("table", ["test", "category", "fp"] + [f"W{x}" for x in bits],
-                      [[test_label(r["test"]), r["category"], _fmt_abs(r["fp"], kind)]
-                       + [_fmt_drop_range(r, x, kind) for x in bits] for r in sens if r["model"] == model]))
+            b.append(
+                (
+                    "table",
+                    ["test", "category", "fp"] + [f"W{x}" for x in bits],
+                    [
+                        [test_label(r["test"]), r["category"], _fmt_abs(r["fp"], kind)]
+                        + [_fmt_drop_range(r, x, kind) for x in bits]
+                        for r in sens
+                        if r["model"] == model
+                    ],
+                )
+            )
         ranked = sorted(sens, key=lambda r: -_mean(list(r["drops"].values())))
         if len(ranked) > 1:
             k = max(1, min(3, len(ranked) // 2))
-            b.append(("p", f"Most sensitive: {', '.join(test_label(r['test']) for r in ranked[:k])}; least sensitive: "
-                           f"{', '.join(test_label(r['test']) for r in ranked[-k:][::-1])} (mean over bit widths)."))
+            b.append(
+                (
+                    "p",
+                    f"Most sensitive: {', '.join(test_label(r['test']) for r in ranked[:k])}; least sensitive: "
+                    f"{', '.join(test_label(r['test']) for r in ranked[-k:][::-1])} (mean over bit widths).",
+                )
+            )
         cats: dict[str, list[float]] = defaultdict(list)
         for r in sens:
             cats[r["category"]].append(_mean(list(r["drops"].values())))
         if len(cats) > 1:
             order = sorted(cats, key=lambda k: -_mean(cats[k]))
-            b.append(("p", "By category (most to least sensitive): " + ", ".join(f"{k} ({_fmt_drop(_mean(cats[k]), kind)})" for k in order) + "."))
+            b.append(
+                (
+                    "p",
+                    "By category (most to least sensitive): "
+                    + ", ".join(f"{k} ({_fmt_drop(_mean(cats[k]), kind)})" for k in order)
+                    + ".",
+                )
+            )
         if _fig_sensitivity(sens, fig_dir / "sensitivity.png"):
             b.append(("img", "figures/sensitivity.png", "sensitivity per test set: fp vs each bit width"))
     if _fig_heatmaps(analyses, fig_dir / "calibration-matrix.png", multi):
-        b.append(("img", "figures/calibration-matrix.png", "calibration x test values, coloured by the distance from each "
-                  "column's best calibration" + ("; hatched = not significantly different from the best" if multi
-                                                 else " (single seed: not tested against seed noise)")))
+        b.append(
+            (
+                "img",
+                "figures/calibration-matrix.png",
+                "calibration x test values, coloured by the distance from each "
+                "column's best calibration"
+                + (
+                    "; hatched = not significantly different from the best"
+                    if multi
+                    else " (single seed: not tested against seed noise)"
+                ),
+            )
+        )
     seeds = seed_stability(cells, units)
     b.append(("h3", "Seeds"))
     if seeds:
         taus = [r["tau"] for r in seeds if r["tau"] is not None]
         same = [r["same_best"] for r in seeds if r["same_best"] is not None]
-        b.append(("p", f"Across calibration seeds {', '.join(map(str, cal.seeds))}: mean Kendall τ of the calibration ranking "
-                       f"{_mean(taus):.2f} over {len(taus)} (test x method) rankings; the best calibration source is the same "
-                       f"in {100 * _mean(same):.0f}% of them."))
+        b.append(
+            (
+                "p",
+                f"Across calibration seeds {', '.join(map(str, cal.seeds))}: mean Kendall τ of the calibration ranking "
+                f"{_mean(taus):.2f} over {len(taus)} (test x method) rankings; the best calibration source is the same "
+                f"in {100 * _mean(same):.0f}% of them.",
+            )
+        )
     else:
-        b.append(("p", "One calibration seed only: ranking stability across seeds not measured (see the seed-robustness preset)."))
+        b.append(
+            (
+                "p",
+                "One calibration seed only: ranking stability across seeds not measured (see the seed-robustness preset).",
+            )
+        )
 
     # across models: packed size, bits per byte, frontier, iso-memory, dimensions (studies/frontier.py)
     from .frontier import configs_of, frontier_blocks
@@ -675,34 +902,79 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
     b.append(("h2", "Calibration–test diagnostics"))
     drows = diag_rows(cells, units, collected["diagnostics"])
     if drows:
-        b.append(("p", "token_js: Jensen–Shannon divergence of token distributions (bits); hidden_dist: 1 − cosine of the fp "
-                       "model's mean hidden states (averaged over layers); range_cover: share of the test set's per-channel "
-                       "activation range inside the calibration set's. Drop: log(ppl_q / ppl_fp) or accuracy lost vs fp. "
-                       "Spearman ρ pooled over cells, and within each test set across calibration sets (mean)."))
-        b.append(("table", ["method", "test kind", "n", "ρ token_js (pooled / within)", "ρ hidden_dist", "ρ range_cover"],
-                  [[f"{r['method']} W{r['wbits']}", r["kind"], str(r["n"])]
-                   + [f"{_fmt_rho(r['pooled'][m])} / {_fmt_rho(r['within'][m])}" for m in ("token_js", "hidden_dist", "range_cover")]
-                   for r in diag_correlations(drows)]))
+        b.append(
+            (
+                "p",
+                "token_js: Jensen–Shannon divergence of token distributions (bits); hidden_dist: 1 − cosine of the fp "
+                "model's mean hidden states (averaged over layers); range_cover: share of the test set's per-channel "
+                "activation range inside the calibration set's. Drop: log(ppl_q / ppl_fp) or accuracy lost vs fp. "
+                "Spearman ρ pooled over cells, and within each test set across calibration sets (mean).",
+            )
+        )
+        b.append(
+            (
+                "table",
+                ["method", "test kind", "n", "ρ token_js (pooled / within)", "ρ hidden_dist", "ρ range_cover"],
+                [
+                    [f"{r['method']} W{r['wbits']}", r["kind"], str(r["n"])]
+                    + [
+                        f"{_fmt_rho(r['pooled'][m])} / {_fmt_rho(r['within'][m])}"
+                        for m in ("token_js", "hidden_dist", "range_cover")
+                    ]
+                    for r in diag_correlations(drows)
+                ],
+            )
+        )
         first: dict[tuple, dict] = {}
         for r in drows:
             first.setdefault((r["calib"], r["test"]), r)
         tests = list(dict.fromkeys(r["test"] for r in drows))
         calibs = list(dict.fromkeys(r["calib"] for r in drows))
         b.append(("p", "Per pair (token_js / hidden_dist / range_cover):"))
-        b.append(("table", ["calibration \\ test"] + [test_label(t) for t in tests],
-                  [[short_source(c)] + [(f"{first[(c, t)]['token_js']:.3f} / {first[(c, t)]['hidden_dist']:.3f} / {first[(c, t)]['range_cover']:.2f}"
-                           if (c, t) in first else "–") for t in tests] for c in calibs]))
+        b.append(
+            (
+                "table",
+                ["calibration \\ test"] + [test_label(t) for t in tests],
+                [
+                    [short_source(c)]
+                    + [
+                        (
+                            f"{first[(c, t)]['token_js']:.3f} / {first[(c, t)]['hidden_dist']:.3f} / {first[(c, t)]['range_cover']:.2f}"
+                            if (c, t) in first
+                            else "–"
+                        )
+                        for t in tests
+                    ]
+                    for c in calibs
+                ],
+            )
+        )
     else:
         b.append(("p", "No diagnostics (disabled, or no calibrated cell finished)."))
     for k, err in sorted(collected.get("diag_errors", {}).items()):
         b.append(("p", f"diagnostics for {k} failed: {err}"))
 
     b.append(("h2", "Cells"))
-    b.append(("table", ["cell", "status", "calibration tokens", "quantize s", "evaluate s", "error"],
-              [[c["label"], c["status"], str((c["calib_manifest"] or {}).get("tokens", "–")),
-                "–" if c["quant_seconds"] is None else f"{c['quant_seconds']:.1f}", f"{c['eval_seconds']:.1f}",
-                (c["error"] or "")[:200]] for c in cells]))
-    b.append(("p", "Quantize/evaluate seconds are those recorded when each result was computed (the cache keeps them)."))
+    b.append(
+        (
+            "table",
+            ["cell", "status", "calibration tokens", "quantize s", "evaluate s", "error"],
+            [
+                [
+                    c["label"],
+                    c["status"],
+                    str((c["calib_manifest"] or {}).get("tokens", "–")),
+                    "–" if c["quant_seconds"] is None else f"{c['quant_seconds']:.1f}",
+                    f"{c['eval_seconds']:.1f}",
+                    (c["error"] or "")[:200],
+                ]
+                for c in cells
+            ],
+        )
+    )
+    b.append(
+        ("p", "Quantize/evaluate seconds are those recorded when each result was computed (the cache keeps them).")
+    )
     from ..pipeline import numerics_line
 
     for c in cells:  # GPTQ-family Hessians that needed more damping, or fell back to RTN
@@ -711,17 +983,24 @@ def build_blocks(collected: dict, fig_dir: Path) -> list[Block]:
     return b
 
 
-def _seed_matrices(cells: list[dict], units: list, shots_list: list[int], analyses: list[dict], seeds: list[int]) -> list[Block]:
+def _seed_matrices(
+    cells: list[dict], units: list, shots_list: list[int], analyses: list[dict], seeds: list[int]
+) -> list[Block]:
     """Calibration x test tables of several seeds: mean ± SD over seeds, bold only when supported."""
-    b: list[Block] = [("p", f"Tables: rows are calibration sets, columns test sets; {IID_MARK} = I.I.D. (calibration and test "
-                            f"from the same source/task). Each cell: mean ± SD over the calibration seeds ({', '.join(map(str, seeds))}; "
-                            "n=1 marked); perplexity (geometric mean, lower is better), accuracy % (higher is better). "
-                            "**Bold** = best calibration for that test set and significantly better than every other source "
-                            f"against the seed spread (F test of the source effect, then Holm-corrected pairwise t tests, p < {ALPHA}); "
-                            "(best, n.s.) = best mean but not significantly better than every other source: its lead is within "
-                            "the seed spread; (best, untested) = some source has fewer than 2 seeds. Reference rows "
-                            "(no calibration) are single values."),
-                      ("h2", "Calibration x test matrices")]
+    b: list[Block] = [
+        (
+            "p",
+            f"Tables: rows are calibration sets, columns test sets; {IID_MARK} = I.I.D. (calibration and test "
+            f"from the same source/task). Each cell: mean ± SD over the calibration seeds ({', '.join(map(str, seeds))}; "
+            "n=1 marked); perplexity (geometric mean, lower is better), accuracy % (higher is better). "
+            "**Bold** = best calibration for that test set and significantly better than every other source "
+            f"against the seed spread (F test of the source effect, then Holm-corrected pairwise t tests, p < {ALPHA}); "
+            "(best, n.s.) = best mean but not significantly better than every other source: its lead is within "
+            "the seed spread; (best, untested) = some source has fewer than 2 seeds. Reference rows "
+            "(no calibration) are single values.",
+        ),
+        ("h2", "Calibration x test matrices"),
+    ]
     for (model, method, wbits), by_src in seed_groups(cells).items():
         refs = references(cells, model, wbits)
         amap = {a["test"]: a for a in analyses if (a["model"], a["method"], a["wbits"]) == (model, method, wbits)}
@@ -739,8 +1018,10 @@ def _seed_matrices(cells: list[dict], units: list, shots_list: list[int], analys
     return b
 
 
-_MARK_NOTES = {"n.s.": "(best, n.s.) = best mean, but the seed spread does not support calling it better than every other source",
-               "untested": "(best, untested) = best mean; some source has fewer than 2 seeds, so nothing was tested"}
+_MARK_NOTES = {
+    "n.s.": "(best, n.s.) = best mean, but the seed spread does not support calling it better than every other source",
+    "untested": "(best, untested) = best mean; some source has fewer than 2 seeds, so nothing was tested",
+}
 
 
 def _verdict(dec) -> str:
@@ -764,44 +1045,100 @@ def _source_seed_blocks(analyses: list[dict], seeds: list[int], fig_dir: Path) -
     b: list[Block] = [("h3", "Calibration source vs seed")]
     if not analyses:
         return b + [("p", "No column with two or more calibration sources has results yet.")]
-    b.append(("p", f"Per column (model, method, bits, test set): a one-way layout with calibration sources as groups and "
-                   f"seeds ({', '.join(map(str, seeds))}) as replicates, on log(ppl) for perplexity (SDs shown as % of ppl) and "
-                   "on accuracy points for tasks. Seed SD = √MSW, 95% chi-square CI; source SD = √max(0, (MSB − MSW)/n₀), "
-                   "its CI from the exact F-distribution interval of σ²source/σ²seed times MSW; source share = "
-                   "σ²source/(σ²source + σ²seed) with the same ratio interval (exact when every source has the same number "
-                   f"of seeds, approximate with the effective n₀ otherwise). F p: test of \"no source effect\" (p < {ALPHA} = "
-                   "source effect)."))
+    b.append(
+        (
+            "p",
+            f"Per column (model, method, bits, test set): a one-way layout with calibration sources as groups and "
+            f"seeds ({', '.join(map(str, seeds))}) as replicates, on log(ppl) for perplexity (SDs shown as % of ppl) and "
+            "on accuracy points for tasks. Seed SD = √MSW, 95% chi-square CI; source SD = √max(0, (MSB − MSW)/n₀), "
+            "its CI from the exact F-distribution interval of σ²source/σ²seed times MSW; source share = "
+            "σ²source/(σ²source + σ²seed) with the same ratio interval (exact when every source has the same number "
+            f'of seeds, approximate with the effective n₀ otherwise). F p: test of "no source effect" (p < {ALPHA} = '
+            "source effect).",
+        )
+    )
     models = len({a["model"] for a in analyses})
     rows = []
     for a in analyses:
         d = a["decomposition"]
-        share = "–" if not d.testable else f"{100 * d.source_share:.0f}% ({100 * d.source_share_ci[0]:.0f}–{100 * d.source_share_ci[1]:.0f}%)" \
+        share = (
+            "–"
+            if not d.testable
+            else f"{100 * d.source_share:.0f}% ({100 * d.source_share_ci[0]:.0f}–{100 * d.source_share_ci[1]:.0f}%)"
             + ("" if d.exact_ci else " approx.")
-        rows.append([(f"{Path(a['model']).name} · " if models > 1 else "") + f"{a['method']} W{a['wbits']}", test_label(a["test"]),
-                     " ".join(str(d.counts[s]) for s in d.counts), _fmt_sd(d.source_sd, d.source_sd_ci, d.log),
-                     _fmt_sd(d.seed_sd, d.seed_sd_ci, d.log), share, "–" if not d.testable else f"{d.p:.3g}", _verdict(d)])
-    b.append(("table", ["method", "test set", "seeds per source", "source SD (95% CI)", "seed SD (95% CI)",
-                        "source share of variance (95% CI)", "F p", "verdict"], rows))
+        )
+        rows.append(
+            [
+                (f"{Path(a['model']).name} · " if models > 1 else "") + f"{a['method']} W{a['wbits']}",
+                test_label(a["test"]),
+                " ".join(str(d.counts[s]) for s in d.counts),
+                _fmt_sd(d.source_sd, d.source_sd_ci, d.log),
+                _fmt_sd(d.seed_sd, d.seed_sd_ci, d.log),
+                share,
+                "–" if not d.testable else f"{d.p:.3g}",
+                _verdict(d),
+            ]
+        )
+    b.append(
+        (
+            "table",
+            [
+                "method",
+                "test set",
+                "seeds per source",
+                "source SD (95% CI)",
+                "seed SD (95% CI)",
+                "source share of variance (95% CI)",
+                "F p",
+                "verdict",
+            ],
+            rows,
+        )
+    )
     if _fig_source_seed(analyses, fig_dir / "source-vs-seed.png"):
-        b.append(("img", "figures/source-vs-seed.png", "source SD vs seed SD per column with 95% CIs; n.s. = source effect within the seed spread"))
+        b.append(
+            (
+                "img",
+                "figures/source-vs-seed.png",
+                "source SD vs seed SD per column with 95% CIs; n.s. = source effect within the seed spread",
+            )
+        )
     b.append(("h3", "Source findings (only where the source effect beats the seed spread)"))
     found = [(a, f) for a in analyses for f in a["findings"] if f["finding"]]
     if found:
-        b.append(("p", "A finding is stated only when the F test finds a source effect and the Holm-corrected pairwise t tests "
-                       f"(pooled seed variance) support it at p < {ALPHA}. Perplexity effects are ratios of (geometric mean) "
-                       "perplexities; accuracy effects are differences in points; CIs are unadjusted 95% t intervals."))
-        b.append(("table", ["method", "test", "finding"],
-                  [[(f"{Path(a['model']).name} · " if models > 1 else "") + f"{a['method']} W{a['wbits']}", test_label(a["test"]),
-                    f["text"]] for a, f in found]))
+        b.append(
+            (
+                "p",
+                "A finding is stated only when the F test finds a source effect and the Holm-corrected pairwise t tests "
+                f"(pooled seed variance) support it at p < {ALPHA}. Perplexity effects are ratios of (geometric mean) "
+                "perplexities; accuracy effects are differences in points; CIs are unadjusted 95% t intervals.",
+            )
+        )
+        b.append(
+            (
+                "table",
+                ["method", "test", "finding"],
+                [
+                    [
+                        (f"{Path(a['model']).name} · " if models > 1 else "") + f"{a['method']} W{a['wbits']}",
+                        test_label(a["test"]),
+                        f["text"],
+                    ]
+                    for a, f in found
+                ],
+            )
+        )
     else:
         b.append(("p", "No finding: no column has a calibration-source effect larger than the seed spread."))
     none = defaultdict(list)
     for a in analyses:
         if not any(f["finding"] for f in a["findings"]):
             none[a["findings"][0]["kind"]].append(f"{a['method']} W{a['wbits']} {test_label(a['test'])}")
-    why = {"within_seed_spread": "source effect within the seed spread",
-           "no_pair": "F test significant but no pair of sources differs after Holm correction",
-           "untestable": "not testable (fewer than 2 seeds for a source, or seeds that change nothing)"}
+    why = {
+        "within_seed_spread": "source effect within the seed spread",
+        "no_pair": "F test significant but no pair of sources differs after Holm correction",
+        "untestable": "not testable (fewer than 2 seeds for a source, or seeds that change nothing)",
+    }
     for kind in ("within_seed_spread", "no_pair", "untestable"):
         if none[kind]:
             b.append(("p", f"No finding ({why[kind]}): {', '.join(none[kind])}."))
@@ -816,18 +1153,43 @@ def _single_seed_blocks(cells: list[dict], units: list) -> list[Block]:
         n_best = sum(r["iid_rank"] == 1 for r in iid)
         sig_better = sum(r["iid_rank"] == 1 and r["p"] is not None and r["p"] < ALPHA for r in iid)
         sig_worse = sum(r["iid_rank"] > 1 and r["p"] is not None and r["p"] < ALPHA for r in iid)
-        b.append(("p", f"Single seed: not tested against seed noise. I.I.D. calibration is the best calibration in {n_best} of "
-                       f"{len(iid)} (test set x method x bits x seed) comparisons; significantly better than the best other "
-                       f"source in {sig_better}, significantly worse than the best source in {sig_worse} (paired sign-flip "
-                       f"test over items/windows, p < {ALPHA}; with fewer than 6 items or windows no difference can reach it). "
-                       "These p-values measure test-set sampling only: a different calibration seed can change the ranking "
-                       "(run several seeds to test that)."))
-        b.append(("table", ["test", "method", "seed", "best calibration", "I.I.D. rank", "Δ vs", "Δ (I.I.D. − other)", "p"],
-                  [[test_label(r["test"]), f"{r['method']} W{r['wbits']}", str(r["seed"]), short_source(r["best"]),
-                    f"{r['iid_rank']}/{r['n_calib']}", short_source(r["vs"]), _fmt_delta(r["delta"], r["test"]),
-                    "–" if r["p"] is None else f"{r['p']:.3f}"] for r in iid]))
+        b.append(
+            (
+                "p",
+                f"Single seed: not tested against seed noise. I.I.D. calibration is the best calibration in {n_best} of "
+                f"{len(iid)} (test set x method x bits x seed) comparisons; significantly better than the best other "
+                f"source in {sig_better}, significantly worse than the best source in {sig_worse} (paired sign-flip "
+                f"test over items/windows, p < {ALPHA}; with fewer than 6 items or windows no difference can reach it). "
+                "These p-values measure test-set sampling only: a different calibration seed can change the ranking "
+                "(run several seeds to test that).",
+            )
+        )
+        b.append(
+            (
+                "table",
+                ["test", "method", "seed", "best calibration", "I.I.D. rank", "Δ vs", "Δ (I.I.D. − other)", "p"],
+                [
+                    [
+                        test_label(r["test"]),
+                        f"{r['method']} W{r['wbits']}",
+                        str(r["seed"]),
+                        short_source(r["best"]),
+                        f"{r['iid_rank']}/{r['n_calib']}",
+                        short_source(r["vs"]),
+                        _fmt_delta(r["delta"], r["test"]),
+                        "–" if r["p"] is None else f"{r['p']:.3f}",
+                    ]
+                    for r in iid
+                ],
+            )
+        )
     else:
-        b.append(("p", "No finished comparison of an I.I.D. calibration source with another one (none in the study, or those cells are not done yet)."))
+        b.append(
+            (
+                "p",
+                "No finished comparison of an I.I.D. calibration source with another one (none in the study, or those cells are not done yet).",
+            )
+        )
     return b
 
 
@@ -864,6 +1226,7 @@ def _fmt_rho(v: float | None) -> str:
 
 # ---------------------------------------------------------------- rendering
 
+
 def to_markdown(blocks: list[Block]) -> str:
     out = []
     for blk in blocks:
@@ -890,10 +1253,12 @@ def _inline(text: str) -> str:
 
 
 def to_html(blocks: list[Block], root: Path, title: str) -> str:
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
-             "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
-             "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
-             "th{background:#f3f3f3}img{max-width:100%}</style></head><body>"]
+    parts = [
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title><style>"
+        "body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:1em 0;font-size:13px}td,th{border:1px solid #ccc;padding:3px 6px}"
+        "th{background:#f3f3f3}img{max-width:100%}</style></head><body>"
+    ]
     for blk in blocks:
         kind = blk[0]
         if kind in ("h1", "h2", "h3"):
@@ -915,19 +1280,47 @@ def _precisions(spec, versions: dict) -> str:
     """What every model computed in (part of each result's cache key)."""
     names = {m.display: precision_of(m, versions) for m in spec.models}
     what = "; ".join(f"{m}: {p}" for m, p in names.items())
-    return what + " (float32 weights, Hessians and solvers; bf16 autocast = matrix products on the CPU's bf16 units)" \
-        if any("autocast" in p for p in names.values()) else what
+    return (
+        what + " (float32 weights, Hessians and solvers; bf16 autocast = matrix products on the CPU's bf16 units)"
+        if any("autocast" in p for p in names.values())
+        else what
+    )
 
 
 def results_json(collected: dict) -> dict:
     from .frontier import packed_bytes
 
-    return {"study": collected["spec"].name, "versions": collected["versions"],
-            "cells": [{**{k: c[k] for k in ("label", "model", "method", "wbits", "recipe", "calib", "key", "status", "metrics",
-                                            "calib_manifest", "numerics", "error")}, "packed_bytes": packed_bytes(c)}
-                      for c in collected["cells"]],
-            "diagnostics": {m: [{"calib": k[0], "seed": k[1], "test": k[2], **v} for k, v in sorted(pairs.items())]
-                            for m, pairs in sorted(collected["diagnostics"].items())}}
+    return {
+        "study": collected["spec"].name,
+        "versions": collected["versions"],
+        "cells": [
+            {
+                **{
+                    k: c[k]
+                    for k in (
+                        "label",
+                        "model",
+                        "method",
+                        "wbits",
+                        "recipe",
+                        "calib",
+                        "key",
+                        "status",
+                        "metrics",
+                        "calib_manifest",
+                        "numerics",
+                        "error",
+                    )
+                },
+                "packed_bytes": packed_bytes(c),
+            }
+            for c in collected["cells"]
+        ],
+        "diagnostics": {
+            m: [{"calib": k[0], "seed": k[1], "test": k[2], **v} for k, v in sorted(pairs.items())]
+            for m, pairs in sorted(collected["diagnostics"].items())
+        },
+    }
 
 
 def write_report(out_dir: Path, collected: dict, cache_root: Path | None = None) -> Path:
@@ -939,5 +1332,3 @@ def write_report(out_dir: Path, collected: dict, cache_root: Path | None = None)
     write_text_atomic(out_dir / "report.html", to_html(blocks, out_dir, f"quantshift study {collected['spec'].name}"))
     write_json_atomic(out_dir / "results.json", results_json(collected))
     return out_dir / "report.md"
-
-

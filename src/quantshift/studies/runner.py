@@ -35,8 +35,9 @@ class Plan:
         return self.units + (self.fp_units if cell.recipe is None else [])
 
 
-def plan_study(spec: StudySpec, data_dir: str | None = None, on_gpu: bool | None = None,
-               precision_auto: str | None = None) -> Plan:
+def plan_study(
+    spec: StudySpec, data_dir: str | None = None, on_gpu: bool | None = None, precision_auto: str | None = None
+) -> Plan:
     """precision_auto: what --dtype auto resolved to when the study ran (report_only passes the
     recorded one; by default it is resolved on this machine)."""
     from ..models.precision import resolve_precision
@@ -66,21 +67,38 @@ def plan_study(spec: StudySpec, data_dir: str | None = None, on_gpu: bool | None
         ukeys[qk] = {u.key: unit_key(qk, unit_settings(spec, u), versions) for u in owed}
         calib = cell.calib if cell.recipe and cell.recipe.needs_calibration else None
         works[qk] = {
-            "kind": "model", "key": qk, "label": cell.label, "model": cell.model.model_dump(),
+            "kind": "model",
+            "key": qk,
+            "label": cell.label,
+            "model": cell.model.model_dump(),
             "precision": precision_of(cell.model, versions),
             "recipe": cell.recipe.to_dict() if cell.recipe else None,
             "calib": calib.to_dict() if calib else None,
             "calib_key": calib_key(cell.model, calib, versions) if calib else None,
-            "units": [{"kind": u.kind, "name": u.name, "shots": u.shots, "key": ukeys[qk][u.key],
-                       "settings": unit_settings(spec, u)} for u in owed],
+            "units": [
+                {
+                    "kind": u.kind,
+                    "name": u.name,
+                    "shots": u.shots,
+                    "key": ukeys[qk][u.key],
+                    "settings": unit_settings(spec, u),
+                }
+                for u in owed
+            ],
         }
     return Plan(spec, cells, keys, list(works.values()), units, ukeys, versions, fp_units)
 
 
 def options_of(spec: StudySpec, data_dir: str | None, max_memory: str | None = None) -> dict:
-    return {"device": spec.device, "batch_size": spec.batch_size, "eval_batch_size": spec.evaluation.batch_size,
-            "keep_models": spec.keep_models, "data_dir": data_dir, "bench": spec.evaluation.bench,
-            "max_memory": max_memory}
+    return {
+        "device": spec.device,
+        "batch_size": spec.batch_size,
+        "eval_batch_size": spec.evaluation.batch_size,
+        "keep_models": spec.keep_models,
+        "data_dir": data_dir,
+        "bench": spec.evaluation.bench,
+        "max_memory": max_memory,
+    }
 
 
 def plan_work_memory(works: list[Work], options: dict) -> None:
@@ -106,7 +124,9 @@ def plan_work_memory(works: list[Work], options: dict) -> None:
             continue
         w["memory_bytes"] = max(st.host for st in plan.stages)
 
+
 # ---------------------------------------------------------------- running a study
+
 
 def needs_work(work: Work, cache: Cache) -> bool:
     """Checks every entry, no short cut: planning is where a corrupt one is found and moved aside."""
@@ -122,15 +142,35 @@ def all_works(plan: Plan) -> list[Work]:
         d = diag_work(plan.spec, model, plan.versions)
         if d is not None:
             # right after the model's fp reference: cheap, and a partial run already has them
-            at = next((i + 1 for i, w in enumerate(works) if w["kind"] == "model" and w["model"] == d["model"] and w["recipe"] is None), len(works))
+            at = next(
+                (
+                    i + 1
+                    for i, w in enumerate(works)
+                    if w["kind"] == "model" and w["model"] == d["model"] and w["recipe"] is None
+                ),
+                len(works),
+            )
             works.insert(at, d)
     return works
 
 
-def run_study(spec: StudySpec, out_dir: Path, cache_root: Path, *, executor: str = "local", ray_address: str | None = None,
-              gpus_per_cell: float | None = None, cpus_per_cell: float | None = None, max_retries: int | None = None,
-              lock_timeout: float | None = None, data_dir: str | None = None, progress: bool = True, echo=print,
-              jobs: int = 1, max_memory: str | None = None) -> dict:
+def run_study(
+    spec: StudySpec,
+    out_dir: Path,
+    cache_root: Path,
+    *,
+    executor: str = "local",
+    ray_address: str | None = None,
+    gpus_per_cell: float | None = None,
+    cpus_per_cell: float | None = None,
+    max_retries: int | None = None,
+    lock_timeout: float | None = None,
+    data_dir: str | None = None,
+    progress: bool = True,
+    echo=print,
+    jobs: int = 1,
+    max_memory: str | None = None,
+) -> dict:
     """Run every missing piece of the study, then gather results and write the report.
     `jobs`: worker processes of the local executor (1: in this process). The Ray executor's
     requests (executors.RaySettings): `gpus_per_cell` (default: 1 when the cluster has GPUs),
@@ -151,22 +191,37 @@ def run_study(spec: StudySpec, out_dir: Path, cache_root: Path, *, executor: str
     cluster = None
     if executor == "ray":
         defaults = RaySettings()
-        settings = RaySettings(ray_address, gpus_per_cell,
-                               defaults.cpus_per_cell if cpus_per_cell is None else cpus_per_cell,
-                               defaults.max_retries if max_retries is None else max_retries,
-                               defaults.lock_timeout if lock_timeout is None else lock_timeout)
+        settings = RaySettings(
+            ray_address,
+            gpus_per_cell,
+            defaults.cpus_per_cell if cpus_per_cell is None else cpus_per_cell,
+            defaults.max_retries if max_retries is None else max_retries,
+            defaults.lock_timeout if lock_timeout is None else lock_timeout,
+        )
         cluster = connect_ray(settings, spec.device)
         echo(cluster.describe())
     try:
-        return _run_planned(spec, out_dir, cache_root, executor, cluster, gpus_per_cell, data_dir, progress, echo, jobs,
-                            max_memory)
+        return _run_planned(
+            spec, out_dir, cache_root, executor, cluster, gpus_per_cell, data_dir, progress, echo, jobs, max_memory
+        )
     finally:
         if cluster is not None:
             cluster.close()
 
 
-def _run_planned(spec: StudySpec, out_dir: Path, cache_root: Path, executor: str, cluster, gpus_per_cell: float | None,
-                 data_dir: str | None, progress: bool, echo, jobs: int, max_memory: str | None = None) -> dict:
+def _run_planned(
+    spec: StudySpec,
+    out_dir: Path,
+    cache_root: Path,
+    executor: str,
+    cluster,
+    gpus_per_cell: float | None,
+    data_dir: str | None,
+    progress: bool,
+    echo,
+    jobs: int,
+    max_memory: str | None = None,
+) -> dict:
     from tqdm.auto import tqdm
 
     from ..checkpoint import write_json_atomic
@@ -182,13 +237,22 @@ def _run_planned(spec: StudySpec, out_dir: Path, cache_root: Path, executor: str
     works = all_works(plan)
     cache = Cache(Path(cache_root))
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "study.json", {"spec": spec.model_dump(mode="json"), "versions": plan.versions,
-                                               "cache": str(Path(cache_root).resolve()), "data_dir": data_dir,
-                                               "cells": [dict(c.to_dict(), key=k) for c, k in zip(plan.cells, plan.cell_keys)]})
+    write_json_atomic(
+        out_dir / "study.json",
+        {
+            "spec": spec.model_dump(mode="json"),
+            "versions": plan.versions,
+            "cache": str(Path(cache_root).resolve()),
+            "data_dir": data_dir,
+            "cells": [dict(c.to_dict(), key=k) for c, k in zip(plan.cells, plan.cell_keys)],
+        },
+    )
     todo = [w for w in works if needs_work(w, cache)]
-    echo(f"study {spec.name}: {len(plan.cells)} cells -> {len(plan.works)} distinct models x {len(plan.units)} "
-         f"evaluations; {len(works) - len(todo)} of {len(works)} works already cached, {len(todo)} to run "
-         f"({executor}{f', {jobs} jobs' if jobs > 1 else ''})")
+    echo(
+        f"study {spec.name}: {len(plan.cells)} cells -> {len(plan.works)} distinct models x {len(plan.units)} "
+        f"evaluations; {len(works) - len(todo)} of {len(works)} works already cached, {len(todo)} to run "
+        f"({executor}{f', {jobs} jobs' if jobs > 1 else ''})"
+    )
     results: dict[str, WorkResult] = {}
     write_json_atomic(out_dir / "last-run.json", {"results": results})
     bar = tqdm(total=len(todo), desc="study", unit="work", disable=not progress or not todo, position=0)
@@ -216,14 +280,21 @@ def _run_planned(spec: StudySpec, out_dir: Path, cache_root: Path, executor: str
     write_report(out_dir, collected, cache_root)
     computed = sum(len(r["computed"]) for r in results.values())
     unreadable = sum(c["status"] == "failed" and c["key"] not in failures for c in collected["cells"])
-    summary = {"works_run": len(todo), "units_computed": computed, "failed": len(failures) + unreadable,
-               "entries_written": sum(len(r.get("wrote", [])) for r in results.values()),
-               "works_done_elsewhere": sum(r["ok"] and not r.get("wrote", True) for r in results.values()),
-               "quarantined": [name for name, _ in cache.quarantined],
-               "seconds": round(time.time() - t0, 1), "cpu_seconds": round(_cpu_seconds() - cpu0, 1)}
+    summary = {
+        "works_run": len(todo),
+        "units_computed": computed,
+        "failed": len(failures) + unreadable,
+        "entries_written": sum(len(r.get("wrote", [])) for r in results.values()),
+        "works_done_elsewhere": sum(r["ok"] and not r.get("wrote", True) for r in results.values()),
+        "quarantined": [name for name, _ in cache.quarantined],
+        "seconds": round(time.time() - t0, 1),
+        "cpu_seconds": round(_cpu_seconds() - cpu0, 1),
+    }
     write_json_atomic(out_dir / "timings.json", summary)
-    echo(f"study {spec.name}: {computed} results computed, {summary['failed']} failed, {summary['seconds']}s "
-         f"({summary['cpu_seconds']} CPU s); report: {out_dir / 'report.md'}")
+    echo(
+        f"study {spec.name}: {computed} results computed, {summary['failed']} failed, {summary['seconds']}s "
+        f"({summary['cpu_seconds']} CPU s); report: {out_dir / 'report.md'}"
+    )
     return summary
 
 
@@ -254,23 +325,44 @@ def collect(plan: Plan, works: list[Work], cache: Cache, failures: dict[str, Wor
         corrupt = dict(cache.quarantined)  # a cached but unreadable result is a failure to report, not "pending"
         bad = [n for n in (f"results/{plan.unit_keys[qk][u.key]}.json" for u in owed) if n in corrupt]
         if status != "done" and bad:
-            status, error = "failed", (f"cache entry {bad[0]} is corrupt ({corrupt[bad[0]]}); moved to the "
-                                       "cache's quarantine, run the study again to recompute it")
-        cells.append({**cell.to_dict(), "key": qk, "status": status, "metrics": metrics, "samples": samples,
-                      "error": error,
-                      "calib_manifest": (q or {}).get("calibration"),
-                      "quant_seconds": (q or {}).get("seconds"), "numerics": (q or {}).get("numerics"),
-                      "packed_bytes": (q or {}).get("packed_bytes"), "weight_formats": (q or {}).get("weight_formats"),
-                      "bench": cache.get_json("bench", qk) if cell.recipe is not None else None,
-                      "eval_seconds": round(sum(e["seconds"] for e in evals if e), 2)})
+            status, error = (
+                "failed",
+                (
+                    f"cache entry {bad[0]} is corrupt ({corrupt[bad[0]]}); moved to the "
+                    "cache's quarantine, run the study again to recompute it"
+                ),
+            )
+        cells.append(
+            {
+                **cell.to_dict(),
+                "key": qk,
+                "status": status,
+                "metrics": metrics,
+                "samples": samples,
+                "error": error,
+                "calib_manifest": (q or {}).get("calibration"),
+                "quant_seconds": (q or {}).get("seconds"),
+                "numerics": (q or {}).get("numerics"),
+                "packed_bytes": (q or {}).get("packed_bytes"),
+                "weight_formats": (q or {}).get("weight_formats"),
+                "bench": cache.get_json("bench", qk) if cell.recipe is not None else None,
+                "eval_seconds": round(sum(e["seconds"] for e in evals if e), 2),
+            }
+        )
     diag, diag_errors = {}, {}
     for w in works:
         if w["kind"] == "diag":
             diag[w["model"]["name"]] = all_pairs(w, cache.root)
             if w["key"] in failures:
                 diag_errors[w["model"]["name"]] = failures[w["key"]]["error"]
-    return {"spec": plan.spec, "units": plan.units, "cells": cells, "diagnostics": diag, "diag_errors": diag_errors,
-            "versions": plan.versions}
+    return {
+        "spec": plan.spec,
+        "units": plan.units,
+        "cells": cells,
+        "diagnostics": diag,
+        "diag_errors": diag_errors,
+        "versions": plan.versions,
+    }
 
 
 def report_only(out_dir: Path, cache_root: Path | None = None, data_dir: str | None = None) -> Path:
@@ -283,13 +375,19 @@ def report_only(out_dir: Path, cache_root: Path | None = None, data_dir: str | N
 
     meta_path = out_dir / "study.json"
     if not meta_path.is_file():
-        raise ConfigError(f"{out_dir} is not a study run directory (no study.json); run `quantshift run STUDY.yaml` first")
+        raise ConfigError(
+            f"{out_dir} is not a study run directory (no study.json); run `quantshift run STUDY.yaml` first"
+        )
     meta = json.loads(meta_path.read_text())
     spec = study_from_dict(meta["spec"], str(meta_path))
     root = Path(cache_root or meta["cache"])
     recorded = meta.get("versions", {})
-    plan = plan_study(spec, data_dir or meta.get("data_dir"), on_gpu=recorded.get("device") == "cuda",
-                      precision_auto=recorded.get("precision_auto"))
+    plan = plan_study(
+        spec,
+        data_dir or meta.get("data_dir"),
+        on_gpu=recorded.get("device") == "cuda",
+        precision_auto=recorded.get("precision_auto"),
+    )
     works = all_works(plan)
     last = out_dir / "last-run.json"
     failures = {}

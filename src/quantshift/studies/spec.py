@@ -115,7 +115,9 @@ class EvaluationAxis(StrictModel):
     @model_validator(mode="after")
     def _ablation_needs_template(self) -> EvaluationAxis:
         if self.chat_template_ablation and self.chat_template == "off":
-            raise ValueError("chat_template_ablation compares the template on with off: set chat_template to auto or on")
+            raise ValueError(
+                "chat_template_ablation compares the template on with off: set chat_template to auto or on"
+            )
         return self
 
 
@@ -163,8 +165,14 @@ class CalibChoice:
     answers: bool = True
 
     def to_dict(self) -> dict:
-        d: dict = {"source": self.source, "n": self.n, "seqlen": self.seqlen, "seed": self.seed,
-                   "mode": self.mode, "order": self.order}
+        d: dict = {
+            "source": self.source,
+            "n": self.n,
+            "seqlen": self.seqlen,
+            "seed": self.seed,
+            "mode": self.mode,
+            "order": self.order,
+        }
         # non-default options only: existing cache keys stay valid
         if self.propagate != "quantized":
             d["propagate"] = self.propagate
@@ -206,9 +214,14 @@ class Cell:
         return f"{self.model.display}/{self.method}-w{self.wbits}/{c}"
 
     def to_dict(self) -> dict:
-        return {"model": self.model.model_dump(), "method": self.method, "wbits": self.wbits,
-                "recipe": self.recipe.to_dict() if self.recipe else None,
-                "calib": self.calib.to_dict() if self.calib else None, "label": self.label}
+        return {
+            "model": self.model.model_dump(),
+            "method": self.method,
+            "wbits": self.wbits,
+            "recipe": self.recipe.to_dict() if self.recipe else None,
+            "calib": self.calib.to_dict() if self.calib else None,
+            "label": self.label,
+        }
 
 
 def short_source(name: str) -> str:
@@ -242,8 +255,10 @@ def method_recipes(axis: MethodAxis, where: str) -> list[tuple[str, int, Recipe]
     from ..methods import METHODS
 
     if axis.method not in METHODS:
-        raise ConfigError(f"{where}: method {axis.method!r} is not registered in this quantshift "
-                          f"(available: {', '.join(METHODS.names())})")
+        raise ConfigError(
+            f"{where}: method {axis.method!r} is not registered in this quantshift "
+            f"(available: {', '.join(METHODS.names())})"
+        )
     out = []
     for b in axis.wbits:
         opts = {"wbits": b, "abits": axis.abits, "sym": axis.sym, **axis.options}
@@ -263,7 +278,9 @@ def check_sources(spec: StudySpec, data_dir: str | None = None) -> None:
         try:
             resolve_source(name, data_dir)
         except ConfigError as err:
-            raise ConfigError(f"study {spec.name!r}: calibration/ppl source {name!r} is not available ({err})") from None
+            raise ConfigError(
+                f"study {spec.name!r}: calibration/ppl source {name!r} is not available ({err})"
+            ) from None
 
 
 def resolve_source(name: str, data_dir: str | None = None, answers: bool = True):
@@ -327,8 +344,10 @@ def expand(spec: StudySpec, data_dir: str | None = None) -> list[Cell]:
     for i, axis in enumerate(spec.methods):
         unknown = [m for m in axis.models or [] if m not in known]
         if unknown:
-            raise ConfigError(f"study {spec.name!r} methods[{i}].models: {unknown[0]!r} is not one of the study's models "
-                              f"({', '.join(sorted(known))})")
+            raise ConfigError(
+                f"study {spec.name!r} methods[{i}].models: {unknown[0]!r} is not one of the study's models "
+                f"({', '.join(sorted(known))})"
+            )
         recipes += [(axis.models, *r) for r in method_recipes(axis, f"study {spec.name!r} methods[{i}]")]
     cal = spec.calibration
     cells: list[Cell] = []
@@ -343,8 +362,15 @@ def expand(spec: StudySpec, data_dir: str | None = None) -> list[Cell]:
                 continue
             for seed in cal.seeds:
                 for src in cal.sources:
-                    cells.append(Cell(model, label, bits, rec, CalibChoice(src, cal.n, cal.seqlen, seed, cal.mode, cal.order,
-                                                                           cal.propagate, cal.answers)))
+                    cells.append(
+                        Cell(
+                            model,
+                            label,
+                            bits,
+                            rec,
+                            CalibChoice(src, cal.n, cal.seqlen, seed, cal.mode, cal.order, cal.propagate, cal.answers),
+                        )
+                    )
     labels = [c.label for c in cells]
     dup = next((lab for lab in labels if labels.count(lab) > 1), None)
     if dup:

@@ -24,11 +24,17 @@ from collections import defaultdict
 
 from ..evaluation.difficulty import drop_vs_difficulty, item_difficulty
 from ..evaluation.pareto import Candidate, Quality, compare, estimate, iso_memory_pairs
-from .spec import RAW_SUFFIX
 from .frontier import Block, Config, _fmt_diff, _fmt_q, _iso_verdict, _mb, stratum, task_categories
+from .spec import RAW_SUFFIX
 
-INSTRUCT_TYPES = ("commonsense_qa", "knowledge_language", "instruction_following", "hallucination", "mathematics",
-                  "dialogue")
+INSTRUCT_TYPES = (
+    "commonsense_qa",
+    "knowledge_language",
+    "instruction_following",
+    "hallucination",
+    "mathematics",
+    "dialogue",
+)
 ALL = "all task types"
 
 
@@ -58,11 +64,17 @@ def task_type_blocks(configs: list[Config], cells: list[dict], units: list, mult
     by_type: dict[str, list[str]] = defaultdict(list)
     for k, t in types.items():
         by_type[t].append(k.split(":", 1)[1].split("@")[0])
-    b: list[Block] = [("h2", "Task types (instruction-tuned evaluation)"),
-                      ("p", "Types: " + "; ".join(f"{t}: {', '.join(sorted(set(by_type[t])))}" for t in order)
-                            + ". Accuracy in points, mean over a type's tasks; intervals are 95% bootstrap over items "
-                              "(paired where two configurations scored the same items) and seeds; * = the interval "
-                              "excludes 0.")]
+    b: list[Block] = [
+        ("h2", "Task types (instruction-tuned evaluation)"),
+        (
+            "p",
+            "Types: "
+            + "; ".join(f"{t}: {', '.join(sorted(set(by_type[t])))}" for t in order)
+            + ". Accuracy in points, mean over a type's tasks; intervals are 95% bootstrap over items "
+            "(paired where two configurations scored the same items) and seeds; * = the interval "
+            "excludes 0.",
+        ),
+    ]
     b += _iso_by_type(configs, qual, names, multi_calib)
     b += _methods_by_type(configs, qual, names)
     b += _difficulty_section(configs, types, multi_calib)
@@ -85,13 +97,36 @@ def _iso_by_type(configs: list[Config], qual: dict, names: list[str], multi_cali
             cmp = compare(qual[small.key][t], qual[big.key][t], paired=True)
             verdict = _iso_verdict(cmp, t)
             verdicts[t].append(verdict)
-            rows.append([t, f"{r['budget'] / 1e6:.3g}", f"{big.label(True, multi_calib)} ({_mb(big.size)} MB)",
-                         _fmt_q(r["larger"].quality, t), f"{small.label(True, multi_calib)} ({_mb(small.size)} MB)",
-                         _fmt_q(r["smaller"].quality, t), _fmt_diff(cmp, t), verdict])
+            rows.append(
+                [
+                    t,
+                    f"{r['budget'] / 1e6:.3g}",
+                    f"{big.label(True, multi_calib)} ({_mb(big.size)} MB)",
+                    _fmt_q(r["larger"].quality, t),
+                    f"{small.label(True, multi_calib)} ({_mb(small.size)} MB)",
+                    _fmt_q(r["smaller"].quality, t),
+                    _fmt_diff(cmp, t),
+                    verdict,
+                ]
+            )
     if not rows:
         return b + [("p", "No budget fits a configuration of two models.")]
-    b.append(("table", ["task type", "budget MB", "larger model", "acc %", "smaller model", "acc %",
-                        "Δ larger − smaller [95% CI]", "verdict"], rows))
+    b.append(
+        (
+            "table",
+            [
+                "task type",
+                "budget MB",
+                "larger model",
+                "acc %",
+                "smaller model",
+                "acc %",
+                "Δ larger − smaller [95% CI]",
+                "verdict",
+            ],
+            rows,
+        )
+    )
     summary = []
     for t, vs in verdicts.items():
         counts = {v: vs.count(v) for v in dict.fromkeys(vs)}
@@ -121,13 +156,20 @@ def _methods_by_type(configs: list[Config], qual: dict, names: list[str]) -> lis
             drops = []
             for m, c in sorted(have.items(), key=lambda mc: -estimate(qual[mc[1].key][t])):
                 d = compare(qual[fp.key][t], qual[c.key][t], paired=True) if fp and qual[fp.key].get(t) else None
-                vs_best = "" if m == best_m else f"; vs {best_m} {_fmt_diff(compare(best, qual[c.key][t], paired=True), t)}"
+                vs_best = (
+                    "" if m == best_m else f"; vs {best_m} {_fmt_diff(compare(best, qual[c.key][t], paired=True), t)}"
+                )
                 drops.append(f"{m} {_fmt_diff(d, t)}{vs_best}")
             rows.append([cs[0].display, f"W{bits}", t, best_m, " · ".join(drops)])
     if not rows:
         return b + [("p", "Needs two or more methods at one bit width of one model.")]
-    b.append(("p", "Each method's Δ = quantized − fp16 of the same model (accuracy points, paired over items), ranked "
-                   "best first; every other method against the best one (paired; * = different)."))
+    b.append(
+        (
+            "p",
+            "Each method's Δ = quantized − fp16 of the same model (accuracy points, paired over items), ranked "
+            "best first; every other method against the best one (paired; * = different).",
+        )
+    )
     b.append(("table", ["model", "bits", "task type", "best", "Δ vs fp16 [95% CI], ranked"], rows))
     return b
 
@@ -158,7 +200,11 @@ def _difficulty_section(configs: list[Config], types: dict[str, str], multi_cali
         if cfg.fp or fp is None:
             continue
         others = [c for c in fps if c.model != cfg.model] or [fp]
-        for t in [*[x for x in INSTRUCT_TYPES if x in keys_of], *sorted(set(keys_of) - set(INSTRUCT_TYPES) - {ALL}), ALL]:
+        for t in [
+            *[x for x in INSTRUCT_TYPES if x in keys_of],
+            *sorted(set(keys_of) - set(INSTRUCT_TYPES) - {ALL}),
+            ALL,
+        ]:
             keys = keys_of[t]
             diff = item_difficulty([_item_correctness(c.cells, keys) for c in others])
             ref, q = _item_correctness(fp.cells, keys), _item_correctness(cfg.cells, keys)
@@ -167,20 +213,42 @@ def _difficulty_section(configs: list[Config], types: dict[str, str], multi_cali
             except ValueError:
                 continue
             ci = "–" if fit.ci[0] != fit.ci[0] else f"[{fit.ci[0]:+.3f}, {fit.ci[1]:+.3f}]"
-            rows.append([cfg.label(True, multi_calib), t, str(fit.n), "–" if fit.slope != fit.slope else f"{fit.slope:+.3f}",
-                         ci, fit.verdict().split(":")[0] if fit.significant else "no significant relation"])
+            rows.append(
+                [
+                    cfg.label(True, multi_calib),
+                    t,
+                    str(fit.n),
+                    "–" if fit.slope != fit.slope else f"{fit.slope:+.3f}",
+                    ci,
+                    fit.verdict().split(":")[0] if fit.significant else "no significant relation",
+                ]
+            )
             if fit.significant:
                 found.append(f"{cfg.label(True, multi_calib)} on {t}: {fit.verdict()}")
     if not rows:
         return b + [("p", "Too few shared items to fit.")]
-    source = ("the other models' fp16 references" if len({c.model for c in fps}) > 1
-              else "the model's own fp16 reference (only one model: the slope is biased toward 'easier items lose more')")
-    b.append(("p", f"Item difficulty = share of {source} that answer the item wrong; drop = fp16 correctness − "
-                   "quantized correctness (mean over seeds); least-squares slope of drop on difficulty with a 95% "
-                   "bootstrap interval over items."))
+    source = (
+        "the other models' fp16 references"
+        if len({c.model for c in fps}) > 1
+        else "the model's own fp16 reference (only one model: the slope is biased toward 'easier items lose more')"
+    )
+    b.append(
+        (
+            "p",
+            f"Item difficulty = share of {source} that answer the item wrong; drop = fp16 correctness − "
+            "quantized correctness (mean over seeds); least-squares slope of drop on difficulty with a 95% "
+            "bootstrap interval over items.",
+        )
+    )
     b.append(("table", ["configuration", "task type", "items", "slope", "95% CI", "verdict"], rows))
-    b.append(("p", ("Significant: " + "; ".join(found) + ".") if found else
-                   "No configuration shows a significant relation between item difficulty and its drop."))
+    b.append(
+        (
+            "p",
+            ("Significant: " + "; ".join(found) + ".")
+            if found
+            else "No configuration shows a significant relation between item difficulty and its drop.",
+        )
+    )
     return b
 
 
@@ -205,8 +273,13 @@ def _chat_template_section(configs: list[Config], types: dict[str, str], names: 
                 continue
             rows.append([fp.display, t, _fmt_q(estimate(on), t), _fmt_q(estimate(off), t), _fmt_diff(cmp, t)])
     if rows:
-        b.append(("p", "The same items, prompts through the tokenizer's chat template (lm-eval's apply_chat_template) "
-                       "and raw; Δ = on − off in accuracy points, 95% paired bootstrap over items (* = excludes 0)."))
+        b.append(
+            (
+                "p",
+                "The same items, prompts through the tokenizer's chat template (lm-eval's apply_chat_template) "
+                "and raw; Δ = on − off in accuracy points, 95% paired bootstrap over items (* = excludes 0).",
+            )
+        )
         b.append(("table", ["model", "task type", "acc % on", "acc % off", "Δ on − off [95% CI]"], rows))
     if notes:
         b.append(("p", "; ".join(notes) + "."))

@@ -42,9 +42,15 @@ def execute_work(work: Work, cache_root: str, options: dict, progress: bool = Tr
     try:
         check_placement(work, options)  # the device and precision its cache keys were planned for
         if work["kind"] == "diag":
-            return {"key": work["key"], "label": work["label"], "ok": True, "computed": [],
-                    "diag": run_diag_work(work, cache, options, progress), "seconds": round(time.time() - t0, 2),
-                    "wrote": cache.written}
+            return {
+                "key": work["key"],
+                "label": work["label"],
+                "ok": True,
+                "computed": [],
+                "diag": run_diag_work(work, cache, options, progress),
+                "seconds": round(time.time() - t0, 2),
+                "wrote": cache.written,
+            }
         else:
             todo = pending_units(work, cache)
             if work.get("memory_error") and (todo or not has_quant_record(work, cache)):
@@ -57,10 +63,19 @@ def execute_work(work: Work, cache_root: str, options: dict, progress: bool = Tr
                     outputs = evaluate_units(loaded, batch, options, progress, windows)
                     secs = round((time.time() - t1) / len(batch), 2)
                     for u, (metric, samples) in zip(batch, outputs):
-                        cache.put_json("results", u["key"], {
-                            "unit": {k: u[k] for k in ("kind", "name", "shots")}, "settings": u["settings"],
-                            "model_key": work["key"], "metric": metric, "samples": samples, "seconds": secs,
-                            "precision": loaded.precision.name})
+                        cache.put_json(
+                            "results",
+                            u["key"],
+                            {
+                                "unit": {k: u[k] for k in ("kind", "name", "shots")},
+                                "settings": u["settings"],
+                                "model_key": work["key"],
+                                "metric": metric,
+                                "samples": samples,
+                                "seconds": secs,
+                                "precision": loaded.precision.name,
+                            },
+                        )
                         done.append(u["key"])
                 if loaded.scratch is not None and not options.get("bench"):  # streamed to disk only to be evaluated
                     import shutil
@@ -70,12 +85,25 @@ def execute_work(work: Work, cache_root: str, options: dict, progress: bool = Tr
                     from ..bench.measure import study_bench
 
                     cache.put_json("bench", work["key"], study_bench(cache.model_dir(work["key"]), options["device"]))
-        return {"key": work["key"], "label": work["label"], "ok": True, "computed": done,
-                "seconds": round(time.time() - t0, 2), "wrote": cache.written}
+        return {
+            "key": work["key"],
+            "label": work["label"],
+            "ok": True,
+            "computed": done,
+            "seconds": round(time.time() - t0, 2),
+            "wrote": cache.written,
+        }
     except Exception as err:  # a failed cell is recorded and the study goes on
-        return {"key": work["key"], "label": work["label"], "ok": False, "computed": done,
-                "error": f"{type(err).__name__}: {err}", "traceback": traceback.format_exc(limit=8),
-                "seconds": round(time.time() - t0, 2), "wrote": cache.written}
+        return {
+            "key": work["key"],
+            "label": work["label"],
+            "ok": False,
+            "computed": done,
+            "error": f"{type(err).__name__}: {err}",
+            "traceback": traceback.format_exc(limit=8),
+            "seconds": round(time.time() - t0, 2),
+            "wrote": cache.written,
+        }
 
 
 def weight_formats(modules: dict) -> dict:
@@ -86,8 +114,13 @@ def weight_formats(modules: dict) -> dict:
         spec = m.weight_spec
         if spec is None:
             continue
-        out[name] = {"bits": spec.bits, "group_size": spec.group_size, "sym": spec.symmetric, "dtype": spec.dtype,
-                     "measured_bits": m.info.get("bits") if "params" in m.info else None}
+        out[name] = {
+            "bits": spec.bits,
+            "group_size": spec.group_size,
+            "sym": spec.symmetric,
+            "dtype": spec.dtype,
+            "measured_bits": m.info.get("bits") if "params" in m.info else None,
+        }
     return out
 
 
@@ -99,9 +132,18 @@ def model_plan(model: ModelAxis, work: ModelWork, options: dict, device: str, *,
     tokens = calib["n"] * calib["seqlen"] * len(calib["source"].split("+")) if quantize and calib else 0
     windows = max((u["settings"].get("windows") or 64 for u in work["units"] if u["kind"] == "ppl"), default=64)
     seqlen = max((u["settings"].get("seqlen", 512) for u in work["units"] if u["kind"] == "ppl"), default=512)
-    return plan_for_model(model.name, device=device, dtype=model.dtype, max_memory=options.get("max_memory"),
-                          quantize=quantize, calib_tokens=tokens, calibrated=calib is not None,
-                          batch_size=options["eval_batch_size"], seqlen=seqlen, max_windows=windows)
+    return plan_for_model(
+        model.name,
+        device=device,
+        dtype=model.dtype,
+        max_memory=options.get("max_memory"),
+        quantize=quantize,
+        calib_tokens=tokens,
+        calibrated=calib is not None,
+        batch_size=options["eval_batch_size"],
+        seqlen=seqlen,
+        max_windows=windows,
+    )
 
 
 def obtain_model(work: ModelWork, cache: Cache, options: dict, progress: bool):
@@ -144,26 +186,53 @@ def obtain_model(work: ModelWork, cache: Cache, options: dict, progress: bool):
     if propagate == "fp":
         from ..quant.statstore import StatsStore
 
-        store = StatsStore(cache.root / "stats", digest({"model": model_identity(model), "dtype": loaded.precision.name,
-                                                        "schema": CACHE_SCHEMA}))
+        store = StatsStore(
+            cache.root / "stats",
+            digest({"model": model_identity(model), "dtype": loaded.precision.name, "schema": CACHE_SCHEMA}),
+        )
     if stream:  # the model does not fit: quantized from disk into the cache's model directory
-        qres = quantize_streaming(loaded, recipe, cal, kept, device=device, batch_size=options["batch_size"],
-                                  progress=progress, propagate=propagate, stats_store=store, overwrite=True,
-                                  max_shard_bytes=plan.shard_bytes)
+        qres = quantize_streaming(
+            loaded,
+            recipe,
+            cal,
+            kept,
+            device=device,
+            batch_size=options["batch_size"],
+            progress=progress,
+            propagate=propagate,
+            stats_store=store,
+            overwrite=True,
+            max_shard_bytes=plan.shard_bytes,
+        )
     else:
-        qres = quantize_model(loaded, recipe, cal, device=device, batch_size=options["batch_size"], progress=progress,
-                              propagate=propagate, stats_store=store)
+        qres = quantize_model(
+            loaded,
+            recipe,
+            cal,
+            device=device,
+            batch_size=options["batch_size"],
+            progress=progress,
+            propagate=propagate,
+            stats_store=store,
+        )
         loaded.model.to(device)
     report = qres.report()
     formats = weight_formats(qres.engine.modules)
     measured = {name: f["measured_bits"] for name, f in formats.items()}
-    cache.put_json("quant", work["key"], {"label": work["label"], "recipe": report["recipe"],
-                                          "precision": report["precision"],
-                                          "calibration": report["calibration"], "seconds": report["seconds"],
-                                          "numerics": report.get("numerics"),
-                                          "weight_formats": formats,
-                                          "packed_bytes": packed_bytes(loaded.model, specs_from_modules(qres.engine.modules),
-                                                                       measured_bits=measured)})
+    cache.put_json(
+        "quant",
+        work["key"],
+        {
+            "label": work["label"],
+            "recipe": report["recipe"],
+            "precision": report["precision"],
+            "calibration": report["calibration"],
+            "seconds": report["seconds"],
+            "numerics": report.get("numerics"),
+            "weight_formats": formats,
+            "packed_bytes": packed_bytes(loaded.model, specs_from_modules(qres.engine.modules), measured_bits=measured),
+        },
+    )
     if stream:  # evaluated from its directory; kept in the cache only when the study keeps models
         eval_plan = model_plan(model, work, options, device, quantize=False)
         result = load_model(str(kept), device=device, dtype=dtype, stream=eval_plan.streams("evaluate"))
@@ -200,17 +269,36 @@ class WindowStore:
 
         tok = loaded.tokenizer
         bos = tok.bos_token_id if loaded.needs_bos else None
-        key = digest({"model": self.model, "source": source, "seqlen": seqlen, "windows": windows, "bos": bos,
-                      "schema": CACHE_SCHEMA})
+        key = digest(
+            {
+                "model": self.model,
+                "source": source,
+                "seqlen": seqlen,
+                "windows": windows,
+                "bos": bos,
+                "schema": CACHE_SCHEMA,
+            }
+        )
         with self.cache.claim("windows", key):  # every work of a model shares them: tokenize once
             got = self.cache.get_tensors("windows", key)
             if got is not None and "bytes" in got:  # entries from before bits per byte lack the counts: rebuilt
-                return HeldoutWindows(got["ids"], got["bytes"].tolist(), got["chars"].tolist(),
-                                      "offsets" if int(got["method"][0]) == 0 else "decode")
+                return HeldoutWindows(
+                    got["ids"],
+                    got["bytes"].tolist(),
+                    got["chars"].tolist(),
+                    "offsets" if int(got["method"][0]) == 0 else "decode",
+                )
             hw = scored_windows(loaded, source, seqlen, windows, data_dir)
-            self.cache.put_tensors("windows", key, {"ids": hw.ids, "bytes": torch.tensor(hw.bytes),
-                                                    "chars": torch.tensor(hw.chars),
-                                                    "method": torch.tensor([0 if hw.method == "offsets" else 1])})
+            self.cache.put_tensors(
+                "windows",
+                key,
+                {
+                    "ids": hw.ids,
+                    "bytes": torch.tensor(hw.bytes),
+                    "chars": torch.tensor(hw.chars),
+                    "method": torch.tensor([0 if hw.method == "offsets" else 1]),
+                },
+            )
             return hw
 
 
@@ -227,19 +315,38 @@ def scored_windows(loaded, source: str, seqlen: int, windows: int, data_dir: str
     return heldout_windows(text, tok, seqlen, tok.bos_token_id if loaded.needs_bos else None, windows or None)
 
 
-def evaluate_units(loaded, batch: list[UnitRecord], options: dict, progress: bool,
-                   windows: WindowStore | None = None) -> list[tuple[dict, list[dict]]]:
+def evaluate_units(
+    loaded, batch: list[UnitRecord], options: dict, progress: bool, windows: WindowStore | None = None
+) -> list[tuple[dict, list[dict]]]:
     if batch[0]["kind"] == "ppl":
         s = batch[0]["settings"]
         win = windows.get(loaded, s["source"], s["seqlen"], s["windows"], options["data_dir"]) if windows else None
-        return [ppl_with_samples(loaded, s["source"], s["seqlen"], s["windows"], options["eval_batch_size"], progress,
-                                 options["data_dir"], win)]
+        return [
+            ppl_with_samples(
+                loaded,
+                s["source"],
+                s["seqlen"],
+                s["windows"],
+                options["eval_batch_size"],
+                progress,
+                options["data_dir"],
+                win,
+            )
+        ]
     from ..evaluation.run import evaluate
 
     s = batch[0]["settings"]
-    res = evaluate(loaded, tasks=tuple(u["settings"]["task"] for u in batch), shots=(s["shots"],), limit=s["limit"],
-                   data_dir=options["data_dir"], batch_size=options["eval_batch_size"], seed=s["seed"], progress=progress,
-                   chat_template=s.get("chat_template", "off"))
+    res = evaluate(
+        loaded,
+        tasks=tuple(u["settings"]["task"] for u in batch),
+        shots=(s["shots"],),
+        limit=s["limit"],
+        data_dir=options["data_dir"],
+        batch_size=options["eval_batch_size"],
+        seed=s["seed"],
+        progress=progress,
+        chat_template=s.get("chat_template", "off"),
+    )
     out = []
     for u in batch:
         name = u["settings"]["task"]
@@ -263,8 +370,16 @@ def _plain(obj: Any) -> Any:
     return obj
 
 
-def ppl_with_samples(loaded, source: str, seqlen: int, windows: int, batch_size: int,
-                     progress: bool, data_dir: str | None = None, win=None) -> tuple[dict, list[dict]]:
+def ppl_with_samples(
+    loaded,
+    source: str,
+    seqlen: int,
+    windows: int,
+    batch_size: int,
+    progress: bool,
+    data_dir: str | None = None,
+    win=None,
+) -> tuple[dict, list[dict]]:
     """Perplexity by evaluation/perplexity.py's protocol, keeping each window's NLL so calibration
     choices can be compared with a paired bootstrap over windows, and each window's scored bytes
     and characters for bits per byte (the tokenizer-independent measure; `win`: HeldoutWindows)."""
@@ -277,11 +392,22 @@ def ppl_with_samples(loaded, source: str, seqlen: int, windows: int, batch_size:
     count = sum(n for _, n in per_window)
     mean = total / count
     n_bytes, n_chars = sum(hw.bytes), sum(hw.chars)
-    metric = {"ppl": math.exp(mean), "nll": mean, "tokens": count, "windows": len(per_window), "seqlen": seqlen,
-              "source": source, "split": "heldout", "bytes": n_bytes, "chars": n_chars,
-              "bpb": bits_per_unit(total, n_bytes), "bpc": bits_per_unit(total, n_chars), "text_units": hw.method}
-    samples = [{"id": f"w{i}", "nll": v / n, "tokens": n, "bytes": b, "chars": c}
-               for i, ((v, n), b, c) in enumerate(zip(per_window, hw.bytes, hw.chars))]
+    metric = {
+        "ppl": math.exp(mean),
+        "nll": mean,
+        "tokens": count,
+        "windows": len(per_window),
+        "seqlen": seqlen,
+        "source": source,
+        "split": "heldout",
+        "bytes": n_bytes,
+        "chars": n_chars,
+        "bpb": bits_per_unit(total, n_bytes),
+        "bpc": bits_per_unit(total, n_chars),
+        "text_units": hw.method,
+    }
+    samples = [
+        {"id": f"w{i}", "nll": v / n, "tokens": n, "bytes": b, "chars": c}
+        for i, ((v, n), b, c) in enumerate(zip(per_window, hw.bytes, hw.chars))
+    ]
     return metric, samples
-
-
