@@ -253,7 +253,7 @@ def _synthetic_collected(tmp_path):
 
 def test_report_section_on_synthetic_results_answers_iso_memory(tmp_path, monkeypatch):
     from quantshift.studies import frontier
-    from quantshift.studies.report import to_markdown
+    from quantshift.studies.document import to_markdown
 
     collected, sizes = _synthetic_collected(tmp_path)
     params = {"big": 270, "small": 135}
@@ -477,7 +477,7 @@ def test_task_type_section_answers_iso_size_methods_and_difficulty(tmp_path, mon
     detection; AWQ beats GPTQ on mathematics at W4; GPTQ's drops fall on the hard items (hard
     by the other model's fp16), AWQ's few drops do not."""
     from quantshift.studies import frontier
-    from quantshift.studies.report import to_markdown
+    from quantshift.studies.document import to_markdown
     from quantshift.studies.spec import EvalUnit
     from quantshift.studies.task_types import task_type_blocks
 
@@ -545,7 +545,7 @@ def test_chat_template_section_pairs_each_fp_model_with_its_raw_run(monkeypatch)
     and changes nothing on hallucination; the big model has no template, which the section says
     instead of comparing a run with itself."""
     from quantshift.studies import frontier
-    from quantshift.studies.report import to_markdown
+    from quantshift.studies.document import to_markdown
     from quantshift.studies.spec import RAW_SUFFIX, EvalUnit
     from quantshift.studies.task_types import _chat_template_section, unit_types
 

@@ -15,7 +15,7 @@ import yaml
 from conftest import loaded_tiny
 
 from quantshift.errors import ConfigError
-from quantshift.studies.report import is_iid, paired_test
+from quantshift.studies.analysis import is_iid, paired_test
 from quantshift.studies.spec import expand, study_from_dict
 
 TEXTS = {
@@ -384,7 +384,9 @@ def test_ray_executor_matches_local(tiny_env, tmp_path):
 
 def test_report_on_task_results_marks_iid_best_and_significance(tmp_path):
     """The report from synthetic task results: I.I.D. cell marked, best in bold, bootstrap p computed."""
-    from quantshift.studies.report import build_blocks, iid_findings, sensitivity, to_markdown
+    from quantshift.studies.analysis import iid_findings, sensitivity
+    from quantshift.studies.document import to_markdown
+    from quantshift.studies.report import build_blocks
     from quantshift.studies.spec import EvalUnit
 
     spec = study_from_dict(
@@ -530,3 +532,25 @@ def test_chat_template_ablation_adds_raw_twins_to_the_unquantized_works_only(tin
     assert {b[0]["settings"].get("chat_template") for b in unit_batches(fp["units"])} == {"auto", None}
     with pytest.raises(ConfigError, match="chat_template_ablation .*auto or on"):
         study_from_dict(tiny_study(tiny_env, evaluation={**ev, "chat_template": "off"}))
+
+
+def test_report_document_renders_pipe_tables_and_escaped_html(tmp_path):
+    """Markdown: blocks one blank line apart, pipes inside a cell replaced (they would split it);
+    HTML: inline markup through markdown-it, everything else escaped, figures embedded."""
+    from quantshift.studies.document import Heading, Image, Paragraph, Table, to_html, to_markdown
+
+    (tmp_path / "f.png").write_bytes(b"\x89PNG fake")
+    blocks = [
+        Heading(2, "A < B"),
+        Paragraph("x **bold** & <script>y</script>"),
+        Table(["h", "v"], [["a|b", "*i*"]]),
+        Image("f.png", 'alt "q"'),
+    ]
+    assert to_markdown(blocks) == (
+        '## A < B\n\nx **bold** & <script>y</script>\n\n| h | v |\n|---|---|\n| a/b | *i* |\n\n![alt "q"](f.png)\n'
+    )
+    html = to_html(blocks, tmp_path, "t & <x>")
+    assert "<title>t &amp; &lt;x&gt;</title>" in html and "<h2>A &lt; B</h2>" in html
+    assert "<p>x <strong>bold</strong> &amp; &lt;script&gt;y&lt;/script&gt;</p>" in html
+    assert "<td>a|b</td><td><em>i</em></td>" in html
+    assert 'alt="alt &#34;q&#34;" src="data:image/png;base64,iVBORyBmYWtl"' in html

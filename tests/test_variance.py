@@ -220,7 +220,8 @@ def synthetic_multi_seed(seeds=SEEDS) -> dict:
 
 
 def test_report_decomposes_source_vs_seed(tmp_path):
-    from quantshift.studies.report import build_blocks, to_markdown
+    from quantshift.studies.document import to_markdown
+    from quantshift.studies.report import build_blocks
 
     md = to_markdown(build_blocks(synthetic_multi_seed(), tmp_path))
     section = md.split("### Calibration source vs seed")[1].split("### Sensitivity")[0]
@@ -249,7 +250,8 @@ def test_report_decomposes_source_vs_seed(tmp_path):
 
 def test_report_with_one_seed_of_several_left_states_no_finding(tmp_path):
     """Seeds in the study but one seed's cells alone done for a source: untested, never a single-seed finding."""
-    from quantshift.studies.report import build_blocks, to_markdown
+    from quantshift.studies.document import to_markdown
+    from quantshift.studies.report import build_blocks
 
     col = synthetic_multi_seed()
     col["cells"] = [
@@ -261,7 +263,8 @@ def test_report_with_one_seed_of_several_left_states_no_finding(tmp_path):
 
 
 def test_single_seed_report_is_labelled(tmp_path):
-    from quantshift.studies.report import build_blocks, to_markdown
+    from quantshift.studies.document import to_markdown
+    from quantshift.studies.report import build_blocks
 
     col = synthetic_multi_seed(seeds=[42])
     md = to_markdown(build_blocks(col, tmp_path))
@@ -314,7 +317,7 @@ def test_difficulty_regression_finds_a_planted_slope_and_none_where_there_is_non
 
 def test_source_vs_seed_figure_puts_sds_on_a_log_axis(tmp_path, monkeypatch):
     """A seed SD of a fraction of a percent beside a source SD of thousands of percent: both visible."""
-    from quantshift.studies import report
+    from quantshift.studies import figures
 
     rng = np.random.default_rng(0)
     y = {
@@ -331,5 +334,5 @@ def test_source_vs_seed_figure_puts_sds_on_a_log_axis(tmp_path, monkeypatch):
         "savefig",
         lambda fig, *a, **k: (scales.extend(ax.get_xscale() for ax in fig.axes), real_save(fig, *a, **k)),
     )
-    assert report._fig_source_seed([a], tmp_path / "f.png") and (tmp_path / "f.png").stat().st_size > 0
+    assert figures.source_seed_figure([a], tmp_path / "f.png") and (tmp_path / "f.png").stat().st_size > 0
     assert scales == ["symlog"]

@@ -34,9 +34,10 @@ from ..evaluation.pareto import (
     spearman_ci,
 )
 from ..evaluation.tasks import DIMENSIONS, LANGUAGE_MODELLING, dimension_of
-from .spec import short_source
+from .document import Block, Heading, Image, Paragraph, Table
+from .records import CellResult, StudyResults
+from .spec import EvalUnit, short_source
 
-Block = tuple
 LM = LANGUAGE_MODELLING
 ALL_TASKS = "all tasks"
 
@@ -62,7 +63,7 @@ def param_shapes(model_name: str) -> dict[str, tuple[int, ...]] | None:
         return None
 
 
-def cell_size(cell: dict) -> tuple[PackedSize | None, str]:
+def cell_size(cell: CellResult) -> tuple[PackedSize | None, str]:
     """Packed size of a cell's model (fp: every parameter at 16 bits), or None and why not."""
     shapes = param_shapes(cell["model"]["name"])
     if shapes is None:
@@ -82,7 +83,7 @@ def cell_size(cell: dict) -> tuple[PackedSize | None, str]:
         return None, str(err)
 
 
-def packed_bytes(cell: dict) -> int | None:
+def packed_bytes(cell: CellResult) -> int | None:
     """A cell's packed size in bytes (None when unknown), for results.json."""
     size, _why = cell_size(cell)
     return None if size is None else size.total_bytes
@@ -98,7 +99,7 @@ class Config:
     method: str
     wbits: int
     calib: str | None
-    cells: list[dict] = field(default_factory=list)
+    cells: list[CellResult] = field(default_factory=list)
     size: PackedSize | None = None
     size_note: str = ""
     quality: dict[str, Quality] = field(default_factory=dict)
@@ -129,7 +130,7 @@ def _item_scores(samples: list[dict]) -> dict[str, tuple[float, float]]:
     return {s["id"]: (float(s["acc"]), 1.0) for s in samples if s.get("acc") is not None}
 
 
-def stratum(cells: list[dict], key: str) -> Stratum | None:
+def stratum(cells: list[CellResult], key: str) -> Stratum | None:
     """[seeds x items] table of one unit over a configuration's cells (items all seeds scored)."""
     extract = _window_bits if key.startswith("ppl:") else _item_scores
     rows = [r for c in cells if (r := extract(c["samples"].get(key) or []))]
@@ -143,7 +144,7 @@ def stratum(cells: list[dict], key: str) -> Stratum | None:
     )
 
 
-def task_categories(cells: list[dict], units: list) -> dict[str, str | None]:
+def task_categories(cells: list[CellResult], units: list[EvalUnit]) -> dict[str, str | None]:
     """Task unit key -> the category recorded with its results (None when none was)."""
     return {
         u.key: next((c["metrics"][u.key].get("category") for c in cells if c["metrics"].get(u.key)), None)
@@ -152,12 +153,12 @@ def task_categories(cells: list[dict], units: list) -> dict[str, str | None]:
     }
 
 
-def task_dimensions(cells: list[dict], units: list) -> dict[str, str]:
+def task_dimensions(cells: list[CellResult], units: list[EvalUnit]) -> dict[str, str]:
     """Task unit key -> dimension (from the category recorded with the results)."""
     return {k: dimension_of(cat) for k, cat in task_categories(cells, units).items()}
 
 
-def metric_names(dims: dict[str, str], units: list) -> list[str]:
+def metric_names(dims: dict[str, str], units: list[EvalUnit]) -> list[str]:
     names = [LM] if any(u.kind == "ppl" for u in units) else []
     present = [d for d in [*DIMENSIONS, "unassigned"] if d in dims.values()]
     names += present
@@ -170,7 +171,7 @@ def higher_better(metric: str) -> bool:
     return metric != LM
 
 
-def configs_of(cells: list[dict], units: list) -> tuple[list[Config], dict[str, str]]:
+def configs_of(cells: list[CellResult], units: list[EvalUnit]) -> tuple[list[Config], dict[str, str]]:
     multi_calib = len({c["calib"]["source"] for c in cells if c["calib"]}) > 1
     groups: dict[tuple, Config] = {}
     for c in cells:
@@ -229,7 +230,7 @@ def _unit(metric: str) -> str:
 
 
 def frontier_blocks(
-    collected: dict, fig_dir: Path, configured: tuple[list[Config], dict[str, str]] | None = None
+    collected: StudyResults, fig_dir: Path, configured: tuple[list[Config], dict[str, str]] | None = None
 ) -> list[Block]:
     """The cross-model section of the report (empty when no cell has finished); `configured`:
     configs_of(cells, units) when the caller has it already."""
@@ -240,9 +241,8 @@ def frontier_blocks(
     metrics = metric_names(dims, units)
     multi_calib = any(c.calib for c in configs)
     b: list[Block] = [
-        ("h2", "Size, quality and evaluation dimensions (across models)"),
-        (
-            "p",
+        Heading(2, "Size, quality and evaluation dimensions (across models)"),
+        Paragraph(
             "Different tokenizers cut the same text into different tokens, so token perplexity is not "
             "comparable across models and is never compared across models here (it appears only in the "
             "per-model tables above). Across models this section uses bits per byte (bpb = total NLL in "
@@ -252,7 +252,7 @@ def frontier_blocks(
             "per group for asymmetric grids), every other parameter (embeddings, norms, unquantized "
             "layers) at 16 bits, tied weights once; fp16 = the unquantized model at 16 bits. "
             "MB = 10⁶ bytes. Intervals: 95% percentile bootstrap over held-out windows / task items "
-            "and over calibration seeds where a configuration has several.",
+            "and over calibration seeds where a configuration has several."
         ),
     ]
     if dims:
@@ -260,11 +260,10 @@ def frontier_blocks(
         for k, d in dims.items():
             used[d].append(k.split(":", 1)[1].split("@")[0])
         b.append(
-            (
-                "p",
+            Paragraph(
                 "Dimensions (evaluation.tasks.DIMENSIONS): "
                 + "; ".join(f"{d}: {', '.join(ts)}" for d, ts in sorted(used.items()))
-                + f"; {LM}: bits per byte on the held-out sources.",
+                + f"; {LM}: bits per byte on the held-out sources."
             )
         )
     b += _table_blocks(configs, metrics, units, multi_calib)
@@ -275,7 +274,7 @@ def frontier_blocks(
     return b
 
 
-def _table_blocks(configs: list[Config], metrics: list[str], units: list, multi_calib: bool) -> list[Block]:
+def _table_blocks(configs: list[Config], metrics: list[str], units: list[EvalUnit], multi_calib: bool) -> list[Block]:
     sources = [u.key for u in units if u.kind == "ppl"]
     headers = (
         ["model", "configuration", "packed MB", "bits/param"]
@@ -297,10 +296,10 @@ def _table_blocks(configs: list[Config], metrics: list[str], units: list, multi_
             q = cfg.quality.get(m)
             row.append("–" if not q else _fmt_ci(estimate(q), interval(q), m))
         rows.append(row)
-    out: list[Block] = [("h3", "Packed size and tokenizer-independent quality"), ("table", headers, rows)]
+    out: list[Block] = [Heading(3, "Packed size and tokenizer-independent quality"), Table(headers, rows)]
     notes = sorted({f"{c.label(True, multi_calib)}: {c.size_note}" for c in configs if c.size is None})
     if notes:
-        out.append(("p", "Size unknown: " + "; ".join(notes) + "."))
+        out.append(Paragraph("Size unknown: " + "; ".join(notes) + "."))
     return out
 
 
@@ -309,7 +308,7 @@ def _sized(configs: list[Config], metric: str) -> list[Config]:
 
 
 def _frontier_section(configs: list[Config], metrics: list[str], fig_dir: Path, multi_calib: bool) -> list[Block]:
-    b: list[Block] = [("h3", "Quality–size frontier")]
+    b: list[Block] = [Heading(3, "Quality–size frontier")]
     fronts = {}
     for m in (LM, ALL_TASKS):
         if m not in metrics:
@@ -327,36 +326,34 @@ def _frontier_section(configs: list[Config], metrics: list[str], fig_dir: Path, 
         ]
         fronts[m] = (cs, front)
         b.append(
-            (
-                "p",
+            Paragraph(
                 f"{m} ({_unit(m)}): the frontier (no other configuration is as small and better) is "
                 + ", ".join(
                     f"{c.label(True, multi_calib)} ({_mb(c.size)} MB, {_fmt_q(estimate(c.quality[m]), m)})"
                     for c in front
                 )
-                + ".",
+                + "."
             )
         )
     if not fronts:
-        return b + [("p", "No configuration with both a packed size and a quality yet.")]
+        return b + [Paragraph("No configuration with both a packed size and a quality yet.")]
     if _fig_frontier(fronts, fig_dir / "frontier.png", multi_calib):
-        b.append(("img", "figures/frontier.png", "quality against packed size; frontier configurations joined"))
+        b.append(Image("figures/frontier.png", "quality against packed size; frontier configurations joined"))
     return b
 
 
 def _iso_memory_section(configs: list[Config], metrics: list[str], multi_calib: bool) -> list[Block]:
-    b: list[Block] = [("h3", "Iso-memory: a larger model at low bits or a smaller model at higher precision?")]
+    b: list[Block] = [Heading(3, "Iso-memory: a larger model at low bits or a smaller model at higher precision?")]
     params = {c.model: c.size.quantized_params + c.size.dense_params for c in configs if c.size is not None}
     if len(params) < 2:
-        return b + [("p", "Needs two or more models with known sizes.")]
+        return b + [Paragraph("Needs two or more models with known sizes.")]
     b.append(
-        (
-            "p",
+        Paragraph(
             "For each byte budget (each configuration's packed size) and pair of models: the best configuration "
             "of each model that fits in the budget (by point estimate), and the difference larger − smaller with "
             "its 95% bootstrap interval (bits per byte: windows of the two tokenizers are different text, "
             "resampled independently; accuracy: paired over the same task items). * = interval excludes 0. "
-            "Budgets where neither pick changes are left out.",
+            "Budgets where neither pick changes are left out."
         )
     )
     rows = []
@@ -379,10 +376,9 @@ def _iso_memory_section(configs: list[Config], metrics: list[str], multi_calib: 
                 ]
             )
     if not rows:
-        return b + [("p", "No budget fits a configuration of two models.")]
+        return b + [Paragraph("No budget fits a configuration of two models.")]
     b.append(
-        (
-            "table",
+        Table(
             [
                 "quality",
                 "budget MB",
@@ -403,7 +399,7 @@ def _iso_memory_section(configs: list[Config], metrics: list[str], multi_calib: 
             if row[0] == m:
                 by[row[-1]].append(row[1])
         answers.append(f"{m}: " + "; ".join(f"{v} at {', '.join(bs)} MB" for v, bs in by.items()))
-    b.append(("p", "Answer per quality: " + ". ".join(answers) + "."))
+    b.append(Paragraph("Answer per quality: " + ". ".join(answers) + "."))
     return b
 
 
@@ -417,7 +413,7 @@ def _iso_verdict(c: Comparison | None, metric: str) -> str:
 
 
 def _drops_section(configs: list[Config], metrics: list[str], multi_calib: bool) -> list[Block]:
-    b: list[Block] = [("h3", "Drop per dimension, method and bit width (vs the model's fp16)")]
+    b: list[Block] = [Heading(3, "Drop per dimension, method and bit width (vs the model's fp16)")]
     dims = [m for m in metrics if m != ALL_TASKS]
     rows = []
     for cfg in configs:
@@ -430,16 +426,15 @@ def _drops_section(configs: list[Config], metrics: list[str], multi_calib: bool)
             row.append(_fmt_diff(compare(f, q, paired=True), m) if q and f else "–")
         rows.append(row)
     if not rows:
-        return b + [("p", "Needs an fp reference and a quantized configuration of the same model.")]
+        return b + [Paragraph("Needs an fp reference and a quantized configuration of the same model.")]
     b.append(
-        (
-            "p",
+        Paragraph(
             f"Δ = quantized − fp16: {LM} in bits per byte (positive = worse), dimensions in accuracy points "
             "(negative = worse; mean over the dimension's tasks); paired bootstrap over the same windows/items, "
-            "seeds resampled; * = 95% interval excludes 0.",
+            "seeds resampled; * = 95% interval excludes 0."
         )
     )
-    b.append(("table", ["configuration", "seeds"] + [f"Δ {m}" for m in dims], rows))
+    b.append(Table(["configuration", "seeds"] + [f"Δ {m}" for m in dims], rows))
     return b
 
 
@@ -477,12 +472,12 @@ def proxy_points(configs: list[Config], dims: dict[str, str]) -> tuple[list[dict
 
 
 def _proxy_section(configs: list[Config], dims: dict[str, str], fig_dir: Path) -> list[Block]:
-    b: list[Block] = [("h3", "Perplexity as a proxy: does the bits-per-byte increase predict task drops?")]
+    b: list[Block] = [Heading(3, "Perplexity as a proxy: does the bits-per-byte increase predict task drops?")]
     if not dims:
-        return b + [("p", "No task in this study.")]
+        return b + [Paragraph("No task in this study.")]
     pts, targets = proxy_points(configs, dims)
     if len(pts) < 3:
-        return b + [("p", f"Needs 3 or more quantized models with an fp reference; this study has {len(pts)}.")]
+        return b + [Paragraph(f"Needs 3 or more quantized models with an fp reference; this study has {len(pts)}.")]
     rows, found, res = [], [], {}
     for t in targets:
         xs = [p["x"] for p in pts if t in p["y"]]
@@ -499,28 +494,26 @@ def _proxy_section(configs: list[Config], dims: dict[str, str], fig_dir: Path) -
         if r.finding:
             found.append(f"{name} ({kind}): ρ = {r.rho:+.2f} {ci}, permutation p = {pv}")
     b.append(
-        (
-            "p",
+        Paragraph(
             "x: increase in bits per byte over the model's own fp16 (mean over held-out sources; tokenizer-"
             "independent, so models of different tokenizers share one axis); y: accuracy drop in points "
             "(fp16 − quantized). Spearman ρ over the quantized models (each calibration seed is one model), "
             '95% percentile bootstrap interval over models, and the permutation p of "no association" '
             "(exact up to 8 models); a finding only where the interval excludes 0 and p < 0.05 (with a "
-            "handful of models and tied drops the bootstrap interval alone is too narrow).",
+            "handful of models and tied drops the bootstrap interval alone is too narrow)."
         )
     )
-    b.append(("table", ["target", "kind", "models", "Spearman ρ", "95% CI", "permutation p", "finding"], rows))
+    b.append(Table(["target", "kind", "models", "Spearman ρ", "95% CI", "permutation p", "finding"], rows))
     b.append(
-        (
-            "p",
+        Paragraph(
             ("Findings: " + "; ".join(found) + ".")
             if found
             else "No finding: for no task or dimension do the interval and the permutation test both exclude "
-            "no association (with few quantized models neither can).",
+            "no association (with few quantized models neither can)."
         )
     )
     if _fig_proxy(pts, [t for t in targets if not t.startswith("task:")], res, fig_dir / "proxy.png"):
-        b.append(("img", "figures/proxy.png", "accuracy drop against bits-per-byte increase per dimension"))
+        b.append(Image("figures/proxy.png", "accuracy drop against bits-per-byte increase per dimension"))
     return b
 
 

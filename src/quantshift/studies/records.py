@@ -1,10 +1,13 @@
 """The plain-JSON records a study passes around: works (what to run), their evaluation units, and
-what a work reports back. TypedDicts, not classes: executors ship works to other processes and Ray
+what a work reports back, and the collected results the report reads. TypedDicts, not classes: executors ship works to other processes and Ray
 workers as they are, and cache keys are digests of the same plain values."""
 
 from __future__ import annotations
 
-from typing import Literal, TypedDict
+from typing import TYPE_CHECKING, Literal, TypedDict
+
+if TYPE_CHECKING:  # spec imports nothing from here; at run time the records stay plain dicts
+    from .spec import EvalUnit, StudySpec
 
 
 class UnitRecord(TypedDict):
@@ -65,3 +68,37 @@ class WorkResult(TypedDict, total=False):
     diag: list[str]  # diagnostic sets computed (diag works)
     wrote: list[str]  # cache entries this process wrote (none: another process had done the work)
     deferred: bool  # a Ray task gave up waiting for the work's lock: queue it again
+
+
+class CellResult(TypedDict, total=False):
+    """One cell of a study with everything the cache holds for it (runner.collect): the report's input."""
+
+    label: str
+    model: dict  # ModelAxis.model_dump()
+    method: str
+    wbits: int
+    recipe: dict | None  # None: the unquantized model
+    calib: dict | None  # CalibChoice.to_dict(); None: a calibration-free cell
+    key: str  # its model's quant key
+    status: str  # "done" | "failed" | "pending"
+    metrics: dict[str, dict]  # unit key -> the unit's metric record
+    samples: dict[str, list[dict]]  # unit key -> per-item (per-window) scores
+    error: str | None
+    calib_manifest: dict | None
+    quant_seconds: float | None
+    numerics: dict | None
+    packed_bytes: int | None
+    weight_formats: dict | None
+    bench: dict | None
+    eval_seconds: float
+
+
+class StudyResults(TypedDict, total=False):
+    """Everything the report needs, read back from the cache (runner.collect)."""
+
+    spec: StudySpec
+    units: list[EvalUnit]
+    cells: list[CellResult]
+    diagnostics: dict[str, dict]  # model -> (calibration source, seed, test) -> statistics
+    diag_errors: dict[str, str]
+    versions: dict[str, str]

@@ -15,7 +15,7 @@ from pathlib import Path
 from .cache import Cache
 from .diagnostics import all_pairs, diag_work
 from .keys import calib_key, code_versions, quant_key, unit_key, unit_settings
-from .records import ModelWork, Work, WorkResult
+from .records import CellResult, ModelWork, StudyResults, Work, WorkResult
 from .spec import Cell, EvalUnit, StudySpec, chat_template_units, eval_units, expand, precision_of
 from .work import has_quant_record, pending_units
 
@@ -307,10 +307,10 @@ def _cpu_seconds() -> float:
     return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
 
 
-def collect(plan: Plan, works: list[Work], cache: Cache, failures: dict[str, WorkResult] | None = None) -> dict:
+def collect(plan: Plan, works: list[Work], cache: Cache, failures: dict[str, WorkResult] | None = None) -> StudyResults:
     """Everything the report needs, read back from the cache (so a rerun reproduces it exactly)."""
     failures = failures or {}
-    cells = []
+    cells: list[CellResult] = []
     for cell, qk in zip(plan.cells, plan.cell_keys):
         metrics, samples = {}, {}
         owed = plan.units_of(cell)

@@ -24,8 +24,10 @@ from collections import defaultdict
 
 from ..evaluation.difficulty import drop_vs_difficulty, item_difficulty
 from ..evaluation.pareto import Candidate, Quality, compare, estimate, iso_memory_pairs
-from .frontier import Block, Config, _fmt_diff, _fmt_q, _iso_verdict, _mb, stratum, task_categories
-from .spec import RAW_SUFFIX
+from .document import Block, Heading, Paragraph, Table
+from .frontier import Config, _fmt_diff, _fmt_q, _iso_verdict, _mb, stratum, task_categories
+from .records import CellResult
+from .spec import RAW_SUFFIX, EvalUnit
 
 INSTRUCT_TYPES = (
     "commonsense_qa",
@@ -38,7 +40,7 @@ INSTRUCT_TYPES = (
 ALL = "all task types"
 
 
-def unit_types(cells: list[dict], units: list) -> dict[str, str]:
+def unit_types(cells: list[CellResult], units: list[EvalUnit]) -> dict[str, str]:
     """Task unit key -> its type (the category recorded with its results)."""
     return {k: str(cat).strip().lower() for k, cat in task_categories(cells, units).items() if cat}
 
@@ -54,7 +56,9 @@ def type_qualities(cfg: Config, types: dict[str, str]) -> dict[str, Quality]:
     return dict(out)
 
 
-def task_type_blocks(configs: list[Config], cells: list[dict], units: list, multi_calib: bool) -> list[Block]:
+def task_type_blocks(
+    configs: list[Config], cells: list[CellResult], units: list[EvalUnit], multi_calib: bool
+) -> list[Block]:
     types = unit_types(cells, units)
     if not any(t in INSTRUCT_TYPES for t in types.values()):
         return []
@@ -65,14 +69,13 @@ def task_type_blocks(configs: list[Config], cells: list[dict], units: list, mult
     for k, t in types.items():
         by_type[t].append(k.split(":", 1)[1].split("@")[0])
     b: list[Block] = [
-        ("h2", "Task types (instruction-tuned evaluation)"),
-        (
-            "p",
+        Heading(2, "Task types (instruction-tuned evaluation)"),
+        Paragraph(
             "Types: "
             + "; ".join(f"{t}: {', '.join(sorted(set(by_type[t])))}" for t in order)
             + ". Accuracy in points, mean over a type's tasks; intervals are 95% bootstrap over items "
             "(paired where two configurations scored the same items) and seeds; * = the interval "
-            "excludes 0.",
+            "excludes 0."
         ),
     ]
     b += _iso_by_type(configs, qual, names, multi_calib)
@@ -83,10 +86,10 @@ def task_type_blocks(configs: list[Config], cells: list[dict], units: list, mult
 
 
 def _iso_by_type(configs: list[Config], qual: dict, names: list[str], multi_calib: bool) -> list[Block]:
-    b: list[Block] = [("h3", "Equal size: a larger model quantized, or a smaller one, per task type")]
+    b: list[Block] = [Heading(3, "Equal size: a larger model quantized, or a smaller one, per task type")]
     params = {c.model: c.size.quantized_params + c.size.dense_params for c in configs if c.size is not None}
     if len(params) < 2:
-        return b + [("p", "Needs two or more models with known sizes.")]
+        return b + [Paragraph("Needs two or more models with known sizes.")]
     by_key = {c.key: c for c in configs}
     rows, verdicts = [], defaultdict(list)
     for t in names:
@@ -110,10 +113,9 @@ def _iso_by_type(configs: list[Config], qual: dict, names: list[str], multi_cali
                 ]
             )
     if not rows:
-        return b + [("p", "No budget fits a configuration of two models.")]
+        return b + [Paragraph("No budget fits a configuration of two models.")]
     b.append(
-        (
-            "table",
+        Table(
             [
                 "task type",
                 "budget MB",
@@ -131,12 +133,12 @@ def _iso_by_type(configs: list[Config], qual: dict, names: list[str], multi_cali
     for t, vs in verdicts.items():
         counts = {v: vs.count(v) for v in dict.fromkeys(vs)}
         summary.append(f"{t}: " + ", ".join(f"{v} at {n} budget{'s' * (n != 1)}" for v, n in counts.items()))
-    b.append(("p", "Per task type: " + "; ".join(summary) + "."))
+    b.append(Paragraph("Per task type: " + "; ".join(summary) + "."))
     return b
 
 
 def _methods_by_type(configs: list[Config], qual: dict, names: list[str]) -> list[Block]:
-    b: list[Block] = [("h3", "Methods at equal bit width, per task type")]
+    b: list[Block] = [Heading(3, "Methods at equal bit width, per task type")]
     groups: dict[tuple[str, int], list[Config]] = defaultdict(list)
     for c in configs:
         if not c.fp:
@@ -162,19 +164,18 @@ def _methods_by_type(configs: list[Config], qual: dict, names: list[str]) -> lis
                 drops.append(f"{m} {_fmt_diff(d, t)}{vs_best}")
             rows.append([cs[0].display, f"W{bits}", t, best_m, " · ".join(drops)])
     if not rows:
-        return b + [("p", "Needs two or more methods at one bit width of one model.")]
+        return b + [Paragraph("Needs two or more methods at one bit width of one model.")]
     b.append(
-        (
-            "p",
+        Paragraph(
             "Each method's Δ = quantized − fp16 of the same model (accuracy points, paired over items), ranked "
-            "best first; every other method against the best one (paired; * = different).",
+            "best first; every other method against the best one (paired; * = different)."
         )
     )
-    b.append(("table", ["model", "bits", "task type", "best", "Δ vs fp16 [95% CI], ranked"], rows))
+    b.append(Table(["model", "bits", "task type", "best", "Δ vs fp16 [95% CI], ranked"], rows))
     return b
 
 
-def _item_correctness(cells: list[dict], keys: list[str]) -> dict[str, float]:
+def _item_correctness(cells: list[CellResult], keys: list[str]) -> dict[str, float]:
     """Item -> mean correctness over a configuration's seeds ("task/id" across its tasks)."""
     sums: dict[str, list[float]] = defaultdict(list)
     for c in cells:
@@ -186,10 +187,10 @@ def _item_correctness(cells: list[dict], keys: list[str]) -> dict[str, float]:
 
 
 def _difficulty_section(configs: list[Config], types: dict[str, str], multi_calib: bool) -> list[Block]:
-    b: list[Block] = [("h3", "Does task difficulty predict the drop?")]
+    b: list[Block] = [Heading(3, "Does task difficulty predict the drop?")]
     fps = [c for c in configs if c.fp]
     if not fps or not any(not c.fp for c in configs):
-        return b + [("p", "Needs fp16 references and quantized configurations.")]
+        return b + [Paragraph("Needs fp16 references and quantized configurations.")]
     keys_of: dict[str, list[str]] = defaultdict(list)
     for k, t in types.items():
         keys_of[t].append(k)
@@ -226,27 +227,25 @@ def _difficulty_section(configs: list[Config], types: dict[str, str], multi_cali
             if fit.significant:
                 found.append(f"{cfg.label(True, multi_calib)} on {t}: {fit.verdict()}")
     if not rows:
-        return b + [("p", "Too few shared items to fit.")]
+        return b + [Paragraph("Too few shared items to fit.")]
     source = (
         "the other models' fp16 references"
         if len({c.model for c in fps}) > 1
         else "the model's own fp16 reference (only one model: the slope is biased toward 'easier items lose more')"
     )
     b.append(
-        (
-            "p",
+        Paragraph(
             f"Item difficulty = share of {source} that answer the item wrong; drop = fp16 correctness − "
             "quantized correctness (mean over seeds); least-squares slope of drop on difficulty with a 95% "
-            "bootstrap interval over items.",
+            "bootstrap interval over items."
         )
     )
-    b.append(("table", ["configuration", "task type", "items", "slope", "95% CI", "verdict"], rows))
+    b.append(Table(["configuration", "task type", "items", "slope", "95% CI", "verdict"], rows))
     b.append(
-        (
-            "p",
+        Paragraph(
             ("Significant: " + "; ".join(found) + ".")
             if found
-            else "No configuration shows a significant relation between item difficulty and its drop.",
+            else "No configuration shows a significant relation between item difficulty and its drop."
         )
     )
     return b
@@ -257,7 +256,7 @@ def _chat_template_section(configs: list[Config], types: dict[str, str], names: 
     fps = [c for c in configs if c.fp and any(k + RAW_SUFFIX in c.cells[0]["samples"] for k in types)]
     if not fps:
         return []
-    b: list[Block] = [("h3", "Chat template on vs off (unquantized models)")]
+    b: list[Block] = [Heading(3, "Chat template on vs off (unquantized models)")]
     rows, notes = [], []
     for fp in fps:
         applied = {bool((fp.cells[0]["metrics"].get(k) or {}).get("chat_template")) for k in types}
@@ -274,13 +273,12 @@ def _chat_template_section(configs: list[Config], types: dict[str, str], names: 
             rows.append([fp.display, t, _fmt_q(estimate(on), t), _fmt_q(estimate(off), t), _fmt_diff(cmp, t)])
     if rows:
         b.append(
-            (
-                "p",
+            Paragraph(
                 "The same items, prompts through the tokenizer's chat template (lm-eval's apply_chat_template) "
-                "and raw; Δ = on − off in accuracy points, 95% paired bootstrap over items (* = excludes 0).",
+                "and raw; Δ = on − off in accuracy points, 95% paired bootstrap over items (* = excludes 0)."
             )
         )
-        b.append(("table", ["model", "task type", "acc % on", "acc % off", "Δ on − off [95% CI]"], rows))
+        b.append(Table(["model", "task type", "acc % on", "acc % off", "Δ on − off [95% CI]"], rows))
     if notes:
-        b.append(("p", "; ".join(notes) + "."))
+        b.append(Paragraph("; ".join(notes) + "."))
     return b
