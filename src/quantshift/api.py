@@ -18,7 +18,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn as nn
@@ -29,6 +29,9 @@ from .models.load import LoadedModel, load_model, resolve_device
 from .models.precision import resolve_precision
 from .pipeline import PipelineRun
 from .recipes import Recipe, load_recipe, make_stage, recipe_from_dict
+
+if TYPE_CHECKING:
+    from .quant.statstore import StatsStore
 
 __all__ = ["QuantizationResult", "evaluate", "export", "load", "memory_plan", "quantize", "run_study", "save"]
 
@@ -305,7 +308,7 @@ def _check_before_load(
         validate.check_device("device", device)
 
 
-def _stats_store(model: ModelLike, loaded: LoadedModel, stats_cache: str | Path):
+def _stats_store(model: ModelLike, loaded: LoadedModel, stats_cache: str | Path) -> StatsStore:
     from .quant.statstore import StatsStore
     from .studies.keys import model_identity
     from .studies.spec import ModelAxis, digest

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo
 
 from .errors import ConfigError
 
@@ -112,6 +114,31 @@ def group_size_rule(v: int, name: str = "group_size") -> int:
             f"(e.g. 32, 64, 128), got {v!r}"
         )
     return v
+
+
+MAX_SEED = (1 << 63) - 1  # torch.Generator.manual_seed's range (non-negative part)
+
+
+def seed_rule(v: int, name: str = "seed") -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_SEED:
+        raise ValueError(f"{name} must be an integer 0..{MAX_SEED}, got {v!r}")
+    return v
+
+
+def number_in(lo: float, hi: float, lo_open: bool = False, note: str = "") -> Callable[[Any, ValidationInfo], Any]:
+    """A field validator for a method's numeric option: a finite number in [lo, hi] ((lo, hi] when
+    lo_open), None passing through for optional ones; `note` says what the number means."""
+
+    def check(v: Any, info: ValidationInfo) -> Any:
+        if v is None:
+            return v
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        if not (ok and (lo < v if lo_open else lo <= v) and v <= hi):
+            bound = ">" if lo_open else ">="
+            raise ValueError(f"{info.field_name} must be a number {bound} {lo:g} and <= {hi:g}{note}, got {v!r}")
+        return v
+
+    return check
 
 
 def grouped(group_size: int) -> bool:

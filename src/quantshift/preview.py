@@ -16,11 +16,15 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from . import validate
+
+if TYPE_CHECKING:
+    from .recipes import Recipe
+    from .studies.spec import StudySpec
 
 K_QUANT_CPU = 142.0 / (30 * 128 * 512)  # s per calibration token per block (GPTQ, docs/results.md)
 K_EVAL_CPU = 1.0 / (965 * 30)  # s per scored token per block (evaluation, docs/results.md)
@@ -139,7 +143,7 @@ def file_kind(data: Any, where: str) -> str:
     )
 
 
-def describe_recipe(rec) -> list[str]:
+def describe_recipe(rec: Recipe) -> list[str]:
     from .methods import METHODS
 
     lines = [
@@ -172,7 +176,7 @@ def model_shape(name: str) -> tuple[int, int, bool]:
 
 
 def work_estimate(
-    work: Mapping[str, Any], spec, pending: Sequence[Mapping[str, Any]], on_gpu: bool
+    work: Mapping[str, Any], spec: StudySpec, pending: Sequence[Mapping[str, Any]], on_gpu: bool
 ) -> tuple[float, float]:
     """(quantization seconds, evaluation seconds) of one model work, as estimated (see module doc)."""
     blocks, hidden, _ = model_shape(work["model"]["name"])
@@ -195,7 +199,7 @@ def work_estimate(
     return quant, blocks * tokens * K_EVAL_CPU * scale
 
 
-def describe_study(spec, cache_root: Path, data_dir: str | None, max_memory: str | None = None) -> list[str]:
+def describe_study(spec: StudySpec, cache_root: Path, data_dir: str | None, max_memory: str | None = None) -> list[str]:
     from .models.load import resolve_device
     from .studies.cache import Cache
     from .studies.runner import all_works, needs_work, plan_study

@@ -20,10 +20,18 @@ import re
 from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
-from .config import abits_rule, group_size_rule, wbits_rule
+from .config import abits_rule, group_size_rule, seed_rule, wbits_rule
 from .errors import ConfigError, InvalidInput, QuantshiftError
+
+if TYPE_CHECKING:
+    from .evaluation.taskdef import TaskDef
+    from .evaluation.tasks import SuiteDef
+    from .methods.base import Method
+    from .recipes import Recipe
+    from .registry import Registry
+    from .studies.spec import StudySpec
 
 # Sanity caps on sizes, far above any real use: a value beyond them is a typo (an extra zero
 # or two), and failing now beats failing after the model loaded, or never finishing.
@@ -31,7 +39,6 @@ MAX_SEQLEN = 1 << 20  # tokens per window
 MAX_COUNT = 1 << 20  # calibration windows, perplexity windows, items, repeats
 MAX_BATCH = 1 << 16
 MAX_SHOTS = 1000
-MAX_SEED = (1 << 63) - 1  # torch.Generator.manual_seed's range (non-negative part)
 # a source with this many bytes of text per needed token has room to spare in any tokenizer
 # seen here (English ~4 bytes per token, Chinese ~2-3); only closer calls are tokenized exactly
 AMPLE_BYTES_PER_TOKEN = 8
@@ -73,7 +80,7 @@ def finite_in(option: str, value: Any, lo: float, hi: float, lo_open: bool = Fal
 
 
 def check_seed(option: str, value: Any) -> None:
-    int_in(option, value, 0, MAX_SEED)
+    _rule(seed_rule, option, value)
 
 
 def check_device(option: str, value: Any) -> None:
@@ -211,7 +218,7 @@ def check_context(option: str, tokens: int, model: str) -> None:
 # ---------------------------------------------------------------- text sources and tasks
 
 
-def _task_registry():
+def _task_registry() -> tuple[Registry[TaskDef], Registry[SuiteDef]] | tuple[None, None]:
     try:
         from .evaluation.tasks import SUITES, TASKS
     except ImportError:  # a build without the task engine
@@ -475,7 +482,7 @@ def check_keys(model: Any, data: Any, where: str) -> None:
 # ---------------------------------------------------------------- recipes
 
 
-def _methods():
+def _methods() -> Registry[type[Method]]:
     from .methods import METHODS
 
     return METHODS
@@ -486,7 +493,7 @@ def check_method_name(where: str, name: Any) -> None:
         unknown("method", name, _methods().names(), where=where)
 
 
-def check_recipe_data(data: Any, where: str = "recipe"):
+def check_recipe_data(data: Any, where: str = "recipe") -> Recipe:
     """Raw recipe data (a recipe file's content) -> Recipe, or one line on the first problem."""
     from .recipes import recipe_from_dict
 
@@ -516,20 +523,6 @@ def _short(value: Any, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-# method option -> (lo, hi, lo_open) for numbers the method configs accept unchecked
-_NUMBER_RULES: dict[str, tuple[float, float, bool]] = {
-    "damp": (0.0, 1e3, False),  # 0 allowed: the solvers raise the damping stepwise when a factor fails
-    "block_size": (1, 1 << 16, False),
-    "grid": (2, 1000, False),
-    "clip_grid": (2, 1000, False),
-    "qq_group_size": (1, 1 << 16, False),
-    "max_outlier_fraction": (0.0, 1.0, False),
-    "alpha": (0.0, 1.0, False),
-    "seed": (0, MAX_SEED, False),
-    "max_bits_per_param": (0.0, 64.0, True),
-}
-
-
 def check_max_memory(option: str, value: Any) -> None:
     from .memory import parse_max_memory
 
@@ -537,7 +530,7 @@ def check_max_memory(option: str, value: Any) -> None:
         parse_max_memory(str(value))  # its message names the option and the part it could not read
 
 
-def _rule(rule, option: str, value: Any) -> None:
+def _rule(rule: Callable[[int, str], int], option: str, value: Any) -> None:
     """A number-format rule of config.py, its message naming the option."""
     try:
         rule(value, option)
@@ -549,39 +542,21 @@ def check_group_size(option: str, value: Any) -> None:
     _rule(group_size_rule, option, value)
 
 
-def check_recipe(rec, where: str = "recipe") -> None:
-    """What the stage configs accept but the engine refuses later: formats (group size, override
-    bits), regexes, out-of-range numbers, and stacks a method refuses."""
-    for i, stage in enumerate(rec.stages):
-        c, at = stage.config, f"{where} stage {i} ({stage.method})"
-        for key in ("targets", "ignore"):
-            for pattern in getattr(c, key, []):
-                try:
-                    re.compile(pattern)
-                except (re.error, RecursionError, OverflowError) as err:
-                    fail(f"{at}: {key} has an invalid regex {pattern!r} ({err})")
-        for key, (lo, hi, lo_open) in _NUMBER_RULES.items():
-            value = getattr(c, key, None)
-            if value is None:
-                continue
-            if key == "seed":
-                check_seed(f"{at}: seed", value)
-            else:
-                finite_in(f"{at}: {key}", value, lo, hi, lo_open)
-    # bit widths and group sizes (also per layer) are the configs' own rules (config.py, each
-    # method's Config); what is left is the order of the stages
+def check_recipe(rec: Recipe, where: str = "recipe") -> None:
+    """What no single stage config can see: the order of the stages (a stack a method refuses).
+    Every number, format and regex of a stage is its config's own rule (methods/*.py, config.py)."""
     if (problem := rec.stack_problem()) is not None:
         fail(f"{where}: {problem}")
 
 
-def check_recipe_file(path: Any, option: str = "--recipe"):
+def check_recipe_file(path: Any, option: str = "--recipe") -> Recipe:
     return check_recipe_data(read_yaml(option, path), str(path))
 
 
 # ---------------------------------------------------------------- studies
 
 
-def check_study_data(data: Any, where: str, data_dir: Any = None, stem: str = "study"):
+def check_study_data(data: Any, where: str, data_dir: Any = None, stem: str = "study") -> StudySpec:
     """Raw study data -> StudySpec, every axis checked (names, ranges, sources, their size)."""
     from .studies.spec import StudySpec, method_recipes
 
@@ -684,7 +659,7 @@ def _parse(model: Any, data: Any, where: str) -> Any:
         fail(f"{where}: a value has the wrong type ({type(err).__name__}: {err})")
 
 
-def check_study_file(path: Any, data_dir: Any = None, option: str = "STUDY"):
+def check_study_file(path: Any, data_dir: Any = None, option: str = "STUDY") -> StudySpec:
     return check_study_data(read_yaml(option, path), str(path), data_dir, Path(str(path)).stem)
 
 
@@ -759,7 +734,7 @@ def check_quantize(o: dict) -> None:
         )
 
 
-def _cli_recipe(method: str, fmt: dict):
+def _cli_recipe(method: str, fmt: dict) -> Recipe:
     from .recipes import recipe_from_cli
 
     if "+" in method:

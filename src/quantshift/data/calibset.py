@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import asdict, dataclass, replace
-from typing import Any, ClassVar, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import torch
 
 from ..errors import DataError
 from .sources import TextSource, get_source
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass(frozen=True)
@@ -45,7 +48,9 @@ class CalibSet:
         return self.input_ids.shape[0]
 
 
-def token_stream(source: TextSource, split: str, tokenizer, add_bos: bool = False) -> torch.Tensor:
+def token_stream(
+    source: TextSource, split: str, tokenizer: PreTrainedTokenizerBase, add_bos: bool = False
+) -> torch.Tensor:
     """The split's documents joined and tokenized once, as a 1-D int64 tensor."""
     text = source.text(split)  # type: ignore[arg-type]
     if not text.strip():
@@ -110,7 +115,7 @@ def split_union(source_name: str) -> list[str]:
 
 def build_calibset(
     source_name: str,
-    tokenizer,
+    tokenizer: PreTrainedTokenizerBase,
     n: int,
     seqlen: int,
     seed: int,
@@ -164,7 +169,18 @@ class CalibRequest(Protocol):
     def answers(self) -> bool: ...
 
 
-def build_study_calibset(loaded, model_name: str, calib: CalibRequest, data_dir: str | None = None) -> CalibSet:
+class CalibModel(Protocol):
+    """What build_study_calibset reads of a model (models.load.LoadedModel is one)."""
+
+    @property
+    def tokenizer(self) -> PreTrainedTokenizerBase: ...
+    @property
+    def needs_bos(self) -> bool: ...
+
+
+def build_study_calibset(
+    loaded: CalibModel, model_name: str, calib: CalibRequest, data_dir: str | None = None
+) -> CalibSet:
     """build_calibset's token-budget sampling (same windows, same manifest), over any study source;
     or the examples mode."""
     names = split_union(calib.source)
@@ -197,7 +213,7 @@ def build_study_calibset(loaded, model_name: str, calib: CalibRequest, data_dir:
     return CalibSet(ids, manifest)
 
 
-def pack_examples(docs: list[str], tokenizer, calib: CalibRequest) -> torch.Tensor:
+def pack_examples(docs: list[str], tokenizer: PreTrainedTokenizerBase, calib: CalibRequest) -> torch.Tensor:
     """n examples (seeded or first n), each cut to seqlen tokens, joined by EOS and packed into
     windows of seqlen; the engine needs a rectangle, and packing keeps every example's tokens."""
     if len(docs) < calib.n:

@@ -10,10 +10,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .stats import bootstrap_ci
+
+if TYPE_CHECKING:
+    import torch.nn as nn
+    from lm_eval.models.huggingface import HFLM
+
+    from ..models.load import LoadedModel
 
 SCORE_KEYS = ("acc", "acc_norm", "inst_acc", "exact_match", "f1", "mcc", "em")
 
@@ -37,8 +44,12 @@ def _env(values: dict[str, str]) -> Iterator[None]:
 # batching or in where the vocabulary projection runs can move bf16 results in the last digits).
 SCORER = "scored-positions-1"
 
+# one log-likelihood request as lm-eval's causal scorer gets it: (cache key (context, continuation)
+# or None, context token ids, continuation token ids)
+Request = tuple[tuple[str, str] | None, list[int], list[int]]
 
-def make_lm(loaded, batch_size: int):
+
+def make_lm(loaded: LoadedModel, batch_size: int) -> HFLM:
     import torch
     from lm_eval.models.huggingface import HFLM
 
@@ -48,7 +59,9 @@ def make_lm(loaded, batch_size: int):
         vocabulary and log-softmaxes it all; with Gemma's 262k vocabulary that is most of the
         compute (in gemma3-270m the projection has ~1.7x the multiply-adds of all its blocks)."""
 
-        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs=None):
+        def _loglikelihood_tokens(
+            self, requests: list[Request], disable_tqdm: bool = False, override_bs: int | None = None
+        ) -> list[tuple[float, bool]]:
             if self.backend != "causal" or not _accepts_logits_to_keep(self.model):
                 return super()._loglikelihood_tokens(requests, disable_tqdm=disable_tqdm, override_bs=override_bs)
             return score_continuations(
@@ -69,13 +82,15 @@ def make_lm(loaded, batch_size: int):
     return lm
 
 
-def _accepts_logits_to_keep(model) -> bool:
+def _accepts_logits_to_keep(model: nn.Module) -> bool:
     import inspect
 
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 
-def score_continuations(lm, requests, *, batch_size: int, progress: bool) -> list[tuple[float, bool]]:
+def score_continuations(
+    lm: HFLM, requests: Sequence[Request], *, batch_size: int, progress: bool
+) -> list[tuple[float, bool]]:
     """(sum of log p(continuation | context), continuation is the greedy choice) per request.
 
     The same contract as lm-eval's causal scorer: input = (context + continuation)[-(max_length+1):][:-1],
@@ -139,7 +154,7 @@ def score_continuations(lm, requests, *, batch_size: int, progress: bool) -> lis
 
 
 def run(
-    lm,
+    lm: HFLM,
     task_names: list[str],
     *,
     shots: int,
@@ -204,7 +219,7 @@ def _no_progress_bars() -> Iterator[None]:
 
     original = tqdm.std.tqdm.__dict__["__init__"]
 
-    def init(self, *args, **kwargs):
+    def init(self: tqdm.std.tqdm, *args: Any, **kwargs: Any) -> None:
         kwargs["disable"] = True
         return original.__get__(self, type(self))(*args, **kwargs)
 

@@ -27,11 +27,17 @@ import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
 from ..errors import ConfigError, DataError
 from .stats import bootstrap_ci
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..models.load import LoadedModel
 
 METRIC_KEY = "task:mt_bench@0"
 Judge = Callable[[str], str]  # judge prompt -> judgement text
@@ -98,16 +104,17 @@ def judge_prompt(q: Question, answers: list[str], turn: int) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
-def chat_prompt(tokenizer, messages: list[dict]) -> str:
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> str:
     """The model's own chat template when it has one, else plain "User:/Assistant:" turns."""
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        # tokenize=False: the rendered text
+        return cast(str, tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))
     body = "".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}\n" for m in messages)
     return body + "Assistant:"
 
 
 @torch.no_grad()
-def generate(loaded, prompt: str, max_new_tokens: int) -> str:
+def generate(loaded: LoadedModel, prompt: str, max_new_tokens: int) -> str:
     """Greedy continuation of a prompt (special tokens already in the text)."""
     tok = loaded.tokenizer
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)["input_ids"]
@@ -118,17 +125,18 @@ def generate(loaded, prompt: str, max_new_tokens: int) -> str:
         loaded.device if getattr(loaded, "dispatched", None) is not None else next(loaded.model.parameters()).device
     )
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    out = loaded.model.generate(
+    generate_ids: Any = getattr(loaded.model, "generate")  # noqa: B009 (typed as a Tensor by nn.Module)
+    out = generate_ids(
         ids.to(device),
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=pad,
         attention_mask=torch.ones_like(ids).to(device),
     )
-    return tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+    return cast(str, tok.decode(out[0, ids.shape[1] :], skip_special_tokens=True)).strip()  # one sequence: one string
 
 
-def answer(loaded, q: Question, max_new_tokens: int) -> list[str]:
+def answer(loaded: LoadedModel, q: Question, max_new_tokens: int) -> list[str]:
     """The model's answer to each turn, every turn seeing the earlier ones and its own replies."""
     messages: list[dict] = []
     answers: list[str] = []
@@ -192,7 +200,7 @@ def make_judge(spec: str, device: str = "auto") -> Judge:
 
 
 def mt_bench(
-    loaded,
+    loaded: LoadedModel,
     questions: list[Question],
     judge: Judge,
     judge_name: str,

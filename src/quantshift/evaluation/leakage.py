@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import warnings
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from ..errors import DataError
@@ -117,7 +117,7 @@ def check_leakage(
 
 
 def drop_overlapping(
-    pool: list[dict], scored: list[dict], text_key=lambda d: d["text"], n: int = NGRAM
+    pool: list[dict], scored: list[dict], text_key: Callable[[dict], str] = lambda d: d["text"], n: int = NGRAM
 ) -> tuple[list[dict], int]:
     """Pool items that share no id and no n-gram with any scored item, and how many were dropped."""
     bad: set[int] = set()

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import DataError
@@ -145,7 +146,7 @@ def _boss_qa_items(dataset: str, split: str, path: Path) -> list[dict]:
     return items
 
 
-def _boss_loader(tdir: str, dataset: str):
+def _boss_loader(tdir: str, dataset: str) -> Callable[[Path | None], list[dict]]:
     def load(data_dir: Path | None) -> list[dict]:
         _s, idd, _ood, _k, _m = BOSS[tdir]
         ext = "json" if tdir == "ExtractiveQA" else "tsv"
@@ -235,7 +236,7 @@ def _exam_rows(path: Path, bench: str) -> list[dict]:
     return out
 
 
-def _exam_loader(bench: str, category: str):
+def _exam_loader(bench: str, category: str) -> Callable[[Path | None], list[dict]]:
     cats = CEVAL_CATEGORIES if bench == "ceval" else CMMLU_CATEGORIES
     subjects = cats[category].split()
 

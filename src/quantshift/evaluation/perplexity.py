@@ -24,6 +24,7 @@ import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 import torch
@@ -32,6 +33,11 @@ from tqdm.auto import tqdm
 
 from ..data.sources import get_source
 from ..errors import DataError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..models.load import LoadedModel
 
 
 @dataclass
@@ -75,7 +81,7 @@ def _utf8_prefix(text: str) -> np.ndarray:
     return np.concatenate([[0], np.cumsum(width)])
 
 
-def token_ends(text: str, tokenizer) -> tuple[list[int], np.ndarray, np.ndarray] | None:
+def token_ends(text: str, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], np.ndarray, np.ndarray] | None:
     """Token ids of `text` (no special tokens) and, per token, the end of the text it owns in
     characters and in UTF-8 bytes (non-decreasing); None when the tokenizer has no offsets."""
     try:
@@ -100,7 +106,9 @@ def window_units(ends: np.ndarray, n_windows: int, seqlen: int, has_bos: bool) -
     return out
 
 
-def heldout_windows(text: str, tokenizer, seqlen: int, bos_id: int | None, max_windows: int | None) -> HeldoutWindows:
+def heldout_windows(
+    text: str, tokenizer: PreTrainedTokenizerBase, seqlen: int, bos_id: int | None, max_windows: int | None
+) -> HeldoutWindows:
     """windows_of() over the tokenized text, with each window's scored bytes and characters."""
     got = token_ends(text, tokenizer)
     if got is not None:
@@ -118,7 +126,8 @@ def heldout_windows(text: str, tokenizer, seqlen: int, bos_id: int | None, max_w
     )
     win = windows_of(stream, seqlen, bos_id, max_windows)
     scored = win[:, 1:]  # with or without BOS, position 0 is never scored
-    texts = [tokenizer.decode(row.tolist(), clean_up_tokenization_spaces=False) for row in scored]
+    # a 1-D sequence of ids decodes to one string
+    texts = [cast(str, tokenizer.decode(row.tolist(), clean_up_tokenization_spaces=False)) for row in scored]
     return HeldoutWindows(win, [len(t.encode("utf-8")) for t in texts], [len(t) for t in texts], "decode")
 
 
@@ -137,7 +146,7 @@ def windows_of(stream: torch.Tensor, seqlen: int, bos_id: int | None, max_window
 
 @torch.no_grad()
 def window_nlls(
-    model,
+    model: torch.nn.Module | LoadedModel,
     windows: torch.Tensor,
     batch_size: int = 8,
     progress: bool = True,
@@ -153,17 +162,18 @@ def window_nlls(
     families evaluation.scoring knows are scored from their final hidden states a vocabulary
     slice at a time; others from full logits, in float32 whatever the forward's precision."""
     if hasattr(model, "tokenizer") and hasattr(model, "model"):  # a LoadedModel
-        loaded = model
+        loaded = cast("LoadedModel", model)
         compute = compute or loaded.compute
         if loaded.source is not None:
             from .streaming import streamed_window_nlls
 
             return streamed_window_nlls(loaded, windows, batch_size, progress, desc, max_windows_per_pass)
         model = loaded.model
+    module = cast(torch.nn.Module, model)  # a LoadedModel is unwrapped above
     from .scoring import batch_nlls, head_in_memory
 
-    head = head_in_memory(model)
-    device = next(model.parameters()).device
+    head = head_in_memory(module)
+    device = next(module.parameters()).device
     out = []
     with tqdm(total=windows.numel(), desc=desc, disable=not progress, unit="tok", unit_scale=True, leave=False) as bar:
         for s in range(0, windows.shape[0], batch_size):
@@ -172,11 +182,11 @@ def window_nlls(
                 from ..models.arch import arch_for
 
                 with compute() if compute is not None else contextlib.nullcontext():
-                    hidden = arch_for(model).backbone(model)(input_ids=ids, use_cache=False).last_hidden_state
+                    hidden = arch_for(module).backbone(module)(input_ids=ids, use_cache=False).last_hidden_state
                 out.append(batch_nlls(hidden, ids, head, compute))
             else:
                 with compute() if compute is not None else contextlib.nullcontext():
-                    logits = model(input_ids=ids, use_cache=False).logits
+                    logits = module(input_ids=ids, use_cache=False).logits
                 logits = logits[:, :-1].float()
                 nll = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none").sum(dim=1)
                 out.append(nll.double().cpu())
@@ -198,8 +208,8 @@ def window_nll(
 
 
 def perplexity(
-    model,
-    tokenizer,
+    model: torch.nn.Module | LoadedModel,
+    tokenizer: PreTrainedTokenizerBase,
     source_name: str,
     seqlen: int = 512,
     max_windows: int | None = None,

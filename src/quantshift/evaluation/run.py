@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO, TYPE_CHECKING
 
 from ..errors import ConfigError, DataError, QuantshiftError
 from . import harness
@@ -30,6 +31,14 @@ from .tasks import (
     task_data,
 )
 
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from ..models.load import LoadedModel
+
+# one lm-eval run of a task: (task key name, TaskDef | lm-eval name, shots, category)
+TaskRun = tuple[str, TaskDef | str, int, str]
+
 
 @dataclass
 class EvalResult:
@@ -45,7 +54,7 @@ class EvalResult:
 
         samples_path = samples_file(json_path)
 
-        def lines(f) -> None:
+        def lines(f: IO[bytes]) -> None:
             for key, rows in self.samples.items():
                 for r in rows:
                     f.write((json.dumps({"key": key, **r}, ensure_ascii=False) + "\n").encode("utf-8"))
@@ -66,7 +75,9 @@ def task_root() -> Path:
     return cache_root() / "lm-eval-tasks"
 
 
-def _resolve(tasks: Iterable, suite: str | None, shots: Sequence[int] | None, ppl: Iterable[str]):
+def _resolve(
+    tasks: Iterable, suite: str | None, shots: Sequence[int] | None, ppl: Iterable[str]
+) -> tuple[list[str], list[TaskRun]]:
     """-> (ppl sources, [(task key name, TaskDef | lm-eval name, shots, category)]).
     shots None: each task's own count where it has one (fixed_shots), else the suite's counts,
     else 0; given: exactly those counts for every task."""
@@ -104,7 +115,7 @@ def preflight(*, tasks: Iterable = (), suite: str | None = None, data_dir: str |
 CHAT_TEMPLATE_MODES = ("off", "auto", "on")
 
 
-def use_chat_template(tokenizer, mode: str) -> bool:
+def use_chat_template(tokenizer: PreTrainedTokenizerBase, mode: str) -> bool:
     """Whether task prompts go through the tokenizer's chat template: "on" (the tokenizer must
     have one), "auto" (when it has one), "off" (raw prompts, as base models are scored)."""
     if mode not in CHAT_TEMPLATE_MODES:
@@ -118,7 +129,7 @@ def use_chat_template(tokenizer, mode: str) -> bool:
 
 
 def evaluate(
-    loaded,
+    loaded: LoadedModel,
     *,
     ppl: Iterable[str] = (),
     tasks: Iterable = (),
@@ -179,7 +190,7 @@ def evaluate(
     return res
 
 
-def _windows_per_pass(loaded, seqlen: int, batch_size: int) -> int | None:
+def _windows_per_pass(loaded: LoadedModel, seqlen: int, batch_size: int) -> int | None:
     """How many windows a block-streamed perplexity pass holds within the memory plan."""
     if loaded.source is None or loaded.memory is None:
         return None
@@ -188,7 +199,7 @@ def _windows_per_pass(loaded, seqlen: int, batch_size: int) -> int | None:
     return windows_per_pass(loaded.memory, seqlen, batch_size)
 
 
-def dispatch_streamed(loaded) -> None:
+def dispatch_streamed(loaded: LoadedModel) -> None:
     """A model whose weights are on disk runs whole (lm-eval, generation) through accelerate's
     offload hooks (models.dispatch): what fits the memory plan stays resident. Once per model."""
     if loaded.source is None or loaded.dispatched is not None:
@@ -205,7 +216,18 @@ def dispatch_streamed(loaded) -> None:
     print(loaded.dispatched.line())
 
 
-def _run_tasks(loaded, runs, res: EvalResult, *, limit, data_dir, batch_size, seed, progress, chat=False) -> None:
+def _run_tasks(
+    loaded: LoadedModel,
+    runs: list[TaskRun],
+    res: EvalResult,
+    *,
+    limit: int | None,
+    data_dir: str | Path | None,
+    batch_size: int,
+    seed: int,
+    progress: bool,
+    chat: bool = False,
+) -> None:
     local: dict[str, TaskData] = {}
     for name, t, _k, _c in runs:
         if isinstance(t, TaskDef) and name not in local:
@@ -331,7 +353,7 @@ def _check_fewshot(data: TaskData, limit: int | None) -> None:
     )
 
 
-def _guard_calibration(loaded, local: dict[str, TaskData], limit: int | None) -> None:
+def _guard_calibration(loaded: LoadedModel, local: dict[str, TaskData], limit: int | None) -> None:
     """A quantized model must not have been calibrated on text it is now scored on."""
     cal = (getattr(loaded, "quant_info", None) or {}).get("calibration") or {}
     src_name = cal.get("source")

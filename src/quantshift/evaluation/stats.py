@@ -7,12 +7,15 @@ recomputed exactly from the saved sample-level scores.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 
-def bootstrap_ci(values, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    values: Iterable[float], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap (1 - alpha) interval of the mean of `values`."""
     x = np.asarray(list(values), dtype=np.float64)
     if x.size == 0:
@@ -48,7 +51,9 @@ class PairedResult:
         return asdict(self)
 
 
-def paired_bootstrap(a, b, n_boot: int = 2000, alpha: float = 0.05, seed: int = 0) -> PairedResult:
+def paired_bootstrap(
+    a: Iterable[float], b: Iterable[float], n_boot: int = 2000, alpha: float = 0.05, seed: int = 0
+) -> PairedResult:
     """Difference of means b - a on the same items (aligned lists), resampling items jointly."""
     xa = np.asarray(list(a), dtype=np.float64)
     xb = np.asarray(list(b), dtype=np.float64)
@@ -64,7 +69,7 @@ def paired_bootstrap(a, b, n_boot: int = 2000, alpha: float = 0.05, seed: int = 
     return PairedResult(float(xa.mean()), float(xb.mean()), diff, (float(lo), float(hi)), p, int(xa.size))
 
 
-def sign_flip_p(diffs, n_perm: int = 10000, seed: int = 0) -> float:
+def sign_flip_p(diffs: Iterable[float], n_perm: int = 10000, seed: int = 0) -> float:
     """Two-sided p-value of "mean paired difference is 0": under that null each difference's sign
     is a coin flip. Exact (all 2^n sign patterns) for n <= 14, Monte Carlo beyond. Unlike the
     bootstrap's "how often does the resampled mean cross 0", it stays honest for tiny n: with 2

@@ -13,6 +13,8 @@ then evaluation.scoring batch by batch), the window NLLs are the same bits.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 from tqdm.auto import tqdm
 
@@ -20,9 +22,12 @@ from ..models.lazy import SourceBlocks, materialize, release
 from ..models.shards import return_freed_memory
 from .scoring import CHUNKED_MODEL_TYPES, Head, batches_nlls, softcap_of
 
+if TYPE_CHECKING:
+    from ..models.load import LoadedModel
+
 
 def streamed_window_nlls(
-    loaded,
+    loaded: LoadedModel,
     windows: torch.Tensor,
     batch_size: int = 8,
     progress: bool = True,
@@ -51,11 +56,12 @@ def streamed_window_nlls(
     return torch.cat(out)
 
 
-def _one_pass(loaded, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
+def _one_pass(loaded: LoadedModel, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
     from ..quant.engine import BlockEngine, _block_output
 
-    model, arch, device = loaded.model, loaded.arch, loaded.device
-    residency = SourceBlocks(loaded.source, arch.blocks_path, arch.backbone_path)
+    model, arch, device, source = loaded.model, loaded.arch, loaded.device, loaded.source
+    assert source is not None  # streamed: the weights are on disk
+    residency = SourceBlocks(source, arch.blocks_path, arch.backbone_path)
     engine = BlockEngine(
         model,
         arch,
@@ -80,7 +86,7 @@ def _one_pass(loaded, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
             residency.done(i, block, engine)
         norm = arch.final_norm(model)
         norm_name = next(n for n, m in model.named_modules() if m is norm)
-        materialize(norm, f"{norm_name}.", loaded.source, device)
+        materialize(norm, f"{norm_name}.", source, device)
         with loaded.compute(device):
             hidden = [norm(h) for h in hidden]
         release(norm)
@@ -90,17 +96,19 @@ def _one_pass(loaded, windows: torch.Tensor, batch_size: int) -> torch.Tensor:
     return torch.cat(nlls)
 
 
-def streamed_head(loaded) -> Head:
+def streamed_head(loaded: LoadedModel) -> Head:
     """The output projection read from disk a vocabulary slice at a time, in the model's dtype."""
-    model = loaded.model
-    head = model.get_output_embeddings()
+    model, source = loaded.model, loaded.source
+    assert source is not None  # streamed: the weights are on disk
+    get_out: Any = getattr(model, "get_output_embeddings")  # noqa: B009 (typed as a Tensor by nn.Module)
+    head = get_out()
     name = next(n for n, m in model.named_modules() if m is head)
     dtype, device = head.weight.dtype, loaded.device
     bias = None
     if getattr(head, "bias", None) is not None:
-        bias = loaded.source.read([f"{name}.bias"])[f"{name}.bias"].to(device, dtype)
+        bias = source.read([f"{name}.bias"])[f"{name}.bias"].to(device, dtype)
     return Head(
-        lambda a, b: loaded.source.read_rows(f"{name}.weight", a, b).to(device, dtype),
+        lambda a, b: source.read_rows(f"{name}.weight", a, b).to(device, dtype),
         head.weight.shape[0],
         bias,
         softcap_of(model.config),

@@ -226,7 +226,16 @@ def pairwise(y: dict[str, list[float]], alpha: float = 0.05, *, log: bool = Fals
     return [_pair(a, b, d, ci, p, pa, alpha, log) for (a, b, d, ci, p), pa in zip(raw, adj)]
 
 
-def _pair(a, b, d, ci, p, p_holm, alpha, log) -> Pair:
+def _pair(
+    a: str,
+    b: str,
+    d: float,
+    ci: tuple[float, float],
+    p: float | None,
+    p_holm: float | None,
+    alpha: float,
+    log: bool,
+) -> Pair:
     ratio = (math.exp(d), (math.exp(ci[0]), math.exp(ci[1]))) if log and math.isfinite(d) else (None, None)
     return Pair(a, b, d, ci, p, p_holm, p_holm is not None and p_holm < alpha, log, *ratio)
 

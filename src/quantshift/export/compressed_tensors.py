@@ -22,12 +22,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from ..config import PER_CHANNEL, PER_TENSOR, grouped
-from ..quant.primitives import QuantizedWeight, expand_to_columns
+from ..quant.primitives import QuantizedWeight, QuantSpec, expand_to_columns
 from .common import (
     ExportError,
     QuantizedCheckpoint,
@@ -39,12 +39,15 @@ from .common import (
     write_export,
 )
 
+if TYPE_CHECKING:
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
 # what vLLM's compressed-tensors schemes run (WNA16: 4/8-bit symmetric, 4-bit asymmetric with
 # zero points; W8A8: int8 symmetric per-channel/per-tensor weights with int8 activations)
 SERVABLE_WEIGHT_ONLY = {(4, True), (8, True), (4, False)}
 
 
-def _weight_args(spec, fmt: str):
+def _weight_args(spec: QuantSpec, fmt: str) -> QuantizationArgs:
     from compressed_tensors.quantization import QuantizationArgs
 
     if spec.dtype == "fp8":
@@ -62,10 +65,8 @@ def _weight_args(spec, fmt: str):
     return QuantizationArgs(num_bits=spec.bits, type="int", symmetric=spec.symmetric, strategy="channel")
 
 
-def _act_args(act: dict, name: str, fmt: str):
+def _act_args(act: dict, name: str, fmt: str) -> QuantizationArgs:
     from compressed_tensors.quantization import QuantizationArgs
-
-    from ..quant.primitives import QuantSpec
 
     spec = QuantSpec(**act["spec"])
     if spec.bits != 8:
@@ -113,7 +114,9 @@ def _check_servable(name: str, qw: QuantizedWeight, act: dict | None, fmt: str, 
         )
 
 
-def _compress_module(qw: QuantizedWeight, scheme, dtype: torch.dtype, name: str) -> dict[str, torch.Tensor]:
+def _compress_module(
+    qw: QuantizedWeight, scheme: QuantizationScheme, dtype: torch.dtype, name: str
+) -> dict[str, torch.Tensor]:
     """Our codes -> the library's compressed tensors for one linear, checked to be exact."""
     from compressed_tensors.compressors import BaseCompressor
     from compressed_tensors.compressors.format import infer_module_format

@@ -26,18 +26,18 @@ from typing import Literal
 import torch
 from pydantic import field_validator, model_validator
 
-from ..config import KEEP_BITS
+from ..config import KEEP_BITS, number_in
 from ..quant.primitives import QuantSpec, _grouped, fake_quantize_weight, qparams_from_range, quantize_weight
 from ..quant.smoothing import (
     InputStats,
     ResolvedMapping,
+    block_mappings,
     collect_input_stats,
     fold_scale,
     output_error,
     representatives,
-    resolve_mappings,
 )
-from .base import BlockContext, LinearPlan, Method, SolveResult, StageConfig, register
+from .base import BlockContext, LinearPlan, Method, SolveResult, StageConfig, block_plans, register
 
 
 class AWQConfig(StageConfig):
@@ -48,12 +48,7 @@ class AWQConfig(StageConfig):
     clip_grid: int = 20
     max_shrink: float = 0.5  # smallest range kept by clipping is (1 - max_shrink) of the max
 
-    @field_validator("grid", "clip_grid")
-    @classmethod
-    def _grid(cls, v: int) -> int:
-        if v < 2:
-            raise ValueError("needs at least 2 grid points")
-        return v
+    _grids = field_validator("grid", "clip_grid")(number_in(2, 1000))  # grid points of each search
 
     @field_validator("max_shrink")
     @classmethod
@@ -157,16 +152,11 @@ class AWQ(Method):
 
     def process_block(self, ctx: BlockContext) -> None:
         c = self.config
-        names = [n for g in ctx.groups() for n in g]
-        plans = {n: p for n in names if (p := ctx.plan(c, n)) is not None}
+        names, plans = block_plans(ctx, c)
         if not plans:
             return
-        modules = dict(ctx.block.named_modules())
-        mappings = [
-            r
-            for r in resolve_mappings(modules, ctx.arch.smooth)
-            if any(self._search_spec(plans.get(n)) is not None for n in r.into)
-        ]
+        modules, resolved = block_mappings(ctx.block, ctx.arch.smooth)
+        mappings = [r for r in resolved if any(self._search_spec(plans.get(n)) is not None for n in r.into)]
         rep = representatives(names, [r for r in mappings if r.skipped is None])
         observed = sorted({rep[n] for n in plans} | {r.into[0] for r in mappings if r.skipped is None})
         stats: dict[str, InputStats] = collect_input_stats(ctx, observed, with_h=True)
@@ -223,7 +213,12 @@ class AWQ(Method):
                 ctx.note(n, **info[n])
 
     def _search_scale_block(
-        self, ctx, r: ResolvedMapping, specs: list[QuantSpec | None], x_mean: torch.Tensor, ref: list[torch.Tensor]
+        self,
+        ctx: BlockContext,
+        r: ResolvedMapping,
+        specs: list[QuantSpec | None],
+        x_mean: torch.Tensor,
+        ref: list[torch.Tensor],
     ) -> tuple[torch.Tensor, float, list[float]]:
         """Best s by the block output MSE: the mapping's linears temporarily hold Q(W s)/s, which
         on the unscaled input equals the scaled-and-folded quantized block."""

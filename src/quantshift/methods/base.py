@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar
 
 import torch
 import torch.nn as nn
@@ -94,6 +94,16 @@ class StageConfig(StrictModel):
     @classmethod
     def _group_size(cls, v: int) -> int:
         return group_size_rule(v)
+
+    @field_validator("targets", "ignore")
+    @classmethod
+    def _regexes(cls, v: list[str]) -> list[str]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except (re.error, RecursionError, OverflowError) as err:
+                raise ValueError(f"invalid regex {pattern!r} ({err})") from None
+        return v
 
 
 @dataclass(frozen=True)
@@ -329,12 +339,19 @@ def _shared_batches(plans: dict[str, LinearPlan], stats: dict[str, Any]) -> list
 
 
 METHODS: Registry[type[Method]] = Registry("method")
+_M = TypeVar("_M", bound=type[Method])
 
 
-def register(name: str):
-    def deco(cls: type[Method]) -> type[Method]:
+def register(name: str) -> Callable[[_M], _M]:
+    def deco(cls: _M) -> _M:
         cls.name = name
         METHODS.add(name, cls)
         return cls
 
     return deco
+
+
+def block_plans(ctx: BlockContext, config: StageConfig) -> tuple[list[str], dict[str, LinearPlan]]:
+    """The block's linears in group order, and the plan of each one this stage touches."""
+    names = [n for g in ctx.groups() for n in g]
+    return names, {n: p for n in names if (p := ctx.plan(config, n)) is not None}

@@ -14,6 +14,7 @@ import torch
 import torch.nn as nn
 from pydantic import field_validator
 
+from ..config import number_in
 from ..quant.primitives import (
     QuantizedWeight,
     QuantSpec,
@@ -26,12 +27,11 @@ from ..quant.primitives import (
 )
 from .base import LinearMethod, LinearPlan, SolveResult, StageConfig, register
 
-
-def non_negative_damp(v: float) -> float:
-    """Validator for the GPTQ family's `damp` (relative to the mean Hessian diagonal)."""
-    if not v >= 0:
-        raise ValueError(f"damp must be >= 0 (a fraction of the mean Hessian diagonal), got {v}")
-    return v
+# the GPTQ family's own numbers, used by GPTQ, SpQR and QuIP configs
+check_damp = number_in(
+    0.0, 1e3, note=" (a fraction of the mean Hessian diagonal; 0 is allowed, the solvers raise it stepwise)"
+)
+check_block_size = number_in(1, 1 << 16)
 
 
 class GPTQConfig(StageConfig):
@@ -45,7 +45,8 @@ class GPTQConfig(StageConfig):
     static_groups: bool = True
     true_sequential: bool = True
 
-    check_damp = field_validator("damp")(non_negative_damp)
+    _damp = field_validator("damp")(check_damp)
+    _block_size = field_validator("block_size")(check_block_size)
 
 
 @dataclass

@@ -12,7 +12,7 @@ not change in kind. Put this stage last or first; it does not touch weights and 
 from __future__ import annotations
 
 import re
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import field_validator, model_validator
 
@@ -20,6 +20,9 @@ from ..config import PER_TENSOR
 from ..quant.actquant import OutputQuantizer
 from ..quant.primitives import QuantSpec
 from .base import BlockContext, Method, StageConfig, register
+
+if TYPE_CHECKING:
+    from transformers import PretrainedConfig
 
 _NOT_USED = ("wbits", "abits", "group_size", "sym", "act_per_token", "overrides")
 
@@ -47,7 +50,7 @@ class KVCacheConfig(StageConfig):
         return self
 
 
-def _head_dim(config) -> int:
+def _head_dim(config: PretrainedConfig) -> int:
     hd = getattr(config, "head_dim", None)
     return hd if hd else config.hidden_size // config.num_attention_heads
 

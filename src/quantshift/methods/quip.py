@@ -42,10 +42,11 @@ import torch
 import torch.nn as nn
 from pydantic import field_validator, model_validator
 
+from ..config import seed_rule
 from ..errors import ConfigError
 from ..quant.primitives import fake_quantize_weight
 from .base import LinearPlan, SolveResult, StageConfig, overrides_obey, register
-from .gptq import HessianMethod, HessianStats, gptq_solve_rows, hessian_error, non_negative_damp
+from .gptq import HessianMethod, HessianStats, check_block_size, check_damp, gptq_solve_rows, hessian_error
 
 if TYPE_CHECKING:
     from .base import BlockContext
@@ -61,7 +62,13 @@ class QuIPConfig(StageConfig):
     act_order: bool = False
     true_sequential: bool = True
 
-    check_damp = field_validator("damp")(non_negative_damp)
+    _damp = field_validator("damp")(check_damp)
+    _block_size = field_validator("block_size")(check_block_size)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: int) -> int:
+        return seed_rule(v)
 
     @field_validator("wbits")
     @classmethod

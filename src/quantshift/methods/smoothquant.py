@@ -19,9 +19,10 @@ from __future__ import annotations
 import torch
 from pydantic import field_validator, model_validator
 
+from ..config import number_in
 from ..quant.primitives import qparams_from_range, quantize_weight
-from ..quant.smoothing import collect_input_stats, fold_scale, representatives, resolve_mappings
-from .base import BlockContext, Method, SolveResult, StageConfig, register
+from ..quant.smoothing import block_mappings, collect_input_stats, fold_scale, representatives
+from .base import BlockContext, Method, SolveResult, StageConfig, block_plans, register
 
 
 class SmoothQuantConfig(StageConfig):
@@ -34,12 +35,7 @@ class SmoothQuantConfig(StageConfig):
     act_static: bool = False  # per-tensor static activation scales from calibration (else dynamic)
     fold_into_linears: bool = False  # also smooth v -> o and up -> down
 
-    @field_validator("alpha")
-    @classmethod
-    def _alpha(cls, v: float) -> float:
-        if not 0.0 <= v <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {v}")
-        return v
+    _alpha = field_validator("alpha")(number_in(0.0, 1.0))
 
     @model_validator(mode="after")
     def _static(self) -> SmoothQuantConfig:
@@ -79,14 +75,13 @@ class SmoothQuant(Method):
 
     def process_block(self, ctx: BlockContext) -> None:
         c = self.config
-        names = [n for g in ctx.groups() for n in g]
-        plans = {n: p for n in names if (p := ctx.plan(c, n)) is not None}
+        names, plans = block_plans(ctx, c)
         if not plans:
             return
-        modules = dict(ctx.block.named_modules())
+        modules, resolved = block_mappings(ctx.block, ctx.arch.smooth)
         mappings = [
             r
-            for r in resolve_mappings(modules, ctx.arch.smooth)
+            for r in resolved
             if r.skipped is None
             and (c.fold_into_linears or not isinstance(r.prev, torch.nn.Linear))
             and any(n in plans for n in r.into)

@@ -45,10 +45,11 @@ import torch
 import torch.nn as nn
 from pydantic import field_validator, model_validator
 
+from ..config import number_in
 from ..errors import ConfigError
 from ..quant.primitives import QuantizedWeight, QuantSpec, damped_inverse_cholesky, qparams_from_range
 from .base import LinearPlan, SolveResult, StageConfig, overrides_obey, register
-from .gptq import HessianMethod, HessianStats, hessian_error, non_negative_damp
+from .gptq import HessianMethod, HessianStats, check_block_size, check_damp, hessian_error
 
 OUTLIER_BITS = 32  # 16-bit value + 16-bit column index, as the paper counts CSR storage
 SECOND_LEVEL_BITS = 32  # fp16 minimum + fp16 step per second-level run
@@ -73,7 +74,10 @@ class SpQRConfig(StageConfig):
     act_order: bool = True
     true_sequential: bool = True
 
-    check_damp = field_validator("damp")(non_negative_damp)
+    _damp = field_validator("damp")(check_damp)
+    _block_size = field_validator("block_size")(check_block_size)
+    _qq_group_size = field_validator("qq_group_size")(number_in(1, 1 << 16))
+    _max_bits = field_validator("max_bits_per_param")(number_in(0.0, 64.0, lo_open=True))
 
     @field_validator("group_size")
     @classmethod
@@ -90,13 +94,6 @@ class SpQRConfig(StageConfig):
     def _qq_bits(cls, v: int) -> int:
         if not 2 <= v <= 8:
             raise ValueError(f"qq_bits must be 2..8, got {v}")
-        return v
-
-    @field_validator("qq_group_size", "block_size")
-    @classmethod
-    def _positive(cls, v: int) -> int:
-        if v < 1:
-            raise ValueError(f"must be >= 1, got {v}")
         return v
 
     @field_validator("outlier_threshold")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -16,13 +17,15 @@ from .bundled import BUNDLED, bundled_checkpoint
 from .precision import Precision, resolve_precision
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from .lazy import WeightSource
 
 
 @dataclass
 class LoadedModel:
     model: nn.Module
-    tokenizer: object
+    tokenizer: PreTrainedTokenizerBase
     name: str  # what the user asked for
     path: str  # where the weights came from
     arch: ArchSpec
@@ -39,7 +42,7 @@ class LoadedModel:
     dispatched: Any = None  # models.dispatch.Dispatch once accelerate's offload hooks are attached
     scratch: Path | None = None  # a directory written only to hold this model on disk (removed after use)
 
-    def compute(self, device: torch.device | str | None = None):
+    def compute(self, device: torch.device | str | None = None) -> AbstractContextManager:
         """Context for forward passes in this model's compute precision (bf16 autocast on CPUs
         with bf16 matrix units under --dtype auto)."""
         if device is None:
@@ -57,7 +60,12 @@ class LoadedModel:
 
     @classmethod
     def from_hf(
-        cls, model: nn.Module, tokenizer: object, *, name: str | None = None, precision: Precision | None = None
+        cls,
+        model: nn.Module,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        name: str | None = None,
+        precision: Precision | None = None,
     ) -> LoadedModel:
         """Wrap a Hugging Face causal LM held in memory: the engine then works on this very object.
         `precision` defaults to the dtype the model's weights are in, without autocast."""

@@ -22,10 +22,14 @@ import struct
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..errors import ModelError
+
+if TYPE_CHECKING:
+    import ctypes
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -232,7 +236,7 @@ def bound_allocator() -> None:
         libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
 
 
-def _libc():
+def _libc() -> ctypes.CDLL | None:
     import ctypes
     import ctypes.util
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,7 +106,7 @@ class FrozenOutputs:
                 self.outputs[name] = []
 
     @contextlib.contextmanager
-    def applied(self, block: nn.Module, batch: int, device: torch.device):
+    def applied(self, block: nn.Module, batch: int, device: torch.device) -> Iterator[None]:
         swapped: dict[str, nn.Module] = {}
         handles = []
         for name, outs in self.outputs.items():
@@ -116,7 +116,7 @@ class FrozenOutputs:
                 setattr(block, name, _Replay(child, _to(outs[batch], device)))
             elif len(outs) == batch:  # recording, in batch order
 
-                def keep(_m, _a, out, outs=outs):
+                def keep(_m: nn.Module, _a: tuple[Any, ...], out: Any, outs: list[Any] = outs) -> None:
                     outs.append(_map_tensors(out, lambda t: _to_home(t.detach(), self.home)))
 
                 handles.append(child.register_forward_hook(keep))
@@ -330,7 +330,7 @@ class EngineContext:
         # per module: did any batch hold NaN/inf; a device flag, read once after all batches
         nonfinite: dict[str, torch.Tensor] = {}
 
-        def make_hook(name: str):
+        def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
             def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
                 x = args[0]
                 bad = ~torch.isfinite(x).all()

@@ -85,20 +85,11 @@ class FP8Linear(ScaledCodesLinear):
     one: torch.Tensor  # unit scale of the GEMM (the real scales are applied to its float32 output)
     bias: torch.Tensor | None
 
-    def __init__(
-        self,
-        qw: QuantizedWeight,
-        act: dict[str, Any],
-        bias: torch.Tensor | None = None,
-        kernel: str = "auto",
-        device: torch.device | str = "cpu",
-        capability: Capability | None = None,
+    problem = staticmethod(fp8_problem)
+
+    def _build(
+        self, qw: QuantizedWeight, act: dict[str, Any], kernel: str, device: torch.device, capability: Capability | None
     ) -> None:
-        super().__init__()
-        why = fp8_problem(qw, act)
-        if why is not None:
-            raise ValueError(f"FP8Linear cannot run this layer: {why}")
-        device = torch.device(device)
         if kernel == "auto":
             choice = fp8_choice(qw, act, capability or _cap.detect(device))
             if choice.reason is not None:
@@ -106,18 +97,13 @@ class FP8Linear(ScaledCodesLinear):
             kernel = choice.kernel
         if kernel not in KERNELS:
             raise ValueError(f"unknown fp8 kernel {kernel!r}; allowed: auto, {', '.join(KERNELS)}")
-        self.kernel, self.reason = kernel, None
-        out_f, in_f = qw.codes.shape
-        self.in_features, self.out_features = in_f, out_f
-        self.spec, self.act_spec = qw.spec, QuantSpec(**act["spec"])
-        self.per_token = bool(act.get("per_token", True))
-        self.static_scale: float | None = act.get("static_scale")
+        self.kernel = kernel
+        out_f = self.out_features
         self.register_buffer("qweight", qw.codes.to(torch.float8_e4m3fn).contiguous().to(device))
         scale = qw.scale.float().reshape(-1)
         self.register_buffer("wscale", (scale.expand(out_f).contiguous() if scale.numel() == 1 else scale).to(device))
         # persistent (in the state dict) so a module built on meta gets it from its weight source
         self.register_buffer("one", torch.ones((), dtype=torch.float32, device=device))
-        self.register_buffer("bias", None if bias is None else bias.detach().float().to(device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

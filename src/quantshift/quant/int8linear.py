@@ -25,6 +25,7 @@ Kernels (chosen once per layer from the device's capability, models.capability; 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -100,6 +101,35 @@ class ScaledCodesLinear(nn.Module):
     act_spec: QuantSpec
     per_token: bool
     kernel: str
+    problem: Callable[[QuantizedWeight, dict[str, Any]], str | None]  # why this class cannot run a layer
+
+    def __init__(
+        self,
+        qw: QuantizedWeight,
+        act: dict[str, Any],
+        bias: torch.Tensor | None = None,
+        kernel: str = "auto",
+        device: torch.device | str = "cpu",
+        capability: Capability | None = None,
+    ) -> None:
+        super().__init__()
+        why = type(self).problem(qw, act)
+        if why is not None:
+            raise ValueError(f"{type(self).__name__} cannot run this layer: {why}")
+        out_f, in_f = qw.codes.shape
+        self.in_features, self.out_features = in_f, out_f
+        self.spec, self.act_spec = qw.spec, QuantSpec(**act["spec"])
+        self.per_token = bool(act.get("per_token", True))
+        self.static_scale: float | None = act.get("static_scale")
+        self.reason: str | None = None  # why "auto" chose an emulation
+        self._build(qw, act, kernel, torch.device(device), capability)
+        self.register_buffer("bias", None if bias is None else bias.detach().float().to(device))
+
+    def _build(
+        self, qw: QuantizedWeight, act: dict[str, Any], kernel: str, device: torch.device, capability: Capability | None
+    ) -> None:
+        """Choose the kernel, register the weight's codes and scales (the subclass's format)."""
+        raise NotImplementedError
 
     def _rescale(self, acc: torch.Tensor, s: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         y = acc * (s * self.wscale)
@@ -125,26 +155,12 @@ class Int8Linear(ScaledCodesLinear):
     zero_corr: torch.Tensor | None  # [N] weight zero point - 2**(bits-1); None on symmetric grids
     bias: torch.Tensor | None
 
-    def __init__(
-        self,
-        qw: QuantizedWeight,
-        act: dict[str, Any],
-        bias: torch.Tensor | None = None,
-        kernel: str = "auto",
-        device: torch.device | str = "cpu",
-        capability: Capability | None = None,
+    problem = staticmethod(w8a8_problem)
+
+    def _build(
+        self, qw: QuantizedWeight, act: dict[str, Any], kernel: str, device: torch.device, capability: Capability | None
     ) -> None:
-        super().__init__()
-        why = w8a8_problem(qw, act)
-        if why is not None:
-            raise ValueError(f"Int8Linear cannot run this layer: {why}")
-        device = torch.device(device)
-        out_f, in_f = qw.codes.shape
-        self.in_features, self.out_features = in_f, out_f
-        self.spec, self.act_spec = qw.spec, QuantSpec(**act["spec"])
-        self.per_token = bool(act.get("per_token", True))
-        self.static_scale: float | None = act.get("static_scale")
-        self.reason: str | None = None  # why "auto" chose the emulation
+        out_f, in_f = self.out_features, self.in_features
         if kernel == "auto":
             choice = int8_choice(out_f, in_f, capability or _cap.detect(device))
             kernel, self.reason = choice.kernel, choice.reason
@@ -168,7 +184,6 @@ class Int8Linear(ScaledCodesLinear):
         # decided by the format, not the values, so a skeleton on meta has the same buffers (an
         # asymmetric grid whose zeros all equal the offset subtracts exact zeros)
         self.register_buffer("zero_corr", None if qw.spec.symmetric else corr.to(device))
-        self.register_buffer("bias", None if bias is None else bias.detach().float().to(device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape

@@ -149,6 +149,14 @@ def collect_input_stats(ctx: BlockContext, names: list[str], with_h: bool) -> di
     return stats
 
 
+def block_mappings(
+    block: nn.Module, smooth: tuple[SmoothMapping, ...]
+) -> tuple[dict[str, nn.Module], list[ResolvedMapping]]:
+    """A block's modules by name and its smoothing mappings resolved on them."""
+    modules = dict(block.named_modules())
+    return modules, resolve_mappings(modules, smooth)
+
+
 def representatives(names: list[str], mappings: list[ResolvedMapping]) -> dict[str, str]:
     """Linear name -> the linear whose input statistics stand for it (linears of one mapping
     read the same tensor, so one of them is observed)."""

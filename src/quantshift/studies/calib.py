@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..data.calibset import CalibManifest, CalibSet, build_study_calibset
 from .cache import Cache
 from .spec import CalibChoice, ModelAxis
 
+if TYPE_CHECKING:
+    from ..models.load import LoadedModel
+
 
 def obtain_calibset(
-    loaded, model: ModelAxis, calib: CalibChoice, key: str, cache: Cache, data_dir: str | None = None
+    loaded: LoadedModel, model: ModelAxis, calib: CalibChoice, key: str, cache: Cache, data_dir: str | None = None
 ) -> CalibSet:
     """The calibration set from the cache, or built and stored (tokens mode or examples mode)."""
     with cache.claim("calib", key):  # works sharing a calibration set build it once

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -21,6 +22,9 @@ from .calib import obtain_calibset
 from .keys import calib_key, model_identity
 from .records import DiagWork
 from .spec import CalibChoice, ModelAxis, StudySpec, digest, task_names
+
+if TYPE_CHECKING:
+    from ..models.load import LoadedModel
 
 
 def diag_work(spec: StudySpec, model: ModelAxis, versions: dict) -> DiagWork | None:
@@ -80,7 +84,7 @@ def run_diag_work(work: DiagWork, cache: Cache, options: dict, progress: bool) -
 
 
 def set_tokens(
-    loaded, model: ModelAxis, s: dict, settings: dict, cache: Cache, data_dir: str | None = None
+    loaded: LoadedModel, model: ModelAxis, s: dict, settings: dict, cache: Cache, data_dir: str | None = None
 ) -> torch.Tensor:
     from ..data.calibset import token_stream
     from ..evaluation.perplexity import windows_of

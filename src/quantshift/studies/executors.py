@@ -30,11 +30,17 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .cache import Cache
 from .records import Work, WorkResult
 from .work import execute_work
+
+if TYPE_CHECKING:
+    from multiprocessing.queues import Queue
+    from multiprocessing.synchronize import RLock
+
+    import tqdm.std
 
 OnDone = Callable[[WorkResult], None]
 
@@ -189,7 +195,7 @@ def _failed(work: Work, error: str) -> WorkResult:
 _BAR_LABEL = [""]  # the work a worker process is running, shown in front of its bars
 
 
-def _worker_init(threads: int, slots=None, lock=None) -> None:
+def _worker_init(threads: int, slots: Queue[int] | None = None, lock: RLock | None = None) -> None:
     import torch
 
     torch.set_num_threads(threads)
@@ -197,7 +203,7 @@ def _worker_init(threads: int, slots=None, lock=None) -> None:
         _pin_bars(slots.get(), lock)
 
 
-def _pin_bars(line: int, lock) -> None:
+def _pin_bars(line: int, lock: RLock | None) -> None:
     """Every tqdm bar this process creates (ours, lm-eval's, transformers') is drawn on terminal
     line `line`, named after the current work, and cleared when done, so the bars of parallel
     works neither overwrite each other nor pile up."""
@@ -206,7 +212,7 @@ def _pin_bars(line: int, lock) -> None:
     tqdm.std.tqdm.set_lock(lock)
     original = tqdm.std.tqdm.__dict__["__init__"]
 
-    def init(self, *args, **kwargs):
+    def init(self: tqdm.std.tqdm, *args: Any, **kwargs: Any) -> None:
         kwargs["position"], kwargs["leave"] = line, False
         if len(args) > 1:  # tqdm(iterable, desc, ...)
             args = (args[0], f"{_BAR_LABEL[0]} {args[1] or ''}".strip(), *args[2:])

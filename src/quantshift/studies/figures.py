@@ -86,7 +86,9 @@ def _bit_bars(rs: list[dict], b: int, kind: str) -> tuple[list[float], list[list
     return vals, [lo, hi]
 
 
-def _heat_panel(a_by_col: dict[str, dict], srcs: list[str], cols: list[str], multi: bool):
+def _heat_panel(
+    a_by_col: dict[str, dict], srcs: list[str], cols: list[str], multi: bool
+) -> tuple[list[list[float]], list[list[str]], list[list[bool]]]:
     """Colour (distance from the column's best mean), text and hatching of one heatmap panel."""
     grid, text, hatch = [], [], []
     for s in srcs:

@@ -15,6 +15,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -37,6 +38,9 @@ from ..evaluation.tasks import DIMENSIONS, LANGUAGE_MODELLING, dimension_of
 from .document import Block, Heading, Image, Paragraph, Table
 from .records import CellResult, StudyResults
 from .spec import EvalUnit, short_source
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
 
 LM = LANGUAGE_MODELLING
 ALL_TASKS = "all tasks"
@@ -527,7 +531,7 @@ def _fig_frontier(fronts: dict, path: Path, multi_calib: bool) -> bool:
 
     plt = _pyplot()
     fig, axes = plt.subplots(1, len(fronts), squeeze=False, figsize=(6 * len(fronts), 4.4))
-    labels: list[tuple[object, list[tuple[float, float, str]]]] = []
+    labels: list[tuple[Axes, list[tuple[float, float, str]]]] = []
     for ax, (m, (cs, front)) in zip(axes[0], fronts.items()):
         mine_labels: list[tuple[float, float, str]] = []
         scale = 1.0 if m == LM else 100.0

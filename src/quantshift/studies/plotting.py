@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING, cast
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
 CAPTION_RECT = (0, 0.06, 1, 1)  # the figure area above the caption line
 # where a label may go around its point: (dx, dy) in points and the text's alignment there
@@ -25,7 +32,7 @@ LABEL_SLOTS = [
 ]
 
 
-def pyplot():
+def pyplot() -> ModuleType:
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
@@ -34,7 +41,7 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: Path, caption: str) -> None:
+def save_figure(fig: Figure, path: Path, caption: str) -> None:
     """Caption under the plot (what the whiskers/hatching mean), fixed metadata: same bytes on rerun."""
     fig.text(0.01, 0.005, caption, fontsize=7, ha="left", va="bottom", wrap=True)
     fig.tight_layout(rect=CAPTION_RECT)
@@ -43,16 +50,16 @@ def save_figure(fig, path: Path, caption: str) -> None:
     pyplot().close(fig)
 
 
-def place_labels(ax, points: Sequence[tuple[float, float, str]], fontsize: float = 6) -> list[str]:
+def place_labels(ax: Axes, points: Sequence[tuple[float, float, str]], fontsize: float = 6) -> list[str]:
     """Label points so that no label overlaps another label, a marker or the axes' edge: each label
     takes the first free slot of LABEL_SLOTS around its point. Returns the labels no slot could
     hold (the caller names them elsewhere, e.g. in the caption). Lays the figure out first (as
     save_figure will), so the positions checked are the saved ones."""
-    fig = ax.figure
+    fig = cast("Figure", ax.figure)  # a pyplot figure's axes: no subfigures here
     fig.tight_layout(rect=CAPTION_RECT)
-    renderer = fig.canvas.get_renderer()
+    renderer = cast("FigureCanvasAgg", fig.canvas).get_renderer()  # pyplot() draws with Agg
     frame = ax.get_window_extent(renderer)
-    xy = ax.transData.transform([(x, y) for x, y, _ in points]) if points else []
+    xy: Iterable[Sequence[float]] = ax.transData.transform([(x, y) for x, y, _ in points]) if points else []
     markers = [(px - 3, py - 3, px + 3, py + 3) for px, py in xy]
     taken: list[tuple[float, float, float, float]] = []
     legend = ax.get_legend()

@@ -9,8 +9,10 @@ a work is work.py's job; the executors (executors.py) decide where works run.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .cache import Cache
 from .diagnostics import all_pairs, diag_work
@@ -18,6 +20,9 @@ from .keys import calib_key, code_versions, quant_key, unit_key, unit_settings
 from .records import CellResult, ModelWork, StudyResults, Work, WorkResult
 from .spec import Cell, EvalUnit, StudySpec, chat_template_units, eval_units, expand, precision_of
 from .work import has_quant_record, pending_units
+
+if TYPE_CHECKING:
+    from .executors import RayCluster
 
 
 @dataclass
@@ -167,7 +172,7 @@ def run_study(
     lock_timeout: float | None = None,
     data_dir: str | None = None,
     progress: bool = True,
-    echo=print,
+    echo: Callable[[str], object] = print,
     jobs: int = 1,
     max_memory: str | None = None,
 ) -> dict:
@@ -214,11 +219,11 @@ def _run_planned(
     out_dir: Path,
     cache_root: Path,
     executor: str,
-    cluster,
+    cluster: RayCluster | None,
     gpus_per_cell: float | None,
     data_dir: str | None,
     progress: bool,
-    echo,
+    echo: Callable[[str], object],
     jobs: int,
     max_memory: str | None = None,
 ) -> dict:

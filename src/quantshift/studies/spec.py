@@ -19,13 +19,16 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import field_validator, model_validator
 
 from ..config import KEEP_BITS, StrictModel, load_yaml, parse
 from ..errors import ConfigError
 from ..recipes import Recipe, recipe_from_dict
+
+if TYPE_CHECKING:
+    from ..data.sources import TextSource
 
 
 class ModelAxis(StrictModel):
@@ -283,7 +286,7 @@ def check_sources(spec: StudySpec, data_dir: str | None = None) -> None:
             ) from None
 
 
-def resolve_source(name: str, data_dir: str | None = None, answers: bool = True):
+def resolve_source(name: str, data_dir: str | None = None, answers: bool = True) -> TextSource:
     """A text source by name; `task:<pattern>` sources read data-dir tasks from `data_dir`."""
     from ..data.sources import get_source
 

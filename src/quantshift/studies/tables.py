@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from ..evaluation.variance import Decomposition
 from .analysis import display_names, goodness, is_iid, mean_present, seed_values, test_label, value
 from .records import CellResult
 from .spec import short_source
@@ -89,7 +90,7 @@ def seed_matrix_table(
     return ["calibration \\ test"] + [test_label(c) for c in cols], rows, sorted(notes)
 
 
-def source_verdict(dec) -> str:
+def source_verdict(dec: Decomposition) -> str:
     if not dec.testable:
         return f"not testable: {dec.reason}"
     if dec.significant:

@@ -12,7 +12,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +23,11 @@ from .keys import CACHE_SCHEMA, model_identity
 from .placement import check_placement
 from .records import ModelWork, UnitRecord, Work, WorkResult
 from .spec import CalibChoice, ModelAxis, digest
+
+if TYPE_CHECKING:
+    from ..evaluation.perplexity import HeldoutWindows
+    from ..memory import MemoryPlan
+    from ..models.load import LoadedModel
 
 
 def pending_units(work: ModelWork, cache: Cache) -> list[UnitRecord]:
@@ -124,7 +129,7 @@ def weight_formats(modules: dict) -> dict:
     return out
 
 
-def model_plan(model: ModelAxis, work: ModelWork, options: dict, device: str, *, quantize: bool):
+def model_plan(model: ModelAxis, work: ModelWork, options: dict, device: str, *, quantize: bool) -> MemoryPlan:
     """The memory plan (memory.py) of a work's model within the study's --max-memory."""
     from ..memory import plan_for_model
 
@@ -146,7 +151,7 @@ def model_plan(model: ModelAxis, work: ModelWork, options: dict, device: str, *,
     )
 
 
-def obtain_model(work: ModelWork, cache: Cache, options: dict, progress: bool):
+def obtain_model(work: ModelWork, cache: Cache, options: dict, progress: bool) -> LoadedModel:
     from ..models.load import load_model, resolve_device
 
     model = ModelAxis(**work["model"])
@@ -263,7 +268,7 @@ class WindowStore:
     cache: Cache
     model: dict
 
-    def get(self, loaded, source: str, seqlen: int, windows: int, data_dir: str | None):
+    def get(self, loaded: LoadedModel, source: str, seqlen: int, windows: int, data_dir: str | None) -> HeldoutWindows:
         """The windows and each one's scored UTF-8 bytes/characters (evaluation.perplexity.HeldoutWindows)."""
         from ..evaluation.perplexity import HeldoutWindows
 
@@ -302,7 +307,7 @@ class WindowStore:
             return hw
 
 
-def scored_windows(loaded, source: str, seqlen: int, windows: int, data_dir: str | None):
+def scored_windows(loaded: LoadedModel, source: str, seqlen: int, windows: int, data_dir: str | None) -> HeldoutWindows:
     """Held-out windows of a source for this model's tokenizer, with their scored bytes/characters."""
     from ..errors import DataError
     from ..evaluation.perplexity import heldout_windows
@@ -316,7 +321,7 @@ def scored_windows(loaded, source: str, seqlen: int, windows: int, data_dir: str
 
 
 def evaluate_units(
-    loaded, batch: list[UnitRecord], options: dict, progress: bool, windows: WindowStore | None = None
+    loaded: LoadedModel, batch: list[UnitRecord], options: dict, progress: bool, windows: WindowStore | None = None
 ) -> list[tuple[dict, list[dict]]]:
     if batch[0]["kind"] == "ppl":
         s = batch[0]["settings"]
@@ -371,14 +376,14 @@ def _plain(obj: Any) -> Any:
 
 
 def ppl_with_samples(
-    loaded,
+    loaded: LoadedModel,
     source: str,
     seqlen: int,
     windows: int,
     batch_size: int,
     progress: bool,
     data_dir: str | None = None,
-    win=None,
+    win: HeldoutWindows | None = None,
 ) -> tuple[dict, list[dict]]:
     """Perplexity by evaluation/perplexity.py's protocol, keeping each window's NLL so calibration
     choices can be compared with a paired bootstrap over windows, and each window's scored bytes
