@@ -145,7 +145,7 @@ def test_method_list_routes_each_option_to_the_stages_that_have_it():
         ("rtn", {"propagate": "float"}, "--propagate must be quantized or fp"),
         ("rtn", {"activations": "gpu"}, "--activations must be auto, device or offload"),
         ("rtn", {"group_size": -5}, "group_size"),
-        ("rtn", {"targets": ["q_proj("]}, r"targets has an invalid regex 'q_proj\('"),
+        ("rtn", {"targets": ["q_proj("]}, r"targets: invalid regex 'q_proj\('"),
         ("rtn", {"batch_size": 0}, "batch_size must be"),
         ("rtn", {"nsamples": 0}, "nsamples must be"),
         ("rtn", {"dtype": "fp13"}, "dtype"),

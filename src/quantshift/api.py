@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from .data.calibset import CalibManifest, CalibSet, build_calibset, ids_sha256, sample_windows
 from .errors import ConfigError, DataError, ModelError
+from .memory import plan_for_model as memory_plan
 from .models.load import LoadedModel, load_model, resolve_device
 from .models.precision import resolve_precision
 from .pipeline import PipelineRun
@@ -320,43 +321,6 @@ def _stats_store(model: ModelLike, loaded: LoadedModel, stats_cache: str | Path)
     # keyed like a study's cache: a local model directory by a fingerprint of its files
     return StatsStore(
         Path(stats_cache), digest({"model": model_identity(ModelAxis(name=str(model))), "dtype": loaded.precision.name})
-    )
-
-
-def memory_plan(
-    model: str | Path,
-    *,
-    device: str | None = None,
-    dtype: str = "auto",
-    max_memory: Any = None,
-    quantize: bool = True,
-    evaluate: bool = True,
-    calib_tokens: int = 0,
-    calibrated: bool = True,
-    batch_size: int = 4,
-    seqlen: int = 512,
-    max_windows: int | None = 64,
-    backend: str = "fake",
-) -> Any:
-    """The memory plan (memory.MemoryPlan) of quantizing and/or evaluating a model by name: each
-    stage's estimated peak host/device bytes and whether it runs in memory or streams, within
-    `max_memory` ("cpu=16GiB,cuda:0=70GiB", a memory.MemoryCaps, or None: what is free).
-    Raises a ConfigError when even streaming does not fit."""
-    from .memory import plan_for_model
-
-    return plan_for_model(
-        str(model),
-        device=resolve_device(device or "auto"),
-        dtype=dtype,
-        max_memory=max_memory,
-        quantize=quantize,
-        evaluate=evaluate,
-        calib_tokens=calib_tokens,
-        calibrated=calibrated,
-        batch_size=batch_size,
-        seqlen=seqlen,
-        max_windows=max_windows,
-        backend=backend,
     )
 
 

@@ -135,28 +135,11 @@ def quantize(
     from . import api, threads
 
     threads.use_all_cores()
-    options = {"wbits": wbits, "abits": abits, "group_size": group_size, "sym": sym}  # checked by validate.command
+    shared = "nsamples seqlen seed device dtype batch_size data_dir propagate stats_cache activations out overwrite"
+    given = validate.forwarded(locals(), shared + " max_memory")
+    formats = validate.forwarded(locals(), "wbits abits group_size sym") if recipe is None else {}
     t0 = time.time()
-    res = api.quantize(
-        model,
-        recipe if recipe is not None else method or "",
-        calib,
-        nsamples=nsamples,
-        seqlen=seqlen,
-        seed=seed,
-        device=device,
-        dtype=dtype,
-        batch_size=batch_size,
-        data_dir=data_dir,
-        propagate=propagate,
-        stats_cache=stats_cache,
-        activations=activations,
-        progress=not quiet,
-        out=out,
-        overwrite=overwrite,
-        max_memory=max_memory,
-        **(options if recipe is None else {}),
-    )
+    res = api.quantize(model, recipe or method or "", calib, progress=not quiet, **given, **formats)
     path = res.path
     why = _precision_reason(dtype, res.device)
     typer.echo(
@@ -181,10 +164,7 @@ def eval_cmd(
         str | None, typer.Option(help="comma-separated tasks: quantshift's (`list tasks`) or lm-eval names")
     ] = None,
     suite: Annotated[
-        str | None,
-        typer.Option(
-            help="a named suite (`list suites`): offline, instruct-offline, s1, boss, ceval, cmmlu, instruct, ppl"
-        ),
+        str | None, typer.Option(help="named suite, e.g. offline, instruct-offline (`list suites`)")
     ] = None,
     shots: Annotated[
         str | None, typer.Option(help="comma-separated few-shot counts (default: the suite's, else 0)")
@@ -246,30 +226,9 @@ def eval_cmd(
         shot_list = [int(k) for k in shots.split(",") if k.strip()] if shots else None
     except ValueError:
         raise ConfigError(f"--shots must be comma-separated integers, got {shots!r}") from None
-    metrics = api.evaluate(
-        model,
-        ppl or (),
-        tasks or (),
-        suite=suite,
-        shots=shot_list,
-        limit=limit,
-        data_dir=data_dir,
-        seqlen=seqlen,
-        max_windows=max_windows,
-        batch_size=batch_size,
-        seed=seed,
-        device=device,
-        dtype=dtype,
-        progress=not quiet,
-        mt_bench=mt_bench,
-        judge=judge,
-        max_new_tokens=max_new_tokens,
-        json_out=json_out,
-        backend=backend,
-        head=head,
-        max_memory=max_memory,
-        chat_template=chat_template,
-    )
+    shared = "suite limit data_dir seqlen max_windows batch_size seed device dtype mt_bench judge max_new_tokens"
+    given = validate.forwarded(locals(), shared + " json_out backend head max_memory chat_template")
+    metrics = api.evaluate(model, ppl or (), tasks or (), shots=shot_list, progress=not quiet, **given)
     for key, m in metrics.items():
         if key.startswith("ppl:"):
             bpb = f"  bpb {m['bpb']:.4f}" if m.get("bpb") is not None else ""  # tokenizer-independent

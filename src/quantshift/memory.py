@@ -465,9 +465,9 @@ def device_resident_budget(plan: MemoryPlan) -> int | None:
 
 
 def plan_for_model(
-    name: str,
+    name: str | Path,
     *,
-    device: str = "cpu",
+    device: str | None = None,
     dtype: str = "auto",
     max_memory: Any = None,
     quantize: bool = True,
@@ -479,8 +479,14 @@ def plan_for_model(
     max_windows: int | None = 64,
     backend: str = "fake",
 ) -> MemoryPlan:
-    """plan_memory for a model by name on a resolved `device` (see quantshift.memory_plan)."""
+    """The memory plan of quantizing and/or evaluating a model by name (quantshift.api.memory_plan):
+    each stage's estimated peak host/device bytes and whether it runs in memory or streams, within
+    `max_memory` ("cpu=16GiB,cuda:0=70GiB", a MemoryCaps, or None: what is free) on `device` (None
+    or "auto": the GPU when there is one). Raises a ConfigError when even streaming does not fit."""
+    from .models.load import resolve_device
     from .models.precision import resolve_precision
+
+    name, device = str(name), resolve_device(device or "auto")
 
     caps = max_memory if isinstance(max_memory, MemoryCaps) else parse_max_memory(max_memory)
     precision = resolve_precision(dtype, device)

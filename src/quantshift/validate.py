@@ -911,3 +911,9 @@ COMMANDS: dict[str, Callable[[dict], None]] = {
 def command(name: str, options: dict[str, Any]) -> None:
     """Check a command's options (the command body's `locals()`) before it does anything."""
     COMMANDS[name](options)
+
+
+def forwarded(options: dict[str, Any], names: str) -> dict[str, Any]:
+    """The command options (its `locals()`) that the API takes under the same names, space-separated:
+    the commands and the API name their options alike, so they pass through unrenamed."""
+    return {n: options[n] for n in names.split()}

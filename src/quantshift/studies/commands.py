@@ -90,23 +90,10 @@ def run_cmd(
                 spec, cache or run_dir.parent / ".cache", str(data_dir) if data_dir else None, bool(gpus_per_cell)
             )
         )
-    summary = run_study(
-        study,
-        out,
-        cache=cache,
-        device=device,
-        executor=executor,
-        ray_address=ray_address,
-        gpus_per_cell=gpus_per_cell,
-        cpus_per_cell=cpus_per_cell,
-        max_retries=max_retries,
-        lock_timeout=lock_timeout,
-        data_dir=data_dir,
-        progress=not quiet,
-        echo=typer.echo,
-        jobs=jobs,
-        max_memory=max_memory,
-    )
+    names = "cache device executor ray_address gpus_per_cell cpus_per_cell max_retries lock_timeout data_dir jobs"
+    given = validate.forwarded(locals(), names + " max_memory")
+    summary = run_study(study, out, progress=not quiet, echo=typer.echo, **given)
+
     if summary["failed"]:
         raise typer.Exit(1)
 
