@@ -697,25 +697,25 @@ def check_quantize(o: dict) -> None:
         rec = check_recipe_file(recipe)
     else:
         rec = _cli_recipe(str(method), fmt)
-    int_in("--nsamples", o.get("nsamples", 128), 1, MAX_COUNT)
-    int_in("--seqlen", o.get("seqlen", 512), 2, MAX_SEQLEN)
-    check_seed("--seed", o.get("seed", 42))
-    int_in("--batch-size", o.get("batch_size", 8), 1, MAX_BATCH)
-    check_device("--device", o.get("device", "auto"))
-    check_dtype("--dtype", o.get("dtype", "auto"))
-    check_propagation(o.get("propagate", "quantized"), o.get("activations", "auto"), o.get("stats_cache"))
+    int_in("--nsamples", o["nsamples"], 1, MAX_COUNT)
+    int_in("--seqlen", o["seqlen"], 2, MAX_SEQLEN)
+    check_seed("--seed", o["seed"])
+    int_in("--batch-size", o["batch_size"], 1, MAX_BATCH)
+    check_device("--device", o["device"])
+    check_dtype("--dtype", o["dtype"])
+    check_propagation(o["propagate"], o["activations"], o.get("stats_cache"))
     if o.get("data_dir") is not None:
         check_existing_dir("--data-dir", o["data_dir"])
     if o.get("stats_cache") is not None:
         if Path(str(o["stats_cache"])).exists() and not Path(str(o["stats_cache"])).is_dir():
             fail(f"--stats-cache {str(o['stats_cache'])!r} is a file, not a directory")
-    calib = o.get("calib", "wikipedia")
+    calib = o["calib"]
     check_source("--calib", calib, o.get("data_dir"))
     check_out_dir("--out", o["out"], bool(o.get("overwrite")))
     check_max_memory("--max-memory", o.get("max_memory"))
-    check_context("--seqlen", o.get("seqlen", 512), str(o["model"]))
+    check_context("--seqlen", o["seqlen"], str(o["model"]))
     if rec.needs_calibration:
-        check_calib_budget("--calib", calib, o.get("nsamples", 128), o.get("seqlen", 512), str(o["model"]))
+        check_calib_budget("--calib", calib, o["nsamples"], o["seqlen"], str(o["model"]))
     if (
         o.get("max_memory") is not None and local_model_dir(str(o["model"])) is not None
     ):  # a plan over the cap: exit 2 now
@@ -725,10 +725,10 @@ def check_quantize(o: dict) -> None:
         parts = len(str(calib).split("+"))
         plan_for_model(
             str(o["model"]),
-            device=resolve_device(o.get("device", "auto")),
-            dtype=o.get("dtype", "auto"),
+            device=resolve_device(o["device"]),
+            dtype=o["dtype"],
             max_memory=o["max_memory"],
-            calib_tokens=o.get("nsamples", 128) * o.get("seqlen", 512) * parts if rec.needs_calibration else 0,
+            calib_tokens=o["nsamples"] * o["seqlen"] * parts if rec.needs_calibration else 0,
             calibrated=rec.needs_calibration,
             evaluate=False,
         )
@@ -755,10 +755,10 @@ def _cli_recipe(method: str, fmt: dict) -> Recipe:
 
 def check_eval(o: dict) -> None:
     check_model_name("MODEL", o["model"])
-    check_choice("--backend", o.get("backend", "fake"), ("fake", "packed"))
-    check_choice("--head", o.get("head", "float"), ("float", "int8"))
-    check_choice("--chat-template", o.get("chat_template", "off"), ("off", "auto", "on"))
-    if o.get("head", "float") != "float" and o.get("backend", "fake") != "packed":
+    check_choice("--backend", o["backend"], ("fake", "packed"))
+    check_choice("--head", o["head"], ("float", "int8"))
+    check_choice("--chat-template", o["chat_template"], ("off", "auto", "on"))
+    if o["head"] != "float" and o["backend"] != "packed":
         fail("--head int8 needs --backend packed")
     data_dir = o.get("data_dir")
     if data_dir is not None:
@@ -776,15 +776,15 @@ def check_eval(o: dict) -> None:
         int_list("--shots", o["shots"], 0, MAX_SHOTS)
     if o.get("limit") is not None:
         int_in("--limit", o["limit"], 0, MAX_COUNT, " (0 = all)")
-    int_in("--seqlen", o.get("seqlen", 512), 2, MAX_SEQLEN)
+    int_in("--seqlen", o["seqlen"], 2, MAX_SEQLEN)
     if ppl or suite:
-        check_context("--seqlen", o.get("seqlen", 512), str(o["model"]))
-    int_in("--max-windows", o.get("max_windows", 64), 0, MAX_COUNT, " (0 = all)")
-    int_in("--batch-size", o.get("batch_size", 4), 1, MAX_BATCH)
-    check_seed("--seed", o.get("seed", 1234))
-    check_device("--device", o.get("device", "auto"))
-    check_dtype("--dtype", o.get("dtype", "auto"))
-    int_in("--max-new-tokens", o.get("max_new_tokens", 256), 1, MAX_SEQLEN)
+        check_context("--seqlen", o["seqlen"], str(o["model"]))
+    int_in("--max-windows", o["max_windows"], 0, MAX_COUNT, " (0 = all)")
+    int_in("--batch-size", o["batch_size"], 1, MAX_BATCH)
+    check_seed("--seed", o["seed"])
+    check_device("--device", o["device"])
+    check_dtype("--dtype", o["dtype"])
+    int_in("--max-new-tokens", o["max_new_tokens"], 1, MAX_SEQLEN)
     if (o.get("mt_bench") is None) != (o.get("judge") is None):
         fail("--mt-bench QUESTIONS.jsonl and --judge SPEC go together")
     if o.get("mt_bench") is not None:
@@ -801,14 +801,14 @@ def check_eval(o: dict) -> None:
 
         plan_for_model(
             str(o["model"]),
-            device=resolve_device(o.get("device", "auto")),
-            dtype=o.get("dtype", "auto"),
+            device=resolve_device(o["device"]),
+            dtype=o["dtype"],
             max_memory=o["max_memory"],
             quantize=False,
-            batch_size=o.get("batch_size", 4),
-            seqlen=o.get("seqlen", 512),
-            max_windows=o.get("max_windows", 64),
-            backend=o.get("backend", "fake"),
+            batch_size=o["batch_size"],
+            seqlen=o["seqlen"],
+            max_windows=o["max_windows"],
+            backend=o["backend"],
         )
 
 
@@ -824,10 +824,10 @@ def check_export(o: dict) -> None:
         fail(f"SRC {str(o['src'])!r} is not a quantshift quantized directory (no {QUANT_FILE}); quantize it first")
     if o.get("fmt") not in FORMATS:
         unknown("export format", o.get("fmt"), FORMATS, where="--format")
-    dtype = o.get("dtype", "auto")
+    dtype = o["dtype"]
     if dtype != "auto" and dtype not in EXPORT_DTYPES:
         unknown("dtype", dtype, ["auto", *EXPORT_DTYPES], where="--dtype")
-    if o.get("gptq_version", 1) not in (1, 2):
+    if o["gptq_version"] not in (1, 2):
         fail(f"--gptq-version must be 1 (gptq) or 2 (gptq_v2), got {o.get('gptq_version')!r}")
     check_out_dir("--out", o["out"], bool(o.get("overwrite")))
     if Path(str(o["out"])).expanduser().absolute() == src.absolute():
@@ -836,27 +836,24 @@ def check_export(o: dict) -> None:
 
 def check_bench(o: dict) -> None:
     check_model_name("MODEL", o["model"])
-    for opt, key, default in (
-        ("--batch-sizes", "batch_sizes", None),
-        ("--prefill-batches", "prefill_batches", "1,8"),
-        ("--decode-batches", "decode_batches", "1,8,32"),
+    for opt, key in (
+        ("--batch-sizes", "batch_sizes"),
+        ("--prefill-batches", "prefill_batches"),
+        ("--decode-batches", "decode_batches"),
     ):
-        if o.get(key, default) is not None:
-            int_list(opt, str(o.get(key, default)), 1, MAX_BATCH)
-    int_in("--prompt-len", o.get("prompt_len", 512), 1, MAX_SEQLEN)
-    int_in("--decode-prompt-len", o.get("decode_prompt_len", 128), 1, MAX_SEQLEN)
-    int_in("--gen-len", o.get("gen_len", 64), 2, MAX_SEQLEN)
-    int_in("--repeats", o.get("repeats", 5), 1, MAX_COUNT)
-    int_in("--copy-mib", o.get("copy_mib", 256), 1, 1 << 16)
+        if o[key] is not None:
+            int_list(opt, str(o[key]), 1, MAX_BATCH)
+    int_in("--prompt-len", o["prompt_len"], 1, MAX_SEQLEN)
+    int_in("--decode-prompt-len", o["decode_prompt_len"], 1, MAX_SEQLEN)
+    int_in("--gen-len", o["gen_len"], 2, MAX_SEQLEN)
+    int_in("--repeats", o["repeats"], 1, MAX_COUNT)
+    int_in("--copy-mib", o["copy_mib"], 1, 1 << 16)
     if o.get("backend") is not None:
         check_choice("--backend", o["backend"], ("fake", "packed"))
-    check_choice("--cache", o.get("cache", "static"), ("static", "dynamic"))
-    check_context("--prompt-len", o.get("prompt_len", 512), str(o["model"]))
-    check_context(
-        "--decode-prompt-len + --gen-len", o.get("decode_prompt_len", 128) + o.get("gen_len", 64), str(o["model"])
-    )
-    check_device("--device", o.get("device", "auto"))
-    check_dtype("--dtype", o.get("dtype", "auto"))
+    check_choice("--cache", o["cache"], ("static", "dynamic"))
+    check_context("--prompt-len", o["prompt_len"], str(o["model"]))
+    check_context("--decode-prompt-len + --gen-len", o["decode_prompt_len"] + o["gen_len"], str(o["model"]))
+    check_device("--device", o["device"])
     if o.get("json_out") is not None:
         check_out_file("--json", o["json_out"])
 
@@ -865,10 +862,10 @@ def check_run(o: dict) -> None:
     data_dir = o.get("data_dir")
     if data_dir is not None:
         check_existing_dir("--data-dir", data_dir)
-    executor = o.get("executor", "local")
+    executor = o["executor"]
     check_choice("--executor", executor, ("local", "ray"))
-    int_in("--jobs", o.get("jobs", 1), 1, 4096)
-    if o.get("jobs", 1) > 1 and executor != "local":
+    int_in("--jobs", o["jobs"], 1, 4096)
+    if o["jobs"] > 1 and executor != "local":
         fail(f"--jobs applies to the local executor; the {executor} executor schedules works itself")
     if o.get("ray_address") is not None and executor != "ray":
         fail("--ray-address goes with --executor ray")
@@ -909,7 +906,8 @@ COMMANDS: dict[str, Callable[[dict], None]] = {
 
 
 def command(name: str, options: dict[str, Any]) -> None:
-    """Check a command's options (the command body's `locals()`) before it does anything."""
+    """Check a command's options (the command body's `locals()`: every option present, with the
+    defaults its signature states) before it does anything."""
     COMMANDS[name](options)
 
 
