@@ -74,3 +74,14 @@ def test_recipe_labels_keep_their_format():
         recipe_from_dict([{"rtn": {"wbits": 16, "abits": 8}}]).stages[0].config, "model.layers.0.mlp.up_proj"
     )
     assert plan is not None and plan.weight is None and plan.act is not None and plan.act.group_size == 0
+
+
+def test_every_method_config_reads_back_from_its_dump():
+    """A study ships recipes to its works as dicts (Recipe.to_dict): each method's dumped config,
+    defaults included, must read back as the same recipe (fp8 once refused its own dump)."""
+    from quantshift.methods import METHODS
+    from quantshift.recipes import recipe_from_dict
+
+    for name in METHODS.names():
+        rec = recipe_from_dict([{name: {}}])
+        assert recipe_from_dict(rec.to_dict()).to_dict() == rec.to_dict(), name

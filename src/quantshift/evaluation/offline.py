@@ -24,7 +24,7 @@ from typing import Any
 
 from ..atomic import write_text_atomic
 from ..errors import DataError
-from . import instructions
+from . import arithmetic, instructions
 from .taskdef import TaskDef
 
 BIGBENCH_VERSION = "1.0.0"
@@ -136,7 +136,11 @@ def _index_download(tmp: Path) -> Path:
         req = urllib.request.Request(f"{index}/bigbench/", headers={"Accept": "application/vnd.pypi.simple.v1+json"})
         with urllib.request.urlopen(req, timeout=60) as r:
             files = json.load(r)["files"]
-        entry = next(f for f in files if f["filename"] == f"bigbench-{BIGBENCH_VERSION}.tar.gz")
+        wanted = f"bigbench-{BIGBENCH_VERSION}.tar.gz"
+        entry = next((f for f in files if f["filename"] == wanted), None)
+        if entry is None:  # a mirror or proxy that does not serve this release
+            listed = ", ".join(f["filename"] for f in files) or "nothing"
+            raise DataError(f"the index {index} does not list {wanted} (it lists: {listed})")
         out = tmp / entry["filename"]
         with urllib.request.urlopen(entry["url"], timeout=1800) as r, out.open("wb") as f:
             while block := r.read(1 << 22):
@@ -144,7 +148,7 @@ def _index_download(tmp: Path) -> Path:
         return out
     except Exception as err:
         raise DataError(
-            f"cannot download bigbench=={BIGBENCH_VERSION} from PyPI ({str(err)[:160]}); "
+            f"cannot download bigbench=={BIGBENCH_VERSION} from PyPI ({str(err)[:160] or type(err).__name__}); "
             f"run `pip download --no-deps --no-binary :all: bigbench=={BIGBENCH_VERSION}` elsewhere and "
             f"copy the .tar.gz to {cache_root() / 'bigbench'}/"
         ) from None
@@ -341,6 +345,14 @@ def _local_tasks() -> list[TaskDef]:
             max_gen_toks=192,
             test_frac=1.0,
             source_note="quantshift.evaluation.instructions (generated, no external data)",
+        ),
+        TaskDef(
+            "arithmetic_mc",
+            "mathematics: 600 generated + - x / questions on 1- and 2-digit numbers (exact division), the answer among four "
+            "numbers (BIG-bench arithmetic's kind, without its download); quantshift's own items",
+            "mathematics",
+            lambda _dd: arithmetic.build_items(),
+            source_note="quantshift.evaluation.arithmetic (generated, no external data)",
         ),
         TaskDef(
             "zh_sentiment",

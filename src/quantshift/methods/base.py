@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Protocol, TypeVar
 
 import torch
 import torch.nn as nn
-from pydantic import field_validator
+from pydantic import SerializerFunctionWrapHandler, field_validator, model_serializer, model_validator
 
 from ..config import KEEP_BITS, PER_TENSOR, StrictModel, abits_rule, group_size_rule, wbits_rule
 from ..quant.primitives import QuantizedWeight, QuantSpec
@@ -94,6 +94,22 @@ class StageConfig(StrictModel):
     @classmethod
     def _group_size(cls, v: int) -> int:
         return group_size_rule(v)
+
+    # options of the integer weight format that a method does not take: refused when given, and
+    # left out of its dump (a study ships recipes to its works as dicts that must read back)
+    not_applicable: ClassVar[tuple[str, ...]] = ()
+    not_applicable_hint: ClassVar[str] = ""  # "does not apply to <this>", e.g. "fp8 (use granularity)"
+
+    @model_validator(mode="after")
+    def _refuse_not_applicable(self) -> StageConfig:
+        for key in self.not_applicable:
+            if key in self.model_fields_set:
+                raise ValueError(f"{key} does not apply to {self.not_applicable_hint}")
+        return self
+
+    @model_serializer(mode="wrap")
+    def _dump_applicable(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if k not in self.not_applicable}
 
     @field_validator("targets", "ignore")
     @classmethod

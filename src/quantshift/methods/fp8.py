@@ -15,8 +15,6 @@ from ..config import KEEP_BITS, PER_CHANNEL, PER_TENSOR
 from ..quant.primitives import QuantSpec, quantize_weight
 from .base import BlockContext, LinearPlan, Method, SolveResult, StageConfig, register
 
-_INT_ONLY = ("group_size", "sym")
-
 
 class FP8Config(StageConfig):
     wbits: int = 8  # 8 = fp8 weights, 16 = keep weights (activations only)
@@ -30,11 +28,11 @@ class FP8Config(StageConfig):
             raise ValueError(f"fp8 is 8 bits (or 16 = keep floating point), got {v}")
         return v
 
+    not_applicable = ("group_size", "sym")
+    not_applicable_hint = "fp8 (use granularity: tensor | channel)"
+
     @model_validator(mode="after")
-    def _no_int_options(self) -> FP8Config:
-        for key in _INT_ONLY:
-            if key in self.model_fields_set:
-                raise ValueError(f"{key} does not apply to fp8 (use granularity: tensor | channel)")
+    def _override_bits(self) -> FP8Config:
         for rule in self.overrides:
             if rule.wbits not in (None, 8, KEEP_BITS) or rule.abits not in (None, 8, KEEP_BITS):
                 raise ValueError("overrides: fp8 bits must be 8 or 16")

@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Literal
 
-from pydantic import field_validator, model_validator
+from pydantic import field_validator
 
 from ..config import PER_TENSOR
 from ..quant.actquant import OutputQuantizer
@@ -23,8 +23,6 @@ from .base import BlockContext, Method, StageConfig, register
 
 if TYPE_CHECKING:
     from transformers import PretrainedConfig
-
-_NOT_USED = ("wbits", "abits", "group_size", "sym", "act_per_token", "overrides")
 
 
 class KVCacheConfig(StageConfig):
@@ -40,14 +38,8 @@ class KVCacheConfig(StageConfig):
             raise ValueError(f"bits must be 2..8, got {v}")
         return v
 
-    @model_validator(mode="after")
-    def _only_cache_options(self) -> KVCacheConfig:
-        for key in _NOT_USED:
-            if key in self.model_fields_set:
-                raise ValueError(
-                    f"{key} does not apply to kvcache (options: bits, granularity, kv_sym, targets, ignore)"
-                )
-        return self
+    not_applicable = ("wbits", "abits", "group_size", "sym", "act_per_token", "overrides")
+    not_applicable_hint = "kvcache (options: bits, granularity, kv_sym, targets, ignore)"
 
 
 def _head_dim(config: PretrainedConfig) -> int:

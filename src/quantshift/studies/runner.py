@@ -159,6 +159,17 @@ def all_works(plan: Plan) -> list[Work]:
     return works
 
 
+def fetch_task_downloads(spec: StudySpec) -> None:
+    """Task data fetched once into the cache (BIG-bench) is obtained before anything runs: a study
+    whose data cannot be had fails in seconds with the reason, not after its first quantization."""
+    from ..evaluation.tasks import TASKS, task_data
+    from .spec import task_names
+
+    for name in task_names(spec):
+        if name in TASKS and TASKS.get(name).needs == "download":
+            task_data(name)
+
+
 def run_study(
     spec: StudySpec,
     out_dir: Path,
@@ -206,6 +217,7 @@ def run_study(
         cluster = connect_ray(settings, spec.device)
         echo(cluster.describe())
     try:
+        fetch_task_downloads(spec)
         return _run_planned(
             spec, out_dir, cache_root, executor, cluster, gpus_per_cell, data_dir, progress, echo, jobs, max_memory
         )
