@@ -85,3 +85,30 @@ def test_every_method_config_reads_back_from_its_dump():
     for name in METHODS.names():
         rec = recipe_from_dict([{name: {}}])
         assert recipe_from_dict(rec.to_dict()).to_dict() == rec.to_dict(), name
+
+
+@pytest.mark.parametrize(
+    "template",
+    [
+        "must be 2..8 (or",  # wbits (config.wbits_rule: stage configs, overrides, --wbits)
+        "must be 4..8 (or",  # abits
+        "must be -1 (per channel)",  # group_size
+        "must be an integer 0..{MAX_SEED}",  # seeds (config.seed_rule: QuIP, --seed, study seeds)
+        "must be a number {bound}",  # a method's numeric options (config.number_in)
+        "invalid regex",  # targets, ignore, override patterns (methods.base.regex_rule)
+        "does not apply to {",  # options a method does not take (StageConfig.not_applicable)
+        "is a 2-4 bit method",  # QuIP's bits, stage and overrides
+        "needs small groups",  # SpQR's group size, stage and overrides
+    ],
+)
+def test_each_rule_is_stated_in_one_place(template):
+    """Each rule's message is written once in src: every input that can break it (a stage config,
+    its per-layer overrides, a CLI option, a study) goes through that one rule."""
+    from pathlib import Path
+
+    import quantshift
+
+    root = Path(quantshift.__file__).parent
+    places = [f"{p.relative_to(root)}" for p in sorted(root.rglob("*.py")) if template in p.read_text()]
+    count = sum(p.read_text().count(template) for p in root.rglob("*.py"))
+    assert count == 1, f"{template!r} stated {count} times: {places}"

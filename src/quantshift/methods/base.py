@@ -26,6 +26,15 @@ if TYPE_CHECKING:
     from ..quant.actquant import OutputQuantizer
 
 
+def regex_rule(pattern: str) -> str:
+    """A module-name pattern must compile (checked when the config is read, not at the first layer)."""
+    try:
+        re.compile(pattern)
+    except (re.error, RecursionError, OverflowError) as err:
+        raise ValueError(f"invalid regex {pattern!r} ({err})") from None
+    return pattern
+
+
 class Override(StrictModel):
     """A per-layer rule: modules whose full name matches `pattern` (regex, search) get these."""
 
@@ -39,11 +48,7 @@ class Override(StrictModel):
     @field_validator("pattern")
     @classmethod
     def _regex(cls, v: str) -> str:
-        try:
-            re.compile(v)
-        except re.error as err:
-            raise ValueError(f"invalid regex {v!r}: {err}") from None
-        return v
+        return regex_rule(v)
 
     @field_validator("wbits")
     @classmethod
@@ -114,12 +119,7 @@ class StageConfig(StrictModel):
     @field_validator("targets", "ignore")
     @classmethod
     def _regexes(cls, v: list[str]) -> list[str]:
-        for pattern in v:
-            try:
-                re.compile(pattern)
-            except (re.error, RecursionError, OverflowError) as err:
-                raise ValueError(f"invalid regex {pattern!r} ({err})") from None
-        return v
+        return [regex_rule(p) for p in v]
 
 
 @dataclass(frozen=True)
