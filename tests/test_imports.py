@@ -190,8 +190,6 @@ def test_architecture_page_names_every_module():
     page = (Path(__file__).parents[1] / "docs" / "architecture.md").read_text()
     layout = page.split("## Layout", 1)[1]
     missing = [
-        str(p.relative_to(root))
-        for p in sorted(root.rglob("*.py"))
-        if p.name != "__init__.py" and p.name not in layout
+        str(p.relative_to(root)) for p in sorted(root.rglob("*.py")) if p.name != "__init__.py" and p.name not in layout
     ]
     assert not missing, f"docs/architecture.md does not name: {missing}"

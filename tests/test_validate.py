@@ -319,7 +319,7 @@ def test_study_unknown_source(cli, tmp_path, cmd):
         ("{method: rtn,", "{method: rtm,", "unknown method 'rtm' (did you mean 'rtn'?)"),
         ("group_size: 64}", "group_size: -7}", "group_size must be -1"),
         ("group_size: 64}", "group_size: 64, options: {dmp: 1}}", "unknown key 'dmp'"),
-        ("n: 2,", "n: 0,", "calibration n must be an integer 1.."),
+        ("n: 2,", "n: 0,", "calibration.n: n must be an integer 1.."),
         ("[smollm2-135m]", "[smollm2-136m]", "did you mean 'smollm2-135m'"),
         ("name: tiny", "name: ../escape", "must be a plain directory name"),
         ("ppl: [news]", "ppl: [news], shots: []", "shots is empty"),

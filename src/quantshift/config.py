@@ -120,22 +120,55 @@ MAX_SEED = (1 << 63) - 1  # torch.Generator.manual_seed's range (non-negative pa
 
 
 def seed_rule(v: int, name: str = "seed") -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or not 0 <= v <= MAX_SEED:
-        raise ValueError(f"{name} must be an integer 0..{MAX_SEED}, got {v!r}")
+    return int(integer_rule(v, name, 0, MAX_SEED))
+
+
+# Sanity caps on sizes, far above any real use: a value beyond them is a typo (an extra zero
+# or two), and failing now beats failing after the model loaded, or never finishing.
+MAX_SEQLEN = 1 << 20  # tokens per window
+MAX_COUNT = 1 << 20  # calibration windows, perplexity windows, items, repeats
+MAX_BATCH = 1 << 16
+MAX_SHOTS = 1000
+
+
+def number_rule(v: Any, name: str, lo: float, hi: float, lo_open: bool = False, note: str = "") -> Any:
+    """A finite number in [lo, hi] ((lo, hi] when lo_open); `note` says what it means."""
+    ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    if not (ok and (lo < v if lo_open else lo <= v) and v <= hi):
+        bound = ">" if lo_open else ">="
+        raise ValueError(f"{name} must be a number {bound} {lo:g} and <= {hi:g}{note}, got {v!r}")
+    return v
+
+
+def integer_rule(v: Any, name: str, lo: int, hi: int, note: str = "") -> Any:
+    """An integer in lo..hi; `note` names special values, e.g. " (0 = all)"."""
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise ValueError(f"{name} must be an integer {lo}..{hi}{note}, got {v!r}")
+    return v
+
+
+def non_empty(v: list[Any], info: ValidationInfo) -> list[Any]:
+    """A field validator: a list that must name at least one thing."""
+    if not v:
+        raise ValueError(f"{info.field_name} is empty; give at least one")
     return v
 
 
 def number_in(lo: float, hi: float, lo_open: bool = False, note: str = "") -> Callable[[Any, ValidationInfo], Any]:
-    """A field validator for a method's numeric option: a finite number in [lo, hi] ((lo, hi] when
-    lo_open), None passing through for optional ones; `note` says what the number means."""
+    """number_rule as a field validator (None passes: an optional option left unset)."""
 
     def check(v: Any, info: ValidationInfo) -> Any:
-        if v is None:
-            return v
-        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        if not (ok and (lo < v if lo_open else lo <= v) and v <= hi):
-            bound = ">" if lo_open else ">="
-            raise ValueError(f"{info.field_name} must be a number {bound} {lo:g} and <= {hi:g}{note}, got {v!r}")
+        return v if v is None else number_rule(v, str(info.field_name), lo, hi, lo_open, note)
+
+    return check
+
+
+def integer_in(lo: int, hi: int, note: str = "") -> Callable[[Any, ValidationInfo], Any]:
+    """integer_rule as a field validator, for a value or each item of a list (None passes)."""
+
+    def check(v: Any, info: ValidationInfo) -> Any:
+        for item in v if isinstance(v, list) else [] if v is None else [v]:
+            integer_rule(item, str(info.field_name), lo, hi, note)
         return v
 
     return check

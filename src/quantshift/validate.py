@@ -15,14 +15,24 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import math
 import re
 from collections.abc import Callable, Iterable
 from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from .config import abits_rule, group_size_rule, seed_rule, wbits_rule
+from .config import (
+    MAX_BATCH,
+    MAX_COUNT,
+    MAX_SEQLEN,
+    MAX_SHOTS,
+    abits_rule,
+    group_size_rule,
+    integer_rule,
+    number_rule,
+    seed_rule,
+    wbits_rule,
+)
 from .errors import ConfigError, InvalidInput, QuantshiftError
 
 if TYPE_CHECKING:
@@ -33,12 +43,6 @@ if TYPE_CHECKING:
     from .registry import Registry
     from .studies.spec import StudySpec
 
-# Sanity caps on sizes, far above any real use: a value beyond them is a typo (an extra zero
-# or two), and failing now beats failing after the model loaded, or never finishing.
-MAX_SEQLEN = 1 << 20  # tokens per window
-MAX_COUNT = 1 << 20  # calibration windows, perplexity windows, items, repeats
-MAX_BATCH = 1 << 16
-MAX_SHOTS = 1000
 # a source with this many bytes of text per needed token has room to spare in any tokenizer
 # seen here (English ~4 bytes per token, Chinese ~2-3); only closer calls are tokenized exactly
 AMPLE_BYTES_PER_TOKEN = 8
@@ -68,15 +72,11 @@ def unknown(what: str, name: Any, options: Iterable[str], hint: str = "", where:
 
 
 def int_in(option: str, value: Any, lo: int, hi: int, extra: str = "") -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        fail(f"{option} must be an integer {lo}..{hi}{extra}, got {value!r}")
+    _rule(integer_rule, option, value, lo, hi, extra)
 
 
 def finite_in(option: str, value: Any, lo: float, hi: float, lo_open: bool = False) -> None:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (lo < value if lo_open else lo <= value) and value <= hi
-    if not ok:
-        fail(f"{option} must be a number {'>' if lo_open else '>='} {lo} and <= {hi}, got {value!r}")
+    _rule(number_rule, option, value, lo, hi, lo_open)
 
 
 def check_seed(option: str, value: Any) -> None:
@@ -530,10 +530,10 @@ def check_max_memory(option: str, value: Any) -> None:
         parse_max_memory(str(value))  # its message names the option and the part it could not read
 
 
-def _rule(rule: Callable[[int, str], int], option: str, value: Any) -> None:
-    """A number-format rule of config.py, its message naming the option."""
+def _rule(rule: Callable[..., Any], option: str, value: Any, *limits: Any) -> None:
+    """A rule of config.py, its message naming the option."""
     try:
-        rule(value, option)
+        rule(value, option, *limits)
     except ValueError as err:
         fail(str(err))
 
@@ -580,57 +580,23 @@ def check_study_data(data: Any, where: str, data_dir: Any = None, stem: str = "s
                 f"got {_short(data[key])}"
             )
     spec = _parse(StudySpec, data, where)
-    name = spec.name
-    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name or "\0" in name:
-        fail(f"{where}: name {name!r} must be a plain directory name (the run goes to runs/<name>)")
-    if not spec.models:
-        fail(f"{where}: models is empty; give at least one model")
     for i, model in enumerate(spec.models):
         check_model_name(f"{where} models[{i}]", model.name)
         check_dtype(f"{where} models[{i}] dtype", model.dtype)
     for i, axis in enumerate(spec.methods):
         at = f"{where} methods[{i}]"
-        if axis.method is not None:
-            if not axis.wbits:
-                fail(f"{at}: wbits is empty; give one or more bit widths")
-            if axis.group_size is not None:
-                check_group_size(f"{at}: group_size", axis.group_size)
         for _label, _bits, rec in method_recipes(axis, at):
             check_recipe(rec, at)
-    if not spec.methods and not spec.include_fp:
-        fail(f"{where}: no methods and include_fp is false: nothing to run")
     cal, ev, diag = spec.calibration, spec.evaluation, spec.diagnostics
-    if not cal.sources:
-        fail(f"{where} calibration: sources is empty")
-    if not cal.seeds:
-        fail(f"{where} calibration: seeds is empty")
-    int_in(f"{where} calibration n", cal.n, 1, MAX_COUNT)
-    int_in(f"{where} calibration seqlen", cal.seqlen, 2, MAX_SEQLEN)
-    for s in cal.seeds:
-        check_seed(f"{where} calibration seeds", s)
     for src in cal.sources:
         check_source(f"{where} calibration source", src, data_dir)
     for src in ev.ppl:
         check_source(f"{where} evaluation ppl source", src, data_dir, union=False)
-    int_in(f"{where} evaluation ppl_seqlen", ev.ppl_seqlen, 2, MAX_SEQLEN)
-    int_in(f"{where} evaluation ppl_windows", ev.ppl_windows, 0, MAX_COUNT, " (0 = all)")
     if ev.suite is not None:
         check_suite(f"{where} evaluation suite", ev.suite, data_dir)
     for t in ev.tasks:
         check_task(f"{where} evaluation tasks", t, data_dir)
-    if not ev.shots:
-        fail(f"{where} evaluation: shots is empty; give e.g. [0]")
-    for k in ev.shots:
-        int_in(f"{where} evaluation shots", k, 0, MAX_SHOTS)
-    if ev.limit is not None:
-        int_in(f"{where} evaluation limit", ev.limit, 0, MAX_COUNT, " (0 = all)")
-    int_in(f"{where} evaluation batch_size", ev.batch_size, 1, MAX_BATCH)
-    int_in(f"{where} diagnostics windows", diag.windows, 1, MAX_COUNT)
-    int_in(f"{where} diagnostics seqlen", diag.seqlen, 2, MAX_SEQLEN)
     check_device(f"{where} device", spec.device)
-    int_in(f"{where} batch_size", spec.batch_size, 1, MAX_BATCH)
-    if not ev.ppl and not ev.tasks and not ev.suite:
-        fail(f"{where} evaluation: nothing to evaluate; give ppl sources, tasks or a suite")
     for m in spec.models:
         check_context(f"{where} calibration seqlen", cal.seqlen, m.name)
         check_context(f"{where} evaluation ppl_seqlen", ev.ppl_seqlen, m.name)
@@ -655,6 +621,10 @@ def _parse(model: Any, data: Any, where: str) -> Any:
 
     try:
         return parse(model, data, where)
+    except InvalidInput:
+        raise
+    except ConfigError as err:  # a rule of the config types: rejected input like any other
+        fail(str(err))
     except (TypeError, AttributeError, KeyError) as err:
         fail(f"{where}: a value has the wrong type ({type(err).__name__}: {err})")
 

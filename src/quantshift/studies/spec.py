@@ -23,7 +23,20 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import field_validator, model_validator
 
-from ..config import KEEP_BITS, StrictModel, load_yaml, parse
+from ..config import (
+    KEEP_BITS,
+    MAX_BATCH,
+    MAX_COUNT,
+    MAX_SEQLEN,
+    MAX_SHOTS,
+    StrictModel,
+    group_size_rule,
+    integer_in,
+    load_yaml,
+    non_empty,
+    parse,
+    seed_rule,
+)
 from ..errors import ConfigError
 from ..recipes import Recipe, recipe_from_dict
 
@@ -71,8 +84,15 @@ class MethodAxis(StrictModel):
     def _listify(cls, v: Any) -> Any:
         return [v] if isinstance(v, int) else v
 
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, v: int | None) -> int | None:
+        return v if v is None else group_size_rule(v)
+
     @model_validator(mode="after")
     def _one_form(self) -> MethodAxis:
+        if self.method is not None and not self.wbits:
+            raise ValueError("wbits is empty; give one or more bit widths")
         if (self.method is None) == (self.recipe is None):
             raise ValueError("give exactly one of 'method' (with wbits/abits/group_size) or 'recipe' (a stage list)")
         if self.recipe is not None and self.name is None:
@@ -98,6 +118,15 @@ class CalibrationAxis(StrictModel):
     # the prompt alone (answers: false)
     answers: bool = True
 
+    _n = field_validator("n")(integer_in(1, MAX_COUNT))
+    _seqlen = field_validator("seqlen")(integer_in(2, MAX_SEQLEN))
+    _given = field_validator("sources", "seeds")(non_empty)
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, v: list[int]) -> list[int]:
+        return [seed_rule(s, "seeds") for s in v]
+
 
 class EvaluationAxis(StrictModel):
     ppl: list[str] = []
@@ -115,6 +144,12 @@ class EvaluationAxis(StrictModel):
     # template on-vs-off comparison (chat_template_units)
     chat_template_ablation: bool = False
 
+    _ppl_seqlen = field_validator("ppl_seqlen")(integer_in(2, MAX_SEQLEN))
+    _counts = field_validator("ppl_windows", "limit")(integer_in(0, MAX_COUNT, " (0 = all)"))
+    _shots = field_validator("shots")(integer_in(0, MAX_SHOTS))
+    _shots_given = field_validator("shots")(non_empty)
+    _batch_size = field_validator("batch_size")(integer_in(1, MAX_BATCH))
+
     @model_validator(mode="after")
     def _ablation_needs_template(self) -> EvaluationAxis:
         if self.chat_template_ablation and self.chat_template == "off":
@@ -128,6 +163,9 @@ class DiagnosticsAxis(StrictModel):
     enabled: bool = True
     windows: int = 2  # windows per set for the fp-model statistics
     seqlen: int = 256
+
+    _windows = field_validator("windows")(integer_in(1, MAX_COUNT))
+    _seqlen = field_validator("seqlen")(integer_in(2, MAX_SEQLEN))
 
 
 class StudySpec(StrictModel):
@@ -144,10 +182,35 @@ class StudySpec(StrictModel):
     device: str = "auto"
     batch_size: int = 8  # calibration batch size
 
+    _batch_size = field_validator("batch_size")(integer_in(1, MAX_BATCH))
+
     @field_validator("models", mode="before")
     @classmethod
     def _models(cls, v: Any) -> Any:
         return [{"name": m} if isinstance(m, str) else m for m in (v or [])]
+
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v: str) -> str:
+        if not v.strip() or v in (".", "..") or any(c in v for c in "/\\\0"):
+            raise ValueError(f"name {v!r} must be a plain directory name (the run goes to runs/<name>)")
+        return v
+
+    @field_validator("models")
+    @classmethod
+    def _some_model(cls, v: list[ModelAxis]) -> list[ModelAxis]:
+        if not v:
+            raise ValueError("models is empty; give at least one model")
+        return v
+
+    @model_validator(mode="after")
+    def _something_to_run(self) -> StudySpec:
+        if not self.methods and not self.include_fp:
+            raise ValueError("no methods and include_fp is false: nothing to run")
+        ev = self.evaluation  # (checked here: an omitted evaluation is its empty default)
+        if not ev.ppl and not ev.tasks and not ev.suite:
+            raise ValueError("evaluation: nothing to evaluate; give ppl sources, tasks or a suite")
+        return self
 
     @model_validator(mode="after")
     def _bench_needs_kept_models(self) -> StudySpec:
