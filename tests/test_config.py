@@ -93,8 +93,8 @@ def test_every_method_config_reads_back_from_its_dump():
         "must be 2..8 (or",  # wbits (config.wbits_rule: stage configs, overrides, --wbits)
         "must be 4..8 (or",  # abits
         "must be -1 (per channel)",  # group_size
-        "must be an integer 0..{MAX_SEED}",  # seeds (config.seed_rule: QuIP, --seed, study seeds)
-        "must be a number {bound}",  # a method's numeric options (config.number_in)
+        "must be an integer {lo}..{hi}",  # counts, sizes, seeds (config.integer_rule: configs, studies, CLI)
+        "must be a number {bound}",  # a method's numeric options, Ray's (config.number_rule)
         "invalid regex",  # targets, ignore, override patterns (methods.base.regex_rule)
         "does not apply to {",  # options a method does not take (StageConfig.not_applicable)
         "is a 2-4 bit method",  # QuIP's bits, stage and overrides

@@ -459,3 +459,10 @@ def test_calibration_budget_is_sound():
     with pytest.raises(InvalidInput, match="bytes of calibration text"):
         validate.check_calib_budget("--calib", "news", 10**6, 512, model=None)
     assert "not checked" in validate.check_calib_budget("--calib", "hf:some/dataset", 10**6, 512)
+
+
+def test_a_tilde_name_of_no_user_is_a_missing_path_not_a_crash(tmp_path):
+    """Found by the quantize fuzzer: "~name" with no such user made pathlib raise RuntimeError
+    from inside a check; it is a path that does not exist, said in one line."""
+    with pytest.raises(InvalidInput, match="does not exist"):
+        validate.check_model_name("MODEL", "~no-such-user-here/model")

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
+from .config import user_path
 from .data.calibset import CalibManifest, CalibSet, build_calibset, ids_sha256, sample_windows
 from .errors import ConfigError, DataError, ModelError
 from .memory import plan_for_model as memory_plan
@@ -194,7 +195,7 @@ def as_recipe(recipe: Recipe | dict | list | str | Path, options: dict[str, Any]
 
 
 def _looks_like_file(text: str) -> bool:
-    return text.endswith((".yaml", ".yml")) or Path(text).expanduser().is_file()
+    return text.endswith((".yaml", ".yml")) or user_path(text).is_file()
 
 
 def _method_recipe(spec: str, opts: dict[str, Any]) -> Recipe:

@@ -68,6 +68,16 @@ def parse(model: type[M], data: Any, where: str = "") -> M:
         raise ConfigError(describe_validation_error(model, err, where)) from None
 
 
+def user_path(text: str | Path) -> Path:
+    """A path as a user typed it, ~ expanded; "~name" of no known user stays as written (a plain
+    relative name that then does not exist) instead of raising from deep inside a check."""
+    p = Path(str(text))
+    try:
+        return p.expanduser()
+    except RuntimeError:
+        return p
+
+
 def load_yaml(path: str | Path) -> Any:
     p = Path(path)
     if not p.is_file():

@@ -31,6 +31,7 @@ from .config import (
     integer_rule,
     number_rule,
     seed_rule,
+    user_path,
     wbits_rule,
 )
 from .errors import ConfigError, InvalidInput, QuantshiftError
@@ -119,14 +120,14 @@ def int_list(option: str, text: str, lo: int, hi: int) -> list[int]:
 
 
 def check_existing_file(option: str, path: Any) -> Path:
-    p = Path(str(path)).expanduser()
+    p = user_path(str(path))
     if not p.is_file():
         fail(f"{option} {str(path)!r} does not exist (or is not a file)")
     return p
 
 
 def check_existing_dir(option: str, path: Any) -> Path:
-    p = Path(str(path)).expanduser()
+    p = user_path(str(path))
     if not p.is_dir():
         fail(f"{option} {str(path)!r} does not exist (or is not a directory)")
     return p
@@ -134,7 +135,7 @@ def check_existing_dir(option: str, path: Any) -> Path:
 
 def check_out_dir(option: str, path: Any, overwrite: bool) -> None:
     """An output directory the command may write at the end: checked now, not after the work."""
-    p = Path(str(path)).expanduser()
+    p = user_path(str(path))
     if not str(path).strip():
         fail(f"{option} must name a directory, got an empty path")
     if p.exists() and not p.is_dir():
@@ -147,7 +148,7 @@ def check_out_dir(option: str, path: Any, overwrite: bool) -> None:
 
 
 def check_out_file(option: str, path: Any) -> None:
-    p = Path(str(path)).expanduser()
+    p = user_path(str(path))
     if not str(path).strip() or p.is_dir():
         fail(f"{option} {str(path)!r} must be a file path (it names a directory)")
     parent = next((a for a in p.absolute().parents if a.exists()), None)
@@ -166,7 +167,7 @@ def check_model_name(option: str, name: Any) -> None:
     name = str(name)
     if name in BUNDLED:
         return
-    p = Path(name).expanduser()
+    p = user_path(name)
     if name.strip() and p.exists():
         if not p.is_dir() or not (p / "config.json").is_file():
             fail(f"{option} {name!r} is not a model directory (no config.json)")
@@ -189,7 +190,7 @@ def local_model_dir(name: str) -> Path | None:
     if name in BUNDLED:
         p = cache_dir() / "models" / name
         return p if (p / "config.json").is_file() else None
-    p = Path(name).expanduser()
+    p = user_path(name)
     return p if (p / "config.json").is_file() else None
 
 
@@ -257,7 +258,7 @@ def check_source(option: str, name: Any, data_dir: Any = None, union: bool = Tru
         elif part in SOURCES:
             continue
         elif Path(part).suffix in (".txt", ".jsonl"):
-            if not Path(part).expanduser().is_file():
+            if not user_path(part).is_file():
                 fail(f"{option}: text file {part!r} does not exist")
         elif part.startswith("hf:"):
             if not part[3:].split(":")[0].strip():
@@ -406,7 +407,7 @@ def check_task(option: str, name: str, data_dir: Any = None) -> None:
         if tasks.get(name).needs == "data-dir" and not data_dir:
             fail(f"{option}: task {name!r} reads local data: give --data-dir (or data_dir)")
         return
-    if name.endswith((".yaml", ".yml")) and Path(name).expanduser().is_file():
+    if name.endswith((".yaml", ".yml")) and user_path(name).is_file():
         return  # an lm-eval task file
     if lm_eval_has(name):
         return
@@ -787,7 +788,7 @@ def check_export(o: dict) -> None:
     from .export import FORMATS
     from .export.common import DTYPES as EXPORT_DTYPES
 
-    src = Path(str(o["src"])).expanduser()
+    src = user_path(str(o["src"]))
     if not src.is_dir():
         fail(f"SRC {str(o['src'])!r}: no such directory (give a directory written by `quantshift quantize`)")
     if not (src / QUANT_FILE).is_file():
@@ -800,7 +801,7 @@ def check_export(o: dict) -> None:
     if o["gptq_version"] not in (1, 2):
         fail(f"--gptq-version must be 1 (gptq) or 2 (gptq_v2), got {o.get('gptq_version')!r}")
     check_out_dir("--out", o["out"], bool(o.get("overwrite")))
-    if Path(str(o["out"])).expanduser().absolute() == src.absolute():
+    if user_path(str(o["out"])).absolute() == src.absolute():
         fail("--out must differ from SRC: the export would replace its own input")
 
 
@@ -861,7 +862,7 @@ def check_run(o: dict) -> None:
         check_device("--device", o["device"])
     for opt, key in (("--out", "out"), ("--cache", "cache")):
         p = o.get(key)
-        if p is not None and Path(str(p)).expanduser().exists() and not Path(str(p)).expanduser().is_dir():
+        if p is not None and user_path(str(p)).exists() and not user_path(str(p)).is_dir():
             fail(f"{opt} {str(p)!r} is an existing file, not a directory")
     check_study_file(o["study"], data_dir)
 

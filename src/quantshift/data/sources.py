@@ -22,6 +22,7 @@ from functools import cache
 from pathlib import Path
 from typing import Literal
 
+from ..config import user_path
 from ..errors import DataError
 from ..registry import Registry
 
@@ -290,7 +291,7 @@ def get_source(name: str, data_dir: str | Path | None = None, answers: bool = Tr
         return resolve(name[len(prefix) :], data_dir, answers)
     if name in SOURCES:
         return SOURCES.get(name)
-    p = Path(name).expanduser()
+    p = user_path(name)
     if p.suffix in (".txt", ".jsonl"):
         if not p.is_file():
             raise DataError(f"text file {p} does not exist")

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
+from ..config import user_path
 from ..errors import ModelError
 from .arch import ArchSpec, arch_for
 from .bundled import BUNDLED, bundled_checkpoint
@@ -91,7 +92,7 @@ def model_path(name: str) -> Path | str:
     """Bundled alias -> converted checkpoint; existing dir -> itself; else a hub id."""
     if name in BUNDLED:
         return bundled_checkpoint(name)
-    p = Path(name).expanduser()
+    p = user_path(name)
     if p.exists():
         if not p.is_dir() or not (p / "config.json").is_file():
             raise ModelError(f"{p} is not a model directory (no config.json)")

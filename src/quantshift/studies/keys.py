@@ -7,11 +7,11 @@ calibration choice, code versions), so equal keys mean reusable results.
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..config import user_path
 from .spec import CalibChoice, Cell, EvalUnit, ModelAxis, StudySpec, digest
 
 CACHE_SCHEMA = 3  # bump when a cached artifact's meaning changes (3: --dtype auto means bf16 autocast on bf16 CPUs)
@@ -36,7 +36,7 @@ def code_versions() -> dict[str, str]:
 def model_identity(model: ModelAxis) -> dict:
     """Name and dtype, plus a fingerprint of a local directory's config and weight files."""
     ident: dict[str, Any] = {"name": model.name, "dtype": model.dtype}
-    p = Path(model.name).expanduser()
+    p = user_path(model.name)
     if p.is_dir():
         h = hashlib.sha256()
         for f in sorted(p.iterdir()):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+from ..config import user_path
 from ..errors import QuantshiftError
 from .records import Work
 
@@ -97,7 +98,7 @@ def param_count(name: str) -> int | None:
             if not (Path(path) / "config.json").is_file():
                 return None
         else:
-            path = Path(name).expanduser()
+            path = user_path(name)
             path = path if path.is_dir() else name
         config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
         with init_empty_weights():
