@@ -193,3 +193,13 @@ def test_architecture_page_names_every_module():
         str(p.relative_to(root)) for p in sorted(root.rglob("*.py")) if p.name != "__init__.py" and p.name not in layout
     ]
     assert not missing, f"docs/architecture.md does not name: {missing}"
+
+
+def test_the_export_verb_survives_importing_the_export_subpackage():
+    """`from quantshift import export` is the API verb even after `import quantshift.export...`."""
+    import subprocess
+    import sys
+
+    code = "import quantshift.export.common, quantshift; from quantshift import export; print(callable(export))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "True"
