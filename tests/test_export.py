@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from quantshift.checkpoint import save_quantized, write_json_atomic
-from quantshift.export import ExportError, export
+from quantshift.exporters import ExportError, export
 from quantshift.pipeline import quantize_model, save
 from quantshift.quant.engine import QuantizedModule
 from quantshift.quant.primitives import QuantSpec, pack_codes, quantize_weight, unpack_codes

@@ -26,7 +26,7 @@ import quantshift.api as api_mod
 import quantshift.bench.commands as bench_cmd
 import quantshift.cli as cli_mod
 import quantshift.evaluation.run as eval_api
-import quantshift.export as export_pkg
+import quantshift.exporters as export_pkg
 import quantshift.models.load as load_mod
 import quantshift.studies.runner as runner_mod
 from quantshift import validate

@@ -196,10 +196,10 @@ def test_architecture_page_names_every_module():
 
 
 def test_the_export_verb_survives_importing_the_export_subpackage():
-    """`from quantshift import export` is the API verb even after `import quantshift.export...`."""
+    """`from quantshift import export` is the API verb even after `import quantshift.exporters...`."""
     import subprocess
     import sys
 
-    code = "import quantshift.export.common, quantshift; from quantshift import export; print(callable(export))"
+    code = "import quantshift.exporters.common, quantshift; from quantshift import export; print(callable(export))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "True"

@@ -5,9 +5,6 @@
 The verbs live in quantshift.api; the pipeline they drive (load, engine, save) in
 quantshift.pipeline."""
 
-# the subpackage quantshift.export first: importing it later would rebind the name `export` from
-# the API verb to the subpackage; loaded here, the verb below is bound last and stays
-from . import export as _export_formats  # noqa: F401, E402
 from .api import QuantizationResult, evaluate, export, load, quantize, run_study, save  # noqa: E402
 from .data.calibset import CalibSet  # noqa: E402
 from .recipes import Recipe  # noqa: E402

@@ -711,8 +711,8 @@ def export(
     """Write a quantized model in a serving format: "compressed-tensors", "gptq" or "fp8".
     `source`: a QuantizationResult (saved first to a temporary directory if it never was) or a
     quantized directory. dtype: of scales and float tensors ("auto": bf16 if the base model was)."""
-    from .export import export as export_dir
-    from .export.common import ExportError
+    from .exporters import export as export_dir
+    from .exporters.common import ExportError
 
     def from_dir(src: str | Path) -> Path:
         return export_dir(

@@ -249,7 +249,7 @@ def eval_cmd(
 
 # Commands owned by other subpackages; each module defines `register(app)`.
 _COMMAND_MODULES = (
-    "quantshift.export.commands",
+    "quantshift.exporters.commands",
     "quantshift.studies.commands",
     "quantshift.bench.commands",
     "quantshift.preview",

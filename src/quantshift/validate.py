@@ -785,8 +785,8 @@ def check_eval(o: dict) -> None:
 
 def check_export(o: dict) -> None:
     from .checkpoint import QUANT_FILE
-    from .export import FORMATS
-    from .export.common import DTYPES as EXPORT_DTYPES
+    from .exporters import FORMATS
+    from .exporters.common import DTYPES as EXPORT_DTYPES
 
     src = user_path(str(o["src"]))
     if not src.is_dir():
