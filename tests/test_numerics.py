@@ -168,7 +168,7 @@ def test_spqr_and_quip_fall_back_to_nearest_rounding_on_their_own_grids():
 
 
 def test_negative_damping_is_rejected():
-    with pytest.raises(ValueError, match="damp must be >= 0"):
+    with pytest.raises(ValueError, match="damp must be a number >= 0"):
         GPTQConfig(damp=-0.01)
 
 
