@@ -293,7 +293,14 @@ def test_study_records_packed_bytes_and_bench_of_each_quantized_model(tmp_path):
     }  # 4-bit on the int4 kernel, 2-bit dequantized on the fly
     assert all(b["metrics"]["bench:decode@1"]["tokens_per_s"] > 0 for b in benches)
     with pytest.raises(ConfigError, match="keep_models"):
-        study_from_dict({"name": "pb", "models": ["x"], "methods": [{"method": "rtn"}], "evaluation": {"bench": True}})
+        study_from_dict(
+            {
+                "name": "pb",
+                "models": ["x"],
+                "methods": [{"method": "rtn"}],
+                "evaluation": {"ppl": ["news"], "bench": True},
+            }
+        )
 
 
 @pytest.mark.slow
