@@ -37,7 +37,12 @@ class Plan:
     fp_units: list[EvalUnit] = field(default_factory=list)  # the unquantized models' extra units
 
     def units_of(self, cell: Cell) -> list[EvalUnit]:
-        return self.units + (self.fp_units if cell.recipe is None else [])
+        return owed_units(cell, self.units, self.fp_units)
+
+
+def owed_units(cell: Cell, units: list[EvalUnit], fp_units: list[EvalUnit]) -> list[EvalUnit]:
+    """The evaluation units a cell owes: every study unit, and the fp-only ones for the unquantized model."""
+    return units + (fp_units if cell.recipe is None else [])
 
 
 def plan_study(
@@ -68,7 +73,7 @@ def plan_study(
         keys.append(qk)
         if qk in works:
             continue
-        owed = units + (fp_units if cell.recipe is None else [])
+        owed = owed_units(cell, units, fp_units)
         ukeys[qk] = {u.key: unit_key(qk, unit_settings(spec, u), versions) for u in owed}
         calib = cell.calib if cell.recipe and cell.recipe.needs_calibration else None
         works[qk] = {
