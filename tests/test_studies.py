@@ -554,3 +554,26 @@ def test_report_document_renders_pipe_tables_and_escaped_html(tmp_path):
     assert "<p>x <strong>bold</strong> &amp; &lt;script&gt;y&lt;/script&gt;</p>" in html
     assert "<td>a|b</td><td><em>i</em></td>" in html
     assert 'alt="alt &#34;q&#34;" src="data:image/png;base64,iVBORyBmYWtl"' in html
+
+
+def test_a_suite_relabels_the_tasks_it_borrows_in_the_study_report(tiny_env):
+    """instruct-local lists mmlu_dev and movie_sentiment under knowledge_language: a study of that
+    suite reports them there, not under the tasks' own categories (knowledge, sentiment) recorded
+    with the results; the label is not part of a unit's key (cached results stay valid)."""
+    from quantshift.studies.spec import EvalUnit, eval_units
+    from quantshift.studies.task_types import unit_types
+
+    spec = study_from_dict(tiny_study(tiny_env, evaluation={"ppl": [], "suite": "instruct-local"}))
+    units = eval_units(spec)
+    own = {"mmlu_dev": "knowledge", "movie_sentiment": "sentiment", "arithmetic_mc": "mathematics"}
+    own["if_verifiable"] = "instruction_following"
+    cells = [{"metrics": {u.key: {"acc": 0.5, "category": own[u.name]} for u in units}}]
+    assert unit_types(cells, units) == {  # type: ignore[arg-type]
+        "task:mmlu_dev@0": "knowledge_language",
+        "task:movie_sentiment@0": "knowledge_language",
+        "task:arithmetic_mc@0": "mathematics",
+        "task:if_verifiable@0": "instruction_following",
+    }
+    assert EvalUnit("task", "mmlu_dev", 0, category="x") == EvalUnit("task", "mmlu_dev", 0)
+    bare = [EvalUnit("task", u.name, u.shots) for u in units]  # no suite: the recorded category
+    assert unit_types(cells, bare)["task:mmlu_dev@0"] == "knowledge"  # type: ignore[arg-type]

@@ -149,9 +149,9 @@ def stratum(cells: list[CellResult], key: str) -> Stratum | None:
 
 
 def task_categories(cells: list[CellResult], units: list[EvalUnit]) -> dict[str, str | None]:
-    """Task unit key -> the category recorded with its results (None when none was)."""
+    """Task unit key -> the suite's category for it, else the one recorded with its results (None when none was)."""
     return {
-        u.key: next((c["metrics"][u.key].get("category") for c in cells if c["metrics"].get(u.key)), None)
+        u.key: u.category or next((c["metrics"][u.key].get("category") for c in cells if c["metrics"].get(u.key)), None)
         for u in units
         if u.kind == "task"
     }

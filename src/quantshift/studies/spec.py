@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -258,6 +258,8 @@ class EvalUnit:
     name: str
     shots: int = 0
     raw: bool = False  # the chat-template ablation: prompts without the template whatever the study sets
+    # the suite's label for the task (its `categories`), which outranks the task's own; not part of the key
+    category: str = field(default="", compare=False)
 
     @property
     def key(self) -> str:
@@ -380,13 +382,24 @@ def eval_units(spec: StudySpec) -> list[EvalUnit]:
 
     units = [EvalUnit("ppl", s) for s in spec.evaluation.ppl]
     tasks = task_names(spec)
+    label = suite_categories(spec.evaluation.suite)
     for shots in spec.evaluation.shots:
-        units += [EvalUnit("task", t, shots) for t in tasks]
+        units += [EvalUnit("task", t, shots, category=label.get(t, "")) for t in tasks]
     for t in tasks:
         own = fixed_shots(t, spec.evaluation.suite)
         if own is not None and own not in spec.evaluation.shots:
-            units.append(EvalUnit("task", t, own))
+            units.append(EvalUnit("task", t, own, category=label.get(t, "")))
     return units
+
+
+def suite_categories(suite: str | None) -> dict[str, str]:
+    """Task -> the suite's category for it (a suite's `categories` relabel tasks it borrows, e.g.
+    mmlu_dev as knowledge_language in instruct-local); empty without a suite or categories."""
+    from ..evaluation.tasks import SUITES
+
+    item = SUITES.get(suite) if suite else None
+    cats: dict = getattr(item, "categories", None) or {}
+    return {str(t): str(c) for c, names in cats.items() for t in names}
 
 
 def chat_template_units(spec: StudySpec) -> list[EvalUnit]:
@@ -394,7 +407,9 @@ def chat_template_units(spec: StudySpec) -> list[EvalUnit]:
     every task unit again with raw prompts (paired with its templated twin in the report)."""
     if not spec.evaluation.chat_template_ablation:
         return []
-    return [EvalUnit("task", u.name, u.shots, raw=True) for u in eval_units(spec) if u.kind == "task"]
+    return [
+        EvalUnit("task", u.name, u.shots, raw=True, category=u.category) for u in eval_units(spec) if u.kind == "task"
+    ]
 
 
 def unit_shots(units: list[EvalUnit]) -> list[int]:
