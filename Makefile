@@ -21,7 +21,7 @@ $(BIN)/quantshift: pyproject.toml
 setup: $(BIN)/quantshift
 
 demo: setup
-	$(BIN)/quantshift run studies/offline-cross-domain.yaml --jobs 2
+	$(BIN)/quantshift run studies/offline-cross-domain.yaml --jobs 2 $(if $(DTYPE),--dtype $(DTYPE))
 
 test: setup
 	$(BIN)/python -m pytest -q

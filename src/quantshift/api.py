@@ -754,13 +754,14 @@ def run_study(
     lock_timeout: float | None = None,
     data_dir: str | Path | None = None,
     device: str | None = None,
+    dtype: str | None = None,
     progress: bool = True,
     echo: Callable[[str], Any] = print,
     max_memory: str | None = None,
 ) -> dict:
     """Run a study (a StudySpec, its dict form or a YAML path): every cell its cache lacks, then the
     report. out_dir defaults to runs/<study name>, cache to <out_dir>/../.cache; `device`
-    overrides the study's. Returns the summary (works run, results computed, failures, seconds)
+    overrides the study's, `dtype` every model's (e.g. float32 on a CPU with bf16 units). Returns the summary (works run, results computed, failures, seconds)
     with `out_dir` and `report` (the Markdown report's path)."""
     from .studies.runner import run_study as run
     from .studies.spec import StudySpec, load_study, study_from_dict
@@ -775,6 +776,11 @@ def run_study(
         raise ConfigError(f"a study is a StudySpec, a dict or a YAML path; got {type(spec).__name__}")
     if device:
         study.device = device
+    if dtype:
+        from .validate import check_dtype
+
+        check_dtype("dtype", dtype)
+        study.models = [m.model_copy(update={"dtype": dtype}) for m in study.models]
     run_dir = Path(out_dir) if out_dir is not None else Path("runs") / study.name
     summary = run(
         study,

@@ -49,6 +49,9 @@ def check_cmd(
         typer.Option(help="study cache to count finished work in (default: the one `run` would use, runs/.cache)"),
     ] = None,
     device: Annotated[str | None, typer.Option(help="plan and estimate for this device: auto, cpu, cuda")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="as `run --dtype`: every model's dtype for the plan and estimate")
+    ] = None,
     model: Annotated[str | None, typer.Option(help="with a recipe: the model whose memory plan to print")] = None,
     max_memory: Annotated[
         str | None,
@@ -83,6 +86,16 @@ def check_cmd(
         validate.fail("--model goes with a recipe file; a study names its own models")
     if device is not None and isinstance(data, dict):
         data = {**data, "device": device}
+    if dtype is not None:
+        validate.check_dtype("--dtype", dtype)
+        if isinstance(data, dict) and isinstance(data.get("models"), list):
+            data = {
+                **data,
+                "models": [
+                    {**m, "dtype": dtype} if isinstance(m, dict) else {"name": m, "dtype": dtype}
+                    for m in data["models"]
+                ],
+            }
     spec = validate.check_study_data(data, str(path), data_dir, path.stem)
     cache_root = cache or Path("runs") / ".cache"
     for line in describe_study(spec, cache_root, str(data_dir) if data_dir else None, max_memory):

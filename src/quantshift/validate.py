@@ -684,6 +684,8 @@ def check_quantize(o: dict) -> None:
     check_source("--calib", calib, o.get("data_dir"))
     check_out_dir("--out", o["out"], bool(o.get("overwrite")))
     check_max_memory("--max-memory", o.get("max_memory"))
+    if o.get("dtype") is not None:
+        check_dtype("--dtype", o["dtype"])
     check_context("--seqlen", o["seqlen"], str(o["model"]))
     if rec.needs_calibration:
         check_calib_budget("--calib", calib, o["nsamples"], o["seqlen"], str(o["model"]))

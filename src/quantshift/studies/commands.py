@@ -53,6 +53,10 @@ def run_cmd(
     ] = None,
     data_dir: Annotated[Path | None, typer.Option(help="directory with offline task data (e.g. BOSS)")] = None,
     device: Annotated[str | None, typer.Option(help="override the study's device: auto, cpu, cuda")] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="override every model's dtype: auto, float32, bfloat16, float16 (float32: no bf16 autocast)"),
+    ] = None,
     max_memory: Annotated[
         str | None,
         typer.Option(
@@ -84,13 +88,15 @@ def run_cmd(
         spec = load_study(study)
         if device:
             spec.device = device
+        if dtype:
+            spec.models = [m.model_copy(update={"dtype": dtype}) for m in spec.models]
         run_dir = out or Path("runs") / spec.name
         raise typer.Exit(
             verify_cache(
                 spec, cache or run_dir.parent / ".cache", str(data_dir) if data_dir else None, bool(gpus_per_cell)
             )
         )
-    names = "cache device executor ray_address gpus_per_cell cpus_per_cell max_retries lock_timeout data_dir jobs"
+    names = "cache device dtype executor ray_address gpus_per_cell cpus_per_cell max_retries lock_timeout data_dir jobs"
     given = validate.forwarded(locals(), names + " max_memory")
     summary = run_study(study, out, progress=not quiet, echo=typer.echo, **given)
 
