@@ -1,22 +1,25 @@
-"""CPU speed of quantshift's compute paths, side by side in one run: float32 vs bf16 autocast.
+"""CPU speed of quantshift's compute paths, float32 and bf16 autocast, this code against a baseline
+commit, side by side in one run.
 
-Prints, on this machine and in this process:
-  1. the matmul peak: GFLOP/s of a 4096 x 576 @ 576 x 1536 GEMM (a smollm2 MLP product) in
-     float32 and bf16, median of repeats;
-  2. evaluation: held-out perplexity tokens/s of smollm2-135m (8 windows x 512 of wikipedia) in
-     float32 and in bf16 autocast, median and spread of repeats, the perplexity each gives, and
-     the fraction of its precision's GEMM peak the model's matrix FLOPs reach;
-  3. GPTQ W3 g64 on smollm2-135m with 128 x 512 wikipedia calibration tokens: seconds per model
-     and per decoder block, for bf16 autocast, bf16 without replaying finished sub-modules (the
-     engine's pass saving), and float32, the fraction of the GEMM peak each reaches, and the
-     quantized model's held-out wikipedia perplexity (16 x 512, seed 42).
-Matrix FLOPs are counted with torch's FlopCounterMode on the same work (GPTQ: on 8 calibration
-windows, scaled to the run's token count; the column loop's FLOPs do not scale and are small).
-The 1-minute load average is printed before and after: numbers taken while it was above ~0.5
-shared the cores with something else.
+Measures, each in a fresh process with --threads torch threads (default 1: what one `run --jobs 2`
+worker gets on 2 cores), alternating baseline and current code so drift hits both alike:
+  - scoring: held-out perplexity tokens/s of smollm2-135m, 8 windows x 512 wikipedia tokens,
+    batch 8, median of --repeats (after a warm-up), and the perplexity it gives;
+  - GPTQ W3 g64 (the demo's method) with --nsamples x 512 wikipedia calibration tokens: seconds per
+    decoder block (mean over the 30 blocks) and per model, and the perplexity of the result
+    (8 x 512 held-out windows);
+in float32 and, where the CPU has bf16 matrix units, in bf16 autocast ("auto"). Also the float32
+and bf16 GEMM rates. The 1-minute load average is printed before and after: numbers taken while it
+was above ~0.5 shared the cores with something else.
 
-    python benchmarks/cpu_speed.py                       # ~12 minutes on 2 cores
-    python benchmarks/cpu_speed.py --gptq bf16 --nsamples 32    # quicker
+    python benchmarks/cpu_speed.py --baseline d3f0dfb        # before/after, ~15 minutes on 2 cores
+    python benchmarks/cpu_speed.py --what score --repeats 3  # this code only, scoring only
+    python benchmarks/cpu_speed.py --fit                     # the constants of `check`'s estimate
+
+--fit measures this code's float32 GEMM rate, scoring rate and GPTQ seconds per block at --nsamples
+and twice that, per precision, and prints the constants of quantshift.preview's time model
+(Q_PER_TOKEN: a calibration token's cost per block in scored-token units; SOLVE_BLOCK_S: the
+part of a block that does not grow with tokens, at this machine's float32 GEMM rate).
 """
 
 from __future__ import annotations
@@ -25,17 +28,20 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
-import torch
-
-GPTQ_VARIANTS = ("bf16", "bf16-no-replay", "fp32")
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def gemm_peak(dtype: torch.dtype, repeats: int = 7) -> float:
-    a = torch.randn(4096, 576).to(dtype)
-    b = torch.randn(576, 1536).to(dtype)
-    flops = 2 * 4096 * 576 * 1536
+def gemm_rate(dtype_name: str, repeats: int = 7) -> float:
+    import torch
+
+    dtype = getattr(torch, dtype_name)
+    a, b = torch.randn(4096, 576).to(dtype), torch.randn(576, 1536).to(dtype)
     for _ in range(3):
         a @ b
     ts = []
@@ -44,158 +50,184 @@ def gemm_peak(dtype: torch.dtype, repeats: int = 7) -> float:
         for _ in range(10):
             a @ b
         ts.append((time.perf_counter() - t) / 10)
-    return flops / statistics.median(ts) / 1e9
+    return 2 * 4096 * 576 * 1536 / statistics.median(ts) / 1e9
 
 
-def matrix_flops(fn) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
+def heldout(tok, n: int = 8):
+    from quantshift.data.calibset import token_stream
+    from quantshift.data.sources import get_source
+    from quantshift.evaluation.perplexity import windows_of
 
-    with FlopCounterMode(display=False) as fc:
-        fn()
-    return float(fc.get_total_flops())
+    return windows_of(token_stream(get_source("wikipedia"), "heldout", tok), 512, None, n)
 
 
-def eval_speed(precision, windows: torch.Tensor, repeats: int) -> dict:
+def measure_score(dtype: str, repeats: int) -> dict:
+    import torch
+
     from quantshift.evaluation.perplexity import window_nlls
     from quantshift.models.load import load_model
 
-    lm = load_model("smollm2-135m", "cpu", precision)
-    run = lambda: window_nlls(lm.model, windows, 8, progress=False, compute=lm.compute)  # noqa: E731
-    nll = run()  # warm-up, and the perplexity
-    ts = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        run()
-        ts.append(time.perf_counter() - t)
-    flops = matrix_flops(run)
-    med = statistics.median(ts)
-    return {
-        "precision": lm.precision.name,
-        "tok_s": windows.numel() / med,
-        "tok_s_range": (windows.numel() / max(ts), windows.numel() / min(ts)),
-        "ppl": float(torch.exp(nll.sum() / (windows.shape[0] * (windows.shape[1] - 1)))),
-        "gflops": flops / med / 1e9,
-    }
+    lm = load_model("smollm2-135m", "cpu", dtype)
+    win = heldout(lm.tokenizer)
+    with torch.no_grad():
+        nll = window_nlls(lm.model, win, 8, progress=False, compute=lm.compute)  # warm-up, and the ppl
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            window_nlls(lm.model, win, 8, progress=False, compute=lm.compute)
+            ts.append(time.perf_counter() - t)
+    ppl = float(torch.exp(nll.sum() / (win.shape[0] * (win.shape[1] - 1))))
+    return {"tok_s": [win.numel() / t for t in ts], "ppl": ppl, "precision": lm.precision.name}
 
 
-def gptq_speed(variant: str, nsamples: int, seqlen: int) -> dict:
+def measure_gptq(dtype: str, nsamples: int) -> dict:
+    import torch
+
     from quantshift.data.calibset import build_calibset
-    from quantshift.evaluation.perplexity import perplexity
+    from quantshift.evaluation.perplexity import window_nlls
     from quantshift.models.load import load_model
     from quantshift.quant.engine import BlockEngine
     from quantshift.recipes import recipe_from_dict
 
-    dtype = "float32" if variant == "fp32" else "auto"
     recipe = recipe_from_dict({"stages": [{"gptq": {"wbits": 3, "group_size": 64}}]})
+    lm = load_model("smollm2-135m", "cpu", dtype)
+    cal = build_calibset("wikipedia", lm.tokenizer, nsamples, 512, 42, tokenizer_name="smollm2-135m")
+    eng = BlockEngine(
+        lm.model, lm.arch, [s.build() for s in recipe.stages], "cpu", progress=False, autocast=lm.precision.autocast
+    )
+    t = time.perf_counter()
+    with torch.no_grad():
+        res = eng.run(cal.input_ids)
+        secs = time.perf_counter() - t
+        win = heldout(lm.tokenizer)
+        nll = window_nlls(lm.model, win, 8, progress=False, compute=lm.compute)
+    blocks = [b["seconds"] for b in res.blocks]
+    ppl = float(torch.exp(nll.sum() / (win.shape[0] * (win.shape[1] - 1))))
+    return {"seconds": secs, "block_s": statistics.fmean(blocks), "ppl": ppl, "precision": lm.precision.name}
 
-    def quantize(n: int):
-        lm = load_model("smollm2-135m", "cpu", dtype)
-        cal = build_calibset("wikipedia", lm.tokenizer, n, seqlen, 42, tokenizer_name="smollm2-135m")
-        eng = BlockEngine(
-            lm.model,
-            lm.arch,
-            [s.build() for s in recipe.stages],
-            "cpu",
-            progress=False,
-            autocast=lm.precision.autocast,
-            reuse_outputs=variant != "bf16-no-replay",
+
+def one(args: argparse.Namespace) -> None:
+    """Child mode: one measurement, printed as a JSON line."""
+    import torch
+
+    torch.set_num_threads(args.threads)
+    kind, dtype = args.one.split(":")
+    if kind == "score":
+        out = measure_score(dtype, args.repeats)
+    elif kind == "gptq":
+        out = measure_gptq(dtype, args.nsamples)
+    else:
+        out = {"gflops": gemm_rate(dtype)}
+    print("RESULT " + json.dumps(out), flush=True)
+
+
+def run_child(src: Path, what: str, args: argparse.Namespace) -> dict:
+    env = {**os.environ, "PYTHONPATH": str(src), "OMP_NUM_THREADS": str(args.threads)}
+    cmd = [sys.executable, __file__, "--one", what, "--threads", str(args.threads), "--repeats", str(args.repeats)]
+    cmd += ["--nsamples", str(args.nsamples)]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=tempfile.gettempdir())
+    line = next((x for x in p.stdout.splitlines() if x.startswith("RESULT ")), None)
+    if p.returncode or line is None:
+        raise SystemExit(f"{what} with {src} failed:\n{p.stderr[-3000:]}")
+    return json.loads(line[7:])
+
+
+def baseline_tree(ref: str) -> Path:
+    """The baseline commit's sources, exported to a temporary directory."""
+    d = Path(tempfile.mkdtemp(prefix="qs-baseline-"))
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref, "src"], capture_output=True, check=True)
+    subprocess.run(["tar", "-x", "-C", str(d)], input=archive.stdout, check=True)
+    return d / "src"
+
+
+def fmt(kind: str, r: dict) -> str:
+    if kind == "score":
+        ts = r["tok_s"]
+        return f"{statistics.median(ts):6.0f} tok/s ({min(ts):.0f}-{max(ts):.0f}) ppl {r['ppl']:.4f}"
+    if kind == "gptq":
+        return f"{r['block_s']:5.2f} s/block ({r['seconds']:5.1f} s/model) ppl {r['ppl']:.4f}"
+    return f"{r['gflops']:6.0f} GFLOP/s"
+
+
+def speed(kind: str, r: dict) -> float:
+    """Higher is faster."""
+    if kind == "score":
+        return statistics.median(r["tok_s"])
+    return 1.0 / r["block_s"] if kind == "gptq" else r["gflops"]
+
+
+def fit(args: argparse.Namespace) -> None:
+    sys.path.insert(0, str(ROOT / "src"))
+    from quantshift.models.capability import native_bf16_cpu
+
+    src = ROOT / "src"
+    load0 = os.getloadavg()[0]
+    gemm = run_child(src, "gemm:float32", args)["gflops"]
+    print(f"load average at start {load0:.2f}; float32 GEMM {gemm:.0f} GFLOP/s ({args.threads} thread(s))")
+    n1, n2 = args.nsamples, 2 * args.nsamples
+    for dtype, prec in [("float32", "float32")] + ([("auto", "bfloat16")] if native_bf16_cpu() else []):
+        rate = statistics.median(run_child(src, f"score:{dtype}", args)["tok_s"])
+        e = 1.0 / (rate * 30)
+        b1 = run_child(src, f"gptq:{dtype}", args)["block_s"]
+        b2 = run_child(src, f"gptq:{dtype}", argparse.Namespace(**{**vars(args), "nsamples": n2}))["block_s"]
+        t1, t2 = n1 * 512, n2 * 512
+        q = (b2 - b1) / ((t2 - t1) * e)
+        solve = b1 - t1 * e * q
+        print(
+            f"{prec}: scoring {rate:.0f} tok/s; GPTQ {b1:.2f} s/block at {n1} x 512, {b2:.2f} at {n2} x 512 -> "
+            f"Q_PER_TOKEN {q:.2f}, SOLVE_BLOCK_S {solve:.2f} (REF_GEMM_FP32 {gemm:.0f})",
+            flush=True,
         )
-        t = time.perf_counter()
-        with torch.no_grad():
-            res = eng.run(cal.input_ids)
-        return time.perf_counter() - t, [b["seconds"] for b in res.blocks], lm
-
-    secs, blocks, lm = quantize(nsamples)
-    ppl = perplexity(
-        lm.model, lm.tokenizer, "wikipedia", seqlen=512, max_windows=16, progress=False, compute=lm.compute
-    ).ppl
-    small = 8
-    flops = matrix_flops(lambda: quantize(small)) * nsamples / small
-    return {
-        "variant": variant,
-        "seconds": secs,
-        "block_s": statistics.fmean(blocks),
-        "ppl": ppl,
-        "block_s_range": (min(blocks), max(blocks)),
-        "gflops": flops / secs / 1e9,
-    }
+    print(f"load average at end {os.getloadavg()[0]:.2f}")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--gptq", default=",".join(GPTQ_VARIANTS), help="GPTQ variants: " + ", ".join(GPTQ_VARIANTS))
-    ap.add_argument("--nsamples", type=int, default=128)
-    ap.add_argument("--seqlen", type=int, default=512)
+    ap.add_argument("--baseline", default=None, help="git ref to compare against (default: this code only)")
+    ap.add_argument("--what", default="gemm,score,gptq", help="any of gemm, score, gptq")
+    ap.add_argument("--dtypes", default=None, help="float32,auto (default; auto only with bf16 units)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--nsamples", type=int, default=16, help="calibration windows of 512 tokens (the demo: 16)")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--fit", action="store_true", help="print the estimate's constants (see the module doc)")
+    ap.add_argument("--one", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from quantshift.data.calibset import token_stream
-    from quantshift.data.sources import get_source
-    from quantshift.evaluation.perplexity import windows_of
-    from quantshift.models.load import load_model
-    from quantshift.models.precision import cpu_flags, native_bf16_cpu
+    if args.one:
+        return one(args)
+    if args.fit:
+        return fit(args)
+    sys.path.insert(0, str(ROOT / "src"))
+    from quantshift.models.capability import cpu_flags, native_bf16_cpu
 
-    load0 = os.getloadavg()[0]
-    print(
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; bf16 matrix units: "
-        f"{native_bf16_cpu()} ({', '.join(sorted(f for f in cpu_flags() if 'bf16' in f or 'amx' in f)) or 'none'})"
-    )
-    print(
-        f"load average (1 min) at start: {load0:.2f}"
-        + ("  << the machine is busy: timings describe it, not the code" if load0 > 0.5 else "")
-    )
-    peak = {"float32": gemm_peak(torch.float32), "bfloat16": gemm_peak(torch.bfloat16)}
-    print(
-        f"\nGEMM 4096x576 @ 576x1536: float32 {peak['float32']:.0f} GFLOP/s, bf16 {peak['bfloat16']:.0f} GFLOP/s "
-        f"({peak['bfloat16'] / peak['float32']:.2f}x)"
-    )
-
-    tok = load_model("smollm2-135m", "cpu", "float32").tokenizer
-    win = windows_of(token_stream(get_source("wikipedia"), "heldout", tok), args.seqlen, None, 8)
-    ev = [eval_speed(p, win, args.repeats) for p in ("float32", "auto")]
-    print(
-        f"\nevaluation: held-out perplexity, {win.shape[0]} x {win.shape[1]} wikipedia tokens, batch 8, "
-        f"median of {args.repeats}"
-    )
-    print(f"{'precision':28s} {'tokens/s':>9s} {'range':>13s} {'ppl':>8s} {'GFLOP/s':>8s} {'of peak':>8s}")
-    for r in ev:
-        pk = peak["bfloat16" if "bfloat16" in r["precision"] else "float32"]
-        lo, hi = r["tok_s_range"]
-        print(
-            f"{r['precision']:28s} {r['tok_s']:9.0f} {lo:6.0f}-{hi:<6.0f} {r['ppl']:8.3f} {r['gflops']:8.0f} "
-            f"{r['gflops'] / pk:8.0%}"
-        )
-    print(
-        f"bf16 / float32: {ev[1]['tok_s'] / ev[0]['tok_s']:.2f}x tokens/s, perplexity "
-        f"{ev[1]['ppl'] / ev[0]['ppl'] - 1:+.3%}"
-    )
-
+    flags = sorted(f for f in cpu_flags() if "bf16" in f or "amx" in f or f == "avx512_vnni")
+    dtypes = args.dtypes.split(",") if args.dtypes else ["float32"] + (["auto"] if native_bf16_cpu() else [])
+    trees = {"current": ROOT / "src"}
+    if args.baseline:
+        trees = {f"baseline {args.baseline}": baseline_tree(args.baseline), **trees}
+    load0 = os.getloadavg()
+    print(f"{os.cpu_count()} CPUs, {args.threads} torch thread(s) per measurement; flags: {', '.join(flags) or 'none'}")
+    print(f"load average at start: {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}", flush=True)
     rows = []
-    variants = [v.strip() for v in args.gptq.split(",") if v.strip()]
-    if variants:
-        print(f"\nGPTQ W3 g64, smollm2-135m (30 blocks), {args.nsamples} x {args.seqlen} wikipedia calibration tokens")
-        print(
-            f"{'variant':16s} {'s/model':>8s} {'s/block':>8s} {'block range':>12s} {'GFLOP/s':>8s} {'of peak':>8s} "
-            f"{'ppl':>8s}"
-        )
-        for v in variants:
-            r = gptq_speed(v, args.nsamples, args.seqlen)
-            rows.append(r)
-            pk = peak["float32" if v == "fp32" else "bfloat16"]
-            print(
-                f"{v:16s} {r['seconds']:8.1f} {r['block_s']:8.2f} {r['block_s_range'][0]:5.2f}-{r['block_s_range'][1]:<6.2f}"
-                f" {r['gflops']:8.0f} {r['gflops'] / pk:8.0%} {r['ppl']:8.3f}",
-                flush=True,
-            )
-        by = {r["variant"]: r for r in rows}
-        if "bf16" in by and "fp32" in by:
-            print(f"bf16 vs fp32: {by['fp32']['seconds'] / by['bf16']['seconds']:.2f}x faster per model")
-        if "bf16" in by and "bf16-no-replay" in by:
-            print(f"replaying finished sub-modules: {by['bf16-no-replay']['seconds'] / by['bf16']['seconds']:.2f}x")
-    print(f"\nload average (1 min) at end: {os.getloadavg()[0]:.2f}")
+    for kind in [k for k in ("gemm", "score", "gptq") if k in args.what.split(",")]:
+        for dtype in ["float32", "bfloat16"] if kind == "gemm" else dtypes:
+            order = list(trees.items())
+            got: dict[str, list[dict]] = {name: [] for name in trees}
+            passes = 2 if args.baseline and kind != "gptq" else 1
+            for p in range(passes):  # alternate: baseline, current, then current, baseline
+                for name, src in order if p % 2 == 0 else order[::-1]:
+                    got[name].append(run_child(src, f"{kind}:{dtype}", args))
+            for name in trees:
+                best = max(got[name], key=lambda r: speed(kind, r))
+                rows.append({"kind": kind, "dtype": dtype, "code": name, **best})
+                print(f"{kind:6s} {dtype:8s} {name:22s} {fmt(kind, best)}", flush=True)
+            if args.baseline:
+                base, cur = (max(got[n], key=lambda r: speed(kind, r)) for n in trees)
+                print(f"{'':6s} {'':8s} {'current / baseline':22s} {speed(kind, cur) / speed(kind, base):.2f}x faster")
+    load1 = os.getloadavg()
+    print(f"load average at end: {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"peak": peak, "eval": ev, "gptq": rows, "load": [load0, os.getloadavg()[0]]}, f, indent=1)
+        Path(args.json).write_text(json.dumps({"rows": rows, "load": [load0, load1], "flags": flags}, indent=1))
 
 
 if __name__ == "__main__":

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from quantshift.data.calibset import CalibManifest, CalibSet, ids_sha256
 from quantshift.models.arch import arch_for
 from quantshift.models.load import LoadedModel
+
+# `quantshift check` estimates from the reference machine's rates in tests (the machine-speed probe
+# takes ~30 s; tests/test_estimate.py covers it)
+os.environ.setdefault("QUANTSHIFT_SPEED_PROBE", "off")
 
 VOCAB = 128
 

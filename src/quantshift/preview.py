@@ -1,19 +1,27 @@
 """`quantshift check STUDY.yaml|RECIPE.yaml`: validate a file and say what it would run.
 
-A dry run: nothing loads a model and nothing is written. For a study: the works and evaluation
-units the runner would plan, how many the cache already holds, and a rough time estimate; for a
-recipe: its stages with every setting resolved.
+A dry run: nothing is written to the run or cache directories. For a study: the works and
+evaluation units the runner would plan, how many the cache already holds, and a time estimate;
+for a recipe: its stages with every setting resolved.
 
-The estimate is a simple per-token model, labelled as such: a calibrated quantization costs
-blocks x calibration tokens x K_QUANT seconds, an evaluation blocks x scored tokens x K_EVAL,
-both scaled by (hidden / 576)^2 for models of another width. The CPU constants come from the
-measurements in docs/results.md on 2 CPU cores with smollm2-135m (30 blocks, hidden 576, bf16 autocast):
-GPTQ at 128 x 512 tokens in 142 s, evaluation at 965 tokens/s. The GPU factor is an assumption.
+The estimate is a per-token model scaled by this machine's measured speed (machine_speed: a
+float32 and a bf16 GEMM rate and smollm2-135m's scoring rate in each precision, measured once
+per machine and thread layout, ~30 s, then cached). With e = the seconds one scored token takes
+per decoder block at that scoring rate, in the precision the study's models compute in:
+  evaluation            scored tokens x blocks x e
+  calibrated quantizing blocks x (calibration tokens x e x Q_PER_TOKEN[precision] + SOLVE_BLOCK_S x f)
+  uncalibrated (RTN)    blocks x RTN_BLOCK_S x f
+  every work            WORK_FIXED_S (worker start, model load and save)
+where f = REF_GEMM_FP32 / this machine's float32 GEMM rate (the solvers run in float32), all
+scaled by (hidden / 576)^2 for models of another width, and the wall time is the sum over works
+divided by --jobs. The constants were fitted on one machine (benchmarks/cpu_speed.py, see
+docs/performance.md); the GPU factor is an assumption.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -26,9 +34,20 @@ if TYPE_CHECKING:
     from .recipes import Recipe
     from .studies.spec import StudySpec
 
-K_QUANT_CPU = 142.0 / (30 * 128 * 512)  # s per calibration token per block (GPTQ, docs/results.md)
-K_EVAL_CPU = 1.0 / (965 * 30)  # s per scored token per block (evaluation, docs/results.md)
-K_RTN_BLOCK_CPU = 0.3  # s per block for methods without calibration (round to nearest)
+# fitted on a 2-core Xeon with AMX (benchmarks/cpu_speed.py --fit, docs/performance.md); per block
+# of a 576-wide model, e = the seconds a scored token takes per block at the measured scoring rate
+Q_PER_TOKEN = {"float32": 2.7, "bfloat16": 2.1}  # GPTQ-family forward + statistics, in units of e
+SOLVE_BLOCK_S = 0.35  # the block's solves at REF_GEMM_FP32 (float32 in every precision)
+RTN_BLOCK_S = 0.3
+WORK_FIXED_S = 8.0
+REF_GEMM_FP32 = 120.0  # GFLOP/s per worker where the constants were fitted
+# without a measurement (QUANTSHIFT_SPEED_PROBE=off): the fitting machine's rates, 2 workers x 1 thread
+REFERENCE_RATES = {
+    "gemm_float32": REF_GEMM_FP32,
+    "score_float32": 400.0,
+    "gemm_bfloat16": 450.0,
+    "score_bfloat16": 900.0,
+}
 GPU_SPEEDUP = 50.0  # assumed, not measured here
 REF_HIDDEN = 576
 TASK_ITEM_TOKENS = 256  # rough prompt + choices tokens per scored item and shot
@@ -53,6 +72,7 @@ def check_cmd(
         str | None, typer.Option(help="as `run --dtype`: every model's dtype for the plan and estimate")
     ] = None,
     model: Annotated[str | None, typer.Option(help="with a recipe: the model whose memory plan to print")] = None,
+    jobs: Annotated[int, typer.Option(help="as `run --jobs`: works at once, for the time estimate")] = 1,
     max_memory: Annotated[
         str | None,
         typer.Option(help="memory caps to plan within, e.g. cpu=16GiB,cuda:0=70GiB (default: what is free now)"),
@@ -98,7 +118,8 @@ def check_cmd(
             }
     spec = validate.check_study_data(data, str(path), data_dir, path.stem)
     cache_root = cache or Path("runs") / ".cache"
-    for line in describe_study(spec, cache_root, str(data_dir) if data_dir else None, max_memory):
+    validate.int_in("--jobs", jobs, 1, 4096)
+    for line in describe_study(spec, cache_root, str(data_dir) if data_dir else None, max_memory, jobs, typer.echo):
         typer.echo(line)
 
 
@@ -188,19 +209,31 @@ def model_shape(name: str) -> tuple[int, int, bool]:
     return 30, REF_HIDDEN, False
 
 
+def speed_precision(dtype: str, rates: Mapping[str, float]) -> str:
+    """Which measured rate a model of this dtype computes at on this CPU: auto is bf16 where the
+    probe measured bf16 (native bf16 units), else float32; bfloat16 weights count as bf16."""
+    if dtype in ("auto", "bfloat16", "bf16") and "score_bfloat16" in rates:
+        return "bfloat16"
+    return "float32"
+
+
 def work_estimate(
-    work: Mapping[str, Any], spec: StudySpec, pending: Sequence[Mapping[str, Any]], on_gpu: bool
+    work: Mapping[str, Any], pending: Sequence[Mapping[str, Any]], on_gpu: bool, rates: Mapping[str, float]
 ) -> tuple[float, float]:
     """(quantization seconds, evaluation seconds) of one model work, as estimated (see module doc)."""
     blocks, hidden, _ = model_shape(work["model"]["name"])
+    prec = speed_precision(work["model"].get("dtype", "auto"), rates)
+    e = 1.0 / (rates[f"score_{prec}"] * 30)  # s per scored token per block at the measured rate
+    f = REF_GEMM_FP32 / rates["gemm_float32"]
     scale = (hidden / REF_HIDDEN) ** 2 / (GPU_SPEEDUP if on_gpu else 1.0)
     quant = 0.0
     if pending and work["recipe"] is not None:
         if work["calib"] is not None:
             parts = len(work["calib"]["source"].split("+"))
-            quant = blocks * parts * work["calib"]["n"] * work["calib"]["seqlen"] * K_QUANT_CPU * scale
+            tokens = parts * work["calib"]["n"] * work["calib"]["seqlen"]
+            quant = blocks * (tokens * e * Q_PER_TOKEN[prec] + SOLVE_BLOCK_S * f) * scale
         else:
-            quant = blocks * K_RTN_BLOCK_CPU * scale
+            quant = blocks * RTN_BLOCK_S * f * scale
     tokens = 0
     for u in pending:
         s = u["settings"]
@@ -209,10 +242,37 @@ def work_estimate(
         else:
             items = s["limit"] or DEFAULT_TASK_ITEMS
             tokens += items * TASK_ITEM_TOKENS * (s["shots"] + 1)
-    return quant, blocks * tokens * K_EVAL_CPU * scale
+    fixed = WORK_FIXED_S if pending else 0.0
+    return quant, blocks * tokens * e * scale + fixed
 
 
-def describe_study(spec: StudySpec, cache_root: Path, data_dir: str | None, max_memory: str | None = None) -> list[str]:
+def study_rates(jobs: int, on_gpu: bool, echo: Any = None) -> tuple[dict[str, float], str]:
+    """(rates, where they come from) for the estimate: this machine's, measured once and cached
+    (machine_speed), or the fitting machine's when QUANTSHIFT_SPEED_PROBE=off or on a GPU."""
+    if on_gpu or os.environ.get("QUANTSHIFT_SPEED_PROBE", "").lower() in ("off", "0", "no"):
+        return dict(REFERENCE_RATES), "the reference machine's rates"
+    from .machine_speed import machine_speed
+    from .models.bundled import cache_dir
+
+    workers = max(1, min(jobs, os.cpu_count() or 1))
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    found = machine_speed(cache_dir(), workers, threads, echo)
+    r = found["rates"]
+    note = f"this machine's rates ({workers} x {threads} threads, measured {found.get('measured', '?')}): " + (
+        f"float32 GEMM {r['gemm_float32']:.0f} GFLOP/s, scoring {r['score_float32']:.0f} tok/s"
+        + (f"; bf16 {r['gemm_bfloat16']:.0f} GFLOP/s, {r['score_bfloat16']:.0f} tok/s" if "score_bfloat16" in r else "")
+    )
+    return dict(r), note
+
+
+def describe_study(
+    spec: StudySpec,
+    cache_root: Path,
+    data_dir: str | None,
+    max_memory: str | None = None,
+    jobs: int = 1,
+    echo: Any = None,
+) -> list[str]:
     from .models.load import resolve_device
     from .studies.cache import Cache
     from .studies.runner import all_works, needs_work, plan_study
@@ -230,10 +290,12 @@ def describe_study(spec: StudySpec, cache_root: Path, data_dir: str | None, max_
     units_todo = sum(len(p) for p in pend.values())
     quant_done = sum(1 for w in quant if not pend[w["key"]])
     diag_done = sum(1 for w in diag if not needs_work(w, cache))
+    rates, source = study_rates(jobs, on_gpu, echo)
     q_s = e_s = 0.0
     for w in models:
-        q, e = work_estimate(w, spec, pend[w["key"]], on_gpu)
+        q, e = work_estimate(w, pend[w["key"]], on_gpu, rates)
         q_s, e_s = q_s + q, e_s + e
+    q_s, e_s = q_s / jobs, e_s / jobs
     shapes = [model_shape(m.name) for m in spec.models]
     guessed = [m.name for m, s in zip(spec.models, shapes) if not s[2]]
     lines = [
@@ -260,10 +322,11 @@ def describe_study(spec: StudySpec, cache_root: Path, data_dir: str | None, max_
         ):
             lines.append(f"  {line}")
     lines.append(
-        f"  estimate (rough, per-token model for {'GPU' if on_gpu else 'CPU'}, see `quantshift.preview`): "
-        f"quantization {_duration(q_s)}, evaluation {_duration(e_s)}, total {_duration(q_s + e_s)}"
+        f"  estimate with --jobs {jobs} (per-token model for {'GPU' if on_gpu else 'CPU'}, see `quantshift.preview`): "
+        f"quantization {_duration(q_s)}, evaluation {_duration(e_s)}, total {_duration(q_s + e_s)} ({q_s + e_s:.0f} s)"
         + (f"; shape of {', '.join(guessed)} unknown offline, assumed 30 blocks x {REF_HIDDEN}" if guessed else "")
     )
+    lines.append(f"    from {source}")
     return lines
 
 

@@ -80,15 +80,16 @@ class RunningNLL:
         self.target_logit = torch.zeros(n, device=dev)
 
     def update(self, logits: torch.Tensor, start: int, positions: slice) -> None:
-        """logits: float32 [positions, slice width] for vocabulary ids start.."""
-        m_old, s_old = self.max[positions], self.sum[positions]
-        m_new = torch.maximum(m_old, logits.amax(dim=-1))
-        s_new = s_old * torch.exp(m_old - m_new) + torch.exp(logits - m_new[:, None]).sum(dim=-1)
-        self.max[positions], self.sum[positions] = m_new, s_new
+        """logits: float32 [positions, slice width] for vocabulary ids start.., consumed (overwritten
+        in place: a tile is tens of MB, and fresh temporaries of that size cost page faults)."""
         t = self.targets[positions] - start
         inside = (t >= 0) & (t < logits.shape[1])
         picked = logits.gather(1, t.clamp(0, logits.shape[1] - 1)[:, None])[:, 0]
         self.target_logit[positions] = torch.where(inside, picked, self.target_logit[positions])
+        m_old, s_old = self.max[positions], self.sum[positions]
+        m_new = torch.maximum(m_old, logits.amax(dim=-1))
+        s_new = s_old * torch.exp(m_old - m_new) + logits.sub_(m_new[:, None]).exp_().sum(dim=-1)
+        self.max[positions], self.sum[positions] = m_new, s_new
 
     def nll(self) -> torch.Tensor:
         return self.max + torch.log(self.sum) - self.target_logit

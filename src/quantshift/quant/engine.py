@@ -184,7 +184,8 @@ def _all_finite(tensors: list[torch.Tensor]) -> bool:
     """True when no tensor holds NaN/inf; one device-to-host read for the whole list."""
     if not tensors:
         return True
-    return bool(torch.stack([torch.isfinite(t).all().to(tensors[0].device) for t in tensors]).all())
+    sums = [t.sum(dtype=torch.float32).to(tensors[0].device) for t in tensors]  # see collect_inputs
+    return bool(torch.isfinite(torch.stack(sums)).all())
 
 
 def _block_output(out: Any) -> torch.Tensor:
@@ -333,7 +334,9 @@ class EngineContext:
         def make_hook(name: str) -> Callable[[nn.Module, tuple[Any, ...]], None]:
             def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
                 x = args[0]
-                bad = ~torch.isfinite(x).all()
+                # one reduction instead of a bool tensor the size of x: a float32 sum is finite
+                # exactly when every element is (short of a sum beyond 3e38, which is not sane either)
+                bad = ~torch.isfinite(x.sum(dtype=torch.float32))
                 nonfinite[name] = bad if name not in nonfinite else nonfinite[name] | bad
                 with torch.autocast(x.device.type, enabled=False):  # statistics stay in float32
                     fn(name, x.reshape(-1, x.shape[-1]))
