@@ -116,6 +116,10 @@ def one(args: argparse.Namespace) -> None:
         out = measure_score(dtype, args.repeats)
     elif kind == "gptq":
         out = measure_gptq(dtype, args.nsamples)
+    elif kind == "probe":  # the scoring rate as `quantshift check` measures it (machine_speed)
+        from quantshift.machine_speed import _score_rate
+
+        out = {"tok_s": [_score_rate(dtype) for _ in range(args.repeats)]}
     else:
         out = {"gflops": gemm_rate(dtype)}
     print("RESULT " + json.dumps(out), flush=True)
@@ -166,7 +170,7 @@ def fit(args: argparse.Namespace) -> None:
     print(f"load average at start {load0:.2f}; float32 GEMM {gemm:.0f} GFLOP/s ({args.threads} thread(s))")
     n1, n2 = args.nsamples, 2 * args.nsamples
     for dtype, prec in [("float32", "float32")] + ([("auto", "bfloat16")] if native_bf16_cpu() else []):
-        rate = statistics.median(run_child(src, f"score:{dtype}", args)["tok_s"])
+        rate = statistics.median(run_child(src, f"probe:{dtype}", args)["tok_s"])
         e = 1.0 / (rate * 30)
         b1 = run_child(src, f"gptq:{dtype}", args)["block_s"]
         b2 = run_child(src, f"gptq:{dtype}", argparse.Namespace(**{**vars(args), "nsamples": n2}))["block_s"]
@@ -174,7 +178,7 @@ def fit(args: argparse.Namespace) -> None:
         q = (b2 - b1) / ((t2 - t1) * e)
         solve = b1 - t1 * e * q
         print(
-            f"{prec}: scoring {rate:.0f} tok/s; GPTQ {b1:.2f} s/block at {n1} x 512, {b2:.2f} at {n2} x 512 -> "
+            f"{prec}: scoring {rate:.0f} tok/s (the probe's measurement); GPTQ {b1:.2f} s/block at {n1} x 512, {b2:.2f} at {n2} x 512 -> "
             f"Q_PER_TOKEN {q:.2f}, SOLVE_BLOCK_S {solve:.2f} (REF_GEMM_FP32 {gemm:.0f})",
             flush=True,
         )

@@ -9,12 +9,12 @@ float32 and a bf16 GEMM rate and smollm2-135m's scoring rate in each precision, 
 per machine and thread layout, ~30 s, then cached). With e = the seconds one scored token takes
 per decoder block at that scoring rate, in the precision the study's models compute in:
   evaluation            scored tokens x blocks x e
-  calibrated quantizing blocks x (calibration tokens x e x Q_PER_TOKEN[precision] + SOLVE_BLOCK_S x f)
-  uncalibrated (RTN)    blocks x RTN_BLOCK_S x f
-  every work            WORK_FIXED_S (worker start, model load and save)
-where f = REF_GEMM_FP32 / this machine's float32 GEMM rate (the solvers run in float32), all
-scaled by (hidden / 576)^2 for models of another width, and the wall time is the sum over works
-divided by --jobs. The constants were fitted on one machine (benchmarks/cpu_speed.py, see
+  calibrated quantizing blocks x (calibration tokens x Q_PER_TOKEN + FIXED_TOKENS)[precision] x e
+  uncalibrated (RTN)    blocks x RTN_BLOCK_S x REF_GEMM_FP32 / this machine's float32 GEMM rate
+  diagnostics           their sets' tokens x blocks x e
+  every work            WORK_FIXED_S (model load, cache writes, packing)
+all scaled by (hidden / 576)^2 for models of another width; the wall time is the sum over works
+divided by --jobs. Generated task answers (if_verifiable) count as scored tokens: an underestimate. The constants were fitted on one machine (benchmarks/cpu_speed.py, see
 docs/performance.md); the GPU factor is an assumption.
 """
 
@@ -34,20 +34,17 @@ if TYPE_CHECKING:
     from .recipes import Recipe
     from .studies.spec import StudySpec
 
-# fitted on a 2-core Xeon with AMX (benchmarks/cpu_speed.py --fit, docs/performance.md); per block
-# of a 576-wide model, e = the seconds a scored token takes per block at the measured scoring rate
-Q_PER_TOKEN = {"float32": 2.7, "bfloat16": 2.1}  # GPTQ-family forward + statistics, in units of e
-SOLVE_BLOCK_S = 0.35  # the block's solves at REF_GEMM_FP32 (float32 in every precision)
-RTN_BLOCK_S = 0.3
-WORK_FIXED_S = 8.0
-REF_GEMM_FP32 = 120.0  # GFLOP/s per worker where the constants were fitted
+# fitted with `python benchmarks/cpu_speed.py --fit` (docs/performance.md) on a 2-core Xeon with AMX,
+# one thread: GPTQ W3 g64 seconds per block at 16 and 32 x 512 calibration tokens against the probe's
+# scoring rate in the same precision (float32 500 tok/s, bf16 1330 tok/s there). Per block, in units of e (a scored token's seconds per block):
+Q_PER_TOKEN = {"float32": 2.24, "bfloat16": 3.05}  # a calibration token: forward passes + Hessians
+# what does not grow with calibration tokens: the solves (float32) and the reference pass on one batch
+FIXED_TOKENS = {"float32": 12900.0, "bfloat16": 22750.0}
+RTN_BLOCK_S = 0.3  # at REF_GEMM_FP32
+WORK_FIXED_S = 8.0  # a work's model load, cache writes and packing (5-12 s in the demo's log)
+REF_GEMM_FP32 = 202.0  # GFLOP/s, one thread, where the constants were fitted
 # without a measurement (QUANTSHIFT_SPEED_PROBE=off): the fitting machine's rates, 2 workers x 1 thread
-REFERENCE_RATES = {
-    "gemm_float32": REF_GEMM_FP32,
-    "score_float32": 400.0,
-    "gemm_bfloat16": 450.0,
-    "score_bfloat16": 900.0,
-}
+REFERENCE_RATES = {"gemm_float32": 187.0, "score_float32": 485.0, "gemm_bfloat16": 1674.0, "score_bfloat16": 1200.0}
 GPU_SPEEDUP = 50.0  # assumed, not measured here
 REF_HIDDEN = 576
 TASK_ITEM_TOKENS = 256  # rough prompt + choices tokens per scored item and shot
@@ -231,7 +228,7 @@ def work_estimate(
         if work["calib"] is not None:
             parts = len(work["calib"]["source"].split("+"))
             tokens = parts * work["calib"]["n"] * work["calib"]["seqlen"]
-            quant = blocks * (tokens * e * Q_PER_TOKEN[prec] + SOLVE_BLOCK_S * f) * scale
+            quant = blocks * (tokens * Q_PER_TOKEN[prec] + FIXED_TOKENS[prec]) * e * scale
         else:
             quant = blocks * RTN_BLOCK_S * f * scale
     tokens = 0
@@ -244,6 +241,14 @@ def work_estimate(
             tokens += items * TASK_ITEM_TOKENS * (s["shots"] + 1)
     fixed = WORK_FIXED_S if pending else 0.0
     return quant, blocks * tokens * e * scale + fixed
+
+
+def diag_estimate(work: Mapping[str, Any], rates: Mapping[str, float]) -> float:
+    """Seconds of a diagnostics work: one forward over each set's windows (see work_estimate)."""
+    blocks, hidden, _ = model_shape(work["model"]["name"])
+    prec = speed_precision(work["model"].get("dtype", "auto"), rates)
+    tokens = len(work["sets"]) * work["settings"]["windows"] * work["settings"]["seqlen"]
+    return blocks * tokens * (hidden / REF_HIDDEN) ** 2 / (rates[f"score_{prec}"] * 30) + WORK_FIXED_S
 
 
 def study_rates(jobs: int, on_gpu: bool, echo: Any = None) -> tuple[dict[str, float], str]:
@@ -295,6 +300,9 @@ def describe_study(
     for w in models:
         q, e = work_estimate(w, pend[w["key"]], on_gpu, rates)
         q_s, e_s = q_s + q, e_s + e
+    for w in diag:
+        if needs_work(w, cache):
+            e_s += diag_estimate(w, rates)
     q_s, e_s = q_s / jobs, e_s / jobs
     shapes = [model_shape(m.name) for m in spec.models]
     guessed = [m.name for m, s in zip(spec.models, shapes) if not s[2]]
