@@ -300,9 +300,7 @@ def describe_study(
     for w in models:
         q, e = work_estimate(w, pend[w["key"]], on_gpu, rates)
         q_s, e_s = q_s + q, e_s + e
-    for w in diag:
-        if needs_work(w, cache):
-            e_s += diag_estimate(w, rates)
+    e_s += sum(diag_estimate(d, rates) for d in diag if needs_work(d, cache))
     q_s, e_s = q_s / jobs, e_s / jobs
     shapes = [model_shape(m.name) for m in spec.models]
     guessed = [m.name for m, s in zip(spec.models, shapes) if not s[2]]
