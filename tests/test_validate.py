@@ -387,7 +387,7 @@ def test_check_offline_study_counts_work_without_loading(cli):
     assert code == 0, err
     assert "quantize works: 13 (0 with every result cached, 13 to run)" in out
     assert "eval units: 56 (0 cached, 56 to run)" in out
-    assert "14 distinct models" in out and "estimate (rough" in out
+    assert "14 distinct models" in out and "estimate with --jobs 1" in out
     assert not any(cli.cwd.iterdir())  # a dry run writes nothing
 
 

@@ -1,8 +1,8 @@
 """`quantshift check STUDY.yaml|RECIPE.yaml`: validate a file and say what it would run.
 
-A dry run: nothing is written to the run or cache directories. For a study: the works and
-evaluation units the runner would plan, how many the cache already holds, and a time estimate;
-for a recipe: its stages with every setting resolved.
+A dry run: nothing is written to the run or study-cache directories (only the machine-speed
+record). For a study: the works and evaluation units the runner would plan, how many the cache
+already holds, and a time estimate; for a recipe: its stages with every setting resolved.
 
 The estimate is a per-token model scaled by this machine's measured speed (machine_speed: a
 float32 and a bf16 GEMM rate and smollm2-135m's scoring rate in each precision, measured once
@@ -14,8 +14,9 @@ per decoder block at that scoring rate, in the precision the study's models comp
   diagnostics           their sets' tokens x blocks x e
   every work            WORK_FIXED_S (model load, cache writes, packing)
 all scaled by (hidden / 576)^2 for models of another width; the wall time is the sum over works
-divided by --jobs. Generated task answers (if_verifiable) count as scored tokens: an underestimate. The constants were fitted on one machine (benchmarks/cpu_speed.py, see
-docs/performance.md); the GPU factor is an assumption.
+divided by --jobs. Generated task answers (if_verifiable) count as scored tokens: an underestimate.
+The constants were fitted on one machine (benchmarks/cpu_speed.py, see docs/performance.md); the
+GPU factor is an assumption.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ if TYPE_CHECKING:
 
 # fitted with `python benchmarks/cpu_speed.py --fit` (docs/performance.md) on a 2-core Xeon with AMX,
 # one thread: GPTQ W3 g64 seconds per block at 16 and 32 x 512 calibration tokens against the probe's
-# scoring rate in the same precision (float32 500 tok/s, bf16 1330 tok/s there). Per block, in units of e (a scored token's seconds per block):
+# scoring rate in the same precision (float32 500 tok/s, bf16 1330 tok/s there). Per block, in units
+# of e (a scored token's seconds per block):
 Q_PER_TOKEN = {"float32": 2.24, "bfloat16": 3.05}  # a calibration token: forward passes + Hessians
 # what does not grow with calibration tokens: the solves (float32) and the reference pass on one batch
 FIXED_TOKENS = {"float32": 12900.0, "bfloat16": 22750.0}
