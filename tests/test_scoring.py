@@ -70,3 +70,25 @@ def test_scorer_projects_only_scored_positions():
         hook.remove()
     # one forward for the four one-token answers (same input: 1 row), one for the 3-token answer (3 rows)
     assert sum(rows) == 1 + 3
+
+
+def test_task_forwards_keep_the_models_bf16_autocast():
+    """Under a float32+bf16-autocast precision, task scoring and generation run their matrix products
+    in bf16: lm-eval's own autocast(enabled=False) around each forward must not switch it off (it did,
+    and every task under `--dtype auto` on a bf16 CPU was computed in float32)."""
+    from dataclasses import replace
+
+    from quantshift.models.precision import Precision
+
+    loaded = replace(loaded_tiny("llama"), precision=Precision(torch.float32, torch.bfloat16))
+    lm = harness.make_lm(loaded, batch_size=4)
+    seen = []
+    layer = loaded.model.model.layers[0].mlp.down_proj
+    hook = layer.register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    try:
+        with loaded.compute():  # as evaluation.run.evaluate calls the harness
+            lm._loglikelihood_tokens([(("q", "a"), [5, 9, 11], [7])], disable_tqdm=True)
+            lm._model_generate(torch.tensor([[5, 9, 11]]), max_length=6, stop=[], do_sample=False)
+    finally:
+        hook.remove()
+    assert seen and set(seen) == {torch.bfloat16}

@@ -42,7 +42,9 @@ def _env(values: dict[str, str]) -> Iterator[None]:
 
 # Identifies how log-likelihoods are computed; part of a task result's cache key (a change in
 # batching or in where the vocabulary projection runs can move bf16 results in the last digits).
-SCORER = "scored-positions-1"
+# 2: under bf16 autocast, task forwards and generations really run in bf16 (before, lm-eval's own
+# autocast(enabled=False) turned it off: those results were float32 computations).
+SCORER = "scored-positions-2"
 
 # one log-likelihood request as lm-eval's causal scorer gets it: (cache key (context, continuation)
 # or None, context token ids, continuation token ids)
@@ -77,6 +79,9 @@ def make_lm(loaded: LoadedModel, batch_size: int) -> HFLM:
         batch_size=batch_size,
         device=str(device),
         add_bos_token=True if loaded.needs_bos else None,
+        # lm-eval wraps every forward and generate in autocast(enabled=mixed_precision_dtype is not
+        # None): left None, that switches off the caller's bf16 autocast and tasks run in float32
+        mixed_precision_dtype=loaded.precision.autocast,
     )
     lm._device = torch.device(device)  # lm-eval takes a given model's device from its first parameter
     return lm
