@@ -18,8 +18,10 @@ was above ~0.5 shared the cores with something else.
 
 --fit measures this code's float32 GEMM rate, scoring rate and GPTQ seconds per block at --nsamples
 and twice that, per precision, and prints the constants of quantshift.preview's time model
-(Q_PER_TOKEN: a calibration token's cost per block in scored-token units; SOLVE_BLOCK_S: the
-part of a block that does not grow with tokens, at this machine's float32 GEMM rate).
+(Q_PER_TOKEN: a calibration token's cost per block in scored-token units; FIXED_TOKENS: the part
+of a block that does not grow with tokens, in the same units). preview.py takes the float32 pair
+from here; its bf16 pair comes from study runs (docs/performance.md): two points at 16 and 32 x 512
+on an idle worker under-count 128 x 512 in a study by ~14%.
 """
 
 from __future__ import annotations
@@ -179,7 +181,7 @@ def fit(args: argparse.Namespace) -> None:
         solve = b1 - t1 * e * q
         print(
             f"{prec}: scoring {rate:.0f} tok/s (the probe's measurement); GPTQ {b1:.2f} s/block at {n1} x 512, {b2:.2f} at {n2} x 512 -> "
-            f"Q_PER_TOKEN {q:.2f}, SOLVE_BLOCK_S {solve:.2f} (REF_GEMM_FP32 {gemm:.0f})",
+            f"Q_PER_TOKEN {q:.2f}, FIXED_TOKENS {solve / e:.0f} (REF_GEMM_FP32 {gemm:.0f})",
             flush=True,
         )
     print(f"load average at end {os.getloadavg()[0]:.2f}")

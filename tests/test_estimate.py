@@ -70,6 +70,60 @@ def test_the_real_probe_measures_sane_rates(tmp_path):
     from quantshift.machine_speed import machine_speed
 
     r = machine_speed(tmp_path, 1, 1)["rates"]
-    assert 5 < r["gemm_float32"] < 2000 and 20 < r["score_float32"] < 20000
+    assert 5 < r["gemm_float32"] < 2000 and 20 < r["score_float32"] < 20000 and 2 < r["decode_float32"] < 5000
     if "score_bfloat16" in r:
         assert r["gemm_bfloat16"] > 0 and r["score_bfloat16"] > 20
+
+
+def test_a_token_costs_by_the_models_multiply_adds_head_included(tmp_path):
+    """The probe model's shape costs exactly one unit; a model with fewer blocks but a far larger
+    vocabulary (gemma3-270m's 262k head against smollm2's 49k) costs more per token, not less."""
+    from transformers import LlamaConfig
+
+    from quantshift.preview import model_costs, token_cost
+
+    def write(name: str, **kw) -> str:
+        d = tmp_path / name
+        d.mkdir()
+        LlamaConfig(**kw).save_pretrained(d)
+        return str(d)
+
+    probe = write(
+        "probe", hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
+    )  # fmt: skip
+    few_blocks_big_head = write(
+        "wide", hidden_size=576, intermediate_size=1536, num_hidden_layers=18, num_attention_heads=9,
+        num_key_value_heads=3, vocab_size=262144, tie_word_embeddings=True,
+    )  # fmt: skip
+    assert token_cost(probe, 256) == pytest.approx(1.0)
+    assert model_costs(few_blocks_big_head)[0] == 18 and token_cost(few_blocks_big_head, 256) > 1.4
+    assert token_cost(probe, 2048) > 1.1 * token_cost(probe, 256)  # attention grows with the context
+
+
+def test_task_tokens_are_counted_from_the_items_choices_shots_and_template():
+    from quantshift.preview import CHAT_TOKENS, task_tokens
+
+    def unit(task: str, shots: int = 0, limit: int | None = 40, chat: bool = False) -> dict:
+        s = {"kind": "task", "task": task, "shots": shots, "limit": limit}
+        return {**s, "chat_template": "auto"} if chat else s
+
+    zero, gen0, length = task_tokens(unit("arithmetic_mc"), None)
+    five, _, _ = task_tokens(unit("arithmetic_mc", shots=5), None)
+    half, _, _ = task_tokens(unit("arithmetic_mc", limit=20), None)
+    chat, _, _ = task_tokens(unit("arithmetic_mc", chat=True), None)
+    assert gen0 == 0 and 5 < length < 200  # short arithmetic prompts, each choice its own request
+    assert five > 4 * zero and half == pytest.approx(zero / 2, rel=0.2)
+    assert chat - zero == pytest.approx(40 * 4 * CHAT_TOKENS, rel=0.3)  # per request: 4 choices an item
+    # MMLU's choices (" A".." D") are one token each: lm-eval scores them all from one forward
+    from quantshift.evaluation.tasks import task_data
+    from quantshift.preview import text_tokens
+
+    data = task_data("mmlu_dev")
+    prompts = sum(text_tokens(data.task.preamble) + text_tokens(it["query"]) for it in data.scored(40))
+    mmlu, _, _ = task_tokens(unit("mmlu_dev"), None)
+    assert mmlu == pytest.approx(prompts)
+    scored, generated, _ = task_tokens(unit("if_verifiable"), None)
+    assert generated == 40 * 192 and scored < generated  # answers up to max_gen_toks, generated
+    guess, _, _ = task_tokens(unit("no_such_task", limit=10), None)
+    assert guess == 10 * 256  # unreadable offline: the per-item constant

@@ -65,3 +65,21 @@ def test_engine_alone_applies_stages_in_order():
     eng = BlockEngine(lm.model, lm.arch, [s.build() for s in stages.stages], "cpu", progress=False)
     res = eng.run(random_calib().input_ids)
     assert {m.stage for m in res.modules.values()} == {"zeroquant"}
+
+
+def test_a_transform_only_stack_reads_back_what_it_dumps():
+    """A study hands each worker its recipe as a dict (Recipe.to_dict, defaults included); a
+    smoothing-only SmoothQuant stage once failed to read back ("quantizes nothing"), so every
+    SmoothQuant -> GPTQ cell of a study failed though `quantshift check` passed it."""
+    import pytest
+
+    from quantshift.errors import ConfigError
+
+    for first in ({"smoothquant": {"alpha": 0.5, "quantize": False}}, {"awq": {"quantize": False}}):
+        rec = recipe_from_dict([first, {"gptq": {"wbits": 4, "group_size": 128}}])
+        again = recipe_from_dict(rec.to_dict()["stages"])
+        assert again.to_dict() == rec.to_dict() and again.digest() == rec.digest()
+    # what the rule is for still fails: activation bits or static scales on a stage that quantizes nothing
+    for bad in ({"abits": 4}, {"act_static": True, "act_per_token": False}):
+        with pytest.raises(ConfigError, match="quantizes nothing"):
+            recipe_from_dict([{"smoothquant": {"quantize": False, **bad}}])

@@ -6,8 +6,10 @@ does, so cores, memory bandwidth and caches are shared the way a study shares th
 measures, after a warm-up:
   - a float32 GEMM rate and a bf16 one (GFLOP/s of a smollm2 MLP-sized product);
   - the held-out scoring rate of the bundled smollm2-135m (tokens/s over 2 x 512 wikipedia
-    tokens, batch 2) in float32 and, where the CPU has bf16 matrix units, in bf16 autocast.
-That takes ~30 s on 2 cores; the result is cached under <cache>/machine-speed/ keyed by the CPU
+    tokens, batch 2) in float32 and, where the CPU has bf16 matrix units, in bf16 autocast;
+  - its greedy decoding rate in the same precisions (tokens/s generated with a KV cache, batch 8,
+    as lm-eval generates a task's answers): a generated token costs far more than a scored one.
+That takes ~40 s on 2 cores; the result is cached under <cache>/machine-speed/ keyed by the CPU
 model, its matrix flags, the torch version and the thread layout, so a machine is measured once.
 """
 
@@ -22,10 +24,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-PROBE_VERSION = 1  # bump when what the probe measures changes
+PROBE_VERSION = 2  # bump when what the probe measures changes
 PROBE_MODEL = "smollm2-135m"
 PROBE_BLOCKS = 30  # smollm2-135m's decoder blocks: a scored token per block is the estimate's unit
 PROBE_WINDOWS = (2, 512)
+PROBE_DECODE = (8, 64, 32)  # batch, prompt tokens, generated tokens
 
 
 def cpu_model() -> str:
@@ -91,6 +94,26 @@ def _score_rate(dtype: str) -> float:
     return win.numel() / min(ts)
 
 
+def _decode_rate(dtype: str) -> float:
+    import torch
+
+    from .models.load import load_model
+
+    lm = load_model(PROBE_MODEL, "cpu", dtype)
+    generate: Any = getattr(lm.model, "generate")  # noqa: B009 (typed as a Tensor by nn.Module)
+    batch, prompt, new = PROBE_DECODE
+    ids = torch.randint(100, 10000, (batch, prompt), generator=torch.Generator().manual_seed(0))
+    kwargs = dict(do_sample=False, max_new_tokens=new, min_new_tokens=new, pad_token_id=0, use_cache=True)
+    with torch.no_grad(), lm.compute():
+        generate(ids, attention_mask=torch.ones_like(ids), **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
+        ts = []
+        for _ in range(2):
+            t = time.perf_counter()
+            generate(ids, attention_mask=torch.ones_like(ids), **kwargs)
+            ts.append(time.perf_counter() - t)
+    return batch * new / min(ts)
+
+
 def _probe_worker(threads: int, start_at: float) -> dict[str, float]:
     """One worker's rates (run in its own process; `start_at`: a shared wall-clock start, so the
     workers measure at the same time)."""
@@ -100,10 +123,15 @@ def _probe_worker(threads: int, start_at: float) -> dict[str, float]:
 
     torch.set_num_threads(threads)
     time.sleep(max(0.0, start_at - time.time()))
-    out = {"gemm_float32": _gemm_rate(torch.float32), "score_float32": _score_rate("float32")}
+    out = {
+        "gemm_float32": _gemm_rate(torch.float32),
+        "score_float32": _score_rate("float32"),
+        "decode_float32": _decode_rate("float32"),
+    }
     if native_bf16_cpu():
         out["gemm_bfloat16"] = _gemm_rate(torch.bfloat16)
         out["score_bfloat16"] = _score_rate("auto")
+        out["decode_bfloat16"] = _decode_rate("auto")
     return out
 
 
@@ -120,7 +148,7 @@ def measure(workers: int, threads: int) -> dict[str, float]:
 
 def machine_speed(cache: Path, workers: int, threads: int, echo: Any = None) -> dict[str, Any]:
     """This machine's rates for `workers` processes of `threads` threads: read from the cache, or
-    measured now (~30 s) and cached. {"key": ..., "rates": {gemm_float32, score_float32, ...}}."""
+    measured now (~40 s) and cached. {"key": ..., "rates": {gemm_float32, score_float32, ...}}."""
     key = probe_key(workers, threads)
     name = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     path = cache / "machine-speed" / f"{name}.json"
@@ -131,7 +159,7 @@ def machine_speed(cache: Path, workers: int, threads: int, echo: Any = None) -> 
     except (OSError, ValueError):
         pass
     if echo is not None:
-        echo(f"measuring this machine's speed once ({workers} x {threads} threads, ~30 s; cached in {path.parent})")
+        echo(f"measuring this machine's speed once ({workers} x {threads} threads, ~40 s; cached in {path.parent})")
     record = {"key": key, "rates": measure(workers, threads), "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
     from .atomic import write_json_atomic
 

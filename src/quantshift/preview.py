@@ -5,25 +5,32 @@ record). For a study: the works and evaluation units the runner would plan, how 
 already holds, and a time estimate; for a recipe: its stages with every setting resolved.
 
 The estimate is a per-token model scaled by this machine's measured speed (machine_speed: a
-float32 and a bf16 GEMM rate and smollm2-135m's scoring rate in each precision, measured once
-per machine and thread layout, ~30 s, then cached). With e = the seconds one scored token takes
-per decoder block at that scoring rate, in the precision the study's models compute in:
-  evaluation            scored tokens x blocks x e
+float32 and a bf16 GEMM rate and smollm2-135m's scoring and decoding rates in each precision,
+measured once per machine and thread layout, ~40 s, then cached). A model's cost per token is
+its multiply-adds (every decoder block's linears, the output head, attention at the context
+length), relative to the probe model's: a model of 18 blocks with a 262k-token head (gemma3-270m)
+costs more per scored token than one of 30 blocks with a 49k head (smollm2-135m). With r = that
+ratio and the rates in the precision the study's models compute in:
+  perplexity            scored tokens x r / scoring rate
+  tasks                 their requests' tokens (read from the task's items where they are on disk:
+                        every choice of a multiple-choice item is its own request, prompt and shots
+                        included; a chat template adds CHAT_TOKENS) x r / scoring rate,
+                        plus generated tokens (items x max_gen_toks) x r / decoding rate
   calibrated quantizing blocks x (calibration tokens x Q_PER_TOKEN + FIXED_TOKENS)[precision] x e
+                        (e: a scored token's seconds per block, scaled by the block's linears)
   uncalibrated (RTN)    blocks x RTN_BLOCK_S x REF_GEMM_FP32 / this machine's float32 GEMM rate
-  diagnostics           their sets' tokens x blocks x e
+  diagnostics           their sets' tokens x r / scoring rate
   every work            WORK_FIXED_S (model load, cache writes, packing)
-all scaled by (hidden / 576)^2 for models of another width; the wall time is the sum over works
-divided by --jobs. Generated task answers (if_verifiable) count as scored tokens: an underestimate.
-The constants were fitted on one machine (benchmarks/cpu_speed.py, see docs/performance.md); the
-GPU factor is an assumption.
+the wall time is the sum over works divided by --jobs. The constants were fitted on one machine
+(benchmarks/cpu_speed.py, see docs/performance.md); the GPU factor is an assumption.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -35,24 +42,49 @@ if TYPE_CHECKING:
     from .recipes import Recipe
     from .studies.spec import StudySpec
 
-# fitted with `python benchmarks/cpu_speed.py --fit` (docs/performance.md) on a 2-core Xeon with AMX,
-# one thread: GPTQ W3 g64 seconds per block at 16 and 32 x 512 calibration tokens against the probe's
-# scoring rate in the same precision (float32 500 tok/s, bf16 1330 tok/s there). Per block, in units
-# of e (a scored token's seconds per block):
-Q_PER_TOKEN = {"float32": 2.24, "bfloat16": 3.05}  # a calibration token: forward passes + Hessians
+# Per block, in units of e (a scored token's seconds per block at the probe's rate). float32: fitted
+# with `python benchmarks/cpu_speed.py --fit` (docs/performance.md) on a 2-core Xeon with AMX, one
+# thread: GPTQ W3 g64 seconds per block at 16 and 32 x 512 calibration tokens against the scoring
+# rate (500 tok/s there). bf16: from the two bf16 studies run there with --jobs 2 against the
+# 2-worker probe rate (1139 tok/s): GPTQ on smollm2-135m took 1.15 s a block at 16 x 512 tokens
+# (the demo) and 7.43 s at 128 x 512 (instruct-methods-reduced); --fit's two points, 16 and 32 x 512
+# on one idle worker, extrapolated to 128 x 512 fell 14% short.
+Q_PER_TOKEN = {"float32": 2.24, "bfloat16": 3.74}  # a calibration token: forward passes + Hessians
 # what does not grow with calibration tokens: the solves (float32) and the reference pass on one batch
-FIXED_TOKENS = {"float32": 12900.0, "bfloat16": 22750.0}
+FIXED_TOKENS = {"float32": 12900.0, "bfloat16": 8640.0}
 RTN_BLOCK_S = 0.3  # at REF_GEMM_FP32
-WORK_FIXED_S = 8.0  # a work's model load, cache writes and packing (5-12 s in the demo's log)
+# a calibrated stage's quantize seconds relative to GPTQ's (bf16, both bundled models, 64-128 x 512
+# tokens: AWQ's scale and clip grids 1.1x, SmoothQuant W8A8's statistics and rounding 0.6x, a
+# smoothing-only SmoothQuant stage's statistics 0.15x); methods not listed (SpQR, QuIP, ZeroQuant)
+# are counted as GPTQ, unmeasured
+METHOD_QUANT_FACTOR = {"gptq": 1.0, "awq": 1.1, "smoothquant": 0.6}
+TRANSFORM_ONLY_FACTOR = {"smoothquant": 0.15, "awq": 1.1}  # the stage with quantize: false
+# fake-quantized activations (abits < 16: W8A8, FP8) quantize every linear's input at every forward:
+# evaluation took 1.15-1.45x the weight-only models' there
+ACT_QUANT_EVAL_FACTOR = 1.3
+WORK_FIXED_S = 3.0  # a work's model load and cache writes outside its quantize and evaluate seconds
 REF_GEMM_FP32 = 202.0  # GFLOP/s, one thread, where the constants were fitted
 # without a measurement (QUANTSHIFT_SPEED_PROBE=off): the fitting machine's rates, 2 workers x 1 thread
-REFERENCE_RATES = {"gemm_float32": 187.0, "score_float32": 485.0, "gemm_bfloat16": 1674.0, "score_bfloat16": 1200.0}
+REFERENCE_RATES = {
+    "gemm_float32": 187.0,
+    "score_float32": 485.0,
+    "decode_float32": 60.0,
+    "gemm_bfloat16": 1674.0,
+    "score_bfloat16": 1200.0,
+    "decode_bfloat16": 60.0,
+}
 GPU_SPEEDUP = 50.0  # assumed, not measured here
 REF_HIDDEN = 576
+# tasks whose items cannot be read offline (lm-eval's hub tasks, undownloaded data): per item
 TASK_ITEM_TOKENS = 256  # rough prompt + choices tokens per scored item and shot
-DEFAULT_TASK_ITEMS = 200  # evaluation.tasks.DEFAULT_LIMIT
+CHAT_TOKENS = 30  # a chat template's turn markers and default system prompt per request (smollm2: 30)
+CHARS_PER_TOKEN = 4.3  # English text in smollm2's and gemma3's tokenizers (within 5% on the local tasks)
 # the bundled models' shapes (their descriptions), for when the converted checkpoint is not on disk
 BUNDLED_SHAPES = {"smollm2-135m": (30, 576), "gemma3-270m": (18, 640)}
+# multiply-adds per token of the probe model (smollm2-135m: 30 blocks of 3.54M, a 49152 x 576
+# head), attention at the probe's mean context of 256: the unit the rates are measured in
+PROBE_BLOCK_MACS = 3_538_944
+PROBE_CONTEXT = 256
 
 
 def register(app: typer.Typer) -> None:
@@ -208,6 +240,109 @@ def model_shape(name: str) -> tuple[int, int, bool]:
     return 30, REF_HIDDEN, False
 
 
+@cache
+def model_costs(name: str) -> tuple[int, float, float]:
+    """(blocks, one block's linear multiply-adds per token, the head's) from the model's config
+    (memory.model_shape: bundled, local or cached hub models); a shape guessed from the hidden size
+    (smollm2's proportions) where the config cannot be read."""
+    from .errors import QuantshiftError
+    from .memory import model_shape as full_shape
+
+    try:
+        shape = full_shape(name)
+        return shape.blocks, shape.linear_params / shape.blocks, float(shape.vocab * shape.hidden)
+    except (QuantshiftError, OSError, ValueError):
+        blocks, hidden, _ = model_shape(name)
+        return blocks, PROBE_BLOCK_MACS * (hidden / REF_HIDDEN) ** 2, 49152.0 * hidden
+
+
+def token_cost(name: str, context: float) -> float:
+    """A token of this model at this mean context, in units of a probe-model scored token."""
+    blocks, block, head = model_costs(name)
+    _, hidden, _ = model_shape(name)
+
+    def macs(blocks: int, block: float, head: float, hidden: int) -> float:
+        return blocks * (block + 2 * context * hidden) + head
+
+    probe = 30 * (PROBE_BLOCK_MACS + 2 * PROBE_CONTEXT * REF_HIDDEN) + 49152 * REF_HIDDEN
+    return macs(blocks, block, head, hidden) / probe
+
+
+def decode_cost(name: str, context: float) -> float:
+    """A generated token of this model, in units of a probe-model generated token. A decoding step
+    (8 sequences, a token each) of a small model is about half per-block overhead and half
+    multiply-adds: fitted on the two bundled models (gemma3-270m decodes 1.35x slower than
+    smollm2-135m here, its multiply-adds are 1.9x); for large models the multiply-adds dominate."""
+    blocks, _, _ = model_costs(name)
+    return 0.5 * blocks / 30 + 0.5 * token_cost(name, context)
+
+
+def text_tokens(text: str) -> float:
+    """Tokens a text takes, roughly: ASCII characters / CHARS_PER_TOKEN; digits (split one per token
+    by these tokenizers) and other characters one each. For models whose tokenizer is not on disk."""
+    words = sum(1 for c in text if c < "\x80" and not c.isdigit())
+    return words / CHARS_PER_TOKEN + (len(text) - words)
+
+
+@cache
+def token_counter(model: str) -> Callable[[str], float]:
+    """Counts a text's tokens with the model's own tokenizer where it is on disk (bundled, local or
+    cached hub models; nothing is downloaded), else with text_tokens."""
+    try:
+        from transformers import AutoTokenizer
+
+        local = validate.local_model_dir(model)
+        tok = AutoTokenizer.from_pretrained(str(local or model), local_files_only=True)
+    except Exception:  # noqa: BLE001 (any failure to read a tokenizer: count characters instead)
+        return text_tokens
+    return lambda text: float(len(tok(text, add_special_tokens=False)["input_ids"]))
+
+
+def task_tokens(
+    settings: Mapping[str, Any], data_dir: str | None, count: Callable[[str], float] = text_tokens
+) -> tuple[float, float, float]:
+    """(scored tokens, generated tokens, mean forward length) of one task unit, counted from the
+    task's items where they are on disk, as lm-eval computes them: a multiple-choice item is one
+    forward of prompt (with its shots) and answer per choice, except that choices of one token share
+    a forward (lm-eval's logits cache: requests whose input, the continuation's last token off, is
+    the same); a generation item is its prompt and up to max_gen_toks generated tokens. Tasks whose
+    items cannot be read offline: TASK_ITEM_TOKENS per item and shot."""
+    from .evaluation.tasks import DEFAULT_LIMIT, TASKS, item_text, task_data
+
+    limit = settings.get("limit")
+    limit = DEFAULT_LIMIT if limit is None else (limit or None)
+    shots = settings["shots"]
+    chat = CHAT_TOKENS if settings.get("chat_template") else 0
+    name = settings["task"]
+    task = TASKS.get(name) if name in TASKS else None
+    if task is not None and (task.needs == "" or (task.needs == "data-dir" and data_dir)):
+        try:
+            data = task_data(name, data_dir)
+        except Exception:  # noqa: BLE001 (unreadable data fails the run with its own message; here: guess)
+            data = None
+        if data is not None and data.test:
+            scored_items = data.scored(limit)
+            pool = data.pool[:20]
+            shot = sum(count(item_text(task, it) + task.fewshot_delimiter) for it in pool) / len(pool) if pool else 0.0
+            context = count(task.preamble) + shots * shot + chat
+            scored = generated = 0.0
+            forwards = 0
+            for it in scored_items:
+                prompt = context + count(it["query"])
+                if task.kind == "mc":
+                    answers = [count(task.target_delimiter + c) for c in it["choices"]]
+                    shared = any(n <= 1 for n in answers)  # the one-token choices' forward: the prompt
+                    scored += sum(prompt + n - 1 for n in answers if n > 1) + (prompt if shared else 0)
+                    forwards += sum(1 for n in answers if n > 1) + shared
+                else:
+                    scored += prompt
+                    generated += task.max_gen_toks
+                    forwards += 1
+            return scored, generated, scored / max(1, forwards)
+    n_items = limit or DEFAULT_LIMIT
+    return n_items * (TASK_ITEM_TOKENS * (shots + 1) + chat), 0.0, float(TASK_ITEM_TOKENS * (shots + 1))
+
+
 def speed_precision(dtype: str, rates: Mapping[str, float]) -> str:
     """Which measured rate a model of this dtype computes at on this CPU: auto is bf16 where the
     probe measured bf16 (native bf16 units), else float32; bfloat16 weights count as bf16."""
@@ -217,40 +352,60 @@ def speed_precision(dtype: str, rates: Mapping[str, float]) -> str:
 
 
 def work_estimate(
-    work: Mapping[str, Any], pending: Sequence[Mapping[str, Any]], on_gpu: bool, rates: Mapping[str, float]
+    work: Mapping[str, Any],
+    pending: Sequence[Mapping[str, Any]],
+    on_gpu: bool,
+    rates: Mapping[str, float],
+    data_dir: str | None = None,
 ) -> tuple[float, float]:
     """(quantization seconds, evaluation seconds) of one model work, as estimated (see module doc)."""
-    blocks, hidden, _ = model_shape(work["model"]["name"])
+    name = work["model"]["name"]
+    blocks, block_macs, _ = model_costs(name)
     prec = speed_precision(work["model"].get("dtype", "auto"), rates)
-    e = 1.0 / (rates[f"score_{prec}"] * 30)  # s per scored token per block at the measured rate
-    f = REF_GEMM_FP32 / rates["gemm_float32"]
-    scale = (hidden / REF_HIDDEN) ** 2 / (GPU_SPEEDUP if on_gpu else 1.0)
+    score = rates[f"score_{prec}"] * (GPU_SPEEDUP if on_gpu else 1.0)
+    decode = rates.get(f"decode_{prec}", REFERENCE_RATES[f"decode_{prec}"]) * (GPU_SPEEDUP if on_gpu else 1.0)
     quant = 0.0
-    if pending and work["recipe"] is not None:
-        if work["calib"] is not None:
+    stages = [next(iter(st.items())) for st in work["recipe"]["stages"]] if work["recipe"] is not None else []
+    if pending and stages:
+        from .methods import METHODS
+
+        rtn = blocks * RTN_BLOCK_S * REF_GEMM_FP32 / rates["gemm_float32"] * block_macs / PROBE_BLOCK_MACS
+        rtn /= GPU_SPEEDUP if on_gpu else 1.0
+        calibrated = [(m, cfg) for m, cfg in stages if m in METHODS and METHODS.get(m).needs_calibration]
+        if work["calib"] is not None and calibrated:
             parts = len(work["calib"]["source"].split("+"))
             tokens = parts * work["calib"]["n"] * work["calib"]["seqlen"]
-            quant = blocks * (tokens * Q_PER_TOKEN[prec] + FIXED_TOKENS[prec]) * e * scale
+            e = block_macs / PROBE_BLOCK_MACS / (score * 30)  # s per calibration token per block
+            once = blocks * (tokens * Q_PER_TOKEN[prec] + FIXED_TOKENS[prec]) * e
+            quant = once * sum(
+                METHOD_QUANT_FACTOR.get(m, 1.0) if cfg.get("quantize", True) else TRANSFORM_ONLY_FACTOR.get(m, 1.0)
+                for m, cfg in calibrated
+            )
         else:
-            quant = blocks * RTN_BLOCK_S * f * scale
-    tokens = 0
+            quant = rtn
+    # a transform-only stage's abits (its default, 8) quantize nothing
+    act_quant = any(int(cfg.get("abits", 16)) < 16 and cfg.get("quantize", True) for _, cfg in stages)
+    slower = ACT_QUANT_EVAL_FACTOR if act_quant else 1.0
+    seconds = 0.0
     for u in pending:
         s = u["settings"]
         if s["kind"] == "ppl":
-            tokens += s["seqlen"] * (s["windows"] or 64)  # 0 = every window: counted as 64
+            tokens = s["seqlen"] * (s["windows"] or 64)  # 0 = every window: counted as 64
+            seconds += tokens * token_cost(name, s["seqlen"] / 2) / score
         else:
-            items = s["limit"] or DEFAULT_TASK_ITEMS
-            tokens += items * TASK_ITEM_TOKENS * (s["shots"] + 1)
+            scored, generated, length = task_tokens(s, data_dir, token_counter(name))
+            seconds += scored * token_cost(name, length / 2) / score
+            seconds += generated * decode_cost(name, length) / decode
     fixed = WORK_FIXED_S if pending else 0.0
-    return quant, blocks * tokens * e * scale + fixed
+    return quant, seconds * slower + fixed
 
 
 def diag_estimate(work: Mapping[str, Any], rates: Mapping[str, float]) -> float:
     """Seconds of a diagnostics work: one forward over each set's windows (see work_estimate)."""
-    blocks, hidden, _ = model_shape(work["model"]["name"])
+    name = work["model"]["name"]
     prec = speed_precision(work["model"].get("dtype", "auto"), rates)
     tokens = len(work["sets"]) * work["settings"]["windows"] * work["settings"]["seqlen"]
-    return blocks * tokens * (hidden / REF_HIDDEN) ** 2 / (rates[f"score_{prec}"] * 30) + WORK_FIXED_S
+    return tokens * token_cost(name, work["settings"]["seqlen"] / 2) / rates[f"score_{prec}"] + WORK_FIXED_S
 
 
 def study_rates(jobs: int, on_gpu: bool, echo: Any = None) -> tuple[dict[str, float], str]:
@@ -300,7 +455,7 @@ def describe_study(
     rates, source = study_rates(jobs, on_gpu, echo)
     q_s = e_s = 0.0
     for w in models:
-        q, e = work_estimate(w, pend[w["key"]], on_gpu, rates)
+        q, e = work_estimate(w, pend[w["key"]], on_gpu, rates, data_dir)
         q_s, e_s = q_s + q, e_s + e
     e_s += sum(diag_estimate(d, rates) for d in diag if needs_work(d, cache))
     q_s, e_s = q_s / jobs, e_s / jobs

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from pydantic import field_validator, model_validator
 
-from ..config import number_in
+from ..config import KEEP_BITS, number_in
 from ..quant.primitives import qparams_from_range, quantize_weight
 from ..quant.smoothing import block_mappings, collect_input_stats, fold_scale, representatives
 from .base import BlockContext, Method, SolveResult, StageConfig, block_plans, register
@@ -41,7 +41,9 @@ class SmoothQuantConfig(StageConfig):
     def _static(self) -> SmoothQuantConfig:
         if self.act_static and self.act_per_token and "act_per_token" in self.model_fields_set:
             raise ValueError("act_static uses one per-tensor scale: act_per_token must be false")
-        if not self.quantize and {"abits", "act_static"} & self.model_fields_set:
+        # by value, not by what was written: a stage dumped and read back (a study's worker, a
+        # recipe file written by quantshift) carries the defaults and must read back the same
+        if not self.quantize and (self.act_static or self.abits not in (8, KEEP_BITS)):
             raise ValueError(
                 "abits/act_static: a smoothing-only stage (quantize: false) quantizes nothing; "
                 "set abits on the stage that quantizes"
