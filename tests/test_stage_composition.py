@@ -75,11 +75,12 @@ def test_a_transform_only_stack_reads_back_what_it_dumps():
 
     from quantshift.errors import ConfigError
 
-    for first in ({"smoothquant": {"alpha": 0.5, "quantize": False}}, {"awq": {"quantize": False}}):
+    firsts = ({"smoothquant": {"alpha": 0.5, "quantize": False}}, {"awq": {"quantize": False}})
+    for first in firsts + ({"smoothquant": {"act_static": True}},):  # static W8A8: act_per_token follows
         rec = recipe_from_dict([first, {"gptq": {"wbits": 4, "group_size": 128}}])
         again = recipe_from_dict(rec.to_dict()["stages"])
         assert again.to_dict() == rec.to_dict() and again.digest() == rec.digest()
     # what the rule is for still fails: activation bits or static scales on a stage that quantizes nothing
-    for bad in ({"abits": 4}, {"act_static": True, "act_per_token": False}):
+    for bad in ({"abits": 4}, {"abits": 8}, {"act_static": True, "act_per_token": False}):
         with pytest.raises(ConfigError, match="quantizes nothing"):
             recipe_from_dict([{"smoothquant": {"quantize": False, **bad}}])

@@ -12,17 +12,19 @@ length), relative to the probe model's: a model of 18 blocks with a 262k-token h
 costs more per scored token than one of 30 blocks with a 49k head (smollm2-135m). With r = that
 ratio and the rates in the precision the study's models compute in:
   perplexity            scored tokens x r / scoring rate
-  tasks                 their requests' tokens (read from the task's items where they are on disk:
-                        every choice of a multiple-choice item is its own request, prompt and shots
-                        included; a chat template adds CHAT_TOKENS) x r / scoring rate,
-                        plus generated tokens (items x max_gen_toks) x r / decoding rate
+  tasks                 the tokens of their forwards (task_tokens: counted from the items with the
+                        model's tokenizer where both are on disk, as lm-eval runs them; a chat
+                        template adds CHAT_TOKENS a request) x r / scoring rate, plus generated
+                        tokens (items x max_gen_toks) x decode_cost / decoding rate
   calibrated quantizing blocks x (calibration tokens x Q_PER_TOKEN + FIXED_TOKENS)[precision] x e
-                        (e: a scored token's seconds per block, scaled by the block's linears)
+                        x the stages' METHOD_QUANT_FACTOR (e: a scored token's seconds per block,
+                        scaled by the block's linears)
   uncalibrated (RTN)    blocks x RTN_BLOCK_S x REF_GEMM_FP32 / this machine's float32 GEMM rate
   diagnostics           their sets' tokens x r / scoring rate
-  every work            WORK_FIXED_S (model load, cache writes, packing)
+  every work            WORK_FIXED_S (model load, cache writes); evaluation x ACT_QUANT_EVAL_FACTOR
+                        where activations are fake-quantized
 the wall time is the sum over works divided by --jobs. The constants were fitted on one machine
-(benchmarks/cpu_speed.py, see docs/performance.md); the GPU factor is an assumption.
+(benchmarks/cpu_speed.py and study runs, see docs/performance.md); the GPU factor is an assumption.
 """
 
 from __future__ import annotations
@@ -247,13 +249,26 @@ def model_costs(name: str) -> tuple[int, float, float]:
     (smollm2's proportions) where the config cannot be read."""
     from .errors import QuantshiftError
     from .memory import model_shape as full_shape
+    from .models.bundled import BUNDLED
 
     try:
+        if name not in BUNDLED and validate.local_model_dir(name) is None and not hub_cached(name):
+            raise OSError("no config on disk")  # asking the hub offline costs ~25 s of retries
         shape = full_shape(name)
         return shape.blocks, shape.linear_params / shape.blocks, float(shape.vocab * shape.hidden)
     except (QuantshiftError, OSError, ValueError):
         blocks, hidden, _ = model_shape(name)
         return blocks, PROBE_BLOCK_MACS * (hidden / REF_HIDDEN) ** 2, 49152.0 * hidden
+
+
+def hub_cached(name: str) -> bool:
+    """Whether a hub model's config is in the local Hugging Face cache."""
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # noqa: BLE001 (not a repo id, or no hub library: not cached)
+        return False
 
 
 def token_cost(name: str, context: float) -> float:

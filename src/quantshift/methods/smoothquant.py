@@ -16,6 +16,8 @@ abits 8) quantizes the smoothed weights and attaches the activation quantizers.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from pydantic import field_validator, model_validator
 
@@ -37,13 +39,25 @@ class SmoothQuantConfig(StageConfig):
 
     _alpha = field_validator("alpha")(number_in(0.0, 1.0))
 
+    @model_validator(mode="before")
+    @classmethod
+    def _defaults_that_depend(cls, data: Any) -> Any:
+        # defaults that follow other options, filled in as values so that a stage dumped and read
+        # back (a study hands its workers Recipe.to_dict) validates the same: a smoothing-only stage
+        # has no activation bits; static scales are per tensor
+        if isinstance(data, dict):
+            data = dict(data)
+            if "abits" not in data:
+                data["abits"] = 8 if data.get("quantize", True) not in (False, "false", "False") else KEEP_BITS
+            if data.get("act_static") in (True, "true", "True") and "act_per_token" not in data:
+                data["act_per_token"] = False
+        return data
+
     @model_validator(mode="after")
     def _static(self) -> SmoothQuantConfig:
-        if self.act_static and self.act_per_token and "act_per_token" in self.model_fields_set:
+        if self.act_static and self.act_per_token:
             raise ValueError("act_static uses one per-tensor scale: act_per_token must be false")
-        # by value, not by what was written: a stage dumped and read back (a study's worker, a
-        # recipe file written by quantshift) carries the defaults and must read back the same
-        if not self.quantize and (self.act_static or self.abits not in (8, KEEP_BITS)):
+        if not self.quantize and (self.act_static or self.abits != KEEP_BITS):
             raise ValueError(
                 "abits/act_static: a smoothing-only stage (quantize: false) quantizes nothing; "
                 "set abits on the stage that quantizes"
