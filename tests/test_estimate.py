@@ -127,3 +127,29 @@ def test_task_tokens_are_counted_from_the_items_choices_shots_and_template():
     assert generated == 40 * 192 and scored < generated  # answers up to max_gen_toks, generated
     guess, _, _ = task_tokens(unit("no_such_task", limit=10), None)
     assert guess == 10 * 256  # unreadable offline: the per-item constant
+
+
+def test_the_estimate_follows_the_recipes_stages():
+    """A smoothing-only stage adds its statistics pass (not a second GPTQ), W8A8 quantizes faster
+    than GPTQ but evaluates slower (fake-quantized activations), and a transform-only stage's
+    default abits slow nothing down."""
+    from quantshift import preview
+    from quantshift.recipes import recipe_from_dict
+
+    def est(stages: list) -> tuple[float, float]:
+        work = {
+            "model": {"name": "smollm2-135m", "dtype": "float32"},
+            "recipe": recipe_from_dict(stages).to_dict(),
+            "calib": {"source": "wikipedia", "n": 64, "seqlen": 512},
+        }
+        pending = [{"kind": "ppl", "settings": {"kind": "ppl", "seqlen": 512, "windows": 8}}]
+        q, e = preview.work_estimate(work, pending, False, FAST)
+        return q, e - preview.WORK_FIXED_S
+
+    gptq = est([{"gptq": {"wbits": 4}}])
+    stack = est([{"smoothquant": {"quantize": False}}, {"gptq": {"wbits": 4}}])
+    w8a8 = est([{"smoothquant": {}}])
+    smoothing = preview.TRANSFORM_ONLY_FACTOR["smoothquant"]
+    assert stack[0] == pytest.approx(gptq[0] * (1 + smoothing)) and stack[1] == pytest.approx(gptq[1])
+    assert w8a8[0] < gptq[0] and w8a8[1] > gptq[1]
+    assert w8a8[1] == pytest.approx(gptq[1] * preview.ACT_QUANT_EVAL_FACTOR)
