@@ -478,11 +478,13 @@ def plan_for_model(
     seqlen: int = 512,
     max_windows: int | None = 64,
     backend: str = "fake",
+    shape: ModelShape | None = None,
 ) -> MemoryPlan:
     """The memory plan of quantizing and/or evaluating a model by name (quantshift.api.memory_plan):
     each stage's estimated peak host/device bytes and whether it runs in memory or streams, within
     `max_memory` ("cpu=16GiB,cuda:0=70GiB", a MemoryCaps, or None: what is free) on `device` (None
-    or "auto": the GPU when there is one). Raises a ConfigError when even streaming does not fit."""
+    or "auto": the GPU when there is one); `shape`: the model's, when the caller has read it already.
+    Raises a ConfigError when even streaming does not fit."""
     from .models.load import resolve_device
     from .models.precision import resolve_precision
 
@@ -491,7 +493,7 @@ def plan_for_model(
     caps = max_memory if isinstance(max_memory, MemoryCaps) else parse_max_memory(max_memory)
     precision = resolve_precision(dtype, device)
     plan = plan_memory(
-        model_shape(name),
+        shape or model_shape(name),
         device=device,
         weight_bytes=precision.weights.itemsize,
         caps=caps,

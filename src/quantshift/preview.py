@@ -41,6 +41,7 @@ import typer
 from . import validate
 
 if TYPE_CHECKING:
+    from .memory import ModelShape
     from .recipes import Recipe
     from .studies.spec import StudySpec
 
@@ -86,6 +87,7 @@ BUNDLED_SHAPES = {"smollm2-135m": (30, 576), "gemma3-270m": (18, 640)}
 # multiply-adds per token of the probe model (smollm2-135m: 30 blocks of 3.54M, a 49152 x 576
 # head), attention at the probe's mean context of 256: the unit the rates are measured in
 PROBE_BLOCK_MACS = 3_538_944
+PROBE_VOCAB = 49152
 PROBE_CONTEXT = 256
 
 
@@ -173,6 +175,7 @@ def memory_lines(
     try:
         plan = plan_for_model(
             model,
+            shape=read_shape(model),
             device=resolve_device(device),
             dtype=dtype,
             max_memory=max_memory,
@@ -243,22 +246,29 @@ def model_shape(name: str) -> tuple[int, int, bool]:
 
 
 @cache
-def model_costs(name: str) -> tuple[int, float, float]:
-    """(blocks, one block's linear multiply-adds per token, the head's) from the model's config
-    (memory.model_shape: bundled, local or cached hub models); a shape guessed from the hidden size
-    (smollm2's proportions) where the config cannot be read."""
+def read_shape(name: str) -> ModelShape | None:
+    """The model's shape from its config (memory.model_shape), read once per check; None where the
+    config is not on disk (asking the hub offline costs ~25 s of retries) or cannot be read."""
     from .errors import QuantshiftError
     from .memory import model_shape as full_shape
     from .models.bundled import BUNDLED
 
+    if name not in BUNDLED and validate.local_model_dir(name) is None and not hub_cached(name):
+        return None
     try:
-        if name not in BUNDLED and validate.local_model_dir(name) is None and not hub_cached(name):
-            raise OSError("no config on disk")  # asking the hub offline costs ~25 s of retries
-        shape = full_shape(name)
-        return shape.blocks, shape.linear_params / shape.blocks, float(shape.vocab * shape.hidden)
+        return full_shape(name)
     except (QuantshiftError, OSError, ValueError):
-        blocks, hidden, _ = model_shape(name)
-        return blocks, PROBE_BLOCK_MACS * (hidden / REF_HIDDEN) ** 2, 49152.0 * hidden
+        return None
+
+
+def model_costs(name: str) -> tuple[int, float, float]:
+    """(blocks, one block's linear multiply-adds per token, the head's) from the model's config; a
+    shape guessed from the hidden size (smollm2's proportions) where the config cannot be read."""
+    shape = read_shape(name)
+    if shape is not None:
+        return shape.blocks, shape.linear_params / shape.blocks, float(shape.vocab * shape.hidden)
+    blocks, hidden, _ = model_shape(name)
+    return blocks, PROBE_BLOCK_MACS * (hidden / REF_HIDDEN) ** 2, PROBE_VOCAB * hidden
 
 
 def hub_cached(name: str) -> bool:
@@ -271,16 +281,17 @@ def hub_cached(name: str) -> bool:
         return False
 
 
+def token_macs(blocks: int, block: float, head: float, hidden: int, context: float) -> float:
+    """Multiply-adds of one token: every block's linears and attention over `context`, and the head."""
+    return blocks * (block + 2 * context * hidden) + head
+
+
 def token_cost(name: str, context: float) -> float:
     """A token of this model at this mean context, in units of a probe-model scored token."""
     blocks, block, head = model_costs(name)
     _, hidden, _ = model_shape(name)
-
-    def macs(blocks: int, block: float, head: float, hidden: int) -> float:
-        return blocks * (block + 2 * context * hidden) + head
-
-    probe = 30 * (PROBE_BLOCK_MACS + 2 * PROBE_CONTEXT * REF_HIDDEN) + 49152 * REF_HIDDEN
-    return macs(blocks, block, head, hidden) / probe
+    probe = token_macs(30, PROBE_BLOCK_MACS, PROBE_VOCAB * REF_HIDDEN, REF_HIDDEN, PROBE_CONTEXT)
+    return token_macs(blocks, block, head, hidden, context) / probe
 
 
 def decode_cost(name: str, context: float) -> float:
@@ -358,6 +369,13 @@ def task_tokens(
     return n_items * (TASK_ITEM_TOKENS * (shots + 1) + chat), 0.0, float(TASK_ITEM_TOKENS * (shots + 1))
 
 
+@cache
+def model_task_tokens(model: str, settings_json: str, data_dir: str | None) -> tuple[float, float, float]:
+    """task_tokens with the model's tokenizer, counted once per model and unit (a study's works of
+    one model share their units)."""
+    return task_tokens(json.loads(settings_json), data_dir, token_counter(model))
+
+
 def speed_precision(dtype: str, rates: Mapping[str, float]) -> str:
     """Which measured rate a model of this dtype computes at on this CPU: auto is bf16 where the
     probe measured bf16 (native bf16 units), else float32; bfloat16 weights count as bf16."""
@@ -408,7 +426,7 @@ def work_estimate(
             tokens = s["seqlen"] * (s["windows"] or 64)  # 0 = every window: counted as 64
             seconds += tokens * token_cost(name, s["seqlen"] / 2) / score
         else:
-            scored, generated, length = task_tokens(s, data_dir, token_counter(name))
+            scored, generated, length = model_task_tokens(name, json.dumps(s, sort_keys=True), data_dir)
             seconds += scored * token_cost(name, length / 2) / score
             seconds += generated * decode_cost(name, length) / decode
     fixed = WORK_FIXED_S if pending else 0.0

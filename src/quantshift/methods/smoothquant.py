@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from pydantic import field_validator, model_validator
+from pydantic import TypeAdapter, ValidationError, field_validator, model_validator
 
 from ..config import KEEP_BITS, number_in
 from ..quant.primitives import qparams_from_range, quantize_weight
@@ -48,8 +48,8 @@ class SmoothQuantConfig(StageConfig):
         if isinstance(data, dict):
             data = dict(data)
             if "abits" not in data:
-                data["abits"] = 8 if data.get("quantize", True) not in (False, "false", "False") else KEEP_BITS
-            if data.get("act_static") in (True, "true", "True") and "act_per_token" not in data:
+                data["abits"] = 8 if _as_bool(data.get("quantize", True)) is not False else KEEP_BITS
+            if _as_bool(data.get("act_static", False)) and "act_per_token" not in data:
                 data["act_per_token"] = False
         return data
 
@@ -63,6 +63,15 @@ class SmoothQuantConfig(StageConfig):
                 "set abits on the stage that quantizes"
             )
         return self
+
+
+def _as_bool(value: Any) -> bool | None:
+    """A raw option as the bool field will read it (pydantic's lax rules: "false", 0, "no", ...);
+    None when it is no bool at all (the field's own validation then names it)."""
+    try:
+        return TypeAdapter(bool).validate_python(value)
+    except ValidationError:
+        return None
 
 
 def smoothing_scales(x_absmax: torch.Tensor, w_absmax: torch.Tensor, alpha: float) -> torch.Tensor:

@@ -318,9 +318,9 @@ def method_recipes(axis: MethodAxis, where: str) -> list[tuple[str, int, Recipe]
     """(label, wbits, recipe) for each bit width of a method entry, validated against the registry."""
     if axis.recipe is not None:
         rec = recipe_from_dict(axis.recipe, f"{where} recipe")
-        recipe_from_dict(
-            rec.to_dict()["stages"], f"{where} recipe (as its workers read it)"
-        )  # fails in check, not mid-run
+        # read back the way its workers will, so that a stage that does not survive its own dump
+        # fails here (in check) and not mid-run
+        recipe_from_dict(rec.to_dict()["stages"], f"{where} recipe (as its workers read it)")
         bits = min((s.config.wbits for s in rec.stages), default=KEEP_BITS)
         return [(axis.name or "", bits, rec)]
     from ..methods import METHODS
