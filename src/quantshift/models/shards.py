@@ -219,21 +219,33 @@ _LIBC: list = []
 
 _BOUNDED: list[bool] = []
 MMAP_THRESHOLD = 1 << 20
+ARENA_MAX = 2
 
 
 def bound_allocator() -> None:
-    """Serve every host allocation of 1 MiB or more from its own mapping, returned to the OS when
-    freed (glibc mallopt M_MMAP_THRESHOLD; once per process, by the streaming residencies).
-    glibc's default threshold adapts upwards to 32 MiB after the first large free, so a solver's
-    many tensors of 1-32 MiB (a GPTQ Hessian, its factor, permuted copies) then live in the heap
-    and stay resident after they are freed: measured on a 1,024-wide model, a streaming GPTQ
-    block peaked at +600 MB with the default and +320 MB with this threshold. A no-op off glibc."""
+    """Keep a streaming run's resident size what it holds (glibc mallopt; once per process, by the
+    streaming residencies; a no-op off glibc):
+
+    - every host allocation of 1 MiB or more gets its own mapping, returned to the OS when freed
+      (M_MMAP_THRESHOLD). glibc's default threshold adapts upwards to 32 MiB after the first large
+      free, so a solver's many tensors of 1-32 MiB (a GPTQ Hessian, its factor, permuted copies)
+      then live in the heap and stay resident after they are freed: measured on a 1,024-wide
+      model, a streaming GPTQ block peaked at +600 MB with the default and +320 MB with this;
+    - at most ARENA_MAX malloc arenas (M_ARENA_MAX), not glibc's 8 per core: torch's worker
+      threads each fill an arena of their own with small temporaries that stay resident between
+      trims, by how the threads interleave. Measured on the 51-block model of
+      tests/test_streaming.py (GPTQ alone, 2 idle cores): +340-343 MB in 8 of 8 runs with 1 or 2
+      arenas; with glibc's default +341-345 MB in 4 of 5 and +667 MB in one (weak evidence that
+      the cap removes such outliers; it costs nothing measurable: 101-113 s against 98-118 s).
+      It applies to arenas made from then on: the residencies call this before a block's work.
+    """
     if _BOUNDED:
         return
     _BOUNDED.append(True)
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
+        libc.mallopt(-8, ARENA_MAX)  # M_ARENA_MAX
 
 
 def _libc() -> ctypes.CDLL | None:
