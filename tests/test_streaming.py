@@ -392,15 +392,15 @@ print(json.dumps(result))
 @pytest.mark.skipif(not has_real_models(), reason="needs the bundled tokenizer")
 def test_a_model_quantizes_saves_reloads_and_scores_in_a_third_of_its_size(tmp_path):
     """A ~1.5 GB bf16 model (51 blocks) through RTN and GPTQ W4, save, packed reload and
-        perplexity, in one process: its peak resident memory beyond what python + torch +
-        transformers take stays under half of the model's bf16 bytes; W4 directories under 40%.
-        Measured on an idle 2-core machine (2026-12-06): the peak is GPTQ's, +415-426 MB (28%) after
-        RTN in one process as here (3 runs), +340-345 MB for GPTQ alone (13 runs). The allocator adds
-        to it now and then: +667 MB in one of five GPTQ-alone runs, +672/+794 MB here with a sampling
-        thread in the process, +687 MB with both cores busy with other work, +782 MB (52%) in one CI
-        run (glibc keeps freed chunks resident depending on how threads interleave; the residencies
-        now cap its arenas, shards.bound_allocator). The same code and inputs never need less than
-        they did, so that noise only adds: a run over the bound is run once more and the
+    perplexity, in one process: its peak resident memory beyond what python + torch +
+    transformers take stays under half of the model's bf16 bytes; W4 directories under 40%.
+    Measured on an idle 2-core machine (2026-12-06): the peak is GPTQ's, +415-426 MB (28%) after
+    RTN in one process as here (3 runs), +340-345 MB for GPTQ alone (13 runs). The allocator adds
+    to it now and then: +667 MB in one of five GPTQ-alone runs, +672/+794 MB here with a sampling
+    thread in the process, +687 MB with both cores busy with other work, +782 MB (52%) in one CI
+    run (glibc keeps freed chunks resident depending on how threads interleave; the residencies
+    now cap its arenas, shards.bound_allocator). The same code and inputs never need less than
+    they did, so that noise only adds: a run over the bound is run once more and the
     lower peak is the one judged. The bound is 50%, not the 35% the plan budgets."""
     from quantshift.models.synthetic import SyntheticShape, write_synthetic
 
