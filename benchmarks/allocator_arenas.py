@@ -1,13 +1,17 @@
-"""Peak resident memory of a streaming GPTQ run with glibc's malloc arenas capped
-(quantshift.models.shards.bound_allocator, ARENA_MAX) and with glibc's default, alternating fresh
-processes side by side, with the load average.
+"""Peak resident memory of a streaming GPTQ run with glibc's malloc arenas capped (mallopt
+M_ARENA_MAX, set here before the run) and with glibc's default, which quantshift keeps,
+alternating fresh processes side by side, with the load average.
 
     python benchmarks/allocator_arenas.py --runs 5
 
 The model is the 51-block synthetic one of tests/test_streaming.py (~1.5 GB bf16, hidden 1,024),
 quantized GPTQ W4 g128 under the test's cap. Each run prints the peak (VmHWM) less the process's
-resident size after its imports, and its wall time. The outliers the cap is for are rare (one run
-in a few with the default), so use several runs; the model is deleted at the end.
+resident size after its imports, and its wall time. The peak has rare outliers (~+290 MB in about
+one run in four or five), so use several runs; the model is deleted at the end unless --workdir.
+
+Measured 2026-12-06 (2 cores, AMX, load 1.6-2.1), --runs 3: capped at 2 +635, +342, +341 MB
+(106-115 s); glibc default +341, +341, +634 MB (100-120 s): the cap changes nothing, so
+quantshift.models.shards.bound_allocator leaves the arenas alone.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ import quantshift.api, quantshift.evaluation.run
 import psutil
 base = psutil.Process().memory_info().rss
 from quantshift import api
-from quantshift.models import shards
 model, out, cap, calib, arenas = sys.argv[1:6]
-shards.ARENA_MAX = int(arenas)  # 0: mallopt(M_ARENA_MAX, 0) leaves glibc's default
+if int(arenas):  # before any worker thread exists; 0 leaves glibc's default
+    import ctypes, ctypes.util
+    ctypes.CDLL(ctypes.util.find_library("c")).mallopt(-8, int(arenas))  # M_ARENA_MAX
 t = time.time()
 api.quantize(model, "gptq", calib=calib, nsamples=4, seqlen=128, wbits=4, group_size=128,
              out=out, max_memory=cap, progress=False)
@@ -42,10 +47,11 @@ print((int(hwm.split()[1]) * 1024 - base) >> 20, round(time.time() - t, 1))
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=5, help="runs of each variant, alternating")
+    ap.add_argument("--arenas", type=int, default=2, help="the cap to compare with glibc's default")
     ap.add_argument("--workdir", default=None, help="where the synthetic model goes (default: a temp dir)")
     args = ap.parse_args()
 
-    from quantshift.models.shards import ARENA_MAX, ShardedTensors
+    from quantshift.models.shards import ShardedTensors
     from quantshift.models.synthetic import SyntheticShape, write_synthetic
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="arenas-"))
@@ -58,7 +64,7 @@ def main() -> None:
         calib.write_text((Path(__file__).resolve().parents[1] / "README.md").read_text() * 2)
         script = work / "run.py"
         script.write_text(RUN)
-        variants = {f"arenas capped at {ARENA_MAX}": ARENA_MAX, "glibc default": 0}
+        variants = {f"arenas capped at {args.arenas}": args.arenas, "glibc default": 0}
         seen: dict[str, list[tuple[int, float]]] = {k: [] for k in variants}
         print(f"model {bf16 / 2**20:.0f} MiB bf16, cap {cap}; load average {os.getloadavg()}")
         for r in range(args.runs):

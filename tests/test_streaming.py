@@ -398,10 +398,9 @@ def test_a_model_quantizes_saves_reloads_and_scores_in_a_third_of_its_size(tmp_p
     RTN in one process as here (3 runs), +340-345 MB for GPTQ alone (13 runs). The allocator adds
     to it now and then: +667 MB in one of five GPTQ-alone runs, +672/+794 MB here with a sampling
     thread in the process, +687 MB with both cores busy with other work, +782 MB (52%) in one CI
-    run (glibc keeps freed chunks resident depending on how threads interleave; the residencies
-    now cap its arenas, shards.bound_allocator). The same code and inputs never need less than
-    they did, so that noise only adds: a run over the bound is run once more and the
-    lower peak is the one judged. The bound is 50%, not the 35% the plan budgets."""
+    run (~+290 MB outliers in about one run in four or five, with glibc's arenas capped or not:
+    benchmarks/allocator_arenas.py). The same code and inputs never need less than they did, so
+    that noise only adds: a run over the bound is run once more and the lower peak is judged. The bound is 50%, not the 35% the plan budgets."""
     from quantshift.models.synthetic import SyntheticShape, write_synthetic
 
     shape = SyntheticShape.for_params(750e6, hidden=1024, intermediate=2816, heads=8)

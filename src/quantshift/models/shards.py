@@ -219,7 +219,6 @@ _LIBC: list = []
 
 _BOUNDED: list[bool] = []
 MMAP_THRESHOLD = 1 << 20
-ARENA_MAX = 2
 
 
 def bound_allocator() -> None:
@@ -231,13 +230,11 @@ def bound_allocator() -> None:
       free, so a solver's many tensors of 1-32 MiB (a GPTQ Hessian, its factor, permuted copies)
       then live in the heap and stay resident after they are freed: measured on a 1,024-wide
       model, a streaming GPTQ block peaked at +600 MB with the default and +320 MB with this;
-    - at most ARENA_MAX malloc arenas (M_ARENA_MAX), not glibc's 8 per core: torch's worker
-      threads each fill an arena of their own with small temporaries that stay resident between
-      trims, by how the threads interleave. Measured on the 51-block model of
-      tests/test_streaming.py (GPTQ alone, 2 idle cores): +340-343 MB in 8 of 8 runs with 1 or 2
-      arenas; with glibc's default +341-345 MB in 4 of 5 and +667 MB in one (weak evidence that
-      the cap removes such outliers; it costs nothing measurable: 101-113 s against 98-118 s).
-      It applies to arenas made from then on: the residencies call this before a block's work.
+    - malloc arenas stay glibc's default: capping them (M_ARENA_MAX=2) was measured and changed
+      nothing (benchmarks/allocator_arenas.py, 2026-12-06: GPTQ on the 51-block model of
+      tests/test_streaming.py peaked at +341-342 MB in two of three runs either way, and at
+      +635/+634 MB in the third, capped and not). What makes those rare ~+290 MB outliers is not
+      found: a census of live tensors at each solved linear never counted more than 172 MB.
     """
     if _BOUNDED:
         return
@@ -245,7 +242,6 @@ def bound_allocator() -> None:
     libc = _libc()
     if libc is not None and hasattr(libc, "mallopt"):
         libc.mallopt(-3, MMAP_THRESHOLD)  # M_MMAP_THRESHOLD
-        libc.mallopt(-8, ARENA_MAX)  # M_ARENA_MAX
 
 
 def _libc() -> ctypes.CDLL | None:
